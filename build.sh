@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# wasmcap build entry point. Installs what is missing, then:
+#   ./build.sh            build pkg/ (wasm-pack, --target web, release, SIMD128)
+#   ./build.sh setup      only install the toolchain (rustup target, wasm-bindgen-cli, wasm-pack, chromium)
+#   ./build.sh test       native tests (cargo test) + browser tests (wasm-pack test, headless Chromium)
+#   ./build.sh demo       build pkg/ and serve the demo page on http://127.0.0.1:8080 (COOP/COEP headers)
+#   ./build.sh bench      benchmark full-size random models natively and in headless Chromium
+set -euo pipefail
+cd "$(dirname "$0")"
+
+WASM_PACK_VERSION=0.15.1
+# The CLI must equal the wasm-bindgen crate in Cargo.lock, or wasm-pack tries to download one.
+WASM_BINDGEN_VERSION=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Tools are only built for the tool itself: fast compile beats a fast binary here.
+cargo_install_quick() {
+  CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+    cargo install "$@"
+}
+
+setup() {
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+    log "adding the wasm32-unknown-unknown target"
+    rustup target add wasm32-unknown-unknown
+  fi
+  local apt_missing=()
+  command -v chromium >/dev/null || apt_missing+=(chromium)
+  command -v chromedriver >/dev/null || apt_missing+=(chromium-driver)
+  command -v wasm-opt >/dev/null || apt_missing+=(binaryen)
+  if [ ${#apt_missing[@]} -gt 0 ]; then
+    log "installing ${apt_missing[*]} (apt)"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+  fi
+  if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WASM_BINDGEN_VERSION" ]; then
+    log "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION"
+    # Not --locked: its lockfile pins a yanked crate.
+    cargo_install_quick wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --force
+  fi
+  if [ "$(wasm-pack --version 2>/dev/null | awk '{print $2}')" != "$WASM_PACK_VERSION" ]; then
+    log "installing wasm-pack $WASM_PACK_VERSION"
+    cargo_install_quick wasm-pack --version "$WASM_PACK_VERSION" --locked --force
+  fi
+  export CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
+  # candle in a browser is slower than natively; the tiny fixtures still finish in seconds.
+  export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
+}
+
+build_pkg() {
+  setup
+  log "building pkg/ (wasm32 + simd128, release)"
+  wasm-pack build --target web --release --out-dir pkg
+}
+
+run_tests() {
+  setup
+  log "native tests"
+  cargo test --all-targets
+  log "browser tests (headless Chromium)"
+  wasm-pack test --headless --chrome --release -- --nocapture
+}
+
+serve() {
+  local port="${PORT:-8080}"
+  log "serving http://127.0.0.1:$port/www/ (Ctrl-C to stop)"
+  exec node www/serve.mjs "$port"
+}
+
+case "${1:-build}" in
+  build) build_pkg ;;
+  setup) setup ;;
+  test) run_tests ;;
+  demo) build_pkg; serve ;;
+  bench) shift; setup; exec bash bench/run.sh "$@" ;;
+  *) echo "usage: $0 [build|setup|test|demo|bench]" >&2; exit 2 ;;
+esac

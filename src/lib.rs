@@ -1,0 +1,18 @@
+//! wasmcap: image captioning that runs in the browser.
+//!
+//! image bytes → [`preprocess`] → pixel values → [`models::siglip`] → encoder states
+//! → [`models::gpt2`] (cross-attention) → token ids → [`tokenizer`] → text.
+//! [`captioner::Captioner`] strings these together; [`loading`] reads 🤗 model folders.
+
+pub mod bench;
+pub mod captioner;
+pub mod error;
+pub mod loading;
+pub mod models;
+pub mod preprocess;
+pub mod tokenizer;
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
+
+pub use captioner::{Caption, CaptionOptions, CaptionRun, Captioner, TokenEvent};
+pub use error::{Error, Result};

@@ -1,0 +1,174 @@
+//! Turning the files of a 🤗 model folder into a model: `config.json`, `model.safetensors`,
+//! `tokenizer.json`, `preprocessor_config.json` and, when present, `generation_config.json`.
+//! The same bytes come from disk natively and from `fetch` in the browser.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{from_candle_weights, Error, Result};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const PREPROCESSOR: &str = "preprocessor_config.json";
+pub const GENERATION: &str = "generation_config.json";
+
+/// The files of a model folder, borrowed: the caller owns the bytes (a `Vec` read from disk, or
+/// memory handed over by JS), so nothing is copied before parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelFiles<'a> {
+    pub config: &'a [u8],
+    pub weights: &'a [u8],
+    pub tokenizer: &'a [u8],
+    pub preprocessor: &'a [u8],
+    pub generation: Option<&'a [u8]>,
+}
+
+/// The same files, owned: what a folder on disk gives.
+#[derive(Debug, Clone)]
+pub struct OwnedModelFiles {
+    pub config: Vec<u8>,
+    pub weights: Vec<u8>,
+    pub tokenizer: Vec<u8>,
+    pub preprocessor: Vec<u8>,
+    pub generation: Option<Vec<u8>>,
+}
+
+impl OwnedModelFiles {
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Vec<u8>> {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingFile(path.display().to_string()),
+                _ => Error::Io { path: path.display().to_string(), source },
+            })
+        };
+        let generation = match read(GENERATION) {
+            Ok(bytes) => Some(bytes),
+            Err(Error::MissingFile(_)) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            config: read(CONFIG)?,
+            weights: read(WEIGHTS)?,
+            tokenizer: read(TOKENIZER)?,
+            preprocessor: read(PREPROCESSOR)?,
+            generation,
+        })
+    }
+
+    pub fn borrow(&self) -> ModelFiles<'_> {
+        ModelFiles {
+            config: &self.config,
+            weights: &self.weights,
+            tokenizer: &self.tokenizer,
+            preprocessor: &self.preprocessor,
+            generation: self.generation.as_deref(),
+        }
+    }
+}
+
+pub fn parse_json(file: &str, bytes: &[u8]) -> Result<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::config(file, format!("not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Error::config(file, "expected a JSON object"));
+    }
+    Ok(value)
+}
+
+/// Every tensor of a safetensors buffer, as f32 on the CPU, keyed by `rename(name)`.
+/// f16 and bf16 checkpoints are upcast: the maths runs in f32.
+pub fn load_safetensors(file: &str, bytes: &[u8], rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Safetensors { file: file.to_string(), reason: describe_safetensors_error(&e, bytes.len()) })?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.iter() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::Safetensors {
+                    file: file.to_string(),
+                    reason: format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights are supported"),
+                })
+            }
+        };
+        let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| Error::Safetensors { file: file.to_string(), reason: format!("tensor `{name}`: {e}") })?;
+        tensors.insert(rename(name), tensor);
+    }
+    Ok(tensors)
+}
+
+fn describe_safetensors_error(err: &safetensors::SafeTensorError, len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match err {
+        E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => {
+            format!("the file is truncated or not safetensors ({len} bytes): {err}")
+        }
+        _ => err.to_string(),
+    }
+}
+
+/// transformers 4.x saves a SigLIP vision tower inside a VisionEncoderDecoder as
+/// `encoder.vision_model.*`; 5.x saves it as `encoder.*`. We name tensors the 5.x way.
+pub fn vision_encoder_decoder_key(name: &str) -> String {
+    match name.strip_prefix("encoder.vision_model.") {
+        Some(rest) => format!("encoder.{rest}"),
+        None => name.to_string(),
+    }
+}
+
+/// Builds a model from loaded tensors, reporting a missing tensor or a wrong shape by name.
+pub fn build_model<M>(file: &str, tensors: HashMap<String, Tensor>, build: impl FnOnce(VarBuilder) -> candle_core::Result<M>) -> Result<M> {
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    build(vb).map_err(|e| from_candle_weights(file, e))
+}
+
+/// `generation_config.json` fields we honour, with the fallbacks transformers applies when the
+/// file (or a field) is missing: the model's `config.json`, then its decoder section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    pub decoder_start_token_id: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+}
+
+impl GenerationDefaults {
+    pub fn resolve(generation: Option<&serde_json::Value>, config: &serde_json::Value, decoder_section: &str) -> Result<Self> {
+        let decoder = config.get(decoder_section);
+        let lookup = |key: &str| -> Option<&serde_json::Value> {
+            [generation, Some(config), decoder]
+                .into_iter()
+                .flatten()
+                .filter_map(|section| section.get(key))
+                .find(|v| !v.is_null())
+        };
+        let as_id = |v: &serde_json::Value, key: &str| -> Result<u32> {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| Error::config(GENERATION, format!("{key} must be a token id, found {v}")))
+        };
+        let start = match lookup("decoder_start_token_id").or_else(|| lookup("bos_token_id")) {
+            Some(v) => as_id(v, "decoder_start_token_id")?,
+            None => return Err(Error::config(CONFIG, "no decoder_start_token_id or bos_token_id to start decoding from")),
+        };
+        let eos_token_ids = match lookup("eos_token_id") {
+            Some(serde_json::Value::Array(ids)) => ids.iter().map(|v| as_id(v, "eos_token_id")).collect::<Result<Vec<_>>>()?,
+            Some(v) => vec![as_id(v, "eos_token_id")?],
+            None => vec![],
+        };
+        // transformers' default is max_length = 20, counting the start token.
+        let max_new_tokens = match (generation.and_then(|g| g.get("max_new_tokens")), generation.and_then(|g| g.get("max_length"))) {
+            (Some(v), _) if !v.is_null() => v.as_u64().ok_or_else(|| Error::config(GENERATION, "max_new_tokens must be an integer"))? as usize,
+            (_, Some(v)) if !v.is_null() => (v.as_u64().ok_or_else(|| Error::config(GENERATION, "max_length must be an integer"))? as usize).saturating_sub(1),
+            _ => 19,
+        };
+        Ok(Self { decoder_start_token_id: start, eos_token_ids, max_new_tokens })
+    }
+}

@@ -1,0 +1,35 @@
+//! The multi-head attention arithmetic shared by every model file: SigLIP, GPT-2 (self and
+//! cross) and Llama differ in projections and caching, not in this.
+
+use candle_core::{Result, Tensor};
+
+/// [B, T, H·d] → [B, H, T, d]
+pub fn split_heads(xs: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = xs.dims3()?;
+    xs.reshape((b, t, num_heads, hd / num_heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// [B, H, T, d] → [B, T, H·d]
+pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = xs.dims4()?;
+    xs.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` is
+/// added to the scores (0 or -inf), broadcast over batch and heads.
+pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// Additive causal mask for `t` new positions that follow `past` cached ones: [t, past + t].
+pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, past + t), device)
+}

@@ -1,0 +1,156 @@
+//! wasm-bindgen surface: converts types and errors, nothing else. Every failure becomes a JS
+//! `Error` carrying the Rust message (which names the file / tensor / shapes); nothing panics,
+//! so the instance stays usable after a bad input.
+
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+
+use crate::captioner::{CaptionOptions, CaptionRun, Captioner};
+use crate::loading::ModelFiles;
+
+fn js_error(e: crate::Error) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
+    serde_wasm_bindgen::to_value(value).map_err(|e| JsError::new(&format!("could not convert result to JS: {e}")))
+}
+
+/// `{ maxNewTokens?: number }`
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JsCaptionOptions {
+    max_new_tokens: Option<usize>,
+}
+
+fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(CaptionOptions::default());
+    }
+    let o: JsCaptionOptions =
+        serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
+    Ok(CaptionOptions { max_new_tokens: o.max_new_tokens })
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsCaption {
+    text: String,
+    token_ids: Vec<u32>,
+    timings: JsTimings,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsTimings {
+    encoder_ms: f64,
+    first_token_ms: f64,
+    total_ms: f64,
+    tokens_per_s: f64,
+}
+
+#[wasm_bindgen]
+pub struct WasmCaptioner {
+    inner: Captioner,
+    run: Option<CaptionRun>,
+}
+
+#[wasm_bindgen]
+impl WasmCaptioner {
+    /// Builds a captioner from the bytes of the model folder's files.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        config: &[u8],
+        weights: &[u8],
+        tokenizer: &[u8],
+        preprocessor: &[u8],
+        generation: Option<Vec<u8>>,
+    ) -> Result<WasmCaptioner, JsError> {
+        let files = ModelFiles { config, weights, tokenizer, preprocessor, generation: generation.as_deref() };
+        let inner = Captioner::from_files(files).map_err(js_error)?;
+        Ok(WasmCaptioner { inner, run: None })
+    }
+
+    /// Starts captioning encoded image bytes (PNG/JPEG); replaces any caption in progress.
+    pub fn start(&mut self, image: &[u8], options_js: JsValue) -> Result<(), JsError> {
+        self.run = None;
+        let options = options(options_js)?;
+        let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
+        self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
+        Ok(())
+    }
+
+    /// Starts captioning raw RGBA pixels (e.g. `ImageData.data`).
+    #[wasm_bindgen(js_name = startRgba)]
+    pub fn start_rgba(&mut self, rgba: &[u8], width: u32, height: u32, options_js: JsValue) -> Result<(), JsError> {
+        self.run = None;
+        let options = options(options_js)?;
+        let pixels = self.inner.pixel_values_from_rgba(rgba, width, height).map_err(js_error)?;
+        self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
+        Ok(())
+    }
+
+    /// The next token as `{ id, text, delta }`, or `undefined` when the caption is complete.
+    #[wasm_bindgen(js_name = nextToken)]
+    pub fn next_token(&mut self) -> Result<JsValue, JsError> {
+        let Some(run) = self.run.as_mut() else {
+            return Err(JsError::new("generation: no caption in progress; call start() first"));
+        };
+        match self.inner.next_token(run) {
+            Ok(Some(event)) => to_js(&event),
+            Ok(None) => Ok(JsValue::UNDEFINED),
+            Err(e) => {
+                self.run = None;
+                Err(js_error(e))
+            }
+        }
+    }
+
+    /// The finished caption `{ text, tokenIds, timings }` of the current run.
+    pub fn finish(&mut self) -> Result<JsValue, JsError> {
+        let Some(run) = self.run.as_ref() else {
+            return Err(JsError::new("generation: no caption in progress; call start() first"));
+        };
+        let c = self.inner.finish(run);
+        to_js(&JsCaption {
+            text: c.text,
+            token_ids: c.token_ids,
+            timings: JsTimings {
+                encoder_ms: c.encoder_ms,
+                first_token_ms: c.first_token_ms,
+                total_ms: c.total_ms,
+                tokens_per_s: c.tokens_per_s,
+            },
+        })
+    }
+
+    /// Drops the caption in progress.
+    pub fn abort(&mut self) {
+        self.run = None;
+    }
+
+    /// Captions encoded image bytes in one call.
+    pub fn caption(&mut self, image: &[u8], options_js: JsValue) -> Result<JsValue, JsError> {
+        self.start(image, options_js)?;
+        while !self.next_token()?.is_undefined() {}
+        let result = self.finish();
+        self.run = None;
+        result
+    }
+}
+
+/// Benchmark: a VisionEncoderDecoder built from `config_json` with random weights, `repeats`
+/// captions of `new_tokens` tokens. Returns medians (see `bench::BenchReport`) plus the size
+/// of WASM memory, which never shrinks and so is the peak.
+#[wasm_bindgen(js_name = benchCrossAttention)]
+pub fn bench_cross_attention(config_json: &str, new_tokens: usize, repeats: usize) -> Result<JsValue, JsError> {
+    let report = crate::bench::bench_cross_attention(config_json, new_tokens, repeats).map_err(js_error)?;
+    let value = to_js(&report)?;
+    let memory_bytes = wasm_bindgen::memory()
+        .dyn_into::<js_sys::WebAssembly::Memory>()
+        .map(|m| m.buffer().dyn_into::<js_sys::ArrayBuffer>().map(|b| b.byte_length()).unwrap_or(0))
+        .unwrap_or(0);
+    js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes as f64))
+        .map_err(|_| JsError::new("could not set peakMemoryBytes"))?;
+    Ok(value)
+}

@@ -1,0 +1,52 @@
+//! The `caption` binary: `--json` lines carry transformers' greedy ids; a bad image is reported
+//! and the other images still get captions.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::process::Command;
+
+fn fixture_path(rel: &str) -> String {
+    format!("{}/tests/fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn json_lines_match_transformers_and_bad_images_do_not_stop_the_rest() {
+    let garbage = std::env::temp_dir().join(format!("wasmcap-not-an-image-{}.png", std::process::id()));
+    std::fs::write(&garbage, b"this is not a PNG").unwrap();
+    for fx in common::fixtures() {
+        let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+            .args(["--model", &fixture_path(fx.name), "--json", "--max-new-tokens", &fx.max_new_tokens().to_string()])
+            .arg(fixture_path("images/astronaut.png"))
+            .arg(&garbage)
+            .arg(fixture_path("images/chelsea.jpg"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a bad image makes the exit status non-zero");
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3, "one line per image");
+        for (line, name) in [(&lines[0], "astronaut.png"), (&lines[2], "chelsea.jpg")] {
+            let ids: Vec<u32> = line["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(ids, fx.greedy_ids(name), "{} {name}", fx.name);
+            assert_eq!(line["text"], fx.greedy_text(name));
+            for key in ["image", "encoder_ms", "first_token_ms", "total_ms", "tokens_per_s"] {
+                assert!(line.get(key).is_some(), "missing {key} in {line}");
+            }
+        }
+        let error = lines[1]["error"].as_str().unwrap();
+        assert!(error.contains("image") && error.contains("decode"), "{error}");
+    }
+    let _ = std::fs::remove_file(garbage);
+}
+
+#[test]
+fn missing_model_folder_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .args(["--model", "/nonexistent/model", &fixture_path("images/astronaut.png")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/model") && stderr.contains("config.json"), "{stderr}");
+}

@@ -1,0 +1,120 @@
+//! Fixture access shared by the native and the browser test runs. Everything is embedded with
+//! `include_bytes!`, so the same tests run under `cargo test` and in headless Chromium.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use wasmcap::loading::{self, ModelFiles};
+
+macro_rules! fixture_file {
+    ($($path:expr),+) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/", $($path),+)).as_slice()
+    };
+}
+
+pub struct Fixture {
+    pub name: &'static str,
+    pub config: &'static [u8],
+    pub weights: &'static [u8],
+    pub tokenizer: &'static [u8],
+    pub preprocessor: &'static [u8],
+    pub generation: &'static [u8],
+    reference_tensors: &'static [u8],
+    reference_json: &'static [u8],
+}
+
+macro_rules! fixture {
+    ($name:literal) => {
+        Fixture {
+            name: $name,
+            config: fixture_file!($name, "/config.json"),
+            weights: fixture_file!($name, "/model.safetensors"),
+            tokenizer: fixture_file!($name, "/tokenizer.json"),
+            preprocessor: fixture_file!($name, "/preprocessor_config.json"),
+            generation: fixture_file!($name, "/generation_config.json"),
+            reference_tensors: fixture_file!("reference/", $name, ".safetensors"),
+            reference_json: fixture_file!("reference/", $name, ".json"),
+        }
+    };
+}
+
+/// Saved by transformers 5.x (f16 weights, tied lm_head, enc_to_dec_proj) and by transformers
+/// 4.x (f32, untied lm_head, no projection, scale_attn_by_inverse_layer_idx).
+pub fn fixtures() -> Vec<Fixture> {
+    vec![fixture!("tiny-ved-v5"), fixture!("tiny-ved-v4")]
+}
+
+pub const IMAGES: [(&str, &[u8]); 5] = [
+    ("astronaut.png", fixture_file!("images/astronaut.png")),
+    ("chelsea.jpg", fixture_file!("images/chelsea.jpg")),
+    ("coffee_rgba.png", fixture_file!("images/coffee_rgba.png")),
+    ("coffee_gray.png", fixture_file!("images/coffee_gray.png")),
+    ("coffee_rgb16.png", fixture_file!("images/coffee_rgb16.png")),
+];
+
+/// The photos with full references (encoder states, logits, greedy ids).
+pub const PHOTOS: [&str; 2] = ["astronaut.png", "chelsea.jpg"];
+
+pub fn image(name: &str) -> &'static [u8] {
+    IMAGES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap()
+}
+
+pub const TOKENIZER_SAMPLES: &[u8] = fixture_file!("gpt2-tokenizer/tokenizer_samples.json");
+
+impl Fixture {
+    pub fn files(&self) -> ModelFiles<'static> {
+        ModelFiles {
+            config: self.config,
+            weights: self.weights,
+            tokenizer: self.tokenizer,
+            preprocessor: self.preprocessor,
+            generation: Some(self.generation),
+        }
+    }
+
+    pub fn reference_tensors(&self) -> HashMap<String, Tensor> {
+        loading::load_safetensors("reference", self.reference_tensors, |n| n.to_string()).unwrap()
+    }
+
+    pub fn reference(&self) -> serde_json::Value {
+        serde_json::from_slice(self.reference_json).unwrap()
+    }
+
+    pub fn greedy_ids(&self, image: &str) -> Vec<u32> {
+        let r = self.reference();
+        r["images"][image]["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    }
+
+    pub fn greedy_text(&self, image: &str) -> String {
+        self.reference()["images"][image]["text"].as_str().unwrap().to_string()
+    }
+
+    pub fn max_new_tokens(&self) -> usize {
+        self.reference()["max_new_tokens"].as_u64().unwrap() as usize
+    }
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Rewrites a safetensors buffer: `edit` may drop or replace tensors (for bad-input tests).
+pub fn edit_safetensors(bytes: &[u8], edit: impl Fn(&str, Tensor) -> Option<Tensor>) -> Vec<u8> {
+    let tensors = loading::load_safetensors("edit", bytes, |n| n.to_string()).unwrap();
+    let mut kept: Vec<(String, Tensor)> = tensors.into_iter().filter_map(|(n, t)| edit(&n, t).map(|t| (n, t))).collect();
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = kept
+        .iter()
+        .map(|(n, t)| {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, bytes, shape)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
