@@ -3,84 +3,96 @@
 //! Captions images with a 🤗 model folder. Text streams to stdout token by token; with `--json`
 //! each image gives one JSON line instead. A bad image is reported and the others still run.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::ExitCode;
+// Native only: in a wasm32 build (e.g. `wasm-pack test`) this binary is an empty shell.
+#[cfg(target_arch = "wasm32")]
+fn main() {}
 
-use clap::Parser;
-use wasmcap::{CaptionOptions, Captioner};
-
-#[derive(Parser)]
-#[command(version, about = "Caption images with a SigLIP + GPT-2 model folder (🤗 layout)")]
-struct Args {
-    /// Model folder: config.json, model.safetensors, tokenizer.json, preprocessor_config.json.
-    #[arg(long)]
-    model: PathBuf,
-    /// Maximum number of new tokens (default: generation_config.json, else transformers' default).
-    #[arg(long)]
-    max_new_tokens: Option<usize>,
-    /// One JSON object per image: image, text, token_ids, encoder_ms, first_token_ms, total_ms, tokens_per_s.
-    #[arg(long)]
-    json: bool,
-    /// PNG or JPEG files.
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
+#[cfg(not(target_arch = "wasm32"))]
+fn main() -> std::process::ExitCode {
+    cli::main()
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let captioner = match Captioner::from_dir(&args.model) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot load model from {}: {e}", args.model.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let options = CaptionOptions { max_new_tokens: args.max_new_tokens };
-    let mut failed = false;
-    for image in &args.images {
-        if let Err(e) = caption_one(&captioner, image, &options, args.json) {
-            failed = true;
-            if args.json {
-                println!("{}", serde_json::json!({ "image": image.display().to_string(), "error": e.to_string() }));
-            } else {
-                eprintln!("error: {}: {e}", image.display());
+#[cfg(not(target_arch = "wasm32"))]
+mod cli {
+    use std::io::Write;
+    use std::path::PathBuf;
+    use std::process::ExitCode;
+
+    use clap::Parser;
+    use wasmcap::{CaptionOptions, Captioner};
+
+    #[derive(Parser)]
+    #[command(version, about = "Caption images with a SigLIP + GPT-2 model folder (🤗 layout)")]
+    struct Args {
+        /// Model folder: config.json, model.safetensors, tokenizer.json, preprocessor_config.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// Maximum number of new tokens (default: generation_config.json, else transformers' default).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// One JSON object per image: image, text, token_ids, encoder_ms, first_token_ms, total_ms, tokens_per_s.
+        #[arg(long)]
+        json: bool,
+        /// PNG or JPEG files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    }
+
+    pub fn main() -> ExitCode {
+        let args = Args::parse();
+        let captioner = match Captioner::from_dir(&args.model) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: cannot load model from {}: {e}", args.model.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let options = CaptionOptions { max_new_tokens: args.max_new_tokens };
+        let mut failed = false;
+        for image in &args.images {
+            if let Err(e) = caption_one(&captioner, image, &options, args.json) {
+                failed = true;
+                if args.json {
+                    println!("{}", serde_json::json!({ "image": image.display().to_string(), "error": e.to_string() }));
+                } else {
+                    eprintln!("error: {}: {e}", image.display());
+                }
             }
         }
-    }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-fn caption_one(captioner: &Captioner, image: &PathBuf, options: &CaptionOptions, json: bool) -> wasmcap::Result<()> {
-    let bytes = std::fs::read(image).map_err(|source| wasmcap::Error::Io { path: image.display().to_string(), source })?;
-    let pixel_values = captioner.pixel_values_from_bytes(&bytes)?;
-    let mut stdout = std::io::stdout();
-    if !json {
-        print!("{}: ", image.display());
-    }
-    let caption = captioner.caption(&pixel_values, options, |event| {
-        if !json {
-            print!("{}", event.delta);
-            let _ = stdout.flush();
+        if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
         }
-    })?;
-    if json {
-        let mut line = serde_json::to_value(&caption).map_err(|e| wasmcap::Error::Compute(e.to_string()))?;
-        line["image"] = serde_json::Value::String(image.display().to_string());
-        println!("{line}");
-    } else {
-        println!();
-        eprintln!(
-            "  [{} tokens, encoder {:.0} ms, first token {:.0} ms, {:.1} tokens/s]",
-            caption.token_ids.len(),
-            caption.encoder_ms,
-            caption.first_token_ms,
-            caption.tokens_per_s
-        );
     }
-    Ok(())
+
+    fn caption_one(captioner: &Captioner, image: &PathBuf, options: &CaptionOptions, json: bool) -> wasmcap::Result<()> {
+        let bytes = std::fs::read(image).map_err(|source| wasmcap::Error::Io { path: image.display().to_string(), source })?;
+        let pixel_values = captioner.pixel_values_from_bytes(&bytes)?;
+        let mut stdout = std::io::stdout();
+        if !json {
+            print!("{}: ", image.display());
+        }
+        let caption = captioner.caption(&pixel_values, options, |event| {
+            if !json {
+                print!("{}", event.delta);
+                let _ = stdout.flush();
+            }
+        })?;
+        if json {
+            let mut line = serde_json::to_value(&caption).map_err(|e| wasmcap::Error::Compute(e.to_string()))?;
+            line["image"] = serde_json::Value::String(image.display().to_string());
+            println!("{line}");
+        } else {
+            println!();
+            eprintln!(
+                "  [{} tokens, encoder {:.0} ms, first token {:.0} ms, {:.1} tokens/s]",
+                caption.token_ids.len(),
+                caption.encoder_ms,
+                caption.first_token_ms,
+                caption.tokens_per_s
+            );
+        }
+        Ok(())
+    }
 }

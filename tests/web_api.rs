@@ -1,0 +1,99 @@
+//! The wasm-bindgen surface as JS sees it: errors are JS `Error`s naming what is wrong, and the
+//! same instance captions correctly after any of them. Browser only (`wasm-pack test`).
+#![cfg(target_arch = "wasm32")]
+
+mod common;
+
+use common::{edit_safetensors, fixtures, image};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_test::*;
+use wasmcap::wasm::WasmCaptioner;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+fn message(err: wasm_bindgen::JsError) -> String {
+    let value: JsValue = err.into();
+    value.dyn_into::<js_sys::Error>().map(|e| String::from(e.message())).unwrap_or_else(|v| format!("not an Error: {v:?}"))
+}
+
+fn options(max_new_tokens: usize) -> JsValue {
+    let o = js_sys::Object::new();
+    js_sys::Reflect::set(&o, &"maxNewTokens".into(), &(max_new_tokens as f64).into()).unwrap();
+    o.into()
+}
+
+fn ids_of(result: &JsValue) -> Vec<u32> {
+    let ids = js_sys::Reflect::get(result, &"tokenIds".into()).unwrap();
+    js_sys::Array::from(&ids).iter().map(|v| v.as_f64().unwrap() as u32).collect()
+}
+
+fn new_captioner(fx: &common::Fixture, weights: &[u8]) -> Result<WasmCaptioner, wasm_bindgen::JsError> {
+    WasmCaptioner::new(fx.config, weights, fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()))
+}
+
+#[wasm_bindgen_test]
+fn load_errors_are_js_errors_naming_the_tensor() {
+    let fx = &fixtures()[0];
+    let name = "decoder.transformer.ln_f.bias";
+    let weights = edit_safetensors(fx.weights, |n, t| (n != name).then_some(t));
+    let msg = message(new_captioner(fx, &weights).err().unwrap());
+    assert!(msg.contains("model.safetensors") && msg.contains(name), "{msg}");
+    let msg = message(new_captioner(fx, &fx.weights[..1000]).err().unwrap());
+    assert!(msg.contains("model.safetensors"), "{msg}");
+    let msg = message(WasmCaptioner::new(b"[]", fx.weights, fx.tokenizer, fx.preprocessor, None).err().unwrap());
+    assert!(msg.contains("config.json"), "{msg}");
+    let msg = message(WasmCaptioner::new(fx.config, fx.weights, b"{}", fx.preprocessor, None).err().unwrap());
+    assert!(msg.contains("tokenizer.json"), "{msg}");
+}
+
+#[wasm_bindgen_test]
+fn streams_the_reference_tokens_and_survives_bad_input() {
+    for fx in fixtures() {
+        let mut c = new_captioner(&fx, fx.weights).unwrap();
+        let n = fx.max_new_tokens();
+
+        let msg = message(c.next_token().err().unwrap());
+        assert!(msg.contains("start"), "{msg}");
+        let msg = message(c.start(b"GIF89a not really", options(n)).err().unwrap());
+        assert!(msg.contains("could not decode"), "{msg}");
+        let msg = message(c.start(image("astronaut.png"), JsValue::from_str("nonsense")).err().unwrap());
+        assert!(msg.contains("options"), "{msg}");
+
+        // Step-wise, as the JS worker drives it.
+        c.start(image("astronaut.png"), options(n)).unwrap();
+        let mut ids = vec![];
+        loop {
+            let event = c.next_token().unwrap();
+            if event.is_undefined() {
+                break;
+            }
+            ids.push(js_sys::Reflect::get(&event, &"id".into()).unwrap().as_f64().unwrap() as u32);
+        }
+        let result = c.finish().unwrap();
+        assert_eq!(ids, fx.greedy_ids("astronaut.png"), "{}", fx.name);
+        assert_eq!(ids_of(&result), ids);
+        let text = js_sys::Reflect::get(&result, &"text".into()).unwrap().as_string().unwrap();
+        assert_eq!(text, fx.greedy_text("astronaut.png"));
+
+        // Abort mid-caption, then a one-call caption of the other photo.
+        c.start(image("astronaut.png"), options(n)).unwrap();
+        c.next_token().unwrap();
+        c.abort();
+        assert!(c.next_token().is_err());
+        let result = c.caption(image("chelsea.jpg"), options(n)).unwrap();
+        assert_eq!(ids_of(&result), fx.greedy_ids("chelsea.jpg"), "{}", fx.name);
+    }
+}
+
+#[wasm_bindgen_test]
+fn rgba_pixels_from_a_canvas() {
+    let fx = &fixtures()[0];
+    let mut c = new_captioner(fx, fx.weights).unwrap();
+    let rgb = wasmcap::preprocess::decode_image(image("astronaut.png")).unwrap();
+    let rgba: Vec<u8> = rgb.pixels().flat_map(|p| [p[0], p[1], p[2], 255]).collect();
+    let msg = message(c.start_rgba(&rgba[..rgba.len() - 4], rgb.width(), rgb.height(), options(3)).err().unwrap());
+    assert!(msg.contains("RGBA"), "{msg}");
+    c.start_rgba(&rgba, rgb.width(), rgb.height(), options(fx.max_new_tokens())).unwrap();
+    while !c.next_token().unwrap().is_undefined() {}
+    assert_eq!(ids_of(&c.finish().unwrap()), fx.greedy_ids("astronaut.png"));
+}
