@@ -8,6 +8,7 @@ pub mod bench;
 pub mod captioner;
 pub mod error;
 pub mod loading;
+pub mod lora;
 pub mod models;
 pub mod preprocess;
 pub mod tokenizer;

@@ -30,13 +30,17 @@ fn pixel_values_match_siglip_image_processor() {
     for fx in fixtures() {
         let captioner = Captioner::from_files(fx.files()).unwrap();
         let reference = fx.reference_tensors();
+        let mut checked = 0;
         for (name, bytes) in IMAGES {
+            // tiny-ved-v4 keeps references for the photos only (fixture size budget).
+            let Some(theirs) = reference.get(&format!("pixel_values.{name}")) else { continue };
+            checked += 1;
             let ours = captioner.pixel_values_from_bytes(bytes).unwrap();
-            let theirs = &reference[&format!("pixel_values.{name}")];
             let diff = max_abs_diff(&ours, theirs);
             report(&format!("{} {name} pixel values max-abs", fx.name), diff);
             assert!(diff <= PIXEL_TOL, "{} {name}: pixel values differ by {diff}", fx.name);
         }
+        assert!(checked >= PHOTOS.len(), "{}: only {checked} pixel references", fx.name);
     }
 }
 

@@ -7,10 +7,11 @@
 //! the cross-attention `c_attn` packs only `[k | v]` and has a separate `q_attn`.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, layer_norm, Activation, Embedding, LayerNorm, Linear, VarBuilder};
 use candle_nn::kv_cache::KvCache;
+use candle_nn::{embedding, layer_norm, Activation, Embedding, LayerNorm, VarBuilder};
 
 use super::attention;
+use super::linear::{Conv1D, Linear};
 
 /// `GPT2Config` as in the `decoder` section of `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -78,25 +79,6 @@ impl Gpt2Config {
             return Err(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head));
         }
         Ok(())
-    }
-}
-
-/// HF `Conv1D`: y = x·W + b with W stored `[in, out]`.
-#[derive(Debug, Clone)]
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias: vb.get(d_out, "bias")? })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, t, d_in) = xs.dims3()?;
-        let ys = xs.reshape((b * t, d_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
-        ys.reshape((b, t, ()))
     }
 }
 

@@ -3,5 +3,8 @@
 
 pub mod attention;
 pub mod gpt2;
+pub mod linear;
+pub mod llama;
+pub mod llava;
 pub mod siglip;
 pub mod vision_encoder_decoder;

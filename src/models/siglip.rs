@@ -209,12 +209,21 @@ impl SiglipVisionTransformer {
         &self.config
     }
 
-    /// `last_hidden_state`: [B, num_patches, hidden], after `post_layernorm`.
-    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    /// `hidden_states[index]` as transformers returns them with `output_hidden_states`: 0 is
+    /// the embeddings, i the output of layer i — without `post_layernorm`.
+    pub fn hidden_state(&self, pixel_values: &Tensor, index: usize) -> Result<Tensor> {
+        if index > self.layers.len() {
+            candle_core::bail!("hidden state {index} requested from a tower of {} layers", self.layers.len());
+        }
         let mut xs = self.embeddings.forward(pixel_values)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..index] {
             xs = layer.forward(&xs)?;
         }
-        self.post_layernorm.forward(&xs)
+        Ok(xs)
+    }
+
+    /// `last_hidden_state`: [B, num_patches, hidden], after `post_layernorm`.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(&self.hidden_state(pixel_values, self.layers.len())?)
     }
 }

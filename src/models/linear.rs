@@ -1,0 +1,182 @@
+//! Linear layers with a matrix–vector fast path. Decoding feeds one position at a time, so each
+//! weight is multiplied by a single row: memory-bound work where a general GEMM (candle's
+//! `gemm`, in WASM above all) spends most of its time packing. The loops below stream each
+//! weight once; their independent accumulators let LLVM emit SIMD (simd128 in WASM, AVX
+//! natively) without reassociating floating-point sums.
+
+use candle_core::{Device, Module, Result, Storage, Tensor, D};
+use candle_nn::VarBuilder;
+
+const LANES: usize = 16;
+
+/// Σ a[i]·b[i], in LANES independent partial sums.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for k in 0..LANES {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y += s·x
+fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += s * xi;
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor without copying it.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fast matrix-vector path needs a contiguous tensor");
+    };
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
+        _ => candle_core::bail!("fast matrix-vector path runs on the CPU only"),
+    }
+}
+
+fn is_single_row(xs: &Tensor) -> Result<bool> {
+    let d = xs.dim(D::Minus1)?;
+    Ok(d > 0 && xs.elem_count() == d && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32)
+}
+
+/// y = W·x (+ b) for one row x, with W stored `[out, in]` (`nn.Linear`).
+fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let x = xs.flatten_all()?.to_vec1::<f32>()?;
+    if x.len() != in_dim {
+        candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len());
+    }
+    let mut y = with_f32(w, |w| w.chunks_exact(in_dim).map(|row| dot(row, &x)).collect::<Vec<f32>>())?;
+    if let Some(b) = b {
+        with_f32(b, |b| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi))?;
+    }
+    let mut shape = xs.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out_dim;
+    }
+    Tensor::from_vec(y, shape, &Device::Cpu)
+}
+
+/// y = x·W (+ b) for one row x, with W stored `[in, out]` (HF GPT-2 `Conv1D`).
+fn matvec_in_out(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (in_dim, out_dim) = w.dims2()?;
+    let x = xs.flatten_all()?.to_vec1::<f32>()?;
+    if x.len() != in_dim {
+        candle_core::bail!("conv1d: input has {} features, weight expects {in_dim}", x.len());
+    }
+    let mut y = match b {
+        Some(b) => b.to_vec1::<f32>()?,
+        None => vec![0f32; out_dim],
+    };
+    with_f32(w, |w| {
+        for (xi, row) in x.iter().zip(w.chunks_exact(out_dim)) {
+            axpy(&mut y, *xi, row);
+        }
+    })?;
+    let mut shape = xs.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out_dim;
+    }
+    Tensor::from_vec(y, shape, &Device::Cpu)
+}
+
+/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if is_single_row(xs)? && self.weight.is_contiguous() {
+            return matvec_out_in(xs, &self.weight, self.bias.as_ref());
+        }
+        let w = match xs.rank() {
+            3 => self.weight.broadcast_left(xs.dim(0)?)?.t()?,
+            _ => self.weight.t()?,
+        };
+        let ys = xs.matmul(&w)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((d_out, d_in), "weight")?;
+    let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
+    linear_b(d_in, d_out, true, vb)
+}
+
+/// HF GPT-2 `Conv1D`: y = x·W + b with W stored `[in, out]`.
+#[derive(Debug, Clone)]
+pub struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias: vb.get(d_out, "bias")? })
+    }
+}
+
+impl Module for Conv1D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if is_single_row(xs)? && self.weight.is_contiguous() {
+            return matvec_in_out(xs, &self.weight, Some(&self.bias));
+        }
+        let (b, t, d_in) = xs.dims3()?;
+        let ys = xs.reshape((b * t, d_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        ys.reshape((b, t, ()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_paths_equal_the_general_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        for (d_in, d_out) in [(37, 5), (64, 48), (3, 100)] {
+            let w = Tensor::randn(0f32, 1., (d_out, d_in), &dev)?;
+            let b = Tensor::randn(0f32, 1., d_out, &dev)?;
+            let x = Tensor::randn(0f32, 1., (1, 1, d_in), &dev)?;
+            let fast = Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+            let slow = x.reshape((1, d_in))?.matmul(&w.t()?)?.broadcast_add(&b)?.reshape((1, 1, d_out))?;
+            let diff = (fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "linear {d_in}x{d_out}: {diff}");
+
+            let wt = w.t()?.contiguous()?;
+            let conv = Conv1D { weight: wt, bias: b.clone() };
+            let fast = conv.forward(&x)?;
+            let diff = (fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "conv1d {d_in}x{d_out}: {diff}");
+        }
+        Ok(())
+    }
+}

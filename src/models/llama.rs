@@ -1,0 +1,321 @@
+//! Llama decoder (SmolLM, SmolLM2 and any other `model_type: "llama"` config), as 🤗
+//! transformers `modeling_llama.py` (`LlamaForCausalLM`). The `VarBuilder` points where the
+//! decoder's `embed_tokens`, `layers.*` and `norm` live; `lm_head` is passed separately because
+//! wrappers store it elsewhere (or tie it to `embed_tokens`).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{embedding, rms_norm, Activation, Embedding, RmsNorm, VarBuilder};
+
+use super::attention;
+use super::linear::{linear_b, Linear};
+
+/// `LlamaConfig` (the `text_config` section of a Llava `config.json`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct LlamaConfig {
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "default_hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "default_intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "default_num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_vocab_size() -> usize {
+    32000
+}
+fn default_hidden_size() -> usize {
+    4096
+}
+fn default_intermediate_size() -> usize {
+    11008
+}
+fn default_num_hidden_layers() -> usize {
+    32
+}
+fn default_num_attention_heads() -> usize {
+    32
+}
+fn default_hidden_act() -> Activation {
+    Activation::Silu
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+
+impl LlamaConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let (heads, kv) = (self.num_attention_heads, self.num_kv_heads());
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"));
+        }
+        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+            return Err(format!("hidden_size {} is not divisible by num_attention_heads {heads}", self.hidden_size));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
+        }
+        // Plain RoPE only; a "default" rope_type is the same thing.
+        if let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str());
+            if kind != Some("default") {
+                return Err(format!("rope_scaling {scaling} is not supported"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// cos/sin tables for every position up to `max_position_embeddings`, computed once.
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        // transformers computes inv_freq in f32 from an int64 arange; do the same.
+        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32)).collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+
+    /// Rotates [B, H, T, d] starting at position `offset` (the rotate-half layout of HF Llama).
+    fn apply(&self, xs: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = xs.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
+    }
+}
+
+// transformers modeling_llama.py: LlamaAttention
+#[derive(Debug, Clone)]
+struct LlamaAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl LlamaAttention {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: linear_b(cfg.hidden_size, h * d, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(cfg.hidden_size, kv * d, bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(h * d, cfg.hidden_size, bias, vb.pp("o_proj"))?,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, mask: Option<&Tensor>) -> Result<Tensor> {
+        let offset = cache.current_seq_len();
+        let q = rope.apply(&attention::split_heads(&self.q_proj.forward(xs)?, self.num_heads)?, offset)?;
+        let k = rope.apply(&attention::split_heads(&self.k_proj.forward(xs)?, self.num_kv_heads)?, offset)?;
+        let v = attention::split_heads(&self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+        let out = attention::scaled_dot_product(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), mask)?;
+        self.o_proj.forward(&attention::merge_heads(&out)?)
+    }
+}
+
+/// [B, KV, T, d] → [B, KV·groups, T, d], each key/value head shared by `groups` query heads.
+fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(xs.clone());
+    }
+    let (b, kv, t, d) = xs.dims4()?;
+    xs.unsqueeze(2)?.expand((b, kv, groups, t, d))?.reshape((b, kv * groups, t, d))
+}
+
+// transformers modeling_llama.py: LlamaMLP
+#[derive(Debug, Clone)]
+struct LlamaMlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl LlamaMlp {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"))?,
+            up_proj: linear_b(h, i, bias, vb.pp("up_proj"))?,
+            down_proj: linear_b(i, h, bias, vb.pp("down_proj"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+// transformers modeling_llama.py: LlamaDecoderLayer
+#[derive(Debug, Clone)]
+struct LlamaDecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: LlamaAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: LlamaMlp,
+}
+
+impl LlamaDecoderLayer {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: LlamaAttention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            mlp: LlamaMlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, mask: Option<&Tensor>) -> Result<Tensor> {
+        let xs = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, cache, mask)?)?;
+        &xs + self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?
+    }
+}
+
+/// Self-attention KV cache of every layer, preallocated in chunks (no quadratic copying).
+#[derive(Debug, Clone)]
+pub struct LlamaCache {
+    layers: Vec<KvCache>,
+}
+
+impl LlamaCache {
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().map(|c| c.current_seq_len()).unwrap_or(0)
+    }
+}
+
+// transformers modeling_llama.py: LlamaModel + lm_head (LlamaForCausalLM)
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<LlamaDecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    config: LlamaConfig,
+}
+
+impl Llama {
+    /// `vb` holds `embed_tokens`, `layers.*`, `norm`; `lm_head_vb` holds `weight` of an untied head.
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder, lm_head_vb: VarBuilder) -> Result<Self> {
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
+        let lm_head_weight = if cfg.tie_word_embeddings {
+            embed_tokens.embeddings().clone()
+        } else {
+            lm_head_vb.get((cfg.vocab_size, cfg.hidden_size), "weight")?
+        };
+        let rope = RotaryEmbedding::new(cfg, vb.device())?;
+        Ok(Self { embed_tokens, layers, norm, lm_head: Linear::new(lm_head_weight, None), rope, config: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn new_cache(&self) -> LlamaCache {
+        // Grows by 512 positions at a time rather than reserving max_position_embeddings.
+        let chunk = self.config.max_position_embeddings.min(512);
+        LlamaCache { layers: (0..self.layers.len()).map(|_| KvCache::new(2, chunk)).collect() }
+    }
+
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// Runs input embeddings [B, T, hidden] after the positions in `cache`; returns the final
+    /// hidden states (after `norm`).
+    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        let past = cache.seq_len();
+        if t == 0 {
+            candle_core::bail!("no input positions");
+        }
+        if past + t > self.config.max_position_embeddings {
+            candle_core::bail!("sequence of {} positions exceeds max_position_embeddings {}", past + t, self.config.max_position_embeddings);
+        }
+        let mask = if t > 1 { Some(attention::causal_mask(t, past, embeds.device())?) } else { None };
+        let mut xs = embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &self.rope, kv, mask.as_ref())?;
+        }
+        self.norm.forward(&xs)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Logits [B, vocab] of the last of `embeds`' positions.
+    pub fn last_logits(&self, embeds: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+        let hidden = self.forward_embeds(embeds, cache)?;
+        let t = hidden.dim(D::Minus2)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}

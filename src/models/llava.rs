@@ -1,0 +1,196 @@
+//! Prefix conditioning as 🤗 `LlavaForConditionalGeneration` (transformers `modeling_llava.py`):
+//! SigLIP patches → `multi_modal_projector` (Linear → GELU → Linear) → image embeddings that take
+//! the places of the `<image>` tokens in the prompt → Llama decoder → `lm_head`.
+//! Tensor names are transformers 5.x's (`model.vision_tower.*`, `model.multi_modal_projector.*`,
+//! `model.language_model.*`, `lm_head.*`); `crate::loading` folds older layouts into these.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Activation, VarBuilder};
+
+use super::linear::{linear_b, Linear};
+use super::llama::{Llama, LlamaCache, LlamaConfig};
+use super::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
+
+/// `LlavaConfig` (`config.json` with `model_type: "llava"`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct LlavaConfig {
+    pub vision_config: SiglipVisionConfig,
+    pub text_config: LlamaConfig,
+    /// `image_token_index` in transformers 4.x files, `image_token_id` in 5.x.
+    #[serde(alias = "image_token_id")]
+    pub image_token_index: u32,
+    #[serde(default = "default_vision_feature_layer")]
+    pub vision_feature_layer: i64,
+    #[serde(default = "default_select_strategy")]
+    pub vision_feature_select_strategy: String,
+    #[serde(default = "default_projector_act")]
+    pub projector_hidden_act: Activation,
+    #[serde(default = "default_true")]
+    pub multimodal_projector_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+}
+
+fn default_vision_feature_layer() -> i64 {
+    -2
+}
+fn default_select_strategy() -> String {
+    "default".into()
+}
+fn default_projector_act() -> Activation {
+    Activation::Gelu
+}
+fn default_true() -> bool {
+    true
+}
+
+impl LlavaConfig {
+    pub fn from_json(value: &serde_json::Value) -> std::result::Result<Self, String> {
+        let model_type = |section: &str| value.get(section).and_then(|s| s.get("model_type")).and_then(|t| t.as_str());
+        match model_type("vision_config") {
+            Some("siglip_vision_model") => {}
+            other => return Err(format!("vision_config.model_type must be \"siglip_vision_model\", found {other:?}")),
+        }
+        match model_type("text_config") {
+            Some("llama") => {}
+            other => return Err(format!("text_config.model_type must be \"llama\", found {other:?}")),
+        }
+        let mut cfg: Self = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        // A top-level tie_word_embeddings (transformers 4.x writes it there) wins over the default.
+        if let Some(tie) = cfg.tie_word_embeddings {
+            if value.get("text_config").and_then(|t| t.get("tie_word_embeddings")).is_none() {
+                cfg.text_config.tie_word_embeddings = tie;
+            }
+        }
+        cfg.vision_config.validate().map_err(|e| format!("vision_config: {e}"))?;
+        cfg.text_config.validate().map_err(|e| format!("text_config: {e}"))?;
+        if cfg.vision_feature_select_strategy != "full" {
+            // "default" drops the first patch, which is meant for a CLS token SigLIP does not have.
+            return Err(format!(
+                "vision_feature_select_strategy {:?} is not supported with a SigLIP tower (use \"full\")",
+                cfg.vision_feature_select_strategy
+            ));
+        }
+        let layers = cfg.vision_config.num_hidden_layers as i64;
+        if cfg.vision_feature_layer < -(layers + 1) || cfg.vision_feature_layer > layers {
+            return Err(format!("vision_feature_layer {} is out of range for {layers} layers", cfg.vision_feature_layer));
+        }
+        Ok(cfg)
+    }
+
+    /// Image positions in the prompt: one per patch.
+    pub fn num_image_tokens(&self) -> usize {
+        self.vision_config.num_patches()
+    }
+
+    /// Index into the tower's hidden states (embeddings, then each layer), as Python indexes.
+    fn feature_layer_index(&self) -> usize {
+        let count = self.vision_config.num_hidden_layers as i64 + 1;
+        (if self.vision_feature_layer < 0 { count + self.vision_feature_layer } else { self.vision_feature_layer }) as usize
+    }
+}
+
+// transformers modeling_llava.py: LlavaMultiModalProjector
+#[derive(Debug, Clone)]
+struct LlavaMultiModalProjector {
+    linear_1: Linear,
+    act: Activation,
+    linear_2: Linear,
+}
+
+impl LlavaMultiModalProjector {
+    fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let (v, t, bias) = (cfg.vision_config.hidden_size, cfg.text_config.hidden_size, cfg.multimodal_projector_bias);
+        Ok(Self {
+            linear_1: linear_b(v, t, bias, vb.pp("linear_1"))?,
+            act: cfg.projector_hidden_act,
+            linear_2: linear_b(t, t, bias, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.act.forward(&self.linear_1.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Llava {
+    vision_tower: SiglipVisionTransformer,
+    multi_modal_projector: LlavaMultiModalProjector,
+    language_model: Llama,
+    config: LlavaConfig,
+}
+
+impl Llava {
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let vb_m = vb.pp("model");
+        Ok(Self {
+            vision_tower: SiglipVisionTransformer::new(&cfg.vision_config, vb_m.pp("vision_tower"))?,
+            multi_modal_projector: LlavaMultiModalProjector::new(cfg, vb_m.pp("multi_modal_projector"))?,
+            language_model: Llama::new(&cfg.text_config, vb_m.pp("language_model"), vb.pp("lm_head"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    pub fn vision_tower(&self) -> &SiglipVisionTransformer {
+        &self.vision_tower
+    }
+
+    pub fn language_model(&self) -> &Llama {
+        &self.language_model
+    }
+
+    /// Image embeddings [B, num_patches, text hidden] for pixel values [B, 3, H, W].
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let features = self.vision_tower.hidden_state(pixel_values, self.config.feature_layer_index())?;
+        self.multi_modal_projector.forward(&features)
+    }
+
+    /// Prefills `input_ids` ([T], one sequence) with the image embeddings in the `<image>`
+    /// positions; returns the last position's logits [1, vocab].
+    pub fn prefill(&self, input_ids: &[u32], image_features: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+        let embeds = self.merge_image_features(input_ids, image_features)?;
+        self.language_model.last_logits(&embeds, cache)
+    }
+
+    /// One generated token → logits [1, vocab] of the next.
+    pub fn decode_step(&self, token: u32, cache: &mut LlamaCache) -> Result<Tensor> {
+        let ids = Tensor::new(&[[token]], image_device())?;
+        let embeds = self.language_model.embed(&ids)?;
+        self.language_model.last_logits(&embeds, cache)
+    }
+
+    /// Text embeddings with the image features written, in order, where `<image>` stands
+    /// (transformers' `masked_scatter`). Runs of text and of image positions are concatenated.
+    fn merge_image_features(&self, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
+        let image_token = self.config.image_token_index;
+        let features = image_features.squeeze(0)?;
+        let n_features = features.dim(0)?;
+        let n_image = input_ids.iter().filter(|&&id| id == image_token).count();
+        if n_image != n_features {
+            candle_core::bail!("the prompt has {n_image} <image> tokens but the image gives {n_features} features");
+        }
+        let ids = Tensor::new(input_ids, image_device())?;
+        let text = self.language_model.embed(&ids)?;
+        let mut parts = Vec::new();
+        let (mut start, mut used) = (0, 0);
+        while start < input_ids.len() {
+            let is_image = input_ids[start] == image_token;
+            let len = input_ids[start..].iter().take_while(|&&id| (id == image_token) == is_image).count();
+            parts.push(if is_image { features.narrow(0, used, len)? } else { text.narrow(0, start, len)? });
+            if is_image {
+                used += len;
+            }
+            start += len;
+        }
+        Tensor::cat(&parts, 0)?.unsqueeze(0)
+    }
+}
+
+fn image_device() -> &'static candle_core::Device {
+    &candle_core::Device::Cpu
+}
