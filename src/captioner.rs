@@ -6,6 +6,8 @@ use candle_core::{Device, IndexOp, Tensor};
 use crate::error::{Error, Result};
 use crate::loading::{self, GenerationDefaults, ModelFiles};
 use crate::models::gpt2::Gpt2Cache;
+use crate::models::llama::LlamaCache;
+use crate::models::llava::{Llava, LlavaConfig};
 use crate::models::vision_encoder_decoder::{VisionEncoderDecoder, VisionEncoderDecoderConfig};
 use crate::preprocess::{self, PreprocessorConfig};
 use crate::tokenizer::{CaptionTokenizer, TextStream};
@@ -15,6 +17,8 @@ use crate::tokenizer::{CaptionTokenizer, TextStream};
 pub enum Model {
     /// 🤗 `VisionEncoderDecoderModel`: SigLIP → GPT-2 with cross-attention.
     CrossAttention(VisionEncoderDecoder),
+    /// 🤗 `LlavaForConditionalGeneration`: SigLIP → projector → image prefix → Llama.
+    Prefix(Llava),
 }
 
 pub struct Captioner {
@@ -26,8 +30,13 @@ pub struct Captioner {
 
 #[derive(Debug, Clone, Default)]
 pub struct CaptionOptions {
-    /// Defaults to `generation_config.json` (transformers' own default when absent).
+    /// Defaults to `generation_config.json`; without one, transformers' own default for the
+    /// cross-attention model (`max_length` 20, start token included: 19) and 20 for the prefix
+    /// model (transformers would count the image positions into `max_length`).
     pub max_new_tokens: Option<usize>,
+    /// Text after the image (prefix models only): the input is the ids `LlavaProcessor` makes
+    /// of `"<image>" + prompt`, the image token repeated once per patch.
+    pub prompt: Option<String>,
 }
 
 /// One generated token: its id, the caption so far, and what this token added to it.
@@ -48,10 +57,17 @@ pub struct Caption {
     pub tokens_per_s: f64,
 }
 
-/// A caption in progress: the decoder cache for one image and what has been generated.
+/// Per-architecture decoding state.
+enum DecoderState {
+    /// The next decoder input (the start token first) and the cache.
+    CrossAttention { cache: Gpt2Cache, next_input: u32 },
+    /// The prompt is prefilled lazily by the first step; afterwards the last token is fed.
+    Prefix { cache: LlamaCache, prompt: Option<(Vec<u32>, Tensor)>, last: u32 },
+}
+
+/// A caption in progress: the decoder state for one image and what has been generated.
 pub struct CaptionRun {
-    cache: Gpt2Cache,
-    next_input: u32,
+    state: DecoderState,
     token_ids: Vec<u32>,
     max_new_tokens: usize,
     done: bool,
@@ -83,26 +99,39 @@ impl Captioner {
         let (model, decoder_section) = match model_type {
             "vision-encoder-decoder" => {
                 let cfg = VisionEncoderDecoderConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-                let tensors = loading::load_safetensors(loading::WEIGHTS, files.weights, loading::vision_encoder_decoder_key)?;
+                let tensors = load_weights(&files, loading::vision_encoder_decoder_key)?;
                 let model = loading::build_model(loading::WEIGHTS, tensors, |vb| VisionEncoderDecoder::new(&cfg, vb))?;
                 (Model::CrossAttention(model), "decoder")
+            }
+            "llava" => {
+                let cfg = LlavaConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
+                let tensors = load_weights(&files, loading::llava_key)?;
+                let model = loading::build_model(loading::WEIGHTS, tensors, |vb| Llava::new(&cfg, vb))?;
+                (Model::Prefix(model), "text_config")
             }
             other => {
                 return Err(Error::config(
                     loading::CONFIG,
-                    format!("model_type {other:?} is not supported (expected \"vision-encoder-decoder\")"),
+                    format!("model_type {other:?} is not supported (expected \"vision-encoder-decoder\" or \"llava\")"),
                 ))
             }
         };
         let generation = GenerationDefaults::resolve(generation.as_ref(), &config, decoder_section)?;
+        if matches!(model, Model::CrossAttention(_)) && generation.decoder_start_token_id.is_none() {
+            return Err(Error::config(loading::CONFIG, "no decoder_start_token_id or bos_token_id to start decoding from"));
+        }
         let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
         Ok(Self { model, tokenizer, preprocessor, generation })
     }
 
+    /// A model folder, and optionally a PEFT adapter folder merged into it.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_dir(dir: impl AsRef<std::path::Path>) -> Result<Self> {
-        let files = loading::OwnedModelFiles::read_dir(dir.as_ref())?;
+    pub fn from_dir(dir: impl AsRef<std::path::Path>, adapter_dir: Option<&std::path::Path>) -> Result<Self> {
+        let mut files = loading::OwnedModelFiles::read_dir(dir.as_ref())?;
+        if let Some(adapter) = adapter_dir {
+            files = files.with_adapter_dir(adapter)?;
+        }
         Self::from_files(files.borrow())
     }
 
@@ -132,41 +161,79 @@ impl Captioner {
         self.preprocessor.preprocess(&preprocess::rgba_to_rgb(rgba, width, height)?)
     }
 
-    /// The encoder's last hidden state for pixel values [B, 3, H, W].
-    pub fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let Model::CrossAttention(model) = &self.model;
-        let cfg = model.encoder().config();
+    fn check_pixels(&self, pixel_values: &Tensor) -> Result<()> {
+        let cfg = match &self.model {
+            Model::CrossAttention(m) => m.encoder().config(),
+            Model::Prefix(m) => m.vision_tower().config(),
+        };
         let expected = [cfg.num_channels, cfg.image_size, cfg.image_size];
         match pixel_values.dims() {
-            [_, rest @ ..] if rest == expected => {}
-            found => {
-                return Err(Error::Image(format!(
-                    "pixel values have shape {found:?}, the encoder expects [batch, {}, {}, {}] (check preprocessor_config.json size against config.json image_size)",
-                    expected[0], expected[1], expected[2]
-                )))
-            }
+            [_, rest @ ..] if rest == expected => Ok(()),
+            found => Err(Error::Image(format!(
+                "pixel values have shape {found:?}, the encoder expects [batch, {}, {}, {}] (check preprocessor_config.json size against config.json image_size)",
+                expected[0], expected[1], expected[2]
+            ))),
         }
-        Ok(model.encode(pixel_values)?)
+    }
+
+    /// What the decoder is conditioned on, for pixel values [B, 3, H, W]: the encoder's last
+    /// hidden state (cross-attention) or the projected image embeddings (prefix).
+    pub fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.check_pixels(pixel_values)?;
+        Ok(match &self.model {
+            Model::CrossAttention(m) => m.encode(pixel_values)?,
+            Model::Prefix(m) => m.image_features(pixel_values)?,
+        })
+    }
+
+    /// The prefix model's input ids for `"<image>" + prompt`, as `LlavaProcessor` makes them.
+    pub fn prompt_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        match &self.model {
+            Model::Prefix(m) => {
+                let image_token = m.config().image_token_index;
+                let image = self.tokenizer.id_to_token(image_token).ok_or_else(|| {
+                    Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary"))
+                })?;
+                let text = format!("{}{}", image.repeat(m.config().num_image_tokens()), prompt.unwrap_or_default());
+                self.tokenizer.encode(&text, true)
+            }
+            Model::CrossAttention(_) => match prompt {
+                Some(_) => Err(Error::Generation("a text prompt needs a prefix (llava) model".into())),
+                None => Ok(vec![]),
+            },
+        }
     }
 
     /// Runs the encoder and prepares decoding; then call [`Captioner::next_token`] until it
     /// returns `None`.
     pub fn start(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
         let started_ms = now_ms();
-        let max_new_tokens = options.max_new_tokens.unwrap_or(self.generation.max_new_tokens);
-        let Model::CrossAttention(model) = &self.model;
-        let n_positions = model.decoder().config().n_positions;
-        if max_new_tokens + 1 > n_positions {
+        let conditioning = self.encode(pixel_values)?;
+        let (state, prompt_len, positions, fallback) = match &self.model {
+            Model::CrossAttention(m) => {
+                if options.prompt.is_some() {
+                    return Err(Error::Generation("a text prompt needs a prefix (llava) model".into()));
+                }
+                let cache = m.start_decoding(&conditioning)?;
+                let start = self.generation.decoder_start_token_id.unwrap_or_default();
+                (DecoderState::CrossAttention { cache, next_input: start }, 1, m.decoder().config().n_positions, 19)
+            }
+            Model::Prefix(m) => {
+                let ids = self.prompt_ids(options.prompt.as_deref())?;
+                let len = ids.len();
+                let cache = m.language_model().new_cache();
+                let positions = m.language_model().config().max_position_embeddings;
+                (DecoderState::Prefix { cache, prompt: Some((ids, conditioning)), last: 0 }, len, positions, 20)
+            }
+        };
+        let max_new_tokens = options.max_new_tokens.unwrap_or_else(|| self.generation.max_new_tokens_after(prompt_len, fallback));
+        if prompt_len + max_new_tokens > positions {
             return Err(Error::Generation(format!(
-                "max_new_tokens {max_new_tokens} does not fit the decoder: n_positions is {n_positions}, so at most {} new tokens",
-                n_positions.saturating_sub(1)
+                "max_new_tokens {max_new_tokens} does not fit the decoder: {prompt_len} prompt positions + new tokens exceed its {positions} positions (n_positions / max_position_embeddings)"
             )));
         }
-        let encoder_states = self.encode(pixel_values)?;
-        let cache = model.start_decoding(&encoder_states)?;
         Ok(CaptionRun {
-            cache,
-            next_input: self.generation.decoder_start_token_id,
+            state,
             token_ids: Vec::with_capacity(max_new_tokens),
             max_new_tokens,
             done: max_new_tokens == 0,
@@ -177,12 +244,24 @@ impl Captioner {
         })
     }
 
-    /// First-step logits [vocab] after the start token — what the fidelity tests compare.
-    pub fn first_step_logits(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let Model::CrossAttention(model) = &self.model;
-        let mut cache = model.start_decoding(&self.encode(pixel_values)?)?;
-        let input = Tensor::new(&[[self.generation.decoder_start_token_id]], &Device::Cpu)?;
-        Ok(model.decode_step(&input, &mut cache)?.i(0)?)
+    /// Logits [vocab] of the first generated position — what the fidelity tests compare.
+    pub fn first_step_logits(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Tensor> {
+        let mut run = self.start(pixel_values, &CaptionOptions { max_new_tokens: Some(1), ..options.clone() })?;
+        self.step_logits(&mut run)
+    }
+
+    fn step_logits(&self, run: &mut CaptionRun) -> Result<Tensor> {
+        let logits = match (&self.model, &mut run.state) {
+            (Model::CrossAttention(m), DecoderState::CrossAttention { cache, next_input }) => {
+                m.decode_step(&Tensor::new(&[[*next_input]], &Device::Cpu)?, cache)?
+            }
+            (Model::Prefix(m), DecoderState::Prefix { cache, prompt, last }) => match prompt.take() {
+                Some((ids, features)) => m.prefill(&ids, &features, cache)?,
+                None => m.decode_step(*last, cache)?,
+            },
+            _ => return Err(Error::Generation("decoding state does not belong to this model".into())),
+        };
+        Ok(logits.i(0)?)
     }
 
     /// Greedy step: the next token, or `None` once EOS was produced or the budget is spent.
@@ -190,12 +269,12 @@ impl Captioner {
         if run.done {
             return Ok(None);
         }
-        let Model::CrossAttention(model) = &self.model;
-        let input = Tensor::new(&[[run.next_input]], &Device::Cpu)?;
-        let logits = model.decode_step(&input, &mut run.cache)?.i(0)?;
-        let id = argmax(&logits)?;
+        let id = argmax(&self.step_logits(run)?)?;
+        match &mut run.state {
+            DecoderState::CrossAttention { next_input, .. } => *next_input = id,
+            DecoderState::Prefix { last, .. } => *last = id,
+        }
         run.token_ids.push(id);
-        run.next_input = id;
         if run.first_token_ms.is_none() {
             run.first_token_ms = Some(now_ms() - run.started_ms);
         }
@@ -231,6 +310,15 @@ impl Captioner {
         }
         Ok(self.finish(&run))
     }
+}
+
+/// The model's tensors with the adapter (if any) merged in.
+fn load_weights(files: &ModelFiles<'_>, rename: fn(&str) -> String) -> Result<std::collections::HashMap<String, Tensor>> {
+    let mut tensors = loading::load_safetensors(loading::WEIGHTS, files.weights, rename)?;
+    if let Some(adapter) = files.adapter {
+        crate::lora::merge(&mut tensors, adapter, rename)?;
+    }
+    Ok(tensors)
 }
 
 /// Index of the largest logit; ties go to the lowest index, as `torch.argmax` does.

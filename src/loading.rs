@@ -24,6 +24,8 @@ pub struct ModelFiles<'a> {
     pub tokenizer: &'a [u8],
     pub preprocessor: &'a [u8],
     pub generation: Option<&'a [u8]>,
+    /// A PEFT LoRA adapter to merge into the weights at load time.
+    pub adapter: Option<crate::lora::AdapterFiles<'a>>,
 }
 
 /// The same files, owned: what a folder on disk gives.
@@ -34,18 +36,23 @@ pub struct OwnedModelFiles {
     pub tokenizer: Vec<u8>,
     pub preprocessor: Vec<u8>,
     pub generation: Option<Vec<u8>>,
+    /// `adapter_config.json` and `adapter_model.safetensors`.
+    pub adapter: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn read_file(dir: &std::path::Path, name: &str) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile(path.display().to_string()),
+        _ => Error::Io { path: path.display().to_string(), source },
+    })
 }
 
 impl OwnedModelFiles {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
-        let read = |name: &str| -> Result<Vec<u8>> {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => Error::MissingFile(path.display().to_string()),
-                _ => Error::Io { path: path.display().to_string(), source },
-            })
-        };
+        let read = |name: &str| read_file(dir, name);
         let generation = match read(GENERATION) {
             Ok(bytes) => Some(bytes),
             Err(Error::MissingFile(_)) => None,
@@ -57,7 +64,16 @@ impl OwnedModelFiles {
             tokenizer: read(TOKENIZER)?,
             preprocessor: read(PREPROCESSOR)?,
             generation,
+            adapter: None,
         })
+    }
+
+    /// Adds a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn with_adapter_dir(mut self, dir: &std::path::Path) -> Result<Self> {
+        let read = |name: &str| read_file(dir, name);
+        self.adapter = Some((read(crate::lora::ADAPTER_CONFIG)?, read(crate::lora::ADAPTER_WEIGHTS)?));
+        Ok(self)
     }
 
     pub fn borrow(&self) -> ModelFiles<'_> {
@@ -67,6 +83,7 @@ impl OwnedModelFiles {
             tokenizer: &self.tokenizer,
             preprocessor: &self.preprocessor,
             generation: self.generation.as_deref(),
+            adapter: self.adapter.as_ref().map(|(config, weights)| crate::lora::AdapterFiles { config, weights }),
         }
     }
 }
@@ -124,6 +141,26 @@ pub fn vision_encoder_decoder_key(name: &str) -> String {
     }
 }
 
+/// Llava checkpoints are written in the legacy layout (`vision_tower.*`, `multi_modal_projector.*`,
+/// `language_model.model.*`, `language_model.lm_head.*`; transformers 4.x adds `vision_model.`
+/// under the tower), while transformers and PEFT name the modules `model.vision_tower.*`,
+/// `model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`. We use the latter.
+pub fn llava_key(name: &str) -> String {
+    let name = name.strip_prefix("model.").unwrap_or(name);
+    let canonical = if let Some(rest) = name.strip_prefix("vision_tower.") {
+        format!("model.vision_tower.{}", rest.strip_prefix("vision_model.").unwrap_or(rest))
+    } else if let Some(rest) = name.strip_prefix("language_model.lm_head.") {
+        format!("lm_head.{rest}")
+    } else if let Some(rest) = name.strip_prefix("language_model.") {
+        format!("model.language_model.{}", rest.strip_prefix("model.").unwrap_or(rest))
+    } else if name.starts_with("multi_modal_projector.") {
+        format!("model.{name}")
+    } else {
+        name.to_string()
+    };
+    canonical
+}
+
 /// Builds a model from loaded tensors, reporting a missing tensor or a wrong shape by name.
 pub fn build_model<M>(file: &str, tensors: HashMap<String, Tensor>, build: impl FnOnce(VarBuilder) -> candle_core::Result<M>) -> Result<M> {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
@@ -134,9 +171,12 @@ pub fn build_model<M>(file: &str, tensors: HashMap<String, Tensor>, build: impl 
 /// file (or a field) is missing: the model's `config.json`, then its decoder section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationDefaults {
-    pub decoder_start_token_id: u32,
+    /// First decoder input of an encoder-decoder (`decoder_start_token_id`, else `bos_token_id`).
+    pub decoder_start_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    pub max_new_tokens: usize,
+    pub max_new_tokens: Option<usize>,
+    /// Total length (prompt included) when `max_new_tokens` is not given.
+    pub max_length: Option<usize>,
 }
 
 impl GenerationDefaults {
@@ -154,21 +194,29 @@ impl GenerationDefaults {
                 .and_then(|id| u32::try_from(id).ok())
                 .ok_or_else(|| Error::config(GENERATION, format!("{key} must be a token id, found {v}")))
         };
-        let start = match lookup("decoder_start_token_id").or_else(|| lookup("bos_token_id")) {
-            Some(v) => as_id(v, "decoder_start_token_id")?,
-            None => return Err(Error::config(CONFIG, "no decoder_start_token_id or bos_token_id to start decoding from")),
+        let as_len = |key: &str| -> Result<Option<usize>> {
+            match generation.and_then(|g| g.get(key)).filter(|v| !v.is_null()) {
+                Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| Error::config(GENERATION, format!("{key} must be an integer, found {v}"))),
+                None => Ok(None),
+            }
+        };
+        let decoder_start_token_id = match lookup("decoder_start_token_id").or_else(|| lookup("bos_token_id")) {
+            Some(v) => Some(as_id(v, "decoder_start_token_id")?),
+            None => None,
         };
         let eos_token_ids = match lookup("eos_token_id") {
             Some(serde_json::Value::Array(ids)) => ids.iter().map(|v| as_id(v, "eos_token_id")).collect::<Result<Vec<_>>>()?,
             Some(v) => vec![as_id(v, "eos_token_id")?],
             None => vec![],
         };
-        // transformers' default is max_length = 20, counting the start token.
-        let max_new_tokens = match (generation.and_then(|g| g.get("max_new_tokens")), generation.and_then(|g| g.get("max_length"))) {
-            (Some(v), _) if !v.is_null() => v.as_u64().ok_or_else(|| Error::config(GENERATION, "max_new_tokens must be an integer"))? as usize,
-            (_, Some(v)) if !v.is_null() => (v.as_u64().ok_or_else(|| Error::config(GENERATION, "max_length must be an integer"))? as usize).saturating_sub(1),
-            _ => 19,
-        };
-        Ok(Self { decoder_start_token_id: start, eos_token_ids, max_new_tokens })
+        Ok(Self { decoder_start_token_id, eos_token_ids, max_new_tokens: as_len("max_new_tokens")?, max_length: as_len("max_length")? })
+    }
+
+    /// New tokens to generate after a prompt of `prompt_len` positions when the caller gave
+    /// no limit; `fallback` applies when the files say nothing either.
+    pub fn max_new_tokens_after(&self, prompt_len: usize, fallback: usize) -> usize {
+        self.max_new_tokens
+            .or_else(|| self.max_length.map(|total| total.saturating_sub(prompt_len)))
+            .unwrap_or(fallback)
     }
 }

@@ -7,6 +7,7 @@ use wasm_bindgen::JsCast;
 
 use crate::captioner::{CaptionOptions, CaptionRun, Captioner};
 use crate::loading::ModelFiles;
+use crate::lora::AdapterFiles;
 
 fn js_error(e: crate::Error) -> JsError {
     JsError::new(&e.to_string())
@@ -16,11 +17,12 @@ fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
     serde_wasm_bindgen::to_value(value).map_err(|e| JsError::new(&format!("could not convert result to JS: {e}")))
 }
 
-/// `{ maxNewTokens?: number }`
+/// `{ maxNewTokens?: number, prompt?: string }`
 #[derive(serde::Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct JsCaptionOptions {
     max_new_tokens: Option<usize>,
+    prompt: Option<String>,
 }
 
 fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
@@ -29,7 +31,7 @@ fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
     }
     let o: JsCaptionOptions =
         serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
-    Ok(CaptionOptions { max_new_tokens: o.max_new_tokens })
+    Ok(CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt })
 }
 
 #[derive(serde::Serialize)]
@@ -57,7 +59,8 @@ pub struct WasmCaptioner {
 
 #[wasm_bindgen]
 impl WasmCaptioner {
-    /// Builds a captioner from the bytes of the model folder's files.
+    /// Builds a captioner from the bytes of the model folder's files; `adapter_config` and
+    /// `adapter_weights` (a PEFT LoRA folder's two files) are merged in when both are given.
     #[wasm_bindgen(constructor)]
     pub fn new(
         config: &[u8],
@@ -65,8 +68,15 @@ impl WasmCaptioner {
         tokenizer: &[u8],
         preprocessor: &[u8],
         generation: Option<Vec<u8>>,
+        adapter_config: Option<Vec<u8>>,
+        adapter_weights: Option<Vec<u8>>,
     ) -> Result<WasmCaptioner, JsError> {
-        let files = ModelFiles { config, weights, tokenizer, preprocessor, generation: generation.as_deref() };
+        let adapter = match (&adapter_config, &adapter_weights) {
+            (Some(config), Some(weights)) => Some(AdapterFiles { config, weights }),
+            (None, None) => None,
+            _ => return Err(JsError::new("a LoRA adapter needs both adapter_config.json and adapter_model.safetensors")),
+        };
+        let files = ModelFiles { config, weights, tokenizer, preprocessor, generation: generation.as_deref(), adapter };
         let inner = Captioner::from_files(files).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None })
     }

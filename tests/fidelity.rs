@@ -58,7 +58,7 @@ fn encoder_states_and_first_logits_match() {
             report(&format!("{} {name} encoder states max-abs", fx.name), diff);
             assert!(diff <= STATE_TOL, "{} {name}: encoder states differ by {diff}", fx.name);
 
-            let logits = captioner.first_step_logits(pixels).unwrap();
+            let logits = captioner.first_step_logits(pixels, &CaptionOptions::default()).unwrap();
             let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}")]);
             report(&format!("{} {name} first-step logits max-abs", fx.name), diff);
             assert!(diff <= STATE_TOL, "{} {name}: first-step logits differ by {diff}", fx.name);
@@ -70,7 +70,7 @@ fn encoder_states_and_first_logits_match() {
 fn greedy_ids_and_text_match_generate() {
     for fx in fixtures() {
         let captioner = Captioner::from_files(fx.files()).unwrap();
-        let options = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()) };
+        let options = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() };
         for name in PHOTOS {
             let pixels = captioner.pixel_values_from_bytes(image(name)).unwrap();
             let mut streamed = String::new();
@@ -100,7 +100,7 @@ fn generation_stops_at_eos_like_generate() {
     assert!(expected.len() < fx.max_new_tokens() && expected.last() == Some(&eos), "{expected:?}");
     let captioner = Captioner::from_files(fx.files()).unwrap();
     let pixels = captioner.pixel_values_from_bytes(image(&name)).unwrap();
-    let mut run = captioner.start(&pixels, &CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()) }).unwrap();
+    let mut run = captioner.start(&pixels, &CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() }).unwrap();
     while captioner.next_token(&mut run).unwrap().is_some() {}
     assert!(run.is_done());
     assert_eq!(run.token_ids(), expected);
@@ -219,7 +219,7 @@ fn bad_image_bytes_are_an_error_and_the_captioner_still_works() {
     assert!(err.to_string().contains("16") && err.to_string().contains("10"), "{err}");
 
     let pixels = captioner.pixel_values_from_bytes(png).unwrap();
-    let caption = captioner.caption(&pixels, &CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()) }, |_| {}).unwrap();
+    let caption = captioner.caption(&pixels, &CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() }, |_| {}).unwrap();
     assert_eq!(caption.token_ids, fx.greedy_ids("astronaut.png"));
 }
 
@@ -228,9 +228,9 @@ fn max_new_tokens_is_honoured_and_bounded() {
     let fx = &fixtures()[0];
     let captioner = Captioner::from_files(fx.files()).unwrap();
     let pixels = captioner.pixel_values_from_bytes(image("chelsea.jpg")).unwrap();
-    let five = captioner.caption(&pixels, &CaptionOptions { max_new_tokens: Some(5) }, |_| {}).unwrap();
+    let five = captioner.caption(&pixels, &CaptionOptions { max_new_tokens: Some(5), ..Default::default() }, |_| {}).unwrap();
     assert_eq!(five.token_ids, fx.greedy_ids("chelsea.jpg")[..5]);
-    let err = captioner.start(&pixels, &CaptionOptions { max_new_tokens: Some(10_000) }).err().unwrap();
+    let err = captioner.start(&pixels, &CaptionOptions { max_new_tokens: Some(10_000), ..Default::default() }).err().unwrap();
     assert!(err.to_string().contains("n_positions"), "{err}");
     // Pixel values of the wrong size are refused with both shapes, not a panic.
     let wrong = pixels.narrow(D::Minus1, 0, 8).unwrap();

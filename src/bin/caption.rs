@@ -22,11 +22,18 @@ mod cli {
     use wasmcap::{CaptionOptions, Captioner};
 
     #[derive(Parser)]
-    #[command(version, about = "Caption images with a SigLIP + GPT-2 model folder (🤗 layout)")]
+    #[command(version, about = "Caption images with a 🤗 model folder: SigLIP + GPT-2 (VisionEncoderDecoder) or SigLIP + Llama (Llava)")]
     struct Args {
-        /// Model folder: config.json, model.safetensors, tokenizer.json, preprocessor_config.json.
+        /// Model folder: config.json, model.safetensors, tokenizer.json, preprocessor_config.json
+        /// (generation_config.json when present).
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), merged at load.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Text after the image (prefix / llava models): the caption continues it.
+        #[arg(long)]
+        prompt: Option<String>,
         /// Maximum number of new tokens (default: generation_config.json, else transformers' default).
         #[arg(long)]
         max_new_tokens: Option<usize>,
@@ -40,14 +47,14 @@ mod cli {
 
     pub fn main() -> ExitCode {
         let args = Args::parse();
-        let captioner = match Captioner::from_dir(&args.model) {
+        let captioner = match Captioner::from_dir(&args.model, args.adapter.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: cannot load model from {}: {e}", args.model.display());
                 return ExitCode::FAILURE;
             }
         };
-        let options = CaptionOptions { max_new_tokens: args.max_new_tokens };
+        let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone() };
         let mut failed = false;
         for image in &args.images {
             if let Err(e) = caption_one(&captioner, image, &options, args.json) {

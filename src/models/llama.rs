@@ -37,6 +37,10 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.x writes `{"rope_theta": …, "rope_type": …}` here instead of the two
+    /// fields above.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
@@ -86,6 +90,10 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()).unwrap_or(self.rope_theta)
+    }
+
     pub fn validate(&self) -> std::result::Result<(), String> {
         let (heads, kv) = (self.num_attention_heads, self.num_kv_heads());
         if heads == 0 || kv == 0 || heads % kv != 0 {
@@ -98,10 +106,10 @@ impl LlamaConfig {
             return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
         }
         // Plain RoPE only; a "default" rope_type is the same thing.
-        if let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+        for scaling in [&self.rope_scaling, &self.rope_parameters].into_iter().flatten().filter(|s| !s.is_null()) {
             let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str());
-            if kind != Some("default") {
-                return Err(format!("rope_scaling {scaling} is not supported"));
+            if kind.unwrap_or("default") != "default" {
+                return Err(format!("rope scaling {scaling} is not supported (only the default RoPE)"));
             }
         }
         Ok(())
@@ -119,7 +127,7 @@ impl RotaryEmbedding {
     fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
         let dim = cfg.head_dim();
         // transformers computes inv_freq in f32 from an int64 arange; do the same.
-        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / (cfg.rope_theta() as f32).powf(i as f32 / dim as f32)).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
         let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = positions.matmul(&inv_freq)?;

@@ -70,6 +70,7 @@ impl Fixture {
             tokenizer: self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),
+            adapter: None,
         }
     }
 
@@ -117,4 +118,89 @@ pub fn edit_safetensors(bytes: &[u8], edit: impl Fn(&str, Tensor) -> Option<Tens
         .map(|(n, bytes, shape)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap()))
         .collect();
     safetensors::serialize(views, None).unwrap()
+}
+
+/// A prefix-model (Llava + SmolLM-shaped Llama) case from tests/fixtures/make_prefix_fixtures.py.
+pub struct PrefixCase {
+    pub name: &'static str,
+    pub config: &'static [u8],
+    pub weights: &'static [u8],
+    pub tokenizer: &'static [u8],
+    pub preprocessor: &'static [u8],
+    pub generation: &'static [u8],
+    pub adapter: Option<(&'static [u8], &'static [u8])>,
+    reference_tensors: &'static [u8],
+    reference_json: &'static [u8],
+}
+
+macro_rules! prefix_case {
+    ($case:literal, $dir:literal, $adapter:expr) => {
+        PrefixCase {
+            name: $case,
+            config: fixture_file!("prefix/", $dir, "/config.json"),
+            weights: fixture_file!("prefix/", $dir, "/model.safetensors"),
+            tokenizer: fixture_file!("prefix/", $dir, "/tokenizer.json"),
+            preprocessor: fixture_file!("prefix/", $dir, "/preprocessor_config.json"),
+            generation: fixture_file!("prefix/", $dir, "/generation_config.json"),
+            adapter: $adapter,
+            reference_tensors: fixture_file!("prefix/reference/", $case, ".safetensors"),
+            reference_json: fixture_file!("prefix/reference/", $case, ".json"),
+        }
+    };
+}
+
+pub const LORA_R4: (&[u8], &[u8]) = (fixture_file!("prefix/lora-r4/adapter_config.json"), fixture_file!("prefix/lora-r4/adapter_model.safetensors"));
+pub const LORA_RS8: (&[u8], &[u8]) = (fixture_file!("prefix/lora-rs8/adapter_config.json"), fixture_file!("prefix/lora-rs8/adapter_model.safetensors"));
+pub const PREFIX_TOKENIZER_SAMPLES: &[u8] = fixture_file!("prefix/tokenizer/tokenizer_samples.json");
+
+/// Base saved by transformers 5.x and 4.x, base + LoRA merged ahead, base + PEFT adapters
+/// merged at load (references from PEFT's unmerged model).
+pub fn prefix_cases() -> Vec<PrefixCase> {
+    vec![
+        prefix_case!("base-v5", "tiny-llava-base-v5", None),
+        prefix_case!("base-v4", "tiny-llava-base-v4", None),
+        prefix_case!("merged-v5", "tiny-llava-merged-v5", None),
+        prefix_case!("base-v5+lora-r4", "tiny-llava-base-v5", Some(LORA_R4)),
+        prefix_case!("base-v5+lora-rs8", "tiny-llava-base-v5", Some(LORA_RS8)),
+    ]
+}
+
+/// The two prompts of the prefix references: (key, text after `<image>`).
+pub const PREFIX_PROMPTS: [(&str, Option<&str>); 2] = [("noprompt", None), ("prompt", Some("a photo of"))];
+
+impl PrefixCase {
+    pub fn files(&self) -> ModelFiles<'static> {
+        ModelFiles {
+            config: self.config,
+            weights: self.weights,
+            tokenizer: self.tokenizer,
+            preprocessor: self.preprocessor,
+            generation: Some(self.generation),
+            adapter: self.adapter.map(|(config, weights)| wasmcap::lora::AdapterFiles { config, weights }),
+        }
+    }
+
+    pub fn reference_tensors(&self) -> HashMap<String, Tensor> {
+        loading::load_safetensors("reference", self.reference_tensors, |n| n.to_string()).unwrap()
+    }
+
+    pub fn reference(&self) -> serde_json::Value {
+        serde_json::from_slice(self.reference_json).unwrap()
+    }
+
+    pub fn input_ids(&self, prompt_key: &str) -> Vec<u32> {
+        ids(&self.reference()["input_ids"][prompt_key])
+    }
+
+    pub fn greedy_ids(&self, image: &str, prompt_key: &str) -> Vec<u32> {
+        ids(&self.reference()["images"][image][prompt_key]["greedy_ids"])
+    }
+
+    pub fn greedy_text(&self, image: &str, prompt_key: &str) -> String {
+        self.reference()["images"][image][prompt_key]["text"].as_str().unwrap().to_string()
+    }
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
