@@ -1,5 +1,5 @@
 // Browser half of `./build.sh bench`: loads pkg/ in headless Chromium (Debian's) and runs
-// benchCrossAttention there. Prints one JSON line.
+// benchModel there. Prints one JSON line.
 import { chromium } from 'playwright-core';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { startServer } from '../www/serve.mjs';
 
-const [configPath, tokens = '20', repeats = '3'] = process.argv.slice(2);
+const [configPath, promptTokens = '8', tokens = '20', repeats = '3'] = process.argv.slice(2);
 const config = readFileSync(configPath, 'utf8');
 const server = await startServer(0);
 const profile = await mkdtemp(join(tmpdir(), 'wasmcap-bench-'));
@@ -20,12 +20,12 @@ try {
   const page = await context.newPage();
   page.on('console', (m) => process.stderr.write(`[page] ${m.text()}\n`));
   await page.goto(`http://127.0.0.1:${server.address().port}/bench/index.html`);
-  const result = await page.evaluate(async ([config, tokens, repeats]) => {
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats]) => {
     const wasm = await import('/pkg/wasmcap.js');
     await wasm.default();
-    const r = wasm.benchCrossAttention(config, tokens, repeats);
+    const r = wasm.benchModel(config, promptTokens, tokens, repeats);
     return { ...r, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(tokens), Number(repeats)]);
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats)]);
   console.log(JSON.stringify(result));
 } finally {
   await context.close();

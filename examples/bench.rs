@@ -1,17 +1,18 @@
-//! Native half of `./build.sh bench`: `cargo run --release --example bench -- CONFIG.json [TOKENS] [REPEATS]`
+//! Native half of `./build.sh bench`:
+//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS]`
 //! prints one JSON line (medians, plus peak resident memory from /proc).
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        eprintln!("usage: bench CONFIG.json [NEW_TOKENS=20] [REPEATS=3]");
+        eprintln!("usage: bench CONFIG.json [PROMPT_TOKENS=8] [NEW_TOKENS=20] [REPEATS=3]");
         return std::process::ExitCode::FAILURE;
     };
-    let tokens = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20);
-    let repeats = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let arg = |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
+    let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })
-        .and_then(|json| wasmcap::bench::bench_cross_attention(&json, tokens, repeats));
+        .and_then(|json| wasmcap::bench::bench_model(&json, prompt_tokens, tokens, repeats));
     match result {
         Ok(report) => {
             let mut line = serde_json::to_value(&report).unwrap_or_default();

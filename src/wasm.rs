@@ -149,12 +149,12 @@ impl WasmCaptioner {
     }
 }
 
-/// Benchmark: a VisionEncoderDecoder built from `config_json` with random weights, `repeats`
-/// captions of `new_tokens` tokens. Returns medians (see `bench::BenchReport`) plus the size
-/// of WASM memory, which never shrinks and so is the peak.
-#[wasm_bindgen(js_name = benchCrossAttention)]
-pub fn bench_cross_attention(config_json: &str, new_tokens: usize, repeats: usize) -> Result<JsValue, JsError> {
-    let report = crate::bench::bench_cross_attention(config_json, new_tokens, repeats).map_err(js_error)?;
+/// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of
+/// `new_tokens` tokens (after `prompt_tokens` text positions in a prefix model). Returns medians
+/// (see `bench::BenchReport`) plus the size of WASM memory, which never shrinks: the peak.
+#[wasm_bindgen(js_name = benchModel)]
+pub fn bench_model(config_json: &str, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<JsValue, JsError> {
+    let report = crate::bench::bench_model(config_json, prompt_tokens, new_tokens, repeats).map_err(js_error)?;
     let value = to_js(&report)?;
     let memory_bytes = wasm_bindgen::memory()
         .dyn_into::<js_sys::WebAssembly::Memory>()

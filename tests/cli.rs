@@ -50,3 +50,26 @@ fn missing_model_folder_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/model") && stderr.contains("config.json"), "{stderr}");
 }
+
+#[test]
+fn adapter_and_prompt_flags_for_a_prefix_model() {
+    let case = common::prefix_cases().into_iter().find(|c| c.name == "base-v5+lora-r4").unwrap();
+    let expected = case.greedy_ids("astronaut.png", "prompt");
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .args(["--model", &fixture_path("prefix/tiny-llava-base-v5"), "--adapter", &fixture_path("prefix/lora-r4")])
+        .args(["--prompt", "a photo of", "--json", "--max-new-tokens", &expected.len().to_string()])
+        .arg(fixture_path("images/astronaut.png"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(common::ids(&line["token_ids"]), expected);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .args(["--model", &fixture_path("prefix/tiny-llava-base-v5"), "--adapter", "/nonexistent/adapter"])
+        .arg(fixture_path("images/astronaut.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("adapter_config.json"), "{stderr}");
+}

@@ -97,3 +97,30 @@ fn rgba_pixels_from_a_canvas() {
     while !c.next_token().unwrap().is_undefined() {}
     assert_eq!(ids_of(&c.finish().unwrap()), fx.greedy_ids("astronaut.png"));
 }
+
+#[wasm_bindgen_test]
+fn prefix_model_with_adapter_bytes_and_a_prompt() {
+    let case = common::prefix_cases().into_iter().find(|c| c.name == "base-v5+lora-r4").unwrap();
+    let (adapter_config, adapter_weights) = common::LORA_R4;
+    let msg = message(
+        WasmCaptioner::new(case.config, case.weights, case.tokenizer, case.preprocessor, None, Some(adapter_config.to_vec()), None)
+            .err()
+            .unwrap(),
+    );
+    assert!(msg.contains("adapter"), "{msg}");
+    let mut c = WasmCaptioner::new(
+        case.config,
+        case.weights,
+        case.tokenizer,
+        case.preprocessor,
+        Some(case.generation.to_vec()),
+        Some(adapter_config.to_vec()),
+        Some(adapter_weights.to_vec()),
+    )
+    .unwrap();
+    let expected = case.greedy_ids("astronaut.png", "prompt");
+    let o = options(expected.len());
+    js_sys::Reflect::set(&o, &"prompt".into(), &"a photo of".into()).unwrap();
+    let result = c.caption(image("astronaut.png"), o).unwrap();
+    assert_eq!(ids_of(&result), expected);
+}
