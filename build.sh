@@ -61,7 +61,8 @@ run_tests() {
   log "native tests"
   cargo test --all-targets
   log "browser tests (headless Chromium)"
-  wasm-pack test --headless --chrome --release -- --nocapture
+  # Arguments after the first `--` go to cargo, after the second to the test runner.
+  wasm-pack test --headless --chrome --release -- -- --nocapture
 }
 
 serve() {
