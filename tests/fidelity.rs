@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{edit_safetensors, fixtures, image, max_abs_diff, IMAGES, PHOTOS};
+use common::{report, PIXEL_TOL, STATE_TOL, edit_safetensors, fixtures, image, max_abs_diff, IMAGES, PHOTOS};
 use candle_core::{Tensor, D};
 use wasmcap::loading::ModelFiles;
 use wasmcap::tokenizer::{CaptionTokenizer, TextStream};
@@ -14,16 +14,6 @@ use wasmcap::{CaptionOptions, Captioner, Error};
 use wasm_bindgen_test::wasm_bindgen_test as test;
 #[cfg(target_arch = "wasm32")]
 wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
-
-const PIXEL_TOL: f32 = 2e-2;
-const STATE_TOL: f32 = 1e-3;
-
-fn report(what: &str, value: f32) {
-    #[cfg(target_arch = "wasm32")]
-    web_sys::console::log_1(&format!("{what}: {value:.3e}").into());
-    #[cfg(not(target_arch = "wasm32"))]
-    println!("{what}: {value:.3e}");
-}
 
 #[test]
 fn pixel_values_match_siglip_image_processor() {

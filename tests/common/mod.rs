@@ -13,6 +13,18 @@ macro_rules! fixture_file {
     };
 }
 
+/// Tolerances of the fidelity checks: pixel values (max-abs) and model outputs (max-abs).
+pub const PIXEL_TOL: f32 = 2e-2;
+pub const STATE_TOL: f32 = 1e-3;
+
+/// Prints a measured figure; in the browser it goes to the console (`--nocapture` shows it).
+pub fn report(what: &str, value: f32) {
+    #[cfg(target_arch = "wasm32")]
+    web_sys::console::log_1(&format!("{what}: {value:.3e}").into());
+    #[cfg(not(target_arch = "wasm32"))]
+    println!("{what}: {value:.3e}");
+}
+
 pub struct Fixture {
     pub name: &'static str,
     pub config: &'static [u8],
