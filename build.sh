@@ -54,6 +54,7 @@ build_pkg() {
   setup
   log "building pkg/ (wasm32 + simd128, release)"
   wasm-pack build --target web --release --out-dir pkg
+  node js/assemble.mjs
 }
 
 run_tests() {

@@ -1,61 +1,134 @@
-// Minimal demo: fetch the model folder's files, build the captioner, stream a caption.
-// The JS package with a Web Worker, caching and progress is www/'s next step (issue 4).
-import init, { WasmCaptioner } from '../pkg/wasmcap.js';
+// The demo page: drives the npm package's API (pkg/index.js, built by ./build.sh) like any user would.
+import { Captioner } from '../pkg/index.js';
 
 const DEFAULT_MODEL = new URL('../tests/fixtures/tiny-ved-v5/', import.meta.url);
-const SAMPLE = new URL('../tests/fixtures/images/astronaut.png', import.meta.url);
 const $ = (id) => document.getElementById(id);
+const demo = { Captioner, captioner: null, loads: 0 };
+window.wasmcapDemo = demo; // for the page tests (tests/browser/)
 
-async function fetchBytes(base, name, optional = false) {
-  const res = await fetch(new URL(name, base));
-  if (!res.ok) {
-    if (optional) return undefined;
-    throw new Error(`${name}: HTTP ${res.status} from ${res.url}`);
-  }
-  return new Uint8Array(await res.arrayBuffer());
+let loadController = null;
+let captionController = null;
+let previewUrl = null;
+
+function setState(state) { document.body.dataset.state = state; }
+function showError(e) {
+  $('error').textContent = String(e?.message ?? e);
+  setState('error');
+}
+function clearError() { $('error').textContent = ''; }
+const mb = (n) => (n / 1e6).toFixed(n < 1e6 ? 2 : 1);
+
+function modelSource() {
+  if (document.querySelector('input[name=model]:checked').value === 'default') return DEFAULT_MODEL.href;
+  const url = $('model-url').value.trim();
+  if (!url) throw new Error('Enter the URL of a model folder, or choose the embedded default.');
+  return url;
 }
 
-async function load(base) {
-  await init();
-  const [config, weights, tokenizer, preprocessor, generation] = await Promise.all([
-    fetchBytes(base, 'config.json'), fetchBytes(base, 'model.safetensors'), fetchBytes(base, 'tokenizer.json'),
-    fetchBytes(base, 'preprocessor_config.json'), fetchBytes(base, 'generation_config.json', true),
-  ]);
-  return new WasmCaptioner(config, weights, tokenizer, preprocessor, generation);
-}
-
-async function caption(captioner, bytes) {
-  $('caption').textContent = '';
-  $('caption').classList.remove('error');
-  $('preview').src = URL.createObjectURL(new Blob([bytes]));
+async function load() {
+  loadController?.abort();
+  const controller = (loadController = new AbortController());
+  clearError();
+  setState('loading');
+  $('status').textContent = 'loading…';
+  $('progress').value = 0;
+  $('progress-text').textContent = '';
+  $('load').disabled = true;
   try {
-    captioner.start(bytes, { maxNewTokens: 20 });
-    const ids = [];
-    for (let t; (t = captioner.nextToken()) !== undefined;) {
+    const source = modelSource();
+    const progress = [];
+    demo.progress = progress;
+    const captioner = await Captioner.fromPretrained(source, {
+      signal: controller.signal,
+      onProgress: (e) => {
+        progress.push(e);
+        $('progress').value = e.fraction;
+        $('progress-text').textContent = e.done
+          ? `${mb(e.total)} MB loaded — starting the model…`
+          : `${e.file}${e.cached ? ' (cache)' : ''}: ${mb(e.fileLoaded)} / ${mb(e.fileTotal)} MB · total ${(100 * e.fraction).toFixed(0)} %`;
+      },
+    });
+    demo.captioner?.dispose();
+    demo.captioner = captioner;
+    demo.loads++;
+    const cached = progress.filter((e) => e.file && e.fileDone).every((e) => e.cached);
+    $('status').textContent = `ready — ${source}${cached ? ' (from the cache)' : ''}`;
+    $('progress-text').textContent = `${mb(progress.at(-1)?.total ?? 0)} MB${cached ? ' from the Cache API' : ''}`;
+    setState('ready');
+  } catch (e) {
+    if (e.name === 'AbortError') return;
+    $('status').textContent = demo.captioner ? 'the previous model is still loaded' : 'no model loaded';
+    showError(e);
+  } finally {
+    if (loadController === controller) $('load').disabled = false;
+  }
+}
+
+async function caption(image, previewSrc) {
+  if (!demo.captioner) return showError('Load a model first.');
+  captionController?.abort();
+  const controller = (captionController = new AbortController());
+  clearError();
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = previewSrc.startsWith('blob:') ? previewSrc : null;
+  $('preview').src = previewSrc;
+  $('caption').textContent = '';
+  $('timings').textContent = '';
+  $('stop').disabled = false;
+  setState('captioning');
+  const ids = [];
+  $('caption').dataset.tokenIds = '[]';
+  try {
+    const run = demo.captioner.caption(image, { maxNewTokens: Number($('max-tokens').value) || 20, signal: controller.signal });
+    for await (const t of run) {
       ids.push(t.id);
       $('caption').textContent = t.text;
-      await new Promise((r) => setTimeout(r));          // let the page paint each token
+      $('caption').dataset.tokenIds = JSON.stringify(ids);
     }
-    const result = captioner.finish();
-    $('caption').dataset.tokenIds = JSON.stringify(result.tokenIds);
-    const t = result.timings;
-    $('timings').textContent = `encoder ${t.encoderMs.toFixed(0)} ms · first token ${t.firstTokenMs.toFixed(0)} ms · ${t.tokensPerS.toFixed(1)} tokens/s`;
+    const { text, tokenIds, timings: t } = await run.result;
+    $('caption').textContent = text;
+    $('caption').dataset.resultIds = JSON.stringify(tokenIds);
+    $('timings').textContent = `encoder ${t.encoderMs.toFixed(0)} ms · first token ${t.firstTokenMs.toFixed(0)} ms · ` +
+      `${t.tokensPerS.toFixed(1)} tokens/s · ${tokenIds.length} tokens`;
+    setState('done');
   } catch (e) {
-    $('caption').textContent = String(e.message ?? e);
-    $('caption').classList.add('error');
+    if (e.name === 'AbortError') {
+      if (captionController === controller) {
+        $('timings').textContent = `stopped after ${ids.length} tokens`;
+        setState('aborted');
+      }
+    } else showError(e);
+  } finally {
+    if (captionController === controller) $('stop').disabled = true;
   }
 }
 
-try {
-  $('model').textContent = DEFAULT_MODEL.pathname;
-  const captioner = await load(DEFAULT_MODEL);
-  $('status').textContent = 'ready';
-  $('sample').onclick = async () => caption(captioner, await fetchBytes(SAMPLE, ''));
-  $('file').onchange = async (e) => {
-    const f = e.target.files[0];
-    if (f) await caption(captioner, new Uint8Array(await f.arrayBuffer()));
-  };
-} catch (e) {
-  $('status').textContent = `error: ${e.message ?? e}`;
-  $('status').classList.add('error');
+$('default-model').textContent = DEFAULT_MODEL.pathname;
+$('load').onclick = load;
+$('model-url').onfocus = () => { document.querySelector('input[name=model][value=url]').checked = true; };
+$('model-url').onkeydown = (e) => { if (e.key === 'Enter') load(); };
+$('clear-cache').onclick = async () => {
+  await Captioner.clearCache();
+  $('progress-text').textContent = 'cache cleared';
+};
+$('stop').onclick = () => captionController?.abort();
+for (const b of document.querySelectorAll('.sample')) {
+  const src = new URL(b.dataset.src, location.href).href;
+  b.onclick = () => caption(src, src);
 }
+$('file').onchange = (e) => {
+  const f = e.target.files[0];
+  if (f) caption(f, URL.createObjectURL(f));
+  e.target.value = '';
+};
+const drop = $('drop');
+drop.ondragover = (e) => { e.preventDefault(); drop.classList.add('over'); };
+drop.ondragleave = () => drop.classList.remove('over');
+drop.ondrop = (e) => {
+  e.preventDefault();
+  drop.classList.remove('over');
+  const f = [...e.dataTransfer.files].find((x) => x.type.startsWith('image/')) ?? e.dataTransfer.files[0];
+  if (f) caption(f, URL.createObjectURL(f));
+};
+
+demo.ready = load();

@@ -1,0 +1,99 @@
+/** wasmcap: image captioning in the browser (Rust + candle compiled to wasm32 + SIMD128, run in a Web Worker). */
+
+/** One generated token. `text` is the caption so far, `delta` what this token added (never a split character). */
+export interface TokenEvent {
+  id: number;
+  text: string;
+  delta: string;
+}
+
+export interface CaptionTimings {
+  /** Image encoder (and, for prefix models, projector) time. */
+  encoderMs: number;
+  /** From the start of the caption to the first token. */
+  firstTokenMs: number;
+  totalMs: number;
+  tokensPerS: number;
+}
+
+export interface CaptionResult {
+  text: string;
+  tokenIds: number[];
+  timings: CaptionTimings;
+}
+
+export interface ProgressEvent {
+  /** The file this event is about; `null` on the final event. */
+  file: string | null;
+  url: string | null;
+  /** Bytes of `file` read so far, and its size (from Content-Length or the Blob). */
+  fileLoaded: number;
+  fileTotal: number;
+  fileDone: boolean;
+  /** Whether `file` came from the Cache API instead of the network. */
+  cached: boolean;
+  /** Bytes of all files read so far, and their total. */
+  loaded: number;
+  total: number;
+  /** loaded / total, never decreasing; exactly 1 on the last event. */
+  fraction: number;
+  /** Set on the last event, once every file is read. */
+  done?: boolean;
+}
+
+/** The files of a model folder by name (`config.json`, `model.safetensors`, …). */
+export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File[];
+
+export interface LoadOptions {
+  onProgress?: (event: ProgressEvent) => void;
+  /** Keep fetched files in the Cache API and read them from there next time. Default true. */
+  cache?: boolean;
+  signal?: AbortSignal;
+  /** A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors): folder URL or files. */
+  adapter?: string | URL | FileMap;
+  /** Where the worker script lives, if a bundler did not keep it next to this module. */
+  workerUrl?: string | URL;
+}
+
+export type ImageInput =
+  | string
+  | URL
+  | Blob
+  | ImageData
+  | HTMLImageElement
+  | HTMLCanvasElement
+  | OffscreenCanvas
+  | ImageBitmap;
+
+export interface CaptionOptions {
+  maxNewTokens?: number;
+  /** Text the caption continues (prefix / llava models only). */
+  prompt?: string;
+  signal?: AbortSignal;
+}
+
+/** A caption in progress: iterate it for tokens as they are generated; `result` resolves at the end. */
+export interface CaptionRun extends AsyncIterable<TokenEvent> {
+  /** Resolves with the caption; rejects with the Rust error's message, or an AbortError. */
+  readonly result: Promise<CaptionResult>;
+  /** Stops this caption, like aborting its signal. */
+  abort(): void;
+}
+
+export declare const CACHE_NAME: string;
+
+/** Deletes the model files kept in the Cache API (all, or those under one folder URL). */
+export declare function clearCache(baseUrl?: string | URL): Promise<boolean>;
+
+export declare class Captioner {
+  private constructor();
+  /** Loads a model from a 🤗-layout folder URL or a map of files, and starts its worker. */
+  static fromPretrained(source: string | URL | FileMap, options?: LoadOptions): Promise<Captioner>;
+  static clearCache(baseUrl?: string | URL): Promise<boolean>;
+  /** Captions one image; captions run one after the other. */
+  caption(image: ImageInput, options?: CaptionOptions): CaptionRun;
+  /** Terminates the worker and frees the model's memory. */
+  dispose(): void;
+}
+
+export default Captioner;

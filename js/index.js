@@ -1,0 +1,423 @@
+// wasmcap — the JS side: fetch (with progress and the Cache API), image conversion, and a module
+// Web Worker that runs the WASM. No model logic lives here; it only moves bytes and messages.
+//
+//   import { Captioner } from 'wasmcap';
+//   const captioner = await Captioner.fromPretrained('https://host/model-folder/');
+//   const run = captioner.caption(imageElement);
+//   for await (const t of run) output.textContent = t.text;
+//   const { text, tokenIds, timings } = await run.result;
+
+export const CACHE_NAME = 'wasmcap-models-v1';
+
+const MODEL_FILES = [
+  ['config', 'config.json', true],
+  ['weights', 'model.safetensors', true],
+  ['tokenizer', 'tokenizer.json', true],
+  ['preprocessor', 'preprocessor_config.json', true],
+  ['generation', 'generation_config.json', false],
+];
+const ADAPTER_FILES = [
+  ['adapterConfig', 'adapter_config.json', true],
+  ['adapterWeights', 'adapter_model.safetensors', true],
+];
+// Marks "this optional file does not exist" in the cache, so a cached load makes no request at all.
+const MISSING_HEADER = 'x-wasmcap-missing';
+
+function abortError(signal) {
+  if (signal?.reason instanceof Error) return signal.reason;
+  return new DOMException('The operation was aborted.', 'AbortError');
+}
+
+function throwIfAborted(signal) {
+  if (signal?.aborted) throw abortError(signal);
+}
+
+function cacheAvailable() {
+  return typeof caches !== 'undefined' && typeof caches.open === 'function';
+}
+
+/** Deletes every model file wasmcap stored in the Cache API (or, given a base URL, only that folder's). */
+export async function clearCache(baseUrl) {
+  if (!cacheAvailable()) return false;
+  if (baseUrl === undefined) return caches.delete(CACHE_NAME);
+  const cache = await caches.open(CACHE_NAME);
+  const base = folderUrl(baseUrl).href;
+  let removed = false;
+  for (const request of await cache.keys()) {
+    if (request.url.startsWith(base)) removed = (await cache.delete(request)) || removed;
+  }
+  return removed;
+}
+
+function folderUrl(base) {
+  const href = base instanceof URL ? base.href : String(base);
+  const url = new URL(href, globalThis.location?.href);
+  if (!url.pathname.endsWith('/')) url.pathname += '/';
+  return url;
+}
+
+function isFileMap(source) {
+  return source instanceof Map || (typeof FileList !== 'undefined' && source instanceof FileList) ||
+    Array.isArray(source) || (source !== null && typeof source === 'object' && !(source instanceof URL));
+}
+
+function fileMapOf(source) {
+  const map = new Map();
+  if (source instanceof Map) for (const [k, v] of source) map.set(k, v);
+  else if (Array.isArray(source) || (typeof FileList !== 'undefined' && source instanceof FileList)) {
+    for (const f of source) map.set(f.name, f);
+  } else for (const [k, v] of Object.entries(source)) map.set(k, v);
+  return map;
+}
+
+// One file to load: `open()` gives { size, read(onChunk) } without reading the body yet, so every
+// file's size is known before any body is read and the overall total never grows.
+function urlEntry(key, name, required, base, cache, signal) {
+  const url = new URL(name, base).href;
+  return {
+    key, name, required, url,
+    async open() {
+      if (cache) {
+        const hit = await cache.match(url);
+        if (hit) {
+          if (hit.headers.get(MISSING_HEADER)) return null;
+          return bodyOf(hit, true);
+        }
+      }
+      let res;
+      try {
+        res = await fetch(url, { signal });
+      } catch (e) {
+        if (signal?.aborted) throw abortError(signal);
+        throw new Error(`${name}: could not fetch ${url} (${e.message ?? e})`);
+      }
+      if (!res.ok) {
+        if (!required && res.status === 404) {
+          if (cache) await cache.put(url, new Response(null, { status: 200, headers: { [MISSING_HEADER]: '1' } }));
+          return null;
+        }
+        throw new Error(`${name}: HTTP ${res.status} ${res.statusText} from ${url}`);
+      }
+      const body = bodyOf(res, false);
+      const read = body.read;
+      body.read = async (onChunk) => {
+        const bytes = await read(onChunk);
+        if (cache) {
+          await cache.put(url, new Response(bytes, {
+            headers: { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream', 'Content-Length': String(bytes.byteLength) },
+          }));
+        }
+        return bytes;
+      };
+      return body;
+    },
+  };
+}
+
+function bodyOf(res, cached) {
+  const length = Number(res.headers.get('Content-Length'));
+  return {
+    cached,
+    size: Number.isFinite(length) && length > 0 ? length : 0,
+    async read(onChunk) {
+      if (!res.body) {
+        const buf = await res.arrayBuffer();
+        onChunk(buf.byteLength);
+        return buf;
+      }
+      const reader = res.body.getReader();
+      const chunks = [];
+      let n = 0;
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        chunks.push(value);
+        n += value.byteLength;
+        onChunk(value.byteLength);
+      }
+      const out = new Uint8Array(n);
+      let at = 0;
+      for (const c of chunks) { out.set(c, at); at += c.byteLength; }
+      return out.buffer;
+    },
+  };
+}
+
+function blobEntry(key, name, required, map) {
+  const blob = map.get(name);
+  return {
+    key, name, required, url: name,
+    async open() {
+      if (blob === undefined) {
+        if (required) throw new Error(`${name}: missing from the files given`);
+        return null;
+      }
+      return {
+        cached: false,
+        size: blob.size,
+        async read(onChunk) {
+          const buf = await blob.arrayBuffer();
+          onChunk(buf.byteLength);
+          return buf;
+        },
+      };
+    },
+  };
+}
+
+async function loadFiles(source, adapter, { onProgress, cache: useCache = true, signal }) {
+  const cache = useCache && cacheAvailable() ? await caches.open(CACHE_NAME) : null;
+  const entriesFor = (src, list) => {
+    if (isFileMap(src)) {
+      const map = fileMapOf(src);
+      return list.map(([k, n, r]) => blobEntry(k, n, r, map));
+    }
+    const base = folderUrl(src);
+    return list.map(([k, n, r]) => urlEntry(k, n, r, base, cache, signal));
+  };
+  const entries = entriesFor(source, MODEL_FILES);
+  if (adapter !== undefined && adapter !== null) entries.push(...entriesFor(adapter, ADAPTER_FILES));
+  // Also take an adapter that comes along in the same file map as the model.
+  else if (isFileMap(source) && fileMapOf(source).has('adapter_config.json')) entries.push(...entriesFor(source, ADAPTER_FILES));
+
+  const bodies = await Promise.all(entries.map((e) => e.open()));
+  throwIfAborted(signal);
+  const present = entries.map((e, i) => ({ ...e, body: bodies[i] })).filter((e) => e.body);
+  let total = present.reduce((s, e) => s + e.body.size, 0);
+  let loaded = 0;
+  let fraction = 0;
+  const perFile = new Map(present.map((e) => [e.name, 0]));
+  const emit = (e, done) => {
+    if (!onProgress) return;
+    total = Math.max(total, loaded);
+    fraction = Math.max(fraction, total ? loaded / total : 0);
+    const fileLoaded = perFile.get(e.name);
+    onProgress({
+      file: e.name, url: e.url, fileLoaded, fileTotal: done ? fileLoaded : Math.max(e.body.size, fileLoaded),
+      fileDone: done, cached: e.body.cached, loaded, total, fraction,
+    });
+  };
+  const files = {};
+  await Promise.all(present.map(async (e) => {
+    emit(e, false);
+    files[e.key] = await e.body.read((n) => {
+      perFile.set(e.name, perFile.get(e.name) + n);
+      loaded += n;
+      emit(e, false);
+    });
+    throwIfAborted(signal);
+    emit(e, true);
+  }));
+  // Every byte is in: 100 %, whatever the servers declared.
+  total = loaded;
+  fraction = 1;
+  onProgress?.({ file: null, url: null, fileLoaded: 0, fileTotal: 0, fileDone: true, cached: false, loaded, total, fraction, done: true });
+  return files;
+}
+
+async function imageMessage(image, signal) {
+  if (typeof image === 'string' || image instanceof URL) {
+    let res;
+    try {
+      res = await fetch(image, { signal });
+    } catch (e) {
+      if (signal?.aborted) throw abortError(signal);
+      throw new Error(`image: could not fetch ${image} (${e.message ?? e})`);
+    }
+    if (!res.ok) throw new Error(`image: HTTP ${res.status} ${res.statusText} from ${res.url}`);
+    image = await res.blob();
+  }
+  if (typeof Blob !== 'undefined' && image instanceof Blob) {
+    const bytes = await image.arrayBuffer();
+    const head = new Uint8Array(bytes, 0, Math.min(4, bytes.byteLength));
+    const png = head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
+    const jpeg = head[0] === 0xff && head[1] === 0xd8;
+    // PNG and JPEG are decoded in Rust (bit-exact with Pillow); other formats by the browser.
+    if (png || jpeg || !/^image\//.test(image.type)) return [{ kind: 'bytes', data: bytes }, [bytes]];
+    return [{ kind: 'blob', blob: image }, []];
+  }
+  if (typeof ImageData !== 'undefined' && image instanceof ImageData) {
+    const data = new Uint8Array(image.data); // a copy: the caller keeps its ImageData
+    return [{ kind: 'rgba', data, width: image.width, height: image.height }, [data.buffer]];
+  }
+  if (typeof HTMLImageElement !== 'undefined' && image instanceof HTMLImageElement) {
+    if (!image.complete || image.naturalWidth === 0) await image.decode();
+  }
+  if (typeof ImageBitmap !== 'undefined' && image instanceof ImageBitmap) {
+    // A copy, so the caller's bitmap stays usable.
+    const bitmap = await createImageBitmap(image);
+    return [{ kind: 'bitmap', bitmap }, [bitmap]];
+  }
+  const drawable = [globalThis.HTMLImageElement, globalThis.HTMLCanvasElement, globalThis.OffscreenCanvas,
+    globalThis.SVGImageElement, globalThis.HTMLVideoElement, globalThis.VideoFrame].filter(Boolean);
+  if (drawable.some((T) => image instanceof T)) {
+    const bitmap = await createImageBitmap(image);
+    return [{ kind: 'bitmap', bitmap }, [bitmap]];
+  }
+  throw new TypeError('image: expected a URL, Blob/File, ImageData, HTMLImageElement, HTMLCanvasElement, OffscreenCanvas or ImageBitmap');
+}
+
+/** A caption in progress: an async iterable of `{ id, text, delta }`, with `result` the final caption. */
+class CaptionRun {
+  constructor() {
+    this._events = [];
+    this._waiting = null;
+    this._ended = false;
+    this._error = null;
+    this.result = new Promise((ok, fail) => { this._ok = ok; this._fail = fail; });
+    this.result.catch(() => {}); // iterating alone must not leave an unhandled rejection behind
+  }
+  _push(token) {
+    if (this._ended) return;
+    if (this._waiting) { const w = this._waiting; this._waiting = null; w.ok({ value: token, done: false }); } else this._events.push(token);
+  }
+  _finish(result) {
+    if (this._ended) return;
+    this._ended = true;
+    this._ok(result);
+    if (this._waiting) { const w = this._waiting; this._waiting = null; w.ok({ value: undefined, done: true }); }
+  }
+  _reject(error) {
+    if (this._ended) return;
+    this._ended = true;
+    this._error = error;
+    this._events.length = 0; // after an error or abort, the iteration stops with it at once
+    this._fail(error);
+    if (this._waiting) { const w = this._waiting; this._waiting = null; w.fail(error); }
+  }
+  get settled() { return this._ended; }
+  [Symbol.asyncIterator]() {
+    return {
+      next: () => {
+        if (this._events.length) return Promise.resolve({ value: this._events.shift(), done: false });
+        if (this._error) return Promise.reject(this._error);
+        if (this._ended) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((ok, fail) => { this._waiting = { ok, fail }; });
+      },
+      return: () => { this._cancel?.(); return Promise.resolve({ value: undefined, done: true }); },
+    };
+  }
+  /** Stops this caption (the same as aborting its signal). */
+  abort() { this._cancel?.(); }
+}
+
+export class Captioner {
+  /** Use `Captioner.fromPretrained`. */
+  constructor(worker) {
+    this._worker = worker;
+    this._runs = new Map();
+    this._nextRun = 1;
+    this._disposed = false;
+    worker.addEventListener('message', ({ data }) => {
+      const run = this._runs.get(data.run);
+      if (!run) return;
+      if (data.type === 'token') run._push(data.token);
+      else {
+        this._runs.delete(data.run);
+        if (data.type === 'done') run._finish(data.result);
+        else if (data.type === 'aborted') run._reject(run._abortReason ?? abortError());
+        else if (data.type === 'error') run._reject(new Error(data.message));
+      }
+    });
+    worker.addEventListener('error', (e) => {
+      const error = new Error(`wasmcap worker: ${e.message ?? 'failed'}`);
+      for (const run of this._runs.values()) run._reject(error);
+      this._runs.clear();
+    });
+  }
+
+  /**
+   * Loads a model. `source`: the base URL of a 🤗-layout folder (config.json, model.safetensors,
+   * tokenizer.json, preprocessor_config.json, optional generation_config.json), or a map of
+   * file name → File/Blob (a Map, a plain object, a FileList or an array of Files).
+   * Options: `onProgress(event)`, `cache` (default true: the Cache API), `signal`, `adapter`
+   * (a PEFT LoRA folder's URL or file map), `workerUrl` (override where the worker script lives).
+   */
+  static async fromPretrained(source, options = {}) {
+    const { signal } = options;
+    throwIfAborted(signal);
+    const files = await loadFiles(source, options.adapter, options);
+    throwIfAborted(signal);
+    // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
+    const worker = options.workerUrl
+      ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
+      : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
+    try {
+      await new Promise((ok, fail) => {
+        const onAbort = () => fail(abortError(signal));
+        signal?.addEventListener('abort', onAbort, { once: true });
+        worker.onmessage = ({ data }) => {
+          signal?.removeEventListener('abort', onAbort);
+          if (data.type === 'loaded') ok();
+          else fail(new Error(data.message));
+        };
+        worker.onerror = (e) => {
+          signal?.removeEventListener('abort', onAbort);
+          e.preventDefault?.();
+          fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
+        };
+        const transfer = Object.values(files).filter((b) => b instanceof ArrayBuffer);
+        worker.postMessage({ type: 'load', files }, transfer);
+      });
+    } catch (e) {
+      worker.terminate();
+      throw e;
+    }
+    worker.onmessage = null;
+    worker.onerror = null;
+    return new Captioner(worker);
+  }
+
+  /** Deletes the model files kept in the Cache API (all of them, or one folder's). */
+  static clearCache(baseUrl) {
+    return clearCache(baseUrl);
+  }
+
+  /**
+   * Captions an image (URL, Blob/File, ImageData, HTMLImageElement, HTMLCanvasElement,
+   * OffscreenCanvas, ImageBitmap). Options: `maxNewTokens`, `prompt` (prefix models), `signal`.
+   * Returns an async iterable of `{ id, text, delta }`; its `result` promise gives
+   * `{ text, tokenIds, timings: { encoderMs, firstTokenMs, totalMs, tokensPerS } }`.
+   */
+  caption(image, options = {}) {
+    const { signal, ...rest } = options;
+    const wasmOptions = {};
+    if (rest.maxNewTokens !== undefined) wasmOptions.maxNewTokens = rest.maxNewTokens;
+    if (rest.prompt !== undefined) wasmOptions.prompt = rest.prompt;
+    const run = new CaptionRun();
+    const id = this._nextRun++;
+    if (this._disposed) { run._reject(new Error('wasmcap: this captioner was disposed')); return run; }
+    if (signal?.aborted) { run._reject(abortError(signal)); return run; }
+    let sent = false;
+    const cancel = (reason) => {
+      if (run.settled) return;
+      run._abortReason = reason ?? abortError();
+      if (sent) this._worker.postMessage({ type: 'abort', run: id });
+      this._runs.delete(id);
+      run._reject(run._abortReason);
+    };
+    run._cancel = () => cancel();
+    const onAbort = () => cancel(abortError(signal));
+    signal?.addEventListener('abort', onAbort, { once: true });
+    run.result.finally(() => signal?.removeEventListener('abort', onAbort)).catch(() => {});
+    this._runs.set(id, run);
+    imageMessage(image, signal).then(([msg, transfer]) => {
+      if (run.settled) { msg.bitmap?.close(); return; }
+      sent = true;
+      this._worker.postMessage({ type: 'caption', run: id, image: msg, options: wasmOptions }, transfer);
+    }, (e) => { this._runs.delete(id); run._reject(e); });
+    return run;
+  }
+
+  /** Stops the worker and frees the model's memory. The captioner cannot be used afterwards. */
+  dispose() {
+    if (this._disposed) return;
+    this._disposed = true;
+    const error = new Error('wasmcap: this captioner was disposed');
+    for (const run of this._runs.values()) run._reject(error);
+    this._runs.clear();
+    this._worker.terminate(); // terminating drops the whole WASM instance and its memory
+  }
+}
+
+export default Captioner;

@@ -1,0 +1,90 @@
+// wasmcap's module Web Worker: owns the WASM instance and the WasmCaptioner. It only converts
+// messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
+//
+// main → worker: { type: 'load', files }                     → { type: 'loaded' } | { type: 'error' }
+//                { type: 'caption', run, image, options }    → { type: 'token', run, token }*, then
+//                                                                { type: 'done', run, result } | { type: 'error', run, message } | { type: 'aborted', run }
+//                { type: 'abort', run }
+// dispose() terminates the worker, which drops the WASM instance and all its memory.
+import init, { WasmCaptioner } from './wasmcap.js';
+
+const ready = init({ module_or_path: new URL('./wasmcap_bg.wasm', import.meta.url) });
+let captioner = null;
+let aborted = new Set();
+let busy = Promise.resolve();
+
+// A macrotask boundary without setTimeout's clamping, so abort messages are seen between tokens.
+const channel = new MessageChannel();
+const waiters = [];
+channel.port1.onmessage = () => waiters.shift()?.();
+const yieldToEvents = () => new Promise((resolve) => { waiters.push(resolve); channel.port2.postMessage(0); });
+
+const message = (e) => String(e?.message ?? e);
+
+async function pixelsOf(image) {
+  if (image.kind === 'bytes' || image.kind === 'rgba') return image;
+  let bitmap = image.bitmap;
+  if (image.kind === 'blob') bitmap = await createImageBitmap(image.blob, { colorSpaceConversion: 'none' });
+  try {
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const ctx = canvas.getContext('2d', { willReadFrequently: true });
+    ctx.drawImage(bitmap, 0, 0);
+    const data = ctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+    return { kind: 'rgba', data, width: bitmap.width, height: bitmap.height };
+  } finally {
+    bitmap.close();
+  }
+}
+
+async function caption({ run, image, options }) {
+  try {
+    if (!captioner) throw new Error('no model loaded');
+    const pixels = await pixelsOf(image);
+    if (aborted.has(run)) return postMessage({ type: 'aborted', run });
+    if (pixels.kind === 'bytes') captioner.start(new Uint8Array(pixels.data), options);
+    else captioner.startRgba(new Uint8Array(pixels.data.buffer ?? pixels.data), pixels.width, pixels.height, options);
+    for (;;) {
+      await yieldToEvents();
+      if (aborted.has(run)) {
+        captioner.abort();
+        return postMessage({ type: 'aborted', run });
+      }
+      const token = captioner.nextToken();
+      if (token === undefined) break;
+      postMessage({ type: 'token', run, token });
+    }
+    const result = captioner.finish();
+    captioner.abort(); // drop the run's state (KV cache) now that the result is out
+    postMessage({ type: 'done', run, result });
+  } catch (e) {
+    postMessage({ type: 'error', run, message: message(e) });
+  } finally {
+    aborted.delete(run);
+  }
+}
+
+self.onmessage = async ({ data }) => {
+  switch (data.type) {
+    case 'load':
+      try {
+        await ready;
+        const f = data.files;
+        const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
+        captioner?.free();
+        captioner = null;
+        captioner = new WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
+          u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights));
+        postMessage({ type: 'loaded' });
+      } catch (e) {
+        postMessage({ type: 'error', message: message(e) });
+      }
+      break;
+    case 'caption':
+      // One caption at a time; later ones wait their turn.
+      busy = busy.then(() => caption(data));
+      break;
+    case 'abort':
+      aborted.add(data.run);
+      break;
+  }
+};
