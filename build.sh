@@ -3,6 +3,8 @@
 #   ./build.sh            build pkg/ (wasm-pack, --target web, release, SIMD128)
 #   ./build.sh setup      only install the toolchain (rustup target, wasm-bindgen-cli, wasm-pack, chromium)
 #   ./build.sh test       native tests (cargo test) + browser tests (wasm-pack test, headless Chromium)
+#                         + page tests (tests/browser/: demo, JS package, npm tarball in a Vite app)
+#   ./build.sh test-pages build pkg/ and run only the page tests (tests/browser/*.test.mjs)
 #   ./build.sh demo       build pkg/ and serve the demo page on http://127.0.0.1:8080 (COOP/COEP headers)
 #   ./build.sh bench      benchmark full-size random models natively and in headless Chromium
 set -euo pipefail
@@ -64,6 +66,16 @@ run_tests() {
   log "browser tests (headless Chromium)"
   # Arguments after the first `--` go to cargo, after the second to the test runner.
   wasm-pack test --headless --chrome --release -- -- --nocapture
+  build_pkg
+  page_tests
+}
+
+# Playwright (playwright-core driving Debian's Chromium; never a downloaded browser) under
+# node's test runner. npm.test.mjs installs vite@7 from the npm registry, through npm's cache.
+page_tests() {
+  [ -f node_modules/playwright-core/package.json ] || { log "npm ci (playwright-core)"; npm ci --no-audit --no-fund; }
+  log "page tests: demo, JS package, npm tarball in a fresh Vite app (headless Chromium)"
+  node --test tests/browser/*.test.mjs
 }
 
 serve() {
@@ -76,7 +88,8 @@ case "${1:-build}" in
   build) build_pkg ;;
   setup) setup ;;
   test) run_tests ;;
+  test-pages) build_pkg; page_tests ;;
   demo) build_pkg; serve ;;
   bench) shift; setup; exec bash bench/run.sh "$@" ;;
-  *) echo "usage: $0 [build|setup|test|demo|bench]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|setup|test|test-pages|demo|bench]" >&2; exit 2 ;;
 esac

@@ -58,6 +58,7 @@ async function load() {
   } catch (e) {
     if (e.name === 'AbortError') return;
     $('status').textContent = demo.captioner ? 'the previous model is still loaded' : 'no model loaded';
+    $('progress-text').textContent = 'loading failed';
     showError(e);
   } finally {
     if (loadController === controller) $('load').disabled = false;

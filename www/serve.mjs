@@ -12,7 +12,8 @@ const types = {
   '.jpeg': 'image/jpeg', '.css': 'text/css', '.safetensors': 'application/octet-stream', '.ts': 'text/plain',
 };
 
-export function startServer(port = 0) {
+// `onRequest(req, res, headers)` (tests): sees every request first; returns true when it answered.
+export function startServer(port = 0, { onRequest } = {}) {
   const server = createServer(async (req, res) => {
     const headers = {
       'Cross-Origin-Opener-Policy': 'same-origin',
@@ -21,6 +22,7 @@ export function startServer(port = 0) {
       'Cache-Control': 'no-store',
     };
     try {
+      if (onRequest && (await onRequest(req, res, headers))) return;
       const url = new URL(req.url, 'http://127.0.0.1');
       let path = normalize(join(root, decodeURIComponent(url.pathname)));
       if (!path.startsWith(root)) throw Object.assign(new Error('outside root'), { code: 'ENOENT' });

@@ -1,0 +1,94 @@
+// The npm package as a web developer gets it: `npm pack` pkg/, install the tarball into a fresh
+// Vite 7 app, `vite build`, and caption the sample in headless Chromium with the README's five
+// lines. vite comes from the npm registry through npm's own cache (--prefer-offline), so only
+// the first run on a machine downloads it.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { extname, join, normalize } from 'node:path';
+import { launch, watchPage, referenceIds, root, artifacts } from './helpers.mjs';
+
+const VITE = process.env.WASMCAP_VITE ?? 'vite@7';
+let dir, browser, server, ref;
+const log = [];
+const npm = (args, cwd) => execFileSync('npm', [...args, '--no-audit', '--no-fund', '--loglevel=error'], { cwd, encoding: 'utf8' });
+
+before(() => {
+  ref = referenceIds();
+  dir = mkdtempSync(join(tmpdir(), 'wasmcap-vite-'));
+});
+
+after(async () => {
+  if (process.env.WASMCAP_TEST_VERBOSE || log.some((l) => l.startsWith('[pageerror]'))) console.error(log.join('\n'));
+  await browser?.close();
+  server?.close();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+test('npm pack: the tarball holds the shim, worker, types, wasm and README', () => {
+  const out = JSON.parse(npm(['pack', '--json', '--pack-destination', dir], join(root, 'pkg')));
+  const files = out[0].files.map((f) => f.path).sort();
+  for (const f of ['index.js', 'index.d.ts', 'worker.js', 'wasmcap.js', 'wasmcap_bg.wasm', 'README.md', 'package.json']) {
+    assert.ok(files.includes(f), `${f} in ${files}`);
+  }
+  const pkg = JSON.parse(readFileSync(join(root, 'pkg/package.json'), 'utf8'));
+  assert.equal(pkg.type, 'module');
+  assert.equal(pkg.exports['.'].types, './index.d.ts');
+  assert.equal(pkg.exports['.'].default, './index.js');
+});
+
+test('a fresh Vite 7 app installs the tarball, builds, and captions in Chromium', async () => {
+  const app = join(dir, 'app');
+  mkdirSync(join(app, 'public'), { recursive: true });
+  writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'wasmcap-vite-app', private: true, type: 'module' }));
+  const tarball = readdirSync(dir).find((f) => f.endsWith('.tgz'));
+  npm(['install', '--prefer-offline', '--save-dev', VITE], app);
+  npm(['install', '--prefer-offline', join(dir, tarball)], app);
+  cpSync(join(root, 'tests/fixtures/tiny-ved-v5'), join(app, 'public/model'), { recursive: true });
+  cpSync(join(root, 'tests/fixtures/images/astronaut.png'), join(app, 'public/astronaut.png'));
+  writeFileSync(join(app, 'index.html'), '<!doctype html><link rel="icon" href="data:,"><p id="out"></p><script type="module" src="/main.js"></script>\n');
+  // The README's five lines; a failure is written where the test can see it.
+  writeFileSync(join(app, 'main.js'), `import { Captioner } from 'wasmcap';
+try {
+  const captioner = await Captioner.fromPretrained('/model/');
+  const run = captioner.caption('/astronaut.png', { maxNewTokens: 20 });
+  for await (const t of run) document.getElementById('out').textContent = t.text;
+  document.body.dataset.ids = JSON.stringify((await run.result).tokenIds);
+} catch (e) {
+  document.body.dataset.error = String(e.message ?? e);
+}
+`);
+  execFileSync(join(app, 'node_modules/.bin/vite'), ['build', '--logLevel', 'warn'], { cwd: app, encoding: 'utf8' });
+  const dist = join(app, 'dist');
+  const assets = readdirSync(join(dist, 'assets'));
+  assert.ok(assets.some((f) => f.endsWith('.wasm')), `the wasm is emitted: ${assets}`);
+  assert.ok(assets.some((f) => /worker/i.test(f)), `the worker is emitted: ${assets}`);
+
+  const types = { '.html': 'text/html', '.js': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json', '.png': 'image/png' };
+  server = createServer((req, res) => {
+    const path = normalize(join(dist, new URL(req.url, 'http://x').pathname.replace(/\/$/, '/index.html')));
+    try {
+      if (!path.startsWith(dist)) throw new Error('outside');
+      const body = readFileSync(path);
+      res.writeHead(200, { 'Content-Type': types[extname(path)] ?? 'application/octet-stream' });
+      res.end(body);
+    } catch {
+      res.writeHead(404);
+      res.end();
+    }
+  });
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  browser = await launch();
+  const page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`http://127.0.0.1:${server.address().port}/`);
+  await page.waitForFunction(() => document.body.dataset.ids || document.body.dataset.error, null, { timeout: 60_000 });
+  const error = await page.evaluate(() => document.body.dataset.error);
+  assert.equal(error, undefined, error);
+  assert.deepEqual(JSON.parse(await page.evaluate(() => document.body.dataset.ids)), ref.native);
+  assert.equal((await page.locator('#out').textContent()).trim(), ref.text.trim());
+  await page.screenshot({ path: join(artifacts, 'vite-app.png') });
+});
