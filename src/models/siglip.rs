@@ -7,9 +7,10 @@
 //! loaded.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, embedding, layer_norm, linear, Activation, Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, embedding, layer_norm, Activation, Conv2d, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 
 use super::attention;
+use super::linear::{linear, Linear};
 
 /// `SiglipVisionConfig` as in the `encoder` / `vision_config` section of `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]

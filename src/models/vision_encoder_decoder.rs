@@ -3,7 +3,9 @@
 //! `enc_to_dec_proj` (when the hidden sizes differ) and `decoder.*`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::{linear, Linear};
 
 use super::gpt2::{Gpt2Cache, Gpt2Config, Gpt2LMHeadModel};
 use super::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
