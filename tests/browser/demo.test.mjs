@@ -72,6 +72,8 @@ test('demo: captioning the sample streams the native CLI ids', async () => {
   assert.deepEqual(result, ref.native);
   assert.equal((await text('#caption')).trim(), ref.text.trim());
   assert.match(await text('#timings'), /encoder \d+ ms · first token \d+ ms · [\d.]+ tokens\/s · 20 tokens/);
+  // The WASM runs in the worker: the page itself never fetched it (resource timing is per realm).
+  assert.deepEqual(await page.evaluate(() => performance.getEntriesByType('resource').map((e) => e.name).filter((n) => n.endsWith('.wasm'))), []);
   await page.screenshot({ path: join(artifacts, 'demo.png'), fullPage: true });
 });
 
