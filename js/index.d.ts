@@ -46,8 +46,12 @@ export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File
 
 export interface LoadOptions {
   onProgress?: (event: ProgressEvent) => void;
-  /** Keep fetched files in the Cache API and read them from there next time. Default true. */
-  cache?: boolean;
+  /**
+   * true (default): read files from the Cache API, fetch and store those missing (kept until
+   * `clearCache`; dropped again if the model fails to load). 'reload': fetch everything anew and
+   * replace the cached copies. false: leave the Cache API alone.
+   */
+  cache?: boolean | 'reload';
   signal?: AbortSignal;
   /** A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors): folder URL or files. */
   adapter?: string | URL | FileMap;

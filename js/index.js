@@ -72,12 +72,12 @@ function fileMapOf(source) {
 
 // One file to load: `open()` gives { size, read(onChunk) } without reading the body yet, so every
 // file's size is known before any body is read and the overall total never grows.
-function urlEntry(key, name, required, base, cache, signal) {
+function urlEntry(key, name, required, base, cache, reload, signal) {
   const url = new URL(name, base).href;
   return {
-    key, name, required, url,
+    key, name, required, url, remote: true,
     async open() {
-      if (cache) {
+      if (cache && !reload) {
         const hit = await cache.match(url);
         if (hit) {
           if (hit.headers.get(MISSING_HEADER)) return null;
@@ -86,7 +86,7 @@ function urlEntry(key, name, required, base, cache, signal) {
       }
       let res;
       try {
-        res = await fetch(url, { signal });
+        res = await fetch(url, { signal, cache: reload ? 'reload' : 'default' });
       } catch (e) {
         if (signal?.aborted) throw abortError(signal);
         throw new Error(`${name}: could not fetch ${url} (${e.message ?? e})`);
@@ -167,13 +167,14 @@ function blobEntry(key, name, required, map) {
 
 async function loadFiles(source, adapter, { onProgress, cache: useCache = true, signal }) {
   const cache = useCache && cacheAvailable() ? await caches.open(CACHE_NAME) : null;
+  const reload = useCache === 'reload';
   const entriesFor = (src, list) => {
     if (isFileMap(src)) {
       const map = fileMapOf(src);
       return list.map(([k, n, r]) => blobEntry(k, n, r, map));
     }
     const base = folderUrl(src);
-    return list.map(([k, n, r]) => urlEntry(k, n, r, base, cache, signal));
+    return list.map(([k, n, r]) => urlEntry(k, n, r, base, cache, reload, signal));
   };
   const entries = entriesFor(source, MODEL_FILES);
   if (adapter !== undefined && adapter !== null) entries.push(...entriesFor(adapter, ADAPTER_FILES));
@@ -212,7 +213,9 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
   total = loaded;
   fraction = 1;
   onProgress?.({ file: null, url: null, fileLoaded: 0, fileTotal: 0, fileDone: true, cached: false, loaded, total, fraction, done: true });
-  return files;
+  // If the model then fails to load, these entries are dropped so a fixed file is fetched again.
+  const forget = cache ? () => Promise.all(entries.filter((e) => e.remote).map((e) => cache.delete(e.url))) : async () => {};
+  return { files, forget };
 }
 
 async function imageMessage(image, signal) {
@@ -330,13 +333,14 @@ export class Captioner {
    * Loads a model. `source`: the base URL of a 🤗-layout folder (config.json, model.safetensors,
    * tokenizer.json, preprocessor_config.json, optional generation_config.json), or a map of
    * file name → File/Blob (a Map, a plain object, a FileList or an array of Files).
-   * Options: `onProgress(event)`, `cache` (default true: the Cache API), `signal`, `adapter`
+   * Options: `onProgress(event)`, `cache` (default true: the Cache API; 'reload': fetch again and
+   * replace what is cached; false: neither read nor write it), `signal`, `adapter`
    * (a PEFT LoRA folder's URL or file map), `workerUrl` (override where the worker script lives).
    */
   static async fromPretrained(source, options = {}) {
     const { signal } = options;
     throwIfAborted(signal);
-    const files = await loadFiles(source, options.adapter, options);
+    const { files, forget } = await loadFiles(source, options.adapter, options);
     throwIfAborted(signal);
     // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
     const worker = options.workerUrl
@@ -361,6 +365,7 @@ export class Captioner {
       });
     } catch (e) {
       worker.terminate();
+      if (e.name !== 'AbortError') await forget().catch(() => {});
       throw e;
     }
     worker.onmessage = null;

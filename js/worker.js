@@ -42,7 +42,10 @@ async function caption({ run, image, options }) {
     const pixels = await pixelsOf(image);
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
     if (pixels.kind === 'bytes') captioner.start(new Uint8Array(pixels.data), options);
-    else captioner.startRgba(new Uint8Array(pixels.data.buffer ?? pixels.data), pixels.width, pixels.height, options);
+    else {
+      const { data } = pixels;
+      captioner.startRgba(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), pixels.width, pixels.height, options);
+    }
     for (;;) {
       await yieldToEvents();
       if (aborted.has(run)) {

@@ -237,6 +237,9 @@ test('demo: a bad URL and a corrupt model show an error; the page still works', 
   assert.ok(await page.locator('#error').isVisible());
   const message = await text('#error');
   assert.match(message, /safetensors/i, message);
+  const cachedCorrupt = await page.evaluate(async () =>
+    (await (await caches.open('wasmcap-models-v1')).keys()).map((r) => r.url).filter((u) => u.includes('/corrupt-model/')));
+  assert.deepEqual(cachedCorrupt, [], 'files of a model that failed to load are not kept in the cache');
   await page.screenshot({ path: join(artifacts, 'demo-error.png'), fullPage: true });
 
   // A file that is not an image.
