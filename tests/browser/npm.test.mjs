@@ -12,6 +12,7 @@ import { extname, join, normalize } from 'node:path';
 import { launch, watchPage, referenceIds, root, artifacts } from './helpers.mjs';
 
 const VITE = process.env.WASMCAP_VITE ?? 'vite@7';
+const TYPESCRIPT = process.env.WASMCAP_TYPESCRIPT ?? 'typescript@5';
 let dir, browser, server, ref;
 const log = [];
 const npm = (args, cwd) => execFileSync('npm', [...args, '--no-audit', '--no-fund', '--loglevel=error'], { cwd, encoding: 'utf8' });
@@ -40,12 +41,12 @@ test('npm pack: the tarball holds the shim, worker, types, wasm and README', () 
   assert.equal(pkg.exports['.'].default, './index.js');
 });
 
-test('a fresh Vite 7 app installs the tarball, builds, and captions in Chromium', async () => {
+test('a fresh Vite 7 app installs the tarball, type-checks against its .d.ts, builds, and captions in Chromium', async () => {
   const app = join(dir, 'app');
   mkdirSync(join(app, 'public'), { recursive: true });
   writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'wasmcap-vite-app', private: true, type: 'module' }));
   const tarball = readdirSync(dir).find((f) => f.endsWith('.tgz'));
-  npm(['install', '--prefer-offline', '--save-dev', VITE], app);
+  npm(['install', '--prefer-offline', '--save-dev', VITE, TYPESCRIPT], app);
   npm(['install', '--prefer-offline', join(dir, tarball)], app);
   cpSync(join(root, 'tests/fixtures/tiny-ved-v5'), join(app, 'public/model'), { recursive: true });
   cpSync(join(root, 'tests/fixtures/images/astronaut.png'), join(app, 'public/astronaut.png'));
@@ -61,6 +62,26 @@ try {
   document.body.dataset.error = String(e.message ?? e);
 }
 `);
+  // The .d.ts describes the public API: a strict TypeScript use of it type-checks.
+  writeFileSync(join(app, 'check.ts'), `import { Captioner, clearCache, type CaptionResult, type ProgressEvent, type TokenEvent } from 'wasmcap';
+export async function use(img: HTMLImageElement, signal: AbortSignal): Promise<CaptionResult> {
+  const seen: ProgressEvent[] = [];
+  const c = await Captioner.fromPretrained('/model/', { onProgress: (e) => seen.push(e), cache: 'reload', signal });
+  const run = c.caption(img, { maxNewTokens: 20, signal });
+  for await (const t of run) { const x: TokenEvent = t; console.log(x.id, x.text, x.delta); }
+  const r = await run.result;
+  const ms: number = r.timings.encoderMs + r.timings.firstTokenMs + r.timings.tokensPerS;
+  await Captioner.fromPretrained({ 'config.json': new Blob([]) });
+  await clearCache();
+  c.dispose();
+  return ms > 0 ? r : r;
+}
+`);
+  writeFileSync(join(app, 'tsconfig.json'), JSON.stringify({
+    compilerOptions: { strict: true, noEmit: true, target: 'es2022', module: 'esnext', moduleResolution: 'bundler', lib: ['es2022', 'dom', 'dom.iterable'], skipLibCheck: false },
+    files: ['check.ts'],
+  }));
+  execFileSync(join(app, 'node_modules/.bin/tsc'), ['-p', '.'], { cwd: app, encoding: 'utf8' });
   execFileSync(join(app, 'node_modules/.bin/vite'), ['build', '--logLevel', 'warn'], { cwd: app, encoding: 'utf8' });
   const dist = join(app, 'dist');
   const assets = readdirSync(join(dist, 'assets'));
