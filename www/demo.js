@@ -19,7 +19,13 @@ function clearError() { $('error').textContent = ''; }
 const mb = (n) => (n / 1e6).toFixed(n < 1e6 ? 2 : 1);
 
 function modelSource() {
-  if (document.querySelector('input[name=model]:checked').value === 'default') return DEFAULT_MODEL.href;
+  const choice = document.querySelector('input[name=model]:checked').value;
+  if (choice === 'default') return DEFAULT_MODEL.href;
+  if (choice === 'files') {
+    const files = $('model-files').files;
+    if (!files.length) throw new Error('Pick the model folder\'s files (config.json, model.safetensors, tokenizer.json, preprocessor_config.json).');
+    return files;
+  }
   const url = $('model-url').value.trim();
   if (!url) throw new Error('Enter the URL of a model folder, or choose the embedded default.');
   return url;
@@ -52,7 +58,8 @@ async function load() {
     demo.captioner = captioner;
     demo.loads++;
     const cached = progress.filter((e) => e.file && e.fileDone).every((e) => e.cached);
-    $('status').textContent = `ready — ${source}${cached ? ' (from the cache)' : ''}`;
+    const name = typeof source === 'string' ? source : `${source.length} local files`;
+    $('status').textContent = `ready — ${name}${cached ? ' (from the cache)' : ''}`;
     $('progress-text').textContent = `${mb(progress.at(-1)?.total ?? 0)} MB${cached ? ' from the Cache API' : ''}`;
     setState('ready');
   } catch (e) {
@@ -108,6 +115,7 @@ $('default-model').textContent = DEFAULT_MODEL.pathname;
 $('load').onclick = load;
 $('model-url').onfocus = () => { document.querySelector('input[name=model][value=url]').checked = true; };
 $('model-url').onkeydown = (e) => { if (e.key === 'Enter') load(); };
+$('model-files').onchange = () => { document.querySelector('input[name=model][value=files]').checked = true; load(); };
 $('clear-cache').onclick = async () => {
   await Captioner.clearCache();
   $('progress-text').textContent = 'cache cleared';

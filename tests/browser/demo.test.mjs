@@ -248,6 +248,13 @@ test('demo: a bad URL and a corrupt model show an error; the page still works', 
   assert.equal(await state(), 'error');
   assert.ok((await text('#error')).length > 0);
 
+  // The model folder's files picked from disk (a map of Files).
+  await page.setInputFiles('#model-files', MODEL_FILES.map((f) => join(root, MODEL, f)));
+  await waitState(['ready', 'error']);
+  assert.equal(await state(), 'ready', await text('#error'));
+  assert.match(await text('#status'), /5 local files/);
+  assert.deepEqual((await captionSampleInDemo()).streamed, ref.native);
+
   await page.check('input[name=model][value=default]');
   await page.click('#load');
   await waitState(['ready', 'error']);
