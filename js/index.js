@@ -91,11 +91,15 @@ function urlEntry(key, name, required, base, cache, reload, signal) {
         if (signal?.aborted) throw abortError(signal);
         throw new Error(`${name}: could not fetch ${url} (${e.message ?? e})`);
       }
-      if (!res.ok) {
-        if (!required && res.status === 404) {
+      // Dev servers with a single-page-app fallback (Vite's, for one) answer a missing file
+      // with index.html and status 200: no model file is ever HTML.
+      const html = /^text\/html/i.test(res.headers.get('Content-Type') ?? '');
+      if (!res.ok || html) {
+        if (!required && (res.status === 404 || html)) {
           if (cache) await cache.put(url, new Response(null, { status: 200, headers: { [MISSING_HEADER]: '1' } }));
           return null;
         }
+        if (html) throw new Error(`${name}: ${url} answered with an HTML page, not the file (is the folder URL right?)`);
         throw new Error(`${name}: HTTP ${res.status} ${res.statusText} from ${url}`);
       }
       const body = bodyOf(res, false);

@@ -14,9 +14,18 @@ const requests = [];
 let server, browser, page, base, ref;
 const log = [];
 
-// A model folder whose weights are cut short, served at /corrupt-model/.
+// A model folder whose weights are cut short, served at /corrupt-model/; one behind a
+// single-page-app fallback (missing files answer 200 text/html, as Vite's dev server does) at /spa-model/.
 async function onRequest(req, res, headers) {
   requests.push(req.url);
+  const spa = req.url.match(/^\/spa-model\/(.+)$/);
+  if (spa) {
+    const html = !MODEL_FILES.includes(spa[1]) || spa[1] === 'generation_config.json';
+    const body = html ? Buffer.from('<!doctype html><title>app</title>') : readFileSync(join(root, MODEL, spa[1]));
+    res.writeHead(200, { ...headers, 'Content-Type': html ? 'text/html' : 'application/octet-stream', 'Content-Length': body.length });
+    res.end(body);
+    return true;
+  }
   const m = req.url.match(/^\/corrupt-model\/([\w.]+)$/);
   if (!m) return false;
   let body = readFileSync(join(root, MODEL, m[1]));
@@ -280,4 +289,18 @@ test('API: a map of Files, cache off, dispose', async () => {
   assert.equal(r.last.fraction, 1);
   assert.match(r.afterDispose, /disposed/);
   assert.match(r.missing, /model\.safetensors/);
+});
+
+test('API: a server answering missing files with an HTML page (SPA fallback)', async () => {
+  const r = await page.evaluate(async ([base, img]) => {
+    const { Captioner } = wasmcapDemo;
+    // generation_config.json is optional: the HTML answer counts as missing.
+    const c = await Captioner.fromPretrained(`${base}/spa-model/`, { cache: false });
+    const ids = (await c.caption(img, { maxNewTokens: 20 }).result).tokenIds;
+    c.dispose();
+    const bad = await Captioner.fromPretrained(`${base}/spa-model/nested/`, { cache: false }).then(() => null, (e) => e.message);
+    return { ids, bad };
+  }, [base, `${base}/tests/fixtures/images/astronaut.png`]);
+  assert.deepEqual(r.ids, ref.native);
+  assert.match(r.bad ?? '', /config\.json: .*answered with an HTML page/);
 });

@@ -48,7 +48,7 @@ test('a fresh Vite 7 app installs the tarball, type-checks against its .d.ts, bu
   const tarball = readdirSync(dir).find((f) => f.endsWith('.tgz'));
   npm(['install', '--prefer-offline', '--save-dev', VITE, TYPESCRIPT], app);
   npm(['install', '--prefer-offline', join(dir, tarball)], app);
-  cpSync(join(root, 'tests/fixtures/tiny-ved-v5'), join(app, 'public/model'), { recursive: true });
+  cpSync(join(root, 'tests/fixtures/tiny-ved-v5'), join(app, 'public/model'), { recursive: true, dereference: true });
   cpSync(join(root, 'tests/fixtures/images/astronaut.png'), join(app, 'public/astronaut.png'));
   writeFileSync(join(app, 'index.html'), '<!doctype html><link rel="icon" href="data:,"><p id="out"></p><script type="module" src="/main.js"></script>\n');
   // The README's five lines; a failure is written where the test can see it.
