@@ -3,6 +3,7 @@
 
 use candle_core::{Device, IndexOp, Tensor};
 
+use crate::beam::{log_softmax, BeamSearch, EarlyStopping, Hypothesis};
 use crate::error::{Error, Result};
 use crate::loading::{self, GenerationDefaults, ModelFiles};
 use crate::models::gpt2::Gpt2Cache;
@@ -39,6 +40,21 @@ pub struct CaptionOptions {
     pub prompt: Option<String>,
 }
 
+/// Beam search settings, named as transformers' `generate` arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeamOptions {
+    pub num_beams: usize,
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    pub num_return_sequences: usize,
+}
+
+impl Default for BeamOptions {
+    fn default() -> Self {
+        Self { num_beams: 4, length_penalty: 1.0, early_stopping: EarlyStopping::Heuristic, num_return_sequences: 1 }
+    }
+}
+
 /// One generated token: its id, the caption so far, and what this token added to it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TokenEvent {
@@ -63,6 +79,20 @@ enum DecoderState {
     CrossAttention { cache: Gpt2Cache, next_input: u32 },
     /// The prompt is prefilled lazily by the first step; afterwards the last token is fed.
     Prefix { cache: LlamaCache, prompt: Option<(Vec<u32>, Tensor)>, last: u32 },
+}
+
+impl DecoderState {
+    /// An independent copy: beams that share a history diverge from here.
+    fn fork(&self) -> Result<Self> {
+        Ok(match self {
+            DecoderState::CrossAttention { cache, next_input } => {
+                DecoderState::CrossAttention { cache: cache.deep_copy()?, next_input: *next_input }
+            }
+            DecoderState::Prefix { cache, prompt, last } => {
+                DecoderState::Prefix { cache: cache.deep_copy()?, prompt: prompt.clone(), last: *last }
+            }
+        })
+    }
 }
 
 /// A caption in progress: the decoder state for one image and what has been generated.
@@ -251,7 +281,11 @@ impl Captioner {
     }
 
     fn step_logits(&self, run: &mut CaptionRun) -> Result<Tensor> {
-        let logits = match (&self.model, &mut run.state) {
+        self.state_logits(&mut run.state)
+    }
+
+    fn state_logits(&self, state: &mut DecoderState) -> Result<Tensor> {
+        let logits = match (&self.model, state) {
             (Model::CrossAttention(m), DecoderState::CrossAttention { cache, next_input }) => {
                 m.decode_step(&Tensor::new(&[[*next_input]], &Device::Cpu)?, cache)?
             }
@@ -262,6 +296,52 @@ impl Captioner {
             _ => return Err(Error::Generation("decoding state does not belong to this model".into())),
         };
         Ok(logits.i(0)?)
+    }
+
+    /// Beam search as transformers' `generate(num_beams=…)`: the `num_return_sequences` best
+    /// hypotheses (new tokens, EOS included when reached) with their scores.
+    pub fn beam_search(&self, pixel_values: &Tensor, options: &CaptionOptions, beams: &BeamOptions) -> Result<Vec<Hypothesis>> {
+        if beams.num_return_sequences == 0 || beams.num_return_sequences > beams.num_beams {
+            return Err(Error::Generation(format!(
+                "num_return_sequences ({}) must be between 1 and num_beams ({})",
+                beams.num_return_sequences, beams.num_beams
+            )));
+        }
+        let mut run = self.start(pixel_values, options)?;
+        let mut search = BeamSearch::new(
+            beams.num_beams,
+            beams.length_penalty,
+            beams.early_stopping,
+            run.max_new_tokens,
+            self.generation.eos_token_ids.clone(),
+        )?;
+        if search.is_done() {
+            return Ok(search.results(beams.num_return_sequences));
+        }
+        // Every beam starts as the same prompt: one forward, then copies.
+        let first = log_softmax(&self.state_logits(&mut run.state)?.to_vec1::<f32>()?);
+        let mut states = (0..beams.num_beams).map(|_| run.state.fork()).collect::<Result<Vec<_>>>()?;
+        let mut log_probs = vec![first; beams.num_beams];
+        loop {
+            let parents = search.step(&log_probs)?;
+            if search.is_done() {
+                break;
+            }
+            let mut next_states = parents.iter().map(|&p| states[p].fork()).collect::<Result<Vec<_>>>()?;
+            for (state, tokens) in next_states.iter_mut().zip(search.running()) {
+                let last = tokens.last().copied().unwrap_or_default();
+                match state {
+                    DecoderState::CrossAttention { next_input, .. } => *next_input = last,
+                    DecoderState::Prefix { last: l, .. } => *l = last,
+                }
+            }
+            log_probs = next_states
+                .iter_mut()
+                .map(|state| Ok(log_softmax(&self.state_logits(state)?.to_vec1::<f32>()?)))
+                .collect::<Result<Vec<_>>>()?;
+            states = next_states;
+        }
+        Ok(search.results(beams.num_return_sequences))
     }
 
     /// Greedy step: the next token, or `None` once EOS was produced or the budget is spent.

@@ -4,6 +4,7 @@
 //! → [`models::gpt2`] (cross-attention) → token ids → [`tokenizer`] → text.
 //! [`captioner::Captioner`] strings these together; [`loading`] reads 🤗 model folders.
 
+pub mod beam;
 pub mod bench;
 pub mod captioner;
 pub mod error;
@@ -15,5 +16,5 @@ pub mod tokenizer;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
 
-pub use captioner::{Caption, CaptionOptions, CaptionRun, Captioner, TokenEvent};
+pub use captioner::{BeamOptions, Caption, CaptionOptions, CaptionRun, Captioner, TokenEvent};
 pub use error::{Error, Result};

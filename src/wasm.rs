@@ -5,7 +5,8 @@
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
-use crate::captioner::{CaptionOptions, CaptionRun, Captioner};
+use crate::beam::EarlyStopping;
+use crate::captioner::{BeamOptions, CaptionOptions, CaptionRun, Captioner};
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
 
@@ -32,6 +33,25 @@ fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
     let o: JsCaptionOptions =
         serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
     Ok(CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt })
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JsBeamOptions {
+    max_new_tokens: Option<usize>,
+    prompt: Option<String>,
+    num_beams: Option<usize>,
+    length_penalty: Option<f32>,
+    early_stopping: Option<serde_json::Value>,
+    num_return_sequences: Option<usize>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsHypothesis {
+    text: String,
+    token_ids: Vec<u32>,
+    score: f32,
 }
 
 #[derive(serde::Serialize)]
@@ -137,6 +157,41 @@ impl WasmCaptioner {
     /// Drops the caption in progress.
     pub fn abort(&mut self) {
         self.run = None;
+    }
+
+    /// Beam search over encoded image bytes, as transformers' `generate(num_beams=…)`.
+    /// Options: `{ maxNewTokens?, prompt?, numBeams?, lengthPenalty?, earlyStopping?: boolean | "never",
+    /// numReturnSequences? }`; returns `[{ text, tokenIds, score }]`, best first.
+    #[wasm_bindgen(js_name = beamSearch)]
+    pub fn beam_search(&mut self, image: &[u8], options_js: JsValue) -> Result<JsValue, JsError> {
+        let o: JsBeamOptions = if options_js.is_undefined() || options_js.is_null() {
+            JsBeamOptions::default()
+        } else {
+            serde_wasm_bindgen::from_value(options_js).map_err(|e| JsError::new(&format!("invalid beam search options: {e}")))?
+        };
+        let defaults = BeamOptions::default();
+        let beams = BeamOptions {
+            num_beams: o.num_beams.unwrap_or(defaults.num_beams),
+            length_penalty: o.length_penalty.unwrap_or(defaults.length_penalty),
+            early_stopping: match o.early_stopping {
+                None | Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
+                Some(serde_json::Value::Bool(true)) => EarlyStopping::Stop,
+                Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
+                Some(other) => return Err(JsError::new(&format!("invalid beam search options: earlyStopping must be true, false or \"never\", not {other}"))),
+            },
+            num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
+        };
+        let options = CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt };
+        let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
+        let hypotheses = self.inner.beam_search(&pixels, &options, &beams).map_err(js_error)?;
+        let results = hypotheses
+            .into_iter()
+            .map(|h| {
+                let text = self.inner.tokenizer().decode(&h.token_ids, true).map_err(js_error)?;
+                Ok(JsHypothesis { text, token_ids: h.token_ids, score: h.score })
+            })
+            .collect::<Result<Vec<_>, JsError>>()?;
+        to_js(&results)
     }
 
     /// Captions encoded image bytes in one call.

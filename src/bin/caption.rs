@@ -15,11 +15,12 @@ fn main() -> std::process::ExitCode {
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
     use std::io::Write;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::ExitCode;
 
     use clap::Parser;
-    use wasmcap::{CaptionOptions, Captioner};
+    use wasmcap::beam::EarlyStopping;
+    use wasmcap::{BeamOptions, CaptionOptions, Captioner};
 
     #[derive(Parser)]
     #[command(version, about = "Caption images with a 🤗 model folder: SigLIP + GPT-2 (VisionEncoderDecoder) or SigLIP + Llama (Llava)")]
@@ -37,7 +38,20 @@ mod cli {
         /// Maximum number of new tokens (default: generation_config.json, else transformers' default).
         #[arg(long)]
         max_new_tokens: Option<usize>,
-        /// One JSON object per image: image, text, token_ids, encoder_ms, first_token_ms, total_ms, tokens_per_s.
+        /// Beam search with this many beams (1: greedy, streamed).
+        #[arg(long, default_value_t = 1)]
+        num_beams: usize,
+        /// Beam search: score = Σ log p / length^length_penalty.
+        #[arg(long, default_value_t = 1.0)]
+        length_penalty: f32,
+        /// Beam search stopping: true, false (transformers' heuristic) or never.
+        #[arg(long, default_value = "false", value_parser = ["true", "false", "never"])]
+        early_stopping: String,
+        /// Beam search: how many of the best hypotheses to print.
+        #[arg(long, default_value_t = 1)]
+        num_return_sequences: usize,
+        /// One JSON object per image: image, text, token_ids, encoder_ms, first_token_ms, total_ms, tokens_per_s
+        /// (with beam search: image, text, token_ids, score, sequences).
         #[arg(long)]
         json: bool,
         /// PNG or JPEG files.
@@ -55,9 +69,23 @@ mod cli {
             }
         };
         let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone() };
+        let beams = (args.num_beams > 1 || args.num_return_sequences > 1).then(|| BeamOptions {
+            num_beams: args.num_beams,
+            length_penalty: args.length_penalty,
+            early_stopping: match args.early_stopping.as_str() {
+                "true" => EarlyStopping::Stop,
+                "never" => EarlyStopping::Never,
+                _ => EarlyStopping::Heuristic,
+            },
+            num_return_sequences: args.num_return_sequences,
+        });
         let mut failed = false;
         for image in &args.images {
-            if let Err(e) = caption_one(&captioner, image, &options, args.json) {
+            let result = match &beams {
+                Some(beams) => beam_one(&captioner, image, &options, beams, args.json),
+                None => caption_one(&captioner, image, &options, args.json),
+            };
+            if let Err(e) = result {
                 failed = true;
                 if args.json {
                     println!("{}", serde_json::json!({ "image": image.display().to_string(), "error": e.to_string() }));
@@ -73,9 +101,38 @@ mod cli {
         }
     }
 
-    fn caption_one(captioner: &Captioner, image: &PathBuf, options: &CaptionOptions, json: bool) -> wasmcap::Result<()> {
+    fn pixel_values(captioner: &Captioner, image: &Path) -> wasmcap::Result<candle_core::Tensor> {
         let bytes = std::fs::read(image).map_err(|source| wasmcap::Error::Io { path: image.display().to_string(), source })?;
-        let pixel_values = captioner.pixel_values_from_bytes(&bytes)?;
+        captioner.pixel_values_from_bytes(&bytes)
+    }
+
+    fn beam_one(captioner: &Captioner, image: &Path, options: &CaptionOptions, beams: &BeamOptions, json: bool) -> wasmcap::Result<()> {
+        let pixel_values = pixel_values(captioner, image)?;
+        let hypotheses = captioner.beam_search(&pixel_values, options, beams)?;
+        let decoded = hypotheses
+            .iter()
+            .map(|h| Ok((captioner.tokenizer().decode(&h.token_ids, true)?, h)))
+            .collect::<wasmcap::Result<Vec<_>>>()?;
+        if json {
+            let sequences: Vec<_> = decoded
+                .iter()
+                .map(|(text, h)| serde_json::json!({ "text": text, "token_ids": h.token_ids, "score": h.score }))
+                .collect();
+            let best = sequences.first().cloned().unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({ "image": image.display().to_string(), "text": best["text"], "token_ids": best["token_ids"], "score": best["score"], "sequences": sequences })
+            );
+        } else {
+            for (text, h) in decoded {
+                println!("{}: {text}  [score {:.4}]", image.display(), h.score);
+            }
+        }
+        Ok(())
+    }
+
+    fn caption_one(captioner: &Captioner, image: &Path, options: &CaptionOptions, json: bool) -> wasmcap::Result<()> {
+        let pixel_values = pixel_values(captioner, image)?;
         let mut stdout = std::io::stdout();
         if !json {
             print!("{}: ", image.display());

@@ -33,3 +33,13 @@ pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Resul
         .collect();
     Tensor::from_vec(mask, (t, past + t), device)
 }
+
+/// A copy of a KV cache that shares no storage with the original: candle's `KvCache` writes new
+/// positions in place, so clones that diverge (beam search) must not share buffers.
+pub fn deep_copy_kv(cache: &candle_nn::kv_cache::KvCache) -> Result<candle_nn::kv_cache::KvCache> {
+    let mut copy = candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len());
+    if let (Some(k), Some(v)) = (cache.k()?, cache.v()?) {
+        copy.append(&k.contiguous()?, &v.contiguous()?)?;
+    }
+    Ok(copy)
+}

@@ -235,6 +235,14 @@ pub struct Gpt2Cache {
 }
 
 impl Gpt2Cache {
+    /// An independent copy (the per-image cross-attention K/V are immutable and stay shared).
+    pub fn deep_copy(&self) -> Result<Self> {
+        Ok(Self {
+            self_attn: self.self_attn.iter().map(attention::deep_copy_kv).collect::<Result<Vec<_>>>()?,
+            cross_attn: self.cross_attn.clone(),
+        })
+    }
+
     pub fn seq_len(&self) -> usize {
         self.self_attn.first().map(|c| c.current_seq_len()).unwrap_or(0)
     }

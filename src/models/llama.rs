@@ -250,6 +250,11 @@ pub struct LlamaCache {
 }
 
 impl LlamaCache {
+    /// An independent copy: no storage is shared with `self`.
+    pub fn deep_copy(&self) -> Result<Self> {
+        Ok(Self { layers: self.layers.iter().map(attention::deep_copy_kv).collect::<Result<Vec<_>>>()? })
+    }
+
     pub fn seq_len(&self) -> usize {
         self.layers.first().map(|c| c.current_seq_len()).unwrap_or(0)
     }
