@@ -11,6 +11,7 @@ use crate::models::llama::LlamaCache;
 use crate::models::llava::{Llava, LlavaConfig};
 use crate::models::vision_encoder_decoder::{VisionEncoderDecoder, VisionEncoderDecoderConfig};
 use crate::preprocess::{self, PreprocessorConfig};
+use crate::sampling::{self, Rng, SamplingOptions};
 use crate::tokenizer::{CaptionTokenizer, TextStream};
 
 /// The architectures `config.json` can name.
@@ -38,6 +39,9 @@ pub struct CaptionOptions {
     /// Text after the image (prefix models only): the input is the ids `LlavaProcessor` makes
     /// of `"<image>" + prompt`, the image token repeated once per patch.
     pub prompt: Option<String>,
+    /// Sampling and logits processors (repetition penalty, n-gram blocking, …); the default
+    /// is plain greedy decoding.
+    pub sampling: SamplingOptions,
 }
 
 /// Beam search settings, named as transformers' `generate` arguments.
@@ -98,6 +102,10 @@ impl DecoderState {
 /// A caption in progress: the decoder state for one image and what has been generated.
 pub struct CaptionRun {
     state: DecoderState,
+    /// What transformers calls `input_ids`: start token or prompt, then the generated ids.
+    seen: Vec<u32>,
+    sampling: SamplingOptions,
+    rng: Rng,
     token_ids: Vec<u32>,
     max_new_tokens: usize,
     done: bool,
@@ -238,24 +246,25 @@ impl Captioner {
     /// returns `None`.
     pub fn start(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
         let started_ms = now_ms();
+        options.sampling.validate()?;
         let conditioning = self.encode(pixel_values)?;
-        let (state, prompt_len, positions, fallback) = match &self.model {
+        let (state, seen, positions, fallback) = match &self.model {
             Model::CrossAttention(m) => {
                 if options.prompt.is_some() {
                     return Err(Error::Generation("a text prompt needs a prefix (llava) model".into()));
                 }
                 let cache = m.start_decoding(&conditioning)?;
                 let start = self.generation.decoder_start_token_id.unwrap_or_default();
-                (DecoderState::CrossAttention { cache, next_input: start }, 1, m.decoder().config().n_positions, 19)
+                (DecoderState::CrossAttention { cache, next_input: start }, vec![start], m.decoder().config().n_positions, 19)
             }
             Model::Prefix(m) => {
                 let ids = self.prompt_ids(options.prompt.as_deref())?;
-                let len = ids.len();
                 let cache = m.language_model().new_cache();
                 let positions = m.language_model().config().max_position_embeddings;
-                (DecoderState::Prefix { cache, prompt: Some((ids, conditioning)), last: 0 }, len, positions, 20)
+                (DecoderState::Prefix { cache, prompt: Some((ids.clone(), conditioning)), last: 0 }, ids, positions, 20)
             }
         };
+        let prompt_len = seen.len();
         let max_new_tokens = options.max_new_tokens.unwrap_or_else(|| self.generation.max_new_tokens_after(prompt_len, fallback));
         if prompt_len + max_new_tokens > positions {
             return Err(Error::Generation(format!(
@@ -264,6 +273,9 @@ impl Captioner {
         }
         Ok(CaptionRun {
             state,
+            seen,
+            rng: Rng::new(options.sampling.seed.unwrap_or(0)),
+            sampling: options.sampling.clone(),
             token_ids: Vec::with_capacity(max_new_tokens),
             max_new_tokens,
             done: max_new_tokens == 0,
@@ -319,7 +331,17 @@ impl Captioner {
             return Ok(search.results(beams.num_return_sequences));
         }
         // Every beam starts as the same prompt: one forward, then copies.
-        let first = log_softmax(&self.state_logits(&mut run.state)?.to_vec1::<f32>()?);
+        if run.sampling.do_sample {
+            return Err(Error::Generation("beam sampling (num_beams > 1 with do_sample) is not supported".into()));
+        }
+        let eos = self.generation.eos_token_ids.clone();
+        let processed = |logits: Tensor, generated: &[u32]| -> Result<Vec<f32>> {
+            let mut lp = log_softmax(&logits.to_vec1::<f32>()?);
+            let seen: Vec<u32> = run.seen.iter().chain(generated).copied().collect();
+            sampling::process(&mut lp, &seen, generated.len(), &eos, &run.sampling);
+            Ok(lp)
+        };
+        let first = processed(self.state_logits(&mut run.state)?, &[])?;
         let mut states = (0..beams.num_beams).map(|_| run.state.fork()).collect::<Result<Vec<_>>>()?;
         let mut log_probs = vec![first; beams.num_beams];
         loop {
@@ -337,7 +359,8 @@ impl Captioner {
             }
             log_probs = next_states
                 .iter_mut()
-                .map(|state| Ok(log_softmax(&self.state_logits(state)?.to_vec1::<f32>()?)))
+                .zip(search.running())
+                .map(|(state, generated)| processed(self.state_logits(state)?, generated))
                 .collect::<Result<Vec<_>>>()?;
             states = next_states;
         }
@@ -349,7 +372,10 @@ impl Captioner {
         if run.done {
             return Ok(None);
         }
-        let id = argmax(&self.step_logits(run)?)?;
+        let mut scores = self.step_logits(run)?.to_vec1::<f32>()?;
+        sampling::process(&mut scores, &run.seen, run.token_ids.len(), &self.generation.eos_token_ids, &run.sampling);
+        let id = if run.sampling.do_sample { run.rng.sample(&scores)? } else { argmax_slice(&scores)? };
+        run.seen.push(id);
         match &mut run.state {
             DecoderState::CrossAttention { next_input, .. } => *next_input = id,
             DecoderState::Prefix { last, .. } => *last = id,
@@ -403,7 +429,10 @@ fn load_weights(files: &ModelFiles<'_>, rename: fn(&str) -> String) -> Result<st
 
 /// Index of the largest logit; ties go to the lowest index, as `torch.argmax` does.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
-    let values = logits.to_vec1::<f32>()?;
+    argmax_slice(&logits.to_vec1::<f32>()?)
+}
+
+fn argmax_slice(values: &[f32]) -> Result<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in values.iter().enumerate() {
         if v.is_nan() {

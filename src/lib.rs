@@ -12,6 +12,7 @@ pub mod loading;
 pub mod lora;
 pub mod models;
 pub mod preprocess;
+pub mod sampling;
 pub mod tokenizer;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

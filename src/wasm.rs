@@ -7,6 +7,7 @@ use wasm_bindgen::JsCast;
 
 use crate::beam::EarlyStopping;
 use crate::captioner::{BeamOptions, CaptionOptions, CaptionRun, Captioner};
+use crate::sampling::SamplingOptions;
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
 
@@ -18,12 +19,44 @@ fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
     serde_wasm_bindgen::to_value(value).map_err(|e| JsError::new(&format!("could not convert result to JS: {e}")))
 }
 
-/// `{ maxNewTokens?: number, prompt?: string }`
+/// `{ maxNewTokens?, prompt?, doSample?, temperature?, topK?, topP?, seed?, repetitionPenalty?,
+/// noRepeatNgramSize?, minNewTokens?, badWordsIds? }`
 #[derive(serde::Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct JsCaptionOptions {
     max_new_tokens: Option<usize>,
     prompt: Option<String>,
+    #[serde(default)]
+    do_sample: bool,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    repetition_penalty: Option<f32>,
+    no_repeat_ngram_size: Option<usize>,
+    min_new_tokens: Option<usize>,
+    #[serde(default)]
+    bad_words_ids: Vec<Vec<u32>>,
+}
+
+impl From<JsCaptionOptions> for CaptionOptions {
+    fn from(o: JsCaptionOptions) -> Self {
+        CaptionOptions {
+            max_new_tokens: o.max_new_tokens,
+            prompt: o.prompt,
+            sampling: SamplingOptions {
+                do_sample: o.do_sample,
+                temperature: o.temperature,
+                top_k: o.top_k,
+                top_p: o.top_p,
+                repetition_penalty: o.repetition_penalty,
+                no_repeat_ngram_size: o.no_repeat_ngram_size,
+                min_new_tokens: o.min_new_tokens,
+                bad_words_ids: o.bad_words_ids,
+                seed: o.seed,
+            },
+        }
+    }
 }
 
 fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
@@ -32,7 +65,7 @@ fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
     }
     let o: JsCaptionOptions =
         serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
-    Ok(CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt })
+    Ok(o.into())
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -181,7 +214,7 @@ impl WasmCaptioner {
             },
             num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
         };
-        let options = CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt };
+        let options = CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt, ..Default::default() };
         let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
         let hypotheses = self.inner.beam_search(&pixels, &options, &beams).map_err(js_error)?;
         let results = hypotheses

@@ -16,7 +16,7 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
 
 fn options(prompt: Option<&str>, max_new_tokens: Option<usize>) -> CaptionOptions {
-    CaptionOptions { max_new_tokens, prompt: prompt.map(str::to_string) }
+    CaptionOptions { max_new_tokens, prompt: prompt.map(str::to_string), ..Default::default() }
 }
 
 #[test]

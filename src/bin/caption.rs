@@ -20,6 +20,7 @@ mod cli {
 
     use clap::Parser;
     use wasmcap::beam::EarlyStopping;
+    use wasmcap::sampling::SamplingOptions;
     use wasmcap::{BeamOptions, CaptionOptions, Captioner};
 
     #[derive(Parser)]
@@ -50,6 +51,29 @@ mod cli {
         /// Beam search: how many of the best hypotheses to print.
         #[arg(long, default_value_t = 1)]
         num_return_sequences: usize,
+        /// Sample instead of picking the most likely token (with --temperature/--top-k/--top-p/--seed).
+        #[arg(long)]
+        do_sample: bool,
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Sampling: keep the k most likely tokens (transformers' default 50; 0 turns it off).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sampling: keep the smallest set of tokens whose probability reaches p, in (0, 1].
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Sampling: seed of the random generator (same seed, same caption).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        repetition_penalty: Option<f32>,
+        #[arg(long)]
+        no_repeat_ngram_size: Option<usize>,
+        #[arg(long)]
+        min_new_tokens: Option<usize>,
+        /// Token id sequences never to generate, as JSON: '[[7], [3, 9]]'.
+        #[arg(long)]
+        bad_words_ids: Option<String>,
         /// One JSON object per image: image, text, token_ids, encoder_ms, first_token_ms, total_ms, tokens_per_s
         /// (with beam search: image, text, token_ids, score, sequences).
         #[arg(long)]
@@ -68,7 +92,29 @@ mod cli {
                 return ExitCode::FAILURE;
             }
         };
-        let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone() };
+        let bad_words_ids = match args.bad_words_ids.as_deref().map(serde_json::from_str::<Vec<Vec<u32>>>).transpose() {
+            Ok(ids) => ids.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("error: --bad-words-ids must be a JSON list of token id lists, e.g. '[[7], [3, 9]]': {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let sampling = SamplingOptions {
+            do_sample: args.do_sample,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            no_repeat_ngram_size: args.no_repeat_ngram_size,
+            min_new_tokens: args.min_new_tokens,
+            bad_words_ids,
+            seed: args.seed,
+        };
+        if let Err(e) = sampling.validate() {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone(), sampling };
         let beams = (args.num_beams > 1 || args.num_return_sequences > 1).then(|| BeamOptions {
             num_beams: args.num_beams,
             length_penalty: args.length_penalty,
