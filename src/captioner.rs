@@ -42,6 +42,8 @@ pub struct CaptionOptions {
     /// Sampling and logits processors (repetition penalty, n-gram blocking, …); the default
     /// is plain greedy decoding.
     pub sampling: SamplingOptions,
+    /// Overrides the EOS ids of `generation_config.json` (transformers' `eos_token_id`).
+    pub eos_token_ids: Option<Vec<u32>>,
 }
 
 /// Beam search settings, named as transformers' `generate` arguments.
@@ -106,6 +108,7 @@ pub struct CaptionRun {
     seen: Vec<u32>,
     sampling: SamplingOptions,
     rng: Rng,
+    eos: Vec<u32>,
     token_ids: Vec<u32>,
     max_new_tokens: usize,
     done: bool,
@@ -276,6 +279,7 @@ impl Captioner {
             seen,
             rng: Rng::new(options.sampling.seed.unwrap_or(0)),
             sampling: options.sampling.clone(),
+            eos: options.eos_token_ids.clone().unwrap_or_else(|| self.generation.eos_token_ids.clone()),
             token_ids: Vec::with_capacity(max_new_tokens),
             max_new_tokens,
             done: max_new_tokens == 0,
@@ -325,7 +329,7 @@ impl Captioner {
             beams.length_penalty,
             beams.early_stopping,
             run.max_new_tokens,
-            self.generation.eos_token_ids.clone(),
+            run.eos.clone(),
         )?;
         if search.is_done() {
             return Ok(search.results(beams.num_return_sequences));
@@ -334,7 +338,7 @@ impl Captioner {
         if run.sampling.do_sample {
             return Err(Error::Generation("beam sampling (num_beams > 1 with do_sample) is not supported".into()));
         }
-        let eos = self.generation.eos_token_ids.clone();
+        let eos = run.eos.clone();
         let processed = |logits: Tensor, generated: &[u32]| -> Result<Vec<f32>> {
             let mut lp = log_softmax(&logits.to_vec1::<f32>()?);
             let seen: Vec<u32> = run.seen.iter().chain(generated).copied().collect();
@@ -373,7 +377,7 @@ impl Captioner {
             return Ok(None);
         }
         let mut scores = self.step_logits(run)?.to_vec1::<f32>()?;
-        sampling::process(&mut scores, &run.seen, run.token_ids.len(), &self.generation.eos_token_ids, &run.sampling);
+        sampling::process(&mut scores, &run.seen, run.token_ids.len(), &run.eos, &run.sampling);
         let id = if run.sampling.do_sample { run.rng.sample(&scores)? } else { argmax_slice(&scores)? };
         run.seen.push(id);
         match &mut run.state {
@@ -384,7 +388,7 @@ impl Captioner {
         if run.first_token_ms.is_none() {
             run.first_token_ms = Some(now_ms() - run.started_ms);
         }
-        run.done = self.generation.eos_token_ids.contains(&id) || run.token_ids.len() >= run.max_new_tokens;
+        run.done = run.eos.contains(&id) || run.token_ids.len() >= run.max_new_tokens;
         let mut delta = run.stream.push(&self.tokenizer, id)?;
         if run.done {
             delta.push_str(&run.stream.finish(&self.tokenizer)?);

@@ -113,9 +113,10 @@ pub fn temperature(scores: &mut [f32], t: f32) {
     scores.iter_mut().for_each(|s| *s /= t);
 }
 
-// transformers TopKLogitsWarper: keep scores ≥ the k-th largest (ties at the threshold stay).
-pub fn top_k(scores: &mut [f32], k: usize) {
-    let k = k.max(1).min(scores.len());
+// transformers TopKLogitsWarper: keep scores ≥ the k-th largest (ties at the threshold stay);
+// at least `min_keep` tokens.
+pub fn top_k(scores: &mut [f32], k: usize, min_keep: usize) {
+    let k = k.max(min_keep).max(1).min(scores.len());
     if k == scores.len() {
         return;
     }
@@ -126,8 +127,8 @@ pub fn top_k(scores: &mut [f32], k: usize) {
 }
 
 // transformers TopPLogitsWarper: sort ascending, drop the prefix whose cumulative probability is
-// ≤ 1 − top_p, always keeping the most probable token.
-pub fn top_p(scores: &mut [f32], p: f32) {
+// ≤ 1 − top_p, always keeping the `min_keep` most probable tokens.
+pub fn top_p(scores: &mut [f32], p: f32, min_keep: usize) {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // torch.sort is stable here only in effect; ascending by value, ties by index.
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
@@ -136,11 +137,11 @@ pub fn top_p(scores: &mut [f32], p: f32) {
     let mut cumulative = 0f32;
     // transformers compares the f32 cumulative sums with 1 − top_p computed in double.
     let threshold = (1.0 - p as f64) as f32;
-    let last = order.len().saturating_sub(1);
+    let kept_at_end = order.len().saturating_sub(min_keep.max(1));
     let mut remove = Vec::new();
     for (rank, (&i, &prob)) in order.iter().zip(&probs).enumerate() {
         cumulative += prob;
-        if cumulative <= threshold && rank < last {
+        if cumulative <= threshold && rank < kept_at_end {
             remove.push(i);
         }
     }
@@ -177,10 +178,10 @@ pub fn process(scores: &mut [f32], seen: &[u32], generated: usize, eos: &[u32], 
         // generate's defaults fill an unset top_k with 50.
         let k = o.top_k.unwrap_or(50);
         if k != 0 {
-            top_k(scores, k);
+            top_k(scores, k, 1);
         }
         if let Some(p) = o.top_p.filter(|&p| p < 1.0) {
-            top_p(scores, p);
+            top_p(scores, p, 1);
         }
     }
 }

@@ -55,6 +55,7 @@ impl From<JsCaptionOptions> for CaptionOptions {
                 bad_words_ids: o.bad_words_ids,
                 seed: o.seed,
             },
+            eos_token_ids: None,
         }
     }
 }

@@ -114,7 +114,7 @@ mod cli {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
-        let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone(), sampling };
+        let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone(), sampling, eos_token_ids: None };
         let beams = (args.num_beams > 1 || args.num_return_sequences > 1).then(|| BeamOptions {
             num_beams: args.num_beams,
             length_penalty: args.length_penalty,

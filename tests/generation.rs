@@ -1,0 +1,186 @@
+//! Beam search, logits processors and sampling against 🤗 transformers 5.24
+//! (tests/fixtures/make_generation_fixtures.py). Runs natively and in headless Chromium.
+
+mod common;
+
+use candle_core::Tensor;
+use serde_json::Value;
+use wasmcap::beam::EarlyStopping;
+use wasmcap::sampling::{self, SamplingOptions};
+use wasmcap::{BeamOptions, CaptionOptions, Captioner};
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+const BEAM: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation/beam.json"));
+const PROCESSORS: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation/processors.json"));
+
+/// The captioner and transformers' (f16-stored) pixel values for a beam run's model and photo.
+fn model_and_pixels(run: &Value) -> (Captioner, Tensor) {
+    let (model, image) = (run["model"].as_str().unwrap(), run["image"].as_str().unwrap());
+    let key = format!("pixel_values.{image}");
+    if let Some(fx) = common::fixtures().into_iter().find(|f| f.name == model) {
+        let pixels = fx.reference_tensors()[&key].clone();
+        return (Captioner::from_files(fx.files()).unwrap(), pixels);
+    }
+    let case = common::prefix_cases().into_iter().find(|c| c.name == model).unwrap();
+    let pixels = case.reference_tensors()[&key].clone();
+    (Captioner::from_files(case.files()).unwrap(), pixels)
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| match x {
+            Value::String(s) if s == "-inf" => f32::NEG_INFINITY,
+            x => x.as_f64().unwrap() as f32,
+        })
+        .collect()
+}
+
+#[test]
+fn beam_search_equals_generate() {
+    let fixture: Value = serde_json::from_slice(BEAM).unwrap();
+    let runs = fixture["runs"].as_array().unwrap();
+    assert!(runs.len() >= 48);
+    let mut cache: Vec<(String, Captioner, Tensor)> = Vec::new();
+    let (mut eos_runs, mut checked) = (0, 0);
+    for run in runs {
+        let id = format!("{}/{}", run["model"], run["image"]);
+        if !cache.iter().any(|(k, ..)| *k == id) {
+            let (c, p) = model_and_pixels(run);
+            cache.push((id.clone(), c, p));
+        }
+        let (_, captioner, pixels) = cache.iter().find(|(k, ..)| *k == id).unwrap();
+        let prompt = match run["prompt_key"].as_str() {
+            Some("prompt") => Some("a photo of".to_string()),
+            _ => None,
+        };
+        let options = CaptionOptions {
+            max_new_tokens: Some(run["max_new_tokens"].as_u64().unwrap() as usize),
+            prompt,
+            eos_token_ids: Some(vec![run["eos_token_id"].as_u64().unwrap() as u32]),
+            ..Default::default()
+        };
+        let beams = BeamOptions {
+            num_beams: run["num_beams"].as_u64().unwrap() as usize,
+            length_penalty: run["length_penalty"].as_f64().unwrap() as f32,
+            early_stopping: match &run["early_stopping"] {
+                Value::Bool(true) => EarlyStopping::Stop,
+                Value::Bool(false) => EarlyStopping::Heuristic,
+                _ => EarlyStopping::Never,
+            },
+            num_return_sequences: run["num_return_sequences"].as_u64().unwrap() as usize,
+        };
+        let ours = captioner.beam_search(pixels, &options, &beams).unwrap();
+        let expected: Vec<Vec<u32>> = run["sequences"].as_array().unwrap().iter().map(common::ids).collect();
+        let scores = f32s(&run["sequences_scores"]);
+        let got: Vec<Vec<u32>> = ours.iter().map(|h| h.token_ids.clone()).collect();
+        assert_eq!(got, expected, "{id} {:?} {:?}", run["prompt_key"], beams);
+        // Scores are length-normalised sums of log-probabilities: the same 1e-3 as the logits.
+        for (h, s) in ours.iter().zip(&scores) {
+            assert!((h.score - s).abs() < 1e-3, "{id} score {} vs {s}", h.score);
+        }
+        eos_runs += usize::from(run["returned_eos"].as_bool().unwrap());
+        checked += 1;
+    }
+    assert!(eos_runs >= 4, "the fixture exercises hypotheses that end on EOS ({eos_runs})");
+    common::report("beam runs identical to generate", checked as f32);
+}
+
+fn assert_row(ours: &[f32], theirs: &[f32], what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}");
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let same = (a.is_infinite() && a == b) || (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+        assert!(same, "{what}[{i}]: {a} vs {b}");
+    }
+}
+
+#[test]
+fn logits_processors_equal_transformers() {
+    let fixture: Value = serde_json::from_slice(PROCESSORS).unwrap();
+    let specs = &fixture["singles"];
+    for row in fixture["rows"].as_array().unwrap() {
+        let logits = f32s(&row["logits"]);
+        let prev: Vec<u32> = common::ids(&row["prev_ids"]);
+        let eos = [5u32];
+        for (name, expected) in row["single"].as_object().unwrap() {
+            let spec = &specs[name];
+            let mut s = logits.clone();
+            let num = |k: &str| spec[k].as_f64().unwrap();
+            match spec["class"].as_str().unwrap() {
+                "TemperatureLogitsWarper" => sampling::temperature(&mut s, num("temperature") as f32),
+                "TopKLogitsWarper" => sampling::top_k(&mut s, num("top_k") as usize, num("min_tokens_to_keep") as usize),
+                "TopPLogitsWarper" => sampling::top_p(&mut s, num("top_p") as f32, num("min_tokens_to_keep") as usize),
+                "RepetitionPenaltyLogitsProcessor" => sampling::repetition_penalty(&mut s, &prev, num("penalty") as f32),
+                "NoRepeatNGramLogitsProcessor" => sampling::no_repeat_ngram(&mut s, &prev, num("ngram_size") as usize),
+                // MinLength counts the whole input; MinNewTokens only what follows the prompt.
+                "MinLengthLogitsProcessor" => sampling::min_new_tokens(&mut s, prev.len(), num("min_length") as usize, &eos),
+                "MinNewTokensLengthLogitsProcessor" => {
+                    let skip = num("prompt_length_to_skip") as usize;
+                    sampling::min_new_tokens(&mut s, prev.len() - skip, num("min_new_tokens") as usize, &eos)
+                }
+                "NoBadWordsLogitsProcessor" => {
+                    let words: Vec<Vec<u32>> = spec["bad_word_ids"].as_array().unwrap().iter().map(common::ids).collect();
+                    sampling::no_bad_words(&mut s, &prev, &words, &eos)
+                }
+                other => panic!("no Rust counterpart for {other}"),
+            }
+            assert_row(&s, &f32s(expected), &format!("seed {} {name}", row["seed"]));
+        }
+        // The chain generate(do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
+        // repetition_penalty=1.3, no_repeat_ngram_size=2) builds, in its order.
+        let options = SamplingOptions {
+            do_sample: true,
+            temperature: Some(0.7),
+            top_k: Some(5),
+            top_p: Some(0.9),
+            repetition_penalty: Some(1.3),
+            no_repeat_ngram_size: Some(2),
+            ..Default::default()
+        };
+        let mut s = logits.clone();
+        sampling::process(&mut s, &prev, 0, &eos, &options);
+        assert_row(&s, &f32s(&row["chain_output"]), &format!("seed {} chain", row["seed"]));
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_and_respects_the_warpers() {
+    let fx = &common::fixtures()[0];
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    let pixels = fx.reference_tensors()["pixel_values.astronaut.png"].clone();
+    let sample = |seed: u64, top_k: usize| {
+        let sampling = SamplingOptions { do_sample: true, temperature: Some(1.5), top_k: Some(top_k), seed: Some(seed), ..Default::default() };
+        let options = CaptionOptions { max_new_tokens: Some(12), sampling, ..Default::default() };
+        captioner.caption(&pixels, &options, |_| {}).unwrap().token_ids
+    };
+    assert_eq!(sample(7, 50), sample(7, 50), "same seed, same caption");
+    assert_ne!(sample(7, 50), sample(8, 50), "another seed, another caption");
+    // top_k = 1 leaves only the argmax: sampling becomes greedy.
+    assert_eq!(sample(3, 1), fx.greedy_ids("astronaut.png")[..12]);
+}
+
+#[test]
+fn invalid_options_are_refused() {
+    let fx = &common::fixtures()[0];
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    let pixels = fx.reference_tensors()["pixel_values.astronaut.png"].clone();
+    let err = captioner
+        .beam_search(&pixels, &CaptionOptions::default(), &BeamOptions { num_beams: 2, num_return_sequences: 3, ..Default::default() })
+        .unwrap_err();
+    assert!(err.to_string().contains("num_return_sequences"), "{err}");
+    for (sampling, needle) in [
+        (SamplingOptions { top_p: Some(1.5), ..Default::default() }, "top_p"),
+        (SamplingOptions { top_p: Some(0.0), ..Default::default() }, "top_p"),
+        (SamplingOptions { do_sample: true, temperature: Some(0.0), ..Default::default() }, "temperature"),
+    ] {
+        let err = captioner.start(&pixels, &CaptionOptions { sampling, ..Default::default() }).err().unwrap();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    let err = captioner.beam_search(&pixels, &CaptionOptions::default(), &BeamOptions { num_beams: 0, num_return_sequences: 0, ..Default::default() });
+    assert!(err.is_err());
+}
