@@ -317,6 +317,18 @@ impl Captioner {
     /// Beam search as transformers' `generate(num_beams=…)`: the `num_return_sequences` best
     /// hypotheses (new tokens, EOS included when reached) with their scores.
     pub fn beam_search(&self, pixel_values: &Tensor, options: &CaptionOptions, beams: &BeamOptions) -> Result<Vec<Hypothesis>> {
+        self.beam_search_streaming(pixel_values, options, beams, |_| {})
+    }
+
+    /// [`Captioner::beam_search`], calling `on_provisional` after every step with the best
+    /// running hypothesis so far — provisional: the final best may be another beam.
+    pub fn beam_search_streaming(
+        &self,
+        pixel_values: &Tensor,
+        options: &CaptionOptions,
+        beams: &BeamOptions,
+        mut on_provisional: impl FnMut(&[u32]),
+    ) -> Result<Vec<Hypothesis>> {
         if beams.num_return_sequences == 0 || beams.num_return_sequences > beams.num_beams {
             return Err(Error::Generation(format!(
                 "num_return_sequences ({}) must be between 1 and num_beams ({})",
@@ -350,6 +362,9 @@ impl Captioner {
         let mut log_probs = vec![first; beams.num_beams];
         loop {
             let parents = search.step(&log_probs)?;
+            if let Some(best) = search.running().first() {
+                on_provisional(best);
+            }
             if search.is_done() {
                 break;
             }

@@ -184,3 +184,18 @@ fn invalid_options_are_refused() {
     let err = captioner.beam_search(&pixels, &CaptionOptions::default(), &BeamOptions { num_beams: 0, num_return_sequences: 0, ..Default::default() });
     assert!(err.is_err());
 }
+
+#[test]
+fn beam_search_streams_provisional_best_hypotheses() {
+    let fx = &common::fixtures()[1];
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    let pixels = fx.reference_tensors()["pixel_values.chelsea.jpg"].clone();
+    let options = CaptionOptions { max_new_tokens: Some(10), ..Default::default() };
+    let mut provisional: Vec<Vec<u32>> = Vec::new();
+    let best = captioner.beam_search_streaming(&pixels, &options, &BeamOptions::default(), |b| provisional.push(b.to_vec())).unwrap();
+    assert_eq!(provisional.len(), 10, "one provisional hypothesis per step");
+    for (step, p) in provisional.iter().enumerate() {
+        assert_eq!(p.len(), step + 1);
+    }
+    assert_eq!(best, captioner.beam_search(&pixels, &options, &BeamOptions::default()).unwrap());
+}
