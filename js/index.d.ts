@@ -69,18 +69,74 @@ export type ImageInput =
   | OffscreenCanvas
   | ImageBitmap;
 
-export interface CaptionOptions {
+/**
+ * Generation options, as transformers' `generate()` names them but camelCase. Everything except
+ * `signal` goes to the WASM API unchanged: bad values reject with Rust's message, unknown keys
+ * (or the other mode's) with `invalid … options: unknown field`.
+ * Defaults come from the model's generation_config.json, else transformers' defaults.
+ */
+export interface GenerationOptions {
   maxNewTokens?: number;
   /** Text the caption continues (prefix / llava models only). */
   prompt?: string;
   signal?: AbortSignal;
 }
 
+/** Greedy decoding (the default) or sampling; streamed token by token. */
+export interface CaptionOptions extends GenerationOptions {
+  /** Sample instead of taking the most likely token. */
+  doSample?: boolean;
+  /** Sampling: > 0. */
+  temperature?: number;
+  /** Sampling: keep the k most likely tokens (default 50; 0 turns it off). */
+  topK?: number;
+  /** Sampling: keep the smallest set of tokens whose probability reaches p, in (0, 1]. */
+  topP?: number;
+  /** Sampling: the random generator's seed (same seed, same caption). */
+  seed?: number;
+  repetitionPenalty?: number;
+  noRepeatNgramSize?: number;
+  minNewTokens?: number;
+  /** Token id sequences never to generate. */
+  badWordsIds?: number[][];
+  /** 1 (or left out): no beam search. */
+  numBeams?: 1;
+  numReturnSequences?: 1;
+}
+
+/**
+ * Beam search, as `generate(num_beams=…)`: chosen when `numBeams` or `numReturnSequences` is given
+ * and not 1. Needs PNG or JPEG bytes (a URL, Blob or File); other inputs reject. Not streamed.
+ */
+export interface BeamSearchOptions extends GenerationOptions {
+  /** Beams kept at each step (default 1). */
+  numBeams?: number;
+  /** Score = Σ log p / length ** lengthPenalty (default 1). */
+  lengthPenalty?: number;
+  /** true: stop once numBeams hypotheses are finished; false (default): transformers' heuristic; 'never'. */
+  earlyStopping?: boolean | 'never';
+  /** How many hypotheses `sequences` holds (≤ numBeams; default 1). */
+  numReturnSequences?: number;
+}
+
+export interface BeamHypothesis {
+  text: string;
+  tokenIds: number[];
+  /** Sum of the new tokens' log-probabilities / length ** lengthPenalty. */
+  score: number;
+}
+
+export interface BeamSearchResult extends BeamHypothesis {
+  /** The best `numReturnSequences` hypotheses, best first; the result itself is the first. */
+  sequences: BeamHypothesis[];
+  timings: { totalMs: number };
+}
+
 /** A caption in progress: iterate it for tokens as they are generated; `result` resolves at the end. */
-export interface CaptionRun extends AsyncIterable<TokenEvent> {
+export interface CaptionRun<R = CaptionResult> extends AsyncIterable<TokenEvent> {
   /** Resolves with the caption; rejects with the Rust error's message, or an AbortError. */
-  readonly result: Promise<CaptionResult>;
-  /** Stops this caption, like aborting its signal. */
+  readonly result: Promise<R>;
+  /** Stops this caption, like aborting its signal (beam search: only before it starts). */
   abort(): void;
 }
 
@@ -96,6 +152,8 @@ export declare class Captioner {
   static clearCache(baseUrl?: string | URL): Promise<boolean>;
   /** Captions one image; captions run one after the other. */
   caption(image: ImageInput, options?: CaptionOptions): CaptionRun;
+  /** Beam search: yields no tokens; `result` holds the best hypotheses. */
+  caption(image: string | URL | Blob, options: BeamSearchOptions): CaptionRun<BeamSearchResult>;
   /** Terminates the worker and frees the model's memory. */
   dispose(): void;
 }

@@ -6,6 +6,7 @@
 //   const run = captioner.caption(imageElement);
 //   for await (const t of run) output.textContent = t.text;
 //   const { text, tokenIds, timings } = await run.result;
+//   const { sequences } = await captioner.caption(url, { numBeams: 4, numReturnSequences: 2 }).result;
 
 export const CACHE_NAME = 'wasmcap-models-v1';
 
@@ -222,6 +223,21 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
   return { files, forget };
 }
 
+// The option names src/wasm.rs accepts. Its structs deny unknown fields, but serde_wasm_bindgen
+// only ever looks up the known ones, so a misspelt key would be ignored there: refused here.
+const CAPTION_KEYS = ['maxNewTokens', 'prompt', 'doSample', 'temperature', 'topK', 'topP', 'seed',
+  'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds'];
+const BEAM_KEYS = ['maxNewTokens', 'prompt', 'numBeams', 'lengthPenalty', 'earlyStopping', 'numReturnSequences'];
+
+function unknownOption(options, beam) {
+  const [known, other, what, hint] = beam
+    ? [BEAM_KEYS, CAPTION_KEYS, 'beam search', 'not available with beam search']
+    : [CAPTION_KEYS, BEAM_KEYS, 'caption', 'a beam search option: needs numBeams > 1'];
+  const key = Object.keys(options).find((k) => !known.includes(k));
+  if (key === undefined) return null;
+  return new Error(`invalid ${what} options: unknown field \`${key}\`${other.includes(key) ? ` (${hint})` : ''}`);
+}
+
 async function imageMessage(image, signal) {
   if (typeof image === 'string' || image instanceof URL) {
     let res;
@@ -384,19 +400,28 @@ export class Captioner {
 
   /**
    * Captions an image (URL, Blob/File, ImageData, HTMLImageElement, HTMLCanvasElement,
-   * OffscreenCanvas, ImageBitmap). Options: `maxNewTokens`, `prompt` (prefix models), `signal`.
+   * OffscreenCanvas, ImageBitmap). Options: `signal`, and the generation options of the WASM
+   * API, passed on unchanged (camelCase; unknown keys reject here, bad values in Rust):
+   * `maxNewTokens`, `prompt` (prefix models), `doSample`, `temperature`, `topK`, `topP`, `seed`,
+   * `repetitionPenalty`, `noRepeatNgramSize`, `minNewTokens`, `badWordsIds`; for beam search
+   * `numBeams`, `numReturnSequences`, `lengthPenalty`, `earlyStopping`.
    * Returns an async iterable of `{ id, text, delta }`; its `result` promise gives
    * `{ text, tokenIds, timings: { encoderMs, firstTokenMs, totalMs, tokensPerS } }`.
+   * With `numBeams` or `numReturnSequences` other than 1 it runs beam search (PNG/JPEG bytes
+   * only): nothing is streamed, and `result` gives `{ text, tokenIds, score, sequences, timings: { totalMs } }`.
    */
   caption(image, options = {}) {
-    const { signal, ...rest } = options;
-    const wasmOptions = {};
-    if (rest.maxNewTokens !== undefined) wasmOptions.maxNewTokens = rest.maxNewTokens;
-    if (rest.prompt !== undefined) wasmOptions.prompt = rest.prompt;
+    const { signal, ...rest } = options ?? {};
+    // Keys left undefined count as not given; everything else goes to Rust as it is.
+    const wasmOptions = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
+    const beam = [wasmOptions.numBeams, wasmOptions.numReturnSequences].some((v) => v !== undefined && v !== 1);
+    if (!beam) { delete wasmOptions.numBeams; delete wasmOptions.numReturnSequences; } // 1 beam: greedy or sampling, streamed
     const run = new CaptionRun();
     const id = this._nextRun++;
     if (this._disposed) { run._reject(new Error('wasmcap: this captioner was disposed')); return run; }
     if (signal?.aborted) { run._reject(abortError(signal)); return run; }
+    const invalid = unknownOption(wasmOptions, beam);
+    if (invalid) { run._reject(invalid); return run; }
     let sent = false;
     const cancel = (reason) => {
       if (run.settled) return;
@@ -412,9 +437,13 @@ export class Captioner {
     this._runs.set(id, run);
     imageMessage(image, signal).then(([msg, transfer]) => {
       if (run.settled) { msg.bitmap?.close(); return; }
+      if (beam && msg.kind !== 'bytes') {
+        msg.bitmap?.close();
+        throw new Error('beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
+      }
+      this._worker.postMessage({ type: 'caption', run: id, image: msg, options: wasmOptions, beam }, transfer);
       sent = true;
-      this._worker.postMessage({ type: 'caption', run: id, image: msg, options: wasmOptions }, transfer);
-    }, (e) => { this._runs.delete(id); run._reject(e); });
+    }).catch((e) => { this._runs.delete(id); run._reject(e); });
     return run;
   }
 

@@ -2,8 +2,9 @@
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
 // main → worker: { type: 'load', files }                     → { type: 'loaded' } | { type: 'error' }
-//                { type: 'caption', run, image, options }    → { type: 'token', run, token }*, then
-//                                                                { type: 'done', run, result } | { type: 'error', run, message } | { type: 'aborted', run }
+//                { type: 'caption', run, image, options, beam }
+//                  → { type: 'token', run, token }* (none with beam), then
+//                    { type: 'done', run, result } | { type: 'error', run, message } | { type: 'aborted', run }
 //                { type: 'abort', run }
 // dispose() terminates the worker, which drops the WASM instance and all its memory.
 import init, { WasmCaptioner } from './wasmcap.js';
@@ -36,9 +37,25 @@ async function pixelsOf(image) {
   }
 }
 
-async function caption({ run, image, options }) {
+// Beam search is one call (nothing to stream, no abort point inside); encoded bytes only.
+function beamSearch({ run, image, options }) {
+  if (image.kind !== 'bytes') throw new Error('beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
+  const t0 = performance.now();
+  const sequences = captioner.beamSearch(new Uint8Array(image.data), options);
+  const best = sequences[0];
+  postMessage({
+    type: 'done', run,
+    result: { text: best.text, tokenIds: best.tokenIds, score: best.score, sequences, timings: { totalMs: performance.now() - t0 } },
+  });
+}
+
+async function caption({ run, image, options, beam }) {
   try {
     if (!captioner) throw new Error('no model loaded');
+    if (beam) {
+      if (aborted.has(run)) return postMessage({ type: 'aborted', run });
+      return beamSearch({ run, image, options });
+    }
     const pixels = await pixelsOf(image);
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
     if (pixels.kind === 'bytes') captioner.start(new Uint8Array(pixels.data), options);

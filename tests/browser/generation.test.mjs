@@ -1,0 +1,178 @@
+// Generation options through the JS package (pkg/index.js) in headless Chromium, on tiny-ved-v4
+// (whose EOS token some runs reach): beam search gives the native CLI's and 🤗 transformers' ids,
+// seeded sampling is reproducible and equals the CLI, processors pass through, and bad values
+// reject with the Rust message (unknown keys with the shim's). Run by `./build.sh test-pages` after pkg/ is built.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startServer } from '../../www/serve.mjs';
+import { launch, watchPage, root } from './helpers.mjs';
+
+const MODEL = 'tests/fixtures/tiny-ved-v4';
+const IMAGE = 'tests/fixtures/images/astronaut.png';
+let server, browser, page, base;
+const log = [];
+
+/** The native CLI's JSON for `flags` (CAPTION_BIN, else `cargo run`), as helpers.mjs runs it. */
+function native(...flags) {
+  const args = ['--model', MODEL, '--json', ...flags, IMAGE];
+  const out = process.env.CAPTION_BIN
+    ? execFileSync(process.env.CAPTION_BIN, args, { cwd: root, encoding: 'utf8' })
+    : execFileSync('cargo', ['run', '-q', '--bin', 'caption', '--', ...args], { cwd: root, encoding: 'utf8' });
+  return JSON.parse(out.trim().split('\n').at(-1));
+}
+
+/** In the page: one caption with `options` → { tokens (streamed ids), result } or { error }. */
+function caption(options, image = `${base}/${IMAGE}`) {
+  return page.evaluate(async ([image, options]) => {
+    const run = window.captioner.caption(image, options);
+    const tokens = [];
+    try {
+      for await (const t of run) tokens.push(t.id);
+      return { tokens, result: await run.result };
+    } catch (e) {
+      return { tokens, error: e.message, resultError: await run.result.then(() => null, (r) => r.message) };
+    }
+  }, [image, options]);
+}
+
+before(async () => {
+  // A blank page of the server's origin that imports the package.
+  server = await startServer(0, {
+    onRequest(req, res, headers) {
+      if (req.url !== '/generation-test.html') return false;
+      res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
+      res.end('<!doctype html><link rel="icon" href="data:,"><title>generation</title>');
+      return true;
+    },
+  });
+  base = `http://127.0.0.1:${server.address().port}`;
+  browser = await launch();
+  page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`${base}/generation-test.html`);
+  await page.evaluate(async (model) => {
+    const { Captioner } = await import('/pkg/index.js');
+    window.captioner = await Captioner.fromPretrained(model, { cache: false });
+  }, `${base}/${MODEL}/`);
+});
+
+after(async () => {
+  if (process.env.WASMCAP_TEST_VERBOSE || log.some((l) => l.startsWith('[pageerror]'))) console.error(log.join('\n'));
+  await page?.evaluate(() => window.captioner?.dispose()).catch(() => {});
+  await browser?.close();
+  server?.close();
+});
+
+function assertBeam(r, expected, label) {
+  assert.equal(r.error, undefined, `${label}: ${r.error}`);
+  assert.deepEqual(r.tokens, [], `${label}: beam search streams nothing`);
+  const { result } = r;
+  assert.deepEqual(result.sequences.map((s) => s.tokenIds), expected.map((s) => s.tokenIds), label);
+  for (const [i, s] of result.sequences.entries()) {
+    if (expected[i].text !== undefined) assert.equal(s.text, expected[i].text, `${label}: text ${i}`);
+    assert.ok(Math.abs(s.score - expected[i].score) < 1e-3, `${label}: score ${i}: ${s.score} vs ${expected[i].score}`);
+  }
+  assert.deepEqual([result.text, result.tokenIds, result.score], [result.sequences[0].text, result.sequences[0].tokenIds, result.sequences[0].score]);
+  assert.equal(typeof result.timings.totalMs, 'number');
+}
+
+test('beam search (4 beams, 2 returned, 20 tokens) gives the native CLI ids, best first', async () => {
+  const cli = native('--max-new-tokens', '20', '--num-beams', '4', '--num-return-sequences', '2');
+  assert.equal(cli.sequences.length, 2);
+  const expected = cli.sequences.map((s) => ({ tokenIds: s.token_ids, text: s.text, score: s.score }));
+  const r = await caption({ numBeams: 4, numReturnSequences: 2, maxNewTokens: 20 });
+  assertBeam(r, expected, 'CLI');
+  assert.ok(r.result.sequences[0].score >= r.result.sequences[1].score);
+});
+
+test('beam search equals 🤗 transformers (generation fixture), early stopping and an EOS hypothesis', async () => {
+  const fixture = JSON.parse(readFileSync(join(root, 'tests/fixtures/generation/beam.json'), 'utf8'));
+  const cases = [
+    { numBeams: 4, maxNewTokens: 12, lengthPenalty: 1, earlyStopping: true, numReturnSequences: 2 },
+    { numBeams: 3, maxNewTokens: 10, lengthPenalty: 0.5, earlyStopping: 'never', numReturnSequences: 3 },
+  ];
+  let sawEos = false;
+  for (const o of cases) {
+    const run = fixture.runs.find((x) => x.model === 'tiny-ved-v4' && x.image === 'astronaut.png' && !x.eos_override &&
+      x.prompt_key === null && x.num_beams === o.numBeams && x.max_new_tokens === o.maxNewTokens &&
+      x.length_penalty === o.lengthPenalty && x.early_stopping === o.earlyStopping && x.num_return_sequences === o.numReturnSequences);
+    assert.ok(run, JSON.stringify(o));
+    sawEos ||= run.returned_eos;
+    const r = await caption(o);
+    assertBeam(r, run.sequences.map((ids, i) => ({ tokenIds: ids, score: run.sequences_scores[i] })), JSON.stringify(o));
+  }
+  assert.ok(sawEos, 'one case returns a hypothesis that ends with EOS');
+});
+
+test('beam search needs encoded bytes and takes no sampling options', async () => {
+  const r = await page.evaluate(async (url) => {
+    const blob = await (await fetch(url)).blob();
+    const bitmap = await createImageBitmap(blob);
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    canvas.getContext('2d').drawImage(bitmap, 0, 0);
+    const imageData = canvas.getContext('2d').getImageData(0, 0, bitmap.width, bitmap.height);
+    const fail = (image, options) => window.captioner.caption(image, options).result.then(() => null, (e) => e.message);
+    return {
+      imageData: await fail(imageData, { numBeams: 2 }),
+      bitmap: await fail(bitmap, { numReturnSequences: 2, numBeams: 2 }),
+      doSample: await fail(blob, { numBeams: 2, doSample: true }),
+      tooMany: await fail(blob, { numBeams: 2, numReturnSequences: 3 }),
+      file: (await window.captioner.caption(new File([blob], 'a.png'), { numBeams: 2, maxNewTokens: 4 }).result).tokenIds.length,
+    };
+  }, `${base}/${IMAGE}`);
+  assert.equal(r.imageData, 'beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
+  assert.equal(r.bitmap, r.imageData);
+  assert.equal(r.doSample, 'invalid beam search options: unknown field `doSample` (not available with beam search)');
+  assert.match(r.tooMany ?? '', /num_return_sequences \(3\) must be between 1 and num_beams \(2\)/);
+  assert.equal(r.file, 4);
+});
+
+test('seeded sampling: same ids twice, equal to the CLI; top-k 1 is greedy', async () => {
+  const cli = native('--max-new-tokens', '12', '--do-sample', '--seed', '7');
+  const greedy = native('--max-new-tokens', '12');
+  const a = await caption({ doSample: true, seed: 7, maxNewTokens: 12 });
+  const b = await caption({ doSample: true, seed: 7, maxNewTokens: 12 });
+  const k1 = await caption({ doSample: true, seed: 7, maxNewTokens: 12, topK: 1 });
+  const plain = await caption({ maxNewTokens: 12, numBeams: 1 }); // numBeams 1: greedy, streamed
+  for (const r of [a, b, k1, plain]) {
+    assert.equal(r.error, undefined, r.error);
+    assert.deepEqual(r.tokens, r.result.tokenIds, 'streamed ids = result ids');
+  }
+  assert.deepEqual(a.result.tokenIds, b.result.tokenIds);
+  assert.deepEqual(a.result.tokenIds, cli.token_ids);
+  assert.equal(a.result.text, cli.text);
+  assert.notDeepEqual(a.result.tokenIds, greedy.token_ids, 'seed 7 samples away from greedy');
+  assert.deepEqual(k1.result.tokenIds, greedy.token_ids);
+  assert.deepEqual(plain.result.tokenIds, greedy.token_ids);
+});
+
+test('processor options reach Rust unchanged (repetition penalty, no-repeat n-gram, bad words, min tokens)', async () => {
+  const cli = native('--max-new-tokens', '12', '--repetition-penalty', '1.5', '--no-repeat-ngram-size', '2',
+    '--bad-words-ids', '[[1812]]', '--min-new-tokens', '3');
+  const r = await caption({ maxNewTokens: 12, repetitionPenalty: 1.5, noRepeatNgramSize: 2, badWordsIds: [[1812]], minNewTokens: 3, topP: undefined });
+  assert.equal(r.error, undefined, r.error);
+  assert.deepEqual(r.result.tokenIds, cli.token_ids);
+  assert.ok(!r.result.tokenIds.includes(1812));
+  assert.notDeepEqual(r.result.tokenIds, native('--max-new-tokens', '12').token_ids);
+});
+
+test('invalid options reject with a clear message; the captioner keeps working', async () => {
+  const topP = await caption({ doSample: true, topP: 1.5, maxNewTokens: 4 });
+  assert.match(topP.error ?? '', /top_p must be in \(0, 1\], got 1\.5/);
+  assert.equal(topP.resultError, topP.error);
+  // Unknown keys are refused by the shim (serde_wasm_bindgen never shows them to Rust's deny_unknown_fields).
+  const unknown = await caption({ maxNewTokens: 4, beams: 2 });
+  assert.equal(unknown.error, 'invalid caption options: unknown field `beams`');
+  const beamOnly = await caption({ maxNewTokens: 4, lengthPenalty: 2 });
+  assert.equal(beamOnly.error, 'invalid caption options: unknown field `lengthPenalty` (a beam search option: needs numBeams > 1)');
+  const badType = await caption({ maxNewTokens: 4, topK: 'x' });
+  assert.match(badType.error ?? '', /invalid caption options: .*invalid type: string "x"/);
+  const badEarly = await caption({ numBeams: 2, maxNewTokens: 4, earlyStopping: 'sometimes' });
+  assert.match(badEarly.error ?? '', /earlyStopping must be true, false or "never"/);
+  const ok = await caption({ maxNewTokens: 4 });
+  assert.equal(ok.error, undefined, ok.error);
+  assert.equal(ok.result.tokenIds.length, 4);
+});
