@@ -60,12 +60,19 @@ impl From<JsCaptionOptions> for CaptionOptions {
     }
 }
 
+/// JS options object → `T`, refusing unknown keys: serde_wasm_bindgen only looks up the declared
+/// fields of a struct, so the object goes through a JSON value where `deny_unknown_fields` applies.
+fn parse_options<T: serde::de::DeserializeOwned>(value: JsValue, what: &str) -> Result<T, JsError> {
+    let json: serde_json::Value =
+        serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))?;
+    serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
+}
+
 fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
     if value.is_undefined() || value.is_null() {
         return Ok(CaptionOptions::default());
     }
-    let o: JsCaptionOptions =
-        serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
+    let o: JsCaptionOptions = parse_options(value, "caption options")?;
     Ok(o.into())
 }
 
@@ -201,7 +208,7 @@ impl WasmCaptioner {
         let o: JsBeamOptions = if options_js.is_undefined() || options_js.is_null() {
             JsBeamOptions::default()
         } else {
-            serde_wasm_bindgen::from_value(options_js).map_err(|e| JsError::new(&format!("invalid beam search options: {e}")))?
+            parse_options(options_js, "beam search options")?
         };
         let defaults = BeamOptions::default();
         let beams = BeamOptions {

@@ -58,6 +58,10 @@ fn streams_the_reference_tokens_and_survives_bad_input() {
         assert!(msg.contains("could not decode"), "{msg}");
         let msg = message(c.start(image("astronaut.png"), JsValue::from_str("nonsense")).err().unwrap());
         assert!(msg.contains("options"), "{msg}");
+        let typo = options(n);
+        js_sys::Reflect::set(&typo, &"maxNewTokenz".into(), &3.into()).unwrap();
+        let msg = message(c.start(image("astronaut.png"), typo).err().unwrap());
+        assert!(msg.contains("maxNewTokenz"), "unknown keys are refused: {msg}");
 
         // Step-wise, as the JS worker drives it.
         c.start(image("astronaut.png"), options(n)).unwrap();
