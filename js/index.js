@@ -186,8 +186,13 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
   // Also take an adapter that comes along in the same file map as the model.
   else if (isFileMap(source) && fileMapOf(source).has('adapter_config.json')) entries.push(...entriesFor(source, ADAPTER_FILES));
 
-  const bodies = await Promise.all(entries.map((e) => e.open()));
+  // All opened together; when several fail, report the first in file order (config.json
+  // first), not whichever request happened to fail first.
+  const opened = await Promise.allSettled(entries.map((e) => e.open()));
   throwIfAborted(signal);
+  const failed = opened.find((o) => o.status === 'rejected');
+  if (failed) throw failed.reason;
+  const bodies = opened.map((o) => o.value);
   const present = entries.map((e, i) => ({ ...e, body: bodies[i] })).filter((e) => e.body);
   let total = present.reduce((s, e) => s + e.body.size, 0);
   let loaded = 0;
