@@ -250,21 +250,19 @@ impl Captioner {
     pub fn start(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
         let started_ms = now_ms();
         options.sampling.validate()?;
+        // Before the encoder runs: a prompt the model cannot take is refused here.
+        let prompt_ids = self.prompt_ids(options.prompt.as_deref())?;
         let conditioning = self.encode(pixel_values)?;
         let (state, seen, positions, fallback) = match &self.model {
             Model::CrossAttention(m) => {
-                if options.prompt.is_some() {
-                    return Err(Error::Generation("a text prompt needs a prefix (llava) model".into()));
-                }
                 let cache = m.start_decoding(&conditioning)?;
                 let start = self.generation.decoder_start_token_id.unwrap_or_default();
                 (DecoderState::CrossAttention { cache, next_input: start }, vec![start], m.decoder().config().n_positions, 19)
             }
             Model::Prefix(m) => {
-                let ids = self.prompt_ids(options.prompt.as_deref())?;
                 let cache = m.language_model().new_cache();
                 let positions = m.language_model().config().max_position_embeddings;
-                (DecoderState::Prefix { cache, prompt: Some((ids.clone(), conditioning)), last: 0 }, ids, positions, 20)
+                (DecoderState::Prefix { cache, prompt: Some((prompt_ids.clone(), conditioning)), last: 0 }, prompt_ids, positions, 20)
             }
         };
         let prompt_len = seen.len();
@@ -293,10 +291,6 @@ impl Captioner {
     /// Logits [vocab] of the first generated position — what the fidelity tests compare.
     pub fn first_step_logits(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Tensor> {
         let mut run = self.start(pixel_values, &CaptionOptions { max_new_tokens: Some(1), ..options.clone() })?;
-        self.step_logits(&mut run)
-    }
-
-    fn step_logits(&self, run: &mut CaptionRun) -> Result<Tensor> {
         self.state_logits(&mut run.state)
     }
 
@@ -391,7 +385,7 @@ impl Captioner {
         if run.done {
             return Ok(None);
         }
-        let mut scores = self.step_logits(run)?.to_vec1::<f32>()?;
+        let mut scores = self.state_logits(&mut run.state)?.to_vec1::<f32>()?;
         sampling::process(&mut scores, &run.seen, run.token_ids.len(), &run.eos, &run.sampling);
         let id = if run.sampling.do_sample { run.rng.sample(&scores)? } else { argmax_slice(&scores)? };
         run.seen.push(id);

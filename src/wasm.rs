@@ -60,20 +60,20 @@ impl From<JsCaptionOptions> for CaptionOptions {
     }
 }
 
-/// JS options object → `T`, refusing unknown keys: serde_wasm_bindgen only looks up the declared
-/// fields of a struct, so the object goes through a JSON value where `deny_unknown_fields` applies.
-fn parse_options<T: serde::de::DeserializeOwned>(value: JsValue, what: &str) -> Result<T, JsError> {
+/// JS options object (or `undefined`/`null`: the defaults) → `T`, refusing unknown keys:
+/// serde_wasm_bindgen only looks up the declared fields of a struct, so the object goes through
+/// a JSON value where `deny_unknown_fields` applies.
+fn parse_options<T: serde::de::DeserializeOwned + Default>(value: JsValue, what: &str) -> Result<T, JsError> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(T::default());
+    }
     let json: serde_json::Value =
         serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))?;
     serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
 }
 
 fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
-    if value.is_undefined() || value.is_null() {
-        return Ok(CaptionOptions::default());
-    }
-    let o: JsCaptionOptions = parse_options(value, "caption options")?;
-    Ok(o.into())
+    Ok(parse_options::<JsCaptionOptions>(value, "caption options")?.into())
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -205,11 +205,7 @@ impl WasmCaptioner {
     /// numReturnSequences? }`; returns `[{ text, tokenIds, score }]`, best first.
     #[wasm_bindgen(js_name = beamSearch)]
     pub fn beam_search(&mut self, image: &[u8], options_js: JsValue) -> Result<JsValue, JsError> {
-        let o: JsBeamOptions = if options_js.is_undefined() || options_js.is_null() {
-            JsBeamOptions::default()
-        } else {
-            parse_options(options_js, "beam search options")?
-        };
+        let o: JsBeamOptions = parse_options(options_js, "beam search options")?;
         let defaults = BeamOptions::default();
         let beams = BeamOptions {
             num_beams: o.num_beams.unwrap_or(defaults.num_beams),
