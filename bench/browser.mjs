@@ -7,8 +7,10 @@ import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { startServer } from '../www/serve.mjs';
 
+// `node bench/browser.mjs memory BYTES REPEATS` prints the streaming-read GB/s instead.
 const [configPath, promptTokens = '8', tokens = '20', repeats = '3'] = process.argv.slice(2);
-const config = readFileSync(configPath, 'utf8');
+const memoryMode = configPath === 'memory';
+const config = memoryMode ? '' : readFileSync(configPath, 'utf8');
 const server = await startServer(0);
 const profile = await mkdtemp(join(tmpdir(), 'wasmcap-bench-'));
 const context = await chromium.launchPersistentContext(profile, {
@@ -20,15 +22,42 @@ try {
   const page = await context.newPage();
   page.on('console', (m) => process.stderr.write(`[page] ${m.text()}\n`));
   await page.goto(`http://127.0.0.1:${server.address().port}/bench/index.html`);
-  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats]) => {
+  // PROFILE=1: sample the run with the DevTools profiler and print the functions with the most
+  // self time (wasm functions carry their Rust names) to stderr.
+  const cdp = process.env.PROFILE ? await context.newCDPSession(page) : null;
+  if (cdp) {
+    await cdp.send('Profiler.enable');
+    await cdp.send('Profiler.setSamplingInterval', { interval: 200 });
+    await cdp.send('Profiler.start');
+  }
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode]) => {
     const wasm = await import('/pkg/wasmcap.js');
     await wasm.default();
+    if (memoryMode) return wasm.benchMemory(promptTokens, tokens);
     const r = wasm.benchModel(config, promptTokens, tokens, repeats);
     return { ...r, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(promptTokens), Number(tokens), Number(repeats)]);
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode]);
+  if (cdp) printProfile((await cdp.send('Profiler.stop')).profile);
   console.log(JSON.stringify(result));
 } finally {
   await context.close();
   server.close();
   await rm(profile, { recursive: true, force: true });
+}
+
+function printProfile(profile) {
+  const self = new Map();
+  const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const dts = profile.timeDeltas;
+  let total = 0;
+  profile.samples.forEach((id, i) => {
+    const n = byId.get(id);
+    const name = n.callFrame.functionName || `(${n.callFrame.url.split('/').pop() || 'anonymous'})`;
+    const dt = (dts[i + 1] ?? 0) / 1000;
+    self.set(name, (self.get(name) ?? 0) + dt);
+    total += dt;
+  });
+  const top = [...self].sort((a, b) => b[1] - a[1]).slice(0, Number(process.env.PROFILE_TOP ?? 40));
+  process.stderr.write(`profile: ${total.toFixed(0)} ms sampled\n`);
+  for (const [name, ms] of top) process.stderr.write(`${ms.toFixed(1).padStart(9)} ms ${(100 * ms / total).toFixed(1).padStart(5)}%  ${name.slice(0, 140)}\n`);
 }

@@ -14,22 +14,29 @@ PROMPT=${PROMPT:-8}
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)  cores: $(nproc)" >&2
 cargo build --release --example bench
 wasm-pack build --target web --release --out-dir pkg >&2
+# Streaming-read speed over a buffer the size of the SmolLM-135M decoder (538 MB, larger than
+# any cache): weights read per step / this = the least a decode step can take.
+READ_BYTES=538060032
+gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
+gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
 rows=()
 for config in bench/configs/siglip-base-gpt2.json bench/configs/siglip-base-smollm-135m.json; do
-  rows+=("native (all cores)" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
-  rows+=("native (1 thread)" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
-  rows+=("chromium wasm (1 thread)" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
+  rows+=("native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
+  rows+=("native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
+  rows+=("chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 node -e '
 const args = process.argv.slice(1);
 const f = (x, d = 0) => Number(x).toFixed(d);
 const names = { "vision-encoder-decoder": "SigLIP-B/16 + GPT-2", "llava": "SigLIP-B/16 + SmolLM-135M" };
-console.log("fp32, random weights, median of " + JSON.parse(args[1]).repeats + "; prefix prompt = 196 image + " + (JSON.parse(args[7]).prefillPositions - 196) + " text positions");
-console.log("| model | where | encoder ms | prefill ms | first token ms | ms/token | tokens/s | peak memory MiB |");
-console.log("|---|---|---|---|---|---|---|---|");
-for (let i = 0; i < args.length; i += 2) {
-  const r = JSON.parse(args[i + 1]);
-  console.log(`| ${names[r.modelType]} | ${args[i]} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
+console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (JSON.parse(args[11]).prefillPositions - 196) + " text positions");
+console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");
+console.log("| model | where | encoder ms | prefill ms | first token ms | ms/token | tokens/s | weights read/step MB | read floor ms/token | peak memory MiB |");
+console.log("|---|---|---|---|---|---|---|---|---|---|");
+for (let i = 0; i < args.length; i += 3) {
+  const r = JSON.parse(args[i + 2]);
+  const floor = r.decodeWeightBytes / (Number(args[i + 1]) * 1e6);
+  console.log(`| ${names[r.modelType]} | ${args[i]} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
 }
 ' "${rows[@]}"

@@ -1,6 +1,8 @@
 //! Native half of `./build.sh bench`:
 //! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS]`
 //! prints one JSON line (medians, plus peak resident memory from /proc).
+//! `cargo run --release --example bench -- memory BYTES [REPEATS]` prints the streaming-read
+//! speed in GB/s over a buffer of BYTES.
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -9,6 +11,10 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     };
     let arg = |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
+    if path == "memory" {
+        println!("{}", wasmcap::bench::memory_read_gbps(arg(2, 1 << 29), arg(3, 5)));
+        return std::process::ExitCode::SUCCESS;
+    }
     let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })

@@ -118,8 +118,7 @@ impl BeamSearch {
         if vocab == 0 || log_probs.iter().any(|l| l.len() != vocab) {
             return Err(Error::Generation("log-probabilities of unequal or zero length".into()));
         }
-        let accumulated: Vec<f32> =
-            log_probs.iter().zip(&self.running_scores).flat_map(|(lp, &score)| lp.iter().map(move |&x| x + score)).collect();
+        let accumulated: Vec<f32> = log_probs.iter().zip(&self.running_scores).flat_map(|(lp, &score)| lp.iter().map(move |&x| x + score)).collect();
         let candidates = top_k(&accumulated, self.beams_to_keep);
         let new_len = self.generated + 1;
         let cand: Vec<(usize, u32, f32, bool)> = candidates
@@ -165,10 +164,8 @@ impl BeamSearch {
         }
         let best = top_k(&merged_scores, self.num_beams);
         let old_finished = std::mem::take(&mut self.finished);
-        self.finished = best
-            .iter()
-            .map(|&m| if m < self.num_beams { old_finished[m].clone() } else { sequence(&cand[m - self.num_beams]) })
-            .collect();
+        self.finished =
+            best.iter().map(|&m| if m < self.num_beams { old_finished[m].clone() } else { sequence(&cand[m - self.num_beams]) }).collect();
         self.finished_scores = best.iter().map(|&m| merged_scores[m]).collect();
         self.finished_flags = best.iter().map(|&m| merged_flags[m]).collect();
 
@@ -177,11 +174,7 @@ impl BeamSearch {
         self.generated = new_len;
 
         // transformers' _check_early_stop_heuristic, then _beam_search_has_unfinished_sequences.
-        let best_length = if self.early_stopping == EarlyStopping::Never && self.length_penalty > 0.0 {
-            self.max_new_tokens
-        } else {
-            self.generated
-        };
+        let best_length = if self.early_stopping == EarlyStopping::Never && self.length_penalty > 0.0 { self.max_new_tokens } else { self.generated };
         let best_possible = self.running_scores[0] / (best_length as f64).powf(self.length_penalty as f64) as f32;
         let min_finished = self.finished_scores.iter().copied().fold(f32::INFINITY, f32::min);
         let improvable = self.finished_flags.iter().any(|&f| best_possible > if f { min_finished } else { IMPOSSIBLE });
@@ -194,12 +187,7 @@ impl BeamSearch {
 
     /// The best `n` finished hypotheses, best first (call once done).
     pub fn results(&self, n: usize) -> Vec<Hypothesis> {
-        self.finished
-            .iter()
-            .zip(&self.finished_scores)
-            .take(n)
-            .map(|(t, &score)| Hypothesis { token_ids: t.clone(), score })
-            .collect()
+        self.finished.iter().zip(&self.finished_scores).take(n).map(|(t, &score)| Hypothesis { token_ids: t.clone(), score }).collect()
     }
 }
 

@@ -2,8 +2,10 @@
 //! (`benchModel` in `wasm.rs`): the model built from a `config.json` with random weights (speed
 //! does not depend on the values), one image through the encoder, then greedy decoding.
 
+use candle_core::Shape;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 
 use crate::captioner::{argmax, now_ms};
 use crate::error::{Error, Result};
@@ -25,16 +27,99 @@ pub struct BenchReport {
     pub tokens_per_s: f64,
     pub new_tokens: usize,
     pub repeats: usize,
+    /// Bytes of weights one decode step reads (every decoder matrix once, the LM head once; not
+    /// what is only read for the image, like GPT-2's cross-attention keys/values).
+    pub decode_weight_bytes: usize,
 }
 
 fn parse(config_json: &str) -> Result<serde_json::Value> {
     serde_json::from_str(config_json).map_err(|e| Error::config("bench config", e))
 }
 
-fn random_varbuilder() -> (VarMap, VarBuilder<'static>) {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    (varmap, vb)
+/// Every tensor filled with N(c, 0.02²), `c` the constant a layer would initialise it to (1 for
+/// norm gains). Never zeros: a zero-initialised buffer is untouched memory that the OS (and V8's
+/// wasm memory) maps to one shared zero page, so reading it costs nothing and decode would be
+/// timed without reading the weights from RAM.
+/// Also records every tensor it makes, so the bench can say how many bytes one decode step reads.
+#[derive(Clone, Default)]
+struct RandomWeights {
+    made: std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>,
+}
+
+impl RandomWeights {
+    /// Bytes of the f32 tensors whose name passes `read_per_step`.
+    fn bytes(&self, read_per_step: impl Fn(&str) -> bool) -> usize {
+        let made = self.made.lock().map(|m| m.clone()).unwrap_or_default();
+        made.iter().filter(|(name, _)| read_per_step(name)).map(|(_, n)| 4 * n).sum()
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mean = match h {
+            Init::Const(c) => c,
+            _ => 0.0,
+        };
+        if let Ok(mut made) = self.made.lock() {
+            made.push((name.to_string(), s.elem_count()));
+        }
+        Tensor::randn(mean as f32, 0.02f32, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn random_varbuilder() -> (RandomWeights, VarBuilder<'static>) {
+    let weights = RandomWeights::default();
+    (weights.clone(), VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu))
+}
+
+/// Σ xs with 16 independent partial sums: the plainest streaming read, no multiply.
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn stream_sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for chunk in xs.chunks_exact(16) {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn stream_sum(xs: &[f32]) -> f32 {
+    use core::arch::wasm32::*;
+    let mut acc = [f32x4_splat(0.0); 4];
+    for chunk in xs.chunks_exact(16) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: a chunk holds 16 floats, so 4k..4k+4 is in bounds; wasm loads need no alignment.
+            *a = f32x4_add(*a, unsafe { v128_load(chunk.as_ptr().add(4 * k) as *const v128) });
+        }
+    }
+    let s = f32x4_add(f32x4_add(acc[0], acc[1]), f32x4_add(acc[2], acc[3]));
+    f32x4_extract_lane::<0>(s) + f32x4_extract_lane::<1>(s) + f32x4_extract_lane::<2>(s) + f32x4_extract_lane::<3>(s)
+}
+
+/// Streaming-read speed: the bytes/s of a sum over a fresh buffer of `bytes` (written first, so
+/// it is real memory, not the shared zero page); median of `repeats`. A decode step that reads
+/// its weights once cannot take less than (weights read per step) / this.
+pub fn memory_read_gbps(bytes: usize, repeats: usize) -> f64 {
+    let n = bytes / 4;
+    let buffer: Vec<f32> = (0..n).map(|i| (i % 251) as f32 * 1e-3).collect();
+    let times: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let start = now_ms();
+            std::hint::black_box(stream_sum(std::hint::black_box(&buffer)));
+            now_ms() - start
+        })
+        .collect();
+    (n * 4) as f64 / median(times) / 1e6
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -50,7 +135,14 @@ struct Timing {
     end: f64,
 }
 
-fn summarize(model_type: &str, build_ms: f64, prefill_positions: usize, runs: Vec<Timing>, new_tokens: usize) -> BenchReport {
+fn summarize(
+    model_type: &str,
+    build_ms: f64,
+    prefill_positions: usize,
+    runs: Vec<Timing>,
+    new_tokens: usize,
+    decode_weight_bytes: usize,
+) -> BenchReport {
     let per_token: Vec<f64> = runs.iter().filter(|_| new_tokens > 1).map(|r| (r.end - r.first) / (new_tokens - 1) as f64).collect();
     let ms_per_token = median(per_token);
     BenchReport {
@@ -64,6 +156,7 @@ fn summarize(model_type: &str, build_ms: f64, prefill_positions: usize, runs: Ve
         tokens_per_s: 1000.0 / ms_per_token,
         new_tokens,
         repeats: runs.len(),
+        decode_weight_bytes,
     }
 }
 
@@ -81,7 +174,7 @@ pub fn bench_model(config_json: &str, prompt_tokens: usize, new_tokens: usize, r
 fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: usize) -> Result<BenchReport> {
     let t0 = now_ms();
     let cfg = VisionEncoderDecoderConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
-    let (_varmap, vb) = random_varbuilder();
+    let (weights, vb) = random_varbuilder();
     let model = VisionEncoderDecoder::new(&cfg, vb)?;
     let build_ms = now_ms() - t0;
     let enc = &cfg.encoder;
@@ -102,13 +195,22 @@ fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: 
         }
         runs.push(Timing { encoded, prefilled: encoded, first, end: now_ms() - start });
     }
-    Ok(summarize("vision-encoder-decoder", build_ms, 0, runs, new_tokens))
+    // The decoder's token embeddings are read whole only as a tied LM head; position embeddings
+    // one row at a time; cross-attention keys/values once per image.
+    let tied = cfg.decoder.tie_word_embeddings;
+    let read = weights.bytes(|name| {
+        name.starts_with("decoder.")
+            && !name.contains("crossattention.c_attn")
+            && !name.ends_with("wpe.weight")
+            && (tied || !name.ends_with("wte.weight"))
+    });
+    Ok(summarize("vision-encoder-decoder", build_ms, 0, runs, new_tokens, read))
 }
 
 fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<BenchReport> {
     let t0 = now_ms();
     let cfg = LlavaConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
-    let (_varmap, vb) = random_varbuilder();
+    let (weights, vb) = random_varbuilder();
     let model = Llava::new(&cfg, vb)?;
     let build_ms = now_ms() - t0;
     let vision = &cfg.vision_config;
@@ -129,5 +231,8 @@ fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usi
         }
         runs.push(Timing { encoded, prefilled, first: prefilled, end: now_ms() - start });
     }
-    Ok(summarize("llava", build_ms, ids.len(), runs, new_tokens))
+    let tied = cfg.text_config.tie_word_embeddings;
+    let read =
+        weights.bytes(|name| (name.contains("language_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight")));
+    Ok(summarize("llava", build_ms, ids.len(), runs, new_tokens, read))
 }

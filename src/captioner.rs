@@ -91,12 +91,8 @@ impl DecoderState {
     /// An independent copy: beams that share a history diverge from here.
     fn fork(&self) -> Result<Self> {
         Ok(match self {
-            DecoderState::CrossAttention { cache, next_input } => {
-                DecoderState::CrossAttention { cache: cache.deep_copy()?, next_input: *next_input }
-            }
-            DecoderState::Prefix { cache, prompt, last } => {
-                DecoderState::Prefix { cache: cache.deep_copy()?, prompt: prompt.clone(), last: *last }
-            }
+            DecoderState::CrossAttention { cache, next_input } => DecoderState::CrossAttention { cache: cache.deep_copy()?, next_input: *next_input },
+            DecoderState::Prefix { cache, prompt, last } => DecoderState::Prefix { cache: cache.deep_copy()?, prompt: prompt.clone(), last: *last },
         })
     }
 }
@@ -232,9 +228,10 @@ impl Captioner {
         match &self.model {
             Model::Prefix(m) => {
                 let image_token = m.config().image_token_index;
-                let image = self.tokenizer.id_to_token(image_token).ok_or_else(|| {
-                    Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary"))
-                })?;
+                let image = self
+                    .tokenizer
+                    .id_to_token(image_token)
+                    .ok_or_else(|| Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary")))?;
                 let text = format!("{}{}", image.repeat(m.config().num_image_tokens()), prompt.unwrap_or_default());
                 self.tokenizer.encode(&text, true)
             }
@@ -330,13 +327,7 @@ impl Captioner {
             )));
         }
         let mut run = self.start(pixel_values, options)?;
-        let mut search = BeamSearch::new(
-            beams.num_beams,
-            beams.length_penalty,
-            beams.early_stopping,
-            run.max_new_tokens,
-            run.eos.clone(),
-        )?;
+        let mut search = BeamSearch::new(beams.num_beams, beams.length_penalty, beams.early_stopping, run.max_new_tokens, run.eos.clone())?;
         if search.is_done() {
             return Ok(search.results(beams.num_return_sequences));
         }

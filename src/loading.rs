@@ -183,20 +183,16 @@ impl GenerationDefaults {
     pub fn resolve(generation: Option<&serde_json::Value>, config: &serde_json::Value, decoder_section: &str) -> Result<Self> {
         let decoder = config.get(decoder_section);
         let lookup = |key: &str| -> Option<&serde_json::Value> {
-            [generation, Some(config), decoder]
-                .into_iter()
-                .flatten()
-                .filter_map(|section| section.get(key))
-                .find(|v| !v.is_null())
+            [generation, Some(config), decoder].into_iter().flatten().filter_map(|section| section.get(key)).find(|v| !v.is_null())
         };
         let as_id = |v: &serde_json::Value, key: &str| -> Result<u32> {
-            v.as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| Error::config(GENERATION, format!("{key} must be a token id, found {v}")))
+            v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| Error::config(GENERATION, format!("{key} must be a token id, found {v}")))
         };
         let as_len = |key: &str| -> Result<Option<usize>> {
             match generation.and_then(|g| g.get(key)).filter(|v| !v.is_null()) {
-                Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| Error::config(GENERATION, format!("{key} must be an integer, found {v}"))),
+                Some(v) => {
+                    v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| Error::config(GENERATION, format!("{key} must be an integer, found {v}")))
+                }
                 None => Ok(None),
             }
         };
@@ -215,8 +211,6 @@ impl GenerationDefaults {
     /// New tokens to generate after a prompt of `prompt_len` positions when the caller gave
     /// no limit; `fallback` applies when the files say nothing either.
     pub fn max_new_tokens_after(&self, prompt_len: usize, fallback: usize) -> usize {
-        self.max_new_tokens
-            .or_else(|| self.max_length.map(|total| total.saturating_sub(prompt_len)))
-            .unwrap_or(fallback)
+        self.max_new_tokens.or_else(|| self.max_length.map(|total| total.saturating_sub(prompt_len))).unwrap_or(fallback)
     }
 }

@@ -63,9 +63,7 @@ impl Resample {
             other => {
                 return Err(Error::config(
                     CONFIG_FILE,
-                    format!(
-                        "resample = {other} is not a supported PIL filter (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"
-                    ),
+                    format!("resample = {other} is not a supported PIL filter (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"),
                 ))
             }
         })
@@ -167,11 +165,7 @@ struct RawPreprocessorConfig {
 fn parse_size(value: &serde_json::Value) -> std::result::Result<ImageSize, String> {
     let obj = match value {
         serde_json::Value::Object(obj) => obj,
-        other => {
-            return Err(format!(
-                "size = {other} is not supported; expected {{\"height\": H, \"width\": W}} (SigLIP resizes to a fixed size)"
-            ))
-        }
+        other => return Err(format!("size = {other} is not supported; expected {{\"height\": H, \"width\": W}} (SigLIP resizes to a fixed size)")),
     };
     for key in ["shortest_edge", "longest_edge", "max_height", "max_width"] {
         if obj.get(key).is_some_and(|v| !v.is_null()) {
@@ -364,8 +358,12 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     };
     let decoded = image::ImageReader::with_format(Cursor::new(bytes), format).decode().map_err(|e| {
         Error::Image(match e {
-            image::ImageError::Limits(l) => format!("could not decode {name}: the image is too large ({l})"),
-            image::ImageError::Unsupported(u) => format!("could not decode {name}: unsupported variant ({u})"),
+            image::ImageError::Limits(l) => {
+                format!("could not decode {name}: the image is too large ({l})")
+            }
+            image::ImageError::Unsupported(u) => {
+                format!("could not decode {name}: unsupported variant ({u})")
+            }
             other => format!("could not decode {name}: corrupt or truncated file ({other})"),
         })
     })?;
@@ -378,8 +376,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
 
 fn rgb_from_raw(width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage> {
     let len = data.len();
-    RgbImage::from_raw(width, height, data)
-        .ok_or_else(|| Error::Image(format!("internal: {len} bytes do not make a {width}x{height} RGB image")))
+    RgbImage::from_raw(width, height, data).ok_or_else(|| Error::Image(format!("internal: {len} bytes do not make a {width}x{height} RGB image")))
 }
 
 /// `channels` samples per pixel → RGB: 1 or 2 (gray, gray+alpha) replicate, 3 or 4 keep RGB.

@@ -88,7 +88,9 @@ pub fn no_bad_words(scores: &mut [f32], seen: &[u32], bad_words: &[Vec<u32>], eo
         if word.len() == 1 && eos.contains(&word[0]) {
             continue;
         }
-        let Some((&last, prefix)) = word.split_last() else { continue };
+        let Some((&last, prefix)) = word.split_last() else {
+            continue;
+        };
         if seen.ends_with(prefix) {
             if let Some(s) = scores.get_mut(last as usize) {
                 *s = f32::NEG_INFINITY;

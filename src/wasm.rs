@@ -7,9 +7,9 @@ use wasm_bindgen::JsCast;
 
 use crate::beam::EarlyStopping;
 use crate::captioner::{BeamOptions, CaptionOptions, CaptionRun, Captioner};
-use crate::sampling::SamplingOptions;
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
+use crate::sampling::SamplingOptions;
 
 fn js_error(e: crate::Error) -> JsError {
     JsError::new(&e.to_string())
@@ -67,8 +67,7 @@ fn parse_options<T: serde::de::DeserializeOwned + Default>(value: JsValue, what:
     if value.is_undefined() || value.is_null() {
         return Ok(T::default());
     }
-    let json: serde_json::Value =
-        serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))?;
+    let json: serde_json::Value = serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))?;
     serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
 }
 
@@ -186,12 +185,7 @@ impl WasmCaptioner {
         to_js(&JsCaption {
             text: c.text,
             token_ids: c.token_ids,
-            timings: JsTimings {
-                encoder_ms: c.encoder_ms,
-                first_token_ms: c.first_token_ms,
-                total_ms: c.total_ms,
-                tokens_per_s: c.tokens_per_s,
-            },
+            timings: JsTimings { encoder_ms: c.encoder_ms, first_token_ms: c.first_token_ms, total_ms: c.total_ms, tokens_per_s: c.tokens_per_s },
         })
     }
 
@@ -214,7 +208,9 @@ impl WasmCaptioner {
                 None | Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
                 Some(serde_json::Value::Bool(true)) => EarlyStopping::Stop,
                 Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
-                Some(other) => return Err(JsError::new(&format!("invalid beam search options: earlyStopping must be true, false or \"never\", not {other}"))),
+                Some(other) => {
+                    return Err(JsError::new(&format!("invalid beam search options: earlyStopping must be true, false or \"never\", not {other}")))
+                }
             },
             num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
         };
@@ -244,6 +240,13 @@ impl WasmCaptioner {
 /// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of
 /// `new_tokens` tokens (after `prompt_tokens` text positions in a prefix model). Returns medians
 /// (see `bench::BenchReport`) plus the size of WASM memory, which never shrinks: the peak.
+/// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
+/// `bench::memory_read_gbps`), the floor under a decode step's time.
+#[wasm_bindgen(js_name = benchMemory)]
+pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
+    crate::bench::memory_read_gbps(bytes, repeats)
+}
+
 #[wasm_bindgen(js_name = benchModel)]
 pub fn bench_model(config_json: &str, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<JsValue, JsError> {
     let report = crate::bench::bench_model(config_json, prompt_tokens, new_tokens, repeats).map_err(js_error)?;

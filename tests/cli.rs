@@ -23,8 +23,7 @@ fn json_lines_match_transformers_and_bad_images_do_not_stop_the_rest() {
             .output()
             .unwrap();
         assert!(!out.status.success(), "a bad image makes the exit status non-zero");
-        let lines: Vec<serde_json::Value> =
-            String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 3, "one line per image");
         for (line, name) in [(&lines[0], "astronaut.png"), (&lines[2], "chelsea.jpg")] {
             let ids: Vec<u32> = line["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -42,10 +41,8 @@ fn json_lines_match_transformers_and_bad_images_do_not_stop_the_rest() {
 
 #[test]
 fn missing_model_folder_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
-        .args(["--model", "/nonexistent/model", &fixture_path("images/astronaut.png")])
-        .output()
-        .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", "/nonexistent/model", &fixture_path("images/astronaut.png")]).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/model") && stderr.contains("config.json"), "{stderr}");

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{report, PIXEL_TOL, STATE_TOL, edit_safetensors, fixtures, image, max_abs_diff, IMAGES, PHOTOS};
 use candle_core::{Tensor, D};
+use common::{edit_safetensors, fixtures, image, max_abs_diff, report, IMAGES, PHOTOS, PIXEL_TOL, STATE_TOL};
 use wasmcap::loading::ModelFiles;
 use wasmcap::tokenizer::{CaptionTokenizer, TextStream};
 use wasmcap::{CaptionOptions, Captioner, Error};
@@ -23,7 +23,9 @@ fn pixel_values_match_siglip_image_processor() {
         let mut checked = 0;
         for (name, bytes) in IMAGES {
             // tiny-ved-v4 keeps references for the photos only (fixture size budget).
-            let Some(theirs) = reference.get(&format!("pixel_values.{name}")) else { continue };
+            let Some(theirs) = reference.get(&format!("pixel_values.{name}")) else {
+                continue;
+            };
             checked += 1;
             let ours = captioner.pixel_values_from_bytes(bytes).unwrap();
             let diff = max_abs_diff(&ours, theirs);

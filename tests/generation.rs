@@ -181,7 +181,8 @@ fn invalid_options_are_refused() {
         let err = captioner.start(&pixels, &CaptionOptions { sampling, ..Default::default() }).err().unwrap();
         assert!(err.to_string().contains(needle), "{err}");
     }
-    let err = captioner.beam_search(&pixels, &CaptionOptions::default(), &BeamOptions { num_beams: 0, num_return_sequences: 0, ..Default::default() });
+    let err =
+        captioner.beam_search(&pixels, &CaptionOptions::default(), &BeamOptions { num_beams: 0, num_return_sequences: 0, ..Default::default() });
     assert!(err.is_err());
 }
 

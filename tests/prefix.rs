@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{report, PIXEL_TOL, STATE_TOL, image, max_abs_diff, prefix_cases, PHOTOS, PREFIX_PROMPTS};
+use common::{image, max_abs_diff, prefix_cases, report, PHOTOS, PIXEL_TOL, PREFIX_PROMPTS, STATE_TOL};
 use wasmcap::loading::ModelFiles;
 use wasmcap::lora::AdapterFiles;
 use wasmcap::tokenizer::CaptionTokenizer;

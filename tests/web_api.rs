@@ -107,9 +107,7 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
     let case = common::prefix_cases().into_iter().find(|c| c.name == "base-v5+lora-r4").unwrap();
     let (adapter_config, adapter_weights) = common::LORA_R4;
     let msg = message(
-        WasmCaptioner::new(case.config, case.weights, case.tokenizer, case.preprocessor, None, Some(adapter_config.to_vec()), None)
-            .err()
-            .unwrap(),
+        WasmCaptioner::new(case.config, case.weights, case.tokenizer, case.preprocessor, None, Some(adapter_config.to_vec()), None).err().unwrap(),
     );
     assert!(msg.contains("adapter"), "{msg}");
     let mut c = WasmCaptioner::new(

@@ -155,15 +155,10 @@ mod cli {
     fn beam_one(captioner: &Captioner, image: &Path, options: &CaptionOptions, beams: &BeamOptions, json: bool) -> wasmcap::Result<()> {
         let pixel_values = pixel_values(captioner, image)?;
         let hypotheses = captioner.beam_search(&pixel_values, options, beams)?;
-        let decoded = hypotheses
-            .iter()
-            .map(|h| Ok((captioner.tokenizer().decode(&h.token_ids, true)?, h)))
-            .collect::<wasmcap::Result<Vec<_>>>()?;
+        let decoded = hypotheses.iter().map(|h| Ok((captioner.tokenizer().decode(&h.token_ids, true)?, h))).collect::<wasmcap::Result<Vec<_>>>()?;
         if json {
-            let sequences: Vec<_> = decoded
-                .iter()
-                .map(|(text, h)| serde_json::json!({ "text": text, "token_ids": h.token_ids, "score": h.score }))
-                .collect();
+            let sequences: Vec<_> =
+                decoded.iter().map(|(text, h)| serde_json::json!({ "text": text, "token_ids": h.token_ids, "score": h.score })).collect();
             let best = sequences.first().cloned().unwrap_or_default();
             println!(
                 "{}",

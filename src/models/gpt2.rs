@@ -200,10 +200,7 @@ impl Gpt2Block {
     fn new(cfg: &Gpt2Config, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
         let eps = cfg.layer_norm_epsilon;
         let cross = if cfg.add_cross_attention {
-            Some((
-                layer_norm(cfg.n_embd, eps, vb.pp("ln_cross_attn"))?,
-                Gpt2CrossAttention::new(cfg, layer_idx, vb.pp("crossattention"))?,
-            ))
+            Some((layer_norm(cfg.n_embd, eps, vb.pp("ln_cross_attn"))?, Gpt2CrossAttention::new(cfg, layer_idx, vb.pp("crossattention"))?))
         } else {
             None
         };
@@ -237,10 +234,7 @@ pub struct Gpt2Cache {
 impl Gpt2Cache {
     /// An independent copy (the per-image cross-attention K/V are immutable and stay shared).
     pub fn deep_copy(&self) -> Result<Self> {
-        Ok(Self {
-            self_attn: self.self_attn.iter().map(attention::deep_copy_kv).collect::<Result<Vec<_>>>()?,
-            cross_attn: self.cross_attn.clone(),
-        })
+        Ok(Self { self_attn: self.self_attn.iter().map(attention::deep_copy_kv).collect::<Result<Vec<_>>>()?, cross_attn: self.cross_attn.clone() })
     }
 
     pub fn seq_len(&self) -> usize {
@@ -264,16 +258,11 @@ impl Gpt2LMHeadModel {
         let vb_t = vb.pp("transformer");
         let wte = embedding(cfg.vocab_size, cfg.n_embd, vb_t.pp("wte"))?;
         let wpe = embedding(cfg.n_positions, cfg.n_embd, vb_t.pp("wpe"))?;
-        let h = (0..cfg.n_layer)
-            .map(|i| Gpt2Block::new(cfg, i, vb_t.pp("h").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let h = (0..cfg.n_layer).map(|i| Gpt2Block::new(cfg, i, vb_t.pp("h").pp(i))).collect::<Result<Vec<_>>>()?;
         let ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, vb_t.pp("ln_f"))?;
         // A tied lm_head is not written to the checkpoint; transformers reuses wte.
-        let lm_head_weight = if cfg.tie_word_embeddings {
-            wte.embeddings().clone()
-        } else {
-            vb.pp("lm_head").get((cfg.vocab_size, cfg.n_embd), "weight")?
-        };
+        let lm_head_weight =
+            if cfg.tie_word_embeddings { wte.embeddings().clone() } else { vb.pp("lm_head").get((cfg.vocab_size, cfg.n_embd), "weight")? };
         Ok(Self { wte, wpe, h, ln_f, lm_head: Linear::new(lm_head_weight, None), config: cfg.clone() })
     }
 
@@ -282,10 +271,7 @@ impl Gpt2LMHeadModel {
     }
 
     pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {
-        Gpt2Cache {
-            self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions)).collect(),
-            cross_attn,
-        }
+        Gpt2Cache { self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions)).collect(), cross_attn }
     }
 
     /// Cross-attention K/V of every layer for these encoder states ([B, N, n_embd]).

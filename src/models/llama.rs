@@ -275,15 +275,10 @@ impl Llama {
     /// `vb` holds `embed_tokens`, `layers.*`, `norm`; `lm_head_vb` holds `weight` of an untied head.
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder, lm_head_vb: VarBuilder) -> Result<Self> {
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i))).collect::<Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head_weight = if cfg.tie_word_embeddings {
-            embed_tokens.embeddings().clone()
-        } else {
-            lm_head_vb.get((cfg.vocab_size, cfg.hidden_size), "weight")?
-        };
+        let lm_head_weight =
+            if cfg.tie_word_embeddings { embed_tokens.embeddings().clone() } else { lm_head_vb.get((cfg.vocab_size, cfg.hidden_size), "weight")? };
         let rope = RotaryEmbedding::new(cfg, vb.device())?;
         Ok(Self { embed_tokens, layers, norm, lm_head: Linear::new(lm_head_weight, None), rope, config: cfg.clone() })
     }

@@ -73,10 +73,7 @@ impl SiglipVisionConfig {
     /// rather than as a tensor of surprising shape.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return Err(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
         }
         if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
             return Err(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
@@ -199,9 +196,7 @@ impl SiglipVisionTransformer {
     pub fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = SiglipVisionEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vb_layers = vb.pp("encoder").pp("layers");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| SiglipEncoderLayer::new(cfg, vb_layers.pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| SiglipEncoderLayer::new(cfg, vb_layers.pp(i))).collect::<Result<Vec<_>>>()?;
         let post_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
         Ok(Self { embeddings, layers, post_layernorm, config: cfg.clone() })
     }

@@ -63,11 +63,8 @@ pub struct VisionEncoderDecoder {
 impl VisionEncoderDecoder {
     pub fn new(cfg: &VisionEncoderDecoderConfig, vb: VarBuilder) -> Result<Self> {
         let encoder = SiglipVisionTransformer::new(&cfg.encoder, vb.pp("encoder"))?;
-        let enc_to_dec_proj = if cfg.has_projection() {
-            Some(linear(cfg.encoder.hidden_size, cfg.decoder.n_embd, vb.pp("enc_to_dec_proj"))?)
-        } else {
-            None
-        };
+        let enc_to_dec_proj =
+            if cfg.has_projection() { Some(linear(cfg.encoder.hidden_size, cfg.decoder.n_embd, vb.pp("enc_to_dec_proj"))?) } else { None };
         let decoder = Gpt2LMHeadModel::new(&cfg.decoder, vb.pp("decoder"))?;
         Ok(Self { encoder, enc_to_dec_proj, decoder })
     }

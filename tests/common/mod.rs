@@ -162,7 +162,8 @@ macro_rules! prefix_case {
 }
 
 pub const LORA_R4: (&[u8], &[u8]) = (fixture_file!("prefix/lora-r4/adapter_config.json"), fixture_file!("prefix/lora-r4/adapter_model.safetensors"));
-pub const LORA_RS8: (&[u8], &[u8]) = (fixture_file!("prefix/lora-rs8/adapter_config.json"), fixture_file!("prefix/lora-rs8/adapter_model.safetensors"));
+pub const LORA_RS8: (&[u8], &[u8]) =
+    (fixture_file!("prefix/lora-rs8/adapter_config.json"), fixture_file!("prefix/lora-rs8/adapter_model.safetensors"));
 pub const PREFIX_TOKENIZER_SAMPLES: &[u8] = fixture_file!("prefix/tokenizer/tokenizer_samples.json");
 
 /// Base saved by transformers 5.x and 4.x, base + LoRA merged ahead, base + PEFT adapters
