@@ -23,7 +23,17 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
     };
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    let probs = if super::tracks_grad(&[&scores]) { candle_nn::ops::softmax(&scores, candle_core::D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+    probs.matmul(v)
+}
+
+/// Appends k/v [B, H, T, d] to `cache` and returns everything cached; without a cache (training
+/// on whole sequences) they are used as they are, which keeps them in the autograd graph.
+pub fn append_kv(cache: Option<&mut candle_nn::kv_cache::KvCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    match cache {
+        Some(cache) => cache.append(k, v),
+        None => Ok((k.clone(), v.clone())),
+    }
 }
 
 /// Additive causal mask for `t` new positions that follow `past` cached ones: [t, past + t].

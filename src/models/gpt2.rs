@@ -8,10 +8,11 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{embedding, layer_norm, Activation, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{embedding, Activation, Embedding, VarBuilder};
 
 use super::attention;
 use super::linear::{Conv1D, Linear};
+use super::norm::{layer_norm, LayerNorm};
 
 /// `GPT2Config` as in the `decoder` section of `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -104,13 +105,13 @@ impl Gpt2SelfAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cache: &mut KvCache, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, cache: Option<&mut KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
         let qkv = self.c_attn.forward(xs)?;
         let n_embd = qkv.dim(D::Minus1)? / 3;
         let q = attention::split_heads(&qkv.narrow(D::Minus1, 0, n_embd)?, self.num_heads)?;
         let k = attention::split_heads(&qkv.narrow(D::Minus1, n_embd, n_embd)?, self.num_heads)?;
         let v = attention::split_heads(&qkv.narrow(D::Minus1, 2 * n_embd, n_embd)?, self.num_heads)?;
-        let (k, v) = cache.append(&k, &v)?;
+        let (k, v) = attention::append_kv(cache, &k, &v)?;
         let out = attention::scaled_dot_product(&q, &k, &v, self.scale, mask)?;
         self.c_proj.forward(&attention::merge_heads(&out)?)
     }
@@ -213,7 +214,7 @@ impl Gpt2Block {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cache: &mut KvCache, cross_kv: Option<&CrossAttentionKv>, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, cache: Option<&mut KvCache>, cross_kv: Option<&CrossAttentionKv>, mask: Option<&Tensor>) -> Result<Tensor> {
         let mut xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?, cache, mask)?)?;
         if let (Some((ln_cross_attn, crossattention)), Some(kv)) = (&self.cross, cross_kv) {
             xs = (&xs + crossattention.forward(&ln_cross_attn.forward(&xs)?, kv)?)?;
@@ -304,9 +305,30 @@ impl Gpt2LMHeadModel {
         let mask = if t > 1 { Some(attention::causal_mask(t, past, input_ids.device())?) } else { None };
         for (i, block) in self.h.iter().enumerate() {
             let cross_kv = cache.cross_attn.as_ref().and_then(|kv| kv.get(i));
-            xs = block.forward(&xs, &mut cache.self_attn[i], cross_kv, mask.as_ref())?;
+            xs = block.forward(&xs, Some(&mut cache.self_attn[i]), cross_kv, mask.as_ref())?;
         }
         self.ln_f.forward(&xs)
+    }
+
+    /// Training forward over whole sequences, no cache: `input_ids` [B, T] (right-padded; the
+    /// causal mask already keeps real tokens from seeing the padding after them) attending to
+    /// `encoder_hidden_states` [B, N, n_embd]. Returns logits [B, T, vocab].
+    pub fn forward_train(&self, input_ids: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        if t == 0 || t > self.config.n_positions {
+            candle_core::bail!("sequence of {t} tokens does not fit n_positions {}", self.config.n_positions);
+        }
+        let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let mut xs = self.wte.forward(input_ids)?.broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mask = if t > 1 { Some(attention::causal_mask(t, 0, input_ids.device())?) } else { None };
+        for block in &self.h {
+            let cross_kv = match &block.cross {
+                Some((_, crossattention)) => Some(crossattention.key_values(encoder_hidden_states)?),
+                None => None,
+            };
+            xs = block.forward(&xs, None, cross_kv.as_ref(), mask.as_ref())?;
+        }
+        self.logits(&self.ln_f.forward(&xs)?)
     }
 
     /// Logits for hidden states of any rank ending in n_embd.

@@ -181,26 +181,59 @@ fn matvec_in_out(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     Tensor::from_vec(y, shape, &Device::Cpu)
 }
 
+/// An unmerged LoRA update of a `Linear` while it trains: y += scale · (x·Aᵀ)·Bᵀ with A
+/// `[r, in]`, B `[out, r]` (PEFT's `lora_A` / `lora_B`).
+#[derive(Debug, Clone)]
+pub struct LoraUpdate {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
 /// `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraUpdate>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, lora: None }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Dimensions (in, out).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        let (out, inp) = self.weight.dims2()?;
+        Ok((inp, out))
+    }
+
+    pub fn set_lora(&mut self, lora: Option<LoraUpdate>) {
+        self.lora = lora;
+    }
+
+    pub fn lora(&self) -> Option<&LoraUpdate> {
+        self.lora.as_ref()
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if is_single_row(xs)? && self.weight.is_contiguous() {
+        if let Some(lora) = &self.lora {
+            let base = Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)?;
+            let low = Linear::new(lora.a.clone(), None).forward(xs)?;
+            return base + (Linear::new(lora.b.clone(), None).forward(&low)? * lora.scale)?;
+        }
+        if is_single_row(xs)? && self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight]) {
             return matvec_out_in(xs, &self.weight, self.bias.as_ref());
         }
         let w = match xs.rank() {
@@ -240,7 +273,7 @@ impl Conv1D {
 
 impl Module for Conv1D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if is_single_row(xs)? && self.weight.is_contiguous() {
+        if is_single_row(xs)? && self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
             return matvec_in_out(xs, &self.weight, Some(&self.bias));
         }
         let (b, t, d_in) = xs.dims3()?;

@@ -5,10 +5,11 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{embedding, rms_norm, Activation, Embedding, RmsNorm, VarBuilder};
+use candle_nn::{embedding, Activation, Embedding, VarBuilder};
 
 use super::attention;
 use super::linear::{linear_b, Linear};
+use super::norm::{rms_norm, RmsNorm};
 
 /// `LlamaConfig` (the `text_config` section of a Llava `config.json`).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -139,7 +140,11 @@ impl RotaryEmbedding {
         let t = xs.dim(2)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
+        if super::tracks_grad(&[xs]) {
+            candle_nn::rotary_emb::rope_slow(xs, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
+        }
     }
 }
 
@@ -170,12 +175,12 @@ impl LlamaAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, mask: Option<&Tensor>) -> Result<Tensor> {
-        let offset = cache.current_seq_len();
+    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: Option<&mut KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
+        let offset = cache.as_ref().map(|c| c.current_seq_len()).unwrap_or(0);
         let q = rope.apply(&attention::split_heads(&self.q_proj.forward(xs)?, self.num_heads)?, offset)?;
         let k = rope.apply(&attention::split_heads(&self.k_proj.forward(xs)?, self.num_kv_heads)?, offset)?;
         let v = attention::split_heads(&self.v_proj.forward(xs)?, self.num_kv_heads)?;
-        let (k, v) = cache.append(&k, &v)?;
+        let (k, v) = attention::append_kv(cache, &k, &v)?;
         let groups = self.num_heads / self.num_kv_heads;
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
         let out = attention::scaled_dot_product(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), mask)?;
@@ -237,7 +242,7 @@ impl LlamaDecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: Option<&mut KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
         let xs = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, cache, mask)?)?;
         &xs + self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?
     }
@@ -287,6 +292,20 @@ impl Llama {
         &self.config
     }
 
+    /// Every projection LoRA can adapt, named as PEFT names them under the language model
+    /// (`layers.3.self_attn.q_proj`, `layers.3.mlp.down_proj`).
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (name, linear) in [("self_attn.q_proj", &mut a.q_proj), ("self_attn.k_proj", &mut a.k_proj), ("self_attn.v_proj", &mut a.v_proj), ("self_attn.o_proj", &mut a.o_proj), ("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.down_proj", &mut m.down_proj)] {
+                out.push((format!("layers.{i}.{name}"), linear));
+            }
+        }
+        out
+    }
+
     pub fn new_cache(&self) -> LlamaCache {
         // Grows by 512 positions at a time rather than reserving max_position_embeddings.
         let chunk = self.config.max_position_embeddings.min(512);
@@ -311,9 +330,25 @@ impl Llama {
         let mask = if t > 1 { Some(attention::causal_mask(t, past, embeds.device())?) } else { None };
         let mut xs = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, &self.rope, kv, mask.as_ref())?;
+            xs = layer.forward(&xs, &self.rope, Some(kv), mask.as_ref())?;
         }
         self.norm.forward(&xs)
+    }
+
+    /// Training forward over whole sequences from position 0, no cache: `embeds` [B, T, hidden]
+    /// (right-padded; the causal mask keeps real positions from seeing the padding). Returns
+    /// logits [B, T, vocab].
+    pub fn forward_train(&self, embeds: &Tensor) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        if t == 0 || t > self.config.max_position_embeddings {
+            candle_core::bail!("sequence of {t} positions does not fit max_position_embeddings {}", self.config.max_position_embeddings);
+        }
+        let mask = if t > 1 { Some(attention::causal_mask(t, 0, embeds.device())?) } else { None };
+        let mut xs = embeds.clone();
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &self.rope, None, mask.as_ref())?;
+        }
+        self.logits(&self.norm.forward(&xs)?)
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {

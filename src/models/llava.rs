@@ -144,10 +144,36 @@ impl Llava {
         &self.language_model
     }
 
+    pub fn language_model_mut(&mut self) -> &mut Llama {
+        &mut self.language_model
+    }
+
     /// Image embeddings [B, num_patches, text hidden] for pixel values [B, 3, H, W].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let features = self.vision_tower.hidden_state(pixel_values, self.config.feature_layer_index())?;
-        self.multi_modal_projector.forward(&features)
+        self.project(&self.vision_features(pixel_values)?)
+    }
+
+    /// The tower's hidden state that the projector reads, [B, num_patches, vision hidden]
+    /// (`vision_feature_layer`). The tower is frozen in prefix training, so the trainer caches this.
+    pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_tower.hidden_state(pixel_values, self.config.feature_layer_index())
+    }
+
+    pub fn project(&self, vision_features: &Tensor) -> Result<Tensor> {
+        self.multi_modal_projector.forward(vision_features)
+    }
+
+    /// Training forward: logits [B, T, vocab] for equal-length rows of ids (each with one
+    /// image's `<image>` positions), the image embeddings projected from `vision_features`
+    /// [B, num_patches, vision hidden].
+    pub fn forward_train(&self, input_ids: &[Vec<u32>], vision_features: &Tensor) -> Result<Tensor> {
+        let features = self.project(vision_features)?;
+        let rows = input_ids
+            .iter()
+            .enumerate()
+            .map(|(b, ids)| self.merge_image_features(ids, &features.narrow(0, b, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        self.language_model.forward_train(&Tensor::cat(&rows, 0)?)
     }
 
     /// Prefills `input_ids` ([T], one sequence) with the image embeddings in the `<image>`

@@ -6,5 +6,13 @@ pub mod gpt2;
 pub mod linear;
 pub mod llama;
 pub mod llava;
+pub mod norm;
 pub mod siglip;
 pub mod vision_encoder_decoder;
+
+/// True when autograd records operations on any of `ts` (training). candle's fused CPU kernels
+/// (softmax, norms, RoPE) and our matrix–vector path have no backward pass, so models take the
+/// composed tensor ops then.
+pub(crate) fn tracks_grad(ts: &[&candle_core::Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}

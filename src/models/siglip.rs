@@ -7,10 +7,11 @@
 //! loaded.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, embedding, layer_norm, Activation, Conv2d, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{conv2d, embedding, Activation, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 
 use super::attention;
 use super::linear::{linear, Linear};
+use super::norm::{layer_norm, LayerNorm};
 
 /// `SiglipVisionConfig` as in the `encoder` / `vision_config` section of `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]

@@ -91,6 +91,16 @@ impl VisionEncoderDecoder {
         Ok(self.decoder.new_cache(Some(self.decoder.cross_attention_cache(&states)?)))
     }
 
+    /// Training forward: logits [B, T, vocab] for `decoder_input_ids` [B, T] attending to
+    /// `encoder_hidden_states` (the encoder's output, before `enc_to_dec_proj`).
+    pub fn forward_train(&self, encoder_hidden_states: &Tensor, decoder_input_ids: &Tensor) -> Result<Tensor> {
+        let states = match &self.enc_to_dec_proj {
+            Some(proj) => proj.forward(encoder_hidden_states)?,
+            None => encoder_hidden_states.clone(),
+        };
+        self.decoder.forward_train(decoder_input_ids, &states)
+    }
+
     /// Logits [B, vocab] of the last position after feeding `input_ids` [B, T].
     pub fn decode_step(&self, input_ids: &Tensor, cache: &mut Gpt2Cache) -> Result<Tensor> {
         let hidden = self.decoder.forward_hidden(input_ids, cache)?;
