@@ -14,6 +14,8 @@ pub mod models;
 pub mod preprocess;
 pub mod sampling;
 pub mod tokenizer;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod train;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
 

@@ -23,7 +23,11 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
     };
-    let probs = if super::tracks_grad(&[&scores]) { candle_nn::ops::softmax(&scores, candle_core::D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
+    let probs = if super::tracks_grad(&[&scores]) {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     probs.matmul(v)
 }
 

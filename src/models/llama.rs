@@ -299,7 +299,15 @@ impl Llama {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let a = &mut layer.self_attn;
             let m = &mut layer.mlp;
-            for (name, linear) in [("self_attn.q_proj", &mut a.q_proj), ("self_attn.k_proj", &mut a.k_proj), ("self_attn.v_proj", &mut a.v_proj), ("self_attn.o_proj", &mut a.o_proj), ("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.down_proj", &mut m.down_proj)] {
+            for (name, linear) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
                 out.push((format!("layers.{i}.{name}"), linear));
             }
         }

@@ -168,11 +168,8 @@ impl Llava {
     /// [B, num_patches, vision hidden].
     pub fn forward_train(&self, input_ids: &[Vec<u32>], vision_features: &Tensor) -> Result<Tensor> {
         let features = self.project(vision_features)?;
-        let rows = input_ids
-            .iter()
-            .enumerate()
-            .map(|(b, ids)| self.merge_image_features(ids, &features.narrow(0, b, 1)?))
-            .collect::<Result<Vec<_>>>()?;
+        let rows =
+            input_ids.iter().enumerate().map(|(b, ids)| self.merge_image_features(ids, &features.narrow(0, b, 1)?)).collect::<Result<Vec<_>>>()?;
         self.language_model.forward_train(&Tensor::cat(&rows, 0)?)
     }
 

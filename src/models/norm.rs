@@ -15,7 +15,11 @@ pub struct LayerNorm {
 }
 
 pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
-    Ok(LayerNorm { weight: vb.get_with_hints(size, "weight", Init::Const(1.))?, bias: vb.get_with_hints(size, "bias", Init::Const(0.))?, eps: eps as f32 })
+    Ok(LayerNorm {
+        weight: vb.get_with_hints(size, "weight", Init::Const(1.))?,
+        bias: vb.get_with_hints(size, "bias", Init::Const(0.))?,
+        eps: eps as f32,
+    })
 }
 
 impl Module for LayerNorm {

@@ -1,0 +1,592 @@
+//! The training run: data → token rows → (cached) encoder features → loss → AdamW, with
+//! checkpoints that a `kill -9` cannot corrupt and a resume that continues bit-for-bit, periodic
+//! BLEU/CIDEr-D on the validation split, a metrics log, a plot, and the exported folder.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::{json, Value};
+
+use super::data::{load_dataset, Dataset, DatasetOptions, Split};
+use super::metrics::{score, CaptionScores};
+use super::model::{create_dir, pretty, safetensors_bytes, write_atomic, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
+use super::optim::{accumulate, clip_grad_norm, learning_rate, named_grads, AdamW, AdamWConfig};
+use crate::captioner::{CaptionOptions, Captioner};
+use crate::error::{Error, Result};
+use crate::loading::ModelFiles;
+
+/// Everything `train` takes (the CLI's flags).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub arch: Arch,
+    pub dataset: String,
+    pub data_root: Option<PathBuf>,
+    pub data: DatasetOptions,
+    pub encoder_model: Option<PathBuf>,
+    pub decoder_model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
+    pub init_from_config: Option<PathBuf>,
+    /// `word-level`, or a tokenizer.json path; default: the decoder's.
+    pub tokenizer: Option<String>,
+    pub train_encoder: bool,
+    pub lora: Option<LoraSettings>,
+    pub prompt: Option<String>,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// Steps, or a fraction of all steps when below 1.
+    pub warmup: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub max_len: usize,
+    pub seed: u64,
+    pub output: PathBuf,
+    pub resume: bool,
+    pub eval_every: usize,
+    pub eval_samples: usize,
+    pub save_every: usize,
+    pub progress: bool,
+    pub pause_ms: u64,
+}
+
+/// One (image, caption) pair as token rows.
+struct Example {
+    image: usize,
+    /// Cross-attention: decoder inputs (start + caption). Prefix: prompt + caption + eos.
+    input: Vec<u32>,
+    /// Targets aligned with `input` (cross-attention: caption + eos) or with the next position
+    /// (prefix); `None` = not in the loss.
+    labels: Vec<Option<u32>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RunState {
+    epoch: usize,
+    /// Next micro-batch within the epoch.
+    batch: usize,
+    step: usize,
+    samples_seen: usize,
+    fingerprint: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub epochs: usize,
+    pub final_loss: f64,
+    pub samples_per_s: f64,
+    pub epoch_seconds: Vec<f64>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub eval: Option<CaptionScores>,
+    pub skipped_rows: String,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+pub fn load_split(cfg: &TrainConfig, split: Split) -> Result<Dataset> {
+    load_dataset(&cfg.dataset, cfg.data_root.as_deref(), split, &cfg.data)
+}
+
+pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let train_set = load_split(cfg, Split::Train)?;
+    let val_set = match load_split(cfg, Split::Val) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("no validation split ({e}); evaluation is skipped");
+            None
+        }
+    };
+    eprintln!(
+        "{}: {} train images ({}), {} val images",
+        train_set.name,
+        train_set.samples.len(),
+        train_set.skipped,
+        val_set.as_ref().map(|v| v.samples.len()).unwrap_or(0)
+    );
+    if train_set.samples.is_empty() {
+        return Err(Error::config("dataset", "the training split has no usable samples"));
+    }
+
+    let tokenizer = match cfg.tokenizer.as_deref() {
+        Some("word-level") => Some(super::model::word_level_tokenizer(
+            train_set.samples.iter().flat_map(|s| s.captions.iter().map(String::as_str)),
+            cfg.arch == Arch::Prefix,
+        )?),
+        Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{path}: {e}")))?),
+        None => None,
+    };
+    let source = match (&cfg.model, &cfg.init_from_config, &cfg.encoder_model, &cfg.decoder_model) {
+        (Some(dir), _, _, _) => Source::Model(dir),
+        (None, Some(path), _, _) => Source::Config(path),
+        (None, None, Some(encoder), Some(decoder)) => Source::Folders { encoder, decoder },
+        _ => return Err(Error::config("train", "give --encoder-model and --decoder-model, or --model DIR, or --init-from-config CONFIG.json")),
+    };
+    let mut model = TrainModel::build(
+        source,
+        BuildOptions { arch: cfg.arch, train_encoder: cfg.train_encoder, lora: cfg.lora.clone(), seed: cfg.seed, tokenizer },
+    )?;
+    model.max_caption_tokens = cfg.max_len;
+    eprintln!(
+        "{:?}: {} trainable of {} parameters ({:.2} %){}",
+        model.arch,
+        model.num_trainable(),
+        model.num_total(),
+        100.0 * model.num_trainable() as f64 / model.num_total().max(1) as f64,
+        if model.initialised.is_empty() { String::new() } else { format!("; {} tensors freshly initialised", model.initialised.len()) }
+    );
+
+    let examples = make_examples(&model, &train_set, cfg)?;
+    let batches_per_epoch = examples.len().div_ceil(cfg.batch_size.max(1));
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum.max(1));
+    let total_steps = cfg.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * cfg.epochs);
+    let warmup = if cfg.warmup < 1.0 { (cfg.warmup * total_steps as f64).round() as usize } else { cfg.warmup as usize };
+    let fingerprint = run_fingerprint(cfg, examples.len());
+
+    create_dir(&cfg.output)?;
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, &model.params)?;
+    let mut state = RunState { epoch: 0, batch: 0, step: 0, samples_seen: 0, fingerprint: fingerprint.clone() };
+    if cfg.resume {
+        match load_checkpoint(&cfg.output, &model, &mut opt)? {
+            Some(s) if s.fingerprint != fingerprint => {
+                return Err(Error::config(
+                    "checkpoint",
+                    "the checkpoint was written by a run with other data, model or batch settings; resume with the same flags",
+                ))
+            }
+            Some(s) => {
+                eprintln!("resuming at epoch {} step {}", s.epoch + 1, s.step);
+                state = s;
+            }
+            None => eprintln!("--resume: no checkpoint in {}, starting fresh", cfg.output.display()),
+        }
+    }
+    let metrics_path = cfg.output.join("metrics.jsonl");
+    let mut metrics_log = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+
+    let mut features = FeatureCache::default();
+    let bars = Progress::new(cfg.progress, cfg.epochs, steps_per_epoch);
+    let mut history: Vec<Value> = read_history(&metrics_path);
+    let mut last_loss = f64::NAN;
+    let mut epoch_seconds = Vec::new();
+    let mut last_eval = None;
+    let started = Instant::now();
+    let samples_at_start = state.samples_seen;
+
+    'epochs: while state.epoch < cfg.epochs && state.step < total_steps {
+        let epoch_start = Instant::now();
+        let order = epoch_order(examples.len(), cfg.seed, state.epoch);
+        bars.start_epoch(state.epoch, state.batch / cfg.grad_accum.max(1));
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0.0;
+        let mut micro = 0;
+        while state.batch < batches_per_epoch {
+            let ids: Vec<usize> = order.iter().skip(state.batch * cfg.batch_size).take(cfg.batch_size).copied().collect();
+            let batch: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
+            let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
+            let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
+            let g = scaled.backward()?;
+            accumulate(&mut grads, named_grads(&model.params, &g))?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            micro += 1;
+            state.batch += 1;
+            state.samples_seen += batch.len();
+            if micro == cfg.grad_accum.max(1) || state.batch == batches_per_epoch {
+                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
+                let lr = learning_rate(cfg.lr, state.step, warmup, total_steps);
+                opt.update(&model.params, &grads, lr)?;
+                grads.clear();
+                state.step += 1;
+                last_loss = loss_sum / micro as f64;
+                let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+                let sps = (state.samples_seen - samples_at_start) as f64 / elapsed;
+                let line =
+                    json!({ "step": state.step, "epoch": state.epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "samples_per_s": sps });
+                log_line(&mut metrics_log, &line)?;
+                history.push(line);
+                bars.step(state.step, last_loss, lr, sps);
+                loss_sum = 0.0;
+                micro = 0;
+                if let Some(val) = val_set.as_ref().filter(|_| cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+                    let scores = evaluate_model(&model, val, cfg.eval_samples, cfg.prompt.as_deref())?;
+                    bars.println(&format!("step {}: {scores}", state.step));
+                    let line = json!({ "step": state.step, "epoch": state.epoch + 1, "eval": scores });
+                    log_line(&mut metrics_log, &line)?;
+                    history.push(line);
+                    last_eval = Some(scores);
+                }
+                let epoch_done = state.batch == batches_per_epoch;
+                if epoch_done {
+                    state.epoch += 1;
+                    state.batch = 0;
+                }
+                if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || epoch_done || state.step == total_steps {
+                    save_checkpoint(&cfg.output, &model, &opt, &state)?;
+                }
+                if cfg.pause_ms > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(cfg.pause_ms));
+                }
+                if epoch_done {
+                    break;
+                }
+                if state.step >= total_steps {
+                    break 'epochs;
+                }
+            }
+        }
+        epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
+        bars.println(&format!("epoch {} done in {:.1} s, loss {last_loss:.4}", state.epoch, epoch_start.elapsed().as_secs_f64()));
+    }
+    bars.finish();
+
+    model.save_folder(&cfg.output)?;
+    let final_eval = match &val_set {
+        Some(val) => {
+            let scores = evaluate_model(&model, val, cfg.eval_samples, cfg.prompt.as_deref())?;
+            let line = json!({ "step": state.step, "epoch": state.epoch, "eval": scores, "final": true });
+            log_line(&mut metrics_log, &line)?;
+            history.push(line);
+            Some(scores)
+        }
+        None => last_eval,
+    };
+    if let Err(e) = write_plot(&cfg.output.join("training.png"), &history) {
+        eprintln!("could not write the plot: {e}");
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(TrainSummary {
+        steps: state.step,
+        epochs: state.epoch,
+        final_loss: last_loss,
+        samples_per_s: (state.samples_seen - samples_at_start) as f64 / elapsed,
+        epoch_seconds,
+        trainable_params: model.num_trainable(),
+        total_params: model.num_total(),
+        eval: final_eval,
+        skipped_rows: train_set.skipped.to_string(),
+    })
+}
+
+fn log_line(file: &mut std::fs::File, line: &Value) -> Result<()> {
+    writeln!(file, "{line}").map_err(|source| Error::Io { path: "metrics.jsonl".into(), source })
+}
+
+fn read_history(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).map(|s| s.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()).unwrap_or_default()
+}
+
+/// Changes when anything that decides the data order or the shapes of the state changes.
+fn run_fingerprint(cfg: &TrainConfig, examples: usize) -> String {
+    format!(
+        "{:?}|{}|{:?}|{examples}|{}|{}|{}|{}|{:?}",
+        cfg.arch,
+        cfg.dataset,
+        cfg.data_root,
+        cfg.batch_size,
+        cfg.grad_accum,
+        cfg.seed,
+        cfg.epochs,
+        cfg.lora.as_ref().map(|l| (l.r, l.targets.clone()))
+    )
+}
+
+/// A permutation of 0..n that depends only on (seed, epoch): a resumed run sees the same order.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = InitRng::new(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64 + 1));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn make_examples(model: &TrainModel, data: &Dataset, cfg: &TrainConfig) -> Result<Vec<Example>> {
+    let encode = |text: &str, special: bool| -> Result<Vec<u32>> {
+        Ok(model.tokenizer.encode(text, special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    };
+    let s = &model.specials;
+    let prompt = match model.arch {
+        Arch::Prefix => {
+            let image = s.image.and_then(|id| model.tokenizer.id_to_token(id)).unwrap_or_else(|| "<image>".into());
+            let n = match &model.network {
+                Network::Prefix(m) => m.config().num_image_tokens(),
+                Network::CrossAttention(_) => 0,
+            };
+            encode(&format!("{}{}", image.repeat(n), cfg.prompt.clone().unwrap_or_default()), true)?
+        }
+        Arch::CrossAttention => vec![],
+    };
+    let mut out = Vec::new();
+    for (image, sample) in data.samples.iter().enumerate() {
+        for caption in &sample.captions {
+            let mut ids = encode(caption, false)?;
+            ids.truncate(cfg.max_len.saturating_sub(1).max(1));
+            ids.push(s.eos);
+            match model.arch {
+                Arch::CrossAttention => {
+                    // transformers' shift_tokens_right: inputs = start + labels[:-1].
+                    let mut input = vec![s.decoder_start];
+                    input.extend_from_slice(&ids[..ids.len() - 1]);
+                    out.push(Example { image, input, labels: ids.into_iter().map(Some).collect() });
+                }
+                Arch::Prefix => {
+                    // Causal LM: the logits at position t predict input t + 1; the prompt is not a target.
+                    let mut input = prompt.clone();
+                    input.extend_from_slice(&ids);
+                    let mut labels: Vec<Option<u32>> = input[1..].iter().map(|&t| Some(t)).collect();
+                    labels.push(None);
+                    for l in labels.iter_mut().take(prompt.len().saturating_sub(1)) {
+                        *l = None;
+                    }
+                    out.push(Example { image, input, labels });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Encoder outputs by image, computed once: the encoder is frozen, so epochs after the first
+/// skip it entirely. Lives for the run (a resumed run recomputes it).
+#[derive(Default)]
+pub struct FeatureCache {
+    features: HashMap<usize, Tensor>,
+    pub hits: usize,
+    pub misses: usize,
+}
+
+fn pixel_values(model: &TrainModel, data: &Dataset, image: usize) -> Result<Tensor> {
+    let sample = data.samples.get(image).ok_or_else(|| Error::Compute(format!("no image {image}")))?;
+    model.preprocessor.preprocess(&sample.image.load_rgb()?)
+}
+
+/// Features the trainable part reads: cross-attention = the encoder's last hidden state;
+/// prefix = the tower's feature layer (before the trainable projector).
+fn image_features(model: &TrainModel, pixels: &Tensor) -> Result<Tensor> {
+    Ok(match &model.network {
+        Network::CrossAttention(m) => m.encode(pixels)?,
+        Network::Prefix(m) => m.vision_features(pixels)?,
+    })
+}
+
+fn batch_features(model: &TrainModel, data: &Dataset, images: &[usize], cache: &mut FeatureCache, train_encoder: bool) -> Result<Tensor> {
+    if train_encoder {
+        let pixels = images.iter().map(|&i| pixel_values(model, data, i)).collect::<Result<Vec<_>>>()?;
+        return image_features(model, &Tensor::cat(&pixels, 0)?);
+    }
+    let mut rows = Vec::with_capacity(images.len());
+    for &i in images {
+        if let Some(f) = cache.features.get(&i) {
+            cache.hits += 1;
+            rows.push(f.clone());
+        } else {
+            cache.misses += 1;
+            let f = image_features(model, &pixel_values(model, data, i)?)?.detach();
+            cache.features.insert(i, f.clone());
+            rows.push(f);
+        }
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Mean cross-entropy over the labelled positions of a right-padded batch.
+fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mut FeatureCache, train_encoder: bool) -> Result<Tensor> {
+    let images: Vec<usize> = batch.iter().map(|e| e.image).collect();
+    let feats = batch_features(model, data, &images, cache, train_encoder)?;
+    let t = batch.iter().map(|e| e.input.len()).max().unwrap_or(1);
+    let pad = model.specials.pad;
+    let rows: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|e| {
+            let mut r = e.input.clone();
+            r.resize(t, pad);
+            r
+        })
+        .collect();
+    let logits = match &model.network {
+        Network::CrossAttention(m) => {
+            let flat: Vec<u32> = rows.concat();
+            m.forward_train(&feats, &Tensor::from_vec(flat, (batch.len(), t), &Device::Cpu)?)?
+        }
+        Network::Prefix(m) => m.forward_train(&rows, &feats)?,
+    };
+    let vocab = logits.dim(D::Minus1)?;
+    let (mut positions, mut targets) = (Vec::new(), Vec::new());
+    for (b, e) in batch.iter().enumerate() {
+        for (i, l) in e.labels.iter().enumerate() {
+            if let Some(l) = l {
+                positions.push((b * t + i) as u32);
+                targets.push(*l);
+            }
+        }
+    }
+    if positions.is_empty() {
+        return Err(Error::Compute("a batch without any target token".into()));
+    }
+    let picked = logits.reshape((batch.len() * t, vocab))?.index_select(&Tensor::new(positions, &Device::Cpu)?, 0)?;
+    Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, &Tensor::new(targets, &Device::Cpu)?)?)
+}
+
+/// Greedy captions of (up to `limit` images of) `data` by the model as it is now, through the
+/// same `Captioner` the browser runs, scored against all reference captions.
+pub fn evaluate_model(model: &TrainModel, data: &Dataset, limit: usize, prompt: Option<&str>) -> Result<CaptionScores> {
+    let files = model.model_files(&model.export_tensors()?)?;
+    let get = |name: &str| files.iter().find(|(n, _)| *n == name).map(|(_, b)| b.as_slice()).unwrap_or_default();
+    let captioner = Captioner::from_files(ModelFiles {
+        config: get("config.json"),
+        weights: get("model.safetensors"),
+        tokenizer: get("tokenizer.json"),
+        preprocessor: get("preprocessor_config.json"),
+        generation: Some(get("generation_config.json")),
+        adapter: None,
+    })?;
+    evaluate_captioner(&captioner, data, limit, prompt).map(|(scores, _)| scores)
+}
+
+/// Scores plus (image key, caption, references) per image.
+pub fn evaluate_captioner(
+    captioner: &Captioner,
+    data: &Dataset,
+    limit: usize,
+    prompt: Option<&str>,
+) -> Result<(CaptionScores, Vec<(String, String, Vec<String>)>)> {
+    let n = if limit == 0 { data.samples.len() } else { limit.min(data.samples.len()) };
+    // Lengths from generation_config.json, as the browser would caption.
+    let options = CaptionOptions { max_new_tokens: None, prompt: prompt.map(str::to_string), ..Default::default() };
+    let (mut candidates, mut references, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
+    for sample in &data.samples[..n] {
+        let pixels = captioner.preprocessor().preprocess(&sample.image.load_rgb()?)?;
+        let caption = captioner.caption(&pixels, &options, |_| {})?;
+        pairs.push((sample.image.key(), caption.text.clone(), sample.captions.clone()));
+        candidates.push(caption.text.trim().to_string());
+        references.push(sample.captions.clone());
+    }
+    Ok((score(&candidates, &references), pairs))
+}
+
+// Checkpoints: `checkpoint/` holds trainable.safetensors, optimizer.safetensors, state.json. It is
+// written whole as `checkpoint.tmp/` and swapped in by renames, so a kill at any moment leaves
+// either the previous checkpoint or the new one (`checkpoint.old/` between the two renames).
+
+fn save_checkpoint(out: &Path, model: &TrainModel, opt: &AdamW, state: &RunState) -> Result<()> {
+    let tmp = out.join("checkpoint.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    create_dir(&tmp)?;
+    let params: BTreeMap<String, Tensor> = model.param_tensors().into_iter().collect();
+    write_atomic(&tmp.join("trainable.safetensors"), &safetensors_bytes(&params)?)?;
+    let moments: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+    write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(&moments)?)?;
+    let state_json = serde_json::to_value(state).map_err(|e| Error::Compute(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), &pretty(&state_json)?)?;
+    let (current, old) = (out.join("checkpoint"), out.join("checkpoint.old"));
+    let _ = std::fs::remove_dir_all(&old);
+    if current.exists() {
+        std::fs::rename(&current, &old).map_err(io_err(&current))?;
+    }
+    std::fs::rename(&tmp, &current).map_err(io_err(&current))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn load_checkpoint(out: &Path, model: &TrainModel, opt: &mut AdamW) -> Result<Option<RunState>> {
+    let dir = [out.join("checkpoint"), out.join("checkpoint.old")].into_iter().find(|d| d.join("state.json").exists());
+    let Some(dir) = dir else { return Ok(None) };
+    let read = |name: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(name)).map_err(io_err(&dir.join(name))) };
+    let state: RunState = serde_json::from_slice(&read("state.json")?).map_err(|e| Error::config("checkpoint state.json", e))?;
+    let params = crate::loading::load_safetensors("checkpoint trainable.safetensors", &read("trainable.safetensors")?, |k| k.to_string())?;
+    model.load_params(&params)?;
+    let moments = crate::loading::load_safetensors("checkpoint optimizer.safetensors", &read("optimizer.safetensors")?, |k| k.to_string())?;
+    opt.load_state(&moments, state.step).map_err(|e| Error::config("checkpoint optimizer.safetensors", e))?;
+    Ok(Some(state))
+}
+
+fn write_plot(path: &Path, history: &[Value]) -> Result<()> {
+    use super::plot::{line_plot_png, Series};
+    let series = |key: &str, name: &str| Series {
+        name: name.to_string(),
+        points: history.iter().filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?))).collect(),
+    };
+    let eval = |key: &str, name: &str| Series {
+        name: name.to_string(),
+        points: history.iter().filter_map(|l| Some((l.get("step")?.as_f64()?, l.get("eval")?.get(key)?.as_f64()?))).collect(),
+    };
+    let bleu4 = Series {
+        name: "BLEU-4".into(),
+        points: history.iter().filter_map(|l| Some((l.get("step")?.as_f64()?, l.get("eval")?.get("bleu")?.get(3)?.as_f64()?))).collect(),
+    };
+    line_plot_png(
+        path,
+        "wasmcap training",
+        "step",
+        &[
+            vec![series("loss", "loss")],
+            vec![series("lr", "learning rate")],
+            vec![bleu4, eval("cider_d", "CIDEr-D"), eval("exact_match", "exact match")],
+        ],
+    )
+}
+
+/// indicatif bars: one for epochs, one for the steps of the current epoch.
+struct Progress {
+    multi: Option<(indicatif::MultiProgress, indicatif::ProgressBar, indicatif::ProgressBar)>,
+}
+
+impl Progress {
+    fn new(enabled: bool, epochs: usize, steps_per_epoch: usize) -> Self {
+        if !enabled {
+            return Self { multi: None };
+        }
+        let multi = indicatif::MultiProgress::new();
+        let style = |t: &str| indicatif::ProgressStyle::with_template(t).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let epoch = multi.add(indicatif::ProgressBar::new(epochs as u64));
+        epoch.set_style(style("epoch {pos}/{len} [{bar:30}] {elapsed_precise} ETA {eta_precise}"));
+        let step = multi.add(indicatif::ProgressBar::new(steps_per_epoch as u64));
+        step.set_style(style("step  {pos}/{len} [{bar:30}] {msg} ETA {eta}"));
+        Self { multi: Some((multi, epoch, step)) }
+    }
+
+    fn start_epoch(&self, epoch: usize, step_in_epoch: usize) {
+        if let Some((_, e, s)) = &self.multi {
+            e.set_position(epoch as u64);
+            s.set_position(step_in_epoch as u64);
+        }
+    }
+
+    fn step(&self, step: usize, loss: f64, lr: f64, sps: f64) {
+        match &self.multi {
+            Some((_, _, s)) => {
+                s.inc(1);
+                s.set_message(format!("loss {loss:.4} lr {lr:.2e} {sps:.1} samples/s (step {step})"));
+            }
+            None => {
+                if step % 50 == 0 {
+                    eprintln!("step {step}: loss {loss:.4} lr {lr:.2e} {sps:.1} samples/s");
+                }
+            }
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match &self.multi {
+            Some((m, _, _)) => {
+                let _ = m.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, e, s)) = &self.multi {
+            s.finish_and_clear();
+            e.finish();
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The `train` binary on the built-in `shapes` data with tiny configs: the loss goes down, the
+//! output folder captions through the same `Captioner` as the browser (LoRA merged and as a PEFT
+//! adapter), `kill -9` then `--resume` ends with the same weights as an uninterrupted run, bad
+//! rows are skipped and counted.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use wasmcap::{CaptionOptions, Captioner};
+
+fn fixture(rel: &str) -> String {
+    format!("{}/tests/fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasmcap-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Flags of a small, quick run of `arch` writing to `out`.
+fn tiny_run(arch: &str, out: &Path) -> Vec<String> {
+    let config = if arch == "prefix" { "train/tiny-prefix.json" } else { "train/tiny-cross-attention.json" };
+    let mut args: Vec<String> = ["--arch", arch, "--init-from-config", &fixture(config), "--tokenizer", "word-level", "--dataset", "shapes"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(
+        // LoRA on a frozen random base learns slowly: a larger step for the prefix run.
+        [
+            "--shapes-train",
+            "96",
+            "--shapes-val",
+            "8",
+            "--shapes-size",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            if arch == "prefix" { "1e-2" } else { "3e-3" },
+            "--warmup",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(["--save-every", "1", "--eval-samples", "8", "--no-progress", "--seed", "7", "--output"].iter().map(|s| s.to_string()));
+    args.push(out.display().to_string());
+    if arch == "prefix" {
+        args.extend(["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj"].iter().map(|s| s.to_string()));
+    }
+    args
+}
+
+fn train(args: &[String]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_train")).args(args).env("RAYON_NUM_THREADS", "1").output().unwrap();
+    assert!(out.status.success(), "train failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect()
+}
+
+fn captions(model: &Captioner, n: u64) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            let (image, _) = wasmcap::train::data::shapes_scene(0, 2_000_000 + i, 16);
+            let pixels = model.preprocessor().preprocess(&image).unwrap();
+            model.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids
+        })
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_folders_the_captioner_loads() {
+    for arch in ["cross-attention", "prefix"] {
+        let out = scratch(&format!("export-{arch}"));
+        let stdout = String::from_utf8(train(&tiny_run(arch, &out)).stdout).unwrap();
+        assert!(stdout.contains("trained 24 steps"), "{stdout}");
+        let l = losses(&out);
+        assert_eq!(l.len(), 24);
+        let (first, last) = (l[..4].iter().sum::<f64>() / 4.0, l[20..].iter().sum::<f64>() / 4.0);
+        assert!(last < 0.7 * first, "{arch}: loss {first:.3} → {last:.3}");
+        for file in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+            "generation_config.json",
+            "training.png",
+        ] {
+            assert!(out.join(file).exists(), "{arch}: no {file}");
+        }
+        let merged = Captioner::from_dir(&out, None).unwrap();
+        let ids = captions(&merged, 6);
+        assert!(ids.iter().all(|c| !c.is_empty()));
+        if arch == "prefix" {
+            // The same LoRA, as a PEFT adapter on the unmerged base, gives the same model.
+            let base = Captioner::from_dir(out.join("base"), Some(&out.join("adapter"))).unwrap();
+            assert_eq!(captions(&base, 6), ids);
+            let adapter: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+            assert_eq!(adapter["r"], 4);
+            let bare = Captioner::from_dir(out.join("base"), None).unwrap();
+            let (image, _) = wasmcap::train::data::shapes_scene(0, 2_000_000, 16);
+            let logits = |m: &Captioner| {
+                let pixels = m.preprocessor().preprocess(&image).unwrap();
+                m.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let (m, b, n) = (logits(&merged), logits(&base), logits(&bare));
+            assert!(max_diff(&m, &b) < 1e-4, "merged vs base + adapter: {}", max_diff(&m, &b));
+            // Without the adapter the logits move: the LoRA learned something.
+            assert!(max_diff(&m, &n) > 1e-2, "the adapter changes nothing: {}", max_diff(&m, &n));
+        }
+        // `train eval` scores the folder through the same path.
+        let eval = Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(["eval", "--model", &out.display().to_string(), "--dataset", "shapes", "--shapes-size", "16", "--shapes-test", "5", "--json"])
+            .output()
+            .unwrap();
+        assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+        assert_eq!(report["images"], 5);
+        assert!(report["scores"]["bleu"].as_array().unwrap().len() == 4 && report["scores"]["cider_d"].is_number());
+        let _ = std::fs::remove_dir_all(out);
+    }
+}
+
+#[test]
+fn kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run() {
+    for arch in ["cross-attention", "prefix"] {
+        let straight = scratch(&format!("straight-{arch}"));
+        train(&tiny_run(arch, &straight));
+
+        let interrupted = scratch(&format!("interrupted-{arch}"));
+        let mut args = tiny_run(arch, &interrupted);
+        args.extend(["--pause-ms".to_string(), "150".to_string()]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_train")).args(&args).env("RAYON_NUM_THREADS", "1").spawn().unwrap();
+        let state = interrupted.join("checkpoint/state.json");
+        let started = Instant::now();
+        loop {
+            let step = std::fs::read(&state).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["step"].as_u64());
+            if step.is_some_and(|s| s >= 5) {
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "{arch}: the run ended before it could be killed");
+            assert!(started.elapsed() < Duration::from_secs(120), "{arch}: no checkpoint appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!interrupted.join("model.safetensors").exists(), "{arch}: killed before the end, nothing exported yet");
+
+        args.retain(|a| a != "--pause-ms" && a != "150");
+        args.push("--resume".into());
+        let stderr = String::from_utf8(train(&args).stderr).unwrap();
+        assert!(stderr.contains("resuming at epoch"), "{stderr}");
+        let a = std::fs::read(straight.join("model.safetensors")).unwrap();
+        let b = std::fs::read(interrupted.join("model.safetensors")).unwrap();
+        assert!(a == b, "{arch}: resumed weights differ from the uninterrupted run");
+        let _ = std::fs::remove_dir_all(straight);
+        let _ = std::fs::remove_dir_all(interrupted);
+    }
+}
+
+#[test]
+fn bad_rows_are_skipped_and_counted() {
+    let dir = scratch("jsonl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..40u64 {
+        let (image, caption) = wasmcap::train::data::shapes_scene(3, i, 16);
+        let name = format!("img{i}.png");
+        image.save(dir.join(&name)).unwrap();
+        lines.push(serde_json::json!({ "image": name, "caption": caption, "split": if i < 32 { "train" } else { "val" } }).to_string());
+    }
+    std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
+    lines.push(serde_json::json!({ "image": "missing.png", "caption": "a red circle left of a blue square", "split": "train" }).to_string());
+    lines.push(serde_json::json!({ "image": "broken.png", "caption": "a red circle left of a blue square", "split": "train" }).to_string());
+    lines.push(serde_json::json!({ "image": "img0.png", "caption": "   ", "split": "train" }).to_string());
+    lines.push("{ not json".to_string());
+    std::fs::write(dir.join("data.jsonl"), lines.join("\n")).unwrap();
+    let out = dir.join("run");
+    let args: Vec<String> = [
+        "--init-from-config",
+        &fixture("train/tiny-cross-attention.json"),
+        "--tokenizer",
+        "word-level",
+        "--dataset",
+        &dir.join("data.jsonl").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--epochs", "1", "--batch-size", "8", "--no-progress", "--output", &out.display().to_string()].iter().map(|s| s.to_string()))
+    .collect();
+    let stderr = String::from_utf8(train(&args).stderr).unwrap();
+    assert!(stderr.contains("32 train images") && stderr.contains("skipped 4 rows"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
