@@ -7,6 +7,7 @@
 #   ./build.sh test-pages build pkg/ and run only the page tests (tests/browser/*.test.mjs)
 #   ./build.sh demo       build pkg/ and serve the demo page on http://127.0.0.1:8080 (COOP/COEP headers)
 #   ./build.sh bench      benchmark full-size random models natively and in headless Chromium
+#   ./build.sh bench-train  training samples/s of both architectures on full-size configs
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -91,5 +92,6 @@ case "${1:-build}" in
   test-pages) build_pkg; page_tests ;;
   demo) build_pkg; serve ;;
   bench) shift; setup; exec bash bench/run.sh "$@" ;;
-  *) echo "usage: $0 [build|setup|test|test-pages|demo|bench]" >&2; exit 2 ;;
+  bench-train) shift; exec bash bench/train.sh "$@" ;;
+  *) echo "usage: $0 [build|setup|test|test-pages|demo|bench|bench-train]" >&2; exit 2 ;;
 esac

@@ -1,7 +1,9 @@
 """Checks that folders written by `train` load in 🤗 transformers and caption with the same
 tokens as our `caption` binary (greedy).
 
-    /path/to/python tests/check_export.py MODEL_DIR [IMAGE ...]
+    CAPTION_BIN=target/release/caption /path/to/python tests/check_export.py MODEL_DIR [IMAGE ...]
+    ... --write-reference FILE   also write transformers' ids per image (the embedded models'
+                                 reference.json, which tests/embedded.rs checks natively and in Chromium)
 
 MODEL_DIR is a `train --output` folder: vision-encoder-decoder (VisionEncoderDecoderModel) or
 llava (LlavaForConditionalGeneration); for llava with LoRA, MODEL_DIR/base + MODEL_DIR/adapter
@@ -18,7 +20,9 @@ from PIL import Image
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration, VisionEncoderDecoderModel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CAPTION = [str(ROOT / "target/release/caption")]
+import os
+
+CAPTION = [os.environ.get("CAPTION_BIN", str(ROOT / "target/release/caption"))]
 
 
 def ours(model_dir, images, adapter=None):
@@ -56,14 +60,24 @@ def theirs(model_dir, images, adapter=None):
 
 
 def main():
-    model_dir = pathlib.Path(sys.argv[1]).resolve()
-    images = [pathlib.Path(p) for p in sys.argv[2:]] or sorted((ROOT / "tests/fixtures/images").glob("*.*"))
+    args = sys.argv[1:]
+    reference = None
+    if "--write-reference" in args:
+        i = args.index("--write-reference")
+        reference = pathlib.Path(args[i + 1])
+        del args[i : i + 2]
+    model_dir = pathlib.Path(args[0]).resolve()
+    images = [pathlib.Path(p) for p in args[1:]] or sorted((ROOT / "tests/fixtures/images").glob("*.*"))
     checks = [("merged", model_dir, None)]
     if (model_dir / "adapter").exists():
         checks.append(("base+adapter", model_dir / "base", model_dir / "adapter"))
     failures = 0
+    import transformers
+
     for name, folder, adapter in checks:
         a, b = ours(folder, images, adapter), theirs(folder, images, adapter)
+        if reference is not None and adapter is None:
+            reference.write_text(json.dumps({"source": f"transformers {transformers.__version__} greedy generate (tests/check_export.py)", "greedy_ids": {i.name: ids for i, ids in zip(images, b)}}, indent=1) + "\n")
         for image, x, y in zip(images, a, b):
             # transformers keeps the EOS it stopped on; so do we — compare as they are.
             same = x == y

@@ -41,6 +41,50 @@ mod cli {
     enum Command {
         /// Caption a dataset split with a model folder and print BLEU-1..4, CIDEr-D and exact match.
         Eval(EvalArgs),
+        /// Write scenes of the built-in shapes dataset as PNG files plus a captions.jsonl
+        /// (the JSONL dataset format, so `--dataset DIR/captions.jsonl` trains on them).
+        Shapes(ShapesArgs),
+    }
+
+    #[derive(ClapArgs)]
+    struct ShapesArgs {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    }
+
+    fn run_shapes(a: ShapesArgs) -> Result<(), Error> {
+        let split: Split = a.split.parse()?;
+        let options = DatasetOptions {
+            shapes_train: a.count,
+            shapes_val: a.count,
+            shapes_test: a.count,
+            shapes_seed: a.seed,
+            shapes_size: a.size,
+            check_images: false,
+        };
+        let data = wasmcap::train::data::load_dataset("shapes", None, split, &options)?;
+        std::fs::create_dir_all(&a.out).map_err(|source| Error::Io { path: a.out.display().to_string(), source })?;
+        let mut lines = String::new();
+        for (i, sample) in data.samples.iter().enumerate() {
+            let name = format!("shapes-{split}-{i}.png");
+            let path = a.out.join(&name);
+            sample.image.load_rgb()?.save(&path).map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+            let caption = sample.captions.first().cloned().unwrap_or_default();
+            lines.push_str(&serde_json::json!({ "image": name, "caption": caption, "split": split.to_string() }).to_string());
+            lines.push('\n');
+        }
+        let index = a.out.join("captions.jsonl");
+        std::fs::write(&index, lines).map_err(|source| Error::Io { path: index.display().to_string(), source })?;
+        println!("wrote {} scenes to {}", data.samples.len(), a.out.display());
+        Ok(())
     }
 
     #[derive(ClapArgs)]
@@ -105,9 +149,13 @@ mod cli {
         /// Default: the decoder's (or the model's) tokenizer.json.
         #[arg(long)]
         tokenizer: Option<String>,
-        /// Cross-attention: train the encoder too (no feature cache then).
+        /// Train the encoder too (no feature cache then).
         #[arg(long)]
         train_encoder: bool,
+        /// Prefix: train the language model in full instead of LoRA (with --lora-rank 0), e.g. to
+        /// make a base that a later LoRA run (--model DIR) adapts.
+        #[arg(long)]
+        train_decoder: bool,
         /// Prefix: LoRA rank on the language model (0 = no LoRA: only the projector trains).
         #[arg(long, default_value_t = 8)]
         lora_rank: usize,
@@ -245,6 +293,7 @@ mod cli {
             init_from_config: a.init_from_config,
             tokenizer: a.tokenizer,
             train_encoder: a.train_encoder,
+            train_decoder: a.train_decoder,
             lora,
             prompt: a.prompt,
             epochs: a.epochs,
@@ -285,7 +334,7 @@ mod cli {
     }
 
     fn run_eval(a: EvalArgs) -> Result<(), Error> {
-        let split: Split = a.split.parse().map_err(|e| Error::config("--split", e))?;
+        let split: Split = a.split.parse()?;
         let captioner = Captioner::from_dir(&a.model, a.adapter.as_deref())?;
         let cfg_data = a.data.options();
         let data = wasmcap::train::data::load_dataset(&a.data.dataset, a.data.data_root.as_deref(), split, &cfg_data)?;
@@ -307,6 +356,7 @@ mod cli {
         let cli = Cli::parse();
         let result = match cli.command {
             Some(Command::Eval(a)) => run_eval(a),
+            Some(Command::Shapes(a)) => run_shapes(a),
             None => run_train(cli.train),
         };
         match result {

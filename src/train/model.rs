@@ -214,6 +214,8 @@ pub enum Source<'a> {
 pub struct BuildOptions {
     pub arch: Arch,
     pub train_encoder: bool,
+    /// Prefix: train the language model in full (a base for later LoRA runs) instead of LoRA.
+    pub train_decoder: bool,
     pub lora: Option<LoraSettings>,
     pub seed: u64,
     /// A tokenizer to use instead of the decoder's (e.g. a word-level one built from the data).
@@ -407,7 +409,8 @@ impl TrainModel {
         };
         let config_vocab = config[vocab_key].get("vocab_size").and_then(Value::as_u64).unwrap_or(0) as usize;
         if fresh {
-            config[vocab_key]["vocab_size"] = json!(vocab);
+            // Room for every token; a config may ask for more (unused rows, as in padded vocabularies).
+            config[vocab_key]["vocab_size"] = json!(vocab.max(config_vocab));
         } else if vocab > config_vocab {
             return Err(Error::Tokenizer(format!(
                 "the tokenizer has {vocab} tokens but the decoder's vocabulary is {config_vocab}; pass a model whose vocabulary holds every token (including <image>)"
@@ -415,14 +418,19 @@ impl TrainModel {
         }
 
         // Which tensors train, which may be created.
-        let train_encoder = options.train_encoder;
+        let (train_encoder, train_decoder) = (options.train_encoder, options.train_decoder);
+        if train_decoder && options.lora.is_some() {
+            return Err(Error::config("train", "--train-decoder trains the language model in full; use it with --lora-rank 0"));
+        }
         let trainable: Box<dyn Fn(&str) -> bool + Send + Sync> = match arch {
             Arch::CrossAttention => Box::new(move |n: &str| {
                 n.starts_with("decoder.") || n.starts_with("enc_to_dec_proj.") || (train_encoder && n.starts_with("encoder."))
             }),
-            Arch::Prefix => {
-                Box::new(move |n: &str| n.starts_with("model.multi_modal_projector.") || (train_encoder && n.starts_with("model.vision_tower.")))
-            }
+            Arch::Prefix => Box::new(move |n: &str| {
+                n.starts_with("model.multi_modal_projector.")
+                    || (train_encoder && n.starts_with("model.vision_tower."))
+                    || (train_decoder && (n.starts_with("model.language_model.") || n.starts_with("lm_head.")))
+            }),
         };
         let may_init: Box<dyn Fn(&str) -> bool + Send + Sync> = if fresh {
             Box::new(|_| true)

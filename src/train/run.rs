@@ -32,6 +32,7 @@ pub struct TrainConfig {
     /// `word-level`, or a tokenizer.json path; default: the decoder's.
     pub tokenizer: Option<String>,
     pub train_encoder: bool,
+    pub train_decoder: bool,
     pub lora: Option<LoraSettings>,
     pub prompt: Option<String>,
     pub epochs: usize,
@@ -131,7 +132,14 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let mut model = TrainModel::build(
         source,
-        BuildOptions { arch: cfg.arch, train_encoder: cfg.train_encoder, lora: cfg.lora.clone(), seed: cfg.seed, tokenizer },
+        BuildOptions {
+            arch: cfg.arch,
+            train_encoder: cfg.train_encoder,
+            train_decoder: cfg.train_decoder,
+            lora: cfg.lora.clone(),
+            seed: cfg.seed,
+            tokenizer,
+        },
     )?;
     model.max_caption_tokens = cfg.max_len;
     eprintln!(
