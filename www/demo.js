@@ -1,7 +1,14 @@
 // The demo page: drives the npm package's API (pkg/index.js, built by ./build.sh) like any user would.
 import { Captioner } from '../pkg/index.js';
 
-const DEFAULT_MODEL = new URL('../tests/fixtures/tiny-ved-v5/', import.meta.url);
+// The embedded models: trained by `bin/train` on the built-in shapes data (models/README.md).
+// `?model=PATH` picks another folder as the default (the page tests use the random fixture,
+// whose long captions exercise streaming and stopping).
+const EMBEDDED = {
+  default: new URL(new URLSearchParams(location.search).get('model') ?? '../models/shapes-cross-attention/', import.meta.url),
+  prefix: new URL('../models/shapes-prefix/', import.meta.url),
+};
+const DEFAULT_MODEL = EMBEDDED.default;
 const $ = (id) => document.getElementById(id);
 const demo = { Captioner, captioner: null, loads: 0 };
 window.wasmcapDemo = demo; // for the page tests (tests/browser/)
@@ -20,7 +27,7 @@ const mb = (n) => (n / 1e6).toFixed(n < 1e6 ? 2 : 1);
 
 function modelSource() {
   const choice = document.querySelector('input[name=model]:checked').value;
-  if (choice === 'default') return DEFAULT_MODEL.href;
+  if (choice in EMBEDDED) return EMBEDDED[choice].href;
   if (choice === 'files') {
     const files = $('model-files').files;
     if (!files.length) throw new Error('Pick the model folder\'s files (config.json, model.safetensors, tokenizer.json, preprocessor_config.json).');
