@@ -329,8 +329,7 @@ test('demo: the embedded models (no ?model=) caption the shapes samples with tra
         assert.equal(await fresh.evaluate(() => document.body.dataset.state), 'done', await fresh.locator('#error').textContent());
         const ids = JSON.parse(await fresh.locator('#caption').getAttribute('data-token-ids'));
         assert.deepEqual(ids, reference[image], `${model} ${image}`);
-        // The prefix model (90.7 % exact match) gets one colour of the third sample wrong.
-        if (model === 'shapes-cross-attention') assert.equal((await fresh.locator('#caption').textContent()).trim(), caption, `${model} ${image}`);
+        assert.equal((await fresh.locator('#caption').textContent()).trim(), caption, `${model} ${image}`);
       }
     }
   } finally {
