@@ -128,6 +128,13 @@ impl CaptionRun {
     }
 }
 
+/// The text whose tokens are a prefix model's input (`LlavaProcessor`'s expansion of
+/// `"<image>" + prompt`): the image token once per patch, then the prompt. The trainer lays out
+/// its sequences with the same function.
+pub fn prefix_prompt_text(image_token: &str, num_image_tokens: usize, prompt: Option<&str>) -> String {
+    format!("{}{}", image_token.repeat(num_image_tokens), prompt.unwrap_or_default())
+}
+
 impl Captioner {
     pub fn from_files(files: ModelFiles<'_>) -> Result<Self> {
         let config = loading::parse_json(loading::CONFIG, files.config)?;
@@ -232,8 +239,7 @@ impl Captioner {
                     .tokenizer
                     .id_to_token(image_token)
                     .ok_or_else(|| Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary")))?;
-                let text = format!("{}{}", image.repeat(m.config().num_image_tokens()), prompt.unwrap_or_default());
-                self.tokenizer.encode(&text, true)
+                self.tokenizer.encode(&prefix_prompt_text(&image, m.config().num_image_tokens(), prompt), true)
             }
             Model::CrossAttention(_) => match prompt {
                 Some(_) => Err(Error::Generation("a text prompt needs a prefix (llava) model".into())),

@@ -40,13 +40,18 @@ pub struct OwnedModelFiles {
     pub adapter: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// A file's bytes; a missing file is `MissingFile` (named), any other failure `Io`.
 #[cfg(not(target_arch = "wasm32"))]
-fn read_file(dir: &std::path::Path, name: &str) -> Result<Vec<u8>> {
-    let path = dir.join(name);
-    std::fs::read(&path).map_err(|source| match source.kind() {
+pub fn read_path(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => Error::MissingFile(path.display().to_string()),
         _ => Error::Io { path: path.display().to_string(), source },
     })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn read_file(dir: &std::path::Path, name: &str) -> Result<Vec<u8>> {
+    read_path(&dir.join(name))
 }
 
 impl OwnedModelFiles {

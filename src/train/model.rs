@@ -14,8 +14,9 @@ use candle_nn::{Init, VarBuilder};
 use serde_json::{json, Value};
 
 use super::optim::Param;
+use super::{create_dir, write_atomic};
 use crate::error::{from_candle_weights, Error, Result};
-use crate::loading::{llava_key, load_safetensors, vision_encoder_decoder_key};
+use crate::loading::{llava_key, load_safetensors, read_path as read, vision_encoder_decoder_key};
 use crate::models::linear::LoraUpdate;
 use crate::models::llava::{Llava, LlavaConfig};
 use crate::models::vision_encoder_decoder::{VisionEncoderDecoder, VisionEncoderDecoderConfig};
@@ -220,13 +221,6 @@ pub struct BuildOptions {
     pub seed: u64,
     /// A tokenizer to use instead of the decoder's (e.g. a word-level one built from the data).
     pub tokenizer: Option<tokenizers::Tokenizer>,
-}
-
-fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile(path.display().to_string()),
-        _ => Error::Io { path: path.display().to_string(), source },
-    })
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -762,34 +756,6 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> 
 
 pub fn pretty(value: &Value) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(value).map_err(|e| Error::Compute(e.to_string()))
-}
-
-pub fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })
-}
-
-/// Writes `bytes` to `path` so that a reader (or a crash) sees the old file or the new one,
-/// never half of one: a temporary file, flushed, then renamed over.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp-write");
-    let io = |source| Error::Io { path: tmp.display().to_string(), source };
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.display().to_string(), source })
-}
-
-/// Puts the finished folder `tmp` at `dir`, replacing an older one.
-pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    let old = dir.with_extension("old-export");
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
-    }
-    std::fs::rename(tmp, dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }
 
 /// A word-level tokenizer over the words of `captions` (lowercased, split on whitespace), with

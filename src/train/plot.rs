@@ -2,7 +2,6 @@
 //! plotting crate (and no system fonts): lines, axes, ticks and a legend on white, text in an
 //! embedded 5×7 bitmap font (with a descender row).
 
-use std::fs;
 use std::path::Path;
 
 use image::{ImageEncoder, Rgb, RgbImage};
@@ -59,15 +58,7 @@ pub fn line_plot_png(path: &Path, title: &str, x_label: &str, panels: &[Vec<Seri
         .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
         .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
 
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = Path::new(&tmp);
-    fs::write(tmp, &png).map_err(|source| Error::Io { path: tmp.display().to_string(), source })?;
-    fs::rename(tmp, path).map_err(|source| {
-        // Best effort: the rename error is the one worth reporting.
-        let _ = fs::remove_file(tmp);
-        Error::Io { path: path.display().to_string(), source }
-    })
+    super::write_atomic(path, &png)
 }
 
 fn usable(v: f64) -> bool {
@@ -459,6 +450,7 @@ const FONT: [[u8; 8]; 95] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::path::PathBuf;
 
     fn temp_dir(name: &str) -> PathBuf {

@@ -12,8 +12,9 @@ use serde_json::{json, Value};
 
 use super::data::{load_dataset, Dataset, DatasetOptions, Split};
 use super::metrics::{score, CaptionScores};
-use super::model::{create_dir, pretty, safetensors_bytes, write_atomic, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
+use super::model::{pretty, safetensors_bytes, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
 use super::optim::{accumulate, clip_grad_norm, learning_rate, named_grads, AdamW, AdamWConfig};
+use super::{create_dir, write_atomic};
 use crate::captioner::{CaptionOptions, Captioner};
 use crate::error::{Error, Result};
 use crate::loading::ModelFiles;
@@ -328,7 +329,7 @@ fn make_examples(model: &TrainModel, data: &Dataset, cfg: &TrainConfig) -> Resul
                 Network::Prefix(m) => m.config().num_image_tokens(),
                 Network::CrossAttention(_) => 0,
             };
-            encode(&format!("{}{}", image.repeat(n), cfg.prompt.clone().unwrap_or_default()), true)?
+            encode(&crate::captioner::prefix_prompt_text(&image, n, cfg.prompt.as_deref()), true)?
         }
         Arch::CrossAttention => vec![],
     };
