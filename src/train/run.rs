@@ -152,7 +152,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         if model.initialised.is_empty() { String::new() } else { format!("; {} tensors freshly initialised", model.initialised.len()) }
     );
 
-    let examples = make_examples(&model, &train_set, cfg)?;
+    let examples = make_examples(&model, &train_set, cfg.max_len, cfg.prompt.as_deref())?;
     let batches_per_epoch = examples.len().div_ceil(cfg.batch_size.max(1));
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum.max(1));
     let total_steps = cfg.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * cfg.epochs);
@@ -317,7 +317,7 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-fn make_examples(model: &TrainModel, data: &Dataset, cfg: &TrainConfig) -> Result<Vec<Example>> {
+fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>) -> Result<Vec<Example>> {
     let encode = |text: &str, special: bool| -> Result<Vec<u32>> {
         Ok(model.tokenizer.encode(text, special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
     };
@@ -329,7 +329,7 @@ fn make_examples(model: &TrainModel, data: &Dataset, cfg: &TrainConfig) -> Resul
                 Network::Prefix(m) => m.config().num_image_tokens(),
                 Network::CrossAttention(_) => 0,
             };
-            encode(&crate::captioner::prefix_prompt_text(&image, n, cfg.prompt.as_deref()), true)?
+            encode(&crate::captioner::prefix_prompt_text(&image, n, prompt), true)?
         }
         Arch::CrossAttention => vec![],
     };
@@ -337,7 +337,7 @@ fn make_examples(model: &TrainModel, data: &Dataset, cfg: &TrainConfig) -> Resul
     for (image, sample) in data.samples.iter().enumerate() {
         for caption in &sample.captions {
             let mut ids = encode(caption, false)?;
-            ids.truncate(cfg.max_len.saturating_sub(1).max(1));
+            ids.truncate(max_len.saturating_sub(1).max(1));
             ids.push(s.eos);
             match model.arch {
                 Arch::CrossAttention => {
@@ -442,6 +442,36 @@ fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mu
     }
     let picked = logits.reshape((batch.len() * t, vocab))?.index_select(&Tensor::new(positions, &Device::Cpu)?, 0)?;
     Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, &Tensor::new(targets, &Device::Cpu)?)?)
+}
+
+/// One batch exactly as a training step sees it: every caption of `data` in file order, its
+/// token rows and targets (`None` = not in the loss), the loss, and the gradient norm of each
+/// trainable tensor before clipping. What the trainer is checked with against transformers.
+#[derive(Debug, serde::Serialize)]
+pub struct BatchCheck {
+    pub inputs: Vec<Vec<u32>>,
+    pub labels: Vec<Vec<Option<u32>>>,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub grad_norms: BTreeMap<String, f64>,
+}
+
+pub fn check_batch(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>, train_encoder: bool) -> Result<BatchCheck> {
+    let examples = make_examples(model, data, max_len, prompt)?;
+    let batch: Vec<&Example> = examples.iter().collect();
+    let loss = batch_loss(model, data, &batch, &mut FeatureCache::default(), train_encoder)?;
+    let mut grads = named_grads(&model.params, &loss.backward()?);
+    let mut grad_norms = BTreeMap::new();
+    for (name, g) in &grads {
+        grad_norms.insert(name.clone(), (g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt());
+    }
+    Ok(BatchCheck {
+        inputs: examples.iter().map(|e| e.input.clone()).collect(),
+        labels: examples.iter().map(|e| e.labels.clone()).collect(),
+        loss: loss.to_scalar::<f32>()? as f64,
+        grad_norm: clip_grad_norm(&mut grads, 0.0)?,
+        grad_norms,
+    })
 }
 
 /// Greedy captions of (up to `limit` images of) `data` by the model as it is now, through the
