@@ -164,11 +164,64 @@ fn kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run() {
         args.push("--resume".into());
         let stderr = String::from_utf8(train(&args).stderr).unwrap();
         assert!(stderr.contains("resuming at epoch"), "{stderr}");
+        // The features computed before the kill came back from disk instead of the encoder.
+        assert!(read_back(&stderr).0 > 0, "{arch}: nothing read back from the feature cache:\n{stderr}");
         let a = std::fs::read(straight.join("model.safetensors")).unwrap();
         let b = std::fs::read(interrupted.join("model.safetensors")).unwrap();
         assert!(a == b, "{arch}: resumed weights differ from the uninterrupted run");
         let _ = std::fs::remove_dir_all(straight);
         let _ = std::fs::remove_dir_all(interrupted);
+    }
+}
+
+/// (read back, images) from the trainer's "feature cache: N of M images read back" line.
+fn read_back(stderr: &str) -> (usize, usize) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("feature cache: ") && l.contains("read back"))
+        .unwrap_or_else(|| panic!("no feature-cache line:\n{stderr}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (words[2].parse().unwrap(), words[4].parse().unwrap())
+}
+
+#[test]
+fn the_feature_cache_persists_and_is_dropped_when_the_encoder_changes() {
+    let cache = scratch("feature-cache");
+    let with_cache = |out: &Path, seed: &str| {
+        let mut args = tiny_run("cross-attention", out);
+        args.extend(["--feature-cache".into(), cache.display().to_string()]);
+        let i = args.iter().position(|a| a == "--seed").unwrap();
+        args[i + 1] = seed.into();
+        String::from_utf8(train(&args).stderr).unwrap()
+    };
+    let keys = || -> Vec<String> {
+        let mut k: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        k.sort();
+        k
+    };
+    // A first run computes every image's features and keeps them.
+    let first = scratch("cache-first");
+    assert_eq!(read_back(&with_cache(&first, "7")), (0, 96));
+    let key = keys();
+    assert_eq!(key.len(), 1, "{key:?}");
+    assert!(std::fs::read_dir(cache.join(&key[0])).unwrap().count() > 0);
+
+    // A second run on the same images and encoder reads them all back, and trains to the same
+    // bytes: the cached features are the computed ones, bit for bit.
+    let second = scratch("cache-second");
+    assert_eq!(read_back(&with_cache(&second, "7")), (96, 96));
+    assert!(std::fs::read(first.join("model.safetensors")).unwrap() == std::fs::read(second.join("model.safetensors")).unwrap());
+
+    // Another seed initialises another (random, frozen) encoder: the old features are stale.
+    let third = scratch("cache-third");
+    let stderr = with_cache(&third, "8");
+    assert_eq!(read_back(&stderr), (0, 96));
+    assert!(stderr.contains("removing stale features"), "{stderr}");
+    let now = keys();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now, key);
+    for dir in [cache, first, second, third] {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 

@@ -210,6 +210,13 @@ mod cli {
         /// Checkpoint every N optimizer steps (and at each epoch's end).
         #[arg(long, default_value_t = 100)]
         save_every: usize,
+        /// Folder for the frozen encoder's features, reused by later runs on the same images and
+        /// encoder (a resumed run, another learning rate, ...) [default: OUTPUT/feature-cache].
+        #[arg(long)]
+        feature_cache: Option<PathBuf>,
+        /// Keep encoder features in memory only.
+        #[arg(long)]
+        no_feature_cache: bool,
         /// Plain log lines instead of progress bars.
         #[arg(long)]
         no_progress: bool,
@@ -311,6 +318,7 @@ mod cli {
             eval_every: a.eval_every,
             eval_samples: a.eval_samples,
             save_every: a.save_every,
+            feature_cache: (!a.no_feature_cache).then(|| a.feature_cache.clone().unwrap_or_else(|| a.output.join("feature-cache"))),
             progress: !a.no_progress,
             pause_ms: a.pause_ms,
         };

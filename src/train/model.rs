@@ -518,6 +518,29 @@ impl TrainModel {
         Ok(layers)
     }
 
+    /// Feeds everything the image features depend on into `d`: the vision config and every
+    /// encoder / vision-tower tensor (name, shape, values).
+    pub fn digest_encoder(&self, d: &mut super::features::Digest) -> Result<()> {
+        let (prefix, vision) = match self.arch {
+            Arch::CrossAttention => ("encoder.", self.config.get("encoder").cloned().unwrap_or_default()),
+            Arch::Prefix => (
+                "model.vision_tower.",
+                json!([self.config.get("vision_config"), self.config.get("vision_feature_layer"), self.config.get("vision_feature_select_strategy")]),
+            ),
+        };
+        d.write(vision.to_string().as_bytes());
+        let mut encoder: Vec<&(String, Tensor, Option<Var>)> = self.tensors.iter().filter(|(n, _, _)| n.starts_with(prefix)).collect();
+        encoder.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t, _) in encoder {
+            d.write(name.as_bytes());
+            d.write(format!("{:?}", t.dims()).as_bytes());
+            let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            d.write(&bytes);
+        }
+        Ok(())
+    }
+
     /// Sets trainable tensors from a checkpoint (names as in `params`).
     pub fn load_params(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         for p in &self.params {

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde_json::{json, Value};
 
 use super::data::{load_dataset, Dataset, DatasetOptions, Split};
+use super::features::{batch_features, cache_key, FeatureCache};
 use super::metrics::{score, CaptionScores};
 use super::model::{pretty, safetensors_bytes, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
 use super::optim::{accumulate, clip_grad_norm, learning_rate, named_grads, AdamW, AdamWConfig};
@@ -52,6 +53,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub eval_samples: usize,
     pub save_every: usize,
+    /// Where frozen-encoder features persist between runs (`None`: memory only).
+    pub feature_cache: Option<PathBuf>,
     pub progress: bool,
     pub pause_ms: u64,
 }
@@ -180,7 +183,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let metrics_path = cfg.output.join("metrics.jsonl");
     let mut metrics_log = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
 
-    let mut features = FeatureCache::default();
+    let mut features = match (&cfg.feature_cache, cfg.train_encoder) {
+        (Some(root), false) => {
+            let key = cache_key(&model, &train_set)?;
+            let cache = FeatureCache::open(root, &key)?;
+            eprintln!("feature cache: {} of {} images read back from {}", cache.loaded, train_set.samples.len(), root.join(&key).display());
+            cache
+        }
+        _ => FeatureCache::in_memory(),
+    };
     let bars = Progress::new(cfg.progress, cfg.epochs, steps_per_epoch);
     let mut history: Vec<Value> = read_history(&metrics_path);
     let mut last_loss = f64::NAN;
@@ -237,6 +248,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                     state.batch = 0;
                 }
                 if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || epoch_done || state.step == total_steps {
+                    // Features first: a checkpoint never claims work whose features are lost.
+                    features.save()?;
                     save_checkpoint(&cfg.output, &model, &opt, &state)?;
                 }
                 if cfg.pause_ms > 0 {
@@ -254,6 +267,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         bars.println(&format!("epoch {} done in {:.1} s, loss {last_loss:.4}", state.epoch, epoch_start.elapsed().as_secs_f64()));
     }
     bars.finish();
+    features.save()?;
 
     model.save_folder(&cfg.output)?;
     let final_eval = match &val_set {
@@ -363,49 +377,6 @@ fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Opt
     Ok(out)
 }
 
-/// Encoder outputs by image, computed once: the encoder is frozen, so epochs after the first
-/// skip it entirely. Lives for the run (a resumed run recomputes it).
-#[derive(Default)]
-pub struct FeatureCache {
-    features: HashMap<usize, Tensor>,
-    pub hits: usize,
-    pub misses: usize,
-}
-
-fn pixel_values(model: &TrainModel, data: &Dataset, image: usize) -> Result<Tensor> {
-    let sample = data.samples.get(image).ok_or_else(|| Error::Compute(format!("no image {image}")))?;
-    model.preprocessor.preprocess(&sample.image.load_rgb()?)
-}
-
-/// Features the trainable part reads: cross-attention = the encoder's last hidden state;
-/// prefix = the tower's feature layer (before the trainable projector).
-fn image_features(model: &TrainModel, pixels: &Tensor) -> Result<Tensor> {
-    Ok(match &model.network {
-        Network::CrossAttention(m) => m.encode(pixels)?,
-        Network::Prefix(m) => m.vision_features(pixels)?,
-    })
-}
-
-fn batch_features(model: &TrainModel, data: &Dataset, images: &[usize], cache: &mut FeatureCache, train_encoder: bool) -> Result<Tensor> {
-    if train_encoder {
-        let pixels = images.iter().map(|&i| pixel_values(model, data, i)).collect::<Result<Vec<_>>>()?;
-        return image_features(model, &Tensor::cat(&pixels, 0)?);
-    }
-    let mut rows = Vec::with_capacity(images.len());
-    for &i in images {
-        if let Some(f) = cache.features.get(&i) {
-            cache.hits += 1;
-            rows.push(f.clone());
-        } else {
-            cache.misses += 1;
-            let f = image_features(model, &pixel_values(model, data, i)?)?.detach();
-            cache.features.insert(i, f.clone());
-            rows.push(f);
-        }
-    }
-    Ok(Tensor::cat(&rows, 0)?)
-}
-
 /// Mean cross-entropy over the labelled positions of a right-padded batch.
 fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mut FeatureCache, train_encoder: bool) -> Result<Tensor> {
     let images: Vec<usize> = batch.iter().map(|e| e.image).collect();
@@ -459,7 +430,7 @@ pub struct BatchCheck {
 pub fn check_batch(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>, train_encoder: bool) -> Result<BatchCheck> {
     let examples = make_examples(model, data, max_len, prompt)?;
     let batch: Vec<&Example> = examples.iter().collect();
-    let loss = batch_loss(model, data, &batch, &mut FeatureCache::default(), train_encoder)?;
+    let loss = batch_loss(model, data, &batch, &mut FeatureCache::in_memory(), train_encoder)?;
     let mut grads = named_grads(&model.params, &loss.backward()?);
     let mut grad_norms = BTreeMap::new();
     for (name, g) in &grads {
