@@ -227,7 +227,7 @@ fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usi
         let mut next = argmax(&model.prefill(&ids, &features, &mut cache)?.squeeze(0)?)?;
         let prefilled = now_ms() - start;
         for _ in 1..new_tokens {
-            next = argmax(&model.decode_step(next, &mut cache)?.squeeze(0)?)?;
+            next = argmax(&model.decode_step(&[next], &mut cache)?.squeeze(0)?)?;
         }
         runs.push(Timing { encoded, prefilled, first: prefilled, end: now_ms() - start });
     }

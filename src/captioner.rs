@@ -79,52 +79,90 @@ pub struct Caption {
     pub tokens_per_s: f64,
 }
 
-/// Per-architecture decoding state.
+/// Per-architecture decoding state of B rows that advance together (the images of a batch, the
+/// beams of a search).
 enum DecoderState {
-    /// The next decoder input (the start token first) and the cache.
-    CrossAttention { cache: Gpt2Cache, next_input: u32 },
-    /// The prompt is prefilled lazily by the first step; afterwards the last token is fed.
-    Prefix { cache: LlamaCache, prompt: Option<(Vec<u32>, Tensor)>, last: u32 },
+    /// The next decoder input of each row (the start token first) and the cache.
+    CrossAttention { cache: Gpt2Cache, next_input: Vec<u32> },
+    /// The prompt (with each row's image embeddings) is prefilled lazily by the first step;
+    /// afterwards each row's last token is fed.
+    Prefix { cache: LlamaCache, prompt: Option<(Vec<u32>, Tensor)>, last: Vec<u32> },
 }
 
 impl DecoderState {
-    /// An independent copy: beams that share a history diverge from here.
-    fn fork(&self) -> Result<Self> {
+    /// The state of rows `rows` (in that order, repeats allowed), sharing no cache storage.
+    fn select(&self, rows: &[usize]) -> Result<Self> {
+        let pick = |v: &[u32]| rows.iter().map(|&r| v.get(r).copied().unwrap_or_default()).collect::<Vec<_>>();
         Ok(match self {
-            DecoderState::CrossAttention { cache, next_input } => DecoderState::CrossAttention { cache: cache.deep_copy()?, next_input: *next_input },
-            DecoderState::Prefix { cache, prompt, last } => DecoderState::Prefix { cache: cache.deep_copy()?, prompt: prompt.clone(), last: *last },
+            DecoderState::CrossAttention { cache, next_input } => {
+                DecoderState::CrossAttention { cache: cache.select(rows)?, next_input: pick(next_input) }
+            }
+            DecoderState::Prefix { cache, prompt, last } => {
+                let prompt = match prompt {
+                    Some((ids, features)) => {
+                        Some((ids.clone(), features.contiguous()?.index_select(&crate::models::attention::row_index(rows, &Device::Cpu)?, 0)?))
+                    }
+                    None => None,
+                };
+                DecoderState::Prefix { cache: cache.select(rows)?, prompt, last: pick(last) }
+            }
         })
+    }
+
+    /// The token each row feeds next.
+    fn feed(&mut self, tokens: Vec<u32>) {
+        match self {
+            DecoderState::CrossAttention { next_input, .. } => *next_input = tokens,
+            DecoderState::Prefix { last, .. } => *last = tokens,
+        }
     }
 }
 
-/// A caption in progress: the decoder state for one image and what has been generated.
-pub struct CaptionRun {
-    state: DecoderState,
+/// One caption's progress within a run.
+struct RowRun {
     /// What transformers calls `input_ids`: start token or prompt, then the generated ids.
     seen: Vec<u32>,
-    sampling: SamplingOptions,
     rng: Rng,
-    eos: Vec<u32>,
     token_ids: Vec<u32>,
-    max_new_tokens: usize,
     done: bool,
     stream: TextStream,
+    first_token_ms: Option<f64>,
+}
+
+/// Captions in progress: one per image of the batch given to [`Captioner::start`] (or
+/// [`Captioner::start_many`]), decoded together; finished ones leave the batch.
+pub struct CaptionRun {
+    state: DecoderState,
+    /// The caption of each row of `state`: the running ones, in state order.
+    active: Vec<usize>,
+    rows: Vec<RowRun>,
+    sampling: SamplingOptions,
+    eos: Vec<u32>,
+    max_new_tokens: usize,
     started_ms: f64,
     encoder_ms: f64,
-    first_token_ms: Option<f64>,
 }
 
 impl CaptionRun {
     pub fn is_done(&self) -> bool {
-        self.done
+        self.rows.iter().all(|r| r.done)
     }
 
+    /// The (first) caption's tokens so far.
     pub fn token_ids(&self) -> &[u32] {
-        &self.token_ids
+        self.rows.first().map(|r| r.token_ids.as_slice()).unwrap_or_default()
     }
 
     pub fn text(&self) -> &str {
-        self.stream.text()
+        self.rows.first().map(|r| r.stream.text()).unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
     }
 }
 
@@ -248,24 +286,37 @@ impl Captioner {
         }
     }
 
-    /// Runs the encoder and prepares decoding; then call [`Captioner::next_token`] until it
-    /// returns `None`.
+    /// Runs the encoder on one image and prepares decoding; then call [`Captioner::next_token`]
+    /// until it returns `None`.
     pub fn start(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
+        if pixel_values.dims().first() != Some(&1) {
+            return Err(Error::Image(format!(
+                "start takes one image (pixel values [1, 3, H, W]), got {:?}; caption several with caption_many",
+                pixel_values.dims()
+            )));
+        }
+        self.start_many(pixel_values, options)
+    }
+
+    /// Runs the encoder on a batch of images (pixel values [N, 3, H, W]) at once and prepares
+    /// decoding them together; then call [`Captioner::step`] until it returns no events.
+    pub fn start_many(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
         let started_ms = now_ms();
         options.sampling.validate()?;
         // Before the encoder runs: a prompt the model cannot take is refused here.
         let prompt_ids = self.prompt_ids(options.prompt.as_deref())?;
         let conditioning = self.encode(pixel_values)?;
+        let n = conditioning.dim(0)?;
         let (state, seen, positions, fallback) = match &self.model {
             Model::CrossAttention(m) => {
                 let cache = m.start_decoding(&conditioning)?;
                 let start = self.generation.decoder_start_token_id.unwrap_or_default();
-                (DecoderState::CrossAttention { cache, next_input: start }, vec![start], m.decoder().config().n_positions, 19)
+                (DecoderState::CrossAttention { cache, next_input: vec![start; n] }, vec![start], m.decoder().config().n_positions, 19)
             }
             Model::Prefix(m) => {
                 let cache = m.language_model().new_cache();
                 let positions = m.language_model().config().max_position_embeddings;
-                (DecoderState::Prefix { cache, prompt: Some((prompt_ids.clone(), conditioning)), last: 0 }, prompt_ids, positions, 20)
+                (DecoderState::Prefix { cache, prompt: Some((prompt_ids.clone(), conditioning)), last: vec![0; n] }, prompt_ids, positions, 20)
             }
         };
         let prompt_len = seen.len();
@@ -275,40 +326,47 @@ impl Captioner {
                 "max_new_tokens {max_new_tokens} does not fit the decoder: {prompt_len} prompt positions + new tokens exceed its {positions} positions (n_positions / max_position_embeddings)"
             )));
         }
+        let rows = (0..n)
+            .map(|_| RowRun {
+                seen: seen.clone(),
+                // Each image its own generator from the seed: a batch samples what one-by-one does.
+                rng: Rng::new(options.sampling.seed.unwrap_or(0)),
+                token_ids: Vec::with_capacity(max_new_tokens),
+                done: max_new_tokens == 0,
+                stream: TextStream::new(),
+                first_token_ms: None,
+            })
+            .collect();
         Ok(CaptionRun {
             state,
-            seen,
-            rng: Rng::new(options.sampling.seed.unwrap_or(0)),
+            active: if max_new_tokens == 0 { vec![] } else { (0..n).collect() },
+            rows,
             sampling: options.sampling.clone(),
             eos: options.eos_token_ids.clone().unwrap_or_else(|| self.generation.eos_token_ids.clone()),
-            token_ids: Vec::with_capacity(max_new_tokens),
             max_new_tokens,
-            done: max_new_tokens == 0,
-            stream: TextStream::new(),
             started_ms,
             encoder_ms: now_ms() - started_ms,
-            first_token_ms: None,
         })
     }
 
     /// Logits [vocab] of the first generated position — what the fidelity tests compare.
     pub fn first_step_logits(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Tensor> {
         let mut run = self.start(pixel_values, &CaptionOptions { max_new_tokens: Some(1), ..options.clone() })?;
-        self.state_logits(&mut run.state)
+        Ok(self.state_logits(&mut run.state)?.i(0)?)
     }
 
+    /// Logits [B, vocab] of every row's next position.
     fn state_logits(&self, state: &mut DecoderState) -> Result<Tensor> {
-        let logits = match (&self.model, state) {
+        Ok(match (&self.model, state) {
             (Model::CrossAttention(m), DecoderState::CrossAttention { cache, next_input }) => {
-                m.decode_step(&Tensor::new(&[[*next_input]], &Device::Cpu)?, cache)?
+                m.decode_step(&Tensor::from_vec(next_input.clone(), (next_input.len(), 1), &Device::Cpu)?, cache)?
             }
             (Model::Prefix(m), DecoderState::Prefix { cache, prompt, last }) => match prompt.take() {
                 Some((ids, features)) => m.prefill(&ids, &features, cache)?,
-                None => m.decode_step(*last, cache)?,
+                None => m.decode_step(last, cache)?,
             },
             _ => return Err(Error::Generation("decoding state does not belong to this model".into())),
-        };
-        Ok(logits.i(0)?)
+        })
     }
 
     /// Beam search as transformers' `generate(num_beams=…)`: the `num_return_sequences` best
@@ -326,91 +384,152 @@ impl Captioner {
         beams: &BeamOptions,
         mut on_provisional: impl FnMut(&[u32]),
     ) -> Result<Vec<Hypothesis>> {
+        if pixel_values.dims().first() != Some(&1) {
+            return Err(Error::Image(format!("beam_search takes one image, got pixel values {:?}; use beam_search_many", pixel_values.dims())));
+        }
+        let mut all = self.beam_search_many(pixel_values, options, beams, |_, best| on_provisional(best))?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// Beam search over a batch of images (pixel values [N, 3, H, W]): one encoder pass, and
+    /// every image's beams decoded as rows of one batch. Per image, the same hypotheses as
+    /// [`Captioner::beam_search`]; `on_provisional(image, best)` after every step.
+    pub fn beam_search_many(
+        &self,
+        pixel_values: &Tensor,
+        options: &CaptionOptions,
+        beams: &BeamOptions,
+        mut on_provisional: impl FnMut(usize, &[u32]),
+    ) -> Result<Vec<Vec<Hypothesis>>> {
         if beams.num_return_sequences == 0 || beams.num_return_sequences > beams.num_beams {
             return Err(Error::Generation(format!(
                 "num_return_sequences ({}) must be between 1 and num_beams ({})",
                 beams.num_return_sequences, beams.num_beams
             )));
         }
-        let mut run = self.start(pixel_values, options)?;
-        let mut search = BeamSearch::new(beams.num_beams, beams.length_penalty, beams.early_stopping, run.max_new_tokens, run.eos.clone())?;
-        if search.is_done() {
-            return Ok(search.results(beams.num_return_sequences));
-        }
-        // Every beam starts as the same prompt: one forward, then copies.
-        if run.sampling.do_sample {
+        if options.sampling.do_sample {
             return Err(Error::Generation("beam sampling (num_beams > 1 with do_sample) is not supported".into()));
         }
-        let eos = run.eos.clone();
+        let mut run = self.start_many(pixel_values, options)?;
+        let k = beams.num_beams;
+        let mut searches = (0..run.rows.len())
+            .map(|_| BeamSearch::new(k, beams.length_penalty, beams.early_stopping, run.max_new_tokens, run.eos.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let results = |searches: &[BeamSearch]| searches.iter().map(|s| s.results(beams.num_return_sequences)).collect();
+        if searches.iter().all(BeamSearch::is_done) {
+            return Ok(results(&searches));
+        }
+        let prompt = run.rows.first().map(|r| r.seen.clone()).unwrap_or_default();
+        let (eos, sampling) = (run.eos.clone(), run.sampling.clone());
         let processed = |logits: Tensor, generated: &[u32]| -> Result<Vec<f32>> {
             let mut lp = log_softmax(&logits.to_vec1::<f32>()?);
-            let seen: Vec<u32> = run.seen.iter().chain(generated).copied().collect();
-            sampling::process(&mut lp, &seen, generated.len(), &eos, &run.sampling);
+            let seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+            sampling::process(&mut lp, &seen, generated.len(), &eos, &sampling);
             Ok(lp)
         };
-        let first = processed(self.state_logits(&mut run.state)?, &[])?;
-        let mut states = (0..beams.num_beams).map(|_| run.state.fork()).collect::<Result<Vec<_>>>()?;
-        let mut log_probs = vec![first; beams.num_beams];
+        // One forward per image; each image's beams start as copies of it.
+        let first = self.state_logits(&mut run.state)?;
+        let mut log_probs = (0..searches.len()).map(|i| Ok(vec![processed(first.i(i)?, &[])?; k])).collect::<Result<Vec<_>>>()?;
+        let rows: Vec<usize> = (0..searches.len()).flat_map(|i| std::iter::repeat_n(i, k)).collect();
+        let mut state = run.state.select(&rows)?;
+        // Images whose beams are rows of `state`, k rows each, in order.
+        let mut images: Vec<usize> = (0..searches.len()).collect();
         loop {
-            let parents = search.step(&log_probs)?;
-            if let Some(best) = search.running().first() {
-                on_provisional(best);
+            let (mut keep, mut feed, mut still) = (Vec::new(), Vec::new(), Vec::new());
+            for (slot, &image) in images.iter().enumerate() {
+                let search = &mut searches[image];
+                let parents = search.step(&log_probs[slot])?;
+                if let Some(best) = search.running().first() {
+                    on_provisional(image, best);
+                }
+                if search.is_done() {
+                    continue;
+                }
+                keep.extend(parents.iter().map(|&p| slot * k + p));
+                feed.extend(search.running().iter().map(|t| t.last().copied().unwrap_or_default()));
+                still.push(image);
             }
-            if search.is_done() {
+            if still.is_empty() {
                 break;
             }
-            let mut next_states = parents.iter().map(|&p| states[p].fork()).collect::<Result<Vec<_>>>()?;
-            for (state, tokens) in next_states.iter_mut().zip(search.running()) {
-                let last = tokens.last().copied().unwrap_or_default();
-                match state {
-                    DecoderState::CrossAttention { next_input, .. } => *next_input = last,
-                    DecoderState::Prefix { last: l, .. } => *l = last,
-                }
-            }
-            log_probs = next_states
-                .iter_mut()
-                .zip(search.running())
-                .map(|(state, generated)| processed(self.state_logits(state)?, generated))
+            state = state.select(&keep)?;
+            state.feed(feed);
+            let logits = self.state_logits(&mut state)?;
+            log_probs = still
+                .iter()
+                .enumerate()
+                .map(|(slot, &image)| {
+                    let running = searches[image].running();
+                    (0..k).map(|j| processed(logits.i(slot * k + j)?, &running[j])).collect::<Result<Vec<_>>>()
+                })
                 .collect::<Result<Vec<_>>>()?;
-            states = next_states;
+            images = still;
         }
-        Ok(search.results(beams.num_return_sequences))
+        Ok(results(&searches))
     }
 
-    /// Greedy step: the next token, or `None` once EOS was produced or the budget is spent.
+    /// One step of every running caption of `run`: (caption index, its new token) for each;
+    /// empty once all are done. Captions that finish leave the batch.
+    pub fn step(&self, run: &mut CaptionRun) -> Result<Vec<(usize, TokenEvent)>> {
+        if run.active.is_empty() {
+            return Ok(vec![]);
+        }
+        let logits = self.state_logits(&mut run.state)?;
+        let mut events = Vec::with_capacity(run.active.len());
+        let (mut keep, mut feed) = (Vec::new(), Vec::new());
+        for (slot, &caption) in run.active.iter().enumerate() {
+            let row = &mut run.rows[caption];
+            let mut scores = logits.i(slot)?.to_vec1::<f32>()?;
+            sampling::process(&mut scores, &row.seen, row.token_ids.len(), &run.eos, &run.sampling);
+            let id = if run.sampling.do_sample { row.rng.sample(&scores)? } else { argmax_slice(&scores)? };
+            row.seen.push(id);
+            row.token_ids.push(id);
+            if row.first_token_ms.is_none() {
+                row.first_token_ms = Some(now_ms() - run.started_ms);
+            }
+            row.done = run.eos.contains(&id) || row.token_ids.len() >= run.max_new_tokens;
+            let mut delta = row.stream.push(&self.tokenizer, id)?;
+            if row.done {
+                delta.push_str(&row.stream.finish(&self.tokenizer)?);
+            } else {
+                keep.push(slot);
+                feed.push(id);
+            }
+            events.push((caption, TokenEvent { id, text: row.stream.text().to_string(), delta }));
+        }
+        if keep.len() < run.active.len() {
+            run.active = keep.iter().map(|&slot| run.active[slot]).collect();
+            if !keep.is_empty() {
+                run.state = run.state.select(&keep)?;
+            }
+        }
+        run.state.feed(feed);
+        Ok(events)
+    }
+
+    /// Greedy (or sampled) step of a one-image run: the next token, or `None` once EOS was
+    /// produced or the budget is spent.
     pub fn next_token(&self, run: &mut CaptionRun) -> Result<Option<TokenEvent>> {
-        if run.done {
-            return Ok(None);
-        }
-        let mut scores = self.state_logits(&mut run.state)?.to_vec1::<f32>()?;
-        sampling::process(&mut scores, &run.seen, run.token_ids.len(), &run.eos, &run.sampling);
-        let id = if run.sampling.do_sample { run.rng.sample(&scores)? } else { argmax_slice(&scores)? };
-        run.seen.push(id);
-        match &mut run.state {
-            DecoderState::CrossAttention { next_input, .. } => *next_input = id,
-            DecoderState::Prefix { last, .. } => *last = id,
-        }
-        run.token_ids.push(id);
-        if run.first_token_ms.is_none() {
-            run.first_token_ms = Some(now_ms() - run.started_ms);
-        }
-        run.done = run.eos.contains(&id) || run.token_ids.len() >= run.max_new_tokens;
-        let mut delta = run.stream.push(&self.tokenizer, id)?;
-        if run.done {
-            delta.push_str(&run.stream.finish(&self.tokenizer)?);
-        }
-        Ok(Some(TokenEvent { id, text: run.stream.text().to_string(), delta }))
+        Ok(self.step(run)?.into_iter().next().map(|(_, event)| event))
     }
 
-    /// The finished caption of a run (call once `next_token` returned `None`).
+    /// The finished caption of a one-image run (call once `next_token` returned `None`).
     pub fn finish(&self, run: &CaptionRun) -> Caption {
+        self.finish_caption(run, 0)
+    }
+
+    /// Caption `i` of a run.
+    fn finish_caption(&self, run: &CaptionRun, i: usize) -> Caption {
         let total_ms = now_ms() - run.started_ms;
-        let first_token_ms = run.first_token_ms.unwrap_or(run.encoder_ms);
-        let further = run.token_ids.len().saturating_sub(1) as f64;
+        let Some(row) = run.rows.get(i) else {
+            return Caption { text: String::new(), token_ids: vec![], encoder_ms: run.encoder_ms, first_token_ms: 0.0, total_ms, tokens_per_s: 0.0 };
+        };
+        let first_token_ms = row.first_token_ms.unwrap_or(run.encoder_ms);
+        let further = row.token_ids.len().saturating_sub(1) as f64;
         let decode_ms = total_ms - first_token_ms;
         Caption {
-            text: run.stream.text().to_string(),
-            token_ids: run.token_ids.clone(),
+            text: row.stream.text().to_string(),
+            token_ids: row.token_ids.clone(),
             encoder_ms: run.encoder_ms,
             first_token_ms,
             total_ms,
@@ -425,6 +544,28 @@ impl Captioner {
             on_token(&event);
         }
         Ok(self.finish(&run))
+    }
+
+    /// Captions a batch of images (pixel values [N, 3, H, W]): one encoder pass, decoded
+    /// together; `on_token(image, event)` as tokens come. The same captions as one by one.
+    pub fn caption_many(
+        &self,
+        pixel_values: &Tensor,
+        options: &CaptionOptions,
+        mut on_token: impl FnMut(usize, &TokenEvent),
+    ) -> Result<Vec<Caption>> {
+        let mut run = self.start_many(pixel_values, options)?;
+        loop {
+            let events = self.step(&mut run)?;
+            if events.is_empty() {
+                break;
+            }
+            for (i, event) in &events {
+                on_token(*i, event);
+            }
+        }
+        // The batch's clock: total time is when the last caption finished.
+        Ok((0..run.rows.len()).map(|i| self.finish_caption(&run, i)).collect())
     }
 }
 

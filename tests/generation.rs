@@ -200,3 +200,64 @@ fn beam_search_streams_provisional_best_hypotheses() {
     }
     assert_eq!(best, captioner.beam_search(&pixels, &options, &BeamOptions::default()).unwrap());
 }
+
+/// Every fixture photo's pixel values as one batch [N, 3, H, W], with the photos' names.
+fn batch_of(reference: &std::collections::HashMap<String, Tensor>) -> (Vec<String>, Tensor) {
+    let mut names: Vec<String> = reference.keys().filter_map(|k| k.strip_prefix("pixel_values.").map(str::to_string)).collect();
+    names.sort();
+    let rows: Vec<Tensor> = names.iter().map(|n| reference[&format!("pixel_values.{n}")].clone()).collect();
+    (names, Tensor::cat(&rows, 0).unwrap())
+}
+
+#[test]
+fn batch_captioning_equals_one_by_one() {
+    let ved = common::fixtures().into_iter().find(|f| f.name == "tiny-ved-v5").unwrap();
+    let llava = common::prefix_cases().into_iter().find(|c| c.name == "merged-v5").unwrap();
+    let cases = [
+        ("tiny-ved-v5", Captioner::from_files(ved.files()).unwrap(), batch_of(&ved.reference_tensors()), None),
+        ("tiny-llava-merged-v5", Captioner::from_files(llava.files()).unwrap(), batch_of(&llava.reference_tensors()), Some("a photo of")),
+    ];
+    for (name, captioner, (images, batch), prompt) in &cases {
+        assert!(images.len() >= 2, "{name}: {images:?}");
+        let one = |i: usize| batch.narrow(0, i, 1).unwrap();
+        // An EOS that image 0's greedy caption reaches at its third token: it leaves the batch
+        // early while the others go on.
+        let plain = CaptionOptions { max_new_tokens: Some(12), prompt: prompt.map(str::to_string), ..Default::default() };
+        let early_eos = captioner.caption(&one(0), &plain, |_| {}).unwrap().token_ids[2];
+        let runs = [
+            plain.clone(),
+            CaptionOptions { eos_token_ids: Some(vec![early_eos]), ..plain.clone() },
+            CaptionOptions { sampling: SamplingOptions { do_sample: true, top_k: Some(20), seed: Some(5), ..Default::default() }, ..plain.clone() },
+        ];
+        for (r, options) in runs.iter().enumerate() {
+            let mut streamed = vec![Vec::new(); images.len()];
+            let many = captioner.caption_many(batch, options, |i, e| streamed[i].push(e.id)).unwrap();
+            assert_eq!(many.len(), images.len());
+            for (i, caption) in many.iter().enumerate() {
+                let alone = captioner.caption(&one(i), options, |_| {}).unwrap();
+                assert_eq!(caption.token_ids, alone.token_ids, "{name} {}: batch vs alone (run {r})", images[i]);
+                assert_eq!(caption.text, alone.text);
+                assert_eq!(streamed[i], caption.token_ids, "{name}: streamed tokens of image {i}");
+            }
+            if r == 1 {
+                assert_eq!(many[0].token_ids.len(), 3, "{name}: image 0 stops at the EOS override");
+                assert!(many.iter().any(|c| c.token_ids.len() > 3), "{name}: no caption outlived image 0's");
+            }
+        }
+        let beams = BeamOptions { num_beams: 3, num_return_sequences: 2, ..Default::default() };
+        let options = CaptionOptions { max_new_tokens: Some(10), prompt: prompt.map(str::to_string), ..Default::default() };
+        let mut provisional = vec![0; images.len()];
+        let many = captioner.beam_search_many(batch, &options, &beams, |i, _| provisional[i] += 1).unwrap();
+        for (i, hypotheses) in many.iter().enumerate() {
+            let alone = captioner.beam_search(&one(i), &options, &beams).unwrap();
+            let ids = |h: &[wasmcap::beam::Hypothesis]| h.iter().map(|h| h.token_ids.clone()).collect::<Vec<_>>();
+            assert_eq!(ids(hypotheses), ids(&alone), "{name} {}: beams in a batch vs alone", images[i]);
+            // Scores: the same sums, up to float rounding — candle's GEMM may pick another kernel
+            // for the encoder's [N·T, d] rows than for [T, d].
+            for (a, b) in hypotheses.iter().zip(&alone) {
+                assert!((a.score - b.score).abs() <= 1e-5 * b.score.abs().max(1.0), "{name} {}: score {} vs {}", images[i], a.score, b.score);
+            }
+            assert!(provisional[i] > 0);
+        }
+    }
+}

@@ -46,12 +46,18 @@ pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Resul
     Tensor::from_vec(mask, (t, past + t), device)
 }
 
-/// A copy of a KV cache that shares no storage with the original: candle's `KvCache` writes new
-/// positions in place, so clones that diverge (beam search) must not share buffers.
-pub fn deep_copy_kv(cache: &candle_nn::kv_cache::KvCache) -> Result<candle_nn::kv_cache::KvCache> {
+/// The batch rows `rows` of a KV cache (in that order, repeats allowed: beams continuing one
+/// parent), in fresh storage — candle's `KvCache` writes new positions in place, so caches that
+/// diverge must not share buffers.
+pub fn select_kv(cache: &candle_nn::kv_cache::KvCache, rows: &Tensor) -> Result<candle_nn::kv_cache::KvCache> {
     let mut copy = candle_nn::kv_cache::KvCache::new(2, cache.k_cache().max_seq_len());
     if let (Some(k), Some(v)) = (cache.k()?, cache.v()?) {
-        copy.append(&k.contiguous()?, &v.contiguous()?)?;
+        copy.append(&k.contiguous()?.index_select(rows, 0)?, &v.contiguous()?.index_select(rows, 0)?)?;
     }
     Ok(copy)
+}
+
+/// `rows` as the index tensor `select_kv` and friends take.
+pub fn row_index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), device)
 }

@@ -233,9 +233,20 @@ pub struct Gpt2Cache {
 }
 
 impl Gpt2Cache {
-    /// An independent copy (the per-image cross-attention K/V are immutable and stay shared).
-    pub fn deep_copy(&self) -> Result<Self> {
-        Ok(Self { self_attn: self.self_attn.iter().map(attention::deep_copy_kv).collect::<Result<Vec<_>>>()?, cross_attn: self.cross_attn.clone() })
+    /// The cache of batch rows `rows` (in that order, repeats allowed), sharing no storage with `self`.
+    pub fn select(&self, rows: &[usize]) -> Result<Self> {
+        let index = attention::row_index(rows, &candle_core::Device::Cpu)?;
+        let self_attn = self.self_attn.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<Vec<_>>>()?;
+        let cross_attn = match &self.cross_attn {
+            Some(layers) => Some(
+                layers
+                    .iter()
+                    .map(|(k, v)| Ok((k.contiguous()?.index_select(&index, 0)?, v.contiguous()?.index_select(&index, 0)?)))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        Ok(Self { self_attn, cross_attn })
     }
 
     pub fn seq_len(&self) -> usize {

@@ -73,25 +73,35 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     out
 }
 
-/// y = W·x for W `[out, in]` row-major.
-fn matvec_rows(w: &[f32], x: &[f32], in_dim: usize) -> Vec<f32> {
+/// Y = X·Wᵀ for W `[out, in]` row-major and `rows` rows of X: Y is `[rows, out]`. Every
+/// output is the same dot product, in the same order, as for a single row — a batch of
+/// captions decodes to the very numbers one-by-one decoding gives — while each block of W is
+/// read from memory once for all rows (it stays in L1 while the rows pass over it).
+fn matmul_rows(w: &[f32], x: &[f32], in_dim: usize, rows: usize) -> Vec<f32> {
+    let out_dim = w.len() / in_dim.max(1);
+    let mut y = vec![0f32; rows * out_dim];
+    let xs: Vec<&[f32]> = x.chunks_exact(in_dim).take(rows).collect();
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    {
-        let mut y = Vec::with_capacity(w.len() / in_dim.max(1));
+    let first_single = {
         let mut quads = w.chunks_exact(4 * in_dim);
-        for quad in &mut quads {
+        for (q, quad) in (&mut quads).enumerate() {
             let (r0, rest) = quad.split_at(in_dim);
             let (r1, rest) = rest.split_at(in_dim);
             let (r2, r3) = rest.split_at(in_dim);
-            y.extend_from_slice(&dot4([r0, r1, r2, r3], x));
+            for (m, xm) in xs.iter().enumerate() {
+                y[m * out_dim + 4 * q..m * out_dim + 4 * q + 4].copy_from_slice(&dot4([r0, r1, r2, r3], xm));
+            }
         }
-        y.extend(quads.remainder().chunks_exact(in_dim).map(|row| dot(row, x)));
-        y
-    }
+        out_dim - quads.remainder().len() / in_dim.max(1)
+    };
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-    {
-        w.chunks_exact(in_dim).map(|row| dot(row, x)).collect()
+    let first_single = 0;
+    for (j, row) in w.chunks_exact(in_dim).enumerate().skip(first_single) {
+        for (m, xm) in xs.iter().enumerate() {
+            y[m * out_dim + j] = dot(row, xm);
+        }
     }
+    y
 }
 
 /// y += s·x
@@ -135,21 +145,34 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
-fn is_single_row(xs: &Tensor) -> Result<bool> {
+/// Up to this many rows take the matrix–vector path: a batch of captions or beams decoding.
+const FAST_ROWS: usize = 32;
+
+/// The number of rows of `xs` when it is one position per sequence ([B, 1, d] or [B, d]) for
+/// few enough sequences: decoding. Sequences of several positions (the encoder, prefill) go to
+/// the GEMM whatever the batch, so a batch computes what each image computes alone.
+fn few_rows(xs: &Tensor) -> Result<Option<usize>> {
+    let dims = xs.dims();
+    let one_position = match dims.len() {
+        0 => false,
+        1 | 2 => true,
+        n => dims[n - 2] == 1,
+    };
     let d = xs.dim(D::Minus1)?;
-    Ok(d > 0 && xs.elem_count() == d && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32)
+    let rows = if d > 0 { xs.elem_count() / d } else { 0 };
+    Ok((one_position && rows >= 1 && rows <= FAST_ROWS && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32).then_some(rows))
 }
 
-/// y = W·x (+ b) for one row x, with W stored `[out, in]` (`nn.Linear`).
-fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// y = W·x (+ b) for each of a few rows x, with W stored `[out, in]` (`nn.Linear`).
+fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let x = xs.flatten_all()?.to_vec1::<f32>()?;
-    if x.len() != in_dim {
-        candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len());
+    if x.len() != rows * in_dim {
+        candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
     }
-    let mut y = with_f32(w, |w| matvec_rows(w, &x, in_dim))?;
+    let mut y = with_f32(w, |w| matmul_rows(w, &x, in_dim, rows))?;
     if let Some(b) = b {
-        with_f32(b, |b| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi))?;
+        with_f32(b, |b| y.chunks_exact_mut(out_dim).for_each(|y| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi)))?;
     }
     let mut shape = xs.dims().to_vec();
     if let Some(last) = shape.last_mut() {
@@ -158,20 +181,23 @@ fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     Tensor::from_vec(y, shape, &Device::Cpu)
 }
 
-/// y = x·W (+ b) for one row x, with W stored `[in, out]` (HF GPT-2 `Conv1D`).
-fn matvec_in_out(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// y = x·W (+ b) for each of a few rows x, with W stored `[in, out]` (HF GPT-2 `Conv1D`).
+/// Each row accumulates in the same order as alone; each row of W is read once for all.
+fn matvec_in_out(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
     let (in_dim, out_dim) = w.dims2()?;
     let x = xs.flatten_all()?.to_vec1::<f32>()?;
-    if x.len() != in_dim {
-        candle_core::bail!("conv1d: input has {} features, weight expects {in_dim}", x.len());
+    if x.len() != rows * in_dim {
+        candle_core::bail!("conv1d: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
     }
     let mut y = match b {
-        Some(b) => b.to_vec1::<f32>()?,
-        None => vec![0f32; out_dim],
+        Some(b) => b.to_vec1::<f32>()?.repeat(rows),
+        None => vec![0f32; rows * out_dim],
     };
     with_f32(w, |w| {
-        for (xi, row) in x.iter().zip(w.chunks_exact(out_dim)) {
-            axpy(&mut y, *xi, row);
+        for (i, row) in w.chunks_exact(out_dim).enumerate() {
+            for (m, ym) in y.chunks_exact_mut(out_dim).enumerate() {
+                axpy(ym, x[m * in_dim + i], row);
+            }
         }
     })?;
     let mut shape = xs.dims().to_vec();
@@ -233,8 +259,8 @@ impl Module for Linear {
             let low = Linear::new(lora.a.clone(), None).forward(xs)?;
             return base + (Linear::new(lora.b.clone(), None).forward(&low)? * lora.scale)?;
         }
-        if is_single_row(xs)? && self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight]) {
-            return matvec_out_in(xs, &self.weight, self.bias.as_ref());
+        if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight])) {
+            return matvec_out_in(xs, &self.weight, self.bias.as_ref(), rows);
         }
         let w = match xs.rank() {
             3 => self.weight.broadcast_left(xs.dim(0)?)?.t()?,
@@ -273,8 +299,8 @@ impl Conv1D {
 
 impl Module for Conv1D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if is_single_row(xs)? && self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
-            return matvec_in_out(xs, &self.weight, Some(&self.bias));
+        if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias])) {
+            return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);
         }
         let (b, t, d_in) = xs.dims3()?;
         let ys = xs.reshape((b * t, d_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
@@ -303,6 +329,26 @@ mod tests {
             let fast = conv.forward(&x)?;
             let diff = (fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "conv1d {d_in}x{d_out}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_of_rows_gives_each_row_the_bits_it_gets_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        for (d_in, d_out, rows) in [(37, 5, 3), (64, 48, 8), (576, 9, 32)] {
+            let w = Tensor::randn(0f32, 1., (d_out, d_in), &dev)?;
+            let b = Tensor::randn(0f32, 1., d_out, &dev)?;
+            let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
+            let linear = Linear::new(w.clone(), Some(b.clone()));
+            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b };
+            for layer in [&linear as &dyn Module, &conv] {
+                let batch = layer.forward(&xs)?.to_vec3::<f32>()?;
+                for (m, got) in batch.iter().enumerate() {
+                    let alone = layer.forward(&xs.narrow(0, m, 1)?)?.to_vec3::<f32>()?;
+                    assert_eq!(got, &alone[0], "{d_in}x{d_out}, row {m} of {rows}");
+                }
+            }
         }
         Ok(())
     }

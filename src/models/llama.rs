@@ -255,9 +255,10 @@ pub struct LlamaCache {
 }
 
 impl LlamaCache {
-    /// An independent copy: no storage is shared with `self`.
-    pub fn deep_copy(&self) -> Result<Self> {
-        Ok(Self { layers: self.layers.iter().map(attention::deep_copy_kv).collect::<Result<Vec<_>>>()? })
+    /// The cache of batch rows `rows` (in that order, repeats allowed), sharing no storage with `self`.
+    pub fn select(&self, rows: &[usize]) -> Result<Self> {
+        let index = attention::row_index(rows, &candle_core::Device::Cpu)?;
+        Ok(Self { layers: self.layers.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<Vec<_>>>()? })
     }
 
     pub fn seq_len(&self) -> usize {

@@ -173,16 +173,19 @@ impl Llava {
         self.language_model.forward_train(&Tensor::cat(&rows, 0)?)
     }
 
-    /// Prefills `input_ids` ([T], one sequence) with the image embeddings in the `<image>`
-    /// positions; returns the last position's logits [1, vocab].
+    /// Prefills `input_ids` ([T], the same prompt for every image) with each image's embeddings
+    /// (`image_features` [B, num_patches, hidden]) in the `<image>` positions; returns the last
+    /// position's logits [B, vocab].
     pub fn prefill(&self, input_ids: &[u32], image_features: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
-        let embeds = self.merge_image_features(input_ids, image_features)?;
-        self.language_model.last_logits(&embeds, cache)
+        let rows = (0..image_features.dim(0)?)
+            .map(|b| self.merge_image_features(input_ids, &image_features.narrow(0, b, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        self.language_model.last_logits(&Tensor::cat(&rows, 0)?, cache)
     }
 
-    /// One generated token → logits [1, vocab] of the next.
-    pub fn decode_step(&self, token: u32, cache: &mut LlamaCache) -> Result<Tensor> {
-        let ids = Tensor::new(&[[token]], image_device())?;
+    /// One generated token per row → logits [B, vocab] of the next.
+    pub fn decode_step(&self, tokens: &[u32], cache: &mut LlamaCache) -> Result<Tensor> {
+        let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), image_device())?;
         let embeds = self.language_model.embed(&ids)?;
         self.language_model.last_logits(&embeds, cache)
     }
