@@ -106,7 +106,8 @@ export interface CaptionOptions extends GenerationOptions {
 
 /**
  * Beam search, as `generate(num_beams=…)`: chosen when `numBeams` or `numReturnSequences` is given
- * and not 1. Needs PNG or JPEG bytes (a URL, Blob or File); other inputs reject. Not streamed.
+ * and not 1. Needs PNG or JPEG bytes (a URL, Blob or File) for `caption`; other inputs reject.
+ * Streams the best running hypothesis after each step (`provisional: true`), then the final one.
  */
 export interface BeamSearchOptions extends GenerationOptions {
   /** Beams kept at each step (default 1). */
@@ -117,6 +118,20 @@ export interface BeamSearchOptions extends GenerationOptions {
   earlyStopping?: boolean | 'never';
   /** How many hypotheses `sequences` holds (≤ numBeams; default 1). */
   numReturnSequences?: number;
+}
+
+/** Beam search's best hypothesis so far (`provisional: true`), or the final best (`false`). */
+export interface ProvisionalEvent {
+  provisional: boolean;
+  text: string;
+  tokenIds: number[];
+}
+
+/** An event of `captionMany`: which image it belongs to, and the event. */
+export type BatchEvent = { index: number } & (TokenEvent | ProvisionalEvent);
+
+export interface BatchBeamResult extends BeamHypothesis {
+  sequences: BeamHypothesis[];
 }
 
 export interface BeamHypothesis {
@@ -133,7 +148,7 @@ export interface BeamSearchResult extends BeamHypothesis {
 }
 
 /** A caption in progress: iterate it for tokens as they are generated; `result` resolves at the end. */
-export interface CaptionRun<R = CaptionResult> extends AsyncIterable<TokenEvent> {
+export interface CaptionRun<R = CaptionResult, E = TokenEvent> extends AsyncIterable<E> {
   /** Resolves with the caption; rejects with the Rust error's message, or an AbortError. */
   readonly result: Promise<R>;
   /** Stops this caption, like aborting its signal (beam search: only before it starts). */
@@ -152,8 +167,11 @@ export declare class Captioner {
   static clearCache(baseUrl?: string | URL): Promise<boolean>;
   /** Captions one image; captions run one after the other. */
   caption(image: ImageInput, options?: CaptionOptions): CaptionRun;
-  /** Beam search: yields no tokens; `result` holds the best hypotheses. */
-  caption(image: string | URL | Blob, options: BeamSearchOptions): CaptionRun<BeamSearchResult>;
+  /** Beam search: yields provisional best hypotheses; `result` holds the best hypotheses. */
+  caption(image: string | URL | Blob, options: BeamSearchOptions): CaptionRun<BeamSearchResult, ProvisionalEvent>;
+  /** Captions several images in one batch (one encoder pass, decoded together); same captions as one by one. */
+  captionMany(images: Iterable<ImageInput>, options?: CaptionOptions): CaptionRun<CaptionResult[], BatchEvent>;
+  captionMany(images: Iterable<ImageInput>, options: BeamSearchOptions): CaptionRun<BatchBeamResult[], BatchEvent>;
   /** Terminates the worker and frees the model's memory. */
   dispose(): void;
 }

@@ -413,9 +413,26 @@ export class Captioner {
    * Returns an async iterable of `{ id, text, delta }`; its `result` promise gives
    * `{ text, tokenIds, timings: { encoderMs, firstTokenMs, totalMs, tokensPerS } }`.
    * With `numBeams` or `numReturnSequences` other than 1 it runs beam search (PNG/JPEG bytes
-   * only): nothing is streamed, and `result` gives `{ text, tokenIds, score, sequences, timings: { totalMs } }`.
+   * only): the iteration yields the best running hypothesis after each step as
+   * `{ provisional: true, text, tokenIds }`, then the final best with `provisional: false`, and
+   * `result` gives `{ text, tokenIds, score, sequences, timings: { totalMs } }`.
    */
   caption(image, options = {}) {
+    return this._run([image], options, false);
+  }
+
+  /**
+   * Captions several images at once: one encoder batch, decoded together in WASM — the same
+   * captions as one by one, in fewer passes over the weights. Options as for `caption` (beam
+   * search with `numBeams`). Iterate for `{ index, id, text, delta }` (beam search:
+   * `{ index, provisional: true, text, tokenIds }`); `result` gives an array of results, one per
+   * image, in order. A batch cannot be stopped once it reached the worker (abort before that).
+   */
+  captionMany(images, options = {}) {
+    return this._run(Array.from(images ?? []), options, true);
+  }
+
+  _run(images, options, many) {
     const { signal, ...rest } = options ?? {};
     // Keys left undefined count as not given; everything else goes to Rust as it is.
     const wasmOptions = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
@@ -427,6 +444,7 @@ export class Captioner {
     if (signal?.aborted) { run._reject(abortError(signal)); return run; }
     const invalid = unknownOption(wasmOptions, beam);
     if (invalid) { run._reject(invalid); return run; }
+    if (many && images.length === 0) { run._reject(new TypeError('captionMany: no images')); return run; }
     let sent = false;
     const cancel = (reason) => {
       if (run.settled) return;
@@ -440,13 +458,16 @@ export class Captioner {
     signal?.addEventListener('abort', onAbort, { once: true });
     run.result.finally(() => signal?.removeEventListener('abort', onAbort)).catch(() => {});
     this._runs.set(id, run);
-    imageMessage(image, signal).then(([msg, transfer]) => {
-      if (run.settled) { msg.bitmap?.close(); return; }
-      if (beam && msg.kind !== 'bytes') {
-        msg.bitmap?.close();
+    Promise.all(images.map((image) => imageMessage(image, signal))).then((messages) => {
+      const close = () => messages.forEach(([msg]) => msg.bitmap?.close());
+      if (run.settled) { close(); return; }
+      if (beam && !many && messages[0][0].kind !== 'bytes') {
+        close();
         throw new Error('beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
       }
-      this._worker.postMessage({ type: 'caption', run: id, image: msg, options: wasmOptions, beam }, transfer);
+      const transfer = messages.flatMap(([, t]) => t);
+      if (many) this._worker.postMessage({ type: 'captionMany', run: id, images: messages.map(([msg]) => msg), options: wasmOptions }, transfer);
+      else this._worker.postMessage({ type: 'caption', run: id, image: messages[0][0], options: wasmOptions, beam }, transfer);
       sent = true;
     }).catch((e) => { this._runs.delete(id); run._reject(e); });
     return run;

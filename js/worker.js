@@ -3,8 +3,11 @@
 //
 // main → worker: { type: 'load', files }                     → { type: 'loaded' } | { type: 'error' }
 //                { type: 'caption', run, image, options, beam }
-//                  → { type: 'token', run, token }* (none with beam), then
-//                    { type: 'done', run, result } | { type: 'error', run, message } | { type: 'aborted', run }
+//                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
+//                    final one), then { type: 'done', run, result } | { type: 'error', run, message }
+//                    | { type: 'aborted', run }
+//                { type: 'captionMany', run, images, options }
+//                  → { type: 'token', run, token: { index, ... } }*, then 'done' (result: an array) | …
 //                { type: 'abort', run }
 // dispose() terminates the worker, which drops the WASM instance and all its memory.
 import init, { WasmCaptioner } from './wasmcap.js';
@@ -37,12 +40,14 @@ async function pixelsOf(image) {
   }
 }
 
-// Beam search is one call (nothing to stream, no abort point inside); encoded bytes only.
+// Beam search is one call (no abort point inside; the best running hypothesis after each step
+// comes out as a provisional token event); encoded bytes only.
 function beamSearch({ run, image, options }) {
   if (image.kind !== 'bytes') throw new Error('beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
   const t0 = performance.now();
-  const sequences = captioner.beamSearch(new Uint8Array(image.data), options);
+  const sequences = captioner.beamSearch(new Uint8Array(image.data), options, (token) => postMessage({ type: 'token', run, token }));
   const best = sequences[0];
+  postMessage({ type: 'token', run, token: { provisional: false, text: best.text, tokenIds: best.tokenIds } });
   postMessage({
     type: 'done', run,
     result: { text: best.text, tokenIds: best.tokenIds, score: best.score, sequences, timings: { totalMs: performance.now() - t0 } },
@@ -83,6 +88,32 @@ async function caption({ run, image, options, beam }) {
   }
 }
 
+// A batch is one call into WASM: encoder over all images, then decoded together.
+async function captionMany({ run, images, options }) {
+  try {
+    if (!captioner) throw new Error('no model loaded');
+    const inputs = [];
+    for (const image of images) {
+      const pixels = await pixelsOf(image);
+      if (pixels.kind === 'bytes') inputs.push(new Uint8Array(pixels.data));
+      else {
+        const { data } = pixels;
+        inputs.push({ data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: pixels.width, height: pixels.height });
+      }
+    }
+    if (aborted.has(run)) return postMessage({ type: 'aborted', run });
+    const t0 = performance.now();
+    const results = captioner.captionMany(inputs, options, (index, token) => postMessage({ type: 'token', run, token: { index, ...token } }));
+    const totalMs = performance.now() - t0;
+    for (const r of results) r.timings ??= { totalMs };
+    postMessage({ type: 'done', run, result: results });
+  } catch (e) {
+    postMessage({ type: 'error', run, message: message(e) });
+  } finally {
+    aborted.delete(run);
+  }
+}
+
 self.onmessage = async ({ data }) => {
   switch (data.type) {
     case 'load':
@@ -102,6 +133,9 @@ self.onmessage = async ({ data }) => {
     case 'caption':
       // One caption at a time; later ones wait their turn.
       busy = busy.then(() => caption(data));
+      break;
+    case 'captionMany':
+      busy = busy.then(() => captionMany(data));
       break;
     case 'abort':
       aborted.add(data.run);

@@ -96,6 +96,23 @@ struct JsHypothesis {
 
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
+struct JsProvisional {
+    provisional: bool,
+    text: String,
+    token_ids: Vec<u32>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsBeamResult<'a> {
+    text: String,
+    token_ids: Vec<u32>,
+    score: f32,
+    sequences: &'a [JsHypothesis],
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 struct JsCaption {
     text: String,
     token_ids: Vec<u32>,
@@ -197,34 +214,80 @@ impl WasmCaptioner {
     /// Beam search over encoded image bytes, as transformers' `generate(num_beams=…)`.
     /// Options: `{ maxNewTokens?, prompt?, numBeams?, lengthPenalty?, earlyStopping?: boolean | "never",
     /// numReturnSequences? }`; returns `[{ text, tokenIds, score }]`, best first.
+    /// `onProvisional({ provisional: true, text, tokenIds })`, if given, is called after every
+    /// step with the best running hypothesis (the final best may be another beam).
     #[wasm_bindgen(js_name = beamSearch)]
-    pub fn beam_search(&mut self, image: &[u8], options_js: JsValue) -> Result<JsValue, JsError> {
-        let o: JsBeamOptions = parse_options(options_js, "beam search options")?;
-        let defaults = BeamOptions::default();
-        let beams = BeamOptions {
-            num_beams: o.num_beams.unwrap_or(defaults.num_beams),
-            length_penalty: o.length_penalty.unwrap_or(defaults.length_penalty),
-            early_stopping: match o.early_stopping {
-                None | Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
-                Some(serde_json::Value::Bool(true)) => EarlyStopping::Stop,
-                Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
-                Some(other) => {
-                    return Err(JsError::new(&format!("invalid beam search options: earlyStopping must be true, false or \"never\", not {other}")))
-                }
-            },
-            num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
-        };
-        let options = CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt, ..Default::default() };
+    pub fn beam_search(&mut self, image: &[u8], options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
+        let (options, beams) = beam_options(parse_options(options_js, "beam search options")?)?;
         let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
-        let hypotheses = self.inner.beam_search(&pixels, &options, &beams).map_err(js_error)?;
-        let results = hypotheses
-            .into_iter()
-            .map(|h| {
-                let text = self.inner.tokenizer().decode(&h.token_ids, true).map_err(js_error)?;
-                Ok(JsHypothesis { text, token_ids: h.token_ids, score: h.score })
-            })
-            .collect::<Result<Vec<_>, JsError>>()?;
-        to_js(&results)
+        let mut callback = Callback::new(on_provisional);
+        let hypotheses =
+            self.inner.beam_search_streaming(&pixels, &options, &beams, |best| callback.call(|| self.provisional(best), None)).map_err(js_error)?;
+        callback.result()?;
+        to_js(&self.hypotheses(hypotheses)?)
+    }
+
+    /// Captions several images at once: one encoder batch, decoded together (the same captions
+    /// as one by one). `images`: an array of PNG/JPEG bytes (`Uint8Array`) or RGBA
+    /// `{ data, width, height }`. Options: those of `start`, or those of `beamSearch` (beam
+    /// search when `numBeams` or `numReturnSequences` is not 1). `onEvent(index, event)` gets
+    /// each image's tokens `{ id, text, delta }` (beam search: `{ provisional: true, text,
+    /// tokenIds }`). Returns one result per image: `{ text, tokenIds, timings }`, or for beam
+    /// search `{ text, tokenIds, score, sequences }`.
+    #[wasm_bindgen(js_name = captionMany)]
+    pub fn caption_many(&mut self, images: js_sys::Array, options_js: JsValue, on_event: Option<js_sys::Function>) -> Result<JsValue, JsError> {
+        self.run = None;
+        let json: serde_json::Value = if options_js.is_undefined() || options_js.is_null() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_wasm_bindgen::from_value(options_js).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?
+        };
+        let beam = ["numBeams", "numReturnSequences"].iter().any(|k| json.get(*k).is_some_and(|v| !v.is_null() && v.as_u64() != Some(1)));
+        if images.length() == 0 {
+            return Err(JsError::new("captionMany: no images"));
+        }
+        let pixels = images.iter().enumerate().map(|(i, image)| self.pixels_of(&image, i)).collect::<Result<Vec<_>, JsError>>()?;
+        let batch = candle_core::Tensor::cat(&pixels, 0).map_err(|e| JsError::new(&format!("captionMany: {e}")))?;
+        let mut callback = Callback::new(on_event);
+        if beam {
+            let parsed: JsBeamOptions = serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid beam search options: {e}")))?;
+            let (options, beams) = beam_options(parsed)?;
+            let all = self
+                .inner
+                .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(best), Some(i)))
+                .map_err(js_error)?;
+            callback.result()?;
+            let results = js_sys::Array::new();
+            for hypotheses in all {
+                let sequences = self.hypotheses(hypotheses)?;
+                let best = sequences.first().ok_or_else(|| JsError::new("beam search returned no hypothesis"))?;
+                results.push(&to_js(&JsBeamResult {
+                    text: best.text.clone(),
+                    token_ids: best.token_ids.clone(),
+                    score: best.score,
+                    sequences: &sequences,
+                })?);
+            }
+            return Ok(results.into());
+        }
+        let mut json = json;
+        if let Some(map) = json.as_object_mut() {
+            map.remove("numBeams");
+            map.remove("numReturnSequences");
+        }
+        let parsed: JsCaptionOptions = serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
+        let options: CaptionOptions = parsed.into();
+        let captions = self.inner.caption_many(&batch, &options, |i, event| callback.call(|| to_js(event), Some(i))).map_err(js_error)?;
+        callback.result()?;
+        let results = js_sys::Array::new();
+        for c in captions {
+            results.push(&to_js(&JsCaption {
+                text: c.text,
+                token_ids: c.token_ids,
+                timings: JsTimings { encoder_ms: c.encoder_ms, first_token_ms: c.first_token_ms, total_ms: c.total_ms, tokens_per_s: c.tokens_per_s },
+            })?);
+        }
+        Ok(results.into())
     }
 
     /// Captions encoded image bytes in one call.
@@ -235,6 +298,100 @@ impl WasmCaptioner {
         self.run = None;
         result
     }
+}
+
+impl WasmCaptioner {
+    fn provisional(&self, tokens: &[u32]) -> Result<JsValue, JsError> {
+        let text = self.inner.tokenizer().decode(tokens, true).map_err(js_error)?;
+        to_js(&JsProvisional { provisional: true, text, token_ids: tokens.to_vec() })
+    }
+
+    fn hypotheses(&self, hypotheses: Vec<crate::beam::Hypothesis>) -> Result<Vec<JsHypothesis>, JsError> {
+        hypotheses
+            .into_iter()
+            .map(|h| {
+                let text = self.inner.tokenizer().decode(&h.token_ids, true).map_err(js_error)?;
+                Ok(JsHypothesis { text, token_ids: h.token_ids, score: h.score })
+            })
+            .collect()
+    }
+
+    /// Image `i` of `captionMany`: PNG/JPEG bytes or `{ data, width, height }` RGBA → [1, 3, H, W].
+    fn pixels_of(&self, image: &JsValue, i: usize) -> Result<candle_core::Tensor, JsError> {
+        if let Some(bytes) = image.dyn_ref::<js_sys::Uint8Array>() {
+            return self.inner.pixel_values_from_bytes(&bytes.to_vec()).map_err(|e| JsError::new(&format!("image {i}: {e}")));
+        }
+        let get = |key: &str| js_sys::Reflect::get(image, &key.into()).ok();
+        let data = get("data").and_then(|d| {
+            d.dyn_into::<js_sys::Uint8Array>().ok().or_else(|| {
+                // ImageData.data is a Uint8ClampedArray: the same bytes.
+                js_sys::Reflect::get(image, &"data".into())
+                    .ok()?
+                    .dyn_into::<js_sys::Uint8ClampedArray>()
+                    .ok()
+                    .map(|c| js_sys::Uint8Array::new(&c.buffer()))
+            })
+        });
+        let (width, height) = (get("width").and_then(|w| w.as_f64()), get("height").and_then(|h| h.as_f64()));
+        match (data, width, height) {
+            (Some(data), Some(w), Some(h)) => {
+                self.inner.pixel_values_from_rgba(&data.to_vec(), w as u32, h as u32).map_err(|e| JsError::new(&format!("image {i}: {e}")))
+            }
+            _ => Err(JsError::new(&format!("image {i}: expected a Uint8Array of PNG/JPEG bytes or {{ data, width, height }} RGBA pixels"))),
+        }
+    }
+}
+
+/// A JS callback that the Rust side calls while it decodes; the first exception it throws (or
+/// conversion error) is kept and reported when decoding is over.
+struct Callback {
+    f: Option<js_sys::Function>,
+    error: Option<JsValue>,
+}
+
+impl Callback {
+    fn new(f: Option<js_sys::Function>) -> Self {
+        Self { f, error: None }
+    }
+
+    fn call(&mut self, event: impl FnOnce() -> Result<JsValue, JsError>, index: Option<usize>) {
+        let Some(f) = &self.f else { return };
+        if self.error.is_some() {
+            return;
+        }
+        let outcome = event().map_err(JsValue::from).and_then(|event| match index {
+            Some(i) => f.call2(&JsValue::NULL, &JsValue::from_f64(i as f64), &event),
+            None => f.call1(&JsValue::NULL, &event),
+        });
+        if let Err(e) = outcome {
+            self.error = Some(e);
+        }
+    }
+
+    fn result(self) -> Result<(), JsError> {
+        match self.error {
+            Some(e) => Err(JsError::new(&format!("the event callback threw: {}", e.as_string().unwrap_or_else(|| format!("{e:?}"))))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn beam_options(o: JsBeamOptions) -> Result<(CaptionOptions, BeamOptions), JsError> {
+    let defaults = BeamOptions::default();
+    let beams = BeamOptions {
+        num_beams: o.num_beams.unwrap_or(defaults.num_beams),
+        length_penalty: o.length_penalty.unwrap_or(defaults.length_penalty),
+        early_stopping: match o.early_stopping {
+            None | Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
+            Some(serde_json::Value::Bool(true)) => EarlyStopping::Stop,
+            Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
+            Some(other) => {
+                return Err(JsError::new(&format!("invalid beam search options: earlyStopping must be true, false or \"never\", not {other}")))
+            }
+        },
+        num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
+    };
+    Ok((CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt, ..Default::default() }, beams))
 }
 
 /// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of

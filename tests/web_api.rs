@@ -126,3 +126,67 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
     let result = c.caption(image("astronaut.png"), o).unwrap();
     assert_eq!(ids_of(&result), expected);
 }
+
+#[wasm_bindgen_test]
+fn caption_many_streams_each_image_and_equals_one_by_one() {
+    let fx = &fixtures()[0];
+    let mut c = new_captioner(fx, fx.weights).unwrap();
+    let n = fx.max_new_tokens();
+    // Encoded bytes and RGBA pixels may be mixed in one batch.
+    let rgb = wasmcap::preprocess::decode_image(image("chelsea.jpg")).unwrap();
+    let rgba = js_sys::Object::new();
+    let data: Vec<u8> = rgb.pixels().flat_map(|p| [p[0], p[1], p[2], 255]).collect();
+    js_sys::Reflect::set(&rgba, &"data".into(), &js_sys::Uint8Array::from(&data[..])).unwrap();
+    js_sys::Reflect::set(&rgba, &"width".into(), &rgb.width().into()).unwrap();
+    js_sys::Reflect::set(&rgba, &"height".into(), &rgb.height().into()).unwrap();
+    let images = js_sys::Array::of3(&js_sys::Uint8Array::from(image("astronaut.png")), &rgba, &js_sys::Uint8Array::from(image("coffee_rgba.png")));
+
+    let events = js_sys::Array::new();
+    let sink = events.clone();
+    let on_event = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue, JsValue)>::new(move |i: JsValue, e: JsValue| {
+        sink.push(&js_sys::Array::of2(&i, &e));
+    });
+    let results = c.caption_many(images.clone(), options(n), Some(on_event.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap();
+    let results = js_sys::Array::from(&results);
+    assert_eq!(results.length(), 3);
+    assert_eq!(ids_of(&results.get(0)), fx.greedy_ids("astronaut.png"));
+    assert_eq!(ids_of(&results.get(1)), fx.greedy_ids("chelsea.jpg"));
+    let alone = c.caption(image("coffee_rgba.png"), options(n)).unwrap();
+    assert_eq!(ids_of(&results.get(2)), ids_of(&alone));
+    // Every token of every image was streamed, tagged with its image.
+    for i in 0..3u32 {
+        let streamed: Vec<u32> = events
+            .iter()
+            .map(|v| js_sys::Array::from(&v))
+            .filter(|pair| pair.get(0).as_f64() == Some(i as f64))
+            .map(|pair| js_sys::Reflect::get(&pair.get(1), &"id".into()).unwrap().as_f64().unwrap() as u32)
+            .collect();
+        assert_eq!(streamed, ids_of(&results.get(i)), "image {i}");
+    }
+
+    // Beam search over the batch: per image, what beamSearch gives alone; provisional events stream.
+    let beam = options(6);
+    js_sys::Reflect::set(&beam, &"numBeams".into(), &3.into()).unwrap();
+    events.set_length(0);
+    let results = js_sys::Array::from(
+        &c.caption_many(images.clone(), beam.clone(), Some(on_event.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap(),
+    );
+    let alone = js_sys::Array::from(&c.beam_search(image("astronaut.png"), beam.clone(), None).unwrap());
+    assert_eq!(ids_of(&results.get(0)), ids_of(&alone.get(0)));
+    let provisional = js_sys::Reflect::get(&js_sys::Array::from(&events.get(0)).get(1), &"provisional".into()).unwrap();
+    assert_eq!(provisional.as_bool(), Some(true));
+    assert!(events.length() >= 3, "one provisional hypothesis per image and step");
+
+    // beamSearch streams too; a callback that throws is reported, and the instance goes on.
+    let count = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = count.clone();
+    let on_provisional = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| seen.set(seen.get() + 1));
+    c.beam_search(image("astronaut.png"), beam.clone(), Some(on_provisional.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap();
+    assert_eq!(count.get(), 6, "one provisional hypothesis per step");
+    let thrower = js_sys::Function::new_with_args("e", "throw new Error('boom')");
+    let msg = message(c.beam_search(image("astronaut.png"), beam, Some(thrower)).err().unwrap());
+    assert!(msg.contains("boom"), "{msg}");
+    let msg = message(c.caption_many(js_sys::Array::of1(&JsValue::from_str("not an image")), options(3), None).err().unwrap());
+    assert!(msg.contains("image 0"), "{msg}");
+    assert_eq!(ids_of(&c.caption(image("chelsea.jpg"), options(n)).unwrap()), fx.greedy_ids("chelsea.jpg"));
+}

@@ -30,7 +30,7 @@ function caption(options, image = `${base}/${IMAGE}`) {
     const run = window.captioner.caption(image, options);
     const tokens = [];
     try {
-      for await (const t of run) tokens.push(t.id);
+      for await (const t of run) tokens.push('id' in t ? t.id : { provisional: t.provisional, tokenIds: t.tokenIds });
       return { tokens, result: await run.result };
     } catch (e) {
       return { tokens, error: e.message, resultError: await run.result.then(() => null, (r) => r.message) };
@@ -68,8 +68,14 @@ after(async () => {
 
 function assertBeam(r, expected, label) {
   assert.equal(r.error, undefined, `${label}: ${r.error}`);
-  assert.deepEqual(r.tokens, [], `${label}: beam search streams nothing`);
   const { result } = r;
+  // Streamed: the best running hypothesis after each step (provisional), then the final best.
+  assert.ok(r.tokens.length >= 2, `${label}: provisional hypotheses`);
+  for (const [i, t] of r.tokens.entries()) {
+    assert.equal(t.provisional, i < r.tokens.length - 1, `${label}: event ${i}`);
+    if (i < r.tokens.length - 1) assert.equal(t.tokenIds.length, i + 1, `${label}: step ${i + 1}'s hypothesis`);
+  }
+  assert.deepEqual(r.tokens.at(-1).tokenIds, result.tokenIds, `${label}: the last event is the final best`);
   assert.deepEqual(result.sequences.map((s) => s.tokenIds), expected.map((s) => s.tokenIds), label);
   for (const [i, s] of result.sequences.entries()) {
     if (expected[i].text !== undefined) assert.equal(s.text, expected[i].text, `${label}: text ${i}`);
@@ -175,4 +181,39 @@ test('invalid options reject with a clear message; the captioner keeps working',
   const ok = await caption({ maxNewTokens: 4 });
   assert.equal(ok.error, undefined, ok.error);
   assert.equal(ok.result.tokenIds.length, 4);
+});
+
+test('captionMany: one batch, every image\'s tokens streamed with its index, the same captions as one by one', async () => {
+  const urls = ['astronaut.png', 'chelsea.jpg', 'coffee_rgba.png'].map((f) => `${base}/tests/fixtures/images/${f}`);
+  const r = await page.evaluate(async (urls) => {
+    const c = window.captioner;
+    const alone = [];
+    for (const u of urls) alone.push((await c.caption(u, { maxNewTokens: 12 }).result).tokenIds);
+    // One image as ImageData (the RGBA path), the others as URLs.
+    const blob = await (await fetch(urls[1])).blob();
+    const bitmap = await createImageBitmap(blob, { colorSpaceConversion: 'none' });
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    canvas.getContext('2d').drawImage(bitmap, 0, 0);
+    const pixels = canvas.getContext('2d').getImageData(0, 0, bitmap.width, bitmap.height);
+    const viaRgba = (await c.caption(pixels, { maxNewTokens: 12 }).result).tokenIds;
+    const run = c.captionMany([urls[0], pixels, urls[2]], { maxNewTokens: 12 });
+    const streamed = [[], [], []];
+    for await (const e of run) streamed[e.index].push(e.id);
+    const many = (await run.result).map((x) => x.tokenIds);
+    const beamAlone = (await c.caption(urls[0], { numBeams: 3, maxNewTokens: 8 }).result).tokenIds;
+    const beamRun = c.captionMany(urls, { numBeams: 3, maxNewTokens: 8 });
+    const provisional = [];
+    for await (const e of beamRun) provisional.push([e.index, e.provisional]);
+    const beams = await beamRun.result;
+    const empty = await c.captionMany([], {}).result.then(() => null, (e) => e.message);
+    return { alone, viaRgba, many, streamed, beamAlone, beams: beams.map((b) => b.tokenIds), sequences: beams[0].sequences.length, provisional, empty };
+  }, urls);
+  assert.deepEqual(r.many[0], r.alone[0]);
+  assert.deepEqual(r.many[1], r.viaRgba);
+  assert.deepEqual(r.many[2], r.alone[2]);
+  assert.deepEqual(r.streamed, r.many, 'streamed ids per image = results');
+  assert.deepEqual(r.beams[0], r.beamAlone);
+  assert.equal(r.sequences, 1);
+  assert.ok(r.provisional.length >= 3 && r.provisional.every(([i, p]) => [0, 1, 2].includes(i) && p === true));
+  assert.equal(r.empty, 'captionMany: no images');
 });
