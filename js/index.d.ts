@@ -162,6 +162,8 @@ export declare function clearCache(baseUrl?: string | URL): Promise<boolean>;
 
 export declare class Captioner {
   private constructor();
+  /** What the model's generation_config.json sets; options not given to `caption` take these. */
+  readonly generationDefaults: Readonly<BeamSearchOptions & { numBeams: number; numReturnSequences: number }>;
   /** Loads a model from a 🤗-layout folder URL or a map of files, and starts its worker. */
   static fromPretrained(source: string | URL | FileMap, options?: LoadOptions): Promise<Captioner>;
   static clearCache(baseUrl?: string | URL): Promise<boolean>;

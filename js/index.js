@@ -232,7 +232,8 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
 // only ever looks up the known ones, so a misspelt key would be ignored there: refused here.
 const CAPTION_KEYS = ['maxNewTokens', 'prompt', 'doSample', 'temperature', 'topK', 'topP', 'seed',
   'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds'];
-const BEAM_KEYS = ['maxNewTokens', 'prompt', 'numBeams', 'lengthPenalty', 'earlyStopping', 'numReturnSequences'];
+const BEAM_KEYS = ['maxNewTokens', 'prompt', 'numBeams', 'lengthPenalty', 'earlyStopping', 'numReturnSequences',
+  'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds'];
 
 function unknownOption(options, beam) {
   const [known, other, what, hint] = beam
@@ -331,8 +332,10 @@ class CaptionRun {
 
 export class Captioner {
   /** Use `Captioner.fromPretrained`. */
-  constructor(worker) {
+  constructor(worker, defaults = {}) {
     this._worker = worker;
+    /** The generation options the model's generation_config.json sets (camelCase). */
+    this.generationDefaults = Object.freeze({ ...defaults });
     this._runs = new Map();
     this._nextRun = 1;
     this._disposed = false;
@@ -371,13 +374,14 @@ export class Captioner {
     const worker = options.workerUrl
       ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
       : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
+    let defaults;
     try {
       await new Promise((ok, fail) => {
         const onAbort = () => fail(abortError(signal));
         signal?.addEventListener('abort', onAbort, { once: true });
         worker.onmessage = ({ data }) => {
           signal?.removeEventListener('abort', onAbort);
-          if (data.type === 'loaded') ok();
+          if (data.type === 'loaded') { defaults = data.defaults; ok(); }
           else fail(new Error(data.message));
         };
         worker.onerror = (e) => {
@@ -395,7 +399,7 @@ export class Captioner {
     }
     worker.onmessage = null;
     worker.onerror = null;
-    return new Captioner(worker);
+    return new Captioner(worker, defaults);
   }
 
   /** Deletes the model files kept in the Cache API (all of them, or one folder's). */
@@ -409,7 +413,9 @@ export class Captioner {
    * API, passed on unchanged (camelCase; unknown keys reject here, bad values in Rust):
    * `maxNewTokens`, `prompt` (prefix models), `doSample`, `temperature`, `topK`, `topP`, `seed`,
    * `repetitionPenalty`, `noRepeatNgramSize`, `minNewTokens`, `badWordsIds`; for beam search
-   * `numBeams`, `numReturnSequences`, `lengthPenalty`, `earlyStopping`.
+   * `numBeams`, `numReturnSequences`, `lengthPenalty`, `earlyStopping`. Options not given take
+   * the model's generation_config.json values (`generationDefaults`), as transformers' generate()
+   * does — including beam search when it sets `num_beams` (pass `numBeams: 1` for greedy).
    * Returns an async iterable of `{ id, text, delta }`; its `result` promise gives
    * `{ text, tokenIds, timings: { encoderMs, firstTokenMs, totalMs, tokensPerS } }`.
    * With `numBeams` or `numReturnSequences` other than 1 it runs beam search (PNG/JPEG bytes
@@ -436,7 +442,9 @@ export class Captioner {
     const { signal, ...rest } = options ?? {};
     // Keys left undefined count as not given; everything else goes to Rust as it is.
     const wasmOptions = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
-    const beam = [wasmOptions.numBeams, wasmOptions.numReturnSequences].some((v) => v !== undefined && v !== 1);
+    // As generate(): beam search when asked for, or when generation_config.json asks for it.
+    const d = this.generationDefaults;
+    const beam = [wasmOptions.numBeams ?? d.numBeams, wasmOptions.numReturnSequences ?? d.numReturnSequences].some((v) => v !== undefined && v !== 1);
     if (!beam) { delete wasmOptions.numBeams; delete wasmOptions.numReturnSequences; } // 1 beam: greedy or sampling, streamed
     const run = new CaptionRun();
     const id = this._nextRun++;

@@ -1,7 +1,7 @@
 // wasmcap's module Web Worker: owns the WASM instance and the WasmCaptioner. It only converts
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
-// main → worker: { type: 'load', files }                     → { type: 'loaded' } | { type: 'error' }
+// main → worker: { type: 'load', files }                     → { type: 'loaded', defaults } | { type: 'error' }
 //                { type: 'caption', run, image, options, beam }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
 //                    final one), then { type: 'done', run, result } | { type: 'error', run, message }
@@ -125,7 +125,7 @@ self.onmessage = async ({ data }) => {
         captioner = null;
         captioner = new WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights));
-        postMessage({ type: 'loaded' });
+        postMessage({ type: 'loaded', defaults: captioner.generationDefaults() });
       } catch (e) {
         postMessage({ type: 'error', message: message(e) });
       }

@@ -233,6 +233,23 @@ impl Captioner {
         &self.generation
     }
 
+    /// Options as `generation_config.json` sets them (sampling and logits processors; the
+    /// length stays "from the files" too) — what transformers' `generate()` uses when it is
+    /// given nothing. `CaptionOptions::default()` is plain greedy decoding instead.
+    pub fn default_options(&self) -> CaptionOptions {
+        CaptionOptions { sampling: self.generation.sampling.clone(), ..Default::default() }
+    }
+
+    /// Beam settings from `generation_config.json` (`num_beams` 1 when it has none).
+    pub fn default_beam_options(&self) -> BeamOptions {
+        self.generation.beams.clone()
+    }
+
+    /// Whether `generation_config.json` asks for beam search by default.
+    pub fn beam_search_by_default(&self) -> bool {
+        self.generation.beams.num_beams > 1 || self.generation.beams.num_return_sequences > 1
+    }
+
     /// Encoded image bytes (PNG/JPEG) → pixel values [1, 3, H, W].
     pub fn pixel_values_from_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
         self.preprocessor.preprocess(&preprocess::decode_image(bytes)?)

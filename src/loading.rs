@@ -182,6 +182,12 @@ pub struct GenerationDefaults {
     pub max_new_tokens: Option<usize>,
     /// Total length (prompt included) when `max_new_tokens` is not given.
     pub max_length: Option<usize>,
+    /// `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
+    /// `no_repeat_ngram_size`, `min_new_tokens`, `bad_words_ids` (no seed: the files have none).
+    pub sampling: crate::sampling::SamplingOptions,
+    /// `num_beams` (1 when absent: no beam search), `length_penalty`, `early_stopping`,
+    /// `num_return_sequences`.
+    pub beams: crate::captioner::BeamOptions,
 }
 
 impl GenerationDefaults {
@@ -210,7 +216,59 @@ impl GenerationDefaults {
             Some(v) => vec![as_id(v, "eos_token_id")?],
             None => vec![],
         };
-        Ok(Self { decoder_start_token_id, eos_token_ids, max_new_tokens: as_len("max_new_tokens")?, max_length: as_len("max_length")? })
+        // Generation parameters as transformers takes them: generation_config.json alone when it
+        // exists (absent keys take GenerationConfig's defaults), else config.json's (older files).
+        let lookup = |key: &str| -> Option<&serde_json::Value> {
+            match generation {
+                Some(g) => g.get(key).filter(|v| !v.is_null()),
+                None => [Some(config), decoder].into_iter().flatten().filter_map(|section| section.get(key)).find(|v| !v.is_null()),
+            }
+        };
+        let wrong = |key: &str, what: &str, v: &serde_json::Value| Error::config(GENERATION, format!("{key} must be {what}, found {v}"));
+        let float = |key: &str| -> Result<Option<f32>> {
+            lookup(key).map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| wrong(key, "a number", v))).transpose()
+        };
+        let count = |key: &str| -> Result<Option<usize>> {
+            lookup(key).map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| wrong(key, "a non-negative integer", v))).transpose()
+        };
+        let bad_words_ids = match lookup("bad_words_ids") {
+            Some(v) => serde_json::from_value::<Vec<Vec<u32>>>(v.clone()).map_err(|_| wrong("bad_words_ids", "a list of token id lists", v))?,
+            None => vec![],
+        };
+        let sampling = crate::sampling::SamplingOptions {
+            do_sample: match lookup("do_sample") {
+                Some(v) => v.as_bool().ok_or_else(|| wrong("do_sample", "true or false", v))?,
+                None => false,
+            },
+            temperature: float("temperature")?,
+            top_k: count("top_k")?,
+            top_p: float("top_p")?,
+            repetition_penalty: float("repetition_penalty")?,
+            // 0 is how older configs wrote "off".
+            no_repeat_ngram_size: count("no_repeat_ngram_size")?.filter(|&n| n > 0),
+            min_new_tokens: count("min_new_tokens")?.filter(|&n| n > 0),
+            bad_words_ids,
+            seed: None,
+        };
+        let beams = crate::captioner::BeamOptions {
+            num_beams: count("num_beams")?.unwrap_or(1).max(1),
+            length_penalty: float("length_penalty")?.unwrap_or(1.0),
+            early_stopping: match lookup("early_stopping") {
+                None | Some(serde_json::Value::Bool(false)) => crate::beam::EarlyStopping::Heuristic,
+                Some(serde_json::Value::Bool(true)) => crate::beam::EarlyStopping::Stop,
+                Some(serde_json::Value::String(s)) if s == "never" => crate::beam::EarlyStopping::Never,
+                Some(v) => return Err(wrong("early_stopping", "true, false or \"never\"", v)),
+            },
+            num_return_sequences: count("num_return_sequences")?.unwrap_or(1).max(1),
+        };
+        Ok(Self {
+            decoder_start_token_id,
+            eos_token_ids,
+            max_new_tokens: as_len("max_new_tokens")?,
+            max_length: as_len("max_length")?,
+            sampling,
+            beams,
+        })
     }
 
     /// New tokens to generate after a prompt of `prompt_len` positions when the caller gave

@@ -26,8 +26,7 @@ fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
 struct JsCaptionOptions {
     max_new_tokens: Option<usize>,
     prompt: Option<String>,
-    #[serde(default)]
-    do_sample: bool,
+    do_sample: Option<bool>,
     temperature: Option<f32>,
     top_k: Option<usize>,
     top_p: Option<f32>,
@@ -35,25 +34,25 @@ struct JsCaptionOptions {
     repetition_penalty: Option<f32>,
     no_repeat_ngram_size: Option<usize>,
     min_new_tokens: Option<usize>,
-    #[serde(default)]
-    bad_words_ids: Vec<Vec<u32>>,
+    bad_words_ids: Option<Vec<Vec<u32>>>,
 }
 
-impl From<JsCaptionOptions> for CaptionOptions {
-    fn from(o: JsCaptionOptions) -> Self {
+impl JsCaptionOptions {
+    /// What was given, and `generation_config.json`'s value (`defaults`) for what was not.
+    fn with_defaults(self, defaults: SamplingOptions) -> CaptionOptions {
         CaptionOptions {
-            max_new_tokens: o.max_new_tokens,
-            prompt: o.prompt,
+            max_new_tokens: self.max_new_tokens,
+            prompt: self.prompt,
             sampling: SamplingOptions {
-                do_sample: o.do_sample,
-                temperature: o.temperature,
-                top_k: o.top_k,
-                top_p: o.top_p,
-                repetition_penalty: o.repetition_penalty,
-                no_repeat_ngram_size: o.no_repeat_ngram_size,
-                min_new_tokens: o.min_new_tokens,
-                bad_words_ids: o.bad_words_ids,
-                seed: o.seed,
+                do_sample: self.do_sample.unwrap_or(defaults.do_sample),
+                temperature: self.temperature.or(defaults.temperature),
+                top_k: self.top_k.or(defaults.top_k),
+                top_p: self.top_p.or(defaults.top_p),
+                repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
+                no_repeat_ngram_size: self.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
+                min_new_tokens: self.min_new_tokens.or(defaults.min_new_tokens),
+                bad_words_ids: self.bad_words_ids.unwrap_or(defaults.bad_words_ids),
+                seed: self.seed,
             },
             eos_token_ids: None,
         }
@@ -71,8 +70,8 @@ fn parse_options<T: serde::de::DeserializeOwned + Default>(value: JsValue, what:
     serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
 }
 
-fn options(value: JsValue) -> Result<CaptionOptions, JsError> {
-    Ok(parse_options::<JsCaptionOptions>(value, "caption options")?.into())
+fn options(value: JsValue, captioner: &Captioner) -> Result<CaptionOptions, JsError> {
+    Ok(parse_options::<JsCaptionOptions>(value, "caption options")?.with_defaults(captioner.default_options().sampling))
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -84,6 +83,11 @@ struct JsBeamOptions {
     length_penalty: Option<f32>,
     early_stopping: Option<serde_json::Value>,
     num_return_sequences: Option<usize>,
+    // The logits processors apply to beams as to greedy decoding.
+    repetition_penalty: Option<f32>,
+    no_repeat_ngram_size: Option<usize>,
+    min_new_tokens: Option<usize>,
+    bad_words_ids: Option<Vec<Vec<u32>>>,
 }
 
 #[derive(serde::Serialize)]
@@ -92,6 +96,24 @@ struct JsHypothesis {
     text: String,
     token_ids: Vec<u32>,
     score: f32,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsGenerationDefaults {
+    max_new_tokens: Option<usize>,
+    num_beams: usize,
+    num_return_sequences: usize,
+    length_penalty: f32,
+    early_stopping: serde_json::Value,
+    do_sample: bool,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    no_repeat_ngram_size: Option<usize>,
+    min_new_tokens: Option<usize>,
+    bad_words_ids: Vec<Vec<u32>>,
 }
 
 #[derive(serde::Serialize)]
@@ -161,7 +183,7 @@ impl WasmCaptioner {
     /// Starts captioning encoded image bytes (PNG/JPEG); replaces any caption in progress.
     pub fn start(&mut self, image: &[u8], options_js: JsValue) -> Result<(), JsError> {
         self.run = None;
-        let options = options(options_js)?;
+        let options = options(options_js, &self.inner)?;
         let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
         self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
         Ok(())
@@ -171,7 +193,7 @@ impl WasmCaptioner {
     #[wasm_bindgen(js_name = startRgba)]
     pub fn start_rgba(&mut self, rgba: &[u8], width: u32, height: u32, options_js: JsValue) -> Result<(), JsError> {
         self.run = None;
-        let options = options(options_js)?;
+        let options = options(options_js, &self.inner)?;
         let pixels = self.inner.pixel_values_from_rgba(rgba, width, height).map_err(js_error)?;
         self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
         Ok(())
@@ -211,14 +233,42 @@ impl WasmCaptioner {
         self.run = None;
     }
 
+    /// The generation options `generation_config.json` sets, camelCase: `{ maxNewTokens?,
+    /// numBeams, numReturnSequences, lengthPenalty, earlyStopping, doSample, temperature?, … }`.
+    #[wasm_bindgen(js_name = generationDefaults)]
+    pub fn generation_defaults(&self) -> Result<JsValue, JsError> {
+        let g = self.inner.generation_defaults();
+        let (s, b) = (&g.sampling, &g.beams);
+        to_js(&JsGenerationDefaults {
+            max_new_tokens: g.max_new_tokens,
+            num_beams: b.num_beams,
+            num_return_sequences: b.num_return_sequences,
+            length_penalty: b.length_penalty,
+            early_stopping: match b.early_stopping {
+                EarlyStopping::Stop => serde_json::json!(true),
+                EarlyStopping::Heuristic => serde_json::json!(false),
+                EarlyStopping::Never => serde_json::json!("never"),
+            },
+            do_sample: s.do_sample,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            repetition_penalty: s.repetition_penalty,
+            no_repeat_ngram_size: s.no_repeat_ngram_size,
+            min_new_tokens: s.min_new_tokens,
+            bad_words_ids: s.bad_words_ids.clone(),
+        })
+    }
+
     /// Beam search over encoded image bytes, as transformers' `generate(num_beams=…)`.
     /// Options: `{ maxNewTokens?, prompt?, numBeams?, lengthPenalty?, earlyStopping?: boolean | "never",
+    /// repetitionPenalty?, noRepeatNgramSize?, minNewTokens?, badWordsIds?,
     /// numReturnSequences? }`; returns `[{ text, tokenIds, score }]`, best first.
     /// `onProvisional({ provisional: true, text, tokenIds })`, if given, is called after every
     /// step with the best running hypothesis (the final best may be another beam).
     #[wasm_bindgen(js_name = beamSearch)]
     pub fn beam_search(&mut self, image: &[u8], options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
-        let (options, beams) = beam_options(parse_options(options_js, "beam search options")?)?;
+        let (options, beams) = beam_options(parse_options(options_js, "beam search options")?, &self.inner)?;
         let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
         let mut callback = Callback::new(on_provisional);
         let hypotheses =
@@ -242,7 +292,10 @@ impl WasmCaptioner {
         } else {
             serde_wasm_bindgen::from_value(options_js).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?
         };
-        let beam = ["numBeams", "numReturnSequences"].iter().any(|k| json.get(*k).is_some_and(|v| !v.is_null() && v.as_u64() != Some(1)));
+        // Beam search when asked for, or when generation_config.json asks and the caller did not say.
+        let given = |k: &str| json.get(k).filter(|v| !v.is_null()).map(|v| v.as_u64() != Some(1));
+        let d = self.inner.default_beam_options();
+        let beam = given("numBeams").unwrap_or(d.num_beams > 1) || given("numReturnSequences").unwrap_or(d.num_return_sequences > 1);
         if images.length() == 0 {
             return Err(JsError::new("captionMany: no images"));
         }
@@ -251,7 +304,7 @@ impl WasmCaptioner {
         let mut callback = Callback::new(on_event);
         if beam {
             let parsed: JsBeamOptions = serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid beam search options: {e}")))?;
-            let (options, beams) = beam_options(parsed)?;
+            let (options, beams) = beam_options(parsed, &self.inner)?;
             let all = self
                 .inner
                 .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(best), Some(i)))
@@ -276,7 +329,7 @@ impl WasmCaptioner {
             map.remove("numReturnSequences");
         }
         let parsed: JsCaptionOptions = serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
-        let options: CaptionOptions = parsed.into();
+        let options = parsed.with_defaults(self.inner.default_options().sampling);
         let captions = self.inner.caption_many(&batch, &options, |i, event| callback.call(|| to_js(event), Some(i))).map_err(js_error)?;
         callback.result()?;
         let results = js_sys::Array::new();
@@ -376,13 +429,20 @@ impl Callback {
     }
 }
 
-fn beam_options(o: JsBeamOptions) -> Result<(CaptionOptions, BeamOptions), JsError> {
-    let defaults = BeamOptions::default();
+/// Beam options: what was given, else `generation_config.json`'s (4 beams when neither says,
+/// since beam search was asked for); its logits processors apply to beams too.
+fn beam_options(o: JsBeamOptions, captioner: &Captioner) -> Result<(CaptionOptions, BeamOptions), JsError> {
+    let mut defaults = captioner.default_beam_options();
+    if defaults.num_beams == 1 {
+        defaults.num_beams = BeamOptions::default().num_beams.max(defaults.num_return_sequences);
+    }
+    let early_default = defaults.early_stopping;
     let beams = BeamOptions {
         num_beams: o.num_beams.unwrap_or(defaults.num_beams),
         length_penalty: o.length_penalty.unwrap_or(defaults.length_penalty),
         early_stopping: match o.early_stopping {
-            None | Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
+            None => early_default,
+            Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
             Some(serde_json::Value::Bool(true)) => EarlyStopping::Stop,
             Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
             Some(other) => {
@@ -391,7 +451,18 @@ fn beam_options(o: JsBeamOptions) -> Result<(CaptionOptions, BeamOptions), JsErr
         },
         num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
     };
-    Ok((CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt, ..Default::default() }, beams))
+    let defaults = captioner.default_options().sampling;
+    let sampling = SamplingOptions {
+        // Beam sampling is not supported: a config that samples still gets plain beam search here.
+        do_sample: false,
+        repetition_penalty: o.repetition_penalty.or(defaults.repetition_penalty),
+        no_repeat_ngram_size: o.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
+        min_new_tokens: o.min_new_tokens.or(defaults.min_new_tokens),
+        bad_words_ids: o.bad_words_ids.unwrap_or(defaults.bad_words_ids),
+        ..defaults
+    };
+    sampling.validate().map_err(js_error)?;
+    Ok((CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt, sampling, eos_token_ids: None }, beams))
 }
 
 /// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of

@@ -70,3 +70,53 @@ fn adapter_and_prompt_flags_for_a_prefix_model() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("adapter_config.json"), "{stderr}");
 }
+
+/// `caption --json` over the fixture photos with `flags`, for `model`: each line's token ids.
+fn ids_of(model: &str, flags: &[&str]) -> Vec<Vec<u64>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .args(["--model", model, "--json"])
+        .args(flags)
+        .args(["astronaut.png", "chelsea.jpg", "coffee_rgba.png"].map(|f| fixture_path(&format!("images/{f}"))))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn generation_config_sets_the_defaults_and_flags_override_them() {
+    // tiny-ved-v4 with a generation_config.json that asks for beam search and n-gram blocking.
+    let dir = std::env::temp_dir().join(format!("wasmcap-genconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture_path("tiny-ved-v4");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(format!("{src}/{f}"), dir.join(f)).unwrap();
+    }
+    let mut generation: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{src}/generation_config.json")).unwrap()).unwrap();
+    for (k, v) in [("num_beams", 3.into()), ("length_penalty", 0.5.into()), ("no_repeat_ngram_size", 2.into()), ("max_new_tokens", 9.into())] {
+        generation[k] = v;
+    }
+    std::fs::write(dir.join("generation_config.json"), generation.to_string()).unwrap();
+    let configured = dir.display().to_string();
+
+    let explicit = ids_of(&src, &["--num-beams", "3", "--length-penalty", "0.5", "--no-repeat-ngram-size", "2", "--max-new-tokens", "9"]);
+    assert_eq!(ids_of(&configured, &[]), explicit, "no flags: generation_config.json's beam search");
+    assert_ne!(explicit, ids_of(&src, &["--max-new-tokens", "9"]), "the settings change the captions");
+    // A flag wins over the file: one beam is greedy, still with the file's n-gram blocking.
+    assert_eq!(ids_of(&configured, &["--num-beams", "1"]), ids_of(&src, &["--no-repeat-ngram-size", "2", "--max-new-tokens", "9"]));
+    // Batches: the same captions.
+    assert_eq!(ids_of(&configured, &["--batch-size", "2"]), explicit);
+    assert_eq!(ids_of(&src, &["--batch-size", "3", "--max-new-tokens", "9"]), ids_of(&src, &["--max-new-tokens", "9"]));
+
+    // A wrong type is a config error naming the file.
+    generation["num_beams"] = "three".into();
+    std::fs::write(dir.join("generation_config.json"), generation.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", &configured, &fixture_path("images/astronaut.png")]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("generation_config.json") && stderr.contains("num_beams"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}

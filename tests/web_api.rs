@@ -190,3 +190,52 @@ fn caption_many_streams_each_image_and_equals_one_by_one() {
     assert!(msg.contains("image 0"), "{msg}");
     assert_eq!(ids_of(&c.caption(image("chelsea.jpg"), options(n)).unwrap()), fx.greedy_ids("chelsea.jpg"));
 }
+
+#[wasm_bindgen_test]
+fn generation_config_defaults_apply_unless_options_say_otherwise() {
+    let fx = &fixtures()[0];
+    let mut generation: serde_json::Value = serde_json::from_slice(fx.generation).unwrap();
+    generation["num_beams"] = 3.into();
+    generation["no_repeat_ngram_size"] = 2.into();
+    generation["max_new_tokens"] = 7.into();
+    let mut configured =
+        WasmCaptioner::new(fx.config, fx.weights, fx.tokenizer, fx.preprocessor, Some(generation.to_string().into_bytes()), None, None).unwrap();
+    let mut plain = new_captioner(fx, fx.weights).unwrap();
+    let defaults = configured.generation_defaults().unwrap();
+    let get = |k: &str| js_sys::Reflect::get(&defaults, &k.into()).unwrap();
+    assert_eq!(get("numBeams").as_f64(), Some(3.0));
+    assert_eq!(get("noRepeatNgramSize").as_f64(), Some(2.0));
+    assert_eq!(get("doSample").as_bool(), Some(false));
+
+    let with = |pairs: &[(&str, JsValue)]| {
+        let o = js_sys::Object::new();
+        for (k, v) in pairs {
+            js_sys::Reflect::set(&o, &(*k).into(), v).unwrap();
+        }
+        JsValue::from(o)
+    };
+    // Streaming (one beam): the file's n-gram blocking and length apply.
+    let greedy = configured.caption(image("astronaut.png"), with(&[])).unwrap();
+    let explicit = plain.caption(image("astronaut.png"), with(&[("noRepeatNgramSize", 2.into()), ("maxNewTokens", 7.into())])).unwrap();
+    assert_eq!(ids_of(&greedy), ids_of(&explicit));
+    // ... and an option given overrides it.
+    let overridden = configured.caption(image("astronaut.png"), with(&[("noRepeatNgramSize", 3.into())])).unwrap();
+    let explicit3 = plain.caption(image("astronaut.png"), with(&[("noRepeatNgramSize", 3.into()), ("maxNewTokens", 7.into())])).unwrap();
+    assert_eq!(ids_of(&overridden), ids_of(&explicit3));
+    // beamSearch and captionMany without numBeams: the file's 3 beams.
+    let beams = js_sys::Array::from(&configured.beam_search(image("astronaut.png"), with(&[]), None).unwrap());
+    let explicit_beams =
+        js_sys::Array::from(&plain.beam_search(image("astronaut.png"), with(&[("numBeams", 3.into()), ("maxNewTokens", 7.into())]), None).unwrap());
+    assert_eq!(ids_of(&beams.get(0)), ids_of(&explicit_beams.get(0)));
+    let many = js_sys::Array::from(
+        &configured.caption_many(js_sys::Array::of1(&js_sys::Uint8Array::from(image("astronaut.png"))), with(&[]), None).unwrap(),
+    );
+    assert!(js_sys::Reflect::get(&many.get(0), &"sequences".into()).unwrap().is_object(), "captionMany ran beam search");
+    assert_eq!(ids_of(&many.get(0)), ids_of(&explicit_beams.get(0)));
+    let one_beam = js_sys::Array::from(
+        &configured
+            .caption_many(js_sys::Array::of1(&js_sys::Uint8Array::from(image("astronaut.png"))), with(&[("numBeams", 1.into())]), None)
+            .unwrap(),
+    );
+    assert_eq!(ids_of(&one_beam.get(0)), ids_of(&greedy));
+}

@@ -39,21 +39,28 @@ mod cli {
         /// Maximum number of new tokens (default: generation_config.json, else transformers' default).
         #[arg(long)]
         max_new_tokens: Option<usize>,
-        /// Beam search with this many beams (1: greedy, streamed).
-        #[arg(long, default_value_t = 1)]
-        num_beams: usize,
-        /// Beam search: score = Σ log p / length^length_penalty.
-        #[arg(long, default_value_t = 1.0)]
-        length_penalty: f32,
-        /// Beam search stopping: true, false (transformers' heuristic) or never.
-        #[arg(long, default_value = "false", value_parser = ["true", "false", "never"])]
-        early_stopping: String,
-        /// Beam search: how many of the best hypotheses to print.
-        #[arg(long, default_value_t = 1)]
-        num_return_sequences: usize,
-        /// Sample instead of picking the most likely token (with --temperature/--top-k/--top-p/--seed).
+        // Every generation flag defaults to generation_config.json (then transformers' default),
+        // as generate() does.
+        /// Beam search with this many beams (1: greedy, streamed) [default: generation_config.json, else 1].
         #[arg(long)]
-        do_sample: bool,
+        num_beams: Option<usize>,
+        /// Beam search: score = Σ log p / length^length_penalty [default: generation_config.json, else 1].
+        #[arg(long)]
+        length_penalty: Option<f32>,
+        /// Beam search stopping: true, false (transformers' heuristic) or never.
+        #[arg(long, value_parser = ["true", "false", "never"])]
+        early_stopping: Option<String>,
+        /// Beam search: how many of the best hypotheses to print.
+        #[arg(long)]
+        num_return_sequences: Option<usize>,
+        /// Sample instead of picking the most likely token (with --temperature/--top-k/--top-p/--seed);
+        /// `--do-sample false` overrides a generation_config.json that samples.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        do_sample: Option<bool>,
+        /// Caption the images in batches of this many: one encoder pass and one decoding loop per
+        /// batch (the same captions as one by one).
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
         #[arg(long)]
         temperature: Option<f32>,
         /// Sampling: keep the k most likely tokens (transformers' default 50; 0 turns it off).
@@ -93,21 +100,22 @@ mod cli {
             }
         };
         let bad_words_ids = match args.bad_words_ids.as_deref().map(serde_json::from_str::<Vec<Vec<u32>>>).transpose() {
-            Ok(ids) => ids.unwrap_or_default(),
+            Ok(ids) => ids,
             Err(e) => {
                 eprintln!("error: --bad-words-ids must be a JSON list of token id lists, e.g. '[[7], [3, 9]]': {e}");
                 return ExitCode::FAILURE;
             }
         };
+        let defaults = captioner.default_options().sampling;
         let sampling = SamplingOptions {
-            do_sample: args.do_sample,
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            no_repeat_ngram_size: args.no_repeat_ngram_size,
-            min_new_tokens: args.min_new_tokens,
-            bad_words_ids,
+            do_sample: args.do_sample.unwrap_or(defaults.do_sample),
+            temperature: args.temperature.or(defaults.temperature),
+            top_k: args.top_k.or(defaults.top_k),
+            top_p: args.top_p.or(defaults.top_p),
+            repetition_penalty: args.repetition_penalty.or(defaults.repetition_penalty),
+            no_repeat_ngram_size: args.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
+            min_new_tokens: args.min_new_tokens.or(defaults.min_new_tokens),
+            bad_words_ids: bad_words_ids.unwrap_or(defaults.bad_words_ids),
             seed: args.seed,
         };
         if let Err(e) = sampling.validate() {
@@ -115,28 +123,45 @@ mod cli {
             return ExitCode::FAILURE;
         }
         let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone(), sampling, eos_token_ids: None };
-        let beams = (args.num_beams > 1 || args.num_return_sequences > 1).then(|| BeamOptions {
-            num_beams: args.num_beams,
-            length_penalty: args.length_penalty,
-            early_stopping: match args.early_stopping.as_str() {
-                "true" => EarlyStopping::Stop,
-                "never" => EarlyStopping::Never,
-                _ => EarlyStopping::Heuristic,
+        let d = captioner.default_beam_options();
+        let beam_settings = BeamOptions {
+            num_beams: args.num_beams.unwrap_or(d.num_beams),
+            length_penalty: args.length_penalty.unwrap_or(d.length_penalty),
+            early_stopping: match args.early_stopping.as_deref() {
+                Some("true") => EarlyStopping::Stop,
+                Some("never") => EarlyStopping::Never,
+                Some(_) => EarlyStopping::Heuristic,
+                None => d.early_stopping,
             },
-            num_return_sequences: args.num_return_sequences,
-        });
+            num_return_sequences: args.num_return_sequences.unwrap_or(d.num_return_sequences),
+        };
+        let beams = (beam_settings.num_beams > 1 || beam_settings.num_return_sequences > 1).then_some(beam_settings);
         let mut failed = false;
-        for image in &args.images {
-            let result = match &beams {
-                Some(beams) => beam_one(&captioner, image, &options, beams, args.json),
-                None => caption_one(&captioner, image, &options, args.json),
-            };
-            if let Err(e) = result {
-                failed = true;
-                if args.json {
-                    println!("{}", serde_json::json!({ "image": image.display().to_string(), "error": e.to_string() }));
-                } else {
-                    eprintln!("error: {}: {e}", image.display());
+        let mut report = |image: &Path, e: &wasmcap::Error| {
+            failed = true;
+            if args.json {
+                println!("{}", serde_json::json!({ "image": image.display().to_string(), "error": e.to_string() }));
+            } else {
+                eprintln!("error: {}: {e}", image.display());
+            }
+        };
+        if args.batch_size > 1 {
+            for chunk in args.images.chunks(args.batch_size) {
+                if let Err(e) = batch(&captioner, chunk, &options, beams.as_ref(), args.json) {
+                    // A batch fails as a whole (an unreadable image names itself in the error).
+                    for image in chunk {
+                        report(image, &e);
+                    }
+                }
+            }
+        } else {
+            for image in &args.images {
+                let result = match &beams {
+                    Some(beams) => beam_one(&captioner, image, &options, beams, args.json),
+                    None => caption_one(&captioner, image, &options, args.json),
+                };
+                if let Err(e) = result {
+                    report(image, &e);
                 }
             }
         }
@@ -152,9 +177,40 @@ mod cli {
         captioner.pixel_values_from_bytes(&bytes)
     }
 
+    fn batch(captioner: &Captioner, images: &[PathBuf], options: &CaptionOptions, beams: Option<&BeamOptions>, json: bool) -> wasmcap::Result<()> {
+        let pixels = images
+            .iter()
+            .map(|image| pixel_values(captioner, image).map_err(|e| wasmcap::Error::Image(format!("{}: {e}", image.display()))))
+            .collect::<wasmcap::Result<Vec<_>>>()?;
+        let pixels = candle_core::Tensor::cat(&pixels, 0)?;
+        match beams {
+            Some(beams) => {
+                for (image, hypotheses) in images.iter().zip(captioner.beam_search_many(&pixels, options, beams, |_, _| {})?) {
+                    print_beams(captioner, image, &hypotheses, json)?;
+                }
+            }
+            None => {
+                for (image, caption) in images.iter().zip(captioner.caption_many(&pixels, options, |_, _| {})?) {
+                    if json {
+                        let mut line = serde_json::to_value(&caption).map_err(|e| wasmcap::Error::Compute(e.to_string()))?;
+                        line["image"] = serde_json::Value::String(image.display().to_string());
+                        println!("{line}");
+                    } else {
+                        println!("{}: {}", image.display(), caption.text);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn beam_one(captioner: &Captioner, image: &Path, options: &CaptionOptions, beams: &BeamOptions, json: bool) -> wasmcap::Result<()> {
         let pixel_values = pixel_values(captioner, image)?;
         let hypotheses = captioner.beam_search(&pixel_values, options, beams)?;
+        print_beams(captioner, image, &hypotheses, json)
+    }
+
+    fn print_beams(captioner: &Captioner, image: &Path, hypotheses: &[wasmcap::beam::Hypothesis], json: bool) -> wasmcap::Result<()> {
         let decoded = hypotheses.iter().map(|h| Ok((captioner.tokenizer().decode(&h.token_ids, true)?, h))).collect::<wasmcap::Result<Vec<_>>>()?;
         if json {
             let sequences: Vec<_> =

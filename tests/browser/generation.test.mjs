@@ -217,3 +217,32 @@ test('captionMany: one batch, every image\'s tokens streamed with its index, the
   assert.ok(r.provisional.length >= 3 && r.provisional.every(([i, p]) => [0, 1, 2].includes(i) && p === true));
   assert.equal(r.empty, 'captionMany: no images');
 });
+
+test('generation_config.json defaults: a model that asks for 3 beams beam-searches unless numBeams: 1 is passed', async () => {
+  const r = await page.evaluate(async ([base, model, image]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const files = {};
+    for (const f of ['config.json', 'model.safetensors', 'tokenizer.json', 'preprocessor_config.json', 'generation_config.json']) {
+      files[f] = await (await fetch(`${base}/${model}/${f}`)).blob();
+    }
+    const generation = JSON.parse(await files['generation_config.json'].text());
+    Object.assign(generation, { num_beams: 3, no_repeat_ngram_size: 2, max_new_tokens: 7 });
+    files['generation_config.json'] = new Blob([JSON.stringify(generation)]);
+    const c = await Captioner.fromPretrained(files, { cache: false });
+    try {
+      const url = `${base}/${image}`;
+      const byDefault = await c.caption(url).result;
+      const greedy = await c.caption(url, { numBeams: 1 }).result;
+      const explicitBeams = await window.captioner.caption(url, { numBeams: 3, noRepeatNgramSize: 2, maxNewTokens: 7 }).result;
+      const explicitGreedy = await window.captioner.caption(url, { noRepeatNgramSize: 2, maxNewTokens: 7 }).result;
+      return { defaults: c.generationDefaults, byDefault, greedy, explicitBeams, explicitGreedy };
+    } finally {
+      c.dispose();
+    }
+  }, [base, MODEL, IMAGE]);
+  assert.equal(r.defaults.numBeams, 3);
+  assert.ok(Array.isArray(r.byDefault.sequences), 'beam search by default');
+  assert.deepEqual(r.byDefault.tokenIds, r.explicitBeams.tokenIds);
+  assert.equal(r.greedy.sequences, undefined);
+  assert.deepEqual(r.greedy.tokenIds, r.explicitGreedy.tokenIds);
+});
