@@ -1,5 +1,5 @@
 //! Native half of `./build.sh bench`:
-//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS]`
+//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS]`
 //! prints one JSON line (medians, plus peak resident memory from /proc).
 //! `cargo run --release --example bench -- memory BYTES [REPEATS]` prints the streaming-read
 //! speed in GB/s over a buffer of BYTES.
@@ -16,9 +16,10 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
+    let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1) };
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })
-        .and_then(|json| wasmcap::bench::bench_model(&json, prompt_tokens, tokens, repeats));
+        .and_then(|json| wasmcap::bench::bench_model_shaped(&json, prompt_tokens, tokens, repeats, shape));
     match result {
         Ok(report) => {
             let mut line = serde_json::to_value(&report).unwrap_or_default();

@@ -233,7 +233,7 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
 const CAPTION_KEYS = ['maxNewTokens', 'prompt', 'doSample', 'temperature', 'topK', 'topP', 'seed',
   'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds'];
 const BEAM_KEYS = ['maxNewTokens', 'prompt', 'numBeams', 'lengthPenalty', 'earlyStopping', 'numReturnSequences',
-  'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds'];
+  'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds', 'doSample', 'temperature', 'topK', 'topP', 'seed'];
 
 function unknownOption(options, beam) {
   const [known, other, what, hint] = beam

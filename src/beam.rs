@@ -108,6 +108,17 @@ impl BeamSearch {
     /// (processors applied). Returns, for each new running beam, the index of the running beam
     /// it continues — reorder the model caches by it.
     pub fn step(&mut self, log_probs: &[Vec<f32>]) -> Result<Vec<usize>> {
+        self.step_with(log_probs, None)
+    }
+
+    /// [`BeamSearch::step`] for beam sampling (`do_sample` with beams): the candidates are drawn
+    /// without replacement from softmax(accumulated scores), then ordered best first, as
+    /// transformers' `_get_top_k_continuations` does (with our generator, so not its draws).
+    pub fn step_sampled(&mut self, log_probs: &[Vec<f32>], rng: &mut crate::sampling::Rng) -> Result<Vec<usize>> {
+        self.step_with(log_probs, Some(rng))
+    }
+
+    fn step_with(&mut self, log_probs: &[Vec<f32>], rng: Option<&mut crate::sampling::Rng>) -> Result<Vec<usize>> {
         if self.done {
             return Err(Error::Generation("beam search already finished".into()));
         }
@@ -119,7 +130,27 @@ impl BeamSearch {
             return Err(Error::Generation("log-probabilities of unequal or zero length".into()));
         }
         let accumulated: Vec<f32> = log_probs.iter().zip(&self.running_scores).flat_map(|(lp, &score)| lp.iter().map(move |&x| x + score)).collect();
-        let candidates = top_k(&accumulated, self.beams_to_keep);
+        let candidates = match rng {
+            None => top_k(&accumulated, self.beams_to_keep),
+            Some(rng) => {
+                let open = accumulated.iter().filter(|x| x.is_finite()).count();
+                if open < self.beams_to_keep {
+                    return Err(Error::Generation(format!(
+                        "beam sampling draws {} candidates per step, but the logits processors (top_k, top_p, bad words) leave only {open}",
+                        self.beams_to_keep
+                    )));
+                }
+                let mut scores = accumulated.clone();
+                let mut picked = Vec::with_capacity(self.beams_to_keep);
+                for _ in 0..self.beams_to_keep {
+                    let i = rng.sample(&scores)? as usize;
+                    picked.push(i);
+                    scores[i] = f32::NEG_INFINITY;
+                }
+                picked.sort_by(|a, b| accumulated[*b].total_cmp(&accumulated[*a]).then(a.cmp(b)));
+                picked
+            }
+        };
         let new_len = self.generated + 1;
         let cand: Vec<(usize, u32, f32, bool)> = candidates
             .iter()

@@ -30,6 +30,42 @@ pub struct BenchReport {
     /// Bytes of weights one decode step reads (every decoder matrix once, the LM head once; not
     /// what is only read for the image, like GPT-2's cross-attention keys/values).
     pub decode_weight_bytes: usize,
+    /// Images through the encoder together, and decode rows per image (beams): a decode step
+    /// advances `images × beams` sequences; `ms_per_token` is per step, `tokens_per_s` counts
+    /// every row's token.
+    pub images: usize,
+    pub beams: usize,
+}
+
+/// How a benchmark decodes: `images` captions in one batch, `beams` rows each (beam search:
+/// the caches are reordered every step, as a search does).
+#[derive(Debug, Clone, Copy)]
+pub struct BenchShape {
+    pub images: usize,
+    pub beams: usize,
+}
+
+impl Default for BenchShape {
+    fn default() -> Self {
+        Self { images: 1, beams: 1 }
+    }
+}
+
+impl BenchShape {
+    fn rows(&self) -> usize {
+        self.images.max(1) * self.beams.max(1)
+    }
+
+    /// Cache rows after a step: every beam continues its image's first beam (the heaviest
+    /// reorder a search can do), or no reorder without beams.
+    fn reorder(&self) -> Option<Vec<usize>> {
+        (self.beams > 1).then(|| (0..self.rows()).map(|r| r - r % self.beams).collect())
+    }
+
+    /// Rows of the first step's cache (one per image) → one per beam.
+    fn expand(&self) -> Option<Vec<usize>> {
+        (self.beams > 1).then(|| (0..self.rows()).map(|r| r / self.beams).collect())
+    }
 }
 
 fn parse(config_json: &str) -> Result<serde_json::Value> {
@@ -142,6 +178,7 @@ fn summarize(
     runs: Vec<Timing>,
     new_tokens: usize,
     decode_weight_bytes: usize,
+    shape: BenchShape,
 ) -> BenchReport {
     let per_token: Vec<f64> = runs.iter().filter(|_| new_tokens > 1).map(|r| (r.end - r.first) / (new_tokens - 1) as f64).collect();
     let ms_per_token = median(per_token);
@@ -153,42 +190,55 @@ fn summarize(
         prefill_positions,
         first_token_ms: median(runs.iter().map(|r| r.first).collect()),
         ms_per_token,
-        tokens_per_s: 1000.0 / ms_per_token,
+        tokens_per_s: 1000.0 * shape.rows() as f64 / ms_per_token,
         new_tokens,
         repeats: runs.len(),
         decode_weight_bytes,
+        images: shape.images.max(1),
+        beams: shape.beams.max(1),
     }
 }
 
 /// Benchmarks whichever architecture `config_json` names; `prompt_tokens` text positions follow
 /// the image in a prefix model.
 pub fn bench_model(config_json: &str, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<BenchReport> {
+    bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, BenchShape::default())
+}
+
+/// [`bench_model`] for a batch of images and/or beams.
+pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: usize, repeats: usize, shape: BenchShape) -> Result<BenchReport> {
     let value = parse(config_json)?;
     match value.get("model_type").and_then(|t| t.as_str()) {
-        Some("vision-encoder-decoder") => bench_cross_attention(&value, new_tokens, repeats),
-        Some("llava") => bench_prefix(&value, prompt_tokens, new_tokens, repeats),
+        Some("vision-encoder-decoder") => bench_cross_attention(&value, new_tokens, repeats, shape),
+        Some("llava") => bench_prefix(&value, prompt_tokens, new_tokens, repeats, shape),
         other => Err(Error::config("bench config", format!("model_type {other:?} is not supported"))),
     }
 }
 
-fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: usize) -> Result<BenchReport> {
+fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: usize, shape: BenchShape) -> Result<BenchReport> {
     let t0 = now_ms();
     let cfg = VisionEncoderDecoderConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
     let (weights, vb) = random_varbuilder();
     let model = VisionEncoderDecoder::new(&cfg, vb)?;
     let build_ms = now_ms() - t0;
     let enc = &cfg.encoder;
-    let pixels = Tensor::randn(0f32, 1f32, (1, enc.num_channels, enc.image_size, enc.image_size), &Device::Cpu)?;
+    let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), enc.num_channels, enc.image_size, enc.image_size), &Device::Cpu)?;
     let mut runs = vec![];
     for _ in 0..repeats.max(1) {
         let start = now_ms();
         let states = model.encode(&pixels)?;
         let encoded = now_ms() - start;
         let mut cache = model.start_decoding(&states)?;
-        let (mut next, mut first) = (0u32, encoded);
+        let mut next = vec![0u32; shape.images.max(1)];
+        let mut first = encoded;
         for i in 0..new_tokens {
-            let logits = model.decode_step(&Tensor::new(&[[next]], &Device::Cpu)?, &mut cache)?;
-            next = argmax(&logits.squeeze(0)?)?;
+            let logits = model.decode_step(&Tensor::from_vec(next.clone(), (next.len(), 1), &Device::Cpu)?, &mut cache)?;
+            next = argmax_rows(&logits)?;
+            let reorder = if i == 0 { shape.expand() } else { shape.reorder() };
+            if let Some(rows) = reorder {
+                cache = cache.select(&rows)?;
+                next = rows.iter().map(|&r| next[r]).collect();
+            }
             if i == 0 {
                 first = now_ms() - start;
             }
@@ -204,17 +254,17 @@ fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: 
             && !name.ends_with("wpe.weight")
             && (tied || !name.ends_with("wte.weight"))
     });
-    Ok(summarize("vision-encoder-decoder", build_ms, 0, runs, new_tokens, read))
+    Ok(summarize("vision-encoder-decoder", build_ms, 0, runs, new_tokens, read, shape))
 }
 
-fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<BenchReport> {
+fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usize, repeats: usize, shape: BenchShape) -> Result<BenchReport> {
     let t0 = now_ms();
     let cfg = LlavaConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
     let (weights, vb) = random_varbuilder();
     let model = Llava::new(&cfg, vb)?;
     let build_ms = now_ms() - t0;
     let vision = &cfg.vision_config;
-    let pixels = Tensor::randn(0f32, 1f32, (1, vision.num_channels, vision.image_size, vision.image_size), &Device::Cpu)?;
+    let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), vision.num_channels, vision.image_size, vision.image_size), &Device::Cpu)?;
     let vocab = cfg.text_config.vocab_size.max(2) as u32;
     let mut ids = vec![cfg.image_token_index; cfg.num_image_tokens()];
     ids.extend((0..prompt_tokens as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == cfg.image_token_index { 1 } else { id }));
@@ -224,15 +274,28 @@ fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usi
         let features = model.image_features(&pixels)?;
         let encoded = now_ms() - start;
         let mut cache = model.language_model().new_cache();
-        let mut next = argmax(&model.prefill(&ids, &features, &mut cache)?.squeeze(0)?)?;
+        let mut next = argmax_rows(&model.prefill(&ids, &features, &mut cache)?)?;
+        if let Some(rows) = shape.expand() {
+            cache = cache.select(&rows)?;
+            next = rows.iter().map(|&r| next[r]).collect();
+        }
         let prefilled = now_ms() - start;
         for _ in 1..new_tokens {
-            next = argmax(&model.decode_step(&[next], &mut cache)?.squeeze(0)?)?;
+            next = argmax_rows(&model.decode_step(&next, &mut cache)?)?;
+            if let Some(rows) = shape.reorder() {
+                cache = cache.select(&rows)?;
+                next = rows.iter().map(|&r| next[r]).collect();
+            }
         }
         runs.push(Timing { encoded, prefilled, first: prefilled, end: now_ms() - start });
     }
     let tied = cfg.text_config.tie_word_embeddings;
     let read =
         weights.bytes(|name| (name.contains("language_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight")));
-    Ok(summarize("llava", build_ms, ids.len(), runs, new_tokens, read))
+    Ok(summarize("llava", build_ms, ids.len(), runs, new_tokens, read, shape))
+}
+
+/// The argmax of each row of logits [B, vocab].
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    (0..logits.dim(0)?).map(|b| argmax(&logits.get(b)?)).collect()
 }

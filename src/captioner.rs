@@ -424,9 +424,6 @@ impl Captioner {
                 beams.num_return_sequences, beams.num_beams
             )));
         }
-        if options.sampling.do_sample {
-            return Err(Error::Generation("beam sampling (num_beams > 1 with do_sample) is not supported".into()));
-        }
         let mut run = self.start_many(pixel_values, options)?;
         let k = beams.num_beams;
         let mut searches = (0..run.rows.len())
@@ -438,6 +435,8 @@ impl Captioner {
         }
         let prompt = run.rows.first().map(|r| r.seen.clone()).unwrap_or_default();
         let (eos, sampling) = (run.eos.clone(), run.sampling.clone());
+        // Beam sampling (do_sample): each image draws from its own generator, seeded alike.
+        let mut rngs: Vec<Rng> = (0..searches.len()).map(|_| Rng::new(sampling.seed.unwrap_or(0))).collect();
         let processed = |logits: Tensor, generated: &[u32]| -> Result<Vec<f32>> {
             let mut lp = log_softmax(&logits.to_vec1::<f32>()?);
             let seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
@@ -455,7 +454,8 @@ impl Captioner {
             let (mut keep, mut feed, mut still) = (Vec::new(), Vec::new(), Vec::new());
             for (slot, &image) in images.iter().enumerate() {
                 let search = &mut searches[image];
-                let parents = search.step(&log_probs[slot])?;
+                let parents =
+                    if sampling.do_sample { search.step_sampled(&log_probs[slot], &mut rngs[image])? } else { search.step(&log_probs[slot])? };
                 if let Some(best) = search.running().first() {
                     on_provisional(image, best);
                 }

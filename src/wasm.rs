@@ -83,7 +83,12 @@ struct JsBeamOptions {
     length_penalty: Option<f32>,
     early_stopping: Option<serde_json::Value>,
     num_return_sequences: Option<usize>,
-    // The logits processors apply to beams as to greedy decoding.
+    // The logits processors apply to beams as to greedy decoding; doSample = beam sampling.
+    do_sample: Option<bool>,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
     repetition_penalty: Option<f32>,
     no_repeat_ngram_size: Option<usize>,
     min_new_tokens: Option<usize>,
@@ -262,7 +267,8 @@ impl WasmCaptioner {
 
     /// Beam search over encoded image bytes, as transformers' `generate(num_beams=…)`.
     /// Options: `{ maxNewTokens?, prompt?, numBeams?, lengthPenalty?, earlyStopping?: boolean | "never",
-    /// repetitionPenalty?, noRepeatNgramSize?, minNewTokens?, badWordsIds?,
+    /// repetitionPenalty?, noRepeatNgramSize?, minNewTokens?, badWordsIds?, doSample? (beam
+    /// sampling, with temperature?, topK?, topP?, seed?),
     /// numReturnSequences? }`; returns `[{ text, tokenIds, score }]`, best first.
     /// `onProvisional({ provisional: true, text, tokenIds })`, if given, is called after every
     /// step with the best running hypothesis (the final best may be another beam).
@@ -453,8 +459,11 @@ fn beam_options(o: JsBeamOptions, captioner: &Captioner) -> Result<(CaptionOptio
     };
     let defaults = captioner.default_options().sampling;
     let sampling = SamplingOptions {
-        // Beam sampling is not supported: a config that samples still gets plain beam search here.
-        do_sample: false,
+        do_sample: o.do_sample.unwrap_or(defaults.do_sample),
+        temperature: o.temperature.or(defaults.temperature),
+        top_k: o.top_k.or(defaults.top_k),
+        top_p: o.top_p.or(defaults.top_p),
+        seed: o.seed,
         repetition_penalty: o.repetition_penalty.or(defaults.repetition_penalty),
         no_repeat_ngram_size: o.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
         min_new_tokens: o.min_new_tokens.or(defaults.min_new_tokens),
@@ -476,8 +485,16 @@ pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
 }
 
 #[wasm_bindgen(js_name = benchModel)]
-pub fn bench_model(config_json: &str, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<JsValue, JsError> {
-    let report = crate::bench::bench_model(config_json, prompt_tokens, new_tokens, repeats).map_err(js_error)?;
+pub fn bench_model(
+    config_json: &str,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+    images: Option<usize>,
+    beams: Option<usize>,
+) -> Result<JsValue, JsError> {
+    let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1) };
+    let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;
     let value = to_js(&report)?;
     let memory_bytes = wasm_bindgen::memory()
         .dyn_into::<js_sys::WebAssembly::Memory>()

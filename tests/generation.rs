@@ -261,3 +261,32 @@ fn batch_captioning_equals_one_by_one() {
         }
     }
 }
+
+#[test]
+fn beam_sampling_is_reproducible_per_seed_and_batches_like_one_by_one() {
+    let fx = common::fixtures().into_iter().find(|f| f.name == "tiny-ved-v5").unwrap();
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    let (_, batch) = batch_of(&fx.reference_tensors());
+    let one = batch.narrow(0, 0, 1).unwrap();
+    let beams = BeamOptions { num_beams: 3, num_return_sequences: 3, ..Default::default() };
+    let sampled = |seed: u64, temperature: f32| CaptionOptions {
+        max_new_tokens: Some(10),
+        sampling: SamplingOptions { do_sample: true, seed: Some(seed), temperature: Some(temperature), top_k: Some(0), ..Default::default() },
+        ..Default::default()
+    };
+    let a = captioner.beam_search(&one, &sampled(1, 100.0), &beams).unwrap();
+    assert_eq!(a, captioner.beam_search(&one, &sampled(1, 100.0), &beams).unwrap(), "same seed, same beams");
+    let others: Vec<_> = (2..6).map(|seed| captioner.beam_search(&one, &sampled(seed, 100.0), &beams).unwrap()).collect();
+    assert!(others.iter().any(|o| o[0].token_ids != a[0].token_ids), "other seeds draw other beams");
+    let plain = captioner.beam_search(&one, &CaptionOptions { max_new_tokens: Some(10), ..Default::default() }, &beams).unwrap();
+    assert_ne!(a, plain, "sampling at temperature 100 (these fixtures have very peaked logits) leaves the deterministic search");
+    // Hypotheses come best first, and each image of a batch gets what it gets alone.
+    assert!(a.windows(2).all(|w| w[0].score >= w[1].score));
+    let many = captioner.beam_search_many(&batch, &sampled(1, 100.0), &beams, |_, _| {}).unwrap();
+    let ids = |h: &[wasmcap::beam::Hypothesis]| h.iter().map(|h| h.token_ids.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&many[0]), ids(&a));
+    // top_k 1 leaves one candidate per beam: fewer than the 2·beams a step draws — a clear error.
+    let narrow = CaptionOptions { sampling: SamplingOptions { top_k: Some(1), ..sampled(1, 1.0).sampling }, ..sampled(1, 1.0) };
+    let err = captioner.beam_search(&one, &narrow, &beams).unwrap_err().to_string();
+    assert!(err.contains("beam sampling draws 6 candidates"), "{err}");
+}

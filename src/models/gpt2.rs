@@ -230,14 +230,21 @@ impl Gpt2Block {
 pub struct Gpt2Cache {
     self_attn: Vec<KvCache>,
     cross_attn: Option<Vec<CrossAttentionKv>>,
+    /// Which image each row's cross-attention K/V came from: a reorder that keeps every row on
+    /// its image (beam search) leaves them as they are instead of copying them.
+    row_images: Vec<usize>,
 }
 
 impl Gpt2Cache {
-    /// The cache of batch rows `rows` (in that order, repeats allowed), sharing no storage with `self`.
+    /// The cache of batch rows `rows` (in that order, repeats allowed); the self-attention
+    /// caches share no storage with `self`.
     pub fn select(&self, rows: &[usize]) -> Result<Self> {
         let index = attention::row_index(rows, &candle_core::Device::Cpu)?;
         let self_attn = self.self_attn.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<Vec<_>>>()?;
+        let row_images: Vec<usize> = rows.iter().map(|&r| self.row_images.get(r).copied().unwrap_or(r)).collect();
         let cross_attn = match &self.cross_attn {
+            // Every row still reads its own image: the (immutable) K/V are shared, not copied.
+            Some(layers) if row_images == self.row_images => Some(layers.clone()),
             Some(layers) => Some(
                 layers
                     .iter()
@@ -246,7 +253,7 @@ impl Gpt2Cache {
             ),
             None => None,
         };
-        Ok(Self { self_attn, cross_attn })
+        Ok(Self { self_attn, cross_attn, row_images })
     }
 
     pub fn seq_len(&self) -> usize {
@@ -283,7 +290,12 @@ impl Gpt2LMHeadModel {
     }
 
     pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {
-        Gpt2Cache { self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions)).collect(), cross_attn }
+        let images = cross_attn.as_ref().and_then(|layers| layers.first()).and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1);
+        Gpt2Cache {
+            self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions)).collect(),
+            cross_attn,
+            row_images: (0..images).collect(),
+        }
     }
 
     /// Cross-attention K/V of every layer for these encoder states ([B, N, n_embd]).

@@ -113,7 +113,7 @@ test('beam search equals 🤗 transformers (generation fixture), early stopping 
   assert.ok(sawEos, 'one case returns a hypothesis that ends with EOS');
 });
 
-test('beam search needs encoded bytes and takes no sampling options', async () => {
+test('beam search needs encoded bytes; unknown keys reject; doSample samples beams', async () => {
   const r = await page.evaluate(async (url) => {
     const blob = await (await fetch(url)).blob();
     const bitmap = await createImageBitmap(blob);
@@ -124,14 +124,16 @@ test('beam search needs encoded bytes and takes no sampling options', async () =
     return {
       imageData: await fail(imageData, { numBeams: 2 }),
       bitmap: await fail(bitmap, { numReturnSequences: 2, numBeams: 2 }),
-      doSample: await fail(blob, { numBeams: 2, doSample: true }),
+      unknown: await fail(blob, { numBeams: 2, beams: 2 }),
+      sampled: (await window.captioner.caption(blob, { numBeams: 2, doSample: true, seed: 3, maxNewTokens: 5 }).result).tokenIds.length,
       tooMany: await fail(blob, { numBeams: 2, numReturnSequences: 3 }),
       file: (await window.captioner.caption(new File([blob], 'a.png'), { numBeams: 2, maxNewTokens: 4 }).result).tokenIds.length,
     };
   }, `${base}/${IMAGE}`);
   assert.equal(r.imageData, 'beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
   assert.equal(r.bitmap, r.imageData);
-  assert.equal(r.doSample, 'invalid beam search options: unknown field `doSample` (not available with beam search)');
+  assert.equal(r.unknown, 'invalid beam search options: unknown field `beams`');
+  assert.equal(r.sampled, 5, 'beam sampling');
   assert.match(r.tooMany ?? '', /num_return_sequences \(3\) must be between 1 and num_beams \(2\)/);
   assert.equal(r.file, 4);
 });
