@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { startServer } from '../www/serve.mjs';
 
 // `node bench/browser.mjs memory BYTES REPEATS` prints the streaming-read GB/s instead.
-const [configPath, promptTokens = '8', tokens = '20', repeats = '3', images = '1', beams = '1'] = process.argv.slice(2);
+const [configPath, promptTokens = '8', tokens = '20', repeats = '3', images = '1', beams = '1', weights = 'f32'] = process.argv.slice(2);
 const memoryMode = configPath === 'memory';
 const config = memoryMode ? '' : readFileSync(configPath, 'utf8');
 const server = await startServer(0);
@@ -30,13 +30,13 @@ try {
     await cdp.send('Profiler.setSamplingInterval', { interval: 200 });
     await cdp.send('Profiler.start');
   }
-  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams]) => {
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights]) => {
     const wasm = await import('/pkg/wasmcap.js');
     await wasm.default();
     if (memoryMode) return wasm.benchMemory(promptTokens, tokens);
-    const r = wasm.benchModel(config, promptTokens, tokens, repeats, images, beams);
+    const r = wasm.benchModel(config, promptTokens, tokens, repeats, images, beams, weights);
     return { ...r, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams)]);
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights]);
   if (cdp) printProfile((await cdp.send('Profiler.stop')).profile);
   console.log(JSON.stringify(result));
 } finally {

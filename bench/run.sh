@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ./build.sh bench — full-size models with random weights, greedy decoding, median of REPEATS,
 # natively (candle's threads, then 1 thread) and in headless Chromium (one thread, SIMD128); one
-# image, then (1 thread and Chromium) beam search with 4 beams and a batch of 8 images:
+# image, then (1 thread and Chromium) the decoder quantized to q8_0 and q4_0, beam search with 4
+# beams and a batch of 8 images:
 #   SigLIP-B/16-224 + GPT-2 small (cross-attention)
 #   SigLIP-B/16-224 + SmolLM-135M-shaped Llama (prefix: 196 image positions + PROMPT text tokens)
 # Prints a table; quote it with the machine load (printed too).
@@ -22,10 +23,10 @@ gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
 rows=()
 for config in bench/configs/siglip-base-gpt2.json bench/configs/siglip-base-smollm-135m.json; do
   rows+=("native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
-  for shape in "1 1" "1 4" "8 1"; do
+  for shape in "1 1 f32" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
     set -- $shape
-    rows+=("native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2")")
-    rows+=("chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2")")
+    rows+=("native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
+    rows+=("chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -35,13 +36,13 @@ const f = (x, d = 0) => Number(x).toFixed(d);
 const names = { "vision-encoder-decoder": "SigLIP-B/16 + GPT-2", "llava": "SigLIP-B/16 + SmolLM-135M" };
 console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (JSON.parse(args[11]).prefillPositions - 196) + " text positions");
 console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");
-console.log("decoding: images × beams rows per step; ms/step is one step of all rows, tokens/s counts every row's token; encoder ms is for all images");
+console.log("decoding: images × beams rows per step; ms/step is one step of all rows, tokens/s counts the tokens of all rows; encoder ms is for all images");
 console.log("| model | where | decoding | encoder ms | prefill ms | first token ms | ms/step | tokens/s | weights read/step MB | read floor ms/step | peak memory MiB |");
 console.log("|---|---|---|---|---|---|---|---|---|---|---|");
 for (let i = 0; i < args.length; i += 3) {
   const r = JSON.parse(args[i + 2]);
   const floor = r.decodeWeightBytes / (Number(args[i + 1]) * 1e6);
-  const decoding = r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image";
+  const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.quantized ? `, decoder ${r.quantized}` : "");
   console.log(`| ${names[r.modelType]} | ${args[i]} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
 }
 ' "${rows[@]}"

@@ -1,5 +1,5 @@
 //! Native half of `./build.sh bench`:
-//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS]`
+//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS] [f32|q8_0|q4_0]`
 //! prints one JSON line (medians, plus peak resident memory from /proc).
 //! `cargo run --release --example bench -- memory BYTES [REPEATS]` prints the streaming-read
 //! speed in GB/s over a buffer of BYTES.
@@ -16,7 +16,12 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
-    let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1) };
+    let quantize = match args.get(7).map(String::as_str) {
+        Some("q8_0") => Some(candle_core::quantized::GgmlDType::Q8_0),
+        Some("q4_0") => Some(candle_core::quantized::GgmlDType::Q4_0),
+        _ => None,
+    };
+    let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1), quantize };
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })
         .and_then(|json| wasmcap::bench::bench_model_shaped(&json, prompt_tokens, tokens, repeats, shape));

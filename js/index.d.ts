@@ -57,6 +57,8 @@ export interface LoadOptions {
   adapter?: string | URL | FileMap;
   /** Where the worker script lives, if a bundler did not keep it next to this module. */
   workerUrl?: string | URL;
+  /** Quantize the decoder's matrices after loading (rows not a multiple of 32 stay f32). */
+  quantize?: 'q8_0' | 'q4_0';
 }
 
 export type ImageInput =

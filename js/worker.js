@@ -125,6 +125,7 @@ self.onmessage = async ({ data }) => {
         captioner = null;
         captioner = new WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights));
+        if (data.quantize) captioner.quantize(data.quantize);
         postMessage({ type: 'loaded', defaults: captioner.generationDefaults() });
       } catch (e) {
         postMessage({ type: 'error', message: message(e) });

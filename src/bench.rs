@@ -35,6 +35,8 @@ pub struct BenchReport {
     /// every row's token.
     pub images: usize,
     pub beams: usize,
+    /// The decoder's weight format when not f32 (`q8_0`, `q4_0`).
+    pub quantized: Option<String>,
 }
 
 /// How a benchmark decodes: `images` captions in one batch, `beams` rows each (beam search:
@@ -43,12 +45,28 @@ pub struct BenchReport {
 pub struct BenchShape {
     pub images: usize,
     pub beams: usize,
+    /// Decoder matrices quantized to this format (the encoder stays f32).
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
 }
 
 impl Default for BenchShape {
     fn default() -> Self {
-        Self { images: 1, beams: 1 }
+        Self { images: 1, beams: 1, quantize: None }
     }
+}
+
+/// Bytes a decode step reads when the decoder's matrices are quantized: q8_0 keeps 34 bytes per
+/// 32 weights, q4_0 18 (of f32's 128); what stays f32 (norms, biases) is small, so the estimate
+/// scales the whole f32 figure.
+fn quantized_bytes(f32_bytes: usize, quantize: Option<candle_core::quantized::GgmlDType>) -> usize {
+    use candle_core::quantized::GgmlDType;
+    // In f64: on wasm32 `usize` is 32 bits and 551 MB × 34 overflows it.
+    let scale = match quantize {
+        Some(GgmlDType::Q8_0) => 34.0 / 128.0,
+        Some(GgmlDType::Q4_0) => 18.0 / 128.0,
+        _ => 1.0,
+    };
+    (f32_bytes as f64 * scale) as usize
 }
 
 impl BenchShape {
@@ -193,9 +211,10 @@ fn summarize(
         tokens_per_s: 1000.0 * shape.rows() as f64 / ms_per_token,
         new_tokens,
         repeats: runs.len(),
-        decode_weight_bytes,
+        decode_weight_bytes: quantized_bytes(decode_weight_bytes, shape.quantize),
         images: shape.images.max(1),
         beams: shape.beams.max(1),
+        quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()),
     }
 }
 
@@ -219,7 +238,10 @@ fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: 
     let t0 = now_ms();
     let cfg = VisionEncoderDecoderConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
     let (weights, vb) = random_varbuilder();
-    let model = VisionEncoderDecoder::new(&cfg, vb)?;
+    let mut model = VisionEncoderDecoder::new(&cfg, vb)?;
+    if let Some(dtype) = shape.quantize {
+        model.decoder_mut().quantize(dtype)?;
+    }
     let build_ms = now_ms() - t0;
     let enc = &cfg.encoder;
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), enc.num_channels, enc.image_size, enc.image_size), &Device::Cpu)?;
@@ -261,7 +283,10 @@ fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usi
     let t0 = now_ms();
     let cfg = LlavaConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
     let (weights, vb) = random_varbuilder();
-    let model = Llava::new(&cfg, vb)?;
+    let mut model = Llava::new(&cfg, vb)?;
+    if let Some(dtype) = shape.quantize {
+        model.language_model_mut().quantize(dtype)?;
+    }
     let build_ms = now_ms() - t0;
     let vision = &cfg.vision_config;
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), vision.num_channels, vision.image_size, vision.image_size), &Device::Cpu)?;

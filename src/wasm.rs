@@ -233,6 +233,18 @@ impl WasmCaptioner {
         })
     }
 
+    /// Quantizes the decoder's matrices in place: `"q8_0"` or `"q4_0"` (rows that are not a
+    /// multiple of 32 stay f32). Returns how many matrices were quantized.
+    pub fn quantize(&mut self, format: &str) -> Result<usize, JsError> {
+        let dtype = match format {
+            "q8_0" => candle_core::quantized::GgmlDType::Q8_0,
+            "q4_0" => candle_core::quantized::GgmlDType::Q4_0,
+            other => return Err(JsError::new(&format!("quantize: unknown weight format {other:?} (q8_0 or q4_0)"))),
+        };
+        self.run = None;
+        Ok(self.inner.quantize_decoder(dtype).map_err(js_error)?.0)
+    }
+
     /// Drops the caption in progress.
     pub fn abort(&mut self) {
         self.run = None;
@@ -492,8 +504,15 @@ pub fn bench_model(
     repeats: usize,
     images: Option<usize>,
     beams: Option<usize>,
+    quantize: Option<String>,
 ) -> Result<JsValue, JsError> {
-    let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1) };
+    let quantize = match quantize.as_deref() {
+        None | Some("f32") => None,
+        Some("q8_0") => Some(candle_core::quantized::GgmlDType::Q8_0),
+        Some("q4_0") => Some(candle_core::quantized::GgmlDType::Q4_0),
+        Some(other) => return Err(JsError::new(&format!("benchModel: unknown weight format {other} (f32, q8_0, q4_0)"))),
+    };
+    let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), quantize };
     let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;
     let value = to_js(&report)?;
     let memory_bytes = wasm_bindgen::memory()

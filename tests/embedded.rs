@@ -83,3 +83,38 @@ fn embedded_models_describe_the_shapes_samples() {
         assert!(right >= need, "{name}: {right} of 3 samples right");
     }
 }
+
+/// q8_0 / q4_0 decoders against f32 on the embedded models: the shapes samples keep their
+/// captions, and the first-step logits move by a small fraction of their spread (printed: the
+/// figures the notes quote).
+#[test]
+fn quantized_decoders_stay_close_to_f32() {
+    use candle_core::quantized::GgmlDType;
+    for (name, files, _) in [embedded!("shapes-cross-attention"), embedded!("shapes-prefix")] {
+        let f32_model = Captioner::from_files(files.clone()).unwrap();
+        for (dtype, max_rel_error) in [(GgmlDType::Q8_0, 0.03), (GgmlDType::Q4_0, 0.3)] {
+            let mut q = Captioner::from_files(files.clone()).unwrap();
+            let (done, kept) = q.quantize_decoder(dtype).unwrap();
+            assert!(done > 0, "{name}: nothing quantized ({kept} kept)");
+            let (mut agree, mut worst) = (0, 0f32);
+            for (image, bytes) in IMAGES {
+                let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
+                let a = f32_model.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+                let b = q.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+                let mean = a.iter().sum::<f32>() / a.len() as f32;
+                let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+                let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread;
+                assert!(err > 0.0, "{name} {dtype:?}: the quantized path was not used");
+                worst = worst.max(err);
+                let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
+                let same = ids(&f32_model) == ids(&q);
+                agree += usize::from(same);
+                if image.starts_with("shapes") {
+                    assert!(same, "{name} {dtype:?} {image}: the caption changed");
+                }
+            }
+            eprintln!("{name} {dtype:?}: {done} matrices quantized, {kept} kept; logits max |Δ| / std = {worst:.4}; greedy captions equal to f32: {agree}/{}", IMAGES.len());
+            assert!(worst < max_rel_error, "{name} {dtype:?}: logits error {worst} ≥ {max_rel_error}");
+        }
+    }
+}

@@ -239,3 +239,32 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
     );
     assert_eq!(ids_of(&one_beam.get(0)), ids_of(&greedy));
 }
+
+#[wasm_bindgen_test]
+fn quantize_q8_keeps_the_embedded_models_captions() {
+    macro_rules! model_file {
+        ($file:literal) => {
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-cross-attention/", $file)).as_slice()
+        };
+    }
+    let new = || {
+        WasmCaptioner::new(
+            model_file!("config.json"),
+            model_file!("model.safetensors"),
+            model_file!("tokenizer.json"),
+            model_file!("preprocessor_config.json"),
+            Some(model_file!("generation_config.json").to_vec()),
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let (mut f32_model, mut q8) = (new(), new());
+    assert_eq!(q8.quantize("q8_0").unwrap(), 15);
+    let msg = message(q8.quantize("q3").err().unwrap());
+    assert!(msg.contains("q8_0 or q4_0"), "{msg}");
+    let sample: &[u8] = include_bytes!("../www/samples/shapes-test-1.png");
+    let a = f32_model.caption(sample, JsValue::UNDEFINED).unwrap();
+    let b = q8.caption(sample, JsValue::UNDEFINED).unwrap();
+    assert_eq!(ids_of(&a), ids_of(&b));
+}

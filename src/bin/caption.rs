@@ -57,6 +57,9 @@ mod cli {
         /// `--do-sample false` overrides a generation_config.json that samples.
         #[arg(long, num_args = 0..=1, default_missing_value = "true")]
         do_sample: Option<bool>,
+        /// Quantize the decoder's matrices at load: q8_0 or q4_0 (f32 where rows are not a multiple of 32).
+        #[arg(long, value_parser = ["q8_0", "q4_0"])]
+        quantize: Option<String>,
         /// Caption the images in batches of this many: one encoder pass and one decoding loop per
         /// batch (the same captions as one by one).
         #[arg(long, default_value_t = 1)]
@@ -92,7 +95,17 @@ mod cli {
 
     pub fn main() -> ExitCode {
         let args = Args::parse();
-        let captioner = match Captioner::from_dir(&args.model, args.adapter.as_deref()) {
+        let loaded = Captioner::from_dir(&args.model, args.adapter.as_deref()).and_then(|mut c| {
+            let dtype = match args.quantize.as_deref() {
+                Some("q8_0") => candle_core::quantized::GgmlDType::Q8_0,
+                Some("q4_0") => candle_core::quantized::GgmlDType::Q4_0,
+                _ => return Ok(c),
+            };
+            let (done, kept) = c.quantize_decoder(dtype)?;
+            eprintln!("quantized {done} decoder matrices to {dtype:?} ({kept} kept in f32: rows not a multiple of 32)");
+            Ok(c)
+        });
+        let captioner = match loaded {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: cannot load model from {}: {e}", args.model.display());

@@ -289,6 +289,25 @@ impl Gpt2LMHeadModel {
         &self.config
     }
 
+    /// Quantizes every projection and the LM head to `dtype` where rows allow; returns
+    /// (quantized, kept in f32).
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+        let mut done = (0, 0);
+        let mut count = |q: bool| if q { done.0 += 1 } else { done.1 += 1 };
+        for block in &mut self.h {
+            for conv in [&mut block.attn.c_attn, &mut block.attn.c_proj, &mut block.mlp.c_fc, &mut block.mlp.c_proj] {
+                count(conv.quantize(dtype)?);
+            }
+            if let Some((_, cross)) = &mut block.cross {
+                for conv in [&mut cross.q_attn, &mut cross.c_attn, &mut cross.c_proj] {
+                    count(conv.quantize(dtype)?);
+                }
+            }
+        }
+        count(self.lm_head.quantize(dtype)?);
+        Ok(done)
+    }
+
     pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {
         let images = cross_attn.as_ref().and_then(|layers| layers.first()).and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1);
         Gpt2Cache {

@@ -315,6 +315,25 @@ impl Llama {
         out
     }
 
+    /// Quantizes every projection and the LM head to `dtype` where rows allow; returns
+    /// (quantized, kept in f32).
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+        let mut done = (0, 0);
+        for (_, linear) in self.projections_mut() {
+            if linear.quantize(dtype)? {
+                done.0 += 1;
+            } else {
+                done.1 += 1;
+            }
+        }
+        if self.lm_head.quantize(dtype)? {
+            done.0 += 1;
+        } else {
+            done.1 += 1;
+        }
+        Ok(done)
+    }
+
     pub fn new_cache(&self) -> LlamaCache {
         // Grows by 512 positions at a time rather than reserving max_position_embeddings.
         let chunk = self.config.max_position_embeddings.min(512);

@@ -73,6 +73,10 @@ impl VisionEncoderDecoder {
         &self.encoder
     }
 
+    pub fn decoder_mut(&mut self) -> &mut Gpt2LMHeadModel {
+        &mut self.decoder
+    }
+
     pub fn decoder(&self) -> &Gpt2LMHeadModel {
         &self.decoder
     }

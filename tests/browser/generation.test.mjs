@@ -248,3 +248,25 @@ test('generation_config.json defaults: a model that asks for 3 beams beam-search
   assert.equal(r.greedy.sequences, undefined);
   assert.deepEqual(r.greedy.tokenIds, r.explicitGreedy.tokenIds);
 });
+
+test('quantize: q8_0 at load gives the embedded model the same caption; a bad format rejects', async () => {
+  const r = await page.evaluate(async (base) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const model = `${base}/models/shapes-cross-attention/`;
+    const image = `${base}/www/samples/shapes-test-1.png`;
+    const f32 = await Captioner.fromPretrained(model, { cache: false });
+    const q8 = await Captioner.fromPretrained(model, { cache: false, quantize: 'q8_0' });
+    try {
+      const a = await f32.caption(image).result;
+      const b = await q8.caption(image).result;
+      const bad = await Captioner.fromPretrained(model, { cache: false, quantize: 'q3' }).then(() => null, (e) => e.message);
+      return { a: a.tokenIds, b: b.tokenIds, text: b.text, bad };
+    } finally {
+      f32.dispose();
+      q8.dispose();
+    }
+  }, base);
+  assert.deepEqual(r.b, r.a);
+  assert.equal(r.text, 'a green square left of a yellow square');
+  assert.match(r.bad ?? '', /q8_0 or q4_0/);
+});
