@@ -120,3 +120,19 @@ fn generation_config_sets_the_defaults_and_flags_override_them() {
     assert!(!out.status.success() && stderr.contains("generation_config.json") && stderr.contains("num_beams"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn quantize_flag_keeps_the_embedded_models_captions() {
+    let model = format!("{}/models/shapes-prefix", env!("CARGO_MANIFEST_DIR"));
+    let sample = format!("{}/www/samples/shapes-test-2.png", env!("CARGO_MANIFEST_DIR"));
+    let run =
+        |extra: &[&str]| Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", &model, "--json"]).args(extra).arg(&sample).output().unwrap();
+    let f32_out = run(&[]);
+    let q8_out = run(&["--quantize", "q8_0"]);
+    assert!(q8_out.status.success(), "{}", String::from_utf8_lossy(&q8_out.stderr));
+    assert!(String::from_utf8_lossy(&q8_out.stderr).contains("quantized 15 decoder matrices"), "{}", String::from_utf8_lossy(&q8_out.stderr));
+    let text = |o: &std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"].clone();
+    assert_eq!(text(&q8_out), text(&f32_out));
+    assert_eq!(text(&f32_out), "a red triangle above a yellow triangle");
+    assert!(!run(&["--quantize", "q3_k"]).status.success(), "an unknown format is refused");
+}
