@@ -236,7 +236,8 @@ impl Captioner {
     /// Quantizes the decoder's projections and LM head to `dtype` (q8_0, q4_0) in place, where
     /// a row is a whole number of 32-weight blocks; the rest stays f32. Decoding then reads about
     /// a quarter (q8_0) or an eighth (q4_0) of the bytes per token; the encoder stays f32 (it is
-    /// compute-bound, and GEMM is fast there). Returns (quantized, kept) matrix counts.
+    /// compute-bound, and GEMM is fast there; prefill dequantizes q8_0 blocks for the GEMM too).
+    /// Returns (quantized, kept) matrix counts.
     pub fn quantize_decoder(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
         Ok(match &mut self.model {
             Model::CrossAttention(m) => m.decoder_mut().quantize(dtype)?,

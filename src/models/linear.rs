@@ -217,15 +217,24 @@ pub struct LoraUpdate {
     pub scale: f64,
 }
 
-/// A weight `[out, in]` in a block format (q8_0, q4_0): candle's quantized matmul reads it, with
-/// the input rows quantized to 8 bits on the fly. Decoding reads 34 (q8_0) or 18 (q4_0) bytes per
-/// 32 weights instead of 128.
+/// A weight `[out, in]` in a block format. q8_0 is ours: i8 weights with one f32 scale per 32,
+/// multiplied by few rows with our kernel (below) and dequantized for the GEMM when many rows
+/// come (prefill, where f32 GEMM beats a quantized matmul). q4_0 goes through candle's
+/// quantized matmul (its input rows quantized to 8 bits on the fly).
+#[derive(Debug, Clone)]
+enum QuantizedWeight {
+    Q8 { qs: std::sync::Arc<Vec<i8>>, scales: std::sync::Arc<Vec<f32>> },
+    Candle(QMatMul),
+}
+
 #[derive(Debug, Clone)]
 struct Quantized {
-    matmul: QMatMul,
+    weight: QuantizedWeight,
     out_dim: usize,
     in_dim: usize,
 }
+
+const Q8_BLOCK: usize = 32;
 
 /// `weight` `[out, in]` in `dtype`, or `None` when a row is not a whole number of blocks.
 fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Quantized>> {
@@ -233,12 +242,107 @@ fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Quantized
     if in_dim % dtype.block_size() != 0 {
         return Ok(None);
     }
-    let matmul = QMatMul::from_qtensor(QTensor::quantize(&weight.contiguous()?, dtype)?)?;
-    Ok(Some(Quantized { matmul, out_dim, in_dim }))
+    let weight = match dtype {
+        GgmlDType::Q8_0 => {
+            // ggml's q8_0: scale = max |w| / 127 per block, q = round(w / scale).
+            let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let mut qs = Vec::with_capacity(w.len());
+            let mut scales = Vec::with_capacity(w.len() / Q8_BLOCK);
+            for block in w.chunks_exact(Q8_BLOCK) {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                qs.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+                scales.push(scale);
+            }
+            QuantizedWeight::Q8 { qs: std::sync::Arc::new(qs), scales: std::sync::Arc::new(scales) }
+        }
+        _ => QuantizedWeight::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight.contiguous()?, dtype)?)?),
+    };
+    Ok(Some(Quantized { weight, out_dim, in_dim }))
+}
+
+/// Σ over blocks of scale_b · Σ q·x16, for one weight row against an input row quantized to i16.
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn dot_q8(qs: &[i8], scales: &[f32], x16: &[i16]) -> f32 {
+    let mut total = 0f32;
+    for ((q, s), x) in qs.chunks_exact(Q8_BLOCK).zip(scales).zip(x16.chunks_exact(Q8_BLOCK)) {
+        let sum: i32 = q.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum();
+        total += sum as f32 * s;
+    }
+    total
+}
+
+/// The same with simd128's i16 dot product: 32 weights = 2 loads, 4 widenings, 4 dots.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn dot_q8(qs: &[i8], scales: &[f32], x16: &[i16]) -> f32 {
+    use core::arch::wasm32::*;
+    let mut acc = f32x4_splat(0.0);
+    for ((q, s), x) in qs.chunks_exact(Q8_BLOCK).zip(scales).zip(x16.chunks_exact(Q8_BLOCK)) {
+        // SAFETY: every chunk holds 32 values (16 i8 per load; 8 i16 per load); wasm loads need no alignment.
+        unsafe {
+            let q0 = v128_load(q.as_ptr() as *const v128);
+            let q1 = v128_load(q.as_ptr().add(16) as *const v128);
+            let x0 = v128_load(x.as_ptr() as *const v128);
+            let x1 = v128_load(x.as_ptr().add(8) as *const v128);
+            let x2 = v128_load(x.as_ptr().add(16) as *const v128);
+            let x3 = v128_load(x.as_ptr().add(24) as *const v128);
+            let d0 = i32x4_dot_i16x8(i16x8_extend_low_i8x16(q0), x0);
+            let d1 = i32x4_dot_i16x8(i16x8_extend_high_i8x16(q0), x1);
+            let d2 = i32x4_dot_i16x8(i16x8_extend_low_i8x16(q1), x2);
+            let d3 = i32x4_dot_i16x8(i16x8_extend_high_i8x16(q1), x3);
+            let sum = i32x4_add(i32x4_add(d0, d1), i32x4_add(d2, d3));
+            acc = f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(sum), f32x4_splat(*s)));
+        }
+    }
+    f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc) + f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc)
+}
+
+/// An input row as i16 with one scale: |error| ≤ max|x| / 65534, far below q8's own.
+fn quantize_row_i16(x: &[f32]) -> (Vec<i16>, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 32767.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    (x.iter().map(|v| (v * inv).round().clamp(-32767.0, 32767.0) as i16).collect(), scale)
 }
 
 fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let ys = q.matmul.forward(&xs.contiguous()?)?;
+    let ys = match &q.weight {
+        QuantizedWeight::Candle(matmul) => matmul.forward(&xs.contiguous()?)?,
+        QuantizedWeight::Q8 { qs, scales } => match few_rows(xs)? {
+            Some(rows) => {
+                let x = xs.flatten_all()?.to_vec1::<f32>()?;
+                if x.len() != rows * q.in_dim {
+                    candle_core::bail!("linear: input has {} features, weight expects {}", x.len() / rows.max(1), q.in_dim);
+                }
+                let blocks = q.in_dim / Q8_BLOCK;
+                let mut y = vec![0f32; rows * q.out_dim];
+                let xq: Vec<(Vec<i16>, f32)> = x.chunks_exact(q.in_dim).map(quantize_row_i16).collect();
+                for j in 0..q.out_dim {
+                    let (wq, ws) = (&qs[j * q.in_dim..(j + 1) * q.in_dim], &scales[j * blocks..(j + 1) * blocks]);
+                    for (m, (x16, xs_scale)) in xq.iter().enumerate() {
+                        y[m * q.out_dim + j] = dot_q8(wq, ws, x16) * xs_scale;
+                    }
+                }
+                let mut shape = xs.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = q.out_dim;
+                }
+                Tensor::from_vec(y, shape, &Device::Cpu)?
+            }
+            None => {
+                // Many rows: dequantize and use the GEMM.
+                let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
+                let w = Tensor::from_vec(w, (q.out_dim, q.in_dim), &Device::Cpu)?;
+                let d_in = xs.dim(D::Minus1)?;
+                let mut shape = xs.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = q.out_dim;
+                }
+                xs.reshape(((), d_in))?.matmul(&w.t()?)?.reshape(shape)?
+            }
+        },
+    };
     match bias {
         Some(b) => ys.broadcast_add(b),
         None => Ok(ys),
