@@ -16,6 +16,27 @@ pub enum EarlyStopping {
     Never,
 }
 
+impl EarlyStopping {
+    /// transformers' JSON spelling (`generation_config.json`, JS options): `true`, `false` or
+    /// `"never"`; anything else is `None`.
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        match value {
+            serde_json::Value::Bool(true) => Some(EarlyStopping::Stop),
+            serde_json::Value::Bool(false) => Some(EarlyStopping::Heuristic),
+            serde_json::Value::String(s) if s == "never" => Some(EarlyStopping::Never),
+            _ => None,
+        }
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            EarlyStopping::Stop => true.into(),
+            EarlyStopping::Heuristic => false.into(),
+            EarlyStopping::Never => "never".into(),
+        }
+    }
+}
+
 // transformers marks impossible candidates by adding -1e9 in f32; so do we, so that ties and
 // orderings come out the same.
 const IMPOSSIBLE: f32 = -1.0e9;

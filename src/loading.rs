@@ -254,10 +254,8 @@ impl GenerationDefaults {
             num_beams: count("num_beams")?.unwrap_or(1).max(1),
             length_penalty: float("length_penalty")?.unwrap_or(1.0),
             early_stopping: match lookup("early_stopping") {
-                None | Some(serde_json::Value::Bool(false)) => crate::beam::EarlyStopping::Heuristic,
-                Some(serde_json::Value::Bool(true)) => crate::beam::EarlyStopping::Stop,
-                Some(serde_json::Value::String(s)) if s == "never" => crate::beam::EarlyStopping::Never,
-                Some(v) => return Err(wrong("early_stopping", "true, false or \"never\"", v)),
+                None => crate::beam::EarlyStopping::Heuristic,
+                Some(v) => crate::beam::EarlyStopping::from_json(v).ok_or_else(|| wrong("early_stopping", "true, false or \"never\"", v))?,
             },
             num_return_sequences: count("num_return_sequences")?.unwrap_or(1).max(1),
         };

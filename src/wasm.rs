@@ -9,7 +9,7 @@ use crate::beam::EarlyStopping;
 use crate::captioner::{BeamOptions, CaptionOptions, CaptionRun, Captioner};
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
-use crate::sampling::SamplingOptions;
+use crate::sampling::SamplingChoices;
 
 fn js_error(e: crate::Error) -> JsError {
     JsError::new(&e.to_string())
@@ -19,80 +19,63 @@ fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
     serde_wasm_bindgen::to_value(value).map_err(|e| JsError::new(&format!("could not convert result to JS: {e}")))
 }
 
-/// `{ maxNewTokens?, prompt?, doSample?, temperature?, topK?, topP?, seed?, repetitionPenalty?,
-/// noRepeatNgramSize?, minNewTokens?, badWordsIds? }`
-#[derive(serde::Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct JsCaptionOptions {
-    max_new_tokens: Option<usize>,
-    prompt: Option<String>,
-    do_sample: Option<bool>,
-    temperature: Option<f32>,
-    top_k: Option<usize>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    repetition_penalty: Option<f32>,
-    no_repeat_ngram_size: Option<usize>,
-    min_new_tokens: Option<usize>,
-    bad_words_ids: Option<Vec<Vec<u32>>>,
-}
+type JsonMap = serde_json::Map<String, serde_json::Value>;
 
-impl JsCaptionOptions {
-    /// What was given, and `generation_config.json`'s value (`defaults`) for what was not.
-    fn with_defaults(self, defaults: SamplingOptions) -> CaptionOptions {
-        CaptionOptions {
-            max_new_tokens: self.max_new_tokens,
-            prompt: self.prompt,
-            sampling: SamplingOptions {
-                do_sample: self.do_sample.unwrap_or(defaults.do_sample),
-                temperature: self.temperature.or(defaults.temperature),
-                top_k: self.top_k.or(defaults.top_k),
-                top_p: self.top_p.or(defaults.top_p),
-                repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
-                no_repeat_ngram_size: self.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
-                min_new_tokens: self.min_new_tokens.or(defaults.min_new_tokens),
-                bad_words_ids: self.bad_words_ids.unwrap_or(defaults.bad_words_ids),
-                seed: self.seed,
-            },
-            eos_token_ids: None,
-        }
-    }
-}
-
-/// JS options object (or `undefined`/`null`: the defaults) → `T`, refusing unknown keys:
-/// serde_wasm_bindgen only looks up the declared fields of a struct, so the object goes through
-/// a JSON value where `deny_unknown_fields` applies.
-fn parse_options<T: serde::de::DeserializeOwned + Default>(value: JsValue, what: &str) -> Result<T, JsError> {
+/// A JS options object (`undefined`/`null`: `{}`) as JSON: serde_wasm_bindgen only looks up a
+/// struct's declared fields, so options go through JSON, where unknown keys are refused.
+fn options_map(value: JsValue, what: &str) -> Result<JsonMap, JsError> {
     if value.is_undefined() || value.is_null() {
-        return Ok(T::default());
+        return Ok(JsonMap::new());
     }
-    let json: serde_json::Value = serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))?;
-    serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
+    match serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))? {
+        serde_json::Value::Object(map) => Ok(map),
+        other => Err(JsError::new(&format!("invalid {what}: expected an object, not {other}"))),
+    }
 }
 
-fn options(value: JsValue, captioner: &Captioner) -> Result<CaptionOptions, JsError> {
-    Ok(parse_options::<JsCaptionOptions>(value, "caption options")?.with_defaults(captioner.default_options().sampling))
+/// `map` (or the `keys` taken out of it) as a `T`.
+fn parse_part<T: serde::de::DeserializeOwned>(map: JsonMap, what: &str) -> Result<T, JsError> {
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
 }
 
-#[derive(serde::Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct JsBeamOptions {
+fn take(map: &mut JsonMap, keys: &[&str]) -> JsonMap {
+    keys.iter().filter_map(|k| map.remove_entry(*k)).collect()
+}
+
+/// `{ maxNewTokens?, prompt? }`
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsTextOptions {
     max_new_tokens: Option<usize>,
     prompt: Option<String>,
+}
+
+/// `{ numBeams?, lengthPenalty?, earlyStopping?: boolean | "never", numReturnSequences? }`
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsBeamSettings {
     num_beams: Option<usize>,
     length_penalty: Option<f32>,
     early_stopping: Option<serde_json::Value>,
     num_return_sequences: Option<usize>,
-    // The logits processors apply to beams as to greedy decoding; doSample = beam sampling.
-    do_sample: Option<bool>,
-    temperature: Option<f32>,
-    top_k: Option<usize>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    repetition_penalty: Option<f32>,
-    no_repeat_ngram_size: Option<usize>,
-    min_new_tokens: Option<usize>,
-    bad_words_ids: Option<Vec<Vec<u32>>>,
+}
+
+/// Caption options `{ maxNewTokens?, prompt?, doSample?, temperature?, topK?, topP?, seed?,
+/// repetitionPenalty?, noRepeatNgramSize?, minNewTokens?, badWordsIds? }`; what is not given
+/// takes `generation_config.json`'s value. Any other key is refused.
+fn caption_options(mut map: JsonMap, captioner: &Captioner, what: &str) -> Result<CaptionOptions, JsError> {
+    let text: JsTextOptions = parse_part(take(&mut map, &["maxNewTokens", "prompt"]), what)?;
+    let choices: SamplingChoices = parse_part(map, what)?;
+    Ok(CaptionOptions {
+        max_new_tokens: text.max_new_tokens,
+        prompt: text.prompt,
+        sampling: choices.over(captioner.default_options().sampling),
+        eos_token_ids: None,
+    })
+}
+
+fn options(value: JsValue, captioner: &Captioner) -> Result<CaptionOptions, JsError> {
+    caption_options(options_map(value, "caption options")?, captioner, "caption options")
 }
 
 #[derive(serde::Serialize)]
@@ -261,11 +244,7 @@ impl WasmCaptioner {
             num_beams: b.num_beams,
             num_return_sequences: b.num_return_sequences,
             length_penalty: b.length_penalty,
-            early_stopping: match b.early_stopping {
-                EarlyStopping::Stop => serde_json::json!(true),
-                EarlyStopping::Heuristic => serde_json::json!(false),
-                EarlyStopping::Never => serde_json::json!("never"),
-            },
+            early_stopping: b.early_stopping.to_json(),
             do_sample: s.do_sample,
             temperature: s.temperature,
             top_k: s.top_k,
@@ -286,7 +265,7 @@ impl WasmCaptioner {
     /// step with the best running hypothesis (the final best may be another beam).
     #[wasm_bindgen(js_name = beamSearch)]
     pub fn beam_search(&mut self, image: &[u8], options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
-        let (options, beams) = beam_options(parse_options(options_js, "beam search options")?, &self.inner)?;
+        let (options, beams) = beam_options(options_map(options_js, "beam search options")?, &self.inner)?;
         let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
         let mut callback = Callback::new(on_provisional);
         let hypotheses =
@@ -305,13 +284,9 @@ impl WasmCaptioner {
     #[wasm_bindgen(js_name = captionMany)]
     pub fn caption_many(&mut self, images: js_sys::Array, options_js: JsValue, on_event: Option<js_sys::Function>) -> Result<JsValue, JsError> {
         self.run = None;
-        let json: serde_json::Value = if options_js.is_undefined() || options_js.is_null() {
-            serde_json::Value::Object(Default::default())
-        } else {
-            serde_wasm_bindgen::from_value(options_js).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?
-        };
+        let mut map = options_map(options_js, "caption options")?;
         // Beam search when asked for, or when generation_config.json asks and the caller did not say.
-        let given = |k: &str| json.get(k).filter(|v| !v.is_null()).map(|v| v.as_u64() != Some(1));
+        let given = |k: &str| map.get(k).filter(|v| !v.is_null()).map(|v| v.as_u64() != Some(1));
         let d = self.inner.default_beam_options();
         let beam = given("numBeams").unwrap_or(d.num_beams > 1) || given("numReturnSequences").unwrap_or(d.num_return_sequences > 1);
         if images.length() == 0 {
@@ -321,8 +296,7 @@ impl WasmCaptioner {
         let batch = candle_core::Tensor::cat(&pixels, 0).map_err(|e| JsError::new(&format!("captionMany: {e}")))?;
         let mut callback = Callback::new(on_event);
         if beam {
-            let parsed: JsBeamOptions = serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid beam search options: {e}")))?;
-            let (options, beams) = beam_options(parsed, &self.inner)?;
+            let (options, beams) = beam_options(map, &self.inner)?;
             let all = self
                 .inner
                 .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(best), Some(i)))
@@ -341,13 +315,9 @@ impl WasmCaptioner {
             }
             return Ok(results.into());
         }
-        let mut json = json;
-        if let Some(map) = json.as_object_mut() {
-            map.remove("numBeams");
-            map.remove("numReturnSequences");
-        }
-        let parsed: JsCaptionOptions = serde_json::from_value(json).map_err(|e| JsError::new(&format!("invalid caption options: {e}")))?;
-        let options = parsed.with_defaults(self.inner.default_options().sampling);
+        // One beam: greedy or sampling.
+        take(&mut map, &["numBeams", "numReturnSequences"]);
+        let options = caption_options(map, &self.inner, "caption options")?;
         let captions = self.inner.caption_many(&batch, &options, |i, event| callback.call(|| to_js(event), Some(i))).map_err(js_error)?;
         callback.result()?;
         let results = js_sys::Array::new();
@@ -447,43 +417,29 @@ impl Callback {
     }
 }
 
-/// Beam options: what was given, else `generation_config.json`'s (4 beams when neither says,
-/// since beam search was asked for); its logits processors apply to beams too.
-fn beam_options(o: JsBeamOptions, captioner: &Captioner) -> Result<(CaptionOptions, BeamOptions), JsError> {
+/// Beam options: the caption options (logits processors apply to beams too; `doSample` = beam
+/// sampling) and `JsBeamSettings`; what is not given takes `generation_config.json`'s value (4
+/// beams when neither says, since beam search was asked for).
+fn beam_options(mut map: JsonMap, captioner: &Captioner) -> Result<(CaptionOptions, BeamOptions), JsError> {
+    const WHAT: &str = "beam search options";
+    let b: JsBeamSettings = parse_part(take(&mut map, &["numBeams", "lengthPenalty", "earlyStopping", "numReturnSequences"]), WHAT)?;
+    let options = caption_options(map, captioner, WHAT)?;
+    options.sampling.validate().map_err(js_error)?;
     let mut defaults = captioner.default_beam_options();
     if defaults.num_beams == 1 {
         defaults.num_beams = BeamOptions::default().num_beams.max(defaults.num_return_sequences);
     }
-    let early_default = defaults.early_stopping;
     let beams = BeamOptions {
-        num_beams: o.num_beams.unwrap_or(defaults.num_beams),
-        length_penalty: o.length_penalty.unwrap_or(defaults.length_penalty),
-        early_stopping: match o.early_stopping {
-            None => early_default,
-            Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
-            Some(serde_json::Value::Bool(true)) => EarlyStopping::Stop,
-            Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
-            Some(other) => {
-                return Err(JsError::new(&format!("invalid beam search options: earlyStopping must be true, false or \"never\", not {other}")))
-            }
+        num_beams: b.num_beams.unwrap_or(defaults.num_beams),
+        length_penalty: b.length_penalty.unwrap_or(defaults.length_penalty),
+        early_stopping: match b.early_stopping {
+            None => defaults.early_stopping,
+            Some(v) => EarlyStopping::from_json(&v)
+                .ok_or_else(|| JsError::new(&format!("invalid {WHAT}: earlyStopping must be true, false or \"never\", not {v}")))?,
         },
-        num_return_sequences: o.num_return_sequences.unwrap_or(defaults.num_return_sequences),
+        num_return_sequences: b.num_return_sequences.unwrap_or(defaults.num_return_sequences),
     };
-    let defaults = captioner.default_options().sampling;
-    let sampling = SamplingOptions {
-        do_sample: o.do_sample.unwrap_or(defaults.do_sample),
-        temperature: o.temperature.or(defaults.temperature),
-        top_k: o.top_k.or(defaults.top_k),
-        top_p: o.top_p.or(defaults.top_p),
-        seed: o.seed,
-        repetition_penalty: o.repetition_penalty.or(defaults.repetition_penalty),
-        no_repeat_ngram_size: o.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
-        min_new_tokens: o.min_new_tokens.or(defaults.min_new_tokens),
-        bad_words_ids: o.bad_words_ids.unwrap_or(defaults.bad_words_ids),
-        ..defaults
-    };
-    sampling.validate().map_err(js_error)?;
-    Ok((CaptionOptions { max_new_tokens: o.max_new_tokens, prompt: o.prompt, sampling, eos_token_ids: None }, beams))
+    Ok((options, beams))
 }
 
 /// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of

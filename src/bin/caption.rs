@@ -20,7 +20,7 @@ mod cli {
 
     use clap::Parser;
     use wasmcap::beam::EarlyStopping;
-    use wasmcap::sampling::SamplingOptions;
+    use wasmcap::sampling::SamplingChoices;
     use wasmcap::{BeamOptions, CaptionOptions, Captioner};
 
     #[derive(Parser)]
@@ -119,18 +119,18 @@ mod cli {
                 return ExitCode::FAILURE;
             }
         };
-        let defaults = captioner.default_options().sampling;
-        let sampling = SamplingOptions {
-            do_sample: args.do_sample.unwrap_or(defaults.do_sample),
-            temperature: args.temperature.or(defaults.temperature),
-            top_k: args.top_k.or(defaults.top_k),
-            top_p: args.top_p.or(defaults.top_p),
-            repetition_penalty: args.repetition_penalty.or(defaults.repetition_penalty),
-            no_repeat_ngram_size: args.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
-            min_new_tokens: args.min_new_tokens.or(defaults.min_new_tokens),
-            bad_words_ids: bad_words_ids.unwrap_or(defaults.bad_words_ids),
+        let sampling = SamplingChoices {
+            do_sample: args.do_sample,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
             seed: args.seed,
-        };
+            repetition_penalty: args.repetition_penalty,
+            no_repeat_ngram_size: args.no_repeat_ngram_size,
+            min_new_tokens: args.min_new_tokens,
+            bad_words_ids,
+        }
+        .over(captioner.default_options().sampling);
         if let Err(e) = sampling.validate() {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;

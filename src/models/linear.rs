@@ -164,6 +164,15 @@ fn few_rows(xs: &Tensor) -> Result<Option<usize>> {
     Ok((one_position && rows >= 1 && rows <= FAST_ROWS && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32).then_some(rows))
 }
 
+/// `xs`' shape with the last dimension (features) replaced by `out_dim`.
+fn out_shape(xs: &Tensor, out_dim: usize) -> Vec<usize> {
+    let mut shape = xs.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out_dim;
+    }
+    shape
+}
+
 /// y = W·x (+ b) for each of a few rows x, with W stored `[out, in]` (`nn.Linear`).
 fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
@@ -175,11 +184,7 @@ fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Re
     if let Some(b) = b {
         with_f32(b, |b| y.chunks_exact_mut(out_dim).for_each(|y| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi)))?;
     }
-    let mut shape = xs.dims().to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = out_dim;
-    }
-    Tensor::from_vec(y, shape, &Device::Cpu)
+    Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
 }
 
 /// y = x·W (+ b) for each of a few rows x, with W stored `[in, out]` (HF GPT-2 `Conv1D`).
@@ -201,11 +206,7 @@ fn matvec_in_out(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Re
             }
         }
     })?;
-    let mut shape = xs.dims().to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = out_dim;
-    }
-    Tensor::from_vec(y, shape, &Device::Cpu)
+    Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
 }
 
 /// An unmerged LoRA update of a `Linear` while it trains: y += scale · (x·Aᵀ)·Bᵀ with A
@@ -324,22 +325,13 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
                         y[m * q.out_dim + j] = dot_q8(wq, ws, x16) * xs_scale;
                     }
                 }
-                let mut shape = xs.dims().to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = q.out_dim;
-                }
-                Tensor::from_vec(y, shape, &Device::Cpu)?
+                Tensor::from_vec(y, out_shape(xs, q.out_dim), &Device::Cpu)?
             }
             None => {
                 // Many rows: dequantize and use the GEMM.
                 let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
                 let w = Tensor::from_vec(w, (q.out_dim, q.in_dim), &Device::Cpu)?;
-                let d_in = xs.dim(D::Minus1)?;
-                let mut shape = xs.dims().to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = q.out_dim;
-                }
-                xs.reshape(((), d_in))?.matmul(&w.t()?)?.reshape(shape)?
+                xs.reshape(((), xs.dim(D::Minus1)?))?.matmul(&w.t()?)?.reshape(out_shape(xs, q.out_dim))?
             }
         },
     };
