@@ -7,6 +7,7 @@
 #   ./build.sh test-pages build pkg/ and run only the page tests (tests/browser/*.test.mjs)
 #   ./build.sh demo       build pkg/ and serve the demo page on http://127.0.0.1:8080 (COOP/COEP headers)
 #   ./build.sh bench      benchmark full-size random models natively and in headless Chromium
+#   ./build.sh bench --vs-transformers-js  the same model in Chromium: wasmcap vs transformers.js (bench/vs-tjs/)
 #   ./build.sh bench-train  training samples/s of both architectures on full-size configs
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -91,7 +92,11 @@ case "${1:-build}" in
   test) run_tests ;;
   test-pages) build_pkg; page_tests ;;
   demo) build_pkg; serve ;;
-  bench) shift; setup; exec bash bench/run.sh "$@" ;;
+  bench)
+    shift
+    # ./build.sh bench --vs-transformers-js: wasmcap vs transformers.js in Chromium (bench/vs-tjs/).
+    if [ "${1:-}" = --vs-transformers-js ]; then exec bash bench/vs-tjs/run.sh "$@"; fi
+    setup; exec bash bench/run.sh "$@" ;;
   bench-train) shift; exec bash bench/train.sh "$@" ;;
   *) echo "usage: $0 [build|setup|test|test-pages|demo|bench|bench-train]" >&2; exit 2 ;;
 esac
