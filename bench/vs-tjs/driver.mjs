@@ -5,7 +5,9 @@
 //
 //   node bench/vs-tjs/driver.mjs --data ~/.cache/wasmcap/vs-tjs [--tokens 20] [--repeats 3]
 //        [--threads 1,2] [--dtypes fp32,q8] [--sides ours,theirs] [--ours-threads auto|always|never]
-//        [--json out.json]
+//        [--json out.json] [--ours-js js]
+// --ours-js DIR: serve /pkg/index.js and /pkg/worker.js from DIR (e.g. js/, as build.sh's
+// assemble step would copy them) — for a pkg/ whose wasm is current but whose shim is not.
 import { chromium } from 'playwright-core';
 import { createReadStream, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
@@ -25,6 +27,7 @@ const { values: opt } = parseArgs({
     sides: { type: 'string', default: 'ours,theirs' },
     'ours-threads': { type: 'string', default: 'auto' },
     json: { type: 'string' },
+    'ours-js': { type: 'string' },
   },
 });
 const data = resolve(opt.data);
@@ -46,8 +49,15 @@ const MODEL_PREFIX = '/vs-tjs-data/';
 const types = { '.json': 'application/json', '.png': 'image/png', '.onnx': 'application/octet-stream', '.safetensors': 'application/octet-stream' };
 
 // The model folder (outside the repo) under /vs-tjs-data/, streamed (the files are ~1 GB).
+const oursJs = opt['ours-js'] ? resolve(opt['ours-js']) : null;
 async function onRequest(req, res, headers) {
   const url = new URL(req.url, 'http://127.0.0.1');
+  if (oursJs && (url.pathname === '/pkg/index.js' || url.pathname === '/pkg/worker.js')) {
+    const body = await readFile(join(oursJs, url.pathname.slice('/pkg/'.length)));
+    res.writeHead(200, { ...headers, 'Content-Type': 'text/javascript', 'Content-Length': body.length });
+    res.end(body);
+    return true;
+  }
   if (!url.pathname.startsWith(MODEL_PREFIX)) return false;
   const path = normalize(join(data, decodeURIComponent(url.pathname.slice(MODEL_PREFIX.length))));
   let st;
@@ -153,13 +163,15 @@ lines.push(`SigLIP-B/16-224 + GPT-2 small (cross-attention), random weights; one
 lines.push(`first token ms = wall time of a max_new_tokens=1 call (image fetch + preprocessing + encoder + 1 step); ms/token = (t(N) − t(1)) / (N − 1); tokens/s = 1000 / ms/token`);
 lines.push(`encoder ms: ours = the encoder timing wasmcap returns; theirs = encoder ONNX session run alone. peak MiB = peak RSS (VmHWM) of the page's renderer process`);
 lines.push(`q8: ours = decoder weights q8_0 (int8, a scale per 32), encoder f32; theirs = *_quantized.onnx (ORT dynamic quantization, per-tensor 8-bit weights of encoder and decoder)`);
+if (oursJs) lines.push(`wasmcap's JS shim served from ${oursJs} instead of pkg/`);
 lines.push(`load average (1/5/15 min) before: ${loadBefore.map((x) => x.toFixed(2)).join(' ')}, after: ${loadAfter.map((x) => x.toFixed(2)).join(' ')}; cores: ${(await import('node:os')).cpus().length}`);
 lines.push('');
 lines.push('| dtype | threads | side | load ms | encoder ms | first token ms | ms/token | tokens/s | peak MiB |');
 lines.push('|---|---|---|---|---|---|---|---|---|');
 for (const r of results) {
-  if (r.na) { lines.push(`| ${r.dtype} | ${r.threads} | ${r.side} | ${r.na} | | | | | |`); continue; }
-  lines.push(`| ${r.dtype} | ${r.threads} | ${r.side === 'ours' ? 'wasmcap' : 'transformers.js'} | ${fmt(r.loadMs)} | ${fmt(r.encoderMs)} | ${fmt(r.firstTokenMs)} | ${fmt(r.msPerToken, 1)} | ${fmt(r.tokensPerS, 1)} | ${fmt(r.peakBytes / 2 ** 20)} |`);
+  const name = r.side === 'ours' ? 'wasmcap' : 'transformers.js';
+  if (r.na) { lines.push(`| ${r.dtype} | ${r.threads} | ${name} | ${r.na} | | | | | |`); continue; }
+  lines.push(`| ${r.dtype} | ${r.threads} | ${name} | ${fmt(r.loadMs)} | ${fmt(r.encoderMs)} | ${fmt(r.firstTokenMs)} | ${fmt(r.msPerToken, 1)} | ${fmt(r.tokensPerS, 1)} | ${fmt(r.peakBytes / 2 ** 20)} |`);
 }
 lines.push('');
 lines.push('Ratios (< 1 in the first three columns, > 1 in ms/token: ours is faster / smaller):');

@@ -39,10 +39,17 @@ export async function ours({ modelUrl, imageUrl, tokens, repeats, quantize, thre
   try {
     captioner = await Captioner.fromPretrained(modelUrl, options);
   } catch (e) {
-    if (passThreads && /thread/i.test(String(e.message))) return { na: `n/a (${e.message})` };
+    // An option refused, or the threaded build (pkg/threads/) not there.
+    if (passThreads && /thread/i.test(String(e.message))) return { na: `n/a (${e.message.slice(0, 120)})` };
     throw e;
   }
   const loadMs = performance.now() - t0;
+  // A threads-aware Captioner says how many threads it got (1: the single-threaded build).
+  const actualThreads = captioner.threads ?? 1;
+  if (actualThreads !== threads) {
+    captioner.dispose();
+    return { na: `n/a (asked for ${threads} threads, runs ${actualThreads})` };
+  }
   const once = async (n) => {
     const t = performance.now();
     const r = await captioner.caption(imageUrl, { maxNewTokens: n }).result;
@@ -63,7 +70,7 @@ export async function ours({ modelUrl, imageUrl, tokens, repeats, quantize, thre
   captioner.dispose();
   return {
     ...out, tokenIds: last.r.tokenIds, warmupTokenIds: warm.r.tokenIds, text: last.r.text,
-    threadsPassed: passThreads, internal: last.r.timings,
+    threadsPassed: passThreads, actualThreads, internal: last.r.timings,
     crossOriginIsolated: self.crossOriginIsolated, userAgent: navigator.userAgent,
   };
 }

@@ -8,7 +8,8 @@
 #   3. npm ci here (transformers.js + playwright-core), when package-lock.json changed
 #   4. node driver.mjs: prints the markdown table (also saved as JSON next to the model)
 # Env: TOKENS (20), REPEATS (3), THREADS (1,2), DTYPES (fp32,q8), OURS_THREADS (auto|always|never),
-# VS_TJS_VENV, VS_TJS_DATA. Uses pkg/ as it is (builds it only if missing).
+# OURS_JS (serve pkg/index.js + worker.js from this folder, e.g. js), VS_TJS_VENV, VS_TJS_DATA.
+# Uses pkg/ as it is (builds it only if missing).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "${1:-}" = --vs-transformers-js ] && shift
@@ -40,4 +41,4 @@ fi
 log "pkg/wasmcap_bg.wasm built $(date -r pkg/wasmcap_bg.wasm '+%F %T')"
 exec node "$HERE/driver.mjs" --data "$DATA" --tokens "${TOKENS:-20}" --repeats "${REPEATS:-3}" \
   --threads "${THREADS:-1,2}" --dtypes "${DTYPES:-fp32,q8}" --ours-threads "${OURS_THREADS:-auto}" \
-  --json "$DATA/last-run.json" "$@"
+  --json "$DATA/last-run.json" ${OURS_JS:+--ours-js "$OURS_JS"} "$@"
