@@ -161,7 +161,7 @@ const lines = [];
 lines.push(`wasmcap vs transformers.js ${tjs?.version ?? '?'} (onnxruntime-web ${tjs?.ortVersion ?? '?'}), headless Chromium ${chromiumVersion}, crossOriginIsolated: ${anyRun?.crossOriginIsolated}`);
 lines.push(`SigLIP-B/16-224 + GPT-2 small (cross-attention), random weights; one 224×224 image; greedy, N = ${tokens} new tokens; median of ${repeats} after one warm-up; a fresh browser per row`);
 lines.push(`first token ms = wall time of a max_new_tokens=1 call (image fetch + preprocessing + encoder + 1 step); ms/token = (t(N) − t(1)) / (N − 1); tokens/s = 1000 / ms/token`);
-lines.push(`encoder ms: ours = the encoder timing wasmcap returns; theirs = encoder ONNX session run alone. peak MiB = peak RSS (VmHWM) of the page's renderer process`);
+lines.push(`encoder ms: ours = wasmcap's timings.encoderMs (encoder + the cross-attention keys/values of all layers); theirs = the encoder ONNX session run alone (cross-attention K/V come in its first decoder step). peak MiB = peak RSS (VmHWM) of the page's renderer process`);
 lines.push(`q8: ours = decoder weights q8_0 (int8, a scale per 32), encoder f32; theirs = *_quantized.onnx (ORT dynamic quantization, per-tensor 8-bit weights of encoder and decoder)`);
 if (oursJs) lines.push(`wasmcap's JS shim served from ${oursJs} instead of pkg/`);
 lines.push(`load average (1/5/15 min) before: ${loadBefore.map((x) => x.toFixed(2)).join(' ')}, after: ${loadAfter.map((x) => x.toFixed(2)).join(' ')}; cores: ${(await import('node:os')).cpus().length}`);
