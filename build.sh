@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # wasmcap build entry point. Installs what is missing, then:
-#   ./build.sh            build pkg/ (wasm-pack, --target web, release, SIMD128)
-#   ./build.sh setup      only install the toolchain (rustup target, wasm-bindgen-cli, wasm-pack, chromium)
+#   ./build.sh            build pkg/ (wasm-pack, --target web, release, SIMD128) and pkg/threads/
+#                         (nightly, wasm threads; loaded by the JS shim on crossOriginIsolated pages)
+#   ./build.sh setup      only install the toolchain (rustup targets, nightly + rust-src, wasm-bindgen-cli,
+#                         wasm-pack, chromium)
 #   ./build.sh test       native tests (cargo test) + browser tests (wasm-pack test, headless Chromium)
 #                         + page tests (tests/browser/: demo, JS package, npm tarball in a Vite app)
 #   ./build.sh test-pages build pkg/ and run only the page tests (tests/browser/*.test.mjs)
@@ -54,10 +56,43 @@ setup() {
   export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
 }
 
+# The threaded build needs a nightly (std rebuilt with atomics: -Z build-std). This date is the one
+# the threaded build was verified with; an installed `nightly` of that date is used as it is.
+NIGHTLY_DATE=2026-05-19
+nightly_toolchain() {
+  if rustc +nightly -V 2>/dev/null | grep -q "$NIGHTLY_DATE"; then echo nightly; else echo "nightly-$NIGHTLY_DATE"; fi
+}
+
+setup_threads() {
+  setup
+  NIGHTLY=$(nightly_toolchain)
+  if ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src'; then
+    log "installing $NIGHTLY with rust-src and the wasm32 target (for the threaded build)"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --target wasm32-unknown-unknown
+  fi
+  rustup target list --toolchain "$NIGHTLY" --installed | grep -qx wasm32-unknown-unknown || rustup target add --toolchain "$NIGHTLY" wasm32-unknown-unknown
+}
+
+# pkg/threads/: the same crate with wasm threads (atomics, shared memory) and a rayon pool in Web
+# Workers (wasm-bindgen-rayon); the JS shim loads it on crossOriginIsolated pages. Its own target
+# dir: the flags differ, so sharing one would rebuild both every time.
+build_threads() {
+  setup_threads
+  log "building pkg/threads/ (wasm32 + simd128 + atomics, nightly $NIGHTLY, release)"
+  local target="${CARGO_TARGET_DIR:-target}-threads"
+  # RUSTFLAGS replaces .cargo/config.toml's flags: simd128 and getrandom's backend are repeated.
+  CARGO_TARGET_DIR="$target" \
+  RUSTFLAGS="-C target-feature=+atomics,+bulk-memory,+simd128 -C link-arg=--shared-memory -C link-arg=--import-memory -C link-arg=--max-memory=4294967296 -C link-arg=--export=__wasm_init_tls -C link-arg=--export=__tls_size -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base --cfg getrandom_backend=\"wasm_js\"" \
+    cargo "+$NIGHTLY" build --lib --release --target wasm32-unknown-unknown --features threads -Z build-std=panic_abort,std
+  rm -rf pkg/threads
+  wasm-bindgen --target web --no-typescript --out-dir pkg/threads --out-name wasmcap "$target/wasm32-unknown-unknown/release/wasmcap.wasm"
+}
+
 build_pkg() {
   setup
   log "building pkg/ (wasm32 + simd128, release)"
   wasm-pack build --target web --release --out-dir pkg
+  build_threads
   node js/assemble.mjs
 }
 
@@ -88,7 +123,7 @@ serve() {
 
 case "${1:-build}" in
   build) build_pkg ;;
-  setup) setup ;;
+  setup) setup_threads ;;
   test) run_tests ;;
   test-pages) build_pkg; page_tests ;;
   demo) build_pkg; serve ;;

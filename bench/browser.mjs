@@ -10,6 +10,8 @@ import { startServer } from '../www/serve.mjs';
 // `node bench/browser.mjs memory BYTES REPEATS` prints the streaming-read GB/s instead.
 const [configPath, promptTokens = '8', tokens = '20', repeats = '3', images = '1', beams = '1', weights = 'f32'] = process.argv.slice(2);
 const memoryMode = configPath === 'memory';
+// THREADS=n: the threaded build (pkg/threads/) with a pool of n workers.
+const threads = Number(process.env.THREADS ?? 1);
 const config = memoryMode ? '' : readFileSync(configPath, 'utf8');
 const server = await startServer(0);
 const profile = await mkdtemp(join(tmpdir(), 'wasmcap-bench-'));
@@ -30,13 +32,16 @@ try {
     await cdp.send('Profiler.setSamplingInterval', { interval: 200 });
     await cdp.send('Profiler.start');
   }
-  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights]) => {
-    const wasm = await import('/pkg/wasmcap.js');
-    await wasm.default();
-    if (memoryMode) return wasm.benchMemory(promptTokens, tokens);
-    const r = wasm.benchModel(config, promptTokens, tokens, repeats, images, beams, weights);
-    return { ...r, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights]);
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads]) => {
+    const worker = new Worker('/bench/worker.js', { type: 'module' });
+    const call = memoryMode ? 'benchMemory' : 'benchModel';
+    const args = memoryMode ? [promptTokens, tokens] : [config, promptTokens, tokens, repeats, images, beams, weights];
+    const reply = await new Promise((ok) => { worker.onmessage = ({ data }) => ok(data); worker.postMessage({ threads, call, args }); });
+    worker.terminate();
+    if (reply.error) throw new Error(reply.error);
+    if (memoryMode) return reply.result;
+    return { ...reply.result, threads, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads]);
   if (cdp) printProfile((await cdp.send('Profiler.stop')).profile);
   console.log(JSON.stringify(result));
 } finally {

@@ -59,6 +59,12 @@ export interface LoadOptions {
   workerUrl?: string | URL;
   /** Quantize the decoder's matrices after loading (rows not a multiple of 32 stay f32). */
   quantize?: 'q8_0' | 'q4_0';
+  /**
+   * Threads to run on. Default: the cores (up to 8) when the page is crossOriginIsolated (the
+   * threaded build is loaded), else 1 (the single-threaded build). More than 1 on a page that is
+   * not isolated rejects.
+   */
+  threads?: number;
 }
 
 export type ImageInput =
@@ -166,6 +172,8 @@ export declare class Captioner {
   private constructor();
   /** What the model's generation_config.json sets; options not given to `caption` take these. */
   readonly generationDefaults: Readonly<BeamSearchOptions & { numBeams: number; numReturnSequences: number }>;
+  /** The threads the model runs on (1: the single-threaded build). */
+  readonly threads: number;
   /** Loads a model from a 🤗-layout folder URL or a map of files, and starts its worker. */
   static fromPretrained(source: string | URL | FileMap, options?: LoadOptions): Promise<Captioner>;
   static clearCache(baseUrl?: string | URL): Promise<boolean>;

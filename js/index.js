@@ -330,10 +330,18 @@ class CaptionRun {
   abort() { this._cancel?.(); }
 }
 
+// Threads need SharedArrayBuffer, which only a crossOriginIsolated page has.
+function defaultThreads() {
+  if (!globalThis.crossOriginIsolated) return 1;
+  return Math.max(1, Math.min(8, globalThis.navigator?.hardwareConcurrency ?? 1));
+}
+
 export class Captioner {
   /** Use `Captioner.fromPretrained`. */
-  constructor(worker, defaults = {}) {
+  constructor(worker, defaults = {}, threads = 1) {
     this._worker = worker;
+    /** The threads the model runs on (1: the single-threaded build). */
+    this.threads = threads;
     /** The generation options the model's generation_config.json sets (camelCase). */
     this.generationDefaults = Object.freeze({ ...defaults });
     this._runs = new Map();
@@ -365,11 +373,15 @@ export class Captioner {
    * replace what is cached; false: neither read nor write it), `signal`, `adapter`
    * (a PEFT LoRA folder's URL or file map), `workerUrl` (override where the worker script lives),
    * `quantize` (`'q8_0'` or `'q4_0'`: the decoder's matrices quantized after loading — a quarter
-   * or an eighth of the bytes read per token, captions close to f32's).
+   * or an eighth of the bytes read per token, captions close to f32's), `threads` (default: up to
+   * 8 — the cores — on a crossOriginIsolated page, where the threaded build loads; 1 elsewhere,
+   * the single-threaded build; more than 1 on a page that is not isolated rejects).
    */
   static async fromPretrained(source, options = {}) {
     const { signal } = options;
     throwIfAborted(signal);
+    const threads = options.threads ?? defaultThreads();
+    if (!Number.isInteger(threads) || threads < 1) throw new Error(`threads must be a positive integer, not ${threads}`);
     const { files, forget } = await loadFiles(source, options.adapter, options);
     throwIfAborted(signal);
     // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
@@ -377,13 +389,14 @@ export class Captioner {
       ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
       : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
     let defaults;
+    let loadedThreads;
     try {
       await new Promise((ok, fail) => {
         const onAbort = () => fail(abortError(signal));
         signal?.addEventListener('abort', onAbort, { once: true });
         worker.onmessage = ({ data }) => {
           signal?.removeEventListener('abort', onAbort);
-          if (data.type === 'loaded') { defaults = data.defaults; ok(); }
+          if (data.type === 'loaded') { defaults = data.defaults; loadedThreads = data.threads; ok(); }
           else fail(new Error(data.message));
         };
         worker.onerror = (e) => {
@@ -392,7 +405,7 @@ export class Captioner {
           fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
         };
         const transfer = Object.values(files).filter((b) => b instanceof ArrayBuffer);
-        worker.postMessage({ type: 'load', files, quantize: options.quantize }, transfer);
+        worker.postMessage({ type: 'load', files, quantize: options.quantize, threads }, transfer);
       });
     } catch (e) {
       worker.terminate();
@@ -401,7 +414,7 @@ export class Captioner {
     }
     worker.onmessage = null;
     worker.onerror = null;
-    return new Captioner(worker, defaults);
+    return new Captioner(worker, defaults, loadedThreads);
   }
 
   /** Deletes the model files kept in the Cache API (all of them, or one folder's). */

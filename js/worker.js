@@ -1,7 +1,7 @@
 // wasmcap's module Web Worker: owns the WASM instance and the WasmCaptioner. It only converts
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
-// main → worker: { type: 'load', files }                     → { type: 'loaded', defaults } | { type: 'error' }
+// main → worker: { type: 'load', files, quantize, threads }  → { type: 'loaded', defaults, threads } | { type: 'error' }
 //                { type: 'caption', run, image, options, beam }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
 //                    final one), then { type: 'done', run, result } | { type: 'error', run, message }
@@ -10,9 +10,31 @@
 //                  → { type: 'token', run, token: { index, ... } }*, then 'done' (result: an array) | …
 //                { type: 'abort', run }
 // dispose() terminates the worker, which drops the WASM instance and all its memory.
-import init, { WasmCaptioner } from './wasmcap.js';
+// The build is chosen at load: threads/ (wasm threads: shared memory, a rayon pool of Web
+// Workers) when more than one thread is asked and this worker is crossOriginIsolated, else the
+// single-threaded build. Both glue modules are imported statically (they do nothing until
+// initialised; a dynamic import would make bundlers split this worker, which Vite's default
+// worker format refuses) and both wasm URLs are literal, so bundlers emit both.
+import * as single from './wasmcap.js';
+import * as threaded from './threads/wasmcap.js';
 
-const ready = init({ module_or_path: new URL('./wasmcap_bg.wasm', import.meta.url) });
+let wasm = null;
+async function startWasm(threads) {
+  if (wasm) return wasm;
+  if (threads > 1) {
+    if (!self.crossOriginIsolated) {
+      throw new Error(`${threads} threads need a crossOriginIsolated page (serve it with Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp), or pass threads: 1`);
+    }
+    await threaded.default({ module_or_path: new URL('./threads/wasmcap_bg.wasm', import.meta.url) });
+    await threaded.initThreadPool(threads);
+    threaded.setThreads(threads);
+    wasm = { mod: threaded, threads };
+  } else {
+    await single.default({ module_or_path: new URL('./wasmcap_bg.wasm', import.meta.url) });
+    wasm = { mod: single, threads: 1 };
+  }
+  return wasm;
+}
 let captioner = null;
 let aborted = new Set();
 let busy = Promise.resolve();
@@ -118,15 +140,15 @@ self.onmessage = async ({ data }) => {
   switch (data.type) {
     case 'load':
       try {
-        await ready;
+        const { mod, threads } = await startWasm(data.threads ?? 1);
         const f = data.files;
         const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
         captioner?.free();
         captioner = null;
-        captioner = new WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
+        captioner = new mod.WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights));
         if (data.quantize) captioner.quantize(data.quantize);
-        postMessage({ type: 'loaded', defaults: captioner.generationDefaults() });
+        postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads });
       } catch (e) {
         postMessage({ type: 'error', message: message(e) });
       }

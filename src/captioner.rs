@@ -178,18 +178,20 @@ impl Captioner {
         let config = loading::parse_json(loading::CONFIG, files.config)?;
         let generation = files.generation.map(|bytes| loading::parse_json(loading::GENERATION, bytes)).transpose()?;
         let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or_default();
-        let (model, decoder_section) = match model_type {
+        let (model, decoder_section, q8_0) = match model_type {
             "vision-encoder-decoder" => {
                 let cfg = VisionEncoderDecoderConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
                 let tensors = load_weights(&files, loading::vision_encoder_decoder_key)?;
+                let q8_0 = is_q8_0_checkpoint(&tensors);
                 let model = loading::build_model(loading::WEIGHTS, tensors, |vb| VisionEncoderDecoder::new(&cfg, vb))?;
-                (Model::CrossAttention(model), "decoder")
+                (Model::CrossAttention(model), "decoder", q8_0)
             }
             "llava" => {
                 let cfg = LlavaConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
                 let tensors = load_weights(&files, loading::llava_key)?;
+                let q8_0 = is_q8_0_checkpoint(&tensors);
                 let model = loading::build_model(loading::WEIGHTS, tensors, |vb| Llava::new(&cfg, vb))?;
-                (Model::Prefix(model), "text_config")
+                (Model::Prefix(model), "text_config", q8_0)
             }
             other => {
                 return Err(Error::config(
@@ -204,7 +206,11 @@ impl Captioner {
         }
         let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
-        Ok(Self { model, tokenizer, preprocessor, generation })
+        let mut captioner = Self { model, tokenizer, preprocessor, generation };
+        if q8_0 {
+            captioner.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0)?;
+        }
+        Ok(captioner)
     }
 
     /// A model folder, and optionally a PEFT adapter folder merged into it.
@@ -602,9 +608,24 @@ impl Captioner {
 fn load_weights(files: &ModelFiles<'_>, rename: fn(&str) -> String) -> Result<std::collections::HashMap<String, Tensor>> {
     let mut tensors = loading::load_safetensors(loading::WEIGHTS, files.weights, rename)?;
     if let Some(adapter) = files.adapter {
+        if let Some(name) = tensors.keys().find(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX)) {
+            return Err(Error::Safetensors {
+                file: loading::WEIGHTS.to_string(),
+                reason: format!(
+                    "`{name}` is q8_0: an adapter merges into f32 weights only — quantize the merged model instead (`quantize --adapter`)"
+                ),
+            });
+        }
         crate::lora::merge(&mut tensors, adapter, rename)?;
     }
     Ok(tensors)
+}
+
+/// Whether a checkpoint holds q8_0 matrices (written by `crate::quantize`): then its decoder runs
+/// in q8_0 throughout, and the LM head — tied to the embedding, which the file keeps in f16 —
+/// is quantized once loaded.
+fn is_q8_0_checkpoint(tensors: &std::collections::HashMap<String, Tensor>) -> bool {
+    tensors.keys().any(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX))
 }
 
 /// Index of the largest logit; ties go to the lowest index, as `torch.argmax` does.

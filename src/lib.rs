@@ -11,7 +11,9 @@ pub mod error;
 pub mod loading;
 pub mod lora;
 pub mod models;
+pub mod parallel;
 pub mod preprocess;
+pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]

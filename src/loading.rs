@@ -102,25 +102,27 @@ pub fn parse_json(file: &str, bytes: &[u8]) -> Result<serde_json::Value> {
 }
 
 /// Every tensor of a safetensors buffer, as f32 on the CPU, keyed by `rename(name)`.
-/// f16 and bf16 checkpoints are upcast: the maths runs in f32.
+/// f16 and bf16 checkpoints are upcast: the maths runs in f32. I8 tensors (the q8_0 matrices
+/// `crate::quantize` writes) keep their bytes, as U8: candle has no i8.
 pub fn load_safetensors(file: &str, bytes: &[u8], rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Safetensors { file: file.to_string(), reason: describe_safetensors_error(&e, bytes.len()) })?;
     let mut tensors = HashMap::new();
     for (name, view) in st.iter() {
-        let dtype = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
+        let (dtype, to) = match view.dtype() {
+            safetensors::Dtype::F32 => (DType::F32, DType::F32),
+            safetensors::Dtype::F16 => (DType::F16, DType::F32),
+            safetensors::Dtype::BF16 => (DType::BF16, DType::F32),
+            safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => (DType::U8, DType::U8),
             other => {
                 return Err(Error::Safetensors {
                     file: file.to_string(),
-                    reason: format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights are supported"),
+                    reason: format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported"),
                 })
             }
         };
         let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_dtype(to))
             .map_err(|e| Error::Safetensors { file: file.to_string(), reason: format!("tensor `{name}`: {e}") })?;
         tensors.insert(rename(name), tensor);
     }

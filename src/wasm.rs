@@ -442,15 +442,34 @@ fn beam_options(mut map: JsonMap, captioner: &Captioner) -> Result<(CaptionOptio
     Ok((options, beams))
 }
 
-/// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of
-/// `new_tokens` tokens (after `prompt_tokens` text positions in a prefix model). Returns medians
-/// (see `bench::BenchReport`) plus the size of WASM memory, which never shrinks: the peak.
 /// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
 /// `bench::memory_read_gbps`), the floor under a decode step's time.
 #[wasm_bindgen(js_name = benchMemory)]
 pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
     crate::bench::memory_read_gbps(bytes, repeats)
 }
+
+/// The threaded build's pool (wasm-bindgen-rayon): `await initThreadPool(n)` from a worker of a
+/// crossOriginIsolated page, then `setThreads(n)`.
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
+
+/// Whether this is the threaded build.
+#[wasm_bindgen(js_name = threadsAvailable)]
+pub fn threads_available() -> bool {
+    crate::parallel::AVAILABLE
+}
+
+/// How many parts the encoder, GEMMs and matrix–vector products are split into (after
+/// `initThreadPool`); more than 1 is refused by the single-threaded build. Returns the count.
+#[wasm_bindgen(js_name = setThreads)]
+pub fn set_threads(n: usize) -> Result<usize, JsError> {
+    crate::parallel::set_threads(n).map_err(|e| JsError::new(&e))
+}
+
+/// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of
+/// `new_tokens` tokens (after `prompt_tokens` text positions in a prefix model). Returns medians
+/// (see `bench::BenchReport`) plus the size of WASM memory, which never shrinks: the peak.
 
 #[wasm_bindgen(js_name = benchModel)]
 pub fn bench_model(
@@ -473,9 +492,10 @@ pub fn bench_model(
     let value = to_js(&report)?;
     let memory_bytes = wasm_bindgen::memory()
         .dyn_into::<js_sys::WebAssembly::Memory>()
-        .map(|m| m.buffer().dyn_into::<js_sys::ArrayBuffer>().map(|b| b.byte_length()).unwrap_or(0))
-        .unwrap_or(0);
-    js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes as f64))
+        // An ArrayBuffer, or a SharedArrayBuffer in the threaded build: both have byteLength.
+        .map(|m| js_sys::Reflect::get(&m.buffer(), &"byteLength".into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0))
+        .unwrap_or(0.0);
+    js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes))
         .map_err(|_| JsError::new("could not set peakMemoryBytes"))?;
     Ok(value)
 }

@@ -136,3 +136,28 @@ fn quantize_flag_keeps_the_embedded_models_captions() {
     assert_eq!(text(&f32_out), "a red triangle above a yellow triangle");
     assert!(!run(&["--quantize", "q3_k"]).status.success(), "an unknown format is refused");
 }
+
+#[test]
+fn quantize_command_writes_a_folder_the_captioner_loads() {
+    let model = format!("{}/models/shapes-cross-attention", env!("CARGO_MANIFEST_DIR"));
+    let sample = format!("{}/www/samples/shapes-test-0.png", env!("CARGO_MANIFEST_DIR"));
+    let out_dir = std::env::temp_dir().join(format!("wasmcap-quantize-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_quantize")).args(["--model", &model, "--out"]).arg(&out_dir).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["bytes_out"].as_u64().unwrap(), std::fs::metadata(out_dir.join("model.safetensors")).unwrap().len());
+    for file in ["config.json", "tokenizer.json", "preprocessor_config.json", "generation_config.json"] {
+        assert!(out_dir.join(file).is_file(), "{file} not copied");
+    }
+    let caption = |dir: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", dir, "--json", &sample]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"].clone()
+    };
+    assert_eq!(caption(out_dir.to_str().unwrap()), caption(&model));
+    // Quantizing the quantized folder is refused, naming a q8_0 tensor.
+    let again = Command::new(env!("CARGO_BIN_EXE_quantize")).arg("--model").arg(&out_dir).arg("--out").arg(out_dir.join("again")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && stderr.contains("q8_0 already"), "{stderr}");
+    let _ = std::fs::remove_dir_all(out_dir);
+}

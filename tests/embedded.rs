@@ -118,3 +118,47 @@ fn quantized_decoders_stay_close_to_f32() {
         }
     }
 }
+
+/// The `quantize` command's file (crate::quantize: q8_0 matrices in encoder and decoder, f16
+/// token embeddings) loads as it is: about a third of the bytes, the shapes samples' captions
+/// unchanged, first-step logits close to f32's (printed: the figures the notes quote). A file
+/// quantized already is refused.
+#[test]
+fn quantized_checkpoints_load_as_they_are() {
+    for (name, files, _) in [embedded!("shapes-cross-attention"), embedded!("shapes-prefix")] {
+        let config: serde_json::Value = serde_json::from_slice(files.config).unwrap();
+        let (bytes, report) = wasmcap::quantize::quantize_checkpoint(&config, files.weights).unwrap();
+        assert!(!report.q8_0.is_empty() && report.f16.len() == 1, "{name}: {report:?}");
+        let ratio = bytes.len() as f64 / files.weights.len() as f64;
+        let f32_model = Captioner::from_files(files.clone()).unwrap();
+        let q = Captioner::from_files(ModelFiles { weights: &bytes, ..files.clone() }).unwrap();
+        let (mut agree, mut worst) = (0, 0f32);
+        for (image, bytes) in IMAGES {
+            let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
+            let a = f32_model.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+            let b = q.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+            let mean = a.iter().sum::<f32>() / a.len() as f32;
+            let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+            worst = worst.max(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread);
+            let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
+            let same = ids(&f32_model) == ids(&q);
+            agree += usize::from(same);
+            if image.starts_with("shapes") {
+                assert!(same, "{name} {image}: the caption changed");
+            }
+        }
+        eprintln!(
+            "{name} quantized file: {} → {} bytes ({:.1} %), {} q8_0 matrices, {} kept f32; logits max |Δ| / std = {worst:.4}; greedy captions equal to f32: {agree}/{}",
+            files.weights.len(),
+            bytes.len(),
+            100.0 * ratio,
+            report.q8_0.len(),
+            report.kept_f32.len(),
+            IMAGES.len()
+        );
+        assert!(ratio < 0.4, "{name}: the quantized file is {:.0} % of f32", 100.0 * ratio);
+        assert!(worst > 0.0 && worst < 0.05, "{name}: logits error {worst}");
+        let again = wasmcap::quantize::quantize_checkpoint(&config, &bytes).unwrap_err().to_string();
+        assert!(again.contains("q8_0 already"), "{again}");
+    }
+}

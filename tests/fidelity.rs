@@ -38,47 +38,59 @@ fn pixel_values_match_siglip_image_processor() {
 
 #[test]
 fn encoder_states_and_first_logits_match() {
-    for fx in fixtures() {
-        let captioner = Captioner::from_files(fx.files()).unwrap();
-        let reference = fx.reference_tensors();
-        for name in PHOTOS {
-            // transformers' own pixel values (stored f16; its references were computed from the
-            // same f16-rounded pixels), so a JPEG decoder's ±2/255 does not blur the model check.
-            let pixels = &reference[&format!("pixel_values.{name}")];
-            let states = captioner.encode(pixels).unwrap();
-            let diff = max_abs_diff(&states, &reference[&format!("encoder_hidden_states.{name}")]);
-            report(&format!("{} {name} encoder states max-abs", fx.name), diff);
-            assert!(diff <= STATE_TOL, "{} {name}: encoder states differ by {diff}", fx.name);
+    // Once as it is, once with the work split in two parts (crate::parallel), as the
+    // threaded WASM build runs it.
+    for threads in [1, 2] {
+        wasmcap::parallel::with_threads(threads, || {
+            for fx in fixtures() {
+                let captioner = Captioner::from_files(fx.files()).unwrap();
+                let reference = fx.reference_tensors();
+                for name in PHOTOS {
+                    // transformers' own pixel values (stored f16; its references were computed from the
+                    // same f16-rounded pixels), so a JPEG decoder's ±2/255 does not blur the model check.
+                    let pixels = &reference[&format!("pixel_values.{name}")];
+                    let states = captioner.encode(pixels).unwrap();
+                    let diff = max_abs_diff(&states, &reference[&format!("encoder_hidden_states.{name}")]);
+                    report(&format!("{} {name} encoder states max-abs", fx.name), diff);
+                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads]: encoder states differ by {diff}", fx.name);
 
-            let logits = captioner.first_step_logits(pixels, &CaptionOptions::default()).unwrap();
-            let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}")]);
-            report(&format!("{} {name} first-step logits max-abs", fx.name), diff);
-            assert!(diff <= STATE_TOL, "{} {name}: first-step logits differ by {diff}", fx.name);
-        }
+                    let logits = captioner.first_step_logits(pixels, &CaptionOptions::default()).unwrap();
+                    let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}")]);
+                    report(&format!("{} {name} first-step logits max-abs", fx.name), diff);
+                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads]: first-step logits differ by {diff}", fx.name);
+                }
+            }
+        });
     }
 }
 
 #[test]
 fn greedy_ids_and_text_match_generate() {
-    for fx in fixtures() {
-        let captioner = Captioner::from_files(fx.files()).unwrap();
-        let options = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() };
-        for name in PHOTOS {
-            let pixels = captioner.pixel_values_from_bytes(image(name)).unwrap();
-            let mut streamed = String::new();
-            let mut events = 0;
-            let caption = captioner
-                .caption(&pixels, &options, |event| {
-                    streamed.push_str(&event.delta);
-                    assert_eq!(event.text, streamed, "event text is the caption so far");
-                    events += 1;
-                })
-                .unwrap();
-            assert_eq!(caption.token_ids, fx.greedy_ids(name), "{} {name}: greedy ids", fx.name);
-            assert_eq!(caption.text, fx.greedy_text(name), "{} {name}: text", fx.name);
-            assert_eq!(streamed, caption.text, "{} {name}: deltas add up to the caption", fx.name);
-            assert_eq!(events, caption.token_ids.len());
-        }
+    // Once as it is, once with the work split in two parts (crate::parallel), as the
+    // threaded WASM build runs it.
+    for threads in [1, 2] {
+        wasmcap::parallel::with_threads(threads, || {
+            for fx in fixtures() {
+                let captioner = Captioner::from_files(fx.files()).unwrap();
+                let options = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() };
+                for name in PHOTOS {
+                    let pixels = captioner.pixel_values_from_bytes(image(name)).unwrap();
+                    let mut streamed = String::new();
+                    let mut events = 0;
+                    let caption = captioner
+                        .caption(&pixels, &options, |event| {
+                            streamed.push_str(&event.delta);
+                            assert_eq!(event.text, streamed, "event text is the caption so far");
+                            events += 1;
+                        })
+                        .unwrap();
+                    assert_eq!(caption.token_ids, fx.greedy_ids(name), "{} {name} [{threads} threads]: greedy ids", fx.name);
+                    assert_eq!(caption.text, fx.greedy_text(name), "{} {name} [{threads} threads]: text", fx.name);
+                    assert_eq!(streamed, caption.text, "{} {name} [{threads} threads]: deltas add up to the caption", fx.name);
+                    assert_eq!(events, caption.token_ids.len());
+                }
+            }
+        });
     }
 }
 

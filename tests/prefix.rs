@@ -31,53 +31,65 @@ fn prompt_ids_are_what_llava_processor_makes() {
 
 #[test]
 fn pixels_image_embeddings_and_logits_match() {
-    for case in prefix_cases() {
-        let captioner = Captioner::from_files(case.files()).unwrap();
-        let reference = case.reference_tensors();
-        for name in PHOTOS {
-            let ours = captioner.pixel_values_from_bytes(image(name)).unwrap();
-            let theirs = &reference[&format!("pixel_values.{name}")];
-            let diff = max_abs_diff(&ours, theirs);
-            assert!(diff <= PIXEL_TOL, "{} {name}: pixel values differ by {diff}", case.name);
+    // Once as it is, once with the work split in two parts (crate::parallel), as the
+    // threaded WASM build runs it.
+    for threads in [1, 2] {
+        wasmcap::parallel::with_threads(threads, || {
+            for case in prefix_cases() {
+                let captioner = Captioner::from_files(case.files()).unwrap();
+                let reference = case.reference_tensors();
+                for name in PHOTOS {
+                    let ours = captioner.pixel_values_from_bytes(image(name)).unwrap();
+                    let theirs = &reference[&format!("pixel_values.{name}")];
+                    let diff = max_abs_diff(&ours, theirs);
+                    assert!(diff <= PIXEL_TOL, "{} {name} [{threads} threads]: pixel values differ by {diff}", case.name);
 
-            // The model check runs on transformers' own (f16-stored) pixels, as its references do.
-            let embeddings = captioner.encode(theirs).unwrap();
-            let diff = max_abs_diff(&embeddings, &reference[&format!("image_embeddings.{name}")]);
-            report(&format!("{} {name} image embeddings max-abs", case.name), diff);
-            assert!(diff <= STATE_TOL, "{} {name}: image embeddings differ by {diff}", case.name);
+                    // The model check runs on transformers' own (f16-stored) pixels, as its references do.
+                    let embeddings = captioner.encode(theirs).unwrap();
+                    let diff = max_abs_diff(&embeddings, &reference[&format!("image_embeddings.{name}")]);
+                    report(&format!("{} {name} image embeddings max-abs", case.name), diff);
+                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads]: image embeddings differ by {diff}", case.name);
 
-            for (key, prompt) in PREFIX_PROMPTS {
-                let logits = captioner.first_step_logits(theirs, &options(prompt, None)).unwrap();
-                let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}.{key}")]);
-                report(&format!("{} {name} {key} first-step logits max-abs", case.name), diff);
-                assert!(diff <= STATE_TOL, "{} {name} {key}: logits differ by {diff}", case.name);
+                    for (key, prompt) in PREFIX_PROMPTS {
+                        let logits = captioner.first_step_logits(theirs, &options(prompt, None)).unwrap();
+                        let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}.{key}")]);
+                        report(&format!("{} {name} {key} first-step logits max-abs", case.name), diff);
+                        assert!(diff <= STATE_TOL, "{} {name} [{threads} threads] {key}: logits differ by {diff}", case.name);
+                    }
+                }
             }
-        }
+        });
     }
 }
 
 #[test]
 fn greedy_ids_match_generate() {
-    for case in prefix_cases() {
-        let captioner = Captioner::from_files(case.files()).unwrap();
-        let reference = case.reference_tensors();
-        for name in PHOTOS {
-            // These random models are chaotic enough that a JPEG decoder's ±2/255 can flip a
-            // token, so the photos run on transformers' pixels (its ids from those pixels are
-            // the same, `greedy_ids_from_f16_pixels`); the PNG also runs from its bytes.
-            let mut inputs = vec![(reference[&format!("pixel_values.{name}")].clone(), "transformers' pixels")];
-            if name.ends_with(".png") {
-                inputs.push((captioner.pixel_values_from_bytes(image(name)).unwrap(), "the image file"));
-            }
-            for (pixels, source) in inputs {
-                for (key, prompt) in PREFIX_PROMPTS {
-                    let expected = case.greedy_ids(name, key);
-                    let caption = captioner.caption(&pixels, &options(prompt, Some(expected.len())), |_| {}).unwrap();
-                    assert_eq!(caption.token_ids, expected, "{} {name} {key} from {source}", case.name);
-                    assert_eq!(caption.text, case.greedy_text(name, key), "{} {name} {key}", case.name);
+    // Once as it is, once with the work split in two parts (crate::parallel), as the
+    // threaded WASM build runs it.
+    for threads in [1, 2] {
+        wasmcap::parallel::with_threads(threads, || {
+            for case in prefix_cases() {
+                let captioner = Captioner::from_files(case.files()).unwrap();
+                let reference = case.reference_tensors();
+                for name in PHOTOS {
+                    // These random models are chaotic enough that a JPEG decoder's ±2/255 can flip a
+                    // token, so the photos run on transformers' pixels (its ids from those pixels are
+                    // the same, `greedy_ids_from_f16_pixels`); the PNG also runs from its bytes.
+                    let mut inputs = vec![(reference[&format!("pixel_values.{name}")].clone(), "transformers' pixels")];
+                    if name.ends_with(".png") {
+                        inputs.push((captioner.pixel_values_from_bytes(image(name)).unwrap(), "the image file"));
+                    }
+                    for (pixels, source) in inputs {
+                        for (key, prompt) in PREFIX_PROMPTS {
+                            let expected = case.greedy_ids(name, key);
+                            let caption = captioner.caption(&pixels, &options(prompt, Some(expected.len())), |_| {}).unwrap();
+                            assert_eq!(caption.token_ids, expected, "{} {name} [{threads} threads] {key} from {source}", case.name);
+                            assert_eq!(caption.text, case.greedy_text(name, key), "{} {name} [{threads} threads] {key}", case.name);
+                        }
+                    }
                 }
             }
-        }
+        });
     }
 }
 

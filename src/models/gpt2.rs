@@ -11,7 +11,7 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{embedding, Activation, Embedding, VarBuilder};
 
 use super::attention;
-use super::linear::{Conv1D, Linear};
+use super::linear::{linear_b, Conv1D, Linear};
 use super::norm::{layer_norm, LayerNorm};
 
 /// `GPT2Config` as in the `decoder` section of `config.json`.
@@ -280,9 +280,12 @@ impl Gpt2LMHeadModel {
         let h = (0..cfg.n_layer).map(|i| Gpt2Block::new(cfg, i, vb_t.pp("h").pp(i))).collect::<Result<Vec<_>>>()?;
         let ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, vb_t.pp("ln_f"))?;
         // A tied lm_head is not written to the checkpoint; transformers reuses wte.
-        let lm_head_weight =
-            if cfg.tie_word_embeddings { wte.embeddings().clone() } else { vb.pp("lm_head").get((cfg.vocab_size, cfg.n_embd), "weight")? };
-        Ok(Self { wte, wpe, h, ln_f, lm_head: Linear::new(lm_head_weight, None), config: cfg.clone() })
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(wte.embeddings().clone(), None)
+        } else {
+            linear_b(cfg.n_embd, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        Ok(Self { wte, wpe, h, ln_f, lm_head, config: cfg.clone() })
     }
 
     pub fn config(&self) -> &Gpt2Config {

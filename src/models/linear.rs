@@ -173,6 +173,37 @@ fn out_shape(xs: &Tensor, out_dim: usize) -> Vec<usize> {
     shape
 }
 
+/// `[rows, out_dim]` from `part(range)`, which computes the `[rows, range.len()]` block of the
+/// output features `range`: the parts run on the threads (`crate::parallel`), each reading its
+/// own slice of the weight. Every output is computed as without the split (ranges are multiples
+/// of 4, the f32 kernel's row groups), so the result is the same bits whatever the threads.
+fn by_output_features(out_dim: usize, in_dim: usize, rows: usize, part: impl Fn(std::ops::Range<usize>) -> Vec<f32> + Sync + Send) -> Vec<f32> {
+    // Below ~64k multiply-adds a part, waking a thread costs more than it saves.
+    let ranges = crate::parallel::ranges(out_dim, crate::parallel::threads(), (1 << 16) / in_dim.max(1), 4);
+    if ranges.len() < 2 {
+        return part(0..out_dim);
+    }
+    let parts = crate::parallel::map(ranges.len(), |i| part(ranges[i].clone()));
+    let mut y = vec![0f32; rows * out_dim];
+    for (range, block) in ranges.iter().zip(parts) {
+        for (m, src) in block.chunks_exact(range.len()).enumerate() {
+            y[m * out_dim + range.start..m * out_dim + range.end].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+/// Rows of a GEMM per thread below which the split is not worth a thread's wake-up.
+const MIN_GEMM_ROWS: usize = 16;
+
+/// `xs`·`w` for many rows (`xs` `[…, in]`, `w` `[in, out]`, possibly a transposed view), the
+/// rows split over the threads; the shape of `xs` kept but for its last dimension.
+fn gemm_rows(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let out_dim = w.dim(1)?;
+    let x2 = xs.reshape(((), xs.dim(D::Minus1)?))?;
+    crate::parallel::split_along(&x2, 0, MIN_GEMM_ROWS, |x| x.matmul(w))?.reshape(out_shape(xs, out_dim))
+}
+
 /// y = W·x (+ b) for each of a few rows x, with W stored `[out, in]` (`nn.Linear`).
 fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
@@ -180,7 +211,7 @@ fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Re
     if x.len() != rows * in_dim {
         candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
     }
-    let mut y = with_f32(w, |w| matmul_rows(w, &x, in_dim, rows))?;
+    let mut y = with_f32(w, |w| by_output_features(out_dim, in_dim, rows, |r| matmul_rows(&w[r.start * in_dim..r.end * in_dim], &x, in_dim, rows)))?;
     if let Some(b) = b {
         with_f32(b, |b| y.chunks_exact_mut(out_dim).for_each(|y| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi)))?;
     }
@@ -195,16 +226,20 @@ fn matvec_in_out(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Re
     if x.len() != rows * in_dim {
         candle_core::bail!("conv1d: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
     }
-    let mut y = match b {
-        Some(b) => b.to_vec1::<f32>()?.repeat(rows),
-        None => vec![0f32; rows * out_dim],
-    };
-    with_f32(w, |w| {
-        for (i, row) in w.chunks_exact(out_dim).enumerate() {
-            for (m, ym) in y.chunks_exact_mut(out_dim).enumerate() {
-                axpy(ym, x[m * in_dim + i], row);
+    let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let y = with_f32(w, |w| {
+        by_output_features(out_dim, in_dim, rows, |r| {
+            let mut y = match &b {
+                Some(b) => b[r.clone()].repeat(rows),
+                None => vec![0f32; rows * r.len()],
+            };
+            for (i, row) in w.chunks_exact(out_dim).enumerate() {
+                for (m, ym) in y.chunks_exact_mut(r.len()).enumerate() {
+                    axpy(ym, x[m * in_dim + i], &row[r.clone()]);
+                }
             }
-        }
+            y
+        })
     })?;
     Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
 }
@@ -237,6 +272,46 @@ struct Quantized {
 
 const Q8_BLOCK: usize = 32;
 
+/// ggml's q8_0 of row-major weights whose rows are whole blocks of 32: per block, scale =
+/// max |w| / 127 and q = round(w / scale). Load-time quantization and the `quantize` command
+/// (`crate::quantize`) both use this, so a quantized file holds what quantizing at load gives.
+pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut qs = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(w.len() / Q8_BLOCK);
+    for block in w.chunks_exact(Q8_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        qs.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+        scales.push(scale);
+    }
+    (qs, scales)
+}
+
+/// How a q8_0 matrix is stored in `model.safetensors` (written by `crate::quantize`): next to
+/// where `<name>` would be, `<name>.q8_0` (I8, `[out, in]` — also for GPT-2's `Conv1D`, whose f32
+/// weight is `[in, out]`) and `<name>.q8_0_scales` (F32, `[out, in / 32]`).
+pub const Q8_0_SUFFIX: &str = ".q8_0";
+pub const Q8_0_SCALES_SUFFIX: &str = ".q8_0_scales";
+
+/// The q8_0 matrix `name` of `vb` (`[out_dim, in_dim]`), when the checkpoint stores it so.
+fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Option<Quantized>> {
+    let q_name = format!("{name}{Q8_0_SUFFIX}");
+    if !vb.contains_tensor(&q_name) {
+        return Ok(None);
+    }
+    if in_dim % Q8_BLOCK != 0 {
+        candle_core::bail!("{q_name}: rows of {in_dim} are not whole q8_0 blocks of {Q8_BLOCK}");
+    }
+    let qs = vb.get_with_hints_dtype((out_dim, in_dim), &q_name, Default::default(), candle_core::DType::U8)?;
+    let scales = vb.get((out_dim, in_dim / Q8_BLOCK), &format!("{name}{Q8_0_SCALES_SUFFIX}"))?;
+    // The file's I8 bytes arrive as U8 (candle has no i8): the same bits.
+    let qs = qs.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
+    let scales = scales.flatten_all()?.to_vec1::<f32>()?;
+    let weight = QuantizedWeight::Q8 { qs: std::sync::Arc::new(qs), scales: std::sync::Arc::new(scales) };
+    Ok(Some(Quantized { weight, out_dim, in_dim }))
+}
+
 /// `weight` `[out, in]` in `dtype`, or `None` when a row is not a whole number of blocks.
 fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Quantized>> {
     let (out_dim, in_dim) = weight.dims2()?;
@@ -245,17 +320,7 @@ fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Quantized
     }
     let weight = match dtype {
         GgmlDType::Q8_0 => {
-            // ggml's q8_0: scale = max |w| / 127 per block, q = round(w / scale).
-            let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let mut qs = Vec::with_capacity(w.len());
-            let mut scales = Vec::with_capacity(w.len() / Q8_BLOCK);
-            for block in w.chunks_exact(Q8_BLOCK) {
-                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                qs.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
-                scales.push(scale);
-            }
+            let (qs, scales) = q8_0_blocks(&weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
             QuantizedWeight::Q8 { qs: std::sync::Arc::new(qs), scales: std::sync::Arc::new(scales) }
         }
         _ => QuantizedWeight::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight.contiguous()?, dtype)?)?),
@@ -317,21 +382,24 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
                     candle_core::bail!("linear: input has {} features, weight expects {}", x.len() / rows.max(1), q.in_dim);
                 }
                 let blocks = q.in_dim / Q8_BLOCK;
-                let mut y = vec![0f32; rows * q.out_dim];
                 let xq: Vec<(Vec<i16>, f32)> = x.chunks_exact(q.in_dim).map(quantize_row_i16).collect();
-                for j in 0..q.out_dim {
-                    let (wq, ws) = (&qs[j * q.in_dim..(j + 1) * q.in_dim], &scales[j * blocks..(j + 1) * blocks]);
-                    for (m, (x16, xs_scale)) in xq.iter().enumerate() {
-                        y[m * q.out_dim + j] = dot_q8(wq, ws, x16) * xs_scale;
+                let y = by_output_features(q.out_dim, q.in_dim, rows, |r| {
+                    let mut y = vec![0f32; rows * r.len()];
+                    for (k, j) in r.clone().enumerate() {
+                        let (wq, ws) = (&qs[j * q.in_dim..(j + 1) * q.in_dim], &scales[j * blocks..(j + 1) * blocks]);
+                        for (m, (x16, xs_scale)) in xq.iter().enumerate() {
+                            y[m * r.len() + k] = dot_q8(wq, ws, x16) * xs_scale;
+                        }
                     }
-                }
+                    y
+                });
                 Tensor::from_vec(y, out_shape(xs, q.out_dim), &Device::Cpu)?
             }
             None => {
                 // Many rows: dequantize and use the GEMM.
                 let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
                 let w = Tensor::from_vec(w, (q.out_dim, q.in_dim), &Device::Cpu)?;
-                xs.reshape(((), xs.dim(D::Minus1)?))?.matmul(&w.t()?)?.reshape(out_shape(xs, q.out_dim))?
+                gemm_rows(xs, &w.t()?)?
             }
         },
     };
@@ -407,11 +475,15 @@ impl Module for Linear {
         if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight])) {
             return matvec_out_in(xs, &self.weight, self.bias.as_ref(), rows);
         }
-        let w = match xs.rank() {
-            3 => self.weight.broadcast_left(xs.dim(0)?)?.t()?,
-            _ => self.weight.t()?,
+        let ys = if crate::parallel::threads() > 1 && !super::tracks_grad(&[xs, &self.weight]) {
+            gemm_rows(xs, &self.weight.t()?)?
+        } else {
+            let w = match xs.rank() {
+                3 => self.weight.broadcast_left(xs.dim(0)?)?.t()?,
+                _ => self.weight.t()?,
+            };
+            xs.matmul(&w)?
         };
-        let ys = xs.matmul(&w)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
@@ -420,9 +492,11 @@ impl Module for Linear {
 }
 
 pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((d_out, d_in), "weight")?;
     let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+    if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
+        return Ok(Linear { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, bias, lora: None, quantized: Some(q) });
+    }
+    Ok(Linear::new(vb.get((d_out, d_in), "weight")?, bias))
 }
 
 pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
@@ -439,7 +513,11 @@ pub struct Conv1D {
 
 impl Conv1D {
     pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias: vb.get(d_out, "bias")?, quantized: None })
+        let bias = vb.get(d_out, "bias")?;
+        if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
+            return Ok(Self { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, bias, quantized: Some(q) });
+        }
+        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias, quantized: None })
     }
 
     /// As [`Linear::quantize`]; the weight is transposed to `[out, in]` first (blocks run along
@@ -462,6 +540,9 @@ impl Module for Conv1D {
         }
         if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias])) {
             return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);
+        }
+        if crate::parallel::threads() > 1 && !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
+            return gemm_rows(xs, &self.weight)?.broadcast_add(&self.bias);
         }
         let (b, t, d_in) = xs.dims3()?;
         let ys = xs.reshape((b * t, d_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
@@ -490,6 +571,33 @@ mod tests {
             let fast = conv.forward(&x)?;
             let diff = (fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "conv1d {d_in}x{d_out}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn threads_give_the_bits_of_one_thread() -> Result<()> {
+        let dev = Device::Cpu;
+        for (d_in, d_out, rows) in [(64, 48, 1), (64, 50, 3), (96, 13, 40)] {
+            let w = Tensor::randn(0f32, 1., (d_out, d_in), &dev)?;
+            let b = Tensor::randn(0f32, 1., d_out, &dev)?;
+            let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
+            let linear = Linear::new(w.clone(), Some(b.clone()));
+            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b.clone(), quantized: None };
+            let mut q8 = Linear::new(w.clone(), Some(b));
+            assert!(q8.quantize(GgmlDType::Q8_0)?);
+            for (name, layer) in [("linear", &linear as &dyn Module), ("conv1d", &conv), ("q8_0", &q8)] {
+                let one = layer.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
+                let two = crate::parallel::with_threads(2, || layer.forward(&xs))?.flatten_all()?.to_vec1::<f32>()?;
+                // Few rows (decoding) split the output features: the same bits. Many rows (40:
+                // the GEMM) split the rows, which the GEMM may block differently: close.
+                if rows <= FAST_ROWS {
+                    assert_eq!(one, two, "{name} {d_in}x{d_out}, {rows} rows");
+                } else {
+                    let diff = one.iter().zip(&two).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff < 1e-4, "{name} {d_in}x{d_out}, {rows} rows: {diff}");
+                }
+            }
         }
         Ok(())
     }

@@ -283,10 +283,13 @@ impl Llama {
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers).map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i))).collect::<Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head_weight =
-            if cfg.tie_word_embeddings { embed_tokens.embeddings().clone() } else { lm_head_vb.get((cfg.vocab_size, cfg.hidden_size), "weight")? };
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_b(cfg.hidden_size, cfg.vocab_size, false, lm_head_vb)?
+        };
         let rope = RotaryEmbedding::new(cfg, vb.device())?;
-        Ok(Self { embed_tokens, layers, norm, lm_head: Linear::new(lm_head_weight, None), rope, config: cfg.clone() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, config: cfg.clone() })
     }
 
     pub fn config(&self) -> &LlamaConfig {

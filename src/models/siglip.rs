@@ -127,12 +127,18 @@ impl SiglipAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let q = attention::split_heads(&self.q_proj.forward(xs)?, self.num_heads)?;
+    /// Keys and values of every token: [B, H, T, d] each.
+    fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let k = attention::split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
         let v = attention::split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
+        Ok((k, v))
+    }
+
+    /// The output for the tokens `xs` (all of them, or a slice of them), attending to `k`, `v`.
+    fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let q = attention::split_heads(&self.q_proj.forward(xs)?, self.num_heads)?;
         let head_dim = q.dim(D::Minus1)?;
-        let out = attention::scaled_dot_product(&q, &k, &v, 1.0 / (head_dim as f64).sqrt(), None)?;
+        let out = attention::scaled_dot_product(&q, k, v, 1.0 / (head_dim as f64).sqrt(), None)?;
         self.out_proj.forward(&attention::merge_heads(&out)?)
     }
 }
@@ -159,6 +165,8 @@ impl SiglipMlp {
     }
 }
 
+const MIN_TOKENS_PER_THREAD: usize = 16;
+
 // transformers modeling_siglip.py: SiglipEncoderLayer (pre-norm)
 #[derive(Debug, Clone)]
 struct SiglipEncoderLayer {
@@ -179,8 +187,15 @@ impl SiglipEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
-        &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
+        let normed = self.layer_norm1.forward(xs)?;
+        let (k, v) = self.self_attn.keys_values(&normed)?;
+        // Past the keys and values every token is computed on its own, so the tokens are split
+        // over the threads here (crate::parallel; one part — all tokens — without threads).
+        crate::parallel::concat_parts(xs.dim(1)?, 1, MIN_TOKENS_PER_THREAD, |r| {
+            let (xs, normed) = (xs.narrow(1, r.start, r.len())?, normed.narrow(1, r.start, r.len())?);
+            let xs = (xs + self.self_attn.forward(&normed, &k, &v)?)?;
+            &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
+        })
     }
 }
 

@@ -41,7 +41,7 @@ test('npm pack: the tarball holds the shim, worker, types, wasm and README', () 
   assert.equal(pkg.exports['.'].default, './index.js');
 });
 
-test('a fresh Vite 7 app installs the tarball, type-checks against its .d.ts, builds, and captions in Chromium', async () => {
+test('a fresh Vite 7 app installs the tarball, type-checks against its .d.ts, builds, and captions in Chromium (threaded build: the page is isolated)', async () => {
   const app = join(dir, 'app');
   mkdirSync(join(app, 'public'), { recursive: true });
   writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'wasmcap-vite-app', private: true, type: 'module' }));
@@ -58,6 +58,7 @@ try {
   const run = captioner.caption('/astronaut.png', { maxNewTokens: 20 });
   for await (const t of run) document.getElementById('out').textContent = t.text;
   document.body.dataset.ids = JSON.stringify((await run.result).tokenIds);
+  document.body.dataset.threads = String(captioner.threads);
 } catch (e) {
   document.body.dataset.error = String(e.message ?? e);
 }
@@ -94,7 +95,12 @@ export async function use(img: HTMLImageElement, signal: AbortSignal): Promise<C
     try {
       if (!path.startsWith(dist)) throw new Error('outside');
       const body = readFileSync(path);
-      res.writeHead(200, { 'Content-Type': types[extname(path)] ?? 'application/octet-stream' });
+      // Isolated (COOP/COEP), so the bundled app takes the threaded build and its pool's workers.
+      res.writeHead(200, {
+        'Content-Type': types[extname(path)] ?? 'application/octet-stream',
+        'Cross-Origin-Opener-Policy': 'same-origin',
+        'Cross-Origin-Embedder-Policy': 'require-corp',
+      });
       res.end(body);
     } catch {
       res.writeHead(404);
@@ -110,6 +116,8 @@ export async function use(img: HTMLImageElement, signal: AbortSignal): Promise<C
   const error = await page.evaluate(() => document.body.dataset.error);
   assert.equal(error, undefined, error);
   assert.deepEqual(JSON.parse(await page.evaluate(() => document.body.dataset.ids)), ref.native);
+  const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+  assert.equal(Number(await page.evaluate(() => document.body.dataset.threads)), Math.min(8, cores), 'the bundle ran the threaded build');
   assert.equal((await page.locator('#out').textContent()).trim(), ref.text.trim());
   await page.screenshot({ path: join(artifacts, 'vite-app.png') });
 });

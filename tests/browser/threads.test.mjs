@@ -1,0 +1,113 @@
+// The threaded build (pkg/threads/: wasm threads, a rayon pool of Web Workers) through the JS
+// package in headless Chromium: chosen on a crossOriginIsolated page, refused elsewhere; on 2
+// threads both architectures give 🤗 transformers' greedy ids, as on 1, and q8_0 the same
+// captions. Run by `./build.sh test-pages` after pkg/ is built.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startServer } from '../../www/serve.mjs';
+import { launch, watchPage, root } from './helpers.mjs';
+
+const IMAGE = 'tests/fixtures/images/astronaut.png';
+const CASES = [
+  { model: 'tests/fixtures/tiny-ved-v5', ids: () => reference('tests/fixtures/reference/tiny-ved-v5.json').images['astronaut.png'].greedy_ids },
+  { model: 'tests/fixtures/prefix/tiny-llava-merged-v5', ids: () => reference('tests/fixtures/prefix/reference/merged-v5.json').images['astronaut.png'].noprompt.greedy_ids },
+];
+let server, browser, base;
+const log = [];
+
+function reference(path) {
+  return JSON.parse(readFileSync(join(root, path), 'utf8'));
+}
+
+// A blank page of the server's origin; /plain/ without the COOP/COEP headers (not isolated).
+async function blankPage(path) {
+  const page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`${base}${path}`);
+  return page;
+}
+
+/** In `page`: load `model` with `options`, caption IMAGE → { threads, ids, text } or { error }. */
+function captionIn(page, model, options, captionOptions = {}) {
+  return page.evaluate(async ([model, image, options, captionOptions]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    let captioner;
+    try {
+      captioner = await Captioner.fromPretrained(model, { cache: false, ...options });
+      const result = await captioner.caption(image, captionOptions).result;
+      return { threads: captioner.threads, isolated: self.crossOriginIsolated, ids: result.tokenIds, text: result.text };
+    } catch (e) {
+      return { error: e.message, isolated: self.crossOriginIsolated };
+    } finally {
+      captioner?.dispose();
+    }
+  }, [`${base}/${model}/`, `${base}/${IMAGE}`, options, captionOptions]);
+}
+
+before(async () => {
+  server = await startServer(0, {
+    onRequest(req, res, headers) {
+      if (req.url === '/threads-test.html') {
+        res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
+      } else if (req.url === '/plain/threads-test.html') {
+        res.writeHead(200, { 'Content-Type': 'text/html', 'Cache-Control': 'no-store' });
+      } else return false;
+      res.end('<!doctype html><link rel="icon" href="data:,"><title>threads</title>');
+      return true;
+    },
+  });
+  base = `http://127.0.0.1:${server.address().port}`;
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  server?.close();
+  if (process.env.VERBOSE) console.log(log.join('\n'));
+});
+
+test('a crossOriginIsolated page loads the threaded build; 2 threads give transformers\' greedy ids for both architectures, as 1 does', async () => {
+  const page = await blankPage('/threads-test.html');
+  for (const { model, ids } of CASES) {
+    const expected = ids();
+    for (const threads of [1, 2]) {
+      const r = await captionIn(page, model, { threads }, { maxNewTokens: expected.length });
+      assert.equal(r.error, undefined, `${model}, ${threads} threads: ${r.error}`);
+      assert.equal(r.isolated, true);
+      assert.equal(r.threads, threads);
+      assert.deepEqual(r.ids, expected, `${model}, ${threads} threads`);
+    }
+  }
+  await page.close();
+});
+
+test('by default an isolated page uses the cores (the threaded build); q8_0 on threads keeps the embedded model\'s caption', async () => {
+  const page = await blankPage('/threads-test.html');
+  const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+  const model = 'models/shapes-prefix';
+  const one = await captionIn(page, model, { threads: 1, quantize: 'q8_0' });
+  const auto = await captionIn(page, model, { quantize: 'q8_0' });
+  assert.equal(one.error, undefined, one.error);
+  assert.equal(auto.error, undefined, auto.error);
+  assert.equal(auto.threads, Math.min(8, cores));
+  assert.ok(auto.threads > 1 || cores === 1, `threads ${auto.threads} on ${cores} cores`);
+  assert.deepEqual(auto.ids, one.ids);
+  assert.ok(one.text.length > 0);
+  await page.close();
+});
+
+test('a page that is not crossOriginIsolated gets the single-threaded build; asking it for threads rejects with what to do', async () => {
+  const page = await blankPage('/plain/threads-test.html');
+  const model = CASES[0].model;
+  const auto = await captionIn(page, model, {});
+  assert.equal(auto.isolated, false);
+  assert.equal(auto.error, undefined, auto.error);
+  assert.equal(auto.threads, 1);
+  const two = await captionIn(page, model, { threads: 2 });
+  assert.match(two.error ?? '', /crossOriginIsolated.*Cross-Origin-Opener-Policy/);
+  const bad = await captionIn(page, model, { threads: 0 });
+  assert.match(bad.error ?? '', /threads must be a positive integer/);
+  await page.close();
+});
