@@ -2,7 +2,7 @@
 # ./build.sh bench — full-size models with random weights, greedy decoding, median of REPEATS,
 # natively (candle's threads, then 1 thread) and in headless Chromium (one thread, SIMD128); one
 # image, then (1 thread and Chromium) the decoder quantized to q8_0 and q4_0, beam search with 4
-# beams and a batch of 8 images:
+# beams and a batch of 8 images; then the threaded build (pkg/threads/) on 2 threads, f32 and q8_0:
 #   SigLIP-B/16-224 + GPT-2 small (cross-attention)
 #   SigLIP-B/16-224 + SmolLM-135M-shaped Llama (prefix: 196 image positions + PROMPT text tokens)
 # Prints a table; quote it with the machine load (printed too).
@@ -14,7 +14,7 @@ PROMPT=${PROMPT:-8}
 [ -d node_modules/playwright-core ] || npm ci --no-audit --no-fund
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)  cores: $(nproc)" >&2
 cargo build --release --example bench
-wasm-pack build --target web --release --out-dir pkg >&2
+./build.sh build >&2
 # Streaming-read speed over a buffer the size of the SmolLM-135M decoder (538 MB, larger than
 # any cache): weights read per step / this = the least a decode step can take.
 READ_BYTES=538060032
@@ -28,8 +28,16 @@ for config in bench/configs/siglip-base-gpt2.json bench/configs/siglip-base-smol
     rows+=("native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
     rows+=("chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
+  # The threaded build (pkg/threads/, what the JS shim loads on crossOriginIsolated pages).
+  for shape in "1 1 f32" "1 1 q8_0"; do
+    set -- $shape
+    rows+=("chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
+  done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for wasm in pkg/wasmcap_bg.wasm pkg/threads/wasmcap_bg.wasm; do
+  echo "$wasm: $(stat -c %s "$wasm") bytes, $(gzip -9 -c "$wasm" | wc -c) gzipped"
+done
 node -e '
 const args = process.argv.slice(1);
 const f = (x, d = 0) => Number(x).toFixed(d);

@@ -178,8 +178,9 @@ fn out_shape(xs: &Tensor, out_dim: usize) -> Vec<usize> {
 /// own slice of the weight. Every output is computed as without the split (ranges are multiples
 /// of 4, the f32 kernel's row groups), so the result is the same bits whatever the threads.
 fn by_output_features(out_dim: usize, in_dim: usize, rows: usize, part: impl Fn(std::ops::Range<usize>) -> Vec<f32> + Sync + Send) -> Vec<f32> {
-    // Below ~64k multiply-adds a part, waking a thread costs more than it saves.
-    let ranges = crate::parallel::ranges(out_dim, crate::parallel::threads(), (1 << 16) / in_dim.max(1), 4);
+    // Waking the pool costs ~0.1-0.2 ms in a browser (Atomics.wait/notify), far more than a
+    // decoder projection takes: only matrices of millions of multiply-adds a part (the LM head) split.
+    let ranges = crate::parallel::ranges(out_dim, crate::parallel::threads(), (1 << 21) / in_dim.max(1), 4);
     if ranges.len() < 2 {
         return part(0..out_dim);
     }
@@ -364,12 +365,20 @@ fn dot_q8(qs: &[i8], scales: &[f32], x16: &[i16]) -> f32 {
     f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc) + f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc)
 }
 
-/// An input row as i16 with one scale: |error| ≤ max|x| / 65534, far below q8's own.
+/// An input row as i16 with one scale: |error| ≤ max|x| / 65534, far below q8's own. (Plain
+/// comparisons and round-half-even: `f32::max` and `round` are library calls in WASM.)
 fn quantize_row_i16(x: &[f32]) -> (Vec<i16>, f32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = x.iter().fold(0f32, |m, v| {
+        let a = v.abs();
+        if a > m {
+            a
+        } else {
+            m
+        }
+    });
     let scale = amax / 32767.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    (x.iter().map(|v| (v * inv).round().clamp(-32767.0, 32767.0) as i16).collect(), scale)
+    (x.iter().map(|v| (v * inv).round_ties_even() as i16).collect(), scale)
 }
 
 fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -377,16 +386,16 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
         QuantizedWeight::Candle(matmul) => matmul.forward(&xs.contiguous()?)?,
         QuantizedWeight::Q8 { qs, scales } => match few_rows(xs)? {
             Some(rows) => {
-                let x = xs.flatten_all()?.to_vec1::<f32>()?;
-                if x.len() != rows * q.in_dim {
-                    candle_core::bail!("linear: input has {} features, weight expects {}", x.len() / rows.max(1), q.in_dim);
+                if xs.dim(D::Minus1)? != q.in_dim {
+                    candle_core::bail!("linear: input has {} features, weight expects {}", xs.dim(D::Minus1)?, q.in_dim);
                 }
+                let xq: Vec<(Vec<i16>, f32)> = with_f32(&xs.contiguous()?, |x| x.chunks_exact(q.in_dim).map(quantize_row_i16).collect())?;
                 let blocks = q.in_dim / Q8_BLOCK;
-                let xq: Vec<(Vec<i16>, f32)> = x.chunks_exact(q.in_dim).map(quantize_row_i16).collect();
+                let row = |j: usize| (&qs[j * q.in_dim..(j + 1) * q.in_dim], &scales[j * blocks..(j + 1) * blocks]);
                 let y = by_output_features(q.out_dim, q.in_dim, rows, |r| {
                     let mut y = vec![0f32; rows * r.len()];
                     for (k, j) in r.clone().enumerate() {
-                        let (wq, ws) = (&qs[j * q.in_dim..(j + 1) * q.in_dim], &scales[j * blocks..(j + 1) * blocks]);
+                        let (wq, ws) = row(j);
                         for (m, (x16, xs_scale)) in xq.iter().enumerate() {
                             y[m * r.len() + k] = dot_q8(wq, ws, x16) * xs_scale;
                         }
