@@ -174,6 +174,8 @@ export declare class Captioner {
   readonly generationDefaults: Readonly<BeamSearchOptions & { numBeams: number; numReturnSequences: number }>;
   /** The threads the model runs on (1: the single-threaded build). */
   readonly threads: number;
+  /** WASM memory once the model was loaded, in bytes: the peak of loading (WASM memory never shrinks). */
+  readonly memoryBytes: number;
   /** Loads a model from a 🤗-layout folder URL or a map of files, and starts its worker. */
   static fromPretrained(source: string | URL | FileMap, options?: LoadOptions): Promise<Captioner>;
   static clearCache(baseUrl?: string | URL): Promise<boolean>;

@@ -338,10 +338,12 @@ function defaultThreads() {
 
 export class Captioner {
   /** Use `Captioner.fromPretrained`. */
-  constructor(worker, defaults = {}, threads = 1) {
+  constructor(worker, defaults = {}, threads = 1, memoryBytes = 0) {
     this._worker = worker;
     /** The threads the model runs on (1: the single-threaded build). */
     this.threads = threads;
+    /** WASM memory once the model was loaded, in bytes: the peak of loading (it never shrinks). */
+    this.memoryBytes = memoryBytes;
     /** The generation options the model's generation_config.json sets (camelCase). */
     this.generationDefaults = Object.freeze({ ...defaults });
     this._runs = new Map();
@@ -389,14 +391,14 @@ export class Captioner {
       ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
       : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
     let defaults;
-    let loadedThreads;
+    let loaded;
     try {
       await new Promise((ok, fail) => {
         const onAbort = () => fail(abortError(signal));
         signal?.addEventListener('abort', onAbort, { once: true });
         worker.onmessage = ({ data }) => {
           signal?.removeEventListener('abort', onAbort);
-          if (data.type === 'loaded') { defaults = data.defaults; loadedThreads = data.threads; ok(); }
+          if (data.type === 'loaded') { defaults = data.defaults; loaded = data; ok(); }
           else fail(new Error(data.message));
         };
         worker.onerror = (e) => {
@@ -414,7 +416,7 @@ export class Captioner {
     }
     worker.onmessage = null;
     worker.onerror = null;
-    return new Captioner(worker, defaults, loadedThreads);
+    return new Captioner(worker, defaults, loaded.threads, loaded.memoryBytes);
   }
 
   /** Deletes the model files kept in the Cache API (all of them, or one folder's). */

@@ -1,7 +1,7 @@
 // wasmcap's module Web Worker: owns the WASM instance and the WasmCaptioner. It only converts
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
-// main → worker: { type: 'load', files, quantize, threads }  → { type: 'loaded', defaults, threads } | { type: 'error' }
+// main → worker: { type: 'load', files, quantize, threads }  → { type: 'loaded', defaults, threads, memoryBytes } | { type: 'error' }
 //                { type: 'caption', run, image, options, beam }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
 //                    final one), then { type: 'done', run, result } | { type: 'error', run, message }
@@ -148,7 +148,7 @@ self.onmessage = async ({ data }) => {
         captioner = new mod.WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights));
         if (data.quantize) captioner.quantize(data.quantize);
-        postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads });
+        postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes() });
       } catch (e) {
         postMessage({ type: 'error', message: message(e) });
       }

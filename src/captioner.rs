@@ -175,20 +175,27 @@ pub fn prefix_prompt_text(image_token: &str, num_image_tokens: usize, prompt: Op
 
 impl Captioner {
     pub fn from_files(files: ModelFiles<'_>) -> Result<Self> {
+        Self::from_files_reading(files, &files.weights)
+    }
+
+    /// [`Captioner::from_files`] with `model.safetensors` read from `weights` by range
+    /// (`files.weights` is not used): in WASM the downloaded file stays in its JS buffer and only
+    /// the tensors are made in WASM memory.
+    pub fn from_files_reading(files: ModelFiles<'_>, weights: &dyn loading::ByteSource) -> Result<Self> {
         let config = loading::parse_json(loading::CONFIG, files.config)?;
         let generation = files.generation.map(|bytes| loading::parse_json(loading::GENERATION, bytes)).transpose()?;
         let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or_default();
         let (model, decoder_section, q8_0) = match model_type {
             "vision-encoder-decoder" => {
                 let cfg = VisionEncoderDecoderConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-                let tensors = load_weights(&files, loading::vision_encoder_decoder_key)?;
+                let tensors = load_weights(&files, weights, loading::vision_encoder_decoder_key)?;
                 let q8_0 = is_q8_0_checkpoint(&tensors);
                 let model = loading::build_model(loading::WEIGHTS, tensors, |vb| VisionEncoderDecoder::new(&cfg, vb))?;
                 (Model::CrossAttention(model), "decoder", q8_0)
             }
             "llava" => {
                 let cfg = LlavaConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-                let tensors = load_weights(&files, loading::llava_key)?;
+                let tensors = load_weights(&files, weights, loading::llava_key)?;
                 let q8_0 = is_q8_0_checkpoint(&tensors);
                 let model = loading::build_model(loading::WEIGHTS, tensors, |vb| Llava::new(&cfg, vb))?;
                 (Model::Prefix(model), "text_config", q8_0)
@@ -605,8 +612,12 @@ impl Captioner {
 }
 
 /// The model's tensors with the adapter (if any) merged in.
-fn load_weights(files: &ModelFiles<'_>, rename: fn(&str) -> String) -> Result<std::collections::HashMap<String, Tensor>> {
-    let mut tensors = loading::load_safetensors(loading::WEIGHTS, files.weights, rename)?;
+fn load_weights(
+    files: &ModelFiles<'_>,
+    weights: &dyn loading::ByteSource,
+    rename: fn(&str) -> String,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let mut tensors = loading::load_safetensors_from(loading::WEIGHTS, weights, rename)?;
     if let Some(adapter) = files.adapter {
         if let Some(name) = tensors.keys().find(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX)) {
             return Err(Error::Safetensors {

@@ -101,42 +101,91 @@ pub fn parse_json(file: &str, bytes: &[u8]) -> Result<serde_json::Value> {
     Ok(value)
 }
 
+/// The bytes of a safetensors file, read by range: a slice in memory, or (WASM) the JS buffer the
+/// file was downloaded into, so that the whole file is never copied into WASM memory next to the
+/// tensors made from it.
+pub trait ByteSource {
+    fn len(&self) -> usize;
+    /// Fills `out` with the bytes from `start` (the caller keeps the range within `len`).
+    fn read(&self, start: usize, out: &mut [u8]);
+}
+
+impl ByteSource for &[u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn read(&self, start: usize, out: &mut [u8]) {
+        out.copy_from_slice(&self[start..start + out.len()]);
+    }
+}
+
 /// Every tensor of a safetensors buffer, as f32 on the CPU, keyed by `rename(name)`.
 /// f16 and bf16 checkpoints are upcast: the maths runs in f32. I8 tensors (the q8_0 matrices
 /// `crate::quantize` writes) keep their bytes, as U8: candle has no i8.
 pub fn load_safetensors(file: &str, bytes: &[u8], rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Safetensors { file: file.to_string(), reason: describe_safetensors_error(&e, bytes.len()) })?;
+    load_safetensors_from(file, &bytes, rename)
+}
+
+/// [`load_safetensors`] from any [`ByteSource`]: the header first, then one tensor at a time,
+/// each read straight into its storage (f32) or converted from a buffer of its own bytes.
+pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+    let err = |reason: String| Error::Safetensors { file: file.to_string(), reason };
+    let len = src.len();
+    let truncated = |what: &str| err(format!("the file is truncated or not safetensors ({len} bytes): {what}"));
+    if len < 8 {
+        return Err(truncated("no header length"));
+    }
+    let mut n = [0u8; 8];
+    src.read(0, &mut n);
+    let header_len = u64::from_le_bytes(n);
+    // safetensors' own limit on the header (100 MB).
+    if header_len > 100_000_000 || header_len > (len - 8) as u64 {
+        return Err(truncated(&format!("a header of {header_len} bytes")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    src.read(8, &mut header);
+    let header = std::str::from_utf8(&header).map_err(|e| err(format!("the header is not UTF-8: {e}")))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_str(header).map_err(|e| err(format!("invalid header: {e}")))?;
+    let data_start = 8 + header_len as usize;
+    let data_len = len - data_start;
     let mut tensors = HashMap::new();
-    for (name, view) in st.iter() {
-        let (dtype, to) = match view.dtype() {
+    for (name, info) in metadata.tensors() {
+        let (dtype, to) = match info.dtype {
             safetensors::Dtype::F32 => (DType::F32, DType::F32),
             safetensors::Dtype::F16 => (DType::F16, DType::F32),
             safetensors::Dtype::BF16 => (DType::BF16, DType::F32),
             safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => (DType::U8, DType::U8),
             other => {
-                return Err(Error::Safetensors {
-                    file: file.to_string(),
-                    reason: format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported"),
-                })
+                return Err(err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported")));
             }
         };
-        let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .and_then(|t| t.to_dtype(to))
-            .map_err(|e| Error::Safetensors { file: file.to_string(), reason: format!("tensor `{name}`: {e}") })?;
-        tensors.insert(rename(name), tensor);
+        let (start, end) = info.data_offsets;
+        let count = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let size = count.and_then(|c| c.checked_mul(dtype.size_in_bytes()));
+        if start > end || size != Some(end - start) {
+            return Err(err(format!("tensor `{name}`: offsets {start}..{end} do not hold shape {:?} of {:?}", info.shape, info.dtype)));
+        }
+        if end > data_len {
+            return Err(truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
+        }
+        let count = end.saturating_sub(start) / dtype.size_in_bytes();
+        let tensor = if dtype == DType::F32 && cfg!(target_endian = "little") {
+            let mut values = vec![0f32; count];
+            // SAFETY: the bytes of `values` (4 per f32, any bit pattern a valid f32) are written
+            // as the file's little-endian f32s, on a little-endian target.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * 4) };
+            src.read(data_start + start, bytes);
+            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
+        } else {
+            let mut bytes = vec![0u8; end - start];
+            src.read(data_start + start, &mut bytes);
+            Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu).and_then(|t| t.to_dtype(to))
+        }
+        .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        tensors.insert(rename(&name), tensor);
     }
     Ok(tensors)
-}
-
-fn describe_safetensors_error(err: &safetensors::SafeTensorError, len: usize) -> String {
-    use safetensors::SafeTensorError as E;
-    match err {
-        E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => {
-            format!("the file is truncated or not safetensors ({len} bytes): {err}")
-        }
-        _ => err.to_string(),
-    }
 }
 
 /// transformers 4.x saves a SigLIP vision tower inside a VisionEncoderDecoder as

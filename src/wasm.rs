@@ -11,6 +11,20 @@ use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
 use crate::sampling::SamplingChoices;
 
+/// A JS byte array read by range (`crate::loading::ByteSource`): only what is asked for is
+/// copied into WASM memory.
+struct JsBytes<'a>(&'a js_sys::Uint8Array);
+
+impl crate::loading::ByteSource for JsBytes<'_> {
+    fn len(&self) -> usize {
+        self.0.length() as usize
+    }
+
+    fn read(&self, start: usize, out: &mut [u8]) {
+        self.0.subarray(start as u32, (start + out.len()) as u32).copy_to(out);
+    }
+}
+
 fn js_error(e: crate::Error) -> JsError {
     JsError::new(&e.to_string())
 }
@@ -148,10 +162,13 @@ pub struct WasmCaptioner {
 impl WasmCaptioner {
     /// Builds a captioner from the bytes of the model folder's files; `adapter_config` and
     /// `adapter_weights` (a PEFT LoRA folder's two files) are merged in when both are given.
+    ///
+    /// `weights` stays in JS memory: tensors are read from it one by one (peak WASM memory ≈ the
+    /// loaded model, not model + file).
     #[wasm_bindgen(constructor)]
     pub fn new(
         config: &[u8],
-        weights: &[u8],
+        weights: &js_sys::Uint8Array,
         tokenizer: &[u8],
         preprocessor: &[u8],
         generation: Option<Vec<u8>>,
@@ -163,8 +180,8 @@ impl WasmCaptioner {
             (None, None) => None,
             _ => return Err(JsError::new("a LoRA adapter needs both adapter_config.json and adapter_model.safetensors")),
         };
-        let files = ModelFiles { config, weights, tokenizer, preprocessor, generation: generation.as_deref(), adapter };
-        let inner = Captioner::from_files(files).map_err(js_error)?;
+        let files = ModelFiles { config, weights: &[], tokenizer, preprocessor, generation: generation.as_deref(), adapter };
+        let inner = Captioner::from_files_reading(files, &JsBytes(weights)).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None })
     }
 
@@ -454,6 +471,17 @@ pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
 #[cfg(feature = "threads")]
 pub use wasm_bindgen_rayon::init_thread_pool;
 
+/// The size of this instance's WASM memory in bytes. WASM memory never shrinks, so this is the
+/// peak so far (the JS package reports it after loading: `captioner.memoryBytes`).
+#[wasm_bindgen(js_name = memoryBytes)]
+pub fn memory_bytes() -> f64 {
+    wasm_bindgen::memory()
+        .dyn_into::<js_sys::WebAssembly::Memory>()
+        // An ArrayBuffer, or a SharedArrayBuffer in the threaded build: both have byteLength.
+        .map(|m| js_sys::Reflect::get(&m.buffer(), &"byteLength".into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0))
+        .unwrap_or(0.0)
+}
+
 /// Whether this is the threaded build.
 #[wasm_bindgen(js_name = threadsAvailable)]
 pub fn threads_available() -> bool {
@@ -490,12 +518,7 @@ pub fn bench_model(
     let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), quantize };
     let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;
     let value = to_js(&report)?;
-    let memory_bytes = wasm_bindgen::memory()
-        .dyn_into::<js_sys::WebAssembly::Memory>()
-        // An ArrayBuffer, or a SharedArrayBuffer in the threaded build: both have byteLength.
-        .map(|m| js_sys::Reflect::get(&m.buffer(), &"byteLength".into()).ok().and_then(|v| v.as_f64()).unwrap_or(0.0))
-        .unwrap_or(0.0);
-    js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes))
+    js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes()))
         .map_err(|_| JsError::new("could not set peakMemoryBytes"))?;
     Ok(value)
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{edit_safetensors, fixtures, image};
+use js_sys::Uint8Array;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_test::*;
 use wasmcap::wasm::WasmCaptioner;
@@ -28,7 +29,7 @@ fn ids_of(result: &JsValue) -> Vec<u32> {
 }
 
 fn new_captioner(fx: &common::Fixture, weights: &[u8]) -> Result<WasmCaptioner, wasm_bindgen::JsError> {
-    WasmCaptioner::new(fx.config, weights, fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()), None, None)
+    WasmCaptioner::new(fx.config, &Uint8Array::from(weights), fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()), None, None)
 }
 
 #[wasm_bindgen_test]
@@ -40,9 +41,9 @@ fn load_errors_are_js_errors_naming_the_tensor() {
     assert!(msg.contains("model.safetensors") && msg.contains(name), "{msg}");
     let msg = message(new_captioner(fx, &fx.weights[..1000]).err().unwrap());
     assert!(msg.contains("model.safetensors"), "{msg}");
-    let msg = message(WasmCaptioner::new(b"[]", fx.weights, fx.tokenizer, fx.preprocessor, None, None, None).err().unwrap());
+    let msg = message(WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), fx.tokenizer, fx.preprocessor, None, None, None).err().unwrap());
     assert!(msg.contains("config.json"), "{msg}");
-    let msg = message(WasmCaptioner::new(fx.config, fx.weights, b"{}", fx.preprocessor, None, None, None).err().unwrap());
+    let msg = message(WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None).err().unwrap());
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
 
@@ -107,12 +108,22 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
     let case = common::prefix_cases().into_iter().find(|c| c.name == "base-v5+lora-r4").unwrap();
     let (adapter_config, adapter_weights) = common::LORA_R4;
     let msg = message(
-        WasmCaptioner::new(case.config, case.weights, case.tokenizer, case.preprocessor, None, Some(adapter_config.to_vec()), None).err().unwrap(),
+        WasmCaptioner::new(
+            case.config,
+            &Uint8Array::from(case.weights),
+            case.tokenizer,
+            case.preprocessor,
+            None,
+            Some(adapter_config.to_vec()),
+            None,
+        )
+        .err()
+        .unwrap(),
     );
     assert!(msg.contains("adapter"), "{msg}");
     let mut c = WasmCaptioner::new(
         case.config,
-        case.weights,
+        &Uint8Array::from(case.weights),
         case.tokenizer,
         case.preprocessor,
         Some(case.generation.to_vec()),
@@ -198,8 +209,16 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
     generation["num_beams"] = 3.into();
     generation["no_repeat_ngram_size"] = 2.into();
     generation["max_new_tokens"] = 7.into();
-    let mut configured =
-        WasmCaptioner::new(fx.config, fx.weights, fx.tokenizer, fx.preprocessor, Some(generation.to_string().into_bytes()), None, None).unwrap();
+    let mut configured = WasmCaptioner::new(
+        fx.config,
+        &Uint8Array::from(fx.weights),
+        fx.tokenizer,
+        fx.preprocessor,
+        Some(generation.to_string().into_bytes()),
+        None,
+        None,
+    )
+    .unwrap();
     let mut plain = new_captioner(fx, fx.weights).unwrap();
     let defaults = configured.generation_defaults().unwrap();
     let get = |k: &str| js_sys::Reflect::get(&defaults, &k.into()).unwrap();
@@ -250,7 +269,7 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
     let new = || {
         WasmCaptioner::new(
             model_file!("config.json"),
-            model_file!("model.safetensors"),
+            &Uint8Array::from(model_file!("model.safetensors")),
             model_file!("tokenizer.json"),
             model_file!("preprocessor_config.json"),
             Some(model_file!("generation_config.json").to_vec()),

@@ -1,0 +1,136 @@
+// Loading does not keep the downloaded file next to the tensors made from it: WASM memory after
+// loading a 220 MB checkpoint (GPT-2-wide, made here with random weights: one SigLIP layer of
+// width 768, one GPT-2 block, the full 50257 × 768 embedding) stays within 1.3× the weights, in
+// both builds. Run by `./build.sh test-pages` after pkg/ is built.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startServer } from '../../www/serve.mjs';
+import { launch, watchPage, root } from './helpers.mjs';
+
+const D = 768, V = 50257, POSITIONS = 64, IMAGE = 32, PATCH = 16;
+let server, browser, base, weightsBytes;
+const log = [];
+
+const config = {
+  model_type: 'vision-encoder-decoder', architectures: ['VisionEncoderDecoderModel'], is_encoder_decoder: true,
+  decoder_start_token_id: 50256, eos_token_id: 50256, pad_token_id: 50256,
+  encoder: {
+    model_type: 'siglip_vision_model', hidden_size: D, intermediate_size: 4 * D, num_hidden_layers: 1,
+    num_attention_heads: 12, image_size: IMAGE, patch_size: PATCH, hidden_act: 'gelu_pytorch_tanh', layer_norm_eps: 1e-6,
+  },
+  decoder: {
+    model_type: 'gpt2', vocab_size: V, n_positions: POSITIONS, n_embd: D, n_layer: 1, n_head: 12,
+    activation_function: 'gelu_new', layer_norm_epsilon: 1e-5, add_cross_attention: true, is_decoder: true,
+    bos_token_id: 50256, eos_token_id: 50256,
+  },
+};
+
+/** The checkpoint's tensors: name → shape, as transformers 5 names them. */
+function shapes() {
+  const t = {};
+  const e = 'encoder.', l = 'encoder.encoder.layers.0.';
+  t[`${e}embeddings.patch_embedding.weight`] = [D, 3, PATCH, PATCH];
+  t[`${e}embeddings.patch_embedding.bias`] = [D];
+  t[`${e}embeddings.position_embedding.weight`] = [(IMAGE / PATCH) ** 2, D];
+  for (const n of ['layer_norm1', 'layer_norm2']) { t[`${l}${n}.weight`] = [D]; t[`${l}${n}.bias`] = [D]; }
+  for (const n of ['q_proj', 'k_proj', 'v_proj', 'out_proj']) { t[`${l}self_attn.${n}.weight`] = [D, D]; t[`${l}self_attn.${n}.bias`] = [D]; }
+  t[`${l}mlp.fc1.weight`] = [4 * D, D]; t[`${l}mlp.fc1.bias`] = [4 * D];
+  t[`${l}mlp.fc2.weight`] = [D, 4 * D]; t[`${l}mlp.fc2.bias`] = [D];
+  t[`${e}post_layernorm.weight`] = [D]; t[`${e}post_layernorm.bias`] = [D];
+  const d = 'decoder.transformer.', h = 'decoder.transformer.h.0.';
+  t[`${d}wte.weight`] = [V, D];
+  t[`${d}wpe.weight`] = [POSITIONS, D];
+  for (const n of ['ln_1', 'ln_cross_attn', 'ln_2']) { t[`${h}${n}.weight`] = [D]; t[`${h}${n}.bias`] = [D]; }
+  const conv = { 'attn.c_attn': 3 * D, 'attn.c_proj': D, 'crossattention.q_attn': D, 'crossattention.c_attn': 2 * D, 'crossattention.c_proj': D, 'mlp.c_fc': 4 * D };
+  for (const [n, out] of Object.entries(conv)) { t[`${h}${n}.weight`] = [D, out]; t[`${h}${n}.bias`] = [out]; }
+  t[`${h}mlp.c_proj.weight`] = [4 * D, D]; t[`${h}mlp.c_proj.bias`] = [D];
+  t[`${d}ln_f.weight`] = [D]; t[`${d}ln_f.bias`] = [D];
+  return t;
+}
+
+/** A safetensors file of `shapes()` with small pseudo-random f32 values. */
+function checkpoint() {
+  const entries = Object.entries(shapes());
+  const header = {};
+  let offset = 0;
+  for (const [name, shape] of entries) {
+    const bytes = 4 * shape.reduce((a, b) => a * b, 1);
+    header[name] = { dtype: 'F32', shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - (json.length % 8)) % 8);
+  const file = Buffer.alloc(8 + json.length + offset);
+  file.writeBigUInt64LE(BigInt(json.length), 0);
+  file.write(json, 8, 'latin1');
+  const values = new Float32Array(file.buffer, file.byteOffset + 8 + json.length, offset / 4);
+  let x = 12345;
+  for (let i = 0; i < values.length; i++) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    values[i] = (x / 2 ** 32 - 0.5) * 0.04;
+  }
+  return file;
+}
+
+before(async () => {
+  const weights = checkpoint();
+  weightsBytes = weights.length;
+  const files = {
+    'config.json': Buffer.from(JSON.stringify(config)),
+    'model.safetensors': weights,
+    'tokenizer.json': readFileSync(join(root, 'tests/fixtures/gpt2-tokenizer/tokenizer.json')),
+    'preprocessor_config.json': Buffer.from(JSON.stringify({
+      image_processor_type: 'SiglipImageProcessor', do_resize: true, size: { height: IMAGE, width: IMAGE }, resample: 3,
+      do_rescale: true, rescale_factor: 1 / 255, do_normalize: true, image_mean: [0.5, 0.5, 0.5], image_std: [0.5, 0.5, 0.5],
+    })),
+  };
+  server = await startServer(0, {
+    onRequest(req, res, headers) {
+      if (req.url === '/memory-test.html') {
+        res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
+        res.end('<!doctype html><link rel="icon" href="data:,"><title>memory</title>');
+        return true;
+      }
+      const name = req.url.startsWith('/big-model/') && req.url.slice('/big-model/'.length);
+      if (!name) return false;
+      const body = files[name];
+      res.writeHead(body ? 200 : 404, { ...headers, 'Content-Length': body?.length ?? 0 });
+      res.end(body);
+      return true;
+    },
+  });
+  base = `http://127.0.0.1:${server.address().port}`;
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  server?.close();
+  if (process.env.VERBOSE) console.log(log.join('\n'));
+});
+
+test('WASM memory after loading a 220 MB checkpoint is within 1.3× its weights, in both builds; the model captions', async () => {
+  const page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`${base}/memory-test.html`);
+  for (const threads of [1, 2]) {
+    const r = await page.evaluate(async ([model, image, threads]) => {
+      const { Captioner } = await import('/pkg/index.js');
+      const c = await Captioner.fromPretrained(model, { cache: false, threads });
+      try {
+        const result = await c.caption(image, { maxNewTokens: 3 }).result;
+        return { memoryBytes: c.memoryBytes, threads: c.threads, ids: result.tokenIds };
+      } finally {
+        c.dispose();
+      }
+    }, [`${base}/big-model/`, `${base}/tests/fixtures/images/astronaut.png`, threads]);
+    assert.equal(r.threads, threads);
+    assert.equal(r.ids.length, 3);
+    const ratio = r.memoryBytes / weightsBytes;
+    console.log(`# ${threads} thread(s): WASM memory after load ${(r.memoryBytes / 2 ** 20).toFixed(0)} MiB for ${(weightsBytes / 2 ** 20).toFixed(0)} MiB of weights (${ratio.toFixed(2)}×)`);
+    assert.ok(ratio <= 1.3, `${threads} thread(s): ${ratio.toFixed(2)}× the weights`);
+  }
+  await page.close();
+});
