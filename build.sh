@@ -66,9 +66,14 @@ nightly_toolchain() {
 setup_threads() {
   setup
   NIGHTLY=$(nightly_toolchain)
-  if ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src'; then
-    log "installing $NIGHTLY with rust-src and the wasm32 target (for the threaded build)"
-    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --target wasm32-unknown-unknown
+  # Never `rustup toolchain install nightly`: that would move the channel to today's nightly.
+  if ! rustc "+$NIGHTLY" -V >/dev/null 2>&1; then
+    log "installing $NIGHTLY (for the threaded build)"
+    rustup toolchain install "$NIGHTLY" --profile minimal
+  fi
+  if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+    log "adding rust-src to $NIGHTLY (-Z build-std)"
+    rustup component add rust-src --toolchain "$NIGHTLY"
   fi
   rustup target list --toolchain "$NIGHTLY" --installed | grep -qx wasm32-unknown-unknown || rustup target add --toolchain "$NIGHTLY" wasm32-unknown-unknown
 }

@@ -42,7 +42,8 @@ node -e '
 const args = process.argv.slice(1);
 const f = (x, d = 0) => Number(x).toFixed(d);
 const names = { "vision-encoder-decoder": "SigLIP-B/16 + GPT-2", "llava": "SigLIP-B/16 + SmolLM-135M" };
-console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (JSON.parse(args[11]).prefillPositions - 196) + " text positions");
+const prefix = args.filter((_, i) => i % 3 === 2).map((a) => JSON.parse(a)).find((r) => r.modelType === "llava");
+console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (prefix ? prefix.prefillPositions - 196 : "?") + " text positions");
 console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");
 console.log("decoding: images × beams rows per step; ms/step is one step of all rows, tokens/s counts the tokens of all rows; encoder ms is for all images");
 console.log("| model | where | decoding | encoder ms | prefill ms | first token ms | ms/step | tokens/s | weights read/step MB | read floor ms/step | peak memory MiB |");

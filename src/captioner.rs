@@ -216,6 +216,10 @@ impl Captioner {
         let mut captioner = Self { model, tokenizer, preprocessor, generation };
         if q8_0 {
             captioner.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0)?;
+            match &mut captioner.model {
+                Model::CrossAttention(m) => m.dequantize_encoder()?,
+                Model::Prefix(m) => m.dequantize_vision()?,
+            };
         }
         Ok(captioner)
     }
@@ -633,8 +637,9 @@ fn load_weights(
 }
 
 /// Whether a checkpoint holds q8_0 matrices (written by `crate::quantize`): then its decoder runs
-/// in q8_0 throughout, and the LM head — tied to the embedding, which the file keeps in f16 —
-/// is quantized once loaded.
+/// in q8_0 throughout (the LM head — tied to the embedding, which the file keeps in f16 — is
+/// quantized once loaded), and the encoder side is expanded to f32 once (it multiplies many rows
+/// at a time, where the f32 GEMM is faster): the file is a smaller download, not a smaller encoder.
 fn is_q8_0_checkpoint(tensors: &std::collections::HashMap<String, Tensor>) -> bool {
     tensors.keys().any(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX))
 }

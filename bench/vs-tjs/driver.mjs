@@ -9,7 +9,7 @@
 // --ours-js DIR: serve /pkg/index.js and /pkg/worker.js from DIR (e.g. js/, as build.sh's
 // assemble step would copy them) — for a pkg/ whose wasm is current but whose shim is not.
 import { chromium } from 'playwright-core';
-import { createReadStream, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createReadStream, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { execFileSync } from 'node:child_process';
 import { tmpdir, homedir, loadavg } from 'node:os';
@@ -42,7 +42,8 @@ const reference = JSON.parse(readFileSync(join(data, 'reference.json'), 'utf8'))
 if (tokens > reference.tokenIds.length) throw new Error(`--tokens ${tokens}: make_model.py checked only ${reference.tokenIds.length} greedy tokens for EOS`);
 // Our decoder quantization for the q8 rows: q8_0 (int8, a scale per 32 weights); theirs: ONNX
 // Runtime dynamic quantization (per-tensor 8-bit weights, uint8 activations).
-const OUR_QUANT = { fp32: undefined, q8: 'q8_0' };
+// q8: the folder the quantize binary wrote (run.sh), loaded as it is.
+const OUR_MODEL = { fp32: 'model/', q8: 'model-q8/' };
 
 const log = (...a) => console.error('[vs-tjs]', ...a);
 const MODEL_PREFIX = '/vs-tjs-data/';
@@ -118,7 +119,7 @@ async function runOne(server, side, dtype, threads) {
       try { await page.goto(`${base}/bench/vs-tjs/index.html`); break; } catch (e) { if (attempt >= 3) throw e; await new Promise((r) => setTimeout(r, 2000)); }
     }
     const args = side === 'ours'
-      ? { modelUrl: `${MODEL_PREFIX}model/`, imageUrl: `${MODEL_PREFIX}image.png`, tokens, repeats, quantize: OUR_QUANT[dtype], threads, threadsOption: opt['ours-threads'] }
+      ? { modelUrl: `${MODEL_PREFIX}${OUR_MODEL[dtype]}`, imageUrl: `${MODEL_PREFIX}image.png`, tokens, repeats, threads, threadsOption: opt['ours-threads'] }
       : { modelRoot: MODEL_PREFIX, modelId: 'model', imageUrl: `${MODEL_PREFIX}image.png`, tokens, repeats, dtype, threads, ortDist: '/bench/vs-tjs/node_modules/onnxruntime-web/dist/' };
     const t = Date.now();
     const result = await page.evaluate(async ([side, args]) => (await import('/bench/vs-tjs/page.js'))[side](args), [side, args]);
@@ -162,7 +163,9 @@ lines.push(`wasmcap vs transformers.js ${tjs?.version ?? '?'} (onnxruntime-web $
 lines.push(`SigLIP-B/16-224 + GPT-2 small (cross-attention), random weights; one 224×224 image; greedy, N = ${tokens} new tokens; median of ${repeats} after one warm-up; a fresh browser per row`);
 lines.push(`first token ms = wall time of a max_new_tokens=1 call (image fetch + preprocessing + encoder + 1 step); ms/token = (t(N) − t(1)) / (N − 1); tokens/s = 1000 / ms/token`);
 lines.push(`encoder ms: ours = wasmcap's timings.encoderMs (encoder + the cross-attention keys/values of all layers); theirs = the encoder ONNX session run alone (cross-attention K/V come in its first decoder step). peak MiB = peak RSS (VmHWM) of the page's renderer process`);
-lines.push(`q8: ours = decoder weights q8_0 (int8, a scale per 32), encoder f32; theirs = *_quantized.onnx (ORT dynamic quantization, per-tensor 8-bit weights of encoder and decoder)`);
+const mb = (...files) => (files.reduce((n, f) => n + (existsSync(join(data, f)) ? statSync(join(data, f)).size : NaN), 0) / 1e6).toFixed(0);
+lines.push(`q8: ours = model-q8/ from the quantize binary (q8_0 matrices — int8, a scale per 32 — for encoder and decoder, f16 token embeddings; the decoder runs q8_0, the encoder is expanded to f32 at load); theirs = *_quantized.onnx (ORT dynamic quantization, per-tensor 8-bit weights of encoder and decoder)`);
+lines.push(`download: fp32 ours ${mb('model/model.safetensors')} MB, theirs ${mb('model/onnx/encoder_model.onnx', 'model/onnx/decoder_model_merged.onnx')} MB; q8 ours ${mb('model-q8/model.safetensors')} MB, theirs ${mb('model/onnx/encoder_model_quantized.onnx', 'model/onnx/decoder_model_merged_quantized.onnx')} MB`);
 if (oursJs) lines.push(`wasmcap's JS shim served from ${oursJs} instead of pkg/`);
 lines.push(`load average (1/5/15 min) before: ${loadBefore.map((x) => x.toFixed(2)).join(' ')}, after: ${loadAfter.map((x) => x.toFixed(2)).join(' ')}; cores: ${(await import('node:os')).cpus().length}`);
 lines.push('');

@@ -445,6 +445,17 @@ impl Linear {
         Ok(true)
     }
 
+    /// Back to an f32 weight (the values the q8_0 blocks hold) where the weight is q8_0: for
+    /// layers that only ever see many rows (the encoder), whose GEMM is faster in f32. Returns
+    /// whether anything changed.
+    pub fn dequantize(&mut self) -> Result<bool> {
+        let Some(Quantized { weight: QuantizedWeight::Q8 { qs, scales }, out_dim, in_dim }) = &self.quantized else { return Ok(false) };
+        let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
+        self.weight = Tensor::from_vec(w, (*out_dim, *in_dim), &Device::Cpu)?;
+        self.quantized = None;
+        Ok(true)
+    }
+
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }

@@ -144,6 +144,14 @@ impl Llava {
         &self.language_model
     }
 
+    /// The tower and projector back to f32 where a quantized checkpoint stored q8_0 (see
+    /// `VisionEncoderDecoder::dequantize_encoder`).
+    pub fn dequantize_vision(&mut self) -> Result<usize> {
+        let p = &mut self.multi_modal_projector;
+        let projector = usize::from(p.linear_1.dequantize()?) + usize::from(p.linear_2.dequantize()?);
+        Ok(self.vision_tower.dequantize()? + projector)
+    }
+
     pub fn language_model_mut(&mut self) -> &mut Llama {
         &mut self.language_model
     }

@@ -221,6 +221,19 @@ impl SiglipVisionTransformer {
         &self.config
     }
 
+    /// Expands q8_0 matrices (from a quantized checkpoint) to f32: see `Linear::dequantize`.
+    /// Returns how many.
+    pub fn dequantize(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            for linear in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut layer.mlp.fc1, &mut layer.mlp.fc2] {
+                n += usize::from(linear.dequantize()?);
+            }
+        }
+        Ok(n)
+    }
+
     /// `hidden_states[index]` as transformers returns them with `output_hidden_states`: 0 is
     /// the embeddings, i the output of layer i — without `post_layernorm`.
     pub fn hidden_state(&self, pixel_values: &Tensor, index: usize) -> Result<Tensor> {
