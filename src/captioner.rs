@@ -626,9 +626,7 @@ fn load_weights(
         if let Some(name) = tensors.keys().find(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX)) {
             return Err(Error::Safetensors {
                 file: loading::WEIGHTS.to_string(),
-                reason: format!(
-                    "`{name}` is q8_0: an adapter merges into f32 weights only — quantize the merged model instead (`quantize --adapter`)"
-                ),
+                reason: format!("`{name}` is q8_0: an adapter merges into f32 weights only: merge it into the f32 model, then quantize that"),
             });
         }
         crate::lora::merge(&mut tensors, adapter, rename)?;

@@ -161,3 +161,24 @@ fn quantize_command_writes_a_folder_the_captioner_loads() {
     assert!(!again.status.success() && stderr.contains("q8_0 already"), "{stderr}");
     let _ = std::fs::remove_dir_all(out_dir);
 }
+
+#[test]
+fn an_adapter_on_a_quantized_base_is_refused_naming_a_q8_tensor() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out_dir = std::env::temp_dir().join(format!("wasmcap-quantize-base-{}", std::process::id()));
+    let q = Command::new(env!("CARGO_BIN_EXE_quantize"))
+        .args(["--model", &format!("{root}/models/shapes-prefix/base"), "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .arg("--model")
+        .arg(&out_dir)
+        .args(["--adapter", &format!("{root}/models/shapes-prefix/adapter"), &format!("{root}/www/samples/shapes-test-0.png")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(".q8_0") && stderr.contains("adapter merges into f32 weights"), "{stderr}");
+    let _ = std::fs::remove_dir_all(out_dir);
+}
