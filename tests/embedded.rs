@@ -87,6 +87,15 @@ fn embedded_models_describe_the_shapes_samples() {
 /// q8_0 / q4_0 decoders against f32 on the embedded models: the shapes samples keep their
 /// captions, and the first-step logits move by a small fraction of their spread (printed: the
 /// figures the notes quote).
+/// max |Δ| of `q`'s first-step logits from `f32_model`'s, over the spread (std) of the latter.
+fn logits_error(f32_model: &Captioner, q: &Captioner, pixels: &candle_core::Tensor) -> f32 {
+    let a = f32_model.first_step_logits(pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+    let b = q.first_step_logits(pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+    let mean = a.iter().sum::<f32>() / a.len() as f32;
+    let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread
+}
+
 #[test]
 fn quantized_decoders_stay_close_to_f32() {
     use candle_core::quantized::GgmlDType;
@@ -99,11 +108,7 @@ fn quantized_decoders_stay_close_to_f32() {
             let (mut agree, mut worst) = (0, 0f32);
             for (image, bytes) in IMAGES {
                 let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
-                let a = f32_model.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
-                let b = q.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
-                let mean = a.iter().sum::<f32>() / a.len() as f32;
-                let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
-                let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread;
+                let err = logits_error(&f32_model, &q, &pixels);
                 assert!(err > 0.0, "{name} {dtype:?}: the quantized path was not used");
                 worst = worst.max(err);
                 let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
@@ -135,11 +140,7 @@ fn quantized_checkpoints_load_as_they_are() {
         let (mut agree, mut worst) = (0, 0f32);
         for (image, bytes) in IMAGES {
             let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
-            let a = f32_model.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
-            let b = q.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
-            let mean = a.iter().sum::<f32>() / a.len() as f32;
-            let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
-            worst = worst.max(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread);
+            worst = worst.max(logits_error(&f32_model, &q, &pixels));
             let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
             let same = ids(&f32_model) == ids(&q);
             agree += usize::from(same);
