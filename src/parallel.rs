@@ -80,12 +80,27 @@ pub fn split_along(xs: &Tensor, dim: usize, min: usize, f: impl Fn(&Tensor) -> R
 /// `f(range)` for consecutive ranges of `0..len` (at least `min` long), concatenated along
 /// `dim`; one part, when there are no threads, is `f(0..len)`.
 pub fn concat_parts(len: usize, dim: usize, min: usize, f: impl Fn(Range<usize>) -> Result<Tensor> + Sync + Send) -> Result<Tensor> {
+    cat(map_parts(len, min, f)?, dim)
+}
+
+/// `f(range)` for consecutive ranges of `0..len` (at least `min` long), in order; one part,
+/// `f(0..len)`, when there are no threads.
+pub fn map_parts<T: Send>(len: usize, min: usize, f: impl Fn(Range<usize>) -> Result<T> + Sync + Send) -> Result<Vec<T>> {
     let parts = ranges(len, threads(), min, 1);
     if parts.len() < 2 {
-        return f(0..len);
+        return Ok(vec![f(0..len)?]);
     }
-    let outs = map(parts.len(), |i| f(parts[i].clone()));
-    Tensor::cat(&outs.into_iter().collect::<Result<Vec<_>>>()?, dim)
+    map(parts.len(), |i| f(parts[i].clone())).into_iter().collect()
+}
+
+/// The parts concatenated along `dim` (one part: itself, no copy).
+pub fn cat(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
+    if parts.len() == 1 {
+        if let Some(one) = parts.pop() {
+            return Ok(one);
+        }
+    }
+    Tensor::cat(&parts, dim)
 }
 
 #[cfg(test)]

@@ -187,11 +187,25 @@ impl SiglipEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let normed = self.layer_norm1.forward(xs)?;
-        let (k, v) = self.self_attn.keys_values(&normed)?;
-        // Past the keys and values every token is computed on its own, so the tokens are split
-        // over the threads here (crate::parallel; one part — all tokens — without threads).
-        crate::parallel::concat_parts(xs.dim(1)?, 1, MIN_TOKENS_PER_THREAD, |r| {
+        use crate::parallel;
+        // All but attention's mixing is per token, so the tokens are split over the threads
+        // (crate::parallel; one part — all tokens — without threads): the norm and the keys and
+        // values first, then, with every token's keys and values at hand, the rest of the layer.
+        let tokens = xs.dim(1)?;
+        let parts = parallel::map_parts(tokens, MIN_TOKENS_PER_THREAD, |r| {
+            let normed = self.layer_norm1.forward(&xs.narrow(1, r.start, r.len())?)?;
+            let (k, v) = self.self_attn.keys_values(&normed)?;
+            Ok((normed, k, v))
+        })?;
+        let (mut normed, mut k, mut v) = (vec![], vec![], vec![]);
+        for (n, kp, vp) in parts {
+            normed.push(n);
+            k.push(kp);
+            v.push(vp);
+        }
+        // keys and values are [B, H, T, d]: tokens on dimension 2.
+        let (normed, k, v) = (parallel::cat(normed, 1)?, parallel::cat(k, 2)?, parallel::cat(v, 2)?);
+        parallel::concat_parts(tokens, 1, MIN_TOKENS_PER_THREAD, |r| {
             let (xs, normed) = (xs.narrow(1, r.start, r.len())?, normed.narrow(1, r.start, r.len())?);
             let xs = (xs + self.self_attn.forward(&normed, &k, &v)?)?;
             &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
