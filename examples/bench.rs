@@ -16,11 +16,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
-    let quantize = match args.get(7).map(String::as_str) {
-        Some("q8_0") => Some(candle_core::quantized::GgmlDType::Q8_0),
-        Some("q4_0") => Some(candle_core::quantized::GgmlDType::Q4_0),
-        _ => None,
-    };
+    let quantize = args.get(7).and_then(|name| wasmcap::captioner::decoder_format(name));
     let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1), quantize };
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })

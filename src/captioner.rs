@@ -55,6 +55,23 @@ pub struct BeamOptions {
     pub num_return_sequences: usize,
 }
 
+impl BeamOptions {
+    /// Whether these settings ask for a search rather than one greedy or sampled caption.
+    pub fn searches(&self) -> bool {
+        self.num_beams > 1 || self.num_return_sequences > 1
+    }
+}
+
+/// The decoder weight formats [`Captioner::quantize_decoder`] takes, by the names the CLI,
+/// the WASM API, the JS package and the bench use.
+pub fn decoder_format(name: &str) -> Option<candle_core::quantized::GgmlDType> {
+    match name {
+        "q8_0" => Some(candle_core::quantized::GgmlDType::Q8_0),
+        "q4_0" => Some(candle_core::quantized::GgmlDType::Q4_0),
+        _ => None,
+    }
+}
+
 impl Default for BeamOptions {
     fn default() -> Self {
         Self { num_beams: 4, length_penalty: 1.0, early_stopping: EarlyStopping::Heuristic, num_return_sequences: 1 }
@@ -276,7 +293,7 @@ impl Captioner {
 
     /// Whether `generation_config.json` asks for beam search by default.
     pub fn beam_search_by_default(&self) -> bool {
-        self.generation.beams.num_beams > 1 || self.generation.beams.num_return_sequences > 1
+        self.generation.beams.searches()
     }
 
     /// Encoded image bytes (PNG/JPEG) → pixel values [1, 3, H, W].

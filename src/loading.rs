@@ -162,14 +162,12 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
         };
         let (start, end) = info.data_offsets;
         let count = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let size = count.and_then(|c| c.checked_mul(dtype.size_in_bytes()));
-        if start > end || size != Some(end - start) {
+        let Some(count) = count.filter(|c| start <= end && c.checked_mul(dtype.size_in_bytes()) == Some(end - start)) else {
             return Err(err(format!("tensor `{name}`: offsets {start}..{end} do not hold shape {:?} of {:?}", info.shape, info.dtype)));
-        }
+        };
         if end > data_len {
             return Err(truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
         }
-        let count = end.saturating_sub(start) / dtype.size_in_bytes();
         let tensor = if dtype == DType::F32 && cfg!(target_endian = "little") {
             let mut values = vec![0f32; count];
             // SAFETY: the bytes of `values` (4 per f32, any bit pattern a valid f32) are written

@@ -236,11 +236,8 @@ impl WasmCaptioner {
     /// Quantizes the decoder's matrices in place: `"q8_0"` or `"q4_0"` (rows that are not a
     /// multiple of 32 stay f32). Returns how many matrices were quantized.
     pub fn quantize(&mut self, format: &str) -> Result<usize, JsError> {
-        let dtype = match format {
-            "q8_0" => candle_core::quantized::GgmlDType::Q8_0,
-            "q4_0" => candle_core::quantized::GgmlDType::Q4_0,
-            other => return Err(JsError::new(&format!("quantize: unknown weight format {other:?} (q8_0 or q4_0)"))),
-        };
+        let dtype = crate::captioner::decoder_format(format)
+            .ok_or_else(|| JsError::new(&format!("quantize: unknown weight format {format:?} (q8_0 or q4_0)")))?;
         self.run = None;
         Ok(self.inner.quantize_decoder(dtype).map_err(js_error)?.0)
     }
@@ -511,9 +508,10 @@ pub fn bench_model(
 ) -> Result<JsValue, JsError> {
     let quantize = match quantize.as_deref() {
         None | Some("f32") => None,
-        Some("q8_0") => Some(candle_core::quantized::GgmlDType::Q8_0),
-        Some("q4_0") => Some(candle_core::quantized::GgmlDType::Q4_0),
-        Some(other) => return Err(JsError::new(&format!("benchModel: unknown weight format {other} (f32, q8_0, q4_0)"))),
+        Some(other) => Some(
+            crate::captioner::decoder_format(other)
+                .ok_or_else(|| JsError::new(&format!("benchModel: unknown weight format {other} (f32, q8_0, q4_0)")))?,
+        ),
     };
     let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), quantize };
     let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;

@@ -96,11 +96,8 @@ mod cli {
     pub fn main() -> ExitCode {
         let args = Args::parse();
         let loaded = Captioner::from_dir(&args.model, args.adapter.as_deref()).and_then(|mut c| {
-            let dtype = match args.quantize.as_deref() {
-                Some("q8_0") => candle_core::quantized::GgmlDType::Q8_0,
-                Some("q4_0") => candle_core::quantized::GgmlDType::Q4_0,
-                _ => return Ok(c),
-            };
+            // clap admits only the names decoder_format knows.
+            let Some(dtype) = args.quantize.as_deref().and_then(wasmcap::captioner::decoder_format) else { return Ok(c) };
             let (done, kept) = c.quantize_decoder(dtype)?;
             eprintln!("quantized {done} decoder matrices to {dtype:?} ({kept} kept in f32: rows not a multiple of 32)");
             Ok(c)
@@ -148,7 +145,7 @@ mod cli {
             },
             num_return_sequences: args.num_return_sequences.unwrap_or(d.num_return_sequences),
         };
-        let beams = (beam_settings.num_beams > 1 || beam_settings.num_return_sequences > 1).then_some(beam_settings);
+        let beams = beam_settings.searches().then_some(beam_settings);
         let mut failed = false;
         let mut report = |image: &Path, e: &wasmcap::Error| {
             failed = true;

@@ -295,6 +295,17 @@ pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
 pub const Q8_0_SUFFIX: &str = ".q8_0";
 pub const Q8_0_SCALES_SUFFIX: &str = ".q8_0_scales";
 
+/// The f32 matrix `[out_dim, in_dim]` that q8_0 blocks hold.
+fn dequantize_q8_0(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result<Tensor> {
+    let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
+    Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu)
+}
+
+/// What a quantized layer keeps where its f32 weight was.
+fn no_weight() -> Result<Tensor> {
+    Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
+}
+
 /// The q8_0 matrix `name` of `vb` (`[out_dim, in_dim]`), when the checkpoint stores it so.
 fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Option<Quantized>> {
     let q_name = format!("{name}{Q8_0_SUFFIX}");
@@ -406,9 +417,7 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
             }
             None => {
                 // Many rows: dequantize and use the GEMM.
-                let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
-                let w = Tensor::from_vec(w, (q.out_dim, q.in_dim), &Device::Cpu)?;
-                gemm_rows(xs, &w.t()?)?
+                gemm_rows(xs, &dequantize_q8_0(qs, scales, q.out_dim, q.in_dim)?.t()?)?
             }
         },
     };
@@ -440,7 +449,7 @@ impl Linear {
             return Ok(false);
         }
         let Some(q) = quantize_out_in(&self.weight, dtype)? else { return Ok(false) };
-        self.weight = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?;
+        self.weight = no_weight()?;
         self.quantized = Some(q);
         Ok(true)
     }
@@ -450,8 +459,7 @@ impl Linear {
     /// whether anything changed.
     pub fn dequantize(&mut self) -> Result<bool> {
         let Some(Quantized { weight: QuantizedWeight::Q8 { qs, scales }, out_dim, in_dim }) = &self.quantized else { return Ok(false) };
-        let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
-        self.weight = Tensor::from_vec(w, (*out_dim, *in_dim), &Device::Cpu)?;
+        self.weight = dequantize_q8_0(qs, scales, *out_dim, *in_dim)?;
         self.quantized = None;
         Ok(true)
     }
@@ -514,7 +522,7 @@ impl Module for Linear {
 pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
     if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
-        return Ok(Linear { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, bias, lora: None, quantized: Some(q) });
+        return Ok(Linear { weight: no_weight()?, bias, lora: None, quantized: Some(q) });
     }
     Ok(Linear::new(vb.get((d_out, d_in), "weight")?, bias))
 }
@@ -535,7 +543,7 @@ impl Conv1D {
     pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
         let bias = vb.get(d_out, "bias")?;
         if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
-            return Ok(Self { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, bias, quantized: Some(q) });
+            return Ok(Self { weight: no_weight()?, bias, quantized: Some(q) });
         }
         Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias, quantized: None })
     }
@@ -547,7 +555,7 @@ impl Conv1D {
             return Ok(false);
         }
         let Some(q) = quantize_out_in(&self.weight.t()?, dtype)? else { return Ok(false) };
-        self.weight = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?;
+        self.weight = no_weight()?;
         self.quantized = Some(q);
         Ok(true)
     }
