@@ -14,6 +14,8 @@ const memoryMode = configPath === 'memory';
 const threads = Number(process.env.THREADS ?? 1);
 // THREADED_BUILD=1: pkg/threads/ even for one thread (what the threaded build costs by itself).
 const threadedBuild = Boolean(process.env.THREADED_BUILD);
+// RELAXED_SIMD=0: the encoder's simd128 GEMM kernel even where the browser has relaxed SIMD.
+const relaxedSimd = process.env.RELAXED_SIMD !== '0';
 const config = memoryMode ? '' : readFileSync(configPath, 'utf8');
 const server = await startServer(0);
 const profile = await mkdtemp(join(tmpdir(), 'wasmcap-bench-'));
@@ -34,24 +36,25 @@ try {
     await cdp.send('Profiler.setSamplingInterval', { interval: 200 });
     await cdp.send('Profiler.start');
   }
-  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads, threadedBuild]) => {
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads, threadedBuild, relaxedSimd]) => {
     const call = memoryMode ? 'benchMemory' : 'benchModel';
     const args = memoryMode ? [promptTokens, tokens] : [config, promptTokens, tokens, repeats, images, beams, weights];
     let reply;
     if (threads > 1 || threadedBuild) {
       const worker = new Worker('/bench/worker.js', { type: 'module' });
-      reply = await new Promise((ok) => { worker.onmessage = ({ data }) => ok(data); worker.postMessage({ threads, threadedBuild, call, args }); });
+      reply = await new Promise((ok) => { worker.onmessage = ({ data }) => ok(data); worker.postMessage({ threads, threadedBuild, relaxedSimd, call, args }); });
       worker.terminate();
     } else {
       // One thread runs on the page itself, where PROFILE=1's sampling profiler sees it.
       const wasm = await import('/pkg/wasmcap.js');
       await wasm.default();
+      wasm.allowRelaxedSimd(relaxedSimd);
       try { reply = { result: wasm[call](...args) }; } catch (e) { reply = { error: String(e?.message ?? e) }; }
     }
     if (reply.error) throw new Error(reply.error);
     if (memoryMode) return reply.result;
     return { ...reply.result, threads, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads, threadedBuild]);
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads, threadedBuild, relaxedSimd]);
   if (cdp) printProfile((await cdp.send('Profiler.stop')).profile);
   console.log(JSON.stringify(result));
 } finally {

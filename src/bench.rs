@@ -37,6 +37,8 @@ pub struct BenchReport {
     pub beams: usize,
     /// The decoder's weight format when not f32 (`q8_0`, `q4_0`).
     pub quantized: Option<String>,
+    /// The encoder's GEMM kernel (`models::packed::kernel_name`).
+    pub encoder_kernel: String,
 }
 
 /// How a benchmark decodes: `images` captions in one batch, `beams` rows each (beam search:
@@ -216,6 +218,7 @@ fn summarize(
         images: shape.images.max(1),
         beams: shape.beams.max(1),
         quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()),
+        encoder_kernel: crate::models::packed::kernel_name().to_string(),
     }
 }
 
@@ -243,6 +246,7 @@ fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: 
     if let Some(dtype) = shape.quantize {
         model.decoder_mut().quantize(dtype)?;
     }
+    model.pack_encoder()?;
     let build_ms = now_ms() - t0;
     let enc = &cfg.encoder;
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), enc.num_channels, enc.image_size, enc.image_size), &Device::Cpu)?;
@@ -288,6 +292,7 @@ fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usi
     if let Some(dtype) = shape.quantize {
         model.language_model_mut().quantize(dtype)?;
     }
+    model.pack_vision()?;
     let build_ms = now_ms() - t0;
     let vision = &cfg.vision_config;
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), vision.num_channels, vision.image_size, vision.image_size), &Device::Cpu)?;

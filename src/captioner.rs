@@ -238,6 +238,10 @@ impl Captioner {
                 Model::Prefix(m) => m.dequantize_vision()?,
             };
         }
+        match &mut captioner.model {
+            Model::CrossAttention(m) => m.pack_encoder()?,
+            Model::Prefix(m) => m.pack_vision()?,
+        };
         Ok(captioner)
     }
 

@@ -479,6 +479,15 @@ pub fn memory_bytes() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Lets the encoder use the relaxed-SIMD (fused multiply-add) GEMM kernel where the browser has
+/// relaxed SIMD (the default), or not: to compare the two. Returns the kernel now in use on
+/// this thread.
+#[wasm_bindgen(js_name = allowRelaxedSimd)]
+pub fn allow_relaxed_simd(allow: bool) -> String {
+    crate::models::packed::allow_relaxed_simd(allow);
+    crate::models::packed::kernel_name().to_string()
+}
+
 /// Whether this is the threaded build.
 #[wasm_bindgen(js_name = threadsAvailable)]
 pub fn threads_available() -> bool {

@@ -39,8 +39,10 @@ fn pixel_values_match_siglip_image_processor() {
 #[test]
 fn encoder_states_and_first_logits_match() {
     // Once as it is, once with the work split in two parts (crate::parallel), as the
-    // threaded WASM build runs it.
-    for threads in [1, 2] {
+    // threaded WASM build runs it; in WASM, once more on the simd128 GEMM kernel where the
+    // browser would take the relaxed-SIMD one (models::packed).
+    for (threads, relaxed) in [(1, true), (2, true), (1, false)] {
+        wasmcap::models::packed::allow_relaxed_simd(relaxed);
         wasmcap::parallel::with_threads(threads, || {
             for fx in fixtures() {
                 let captioner = Captioner::from_files(fx.files()).unwrap();
@@ -52,23 +54,44 @@ fn encoder_states_and_first_logits_match() {
                     let states = captioner.encode(pixels).unwrap();
                     let diff = max_abs_diff(&states, &reference[&format!("encoder_hidden_states.{name}")]);
                     report(&format!("{} {name} encoder states max-abs", fx.name), diff);
-                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads]: encoder states differ by {diff}", fx.name);
+                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads, {}]: encoder states differ by {diff}", fx.name, wasmcap::models::packed::kernel_name());
 
                     let logits = captioner.first_step_logits(pixels, &CaptionOptions::default()).unwrap();
                     let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}")]);
                     report(&format!("{} {name} first-step logits max-abs", fx.name), diff);
-                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads]: first-step logits differ by {diff}", fx.name);
+                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads, {}]: first-step logits differ by {diff}", fx.name, wasmcap::models::packed::kernel_name());
                 }
             }
         });
+    }
+    wasmcap::models::packed::allow_relaxed_simd(true);
+}
+
+#[test]
+fn the_encoder_multiplies_packed_weights_in_wasm() {
+    use wasmcap::captioner::Model;
+    for fx in fixtures() {
+        let captioner = Captioner::from_files(fx.files()).unwrap();
+        let Model::CrossAttention(m) = captioner.model() else { panic!("{} is a cross-attention fixture", fx.name) };
+        let layers = m.encoder().config().num_hidden_layers;
+        if cfg!(target_arch = "wasm32") {
+            assert_eq!(m.encoder().packed_matrices(), 6 * layers, "{}", fx.name);
+            // Chromium has relaxed SIMD: the side module must have loaded.
+            assert_eq!(wasmcap::models::packed::kernel_name(), "relaxed-simd");
+        } else {
+            // Natively candle's multi-threaded GEMM stays.
+            assert_eq!(m.encoder().packed_matrices(), 0, "{}", fx.name);
+        }
     }
 }
 
 #[test]
 fn greedy_ids_and_text_match_generate() {
     // Once as it is, once with the work split in two parts (crate::parallel), as the
-    // threaded WASM build runs it.
-    for threads in [1, 2] {
+    // threaded WASM build runs it; in WASM, once more on the simd128 GEMM kernel where the
+    // browser would take the relaxed-SIMD one (models::packed).
+    for (threads, relaxed) in [(1, true), (2, true), (1, false)] {
+        wasmcap::models::packed::allow_relaxed_simd(relaxed);
         wasmcap::parallel::with_threads(threads, || {
             for fx in fixtures() {
                 let captioner = Captioner::from_files(fx.files()).unwrap();

@@ -8,6 +8,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::packed::{self, PackedWeight};
+
 const LANES: usize = 16;
 
 /// Σ a[i]·b[i], in LANES independent partial sums.
@@ -434,11 +436,27 @@ pub struct Linear {
     bias: Option<Tensor>,
     lora: Option<LoraUpdate>,
     quantized: Option<Quantized>,
+    packed: Option<PackedWeight>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None, quantized: None }
+        Self { weight, bias, lora: None, quantized: None, packed: None }
+    }
+
+    /// Lays the f32 weight out for our WASM GEMM kernel (`super::packed`), in place of the
+    /// tensor: for layers that only multiply many rows at once (the encoder side). Returns
+    /// false, changing nothing, where that kernel is not the faster one (natively), or the
+    /// weight is quantized, packed already or has a LoRA update attached.
+    pub fn pack(&mut self) -> Result<bool> {
+        if !packed::FASTER_THAN_GEMM || self.lora.is_some() || self.quantized.is_some() || self.packed.is_some() {
+            return Ok(false);
+        }
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let Some(p) = with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))? else { return Ok(false) };
+        self.weight = no_weight()?;
+        self.packed = Some(p);
+        Ok(true)
     }
 
     /// Swaps the f32 weight for a `dtype` copy (it is dropped, unless something else — a tied
@@ -468,6 +486,10 @@ impl Linear {
         &self.weight
     }
 
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -476,6 +498,10 @@ impl Linear {
     pub fn dims(&self) -> Result<(usize, usize)> {
         if let Some(q) = &self.quantized {
             return Ok((q.in_dim, q.out_dim));
+        }
+        if let Some(p) = &self.packed {
+            let (out, inp) = p.dims();
+            return Ok((inp, out));
         }
         let (out, inp) = self.weight.dims2()?;
         Ok((inp, out))
@@ -494,6 +520,9 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.quantized {
             return quantized_forward(q, xs, self.bias.as_ref());
+        }
+        if let Some(p) = &self.packed {
+            return packed_forward(p, xs, self.bias.as_ref());
         }
         if let Some(lora) = &self.lora {
             let base = Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)?;
@@ -522,13 +551,32 @@ impl Module for Linear {
 pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
     if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
-        return Ok(Linear { weight: no_weight()?, bias, lora: None, quantized: Some(q) });
+        return Ok(Linear { weight: no_weight()?, bias, lora: None, quantized: Some(q), packed: None });
     }
     Ok(Linear::new(vb.get((d_out, d_in), "weight")?, bias))
 }
 
 pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
     linear_b(d_in, d_out, true, vb)
+}
+
+/// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads.
+fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = p.dims();
+    let d = xs.dim(D::Minus1)?;
+    if d != in_dim {
+        candle_core::bail!("linear: input has {d} features, weight expects {in_dim}");
+    }
+    let x = xs.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let mut parts = crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
+        p.matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref()).ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
+    })?;
+    let y = match parts.len() {
+        1 => parts.pop().unwrap_or_default(),
+        _ => parts.concat(),
+    };
+    Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
 }
 
 /// HF GPT-2 `Conv1D`: y = x·W + b with W stored `[in, out]`.

@@ -152,6 +152,14 @@ impl Llava {
         Ok(self.vision_tower.dequantize()? + projector)
     }
 
+    /// The tower's and projector's f32 matrices packed for the WASM GEMM kernel
+    /// (`Linear::pack`; nothing natively). Returns how many.
+    pub fn pack_vision(&mut self) -> Result<usize> {
+        let p = &mut self.multi_modal_projector;
+        let projector = usize::from(p.linear_1.pack()?) + usize::from(p.linear_2.pack()?);
+        Ok(self.vision_tower.pack()? + projector)
+    }
+
     pub fn language_model_mut(&mut self) -> &mut Llama {
         &mut self.language_model
     }

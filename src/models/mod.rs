@@ -7,6 +7,7 @@ pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod norm;
+pub mod packed;
 pub mod siglip;
 pub mod vision_encoder_decoder;
 

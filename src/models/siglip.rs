@@ -238,14 +238,31 @@ impl SiglipVisionTransformer {
     /// Expands q8_0 matrices (from a quantized checkpoint) to f32: see `Linear::dequantize`.
     /// Returns how many.
     pub fn dequantize(&mut self) -> Result<usize> {
-        let mut n = 0;
-        for layer in &mut self.layers {
+        self.linears_mut().map(|l| l.dequantize().map(usize::from)).sum()
+    }
+
+    /// Packs the f32 matrices for the WASM GEMM kernel: see `Linear::pack`. Returns how many.
+    pub fn pack(&mut self) -> Result<usize> {
+        self.linears_mut().map(|l| l.pack().map(usize::from)).sum()
+    }
+
+    /// How many matrices are packed (`pack`).
+    pub fn packed_matrices(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|layer| {
+                let a = &layer.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &layer.mlp.fc1, &layer.mlp.fc2]
+            })
+            .filter(|l| l.is_packed())
+            .count()
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|layer| {
             let a = &mut layer.self_attn;
-            for linear in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut layer.mlp.fc1, &mut layer.mlp.fc2] {
-                n += usize::from(linear.dequantize()?);
-            }
-        }
-        Ok(n)
+            [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut layer.mlp.fc1, &mut layer.mlp.fc2]
+        })
     }
 
     /// `hidden_states[index]` as transformers returns them with `output_hidden_states`: 0 is

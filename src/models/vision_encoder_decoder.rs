@@ -83,6 +83,16 @@ impl VisionEncoderDecoder {
         Ok(self.encoder.dequantize()? + proj)
     }
 
+    /// The encoder side's f32 matrices packed for the WASM GEMM kernel (`Linear::pack`; nothing
+    /// natively). Returns how many.
+    pub fn pack_encoder(&mut self) -> Result<usize> {
+        let proj = match &mut self.enc_to_dec_proj {
+            Some(p) => usize::from(p.pack()?),
+            None => 0,
+        };
+        Ok(self.encoder.pack()? + proj)
+    }
+
     pub fn decoder_mut(&mut self) -> &mut Gpt2LMHeadModel {
         &mut self.decoder
     }

@@ -1,0 +1,270 @@
+//! f32 GEMM on weights packed once at load, for the encoder side in WASM.
+//!
+//! candle's `gemm` reaches ~30 GFLOP/s on one core of simd128 (Chromium, this machine), and
+//! packs the weight again on every call. V8 gives WASM 16 SIMD registers (one kept for
+//! scratch), so the widest micro-tile that stays in registers is 3 rows × 12 output features:
+//! 9 accumulators, 3 weight vectors and one broadcast input. With the weight laid out as that
+//! kernel reads it (panels of 12 output features, `[in][12]` each, read front to back) it runs
+//! at ~40 GFLOP/s, and at ~50 with relaxed-SIMD fused multiply-add (measured in Node on
+//! SigLIP-B's shapes, 196 × 768 × {768, 3072}).
+//!
+//! Every output sums its products in input order, whatever rows come with it, so a row gives
+//! the same bits alone, in a batch, or on any thread. Natively the same code runs on `[f32; 4]`
+//! (for tests); native inference keeps candle's multi-threaded GEMM.
+
+/// Whether packing pays in this build: the simd128 kernel beats candle's GEMM only in WASM.
+pub const FASTER_THAN_GEMM: bool = cfg!(all(target_arch = "wasm32", target_feature = "simd128"));
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod lanes {
+    use core::arch::wasm32::*;
+    pub type V = v128;
+
+    #[inline(always)]
+    pub fn zero() -> V {
+        f32x4_splat(0.0)
+    }
+
+    /// SAFETY (all loads and stores): `p..p + 4` in bounds; wasm needs no alignment.
+    #[inline(always)]
+    pub unsafe fn load(p: *const f32) -> V {
+        v128_load(p as *const v128)
+    }
+
+    #[inline(always)]
+    pub unsafe fn store(p: *mut f32, v: V) {
+        v128_store(p as *mut v128, v)
+    }
+
+    /// `*p` in every lane. SAFETY: `p` in bounds.
+    #[inline(always)]
+    pub unsafe fn splat(p: *const f32) -> V {
+        v128_load32_splat(p as *const u32)
+    }
+
+    /// a·b + c; one rounding where relaxed SIMD fuses it (the browser decides).
+    #[cfg(target_feature = "relaxed-simd")]
+    #[inline(always)]
+    pub fn madd(a: V, b: V, c: V) -> V {
+        f32x4_relaxed_madd(a, b, c)
+    }
+
+    #[cfg(not(target_feature = "relaxed-simd"))]
+    #[inline(always)]
+    pub fn madd(a: V, b: V, c: V) -> V {
+        f32x4_add(f32x4_mul(a, b), c)
+    }
+}
+
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+mod lanes {
+    pub type V = [f32; 4];
+
+    #[inline(always)]
+    pub fn zero() -> V {
+        [0.0; 4]
+    }
+
+    #[inline(always)]
+    pub unsafe fn load(p: *const f32) -> V {
+        core::ptr::read_unaligned(p as *const V)
+    }
+
+    #[inline(always)]
+    pub unsafe fn store(p: *mut f32, v: V) {
+        core::ptr::write_unaligned(p as *mut V, v)
+    }
+
+    #[inline(always)]
+    pub unsafe fn splat(p: *const f32) -> V {
+        [*p; 4]
+    }
+
+    #[inline(always)]
+    pub fn madd(a: V, b: V, c: V) -> V {
+        [a[0] * b[0] + c[0], a[1] * b[1] + c[1], a[2] * b[2] + c[2], a[3] * b[3] + c[3]]
+    }
+}
+
+mod kernel {
+    use super::lanes::*;
+    include!("packed_kernel.rs");
+}
+
+use kernel::NR;
+
+/// A `[out, in]` weight (`nn.Linear`) in panels of 12 output features, each `[in][12]`, the
+/// last zero-padded.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    panels: Vec<f32>,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl PackedWeight {
+    /// `w` is `[out_dim, in_dim]` row-major.
+    pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Option<Self> {
+        if w.len() != out_dim * in_dim || in_dim == 0 {
+            return None;
+        }
+        let mut panels = vec![0f32; out_dim.div_ceil(NR) * in_dim * NR];
+        for (o, row) in w.chunks_exact(in_dim).enumerate() {
+            let (p, j) = (o / NR, o % NR);
+            let panel = &mut panels[p * in_dim * NR..(p + 1) * in_dim * NR];
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * NR + j] = v;
+            }
+        }
+        Some(Self { panels, out_dim, in_dim })
+    }
+
+    /// (out, in)
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_dim, self.in_dim)
+    }
+
+    /// y = x·Wᵀ (+ b) for `x` `[rows, in]`: `[rows, out]`. None when the lengths disagree.
+    pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>) -> Option<Vec<f32>> {
+        let (out_dim, in_dim) = (self.out_dim, self.in_dim);
+        if x.len() % in_dim != 0 || bias.is_some_and(|b| b.len() != out_dim) {
+            return None;
+        }
+        let rows = x.len() / in_dim;
+        let n_panels = out_dim.div_ceil(NR);
+        let ldc = n_panels * NR;
+        let mut bias_padded = vec![0f32; ldc];
+        if let Some(b) = bias {
+            bias_padded[..out_dim].copy_from_slice(b);
+        }
+        let mut y = vec![0f32; rows * ldc];
+        let args = (x.as_ptr(), rows, in_dim, self.panels.as_ptr(), n_panels, bias_padded.as_ptr(), y.as_mut_ptr());
+        // SAFETY: x is [rows, in_dim], the panels n_panels × in_dim × 12 (`pack`), the bias
+        // and each row of y n_panels × 12 long.
+        unsafe {
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            if relaxed::ready() {
+                relaxed::gemm(args);
+                return Some(compact(y, ldc, out_dim));
+            }
+            kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6);
+        }
+        Some(compact(y, ldc, out_dim))
+    }
+}
+
+/// Rows of `ldc` floats cut to their first `out_dim`.
+fn compact(y: Vec<f32>, ldc: usize, out_dim: usize) -> Vec<f32> {
+    if ldc == out_dim {
+        return y;
+    }
+    y.chunks_exact(ldc).flat_map(|row| &row[..out_dim]).copied().collect()
+}
+
+/// The kernel with fused multiply-add, where the browser has relaxed SIMD: a WASM module of its
+/// own (`packed_relaxed.rs`, built by `build.rs`, ~2 KB), because a module that uses one
+/// relaxed instruction fails to compile as a whole where relaxed SIMD is missing. It shares
+/// this module's memory; each thread instantiates it once (`js/relaxed-kernel.js`).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod relaxed {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use wasm_bindgen::prelude::*;
+
+    #[wasm_bindgen(module = "/js/relaxed-kernel.js")]
+    extern "C" {
+        fn wasmcap_relaxed_kernel_init(memory: JsValue, bytes: &[u8]) -> bool;
+        fn wasmcap_relaxed_kernel_gemm(a: u32, rows: u32, in_dim: u32, panels: u32, n_panels: u32, bias: u32, c: u32);
+    }
+
+    static MODULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/packed_relaxed.wasm"));
+    pub static ALLOWED: AtomicBool = AtomicBool::new(true);
+
+    thread_local! {
+        static READY: Cell<Option<bool>> = const { Cell::new(None) };
+    }
+
+    /// Whether the side module runs on this thread (instantiated on first ask).
+    pub fn ready() -> bool {
+        ALLOWED.load(Ordering::Relaxed)
+            && READY.with(|r| {
+                let ready = r.get().unwrap_or_else(|| wasmcap_relaxed_kernel_init(wasm_bindgen::memory(), MODULE));
+                r.set(Some(ready));
+                ready
+            })
+    }
+
+    /// SAFETY: as `kernel::gemm`; wasm32 pointers and sizes fit u32.
+    pub unsafe fn gemm((a, rows, in_dim, panels, n_panels, bias, c): (*const f32, usize, usize, *const f32, usize, *const f32, *mut f32)) {
+        wasmcap_relaxed_kernel_gemm(a as u32, rows as u32, in_dim as u32, panels as u32, n_panels as u32, bias as u32, c as u32)
+    }
+}
+
+/// Which kernel packed weights multiply with on this thread: "relaxed-simd" (fused
+/// multiply-add), "simd128", or "portable" (natively, where only tests use it).
+pub fn kernel_name() -> &'static str {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return if relaxed::ready() { "relaxed-simd" } else { "simd128" };
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    "portable"
+}
+
+/// Lets packed weights use the relaxed-SIMD kernel where the browser has it (the default), or
+/// keeps them on the simd128 one: to compare the two.
+pub fn allow_relaxed_simd(allow: bool) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    relaxed::ALLOWED.store(allow, std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    let _ = allow;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// y = x·Wᵀ + b, each output summed in input order as the kernel does.
+    fn reference(w: &[f32], x: &[f32], b: &[f32], out_dim: usize, in_dim: usize) -> Vec<f32> {
+        x.chunks_exact(in_dim)
+            .flat_map(|xr| (0..out_dim).map(move |o| (0..in_dim).fold(b[o], |s, k| xr[k] * w[o * in_dim + k] + s)))
+            .collect()
+    }
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * 0.618 + seed as f32) * 12.9898).sin()).collect()
+    }
+
+    #[test]
+    fn every_shape_edge_gives_the_reference_sums() {
+        // Rows not a multiple of 3, features not of 12, inputs over one 512-wide pass.
+        for (rows, out_dim, in_dim) in [(1, 1, 1), (2, 5, 7), (3, 12, 16), (4, 13, 33), (5, 24, 512), (7, 30, 1100), (196, 36, 64)] {
+            let w = noise(out_dim * in_dim, 1);
+            let x = noise(rows * in_dim, 2);
+            let b = noise(out_dim, 3);
+            let packed = PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree");
+            let got = packed.matmul(&x, Some(&b)).expect("lengths agree");
+            assert_eq!(got, reference(&w, &x, &b, out_dim, in_dim), "{rows}×{in_dim} · {in_dim}→{out_dim}");
+            let no_bias = packed.matmul(&x, None).expect("lengths agree");
+            assert_eq!(no_bias, reference(&w, &x, &vec![0.0; out_dim], out_dim, in_dim));
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        let (rows, out_dim, in_dim) = (8, 20, 600);
+        let packed = PackedWeight::pack(&noise(out_dim * in_dim, 4), out_dim, in_dim).expect("lengths agree");
+        let x = noise(rows * in_dim, 5);
+        let all = packed.matmul(&x, None).expect("lengths agree");
+        for (r, xr) in x.chunks_exact(in_dim).enumerate() {
+            assert_eq!(packed.matmul(xr, None).expect("lengths agree"), all[r * out_dim..(r + 1) * out_dim]);
+        }
+    }
+
+    #[test]
+    fn lengths_that_disagree_are_refused() {
+        assert!(PackedWeight::pack(&[0.0; 6], 2, 4).is_none());
+        let packed = PackedWeight::pack(&[0.0; 8], 2, 4).expect("lengths agree");
+        assert!(packed.matmul(&[0.0; 6], None).is_none());
+        assert!(packed.matmul(&[0.0; 8], Some(&[0.0; 3])).is_none());
+    }
+}
