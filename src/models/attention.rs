@@ -18,6 +18,11 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 /// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` is
 /// added to the scores (0 or -inf), broadcast over batch and heads.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    if super::packed::FASTER_THAN_GEMM && q.dim(2)? >= MIN_PACKED_QUERIES && !super::tracks_grad(&[q, k, v]) {
+        if let Some(out) = packed_attention(q, k, v, scale, mask)? {
+            return Ok(out);
+        }
+    }
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
@@ -26,9 +31,47 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
     let probs = if super::tracks_grad(&[&scores]) {
         candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
     } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
+        super::activation::softmax_last_dim(&scores)?
     };
     probs.matmul(v)
+}
+
+/// Queries from which attention multiplies with our packed GEMM kernel (the encoder, prefill):
+/// packing keys and values per head costs about what one query row's products do, so decoding
+/// (one query) keeps candle's matmul.
+const MIN_PACKED_QUERIES: usize = 16;
+
+/// `scaled_dot_product` head by head on `super::packed`'s kernel (keys and values packed per
+/// head, scores softmaxed in place), the heads over the threads. None where it does not apply:
+/// not f32 on the CPU, or a mask other than [Tq, Tk].
+fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (b, h, tq, d) = q.dims4()?;
+    let tk = k.dim(2)?;
+    if [q, k, v].iter().any(|t| t.dtype() != candle_core::DType::F32 || !t.device().is_cpu()) || k.dims4()? != (b, h, tk, d) || v.dims4()? != (b, h, tk, d) {
+        return Ok(None);
+    }
+    let mask = match mask {
+        None => None,
+        Some(m) if m.dims() == [tq, tk] => Some(m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        Some(_) => return Ok(None),
+    };
+    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+    let scale = scale as f32;
+    let heads = crate::parallel::map(b * h, |i| -> Result<Vec<f32>> {
+        let err = || candle_core::Error::Msg(format!("attention: head {i} of q {:?}, k/v {:?}", q.dims(), k.dims()));
+        let keys = super::packed::PackedWeight::pack(&ks[i * tk * d..(i + 1) * tk * d], tk, d).ok_or_else(err)?;
+        let mut scores = keys.matmul(&qs[i * tq * d..(i + 1) * tq * d], None).ok_or_else(err)?;
+        match &mask {
+            Some(m) => scores.iter_mut().zip(m).for_each(|(s, m)| *s = *s * scale + m),
+            None => scores.iter_mut().for_each(|s| *s *= scale),
+        }
+        super::activation::softmax_rows(&mut scores, tk);
+        let values = super::packed::PackedWeight::pack_in_out(&vs[i * tk * d..(i + 1) * tk * d], tk, d).ok_or_else(err)?;
+        values.matmul(&scores, None).ok_or_else(err)
+    });
+    let out = heads.into_iter().collect::<Result<Vec<_>>>()?.concat();
+    Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
 /// Appends k/v [B, H, T, d] to `cache` and returns everything cached; without a cache (training
@@ -60,4 +103,31 @@ pub fn select_kv(cache: &candle_nn::kv_cache::KvCache, rows: &Tensor) -> Result<
 /// `rows` as the index tensor `select_kv` and friends take.
 pub fn row_index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
     Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn packed_attention_matches_candles() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, tq, tk, d, masked) in [(1, 2, 17, 17, 8, true), (2, 3, 20, 5, 13, false), (1, 1, 16, 40, 64, false)] {
+            let q = Tensor::randn(0f32, 1., (b, h, tq, d), &dev)?;
+            let k = Tensor::randn(0f32, 1., (b, h, tk, d), &dev)?;
+            let v = Tensor::randn(0f32, 1., (b, h, tk, d), &dev)?;
+            let mask = masked.then(|| causal_mask(tq, tk - tq, &dev)).transpose()?;
+            let ours = packed_attention(&q, &k, &v, 0.3, mask.as_ref())?.expect("f32 on the CPU, a [Tq, Tk] mask");
+            let scores = (q.matmul(&k.t()?)? * 0.3)?;
+            let scores = match &mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let theirs = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            let diff = (ours - theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "b{b} h{h} tq{tq} tk{tk} d{d}: {diff}");
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
 //! Pure model maths: no I/O, no JS, no CLI. One file per model; module prefixes spell the
 //! tensor names of `model.safetensors`.
 
+pub mod activation;
 pub mod attention;
 pub mod gpt2;
 pub mod linear;

@@ -119,6 +119,20 @@ impl PackedWeight {
         Some(Self { panels, out_dim, in_dim })
     }
 
+    /// `w` is `[in_dim, out_dim]` row-major (HF GPT-2 `Conv1D`; attention's values).
+    pub fn pack_in_out(w: &[f32], in_dim: usize, out_dim: usize) -> Option<Self> {
+        if w.len() != out_dim * in_dim || in_dim == 0 {
+            return None;
+        }
+        let mut panels = vec![0f32; out_dim.div_ceil(NR) * in_dim * NR];
+        for (k, row) in w.chunks_exact(out_dim.max(1)).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                panels[((o / NR) * in_dim + k) * NR + o % NR] = v;
+            }
+        }
+        Some(Self { panels, out_dim, in_dim })
+    }
+
     /// (out, in)
     pub fn dims(&self) -> (usize, usize) {
         (self.out_dim, self.in_dim)
@@ -258,6 +272,15 @@ mod tests {
         for (r, xr) in x.chunks_exact(in_dim).enumerate() {
             assert_eq!(packed.matmul(xr, None).expect("lengths agree"), all[r * out_dim..(r + 1) * out_dim]);
         }
+    }
+
+    #[test]
+    fn both_layouts_pack_alike() {
+        let (out_dim, in_dim) = (14, 9);
+        let w = noise(out_dim * in_dim, 6);
+        let t: Vec<f32> = (0..in_dim).flat_map(|k| (0..out_dim).map(|o| w[o * in_dim + k]).collect::<Vec<_>>()).collect();
+        let (a, b) = (PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree"), PackedWeight::pack_in_out(&t, in_dim, out_dim).expect("lengths agree"));
+        assert_eq!((a.panels, a.out_dim, a.in_dim), (b.panels, b.out_dim, b.in_dim));
     }
 
     #[test]

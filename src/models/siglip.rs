@@ -161,7 +161,7 @@ impl SiglipMlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&super::activation::forward(&self.act, &self.fc1.forward(xs)?)?)
     }
 }
 
