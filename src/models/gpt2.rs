@@ -311,6 +311,18 @@ impl Gpt2LMHeadModel {
         Ok(done)
     }
 
+    /// The cross-attention key/value projections packed for the WASM GEMM kernel (they only
+    /// ever see the encoder's many rows; `Conv1D::pack`, nothing natively). Returns how many.
+    pub fn pack_cross_attention(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for block in &mut self.h {
+            if let Some((_, cross)) = &mut block.cross {
+                n += usize::from(cross.c_attn.pack()?);
+            }
+        }
+        Ok(n)
+    }
+
     pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {
         let images = cross_attn.as_ref().and_then(|layers| layers.first()).and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1);
         Gpt2Cache {

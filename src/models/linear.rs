@@ -585,15 +585,29 @@ pub struct Conv1D {
     weight: Tensor,
     bias: Tensor,
     quantized: Option<Quantized>,
+    packed: Option<PackedWeight>,
 }
 
 impl Conv1D {
     pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
         let bias = vb.get(d_out, "bias")?;
         if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
-            return Ok(Self { weight: no_weight()?, bias, quantized: Some(q) });
+            return Ok(Self { weight: no_weight()?, bias, quantized: Some(q), packed: None });
         }
-        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias, quantized: None })
+        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias, quantized: None, packed: None })
+    }
+
+    /// As [`Linear::pack`]: for a projection of many rows only (GPT-2's cross-attention keys
+    /// and values, computed once per image).
+    pub fn pack(&mut self) -> Result<bool> {
+        if !packed::FASTER_THAN_GEMM || self.quantized.is_some() || self.packed.is_some() {
+            return Ok(false);
+        }
+        let (in_dim, out_dim) = self.weight.dims2()?;
+        let Some(p) = with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))? else { return Ok(false) };
+        self.weight = no_weight()?;
+        self.packed = Some(p);
+        Ok(true)
     }
 
     /// As [`Linear::quantize`]; the weight is transposed to `[out, in]` first (blocks run along
@@ -602,8 +616,16 @@ impl Conv1D {
         if self.quantized.is_some() {
             return Ok(false);
         }
-        let Some(q) = quantize_out_in(&self.weight.t()?, dtype)? else { return Ok(false) };
+        let out_in = match &self.packed {
+            Some(p) => {
+                let (out_dim, in_dim) = p.dims();
+                Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu)?
+            }
+            None => self.weight.t()?,
+        };
+        let Some(q) = quantize_out_in(&out_in, dtype)? else { return Ok(false) };
         self.weight = no_weight()?;
+        self.packed = None;
         self.quantized = Some(q);
         Ok(true)
     }
@@ -613,6 +635,9 @@ impl Module for Conv1D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.quantized {
             return quantized_forward(q, xs, Some(&self.bias));
+        }
+        if let Some(p) = &self.packed {
+            return packed_forward(p, xs, Some(&self.bias));
         }
         if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias])) {
             return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);
@@ -643,7 +668,7 @@ mod tests {
             assert!(diff < 1e-4, "linear {d_in}x{d_out}: {diff}");
 
             let wt = w.t()?.contiguous()?;
-            let conv = Conv1D { weight: wt, bias: b.clone(), quantized: None };
+            let conv = Conv1D { weight: wt, bias: b.clone(), quantized: None, packed: None };
             let fast = conv.forward(&x)?;
             let diff = (fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "conv1d {d_in}x{d_out}: {diff}");
@@ -659,7 +684,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1., d_out, &dev)?;
             let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
             let linear = Linear::new(w.clone(), Some(b.clone()));
-            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b.clone(), quantized: None };
+            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b.clone(), quantized: None, packed: None };
             let mut q8 = Linear::new(w.clone(), Some(b));
             assert!(q8.quantize(GgmlDType::Q8_0)?);
             for (name, layer) in [("linear", &linear as &dyn Module), ("conv1d", &conv), ("q8_0", &q8)] {
@@ -686,7 +711,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1., d_out, &dev)?;
             let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
             let linear = Linear::new(w.clone(), Some(b.clone()));
-            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b, quantized: None };
+            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b, quantized: None, packed: None };
             for layer in [&linear as &dyn Module, &conv] {
                 let batch = layer.forward(&xs)?.to_vec3::<f32>()?;
                 for (m, got) in batch.iter().enumerate() {

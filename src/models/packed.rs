@@ -133,6 +133,12 @@ impl PackedWeight {
         Some(Self { panels, out_dim, in_dim })
     }
 
+    /// The weight back as `[out_dim, in_dim]` row-major.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (out_dim, in_dim) = (self.out_dim, self.in_dim);
+        (0..out_dim).flat_map(|o| (0..in_dim).map(move |k| self.panels[((o / NR) * in_dim + k) * NR + o % NR])).collect()
+    }
+
     /// (out, in)
     pub fn dims(&self) -> (usize, usize) {
         (self.out_dim, self.in_dim)
@@ -280,6 +286,7 @@ mod tests {
         let w = noise(out_dim * in_dim, 6);
         let t: Vec<f32> = (0..in_dim).flat_map(|k| (0..out_dim).map(|o| w[o * in_dim + k]).collect::<Vec<_>>()).collect();
         let (a, b) = (PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree"), PackedWeight::pack_in_out(&t, in_dim, out_dim).expect("lengths agree"));
+        assert_eq!(a.unpack(), w);
         assert_eq!((a.panels, a.out_dim, a.in_dim), (b.panels, b.out_dim, b.in_dim));
     }
 

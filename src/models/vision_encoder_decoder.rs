@@ -83,14 +83,15 @@ impl VisionEncoderDecoder {
         Ok(self.encoder.dequantize()? + proj)
     }
 
-    /// The encoder side's f32 matrices packed for the WASM GEMM kernel (`Linear::pack`; nothing
-    /// natively). Returns how many.
+    /// The f32 matrices that only multiply the image's many rows — the encoder, `enc_to_dec_proj`
+    /// and the decoder's cross-attention keys/values — packed for the WASM GEMM kernel
+    /// (`Linear::pack`; nothing natively). Returns how many.
     pub fn pack_encoder(&mut self) -> Result<usize> {
         let proj = match &mut self.enc_to_dec_proj {
             Some(p) => usize::from(p.pack()?),
             None => 0,
         };
-        Ok(self.encoder.pack()? + proj)
+        Ok(self.encoder.pack()? + proj + self.decoder.pack_cross_attention()?)
     }
 
     pub fn decoder_mut(&mut self) -> &mut Gpt2LMHeadModel {
