@@ -299,8 +299,11 @@ pub const Q8_0_SCALES_SUFFIX: &str = ".q8_0_scales";
 
 /// The f32 matrix `[out_dim, in_dim]` that q8_0 blocks hold.
 fn dequantize_q8_0(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result<Tensor> {
-    let w: Vec<f32> = qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect();
-    Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu)
+    Tensor::from_vec(dequantize_q8_0_vec(qs, scales), (out_dim, in_dim), &Device::Cpu)
+}
+
+fn dequantize_q8_0_vec(qs: &[i8], scales: &[f32]) -> Vec<f32> {
+    qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect()
 }
 
 /// What a quantized layer keeps where its f32 weight was.
@@ -419,6 +422,10 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
             }
             None => {
                 // Many rows: dequantize and use the GEMM.
+                let packed = || Ok(PackedWeight::pack(&dequantize_q8_0_vec(qs, scales), q.out_dim, q.in_dim));
+                if let Some(ys) = packed_for_this_call(xs, packed, bias)? {
+                    return Ok(ys);
+                }
                 gemm_rows(xs, &dequantize_q8_0(qs, scales, q.out_dim, q.in_dim)?.t()?)?
             }
         },
@@ -532,6 +539,15 @@ impl Module for Linear {
         if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight])) {
             return matvec_out_in(xs, &self.weight, self.bias.as_ref(), rows);
         }
+        if !super::tracks_grad(&[xs, &self.weight]) {
+            let packed = || {
+                let (out_dim, in_dim) = self.weight.dims2()?;
+                with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))
+            };
+            if let Some(ys) = packed_for_this_call(xs, packed, self.bias.as_ref())? {
+                return Ok(ys);
+            }
+        }
         let ys = if crate::parallel::threads() > 1 && !super::tracks_grad(&[xs, &self.weight]) {
             gemm_rows(xs, &self.weight.t()?)?
         } else {
@@ -558,6 +574,24 @@ pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result
 
 pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
     linear_b(d_in, d_out, true, vb)
+}
+
+/// Rows from which a GEMM in WASM packs its weight for the call (prefill of a decoder, whose
+/// weights stay as decoding reads them): packing reads and writes the weight once, about what
+/// 10 rows of products cost, and our kernel is ~1.6× candle's.
+const MIN_PACK_ROWS: usize = 48;
+
+/// `xs`·Wᵀ (+ b) on our WASM kernel with W packed by `pack` for this call alone, when there
+/// are enough rows for that to pay; None otherwise (and natively).
+fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<PackedWeight>>, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let d = xs.dim(D::Minus1)?;
+    if !packed::FASTER_THAN_GEMM || d == 0 || xs.elem_count() / d < MIN_PACK_ROWS || xs.dtype() != candle_core::DType::F32 || !xs.device().is_cpu() {
+        return Ok(None);
+    }
+    match pack()? {
+        Some(p) => packed_forward(&p, xs, b).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads.
@@ -641,6 +675,15 @@ impl Module for Conv1D {
         }
         if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias])) {
             return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);
+        }
+        if !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
+            let packed = || {
+                let (in_dim, out_dim) = self.weight.dims2()?;
+                with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))
+            };
+            if let Some(ys) = packed_for_this_call(xs, packed, Some(&self.bias))? {
+                return Ok(ys);
+            }
         }
         if crate::parallel::threads() > 1 && !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
             return gemm_rows(xs, &self.weight)?.broadcast_add(&self.bias);

@@ -1,0 +1,98 @@
+//! Our matrix kernels against candle's plain arithmetic, on shapes where the WASM build takes
+//! its own paths (`models::packed`: weights packed at load or per call, attention of 16+
+//! queries, the vectorised activations). Natively these calls run candle's code, so the test
+//! means most in headless Chromium (`wasm-pack test`), on both GEMM kernels.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{Activation, VarBuilder};
+use std::collections::HashMap;
+use wasmcap::models::linear::{Conv1D, Linear};
+use wasmcap::models::{activation, attention, packed};
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()).expect("same shapes")
+}
+
+/// Deterministic values in [-1, 1] (candle's randn differs between native and WASM builds).
+fn values(shape: &[usize], seed: u32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618 + seed as f32) * 12.9898).sin()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("length matches")
+}
+
+fn check(name: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
+    let d = max_diff(ours, theirs);
+    assert!(d <= tol, "{name} [{}]: max |Δ| {d}", packed::kernel_name());
+}
+
+#[test]
+fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
+    for relaxed in [true, false] {
+        packed::allow_relaxed_simd(relaxed);
+        // 64 rows: packed for the call (prefill); 5: candle's GEMM; odd feature counts.
+        for (rows, d_in, d_out) in [(64, 96, 50), (5, 96, 50), (70, 64, 24)] {
+            let (w, b, x) = (values(&[d_out, d_in], 1), values(&[d_out], 2), values(&[1, rows, d_in], 3));
+            let want = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+
+            let mut linear = Linear::new(w.clone(), Some(b.clone()));
+            check("linear", &linear.forward(&x)?, &want, 1e-4);
+            linear.pack()?; // at load, in WASM
+            check("linear packed at load", &linear.forward(&x)?, &want, 1e-4);
+
+            let vb = VarBuilder::from_tensors(HashMap::from([("weight".to_string(), w.t()?.contiguous()?), ("bias".to_string(), b.clone())]), candle_core::DType::F32, &Device::Cpu);
+            let mut conv = Conv1D::new(d_in, d_out, vb)?;
+            check("conv1d", &conv.forward(&x)?, &want, 1e-4);
+            conv.pack()?;
+            check("conv1d packed at load", &conv.forward(&x)?, &want, 1e-4);
+
+            // q8_0 (rows of whole 32-blocks): many rows dequantize (and pack, in WASM).
+            if d_in % 32 == 0 {
+                let mut q8 = Linear::new(w.clone(), Some(b.clone()));
+                assert!(q8.quantize(GgmlDType::Q8_0)?);
+                let mut deq = q8.clone();
+                assert!(deq.dequantize()?);
+                let want_q8 = x.broadcast_matmul(&deq.weight().t()?)?.broadcast_add(&b)?;
+                check("q8_0", &q8.forward(&x)?, &want_q8, 1e-4);
+                // A packed Conv1D quantizes from its packed weight.
+                let mut conv_q8 = conv.clone();
+                assert!(conv_q8.quantize(GgmlDType::Q8_0)?);
+                check("conv1d packed then q8_0", &conv_q8.forward(&x)?, &want_q8, 1e-4);
+            }
+        }
+    }
+    packed::allow_relaxed_simd(true);
+    Ok(())
+}
+
+#[test]
+fn attention_of_many_queries_matches_the_formula() -> Result<()> {
+    for (tq, tk, masked) in [(20, 20, true), (16, 30, false), (3, 9, false)] {
+        let (q, k, v) = (values(&[1, 2, tq, 8], 4), values(&[1, 2, tk, 8], 5), values(&[1, 2, tk, 8], 6));
+        let mask = masked.then(|| attention::causal_mask(tq, tk - tq, &Device::Cpu)).transpose()?;
+        let ours = attention::scaled_dot_product(&q, &k, &v, 0.35, mask.as_ref())?;
+        let scores = (q.matmul(&k.t()?)? * 0.35)?;
+        let scores = match &mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let theirs = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        check(&format!("attention tq {tq} tk {tk}"), &ours, &theirs, 1e-5);
+    }
+    Ok(())
+}
+
+#[test]
+fn activations_match_candles() -> Result<()> {
+    let x = (values(&[4, 250], 7) * 12.0)?;
+    for act in [Activation::GeluPytorchTanh, Activation::NewGelu, Activation::Silu, Activation::Gelu] {
+        check(&format!("{act:?}"), &activation::forward(&act, &x)?, &x.apply(&act)?, 2e-6 * 12.0);
+    }
+    check("softmax", &activation::softmax_last_dim(&x)?, &candle_nn::ops::softmax_last_dim(&x)?, 1e-6);
+    Ok(())
+}
