@@ -233,15 +233,19 @@ impl Captioner {
         let mut captioner = Self { model, tokenizer, preprocessor, generation };
         if q8_0 {
             captioner.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0)?;
+        }
+        // In WASM the encoder side is packed for our GEMM kernel, a q8_0 checkpoint's straight
+        // from its blocks; what is not packed (natively: all of it) goes back to f32.
+        match &mut captioner.model {
+            Model::CrossAttention(m) => m.pack_encoder()?,
+            Model::Prefix(m) => m.pack_vision()?,
+        };
+        if q8_0 {
             match &mut captioner.model {
                 Model::CrossAttention(m) => m.dequantize_encoder()?,
                 Model::Prefix(m) => m.dequantize_vision()?,
             };
         }
-        match &mut captioner.model {
-            Model::CrossAttention(m) => m.pack_encoder()?,
-            Model::Prefix(m) => m.pack_vision()?,
-        };
         Ok(captioner)
     }
 

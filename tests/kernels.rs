@@ -59,6 +59,10 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
                 assert!(deq.dequantize()?);
                 let want_q8 = x.broadcast_matmul(&deq.weight().t()?)?.broadcast_add(&b)?;
                 check("q8_0", &q8.forward(&x)?, &want_q8, 1e-4);
+                // A quantized checkpoint's encoder: packed straight from the blocks, in WASM.
+                let mut q8_packed = q8.clone();
+                q8_packed.pack()?;
+                check("q8_0 packed at load", &q8_packed.forward(&x)?, &want_q8, 1e-4);
                 // A packed Conv1D quantizes from its packed weight.
                 let mut conv_q8 = conv.clone();
                 assert!(conv_q8.quantize(GgmlDType::Q8_0)?);

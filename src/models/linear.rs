@@ -456,12 +456,12 @@ impl Linear {
     /// false, changing nothing, where that kernel is not the faster one (natively), or the
     /// weight is quantized, packed already or has a LoRA update attached.
     pub fn pack(&mut self) -> Result<bool> {
-        if !packed::FASTER_THAN_GEMM || self.lora.is_some() || self.quantized.is_some() || self.packed.is_some() {
+        if !packed::FASTER_THAN_GEMM || self.lora.is_some() || self.packed.is_some() {
             return Ok(false);
         }
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let Some(p) = with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))? else { return Ok(false) };
+        let Some(p) = pack_out_in(&self.weight, self.quantized.as_ref())? else { return Ok(false) };
         self.weight = no_weight()?;
+        self.quantized = None;
         self.packed = Some(p);
         Ok(true)
     }
@@ -594,6 +594,19 @@ fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<Packed
     }
 }
 
+/// A `[out, in]` weight packed: from its f32 tensor, or straight from q8_0 blocks (a quantized
+/// checkpoint's encoder: no f32 copy in between). None for other block formats.
+fn pack_out_in(weight: &Tensor, quantized: Option<&Quantized>) -> Result<Option<PackedWeight>> {
+    match quantized {
+        Some(Quantized { weight: QuantizedWeight::Q8 { qs, scales }, out_dim, in_dim }) => Ok(PackedWeight::pack(&dequantize_q8_0_vec(qs, scales), *out_dim, *in_dim)),
+        Some(_) => Ok(None),
+        None => {
+            let (out_dim, in_dim) = weight.dims2()?;
+            with_f32(&weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))
+        }
+    }
+}
+
 /// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads.
 fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (out_dim, in_dim) = p.dims();
@@ -634,12 +647,19 @@ impl Conv1D {
     /// As [`Linear::pack`]: for a projection of many rows only (GPT-2's cross-attention keys
     /// and values, computed once per image).
     pub fn pack(&mut self) -> Result<bool> {
-        if !packed::FASTER_THAN_GEMM || self.quantized.is_some() || self.packed.is_some() {
+        if !packed::FASTER_THAN_GEMM || self.packed.is_some() {
             return Ok(false);
         }
-        let (in_dim, out_dim) = self.weight.dims2()?;
-        let Some(p) = with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))? else { return Ok(false) };
+        let p = match &self.quantized {
+            Some(q) => pack_out_in(&self.weight, Some(q))?,
+            None => {
+                let (in_dim, out_dim) = self.weight.dims2()?;
+                with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))?
+            }
+        };
+        let Some(p) = p else { return Ok(false) };
         self.weight = no_weight()?;
+        self.quantized = None;
         self.packed = Some(p);
         Ok(true)
     }
