@@ -15,10 +15,11 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
-/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` is
-/// added to the scores (0 or -inf), broadcast over batch and heads.
+/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` (f32) is
+/// added to the scores (0 or -inf), broadcast over batch and heads. Scores of a lower precision
+/// (bf16 training) are taken to f32 for the mask and the softmax, as PyTorch's autocast does.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(candle_core::DType::F32)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
@@ -28,7 +29,7 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
     } else {
         candle_nn::ops::softmax_last_dim(&scores)?
     };
-    probs.matmul(v)
+    probs.to_dtype(v.dtype())?.matmul(v)
 }
 
 /// Appends k/v [B, H, T, d] to `cache` and returns everything cached; without a cache (training

@@ -7,10 +7,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde_json::{json, Value};
 
 use super::data::{load_dataset, Dataset, DatasetOptions, Split};
+use super::device::{DeviceSpec, Precision};
 use super::features::{batch_features, cache_key, FeatureCache};
 use super::metrics::{score, CaptionScores};
 use super::model::{pretty, safetensors_bytes, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
@@ -57,6 +58,12 @@ pub struct TrainConfig {
     pub feature_cache: Option<PathBuf>,
     pub progress: bool,
     pub pause_ms: u64,
+    /// `--device`: cpu, cuda[:N], or auto (the GPU when there is one and the binary has CUDA).
+    pub device: DeviceSpec,
+    /// `--dtype`: f32, or bf16 (GPU) with f32 master weights and optimizer state.
+    pub precision: Precision,
+    /// Allow TF32 in f32 matrix products on the GPU.
+    pub tf32: bool,
 }
 
 /// One (image, caption) pair as token rows.
@@ -90,6 +97,10 @@ pub struct TrainSummary {
     pub total_params: usize,
     pub eval: Option<CaptionScores>,
     pub skipped_rows: String,
+    pub device: String,
+    pub dtype: Precision,
+    /// GPU memory in use (total − free, MiB), the most seen after any optimizer step; CPU: none.
+    pub gpu_memory_mib: Option<f64>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -100,7 +111,16 @@ pub fn load_split(cfg: &TrainConfig, split: Split) -> Result<Dataset> {
     load_dataset(&cfg.dataset, cfg.data_root.as_deref(), split, &cfg.data)
 }
 
-pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+/// The datasets and the model of a run, on the device and in the precision `cfg` asks for.
+struct Prepared {
+    train_set: Dataset,
+    val_set: Option<Dataset>,
+    model: TrainModel,
+}
+
+fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
+    let device = super::device::open(cfg.device)?;
+    super::device::configure(&device, cfg.precision, cfg.tf32)?;
     let train_set = load_split(cfg, Split::Train)?;
     let val_set = match load_split(cfg, Split::Val) {
         Ok(v) => Some(v),
@@ -134,26 +154,30 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         (None, None, Some(encoder), Some(decoder)) => Source::Folders { encoder, decoder },
         _ => return Err(Error::config("train", "give --encoder-model and --decoder-model, or --model DIR, or --init-from-config CONFIG.json")),
     };
-    let mut model = TrainModel::build(
-        source,
-        BuildOptions {
-            arch: cfg.arch,
-            train_encoder: cfg.train_encoder,
-            train_decoder: cfg.train_decoder,
-            lora: cfg.lora.clone(),
-            seed: cfg.seed,
-            tokenizer,
-        },
-    )?;
+    let options = BuildOptions {
+        arch: cfg.arch,
+        train_encoder: cfg.train_encoder,
+        train_decoder: cfg.train_decoder,
+        lora: cfg.lora.clone(),
+        seed: cfg.seed,
+        tokenizer,
+    };
+    let mut model = TrainModel::build_on(source, options, &device, cfg.precision.dtype())?;
     model.max_caption_tokens = cfg.max_len;
     eprintln!(
-        "{:?}: {} trainable of {} parameters ({:.2} %){}",
+        "{:?}: {} trainable of {} parameters ({:.2} %){}{}",
         model.arch,
         model.num_trainable(),
         model.num_total(),
         100.0 * model.num_trainable() as f64 / model.num_total().max(1) as f64,
-        if model.initialised.is_empty() { String::new() } else { format!("; {} tensors freshly initialised", model.initialised.len()) }
+        if model.initialised.is_empty() { String::new() } else { format!("; {} tensors freshly initialised", model.initialised.len()) },
+        if device.is_cpu() { String::new() } else { format!("; on {} in {:?}", super::device::describe(&device), cfg.precision) }
     );
+    Ok(Prepared { train_set, val_set, model })
+}
+
+pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let Prepared { train_set, val_set, mut model } = prepare(cfg)?;
 
     let examples = make_examples(&model, &train_set, cfg.max_len, cfg.prompt.as_deref())?;
     let batches_per_epoch = examples.len().div_ceil(cfg.batch_size.max(1));
@@ -186,7 +210,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut features = match (&cfg.feature_cache, cfg.train_encoder) {
         (Some(root), false) => {
             let key = cache_key(&model, &train_set)?;
-            let cache = FeatureCache::open(root, &key)?;
+            let cache = FeatureCache::open(root, &key)?.to_device(&model.device, model.dtype)?;
             eprintln!("feature cache: {} of {} images read back from {}", cache.loaded, train_set.samples.len(), root.join(&key).display());
             cache
         }
@@ -199,6 +223,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut last_eval = None;
     let started = Instant::now();
     let samples_at_start = state.samples_seen;
+    let mut gpu_memory: Option<u64> = None;
 
     'epochs: while state.epoch < cfg.epochs && state.step < total_steps {
         let epoch_start = Instant::now();
@@ -213,7 +238,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
             let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
             let g = scaled.backward()?;
-            accumulate(&mut grads, named_grads(&model.params, &g))?;
+            accumulate(&mut grads, named_grads(&model.params, &g)?)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             micro += 1;
             state.batch += 1;
@@ -223,6 +248,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 let lr = learning_rate(cfg.lr, state.step, warmup, total_steps);
                 opt.update(&model.params, &grads, lr)?;
                 grads.clear();
+                if let Some(used) = super::device::gpu_memory_used(&model.device) {
+                    gpu_memory = Some(gpu_memory.map_or(used, |m| m.max(used)));
+                }
                 state.step += 1;
                 last_loss = loss_sum / micro as f64;
                 let elapsed = started.elapsed().as_secs_f64().max(1e-9);
@@ -235,6 +263,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 loss_sum = 0.0;
                 micro = 0;
                 if let Some(val) = val_set.as_ref().filter(|_| cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+                    model.masters = opt.masters().clone();
                     let scores = evaluate_model(&model, val, cfg.eval_samples, cfg.prompt.as_deref())?;
                     bars.println(&format!("step {}: {scores}", state.step));
                     let line = json!({ "step": state.step, "epoch": state.epoch + 1, "eval": scores });
@@ -269,6 +298,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     bars.finish();
     features.save()?;
 
+    model.masters = opt.masters().clone();
     model.save_folder(&cfg.output)?;
     let final_eval = match &val_set {
         Some(val) => {
@@ -294,6 +324,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         total_params: model.num_total(),
         eval: final_eval,
         skipped_rows: train_set.skipped.to_string(),
+        device: super::device::describe(&model.device),
+        dtype: cfg.precision,
+        gpu_memory_mib: gpu_memory.map(|b| b as f64 / (1024.0 * 1024.0)),
     })
 }
 
@@ -394,7 +427,7 @@ fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mu
     let logits = match &model.network {
         Network::CrossAttention(m) => {
             let flat: Vec<u32> = rows.concat();
-            m.forward_train(&feats, &Tensor::from_vec(flat, (batch.len(), t), &Device::Cpu)?)?
+            m.forward_train(&feats, &Tensor::from_vec(flat, (batch.len(), t), &model.device)?)?
         }
         Network::Prefix(m) => m.forward_train(&rows, &feats)?,
     };
@@ -411,8 +444,8 @@ fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mu
     if positions.is_empty() {
         return Err(Error::Compute("a batch without any target token".into()));
     }
-    let picked = logits.reshape((batch.len() * t, vocab))?.index_select(&Tensor::new(positions, &Device::Cpu)?, 0)?;
-    Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, &Tensor::new(targets, &Device::Cpu)?)?)
+    let picked = logits.reshape((batch.len() * t, vocab))?.index_select(&Tensor::new(positions, &model.device)?, 0)?;
+    Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, &Tensor::new(targets, &model.device)?)?)
 }
 
 /// One batch exactly as a training step sees it: every caption of `data` in file order, its
@@ -427,11 +460,18 @@ pub struct BatchCheck {
     pub grad_norms: BTreeMap<String, f64>,
 }
 
+/// [`check_batch`] for the model and training data `cfg` describes, on its device and in its
+/// precision (`train check-step`: the CPU and the GPU compared on one step).
+pub fn check_step(cfg: &TrainConfig) -> Result<BatchCheck> {
+    let Prepared { train_set, model, .. } = prepare(cfg)?;
+    check_batch(&model, &train_set, cfg.max_len, cfg.prompt.as_deref(), cfg.train_encoder)
+}
+
 pub fn check_batch(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>, train_encoder: bool) -> Result<BatchCheck> {
     let examples = make_examples(model, data, max_len, prompt)?;
     let batch: Vec<&Example> = examples.iter().collect();
     let loss = batch_loss(model, data, &batch, &mut FeatureCache::in_memory(), train_encoder)?;
-    let mut grads = named_grads(&model.params, &loss.backward()?);
+    let mut grads = named_grads(&model.params, &loss.backward()?)?;
     let mut grad_norms = BTreeMap::new();
     for (name, g) in &grads {
         grad_norms.insert(name.clone(), (g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt());
@@ -513,7 +553,11 @@ fn load_checkpoint(out: &Path, model: &TrainModel, opt: &mut AdamW) -> Result<Op
     let state: RunState = serde_json::from_slice(&read("state.json")?).map_err(|e| Error::config("checkpoint state.json", e))?;
     let params = crate::loading::load_safetensors("checkpoint trainable.safetensors", &read("trainable.safetensors")?, |k| k.to_string())?;
     model.load_params(&params)?;
-    let moments = crate::loading::load_safetensors("checkpoint optimizer.safetensors", &read("optimizer.safetensors")?, |k| k.to_string())?;
+    let mut moments = crate::loading::load_safetensors("checkpoint optimizer.safetensors", &read("optimizer.safetensors")?, |k| k.to_string())?;
+    // The parameters too: a bf16 run resumed from an f32 checkpoint takes its masters from them.
+    for (name, t) in params {
+        moments.entry(name).or_insert(t);
+    }
     opt.load_state(&moments, state.step).map_err(|e| Error::config("checkpoint optimizer.safetensors", e))?;
     Ok(Some(state))
 }
