@@ -111,10 +111,56 @@ pub fn configure(device: &Device, precision: Precision, tf32: bool) -> Result<()
         return Err(Error::config("--dtype", "bf16 is for the GPU (--device cuda); on the CPU train in f32"));
     }
     #[cfg(feature = "cuda")]
-    candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32 && !device.is_cpu());
+    {
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32 && !device.is_cpu());
+        if let Ok(cuda) = device.as_cuda_device() {
+            // candle allocates from the device's stream-ordered pool (cuMemAllocAsync). By default
+            // the pool hands freed memory back to the driver at every synchronisation — and the
+            // trainer synchronises every step (the loss is read) — so each step would map its
+            // memory afresh. Keep it in the pool, as PyTorch's caching allocator does
+            // (WASMCAP_POOL_RELEASE=1: the driver's default, for comparison).
+            let keep = std::env::var("WASMCAP_POOL_RELEASE").map_or(true, |v| v != "1");
+            let threshold: u64 = if keep { u64::MAX } else { 0 };
+            pool_attribute(cuda, 4, Some(threshold))
+                .map_err(|e| Error::Compute(format!("setting the GPU memory pool's release threshold: {e}")))?;
+        }
+    }
     #[cfg(not(feature = "cuda"))]
     let _ = tf32;
     Ok(())
+}
+
+/// Reads (and with `set`, first writes) a `u64` attribute of the device's default memory pool:
+/// 4 release threshold, 6 reserved high-water mark, 8 used high-water mark (CUmemPool_attribute).
+#[cfg(feature = "cuda")]
+fn pool_attribute(cuda: &candle_core::CudaDevice, attribute: u32, set: Option<u64>) -> std::result::Result<u64, String> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let context = cuda.cuda_stream().context().clone();
+    context.bind_to_thread().map_err(|e| e.to_string())?;
+    // SAFETY: the attribute values used here are the u64 ones of the CUDA 12/13 enum (same
+    // numbering in both); the pool is the device's default one, alive as long as the context.
+    unsafe {
+        let attr: sys::CUmemPool_attribute = std::mem::transmute(attribute);
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result().map_err(|e| e.to_string())?;
+        let mut value: u64 = set.unwrap_or(0);
+        if set.is_some() {
+            sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void).result().map_err(|e| e.to_string())?;
+        }
+        sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void).result().map_err(|e| e.to_string())?;
+        Ok(value)
+    }
+}
+
+/// The most GPU memory the run's tensors ever held at once (the pool's used high-water mark, MiB),
+/// or `None` on the CPU.
+pub fn gpu_peak_tensor_mib(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        return pool_attribute(cuda, 8, None).ok().map(|b| b as f64 / (1024.0 * 1024.0));
+    }
+    let _ = device;
+    None
 }
 
 /// A short name for logs and the summary: `cpu`, `cuda:0`.

@@ -101,6 +101,11 @@ pub struct TrainSummary {
     pub dtype: Precision,
     /// GPU memory in use (total − free, MiB), the most seen after any optimizer step; CPU: none.
     pub gpu_memory_mib: Option<f64>,
+    /// The most GPU memory the tensors held at once (the allocator's high-water mark, MiB).
+    pub gpu_peak_tensor_mib: Option<f64>,
+    /// `WASMCAP_PROFILE=1`: seconds spent in features + forward, backward, and the update
+    /// (gradients, clipping, AdamW), the device synchronised after each.
+    pub profile_s: Option<[f64; 3]>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -224,6 +229,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let started = Instant::now();
     let samples_at_start = state.samples_seen;
     let mut gpu_memory: Option<u64> = None;
+    let profile = std::env::var("WASMCAP_PROFILE").is_ok_and(|v| v == "1");
+    let mut phases = [0f64; 3];
+    let device = model.device.clone();
+    let lap = |phases: &mut [f64; 3], phase: usize, since: &mut Instant| -> Result<()> {
+        if profile {
+            device.synchronize()?;
+            phases[phase] += since.elapsed().as_secs_f64();
+            *since = Instant::now();
+        }
+        Ok(())
+    };
 
     'epochs: while state.epoch < cfg.epochs && state.step < total_steps {
         let epoch_start = Instant::now();
@@ -235,9 +251,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         while state.batch < batches_per_epoch {
             let ids: Vec<usize> = order.iter().skip(state.batch * cfg.batch_size).take(cfg.batch_size).copied().collect();
             let batch: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
+            let mut since = Instant::now();
             let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
+            lap(&mut phases, 0, &mut since)?;
             let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
             let g = scaled.backward()?;
+            lap(&mut phases, 1, &mut since)?;
             accumulate(&mut grads, named_grads(&model.params, &g)?)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             micro += 1;
@@ -248,6 +267,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 let lr = learning_rate(cfg.lr, state.step, warmup, total_steps);
                 opt.update(&model.params, &grads, lr)?;
                 grads.clear();
+                lap(&mut phases, 2, &mut since)?;
                 if let Some(used) = super::device::gpu_memory_used(&model.device) {
                     gpu_memory = Some(gpu_memory.map_or(used, |m| m.max(used)));
                 }
@@ -255,8 +275,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 last_loss = loss_sum / micro as f64;
                 let elapsed = started.elapsed().as_secs_f64().max(1e-9);
                 let sps = (state.samples_seen - samples_at_start) as f64 / elapsed;
-                let line =
-                    json!({ "step": state.step, "epoch": state.epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "samples_per_s": sps });
+                // time_s: seconds since this process started training; differences between the
+                // steps of one epoch time the steps alone (no checkpoint, no evaluation).
+                let mut line = json!({ "step": state.step, "epoch": state.epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "samples_per_s": sps, "time_s": elapsed });
+                if let Some(used) = super::device::gpu_memory_used(&model.device) {
+                    line["gpu_mib"] = json!(used / (1024 * 1024));
+                }
                 log_line(&mut metrics_log, &line)?;
                 history.push(line);
                 bars.step(state.step, last_loss, lr, sps);
@@ -327,6 +351,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         device: super::device::describe(&model.device),
         dtype: cfg.precision,
         gpu_memory_mib: gpu_memory.map(|b| b as f64 / (1024.0 * 1024.0)),
+        gpu_peak_tensor_mib: super::device::gpu_peak_tensor_mib(&model.device),
+        profile_s: profile.then_some(phases),
     })
 }
 
