@@ -241,6 +241,10 @@ mod cli {
         /// GPU: keep f32 matrix products in full f32 (by default cuBLAS may use TF32).
         #[arg(long)]
         no_tf32: bool,
+        /// Data-parallel over GPUs 0 … N-1 of this host (binary built with `--features nccl`):
+        /// each takes 1/N of every batch (--batch-size stays the global batch).
+        #[arg(long, default_value_t = 1)]
+        gpus: usize,
     }
 
     #[derive(ClapArgs)]
@@ -339,6 +343,7 @@ mod cli {
             device: a.device,
             precision: a.dtype,
             tf32: !a.no_tf32,
+            gpus: a.gpus.max(1),
         };
         Ok(cfg)
     }

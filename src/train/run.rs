@@ -64,6 +64,8 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Allow TF32 in f32 matrix products on the GPU.
     pub tf32: bool,
+    /// Data-parallel over this many GPUs (cuda:0 … cuda:N-1); 1: one device.
+    pub gpus: usize,
 }
 
 /// One (image, caption) pair as token rows.
@@ -182,6 +184,7 @@ fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
 }
 
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let mut group = if cfg.gpus > 1 { Some(Group::start(cfg)?) } else { None };
     let Prepared { train_set, val_set, mut model } = prepare(cfg)?;
 
     let examples = make_examples(&model, &train_set, cfg.max_len, cfg.prompt.as_deref())?;
@@ -209,6 +212,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             None => eprintln!("--resume: no checkpoint in {}, starting fresh", cfg.output.display()),
         }
     }
+    let nccl = match group.as_mut() {
+        Some(g) => Some(g.join(&model)?),
+        None => None,
+    };
     let metrics_path = cfg.output.join("metrics.jsonl");
     let mut metrics_log = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
 
@@ -221,6 +228,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }
         _ => FeatureCache::in_memory(),
     };
+    if let Some(group) = &group {
+        if !cfg.train_encoder {
+            // Every replica encodes every image once, now (each GPU a batch at a time, all at
+            // once), so that no share of any batch waits for the encoder later.
+            group.send_all(|_| Job::Prefill)?;
+            prefill(&model, &train_set, &mut features, cfg.batch_size)?;
+            group.wait_all()?;
+        }
+    }
     let bars = Progress::new(cfg.progress, cfg.epochs, steps_per_epoch);
     let mut history: Vec<Value> = read_history(&metrics_path);
     let mut last_loss = f64::NAN;
@@ -252,20 +268,39 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let ids: Vec<usize> = order.iter().skip(state.batch * cfg.batch_size).take(cfg.batch_size).copied().collect();
             let batch: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
             let mut since = Instant::now();
-            let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
-            lap(&mut phases, 0, &mut since)?;
-            let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
-            let g = scaled.backward()?;
-            lap(&mut phases, 1, &mut since)?;
-            accumulate(&mut grads, named_grads(&model.params, &g)?)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            match &group {
+                None => {
+                    let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
+                    lap(&mut phases, 0, &mut since)?;
+                    let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
+                    let g = scaled.backward()?;
+                    lap(&mut phases, 1, &mut since)?;
+                    accumulate(&mut grads, named_grads(&model.params, &g)?)?;
+                    loss_sum += loss.to_scalar::<f32>()? as f64;
+                }
+                Some(group) => {
+                    let world = group.world();
+                    let tokens = target_tokens(&batch);
+                    group.send_all(|rank| Job::Micro { ids: ids[super::data_parallel::shard(ids.len(), rank, world)].to_vec(), tokens })?;
+                    let own = &batch[super::data_parallel::shard(batch.len(), 0, world)];
+                    loss_sum += shard_step(&model, &train_set, own, tokens, cfg, &mut features, &mut grads)?;
+                    loss_sum += group.wait_all()?;
+                }
+            }
             micro += 1;
             state.batch += 1;
             state.samples_seen += batch.len();
             if micro == cfg.grad_accum.max(1) || state.batch == batches_per_epoch {
-                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
                 let lr = learning_rate(cfg.lr, state.step, warmup, total_steps);
+                if let (Some(group), Some(nccl)) = (&group, &nccl) {
+                    group.send_all(|_| Job::Step { lr })?;
+                    super::data_parallel::all_reduce_grads(nccl, &model.params, &mut grads, &model.device)?;
+                }
+                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
                 opt.update(&model.params, &grads, lr)?;
+                if let Some(group) = &group {
+                    group.wait_all()?;
+                }
                 grads.clear();
                 lap(&mut phases, 2, &mut since)?;
                 if let Some(used) = super::device::gpu_memory_used(&model.device) {
@@ -320,6 +355,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         bars.println(&format!("epoch {} done in {:.1} s, loss {last_loss:.4}", state.epoch, epoch_start.elapsed().as_secs_f64()));
     }
     bars.finish();
+    if let Some(group) = group.take() {
+        group.stop();
+    }
     features.save()?;
 
     model.masters = opt.masters().clone();
@@ -434,6 +472,170 @@ fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Opt
         }
     }
     Ok(out)
+}
+
+/// Labelled positions of a batch (the loss averages over them).
+fn target_tokens(batch: &[&Example]) -> usize {
+    batch.iter().map(|e| e.labels.iter().filter(|l| l.is_some()).count()).sum()
+}
+
+/// Data-parallel: one rank's share of a micro-batch whose whole has `tokens` labelled positions.
+/// Its loss is weighted by its share of them, so that the gradients summed over the ranks are
+/// those of the whole batch's mean loss (what one GPU computes). Returns that weighted loss.
+fn shard_step(
+    model: &TrainModel,
+    data: &Dataset,
+    shard: &[&Example],
+    tokens: usize,
+    cfg: &TrainConfig,
+    cache: &mut FeatureCache,
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<f64> {
+    if shard.is_empty() {
+        return Ok(0.0);
+    }
+    let weight = target_tokens(shard) as f64 / tokens.max(1) as f64;
+    let loss = (batch_loss(model, data, shard, cache, cfg.train_encoder)? * weight)?;
+    let g = (&loss / cfg.grad_accum.max(1) as f64)?.backward()?;
+    accumulate(grads, named_grads(&model.params, &g)?)?;
+    Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// Encodes every image of `data` into `cache`, `batch` at a time.
+fn prefill(model: &TrainModel, data: &Dataset, cache: &mut FeatureCache, batch: usize) -> Result<()> {
+    let all: Vec<usize> = (0..data.samples.len()).collect();
+    for chunk in all.chunks(batch.max(1)) {
+        batch_features(model, data, chunk, cache, false)?;
+    }
+    Ok(())
+}
+
+/// What the driving thread (rank 0) asks a replica to do.
+enum Job {
+    /// Encode every training image into the replica's feature cache.
+    Prefill,
+    /// Loss and gradients of these examples (this rank's share of a micro-batch whose whole
+    /// has `tokens` labelled positions), accumulated.
+    Micro { ids: Vec<usize>, tokens: usize },
+    /// All-reduce the accumulated gradients, clip, update with this learning rate.
+    Step { lr: f64 },
+}
+
+/// The replicas on GPUs 1 … N-1, one thread each; rank 0 is the calling thread.
+struct Group {
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    replies: std::sync::mpsc::Receiver<std::result::Result<f64, String>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    id: super::data_parallel::GroupId,
+}
+
+impl Group {
+    /// Starts the replicas; each builds its model (same seed, so the same weights) on its GPU
+    /// and says whether that worked.
+    fn start(cfg: &TrainConfig) -> Result<Self> {
+        if !super::device::HAS_NCCL {
+            return Err(super::data_parallel::needs_nccl());
+        }
+        if !matches!(cfg.device, DeviceSpec::Auto | DeviceSpec::Cuda(0)) {
+            return Err(Error::config("--gpus", "data-parallel training runs on GPUs 0 … N-1; leave --device out (or say cuda)"));
+        }
+        if cfg.resume {
+            return Err(Error::config("--gpus", "--resume is not supported with --gpus > 1 yet; resume on one GPU"));
+        }
+        let id = super::data_parallel::group_id()?;
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let (mut jobs, mut threads) = (Vec::new(), Vec::new());
+        for rank in 1..cfg.gpus {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let cfg = TrainConfig { device: DeviceSpec::Cuda(rank), progress: false, ..cfg.clone() };
+            let reply = reply_tx.clone();
+            let world = cfg.gpus;
+            threads.push(std::thread::spawn(move || {
+                if let Err(e) = replica(&cfg, rank, world, id, rx, &reply) {
+                    let _ = reply.send(Err(format!("GPU {rank}: {e}")));
+                }
+            }));
+            jobs.push(tx);
+        }
+        let group = Group { jobs, replies, threads, id };
+        group.wait_all()?;
+        Ok(group)
+    }
+
+    fn world(&self) -> usize {
+        self.jobs.len() + 1
+    }
+
+    /// Rank 0 joins the NCCL group (the replicas are joining it already).
+    fn join(&mut self, model: &TrainModel) -> Result<super::data_parallel::Nccl> {
+        super::data_parallel::Nccl::join(&model.device, 0, self.world(), self.id)
+    }
+
+    fn send_all(&self, job: impl Fn(usize) -> Job) -> Result<()> {
+        for (i, tx) in self.jobs.iter().enumerate() {
+            tx.send(job(i + 1)).map_err(|_| Error::Compute(format!("GPU {}: its thread has stopped", i + 1)))?;
+        }
+        Ok(())
+    }
+
+    /// One reply from every replica; the sum of their values.
+    fn wait_all(&self) -> Result<f64> {
+        let mut sum = 0.0;
+        for _ in 0..self.jobs.len() {
+            match self.replies.recv() {
+                Ok(Ok(v)) => sum += v,
+                Ok(Err(e)) => return Err(Error::Compute(e)),
+                Err(_) => return Err(Error::Compute("a GPU's thread has stopped".into())),
+            }
+        }
+        Ok(sum)
+    }
+
+    fn stop(self) {
+        drop(self.jobs);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A replica's thread: build, report ready, join NCCL, then do the jobs until the channel closes.
+fn replica(
+    cfg: &TrainConfig,
+    rank: usize,
+    world: usize,
+    id: super::data_parallel::GroupId,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    reply: &std::sync::mpsc::Sender<std::result::Result<f64, String>>,
+) -> Result<()> {
+    let Prepared { train_set, model, .. } = prepare(cfg)?;
+    let examples = make_examples(&model, &train_set, cfg.max_len, cfg.prompt.as_deref())?;
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, &model.params)?;
+    let _ = reply.send(Ok(0.0));
+    let nccl = super::data_parallel::Nccl::join(&model.device, rank, world, id)?;
+    let mut cache = FeatureCache::in_memory();
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    for job in jobs {
+        let value = match job {
+            Job::Prefill => {
+                prefill(&model, &train_set, &mut cache, cfg.batch_size)?;
+                0.0
+            }
+            Job::Micro { ids, tokens } => {
+                let shard: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
+                shard_step(&model, &train_set, &shard, tokens, cfg, &mut cache, &mut grads)?
+            }
+            Job::Step { lr } => {
+                super::data_parallel::all_reduce_grads(&nccl, &model.params, &mut grads, &model.device)?;
+                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
+                opt.update(&model.params, &grads, lr)?;
+                grads.clear();
+                norm
+            }
+        };
+        let _ = reply.send(Ok(value));
+    }
+    Ok(())
 }
 
 /// Mean cross-entropy over the labelled positions of a right-padded batch.
