@@ -20,8 +20,9 @@ mod cli {
 
     use clap::{Args as ClapArgs, Parser, Subcommand};
     use wasmcap::train::data::{DatasetOptions, Split};
+    use wasmcap::train::device::{DeviceSpec, Precision};
     use wasmcap::train::model::{Arch, LoraSettings};
-    use wasmcap::train::run::{evaluate_captioner, train, TrainConfig};
+    use wasmcap::train::run::{check_step, evaluate_captioner, train, TrainConfig};
     use wasmcap::{Captioner, Error};
 
     #[derive(Parser)]
@@ -44,6 +45,10 @@ mod cli {
         /// Write scenes of the built-in shapes dataset as PNG files plus a captions.jsonl
         /// (the JSONL dataset format, so `--dataset DIR/captions.jsonl` trains on them).
         Shapes(ShapesArgs),
+        /// One training batch (every caption of the training split) without an update: prints the
+        /// loss and the gradient norm of each trainable tensor as JSON. Takes the training flags;
+        /// run it with --device cpu and --device cuda to compare the two.
+        CheckStep(Box<TrainArgs>),
     }
 
     #[derive(ClapArgs)]
@@ -226,6 +231,20 @@ mod cli {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// cpu, cuda, cuda:N, or auto: the GPU when this binary has CUDA (`--features cuda`) and
+        /// one answers, else the CPU.
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// f32, or bf16 (GPU): bf16 compute with f32 master weights and optimizer state.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
+        /// GPU: keep f32 matrix products in full f32 (by default cuBLAS may use TF32).
+        #[arg(long)]
+        no_tf32: bool,
+        /// Data-parallel over GPUs 0 … N-1 of this host (binary built with `--features nccl`):
+        /// each takes 1/N of every batch (--batch-size stays the global batch).
+        #[arg(long, default_value_t = 1)]
+        gpus: usize,
     }
 
     #[derive(ClapArgs)]
@@ -281,7 +300,7 @@ mod cli {
         dir.ok_or_else(|| Error::MissingFile(format!("{what} `{spec}`")))
     }
 
-    fn run_train(a: TrainArgs) -> Result<(), Error> {
+    fn train_config(a: TrainArgs) -> Result<TrainConfig, Error> {
         let resolve = |s: &Option<String>, what: &str| s.as_deref().map(|s| resolve_model(s, what)).transpose();
         let lora = (a.arch == Arch::Prefix && a.lora_rank > 0).then(|| LoraSettings {
             r: a.lora_rank,
@@ -321,9 +340,25 @@ mod cli {
             feature_cache: (!a.no_feature_cache).then(|| a.feature_cache.clone().unwrap_or_else(|| a.output.join("feature-cache"))),
             progress: !a.no_progress,
             pause_ms: a.pause_ms,
+            device: a.device,
+            precision: a.dtype,
+            tf32: !a.no_tf32,
+            gpus: a.gpus.max(1),
         };
+        Ok(cfg)
+    }
+
+    fn run_check_step(a: TrainArgs) -> Result<(), Error> {
+        let check = check_step(&train_config(a)?)?;
+        println!("{}", serde_json::to_string(&check).map_err(|e| Error::Compute(e.to_string()))?);
+        Ok(())
+    }
+
+    fn run_train(a: TrainArgs) -> Result<(), Error> {
+        let (json, output) = (a.json, a.output.clone());
+        let cfg = train_config(a)?;
         let summary = train(&cfg)?;
-        if a.json {
+        if json {
             println!("{}", serde_json::to_string(&summary).unwrap_or_default());
         } else {
             println!(
@@ -332,7 +367,7 @@ mod cli {
                 summary.epochs,
                 summary.final_loss,
                 summary.samples_per_s,
-                a.output.display()
+                output.display()
             );
             if let Some(scores) = &summary.eval {
                 println!("validation: {scores}");
@@ -365,6 +400,7 @@ mod cli {
         let result = match cli.command {
             Some(Command::Eval(a)) => run_eval(a),
             Some(Command::Shapes(a)) => run_shapes(a),
+            Some(Command::CheckStep(a)) => run_check_step(*a),
             None => run_train(cli.train),
         };
         match result {

@@ -15,15 +15,16 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
-/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` is
-/// added to the scores (0 or -inf), broadcast over batch and heads.
+/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` (f32) is
+/// added to the scores (0 or -inf), broadcast over batch and heads. Scores of a lower precision
+/// (bf16 training) are taken to f32 for the mask and the softmax, as PyTorch's autocast does.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     if super::packed::FASTER_THAN_GEMM && q.dim(2)? >= MIN_PACKED_QUERIES && !super::tracks_grad(&[q, k, v]) {
         if let Some(out) = packed_attention(q, k, v, scale, mask)? {
             return Ok(out);
         }
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(candle_core::DType::F32)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
@@ -33,7 +34,7 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
     } else {
         super::activation::softmax_last_dim(&scores)?
     };
-    probs.matmul(v)
+    probs.to_dtype(v.dtype())?.matmul(v)
 }
 
 /// Queries from which attention multiplies with our packed GEMM kernel (the encoder, prefill):

@@ -138,8 +138,9 @@ impl RotaryEmbedding {
     /// Rotates [B, H, T, d] starting at position `offset` (the rotate-half layout of HF Llama).
     fn apply(&self, xs: &Tensor, offset: usize) -> Result<Tensor> {
         let t = xs.dim(2)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+        // The tables stay f32; a bf16 model (training) rotates with them rounded.
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(xs.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(xs.dtype())?;
         if super::tracks_grad(&[xs]) {
             candle_nn::rotary_emb::rope_slow(xs, &cos, &sin)
         } else {

@@ -216,7 +216,7 @@ impl Llava {
         if n_image != n_features {
             candle_core::bail!("the prompt has {n_image} <image> tokens but the image gives {n_features} features");
         }
-        let ids = Tensor::new(input_ids, image_device())?;
+        let ids = Tensor::new(input_ids, image_features.device())?;
         let text = self.language_model.embed(&ids)?;
         let mut parts = Vec::new();
         let (mut start, mut used) = (0, 0);

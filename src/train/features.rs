@@ -147,6 +147,15 @@ impl FeatureCache {
         Ok(cache)
     }
 
+    /// Moves the features read back from disk (f32, on the CPU) to where the model computes, in
+    /// its precision: on the GPU the whole cache stays in GPU memory.
+    pub fn to_device(mut self, device: &candle_core::Device, dtype: candle_core::DType) -> Result<Self> {
+        for f in self.features.values_mut() {
+            *f = f.to_dtype(dtype)?.to_device(device)?;
+        }
+        Ok(self)
+    }
+
     pub fn get(&mut self, image: usize) -> Option<Tensor> {
         let f = self.features.get(&image).cloned();
         if f.is_some() {
@@ -178,9 +187,10 @@ impl FeatureCache {
     }
 }
 
+/// One image preprocessed (on the CPU), then on the model's device in its precision.
 fn pixel_values(model: &TrainModel, data: &Dataset, image: usize) -> Result<Tensor> {
     let sample = data.samples.get(image).ok_or_else(|| Error::Compute(format!("no image {image}")))?;
-    model.preprocessor.preprocess(&sample.image.load_rgb()?)
+    Ok(model.preprocessor.preprocess(&sample.image.load_rgb()?)?.to_dtype(model.dtype)?.to_device(&model.device)?)
 }
 
 /// Features the trainable part reads: cross-attention = the encoder's last hidden state;
@@ -198,6 +208,21 @@ pub fn batch_features(model: &TrainModel, data: &Dataset, images: &[usize], cach
     if train_encoder {
         let pixels = images.iter().map(|&i| pixel_values(model, data, i)).collect::<Result<Vec<_>>>()?;
         return image_features(model, &Tensor::cat(&pixels, 0)?);
+    }
+    if !model.device.is_cpu() {
+        // On the GPU the encoder runs once for all the images the cache lacks (the CPU path
+        // encodes one at a time, as it always has: same bits as before).
+        let mut missing: Vec<usize> = images.iter().copied().filter(|i| !cache.features.contains_key(i)).collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            let pixels = missing.iter().map(|&i| pixel_values(model, data, i)).collect::<Result<Vec<_>>>()?;
+            let encoded = image_features(model, &Tensor::cat(&pixels, 0)?)?.detach();
+            for (row, &i) in missing.iter().enumerate() {
+                if !cache.features.contains_key(&i) {
+                    cache.insert(i, encoded.narrow(0, row, 1)?);
+                }
+            }
+        }
     }
     let mut rows = Vec::with_capacity(images.len());
     for &i in images {

@@ -2,6 +2,8 @@
 //! AdamW, the training loop with checkpoints, metrics and the exported HF folder.
 
 pub mod data;
+pub mod data_parallel;
+pub mod device;
 pub mod features;
 pub mod metrics;
 pub mod model;

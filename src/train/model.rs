@@ -136,7 +136,7 @@ impl SimpleBackend for TrainBackend {
                     _ => rng.tensor(&shape, |r| 0.02 * r.normal())?,
                 };
                 state.initialised.push(name.to_string());
-                t.to_dtype(dtype)?
+                t.to_dtype(dtype)?.to_device(dev)?
             }
             None => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt()),
         };
@@ -189,6 +189,12 @@ pub struct TrainModel {
     pub initialised: Vec<String>,
     /// Caption length in tokens the generation config allows (capped by the decoder's positions).
     pub max_caption_tokens: usize,
+    /// Where the tensors live and what they compute in (f32, or bf16 with f32 masters).
+    pub device: Device,
+    pub dtype: DType,
+    /// bf16 runs: the optimizer's f32 master values of trainable tensors (by parameter name),
+    /// written instead of the rounded working copies when the model is exported.
+    pub masters: HashMap<String, Tensor>,
 }
 
 /// The ids training needs to lay out sequences.
@@ -251,7 +257,14 @@ fn special_id(tokenizer: &tokenizers::Tokenizer, names: &[&str]) -> Option<u32> 
 }
 
 impl TrainModel {
+    /// On the CPU in f32.
     pub fn build(source: Source<'_>, options: BuildOptions) -> Result<Self> {
+        Self::build_on(source, options, &Device::Cpu, DType::F32)
+    }
+
+    /// On `device`, computing in `dtype` (every tensor of the model, frozen or trainable, is held
+    /// in it; weights are read in f32 and converted once).
+    pub fn build_on(source: Source<'_>, options: BuildOptions, device: &Device, dtype: DType) -> Result<Self> {
         let (mut config, loaded, mut tokenizer, preprocessor_json, fresh) = match source {
             Source::Folders { encoder, decoder } => {
                 let enc_file = encoder.join("config.json");
@@ -439,7 +452,7 @@ impl TrainModel {
         };
         let state = Arc::new(Mutex::new(BuiltState { rng: Some(InitRng::new(options.seed)), ..Default::default() }));
         let backend = TrainBackend { loaded, trainable, may_init, state: state.clone() };
-        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let network = match arch {
             Arch::CrossAttention => {
                 let cfg = VisionEncoderDecoderConfig::from_json(&config).map_err(|e| Error::config("config.json", e))?;
@@ -474,6 +487,9 @@ impl TrainModel {
             specials,
             initialised,
             max_caption_tokens: 32,
+            device: device.clone(),
+            dtype,
+            masters: HashMap::new(),
         };
         if let Some(settings) = options.lora {
             let layers = model.attach_lora(&settings, &mut rng)?;
@@ -510,8 +526,9 @@ impl TrainModel {
             let (d_in, d_out) = linear.dims()?;
             // PEFT: A ~ kaiming_uniform(a = √5) = U(±1/√in), B = 0, so training starts at the base model.
             let bound = 1.0 / (d_in as f64).sqrt();
-            let a = Var::from_tensor(&rng.tensor(&Shape::from((settings.r, d_in)), |r| (2.0 * r.uniform() - 1.0) * bound)?)?;
-            let b = Var::zeros((d_out, settings.r), DType::F32, &Device::Cpu)?;
+            let a = rng.tensor(&Shape::from((settings.r, d_in)), |r| (2.0 * r.uniform() - 1.0) * bound)?;
+            let a = Var::from_tensor(&a.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+            let b = Var::zeros((d_out, settings.r), self.dtype, &self.device)?;
             linear.set_lora(Some(LoraUpdate { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: settings.scale() }));
             layers.push(LoraLayer { module, a, b });
         }
@@ -553,13 +570,14 @@ impl TrainModel {
                     found: t.dims().to_vec(),
                 });
             }
-            p.var.set(t)?;
+            p.var.set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
         }
         Ok(())
     }
 
+    /// Trainable tensors by parameter name (the f32 masters in bf16 runs).
     pub fn param_tensors(&self) -> HashMap<String, Tensor> {
-        self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect()
+        self.params.iter().map(|p| (p.name.clone(), self.trained(&p.name, p.var.as_tensor()).detach())).collect()
     }
 
     pub fn num_trainable(&self) -> usize {
@@ -571,11 +589,18 @@ impl TrainModel {
         self.tensors.iter().map(|(_, t, _)| t.elem_count()).sum::<usize>() + lora
     }
 
+    /// A trainable tensor's value for export: the f32 master in bf16 runs, else the tensor.
+    fn trained(&self, param: &str, tensor: &Tensor) -> Tensor {
+        self.masters.get(param).unwrap_or(tensor).clone()
+    }
+
     /// Weights as the saved `model.safetensors` names them (LoRA merged: W + s·B·A).
     pub fn export_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut merged: HashMap<String, Tensor> = HashMap::new();
         if let Some((settings, layers)) = &self.lora {
             for l in layers {
+                let a = self.trained(&format!("lora.{}.lora_A", l.module), l.a.as_tensor()).to_dtype(DType::F32)?;
+                let b = self.trained(&format!("lora.{}.lora_B", l.module), l.b.as_tensor()).to_dtype(DType::F32)?;
                 let name = format!("model.language_model.{}.weight", l.module);
                 let base = self
                     .tensors
@@ -583,13 +608,13 @@ impl TrainModel {
                     .find(|(n, _, _)| *n == name)
                     .map(|(_, t, _)| t.clone())
                     .ok_or_else(|| Error::MissingTensor { file: "model".into(), name: name.clone() })?;
-                let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * settings.scale())?;
-                merged.insert(name, (base + delta)?);
+                let delta = (b.matmul(&a)? * settings.scale())?;
+                merged.insert(name, (base.to_dtype(DType::F32)? + delta)?);
             }
         }
         let mut out = BTreeMap::new();
         for (name, tensor, _) in &self.tensors {
-            let value = merged.remove(name).unwrap_or_else(|| tensor.clone()).detach().contiguous()?;
+            let value = merged.remove(name).unwrap_or_else(|| self.trained(name, tensor)).detach().contiguous()?;
             out.insert(saved_name(self.arch, name), value);
         }
         Ok(out)
@@ -602,8 +627,8 @@ impl TrainModel {
         let mut tensors = BTreeMap::new();
         for l in layers {
             let prefix = format!("base_model.model.model.language_model.{}", l.module);
-            tensors.insert(format!("{prefix}.lora_A.weight"), l.a.as_tensor().detach());
-            tensors.insert(format!("{prefix}.lora_B.weight"), l.b.as_tensor().detach());
+            tensors.insert(format!("{prefix}.lora_A.weight"), self.trained(&format!("lora.{}.lora_A", l.module), l.a.as_tensor()).detach());
+            tensors.insert(format!("{prefix}.lora_B.weight"), self.trained(&format!("lora.{}.lora_B", l.module), l.b.as_tensor()).detach());
         }
         let config = json!({
             "peft_type": "LORA",

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -31,15 +31,24 @@ pub struct Param {
 
 pub struct AdamW {
     config: AdamWConfig,
-    /// First and second moments by parameter name.
+    /// First and second moments by parameter name (f32, on the parameter's device).
     moments: HashMap<String, (Tensor, Tensor)>,
+    /// f32 master values of the parameters whose variable holds a lower precision (`--dtype
+    /// bf16`): the update runs on these, the variable gets them rounded. Empty in f32.
+    masters: HashMap<String, Tensor>,
     pub step: usize,
 }
 
 impl AdamW {
     pub fn new(config: AdamWConfig, params: &[Param]) -> Result<Self> {
-        let moments = params.iter().map(|p| Ok((p.name.clone(), (p.var.zeros_like()?, p.var.zeros_like()?)))).collect::<Result<_>>()?;
-        Ok(Self { config, moments, step: 0 })
+        let zeros = |p: &Param| Tensor::zeros(p.var.shape(), DType::F32, p.var.device());
+        let moments = params.iter().map(|p| Ok((p.name.clone(), (zeros(p)?, zeros(p)?)))).collect::<Result<_>>()?;
+        let masters = params
+            .iter()
+            .filter(|p| p.var.dtype() != DType::F32)
+            .map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { config, moments, masters, step: 0 })
     }
 
     /// One update with learning rate `lr` from the gradients in `grads` (already averaged over
@@ -54,24 +63,43 @@ impl AdamW {
             let Some((m, v)) = self.moments.get_mut(&p.name) else { continue };
             *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let mut theta = p.var.as_tensor().detach();
+            let master = self.masters.get_mut(&p.name);
+            let mut theta = match &master {
+                Some(master) => (*master).clone(),
+                None => p.var.as_tensor().detach(),
+            };
             if p.decay && c.weight_decay > 0.0 {
                 theta = (theta * (1.0 - lr * c.weight_decay))?;
             }
             let step = ((&*m / bias1)? / ((&*v / bias2)?.sqrt()? + c.eps)?)?;
-            p.var.set(&(theta - (step * lr)?)?)?;
+            let updated = (theta - (step * lr)?)?;
+            match master {
+                Some(master) => {
+                    p.var.set(&updated.to_dtype(p.var.dtype())?)?;
+                    *master = updated;
+                }
+                None => p.var.set(&updated)?,
+            }
         }
         Ok(())
     }
 
-    /// Moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
+    /// Moments as named tensors (`m.NAME`, `v.NAME`; `master.NAME` in bf16) for a checkpoint.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (name, (m, v)) in &self.moments {
             out.insert(format!("m.{name}"), m.clone());
             out.insert(format!("v.{name}"), v.clone());
         }
+        for (name, master) in &self.masters {
+            out.insert(format!("master.{name}"), master.clone());
+        }
         out
+    }
+
+    /// The f32 master values (bf16 runs; empty in f32), by parameter name.
+    pub fn masters(&self) -> &HashMap<String, Tensor> {
+        &self.masters
     }
 
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> std::result::Result<(), String> {
@@ -81,10 +109,17 @@ impl AdamW {
                 if t.dims() != like.dims() {
                     return Err(format!("optimizer state `{key}` has shape {:?}, the parameter {:?}", t.dims(), like.dims()));
                 }
-                Ok(t.clone())
+                t.to_device(like.device()).map_err(|e| format!("optimizer state `{key}`: {e}"))
             };
             *m = get(format!("m.{name}"), m)?;
             *v = get(format!("v.{name}"), v)?;
+        }
+        for (name, master) in self.masters.iter_mut() {
+            // A checkpoint of an f32 run has no masters: its parameters are the f32 values.
+            let key = if tensors.contains_key(&format!("master.{name}")) { format!("master.{name}") } else { name.clone() };
+            if let Some(t) = tensors.get(&key) {
+                *master = t.to_dtype(DType::F32).and_then(|t| t.to_device(master.device())).map_err(|e| format!("`{key}`: {e}"))?;
+            }
         }
         self.step = step;
         Ok(())
@@ -100,10 +135,11 @@ pub fn learning_rate(base: f64, step: usize, warmup: usize, total: usize) -> f64
     base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
-/// Gradients of `params` from one backward pass, by parameter name. Detached: a gradient still
-/// holds the graph it came from, and moments built from it would chain every step's graph.
-pub fn named_grads(params: &[Param], grads: &GradStore) -> HashMap<String, Tensor> {
-    params.iter().filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.detach()))).collect()
+/// Gradients of `params` from one backward pass, by parameter name, in f32 (bf16 gradients are
+/// accumulated and clipped in f32). Detached: a gradient still holds the graph it came from, and
+/// moments built from it would chain every step's graph.
+pub fn named_grads(params: &[Param], grads: &GradStore) -> Result<HashMap<String, Tensor>> {
+    params.iter().filter_map(|p| grads.get(p.var.as_tensor()).map(|g| Ok((p.name.clone(), g.detach().to_dtype(DType::F32)?)))).collect()
 }
 
 /// Adds `more` into `sum` (gradient accumulation).
@@ -122,8 +158,17 @@ pub fn accumulate(sum: &mut HashMap<String, Tensor>, more: HashMap<String, Tenso
 /// `clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
-    for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    match grads.values().next().map(|g| g.device().clone()) {
+        Some(device) if !device.is_cpu() => {
+            // One read back from the GPU instead of one per tensor: the squares summed there.
+            let sums = grads.values().map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64)).collect::<Result<Vec<_>>>()?;
+            sq = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        _ => {
+            for g in grads.values() {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {

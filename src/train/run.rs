@@ -7,10 +7,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde_json::{json, Value};
 
 use super::data::{load_dataset, Dataset, DatasetOptions, Split};
+use super::device::{DeviceSpec, Precision};
 use super::features::{batch_features, cache_key, FeatureCache};
 use super::metrics::{score, CaptionScores};
 use super::model::{pretty, safetensors_bytes, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
@@ -57,6 +58,14 @@ pub struct TrainConfig {
     pub feature_cache: Option<PathBuf>,
     pub progress: bool,
     pub pause_ms: u64,
+    /// `--device`: cpu, cuda[:N], or auto (the GPU when there is one and the binary has CUDA).
+    pub device: DeviceSpec,
+    /// `--dtype`: f32, or bf16 (GPU) with f32 master weights and optimizer state.
+    pub precision: Precision,
+    /// Allow TF32 in f32 matrix products on the GPU.
+    pub tf32: bool,
+    /// Data-parallel over this many GPUs (cuda:0 … cuda:N-1); 1: one device.
+    pub gpus: usize,
 }
 
 /// One (image, caption) pair as token rows.
@@ -90,6 +99,15 @@ pub struct TrainSummary {
     pub total_params: usize,
     pub eval: Option<CaptionScores>,
     pub skipped_rows: String,
+    pub device: String,
+    pub dtype: Precision,
+    /// GPU memory in use (total − free, MiB), the most seen after any optimizer step; CPU: none.
+    pub gpu_memory_mib: Option<f64>,
+    /// The most GPU memory the tensors held at once (the allocator's high-water mark, MiB).
+    pub gpu_peak_tensor_mib: Option<f64>,
+    /// `WASMCAP_PROFILE=1`: seconds spent in features + forward, backward, and the update
+    /// (gradients, clipping, AdamW), the device synchronised after each.
+    pub profile_s: Option<[f64; 3]>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -100,7 +118,16 @@ pub fn load_split(cfg: &TrainConfig, split: Split) -> Result<Dataset> {
     load_dataset(&cfg.dataset, cfg.data_root.as_deref(), split, &cfg.data)
 }
 
-pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+/// The datasets and the model of a run, on the device and in the precision `cfg` asks for.
+struct Prepared {
+    train_set: Dataset,
+    val_set: Option<Dataset>,
+    model: TrainModel,
+}
+
+fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
+    let device = super::device::open(cfg.device)?;
+    super::device::configure(&device, cfg.precision, cfg.tf32)?;
     let train_set = load_split(cfg, Split::Train)?;
     let val_set = match load_split(cfg, Split::Val) {
         Ok(v) => Some(v),
@@ -134,26 +161,31 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         (None, None, Some(encoder), Some(decoder)) => Source::Folders { encoder, decoder },
         _ => return Err(Error::config("train", "give --encoder-model and --decoder-model, or --model DIR, or --init-from-config CONFIG.json")),
     };
-    let mut model = TrainModel::build(
-        source,
-        BuildOptions {
-            arch: cfg.arch,
-            train_encoder: cfg.train_encoder,
-            train_decoder: cfg.train_decoder,
-            lora: cfg.lora.clone(),
-            seed: cfg.seed,
-            tokenizer,
-        },
-    )?;
+    let options = BuildOptions {
+        arch: cfg.arch,
+        train_encoder: cfg.train_encoder,
+        train_decoder: cfg.train_decoder,
+        lora: cfg.lora.clone(),
+        seed: cfg.seed,
+        tokenizer,
+    };
+    let mut model = TrainModel::build_on(source, options, &device, cfg.precision.dtype())?;
     model.max_caption_tokens = cfg.max_len;
     eprintln!(
-        "{:?}: {} trainable of {} parameters ({:.2} %){}",
+        "{:?}: {} trainable of {} parameters ({:.2} %){}{}",
         model.arch,
         model.num_trainable(),
         model.num_total(),
         100.0 * model.num_trainable() as f64 / model.num_total().max(1) as f64,
-        if model.initialised.is_empty() { String::new() } else { format!("; {} tensors freshly initialised", model.initialised.len()) }
+        if model.initialised.is_empty() { String::new() } else { format!("; {} tensors freshly initialised", model.initialised.len()) },
+        if device.is_cpu() { String::new() } else { format!("; on {} in {:?}", super::device::describe(&device), cfg.precision) }
     );
+    Ok(Prepared { train_set, val_set, model })
+}
+
+pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let mut group = if cfg.gpus > 1 { Some(Group::start(cfg)?) } else { None };
+    let Prepared { train_set, val_set, mut model } = prepare(cfg)?;
 
     let examples = make_examples(&model, &train_set, cfg.max_len, cfg.prompt.as_deref())?;
     let batches_per_epoch = examples.len().div_ceil(cfg.batch_size.max(1));
@@ -180,18 +212,31 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             None => eprintln!("--resume: no checkpoint in {}, starting fresh", cfg.output.display()),
         }
     }
+    let nccl = match group.as_mut() {
+        Some(g) => Some(g.join(&model)?),
+        None => None,
+    };
     let metrics_path = cfg.output.join("metrics.jsonl");
     let mut metrics_log = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
 
     let mut features = match (&cfg.feature_cache, cfg.train_encoder) {
         (Some(root), false) => {
             let key = cache_key(&model, &train_set)?;
-            let cache = FeatureCache::open(root, &key)?;
+            let cache = FeatureCache::open(root, &key)?.to_device(&model.device, model.dtype)?;
             eprintln!("feature cache: {} of {} images read back from {}", cache.loaded, train_set.samples.len(), root.join(&key).display());
             cache
         }
         _ => FeatureCache::in_memory(),
     };
+    if let Some(group) = &group {
+        if !cfg.train_encoder {
+            // Every replica encodes every image once, now (each GPU a batch at a time, all at
+            // once), so that no share of any batch waits for the encoder later.
+            group.send_all(|_| Job::Prefill)?;
+            prefill(&model, &train_set, &mut features, cfg.batch_size)?;
+            group.wait_all()?;
+        }
+    }
     let bars = Progress::new(cfg.progress, cfg.epochs, steps_per_epoch);
     let mut history: Vec<Value> = read_history(&metrics_path);
     let mut last_loss = f64::NAN;
@@ -199,6 +244,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut last_eval = None;
     let started = Instant::now();
     let samples_at_start = state.samples_seen;
+    let mut gpu_memory: Option<u64> = None;
+    let profile = std::env::var("WASMCAP_PROFILE").is_ok_and(|v| v == "1");
+    let mut phases = [0f64; 3];
+    let device = model.device.clone();
+    let lap = |phases: &mut [f64; 3], phase: usize, since: &mut Instant| -> Result<()> {
+        if profile {
+            device.synchronize()?;
+            phases[phase] += since.elapsed().as_secs_f64();
+            *since = Instant::now();
+        }
+        Ok(())
+    };
 
     'epochs: while state.epoch < cfg.epochs && state.step < total_steps {
         let epoch_start = Instant::now();
@@ -210,31 +267,62 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         while state.batch < batches_per_epoch {
             let ids: Vec<usize> = order.iter().skip(state.batch * cfg.batch_size).take(cfg.batch_size).copied().collect();
             let batch: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
-            let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
-            let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
-            let g = scaled.backward()?;
-            accumulate(&mut grads, named_grads(&model.params, &g))?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let mut since = Instant::now();
+            match &group {
+                None => {
+                    let loss = batch_loss(&model, &train_set, &batch, &mut features, cfg.train_encoder)?;
+                    lap(&mut phases, 0, &mut since)?;
+                    let scaled = (&loss / cfg.grad_accum.max(1) as f64)?;
+                    let g = scaled.backward()?;
+                    lap(&mut phases, 1, &mut since)?;
+                    accumulate(&mut grads, named_grads(&model.params, &g)?)?;
+                    loss_sum += loss.to_scalar::<f32>()? as f64;
+                }
+                Some(group) => {
+                    let world = group.world();
+                    let tokens = target_tokens(&batch);
+                    group.send_all(|rank| Job::Micro { ids: ids[super::data_parallel::shard(ids.len(), rank, world)].to_vec(), tokens })?;
+                    let own = &batch[super::data_parallel::shard(batch.len(), 0, world)];
+                    loss_sum += shard_step(&model, &train_set, own, tokens, cfg, &mut features, &mut grads)?;
+                    loss_sum += group.wait_all()?;
+                }
+            }
             micro += 1;
             state.batch += 1;
             state.samples_seen += batch.len();
             if micro == cfg.grad_accum.max(1) || state.batch == batches_per_epoch {
-                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
                 let lr = learning_rate(cfg.lr, state.step, warmup, total_steps);
+                if let (Some(group), Some(nccl)) = (&group, &nccl) {
+                    group.send_all(|_| Job::Step { lr })?;
+                    super::data_parallel::all_reduce_grads(nccl, &model.params, &mut grads, &model.device)?;
+                }
+                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
                 opt.update(&model.params, &grads, lr)?;
+                if let Some(group) = &group {
+                    group.wait_all()?;
+                }
                 grads.clear();
+                lap(&mut phases, 2, &mut since)?;
+                if let Some(used) = super::device::gpu_memory_used(&model.device) {
+                    gpu_memory = Some(gpu_memory.map_or(used, |m| m.max(used)));
+                }
                 state.step += 1;
                 last_loss = loss_sum / micro as f64;
                 let elapsed = started.elapsed().as_secs_f64().max(1e-9);
                 let sps = (state.samples_seen - samples_at_start) as f64 / elapsed;
-                let line =
-                    json!({ "step": state.step, "epoch": state.epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "samples_per_s": sps });
+                // time_s: seconds since this process started training; differences between the
+                // steps of one epoch time the steps alone (no checkpoint, no evaluation).
+                let mut line = json!({ "step": state.step, "epoch": state.epoch + 1, "loss": last_loss, "lr": lr, "grad_norm": norm, "samples_per_s": sps, "time_s": elapsed });
+                if let Some(used) = super::device::gpu_memory_used(&model.device) {
+                    line["gpu_mib"] = json!(used / (1024 * 1024));
+                }
                 log_line(&mut metrics_log, &line)?;
                 history.push(line);
                 bars.step(state.step, last_loss, lr, sps);
                 loss_sum = 0.0;
                 micro = 0;
                 if let Some(val) = val_set.as_ref().filter(|_| cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+                    model.masters = opt.masters().clone();
                     let scores = evaluate_model(&model, val, cfg.eval_samples, cfg.prompt.as_deref())?;
                     bars.println(&format!("step {}: {scores}", state.step));
                     let line = json!({ "step": state.step, "epoch": state.epoch + 1, "eval": scores });
@@ -267,8 +355,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         bars.println(&format!("epoch {} done in {:.1} s, loss {last_loss:.4}", state.epoch, epoch_start.elapsed().as_secs_f64()));
     }
     bars.finish();
+    if let Some(group) = group.take() {
+        group.stop();
+    }
     features.save()?;
 
+    model.masters = opt.masters().clone();
     model.save_folder(&cfg.output)?;
     let final_eval = match &val_set {
         Some(val) => {
@@ -294,6 +386,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         total_params: model.num_total(),
         eval: final_eval,
         skipped_rows: train_set.skipped.to_string(),
+        device: super::device::describe(&model.device),
+        dtype: cfg.precision,
+        gpu_memory_mib: gpu_memory.map(|b| b as f64 / (1024.0 * 1024.0)),
+        gpu_peak_tensor_mib: super::device::gpu_peak_tensor_mib(&model.device),
+        profile_s: profile.then_some(phases),
     })
 }
 
@@ -377,6 +474,170 @@ fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Opt
     Ok(out)
 }
 
+/// Labelled positions of a batch (the loss averages over them).
+fn target_tokens(batch: &[&Example]) -> usize {
+    batch.iter().map(|e| e.labels.iter().filter(|l| l.is_some()).count()).sum()
+}
+
+/// Data-parallel: one rank's share of a micro-batch whose whole has `tokens` labelled positions.
+/// Its loss is weighted by its share of them, so that the gradients summed over the ranks are
+/// those of the whole batch's mean loss (what one GPU computes). Returns that weighted loss.
+fn shard_step(
+    model: &TrainModel,
+    data: &Dataset,
+    shard: &[&Example],
+    tokens: usize,
+    cfg: &TrainConfig,
+    cache: &mut FeatureCache,
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<f64> {
+    if shard.is_empty() {
+        return Ok(0.0);
+    }
+    let weight = target_tokens(shard) as f64 / tokens.max(1) as f64;
+    let loss = (batch_loss(model, data, shard, cache, cfg.train_encoder)? * weight)?;
+    let g = (&loss / cfg.grad_accum.max(1) as f64)?.backward()?;
+    accumulate(grads, named_grads(&model.params, &g)?)?;
+    Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// Encodes every image of `data` into `cache`, `batch` at a time.
+fn prefill(model: &TrainModel, data: &Dataset, cache: &mut FeatureCache, batch: usize) -> Result<()> {
+    let all: Vec<usize> = (0..data.samples.len()).collect();
+    for chunk in all.chunks(batch.max(1)) {
+        batch_features(model, data, chunk, cache, false)?;
+    }
+    Ok(())
+}
+
+/// What the driving thread (rank 0) asks a replica to do.
+enum Job {
+    /// Encode every training image into the replica's feature cache.
+    Prefill,
+    /// Loss and gradients of these examples (this rank's share of a micro-batch whose whole
+    /// has `tokens` labelled positions), accumulated.
+    Micro { ids: Vec<usize>, tokens: usize },
+    /// All-reduce the accumulated gradients, clip, update with this learning rate.
+    Step { lr: f64 },
+}
+
+/// The replicas on GPUs 1 … N-1, one thread each; rank 0 is the calling thread.
+struct Group {
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    replies: std::sync::mpsc::Receiver<std::result::Result<f64, String>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    id: super::data_parallel::GroupId,
+}
+
+impl Group {
+    /// Starts the replicas; each builds its model (same seed, so the same weights) on its GPU
+    /// and says whether that worked.
+    fn start(cfg: &TrainConfig) -> Result<Self> {
+        if !super::device::HAS_NCCL {
+            return Err(super::data_parallel::needs_nccl());
+        }
+        if !matches!(cfg.device, DeviceSpec::Auto | DeviceSpec::Cuda(0)) {
+            return Err(Error::config("--gpus", "data-parallel training runs on GPUs 0 … N-1; leave --device out (or say cuda)"));
+        }
+        if cfg.resume {
+            return Err(Error::config("--gpus", "--resume is not supported with --gpus > 1 yet; resume on one GPU"));
+        }
+        let id = super::data_parallel::group_id()?;
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let (mut jobs, mut threads) = (Vec::new(), Vec::new());
+        for rank in 1..cfg.gpus {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let cfg = TrainConfig { device: DeviceSpec::Cuda(rank), progress: false, ..cfg.clone() };
+            let reply = reply_tx.clone();
+            let world = cfg.gpus;
+            threads.push(std::thread::spawn(move || {
+                if let Err(e) = replica(&cfg, rank, world, id, rx, &reply) {
+                    let _ = reply.send(Err(format!("GPU {rank}: {e}")));
+                }
+            }));
+            jobs.push(tx);
+        }
+        let group = Group { jobs, replies, threads, id };
+        group.wait_all()?;
+        Ok(group)
+    }
+
+    fn world(&self) -> usize {
+        self.jobs.len() + 1
+    }
+
+    /// Rank 0 joins the NCCL group (the replicas are joining it already).
+    fn join(&mut self, model: &TrainModel) -> Result<super::data_parallel::Nccl> {
+        super::data_parallel::Nccl::join(&model.device, 0, self.world(), self.id)
+    }
+
+    fn send_all(&self, job: impl Fn(usize) -> Job) -> Result<()> {
+        for (i, tx) in self.jobs.iter().enumerate() {
+            tx.send(job(i + 1)).map_err(|_| Error::Compute(format!("GPU {}: its thread has stopped", i + 1)))?;
+        }
+        Ok(())
+    }
+
+    /// One reply from every replica; the sum of their values.
+    fn wait_all(&self) -> Result<f64> {
+        let mut sum = 0.0;
+        for _ in 0..self.jobs.len() {
+            match self.replies.recv() {
+                Ok(Ok(v)) => sum += v,
+                Ok(Err(e)) => return Err(Error::Compute(e)),
+                Err(_) => return Err(Error::Compute("a GPU's thread has stopped".into())),
+            }
+        }
+        Ok(sum)
+    }
+
+    fn stop(self) {
+        drop(self.jobs);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A replica's thread: build, report ready, join NCCL, then do the jobs until the channel closes.
+fn replica(
+    cfg: &TrainConfig,
+    rank: usize,
+    world: usize,
+    id: super::data_parallel::GroupId,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    reply: &std::sync::mpsc::Sender<std::result::Result<f64, String>>,
+) -> Result<()> {
+    let Prepared { train_set, model, .. } = prepare(cfg)?;
+    let examples = make_examples(&model, &train_set, cfg.max_len, cfg.prompt.as_deref())?;
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, &model.params)?;
+    let _ = reply.send(Ok(0.0));
+    let nccl = super::data_parallel::Nccl::join(&model.device, rank, world, id)?;
+    let mut cache = FeatureCache::in_memory();
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    for job in jobs {
+        let value = match job {
+            Job::Prefill => {
+                prefill(&model, &train_set, &mut cache, cfg.batch_size)?;
+                0.0
+            }
+            Job::Micro { ids, tokens } => {
+                let shard: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
+                shard_step(&model, &train_set, &shard, tokens, cfg, &mut cache, &mut grads)?
+            }
+            Job::Step { lr } => {
+                super::data_parallel::all_reduce_grads(&nccl, &model.params, &mut grads, &model.device)?;
+                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
+                opt.update(&model.params, &grads, lr)?;
+                grads.clear();
+                norm
+            }
+        };
+        let _ = reply.send(Ok(value));
+    }
+    Ok(())
+}
+
 /// Mean cross-entropy over the labelled positions of a right-padded batch.
 fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mut FeatureCache, train_encoder: bool) -> Result<Tensor> {
     let images: Vec<usize> = batch.iter().map(|e| e.image).collect();
@@ -394,7 +655,7 @@ fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mu
     let logits = match &model.network {
         Network::CrossAttention(m) => {
             let flat: Vec<u32> = rows.concat();
-            m.forward_train(&feats, &Tensor::from_vec(flat, (batch.len(), t), &Device::Cpu)?)?
+            m.forward_train(&feats, &Tensor::from_vec(flat, (batch.len(), t), &model.device)?)?
         }
         Network::Prefix(m) => m.forward_train(&rows, &feats)?,
     };
@@ -411,8 +672,8 @@ fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mu
     if positions.is_empty() {
         return Err(Error::Compute("a batch without any target token".into()));
     }
-    let picked = logits.reshape((batch.len() * t, vocab))?.index_select(&Tensor::new(positions, &Device::Cpu)?, 0)?;
-    Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, &Tensor::new(targets, &Device::Cpu)?)?)
+    let picked = logits.reshape((batch.len() * t, vocab))?.index_select(&Tensor::new(positions, &model.device)?, 0)?;
+    Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, &Tensor::new(targets, &model.device)?)?)
 }
 
 /// One batch exactly as a training step sees it: every caption of `data` in file order, its
@@ -427,11 +688,18 @@ pub struct BatchCheck {
     pub grad_norms: BTreeMap<String, f64>,
 }
 
+/// [`check_batch`] for the model and training data `cfg` describes, on its device and in its
+/// precision (`train check-step`: the CPU and the GPU compared on one step).
+pub fn check_step(cfg: &TrainConfig) -> Result<BatchCheck> {
+    let Prepared { train_set, model, .. } = prepare(cfg)?;
+    check_batch(&model, &train_set, cfg.max_len, cfg.prompt.as_deref(), cfg.train_encoder)
+}
+
 pub fn check_batch(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>, train_encoder: bool) -> Result<BatchCheck> {
     let examples = make_examples(model, data, max_len, prompt)?;
     let batch: Vec<&Example> = examples.iter().collect();
     let loss = batch_loss(model, data, &batch, &mut FeatureCache::in_memory(), train_encoder)?;
-    let mut grads = named_grads(&model.params, &loss.backward()?);
+    let mut grads = named_grads(&model.params, &loss.backward()?)?;
     let mut grad_norms = BTreeMap::new();
     for (name, g) in &grads {
         grad_norms.insert(name.clone(), (g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt());
@@ -513,7 +781,11 @@ fn load_checkpoint(out: &Path, model: &TrainModel, opt: &mut AdamW) -> Result<Op
     let state: RunState = serde_json::from_slice(&read("state.json")?).map_err(|e| Error::config("checkpoint state.json", e))?;
     let params = crate::loading::load_safetensors("checkpoint trainable.safetensors", &read("trainable.safetensors")?, |k| k.to_string())?;
     model.load_params(&params)?;
-    let moments = crate::loading::load_safetensors("checkpoint optimizer.safetensors", &read("optimizer.safetensors")?, |k| k.to_string())?;
+    let mut moments = crate::loading::load_safetensors("checkpoint optimizer.safetensors", &read("optimizer.safetensors")?, |k| k.to_string())?;
+    // The parameters too: a bf16 run resumed from an f32 checkpoint takes its masters from them.
+    for (name, t) in params {
+        moments.entry(name).or_insert(t);
+    }
     opt.load_state(&moments, state.step).map_err(|e| Error::config("checkpoint optimizer.safetensors", e))?;
     Ok(Some(state))
 }
