@@ -292,16 +292,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             state.samples_seen += batch.len();
             if micro == cfg.grad_accum.max(1) || state.batch == batches_per_epoch {
                 let lr = learning_rate(cfg.lr, state.step, warmup, total_steps);
-                if let (Some(group), Some(nccl)) = (&group, &nccl) {
+                if let Some(group) = &group {
                     group.send_all(|_| Job::Step { lr })?;
-                    super::data_parallel::all_reduce_grads(nccl, &model.params, &mut grads, &model.device)?;
                 }
-                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
-                opt.update(&model.params, &grads, lr)?;
+                let norm = apply_update(nccl.as_ref(), &model, &mut grads, &mut opt, cfg.grad_clip, lr)?;
                 if let Some(group) = &group {
                     group.wait_all()?;
                 }
-                grads.clear();
                 lap(&mut phases, 2, &mut since)?;
                 if let Some(used) = super::device::gpu_memory_used(&model.device) {
                     gpu_memory = Some(gpu_memory.map_or(used, |m| m.max(used)));
@@ -501,6 +498,26 @@ fn shard_step(
     Ok(loss.to_scalar::<f32>()? as f64)
 }
 
+/// One optimizer step on the accumulated gradients, which it then clears: summed over the GPUs
+/// first when data-parallel (every rank takes this same step), clipped, AdamW. Returns the
+/// gradient norm before clipping.
+fn apply_update(
+    nccl: Option<&super::data_parallel::Nccl>,
+    model: &TrainModel,
+    grads: &mut HashMap<String, Tensor>,
+    opt: &mut AdamW,
+    grad_clip: f64,
+    lr: f64,
+) -> Result<f64> {
+    if let Some(nccl) = nccl {
+        super::data_parallel::all_reduce_grads(nccl, &model.params, grads, &model.device)?;
+    }
+    let norm = clip_grad_norm(grads, grad_clip)?;
+    opt.update(&model.params, grads, lr)?;
+    grads.clear();
+    Ok(norm)
+}
+
 /// Encodes every image of `data` into `cache`, `batch` at a time.
 fn prefill(model: &TrainModel, data: &Dataset, cache: &mut FeatureCache, batch: usize) -> Result<()> {
     let all: Vec<usize> = (0..data.samples.len()).collect();
@@ -625,13 +642,7 @@ fn replica(
                 let shard: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
                 shard_step(&model, &train_set, &shard, tokens, cfg, &mut cache, &mut grads)?
             }
-            Job::Step { lr } => {
-                super::data_parallel::all_reduce_grads(&nccl, &model.params, &mut grads, &model.device)?;
-                let norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
-                opt.update(&model.params, &grads, lr)?;
-                grads.clear();
-                norm
-            }
+            Job::Step { lr } => apply_update(Some(&nccl), &model, &mut grads, &mut opt, cfg.grad_clip, lr)?,
         };
         let _ = reply.send(Ok(value));
     }
