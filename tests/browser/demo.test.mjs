@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
-import { launch, watchPage, referenceIds, root, artifacts } from './helpers.mjs';
+import { launch, watchPage, printLog, referenceIds, root, artifacts } from './helpers.mjs';
 
 const MODEL = 'tests/fixtures/tiny-ved-v5';
 const MODEL_FILES = ['config.json', 'model.safetensors', 'tokenizer.json', 'preprocessor_config.json', 'generation_config.json'];
@@ -65,7 +65,7 @@ before(async () => {
 });
 
 after(async () => {
-  if (process.env.WASMCAP_TEST_VERBOSE || log.some((l) => l.startsWith('[pageerror]'))) console.error(log.join('\n'));
+  printLog(log);
   await browser?.close();
   server?.close();
 });

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
-import { launch, watchPage, root } from './helpers.mjs';
+import { launch, watchPage, printLog, root } from './helpers.mjs';
 
 const MODEL = 'tests/fixtures/tiny-ved-v4';
 const IMAGE = 'tests/fixtures/images/astronaut.png';
@@ -60,7 +60,7 @@ before(async () => {
 });
 
 after(async () => {
-  if (process.env.WASMCAP_TEST_VERBOSE || log.some((l) => l.startsWith('[pageerror]'))) console.error(log.join('\n'));
+  printLog(log);
   await page?.evaluate(() => window.captioner?.dispose()).catch(() => {});
   await browser?.close();
   server?.close();

@@ -33,6 +33,11 @@ export function watchPage(page, log) {
   page.on('pageerror', (e) => log.push(`[pageerror] ${e.message}`));
 }
 
+/** Prints what `watchPage` collected when a page threw, or always with WASMCAP_TEST_VERBOSE=1. */
+export function printLog(log) {
+  if (process.env.WASMCAP_TEST_VERBOSE || log.some((l) => l.startsWith('[pageerror]'))) console.error(log.join('\n'));
+}
+
 /** The fixture's reference (🤗 transformers) and the native CLI's ids for astronaut.png, 20 tokens. */
 export function referenceIds() {
   const fixture = JSON.parse(readFileSync(join(root, 'tests/fixtures/reference/tiny-ved-v5.json'), 'utf8'));

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
-import { launch, watchPage, root } from './helpers.mjs';
+import { launch, watchPage, printLog, root } from './helpers.mjs';
 
 const D = 768, V = 50257, POSITIONS = 64, IMAGE = 32, PATCH = 16;
 let server, browser, base, weightsBytes;
@@ -106,9 +106,9 @@ before(async () => {
 });
 
 after(async () => {
+  printLog(log);
   await browser?.close();
   server?.close();
-  if (process.env.VERBOSE) console.log(log.join('\n'));
 });
 
 test('WASM memory after loading a 220 MB checkpoint is within 1.3× its weights, in both builds; the model captions', async () => {

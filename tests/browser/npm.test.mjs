@@ -9,7 +9,7 @@ import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writ
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { extname, join, normalize } from 'node:path';
-import { launch, watchPage, referenceIds, root, artifacts } from './helpers.mjs';
+import { launch, watchPage, printLog, referenceIds, root, artifacts } from './helpers.mjs';
 
 const VITE = process.env.WASMCAP_VITE ?? 'vite@7';
 const TYPESCRIPT = process.env.WASMCAP_TYPESCRIPT ?? 'typescript@5';
@@ -23,7 +23,7 @@ before(() => {
 });
 
 after(async () => {
-  if (process.env.WASMCAP_TEST_VERBOSE || log.some((l) => l.startsWith('[pageerror]'))) console.error(log.join('\n'));
+  printLog(log);
   await browser?.close();
   server?.close();
   if (dir) rmSync(dir, { recursive: true, force: true });

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
-import { launch, watchPage, root } from './helpers.mjs';
+import { launch, watchPage, printLog, root } from './helpers.mjs';
 
 const IMAGE = 'tests/fixtures/images/astronaut.png';
 const CASES = [
@@ -63,9 +63,9 @@ before(async () => {
 });
 
 after(async () => {
+  printLog(log);
   await browser?.close();
   server?.close();
-  if (process.env.VERBOSE) console.log(log.join('\n'));
 });
 
 test('a crossOriginIsolated page loads the threaded build; 2 threads give transformers\' greedy ids for both architectures, as 1 does', async () => {
