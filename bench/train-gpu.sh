@@ -49,18 +49,22 @@ check() { # name tag device extra-args...
   RAYON_NUM_THREADS=$CPU_THREADS "$BIN" check-step --dataset shapes --shapes-val 1 --device "$dev" "$@" \
     >"$OUT/check-$name-$tag.json" 2>>"$OUT/log.txt"
 }
+# `run name tag device args…` (check or curve) for the argument array named `set`: on the CPU,
+# then on the GPU in f32 without TF32, with TF32, and in bf16.
+on_each_precision() { # run set
+  local run=$1 set=$2
+  declare -n args=$set
+  "$run" "$set" cpu cpu "${args[@]}"
+  "$run" "$set" gpu-f32 cuda "${args[@]}" --no-tf32
+  "$run" "$set" gpu-tf32 cuda "${args[@]}"
+  "$run" "$set" gpu-bf16 cuda "${args[@]}" --dtype bf16
+}
 if [[ " $PARTS " == *" check "* ]]; then
   tiny=(--init-from-config models/configs/shapes-cross-attention.json --tokenizer word-level --shapes-train 16 --train-encoder)
   cross=(--init-from-config bench/configs/siglip-base-gpt2.json --tokenizer "$GPT2_TOK" --shapes-train 8 --shapes-size 224)
   prefix=(--arch prefix --init-from-config bench/configs/siglip-base-smollm-135m.json --tokenizer word-level --shapes-train 8
     --shapes-size 224 --lora-rank 16 --lora-alpha 32)
-  for set in tiny cross prefix; do
-    declare -n args=$set
-    check "$set" cpu cpu "${args[@]}"
-    check "$set" gpu-f32 cuda "${args[@]}" --no-tf32
-    check "$set" gpu-tf32 cuda "${args[@]}"
-    check "$set" gpu-bf16 cuda "${args[@]}" --dtype bf16
-  done
+  for set in tiny cross prefix; do on_each_precision check "$set"; done
 fi
 
 # --- curve: 200 steps on shapes, CPU vs GPU -----------------------------------------------------
@@ -77,13 +81,7 @@ if [[ " $PARTS " == *" curve "* ]]; then
   ca=(--init-from-config models/configs/shapes-cross-attention.json --tokenizer word-level --train-encoder)
   pa=(--arch prefix --model models/shapes-prefix/base --lora-rank 16 --lora-alpha 32
     --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
-  for set in ca pa; do
-    declare -n args=$set
-    curve "$set" cpu cpu "${args[@]}"
-    curve "$set" gpu-f32 cuda "${args[@]}" --no-tf32
-    curve "$set" gpu-tf32 cuda "${args[@]}"
-    curve "$set" gpu-bf16 cuda "${args[@]}" --dtype bf16
-  done
+  for set in ca pa; do on_each_precision curve "$set"; done
 fi
 
 # --- bench: full-size configs, batch 32, shapes at 224 px, 2 epochs -----------------------------
