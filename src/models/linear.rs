@@ -422,8 +422,7 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
             }
             None => {
                 // Many rows: dequantize and use the GEMM.
-                let packed = || Ok(PackedWeight::pack(&dequantize_q8_0_vec(qs, scales), q.out_dim, q.in_dim));
-                if let Some(ys) = packed_for_this_call(xs, packed, bias)? {
+                if let Some(ys) = packed_for_this_call(xs, || Ok(pack_q8_0(q)), bias)? {
                     return Ok(ys);
                 }
                 gemm_rows(xs, &dequantize_q8_0(qs, scales, q.out_dim, q.in_dim)?.t()?)?
@@ -459,7 +458,11 @@ impl Linear {
         if !packed::FASTER_THAN_GEMM || self.lora.is_some() || self.packed.is_some() {
             return Ok(false);
         }
-        let Some(p) = pack_out_in(&self.weight, self.quantized.as_ref())? else { return Ok(false) };
+        let p = match &self.quantized {
+            Some(q) => pack_q8_0(q),
+            None => pack_out_in(&self.weight)?,
+        };
+        let Some(p) = p else { return Ok(false) };
         self.weight = no_weight()?;
         self.quantized = None;
         self.packed = Some(p);
@@ -540,11 +543,7 @@ impl Module for Linear {
             return matvec_out_in(xs, &self.weight, self.bias.as_ref(), rows);
         }
         if !super::tracks_grad(&[xs, &self.weight]) {
-            let packed = || {
-                let (out_dim, in_dim) = self.weight.dims2()?;
-                with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))
-            };
-            if let Some(ys) = packed_for_this_call(xs, packed, self.bias.as_ref())? {
+            if let Some(ys) = packed_for_this_call(xs, || pack_out_in(&self.weight), self.bias.as_ref())? {
                 return Ok(ys);
             }
         }
@@ -594,16 +593,24 @@ fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<Packed
     }
 }
 
-/// A `[out, in]` weight packed: from its f32 tensor, or straight from q8_0 blocks (a quantized
-/// checkpoint's encoder: no f32 copy in between). None for other block formats.
-fn pack_out_in(weight: &Tensor, quantized: Option<&Quantized>) -> Result<Option<PackedWeight>> {
-    match quantized {
-        Some(Quantized { weight: QuantizedWeight::Q8 { qs, scales }, out_dim, in_dim }) => Ok(PackedWeight::pack(&dequantize_q8_0_vec(qs, scales), *out_dim, *in_dim)),
-        Some(_) => Ok(None),
-        None => {
-            let (out_dim, in_dim) = weight.dims2()?;
-            with_f32(&weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))
-        }
+/// An f32 `[out, in]` weight (`nn.Linear`) packed.
+fn pack_out_in(weight: &Tensor) -> Result<Option<PackedWeight>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    with_f32(&weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))
+}
+
+/// An f32 `[in, out]` weight (GPT-2's `Conv1D`) packed.
+fn pack_in_out(weight: &Tensor) -> Result<Option<PackedWeight>> {
+    let (in_dim, out_dim) = weight.dims2()?;
+    with_f32(&weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))
+}
+
+/// A quantized weight packed straight from its q8_0 blocks (a quantized checkpoint's encoder,
+/// prefill: no f32 tensor in between). None for other block formats.
+fn pack_q8_0(q: &Quantized) -> Option<PackedWeight> {
+    match &q.weight {
+        QuantizedWeight::Q8 { qs, scales } => PackedWeight::pack(&dequantize_q8_0_vec(qs, scales), q.out_dim, q.in_dim),
+        QuantizedWeight::Candle(_) => None,
     }
 }
 
@@ -651,11 +658,8 @@ impl Conv1D {
             return Ok(false);
         }
         let p = match &self.quantized {
-            Some(q) => pack_out_in(&self.weight, Some(q))?,
-            None => {
-                let (in_dim, out_dim) = self.weight.dims2()?;
-                with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))?
-            }
+            Some(q) => pack_q8_0(q),
+            None => pack_in_out(&self.weight)?,
         };
         let Some(p) = p else { return Ok(false) };
         self.weight = no_weight()?;
@@ -697,11 +701,7 @@ impl Module for Conv1D {
             return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);
         }
         if !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
-            let packed = || {
-                let (in_dim, out_dim) = self.weight.dims2()?;
-                with_f32(&self.weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))
-            };
-            if let Some(ys) = packed_for_this_call(xs, packed, Some(&self.bias))? {
+            if let Some(ys) = packed_for_this_call(xs, || pack_in_out(&self.weight), Some(&self.bias))? {
                 return Ok(ys);
             }
         }
