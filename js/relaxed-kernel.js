@@ -1,12 +1,12 @@
-// The relaxed-SIMD GEMM side module (src/models/packed.rs): instantiated once per thread on the
+// The relaxed-SIMD side module (src/models/relaxed.rs): instantiated once per thread on the
 // WASM memory it is given; `init` answers false where the browser lacks relaxed SIMD, and
-// the crate's simd128 kernel runs instead.
+// the crate's simd128 kernels run instead.
 let kernel = null;
 
 export function wasmcap_relaxed_kernel_init(memory, bytes) {
   if (typeof WebAssembly.validate !== 'function' || !WebAssembly.validate(bytes)) return false;
   try {
-    kernel = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports.gemm;
+    kernel = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports;
     return true;
   } catch (e) {
     console.warn('wasmcap: relaxed-SIMD kernel not used:', e);
@@ -15,5 +15,9 @@ export function wasmcap_relaxed_kernel_init(memory, bytes) {
 }
 
 export function wasmcap_relaxed_kernel_gemm(a, rows, inDim, panels, nPanels, bias, c) {
-  kernel(a, rows, inDim, panels, nPanels, bias, c);
+  kernel.gemm(a, rows, inDim, panels, nPanels, bias, c);
+}
+
+export function wasmcap_relaxed_kernel_q8_matvec(qs, scales, sums, x, blocks, groups, out) {
+  kernel.q8_matvec(qs, scales, sums, x, blocks, groups, out);
 }

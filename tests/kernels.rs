@@ -91,6 +91,32 @@ fn attention_of_many_queries_matches_the_formula() -> Result<()> {
     Ok(())
 }
 
+/// Decoding's attention (few queries, read in place): keys and values shared by groups of
+/// query heads (SmolLM's 9 over 3) and strided like a KV cache's window of a larger buffer,
+/// against the formula on copied, repeated heads.
+#[test]
+fn attention_of_few_queries_on_a_cache_window_matches_the_formula() -> Result<()> {
+    for (b, h, kv, tq, tk, d, masked) in [(1, 6, 2, 1, 37, 8, false), (2, 4, 4, 1, 5, 8, false), (2, 3, 1, 4, 12, 8, true), (1, 9, 3, 1, 39, 64, false), (2, 2, 1, 2, 7, 6, true)] {
+        let q = values(&[b, h, tq, d], 7);
+        // A cache of 50 positions of which the first tk are filled: a strided view.
+        let (k_all, v_all) = (values(&[b, kv, 50, d], 8), values(&[b, kv, 50, d], 9));
+        let (k, v) = (k_all.narrow(2, 0, tk)?, v_all.narrow(2, 0, tk)?);
+        assert!(!k.is_contiguous());
+        let mask = masked.then(|| attention::causal_mask(tq, tk - tq, &Device::Cpu)).transpose()?;
+        let ours = attention::scaled_dot_product(&q, &k, &v, 0.35, mask.as_ref())?;
+        let repeat = |t: &Tensor| -> Result<Tensor> { t.unsqueeze(2)?.expand((b, kv, h / kv, tk, d))?.reshape((b, h, tk, d)) };
+        let (k, v) = (repeat(&k)?, repeat(&v)?);
+        let scores = (q.matmul(&k.t()?)? * 0.35)?;
+        let scores = match &mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let theirs = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        check(&format!("attention b {b} h {h} kv {kv} tq {tq} tk {tk} d {d}"), &ours, &theirs, 1e-5);
+    }
+    Ok(())
+}
+
 #[test]
 fn activations_match_candles() -> Result<()> {
     let x = (values(&[4, 250], 7) * 12.0)?;
@@ -99,4 +125,45 @@ fn activations_match_candles() -> Result<()> {
     }
     check("softmax", &activation::softmax_last_dim(&x)?, &candle_nn::ops::softmax_last_dim(&x)?, 1e-6);
     Ok(())
+}
+
+/// The decoder's q8_0 matrix–vector kernels (`models::q8`: grouped layout; in WASM the simd128
+/// and the relaxed-SIMD one) against their definition: per block the integer sum of q·x14
+/// times the block's scale, summed block after block, times the row's scale. The same bits
+/// natively and in WASM, for a matrix whose last group of four rows is short, output ranges cut
+/// at group boundaries and weights of -128 (none of ours, but a file may hold them).
+#[test]
+fn q8_matvec_matches_its_definition() {
+    use wasmcap::models::q8::{Q8Matrix, BLOCK};
+    let (out_dim, in_dim) = (10, 64);
+    let qs: Vec<i8> = (0..out_dim * in_dim).map(|i| ((i * 7919 + 13) % 256) as i32 - 128).map(|q| q as i8).collect();
+    let scales: Vec<f32> = values(&[out_dim * in_dim / BLOCK], 4).to_vec1::<f32>().expect("f32").iter().map(|v| v.abs() * 1e-2).collect();
+    let m = Q8Matrix::from_rows(&qs, &scales, out_dim, in_dim).expect("whole blocks");
+    for (i, w) in m.dequantize().iter().enumerate() {
+        assert_eq!(*w, qs[i] as f32 * scales[i / BLOCK], "dequantized weight {i}");
+    }
+    let xs = values(&[2 * in_dim], 5).to_vec1::<f32>().expect("f32");
+    for (relaxed, outputs) in [true, false].into_iter().flat_map(|r| [0..out_dim, 4..10, 0..4, 8..12].map(|o| (r, o))) {
+        packed::allow_relaxed_simd(relaxed);
+        let rows = m.quantize_rows(&xs).expect("whole rows");
+        let y = m.matvec(&rows, outputs.clone());
+        let width = outputs.end.min(out_dim) - outputs.start;
+        assert_eq!(y.len(), 2 * width);
+        for (r, x) in xs.chunks_exact(in_dim).enumerate() {
+            let scale = x.iter().fold(0f32, |a, v| a.max(v.abs())) / 8191.0;
+            let inv = 1.0 / scale;
+            let x16: Vec<i32> = x.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+            for j in outputs.start..outputs.start + width {
+                let mut acc = 0f32;
+                for b in 0..in_dim / BLOCK {
+                    let sum: i32 = (b * BLOCK..(b + 1) * BLOCK).map(|i| qs[j * in_dim + i] as i32 * x16[i]).sum();
+                    acc += sum as f32 * scales[j * in_dim / BLOCK + b];
+                }
+                assert_eq!(y[r * width + j - outputs.start], acc * scale, "row {r}, output {j}, outputs {outputs:?}, {}", packed::kernel_name());
+            }
+        }
+    }
+    packed::allow_relaxed_simd(true);
+    assert!(Q8Matrix::from_rows(&qs, &scales, out_dim, 48).is_none());
+    assert!(m.quantize_rows(&xs[..in_dim + 1]).is_none());
 }

@@ -9,6 +9,7 @@ use candle_core::{Device, Module, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::packed::{self, PackedWeight};
+use super::q8::{self, Q8Matrix};
 
 const LANES: usize = 16;
 
@@ -256,13 +257,13 @@ pub struct LoraUpdate {
     pub scale: f64,
 }
 
-/// A weight `[out, in]` in a block format. q8_0 is ours: i8 weights with one f32 scale per 32,
-/// multiplied by few rows with our kernel (below) and dequantized for the GEMM when many rows
-/// come (prefill, where f32 GEMM beats a quantized matmul). q4_0 goes through candle's
-/// quantized matmul (its input rows quantized to 8 bits on the fly).
+/// A weight `[out, in]` in a block format. q8_0 is ours: multiplied by few rows with our kernel
+/// (`super::q8`) and dequantized for the GEMM when many rows come (prefill, where f32 GEMM
+/// beats a quantized matmul). q4_0 goes through candle's quantized matmul (its input rows
+/// quantized to 8 bits on the fly).
 #[derive(Debug, Clone)]
 enum QuantizedWeight {
-    Q8 { qs: std::sync::Arc<Vec<i8>>, scales: std::sync::Arc<Vec<f32>> },
+    Q8(Q8Matrix),
     Candle(QMatMul),
 }
 
@@ -273,16 +274,15 @@ struct Quantized {
     in_dim: usize,
 }
 
-const Q8_BLOCK: usize = 32;
-
 /// ggml's q8_0 of row-major weights whose rows are whole blocks of 32: per block, scale =
 /// max |w| / 127 and q = round(w / scale). Load-time quantization and the `quantize` command
 /// (`crate::quantize`) both use this, so a quantized file holds what quantizing at load gives.
 pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
     let mut qs = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(w.len() / Q8_BLOCK);
-    for block in w.chunks_exact(Q8_BLOCK) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut scales = Vec::with_capacity(w.len() / q8::BLOCK);
+    for block in w.chunks_exact(q8::BLOCK) {
+        // A comparison, not `f32::max` (a libm call per value in WASM).
+        let amax = block.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         qs.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
@@ -298,12 +298,14 @@ pub const Q8_0_SUFFIX: &str = ".q8_0";
 pub const Q8_0_SCALES_SUFFIX: &str = ".q8_0_scales";
 
 /// The f32 matrix `[out_dim, in_dim]` that q8_0 blocks hold.
-fn dequantize_q8_0(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result<Tensor> {
-    Tensor::from_vec(dequantize_q8_0_vec(qs, scales), (out_dim, in_dim), &Device::Cpu)
+fn dequantize_q8_0(m: &Q8Matrix) -> Result<Tensor> {
+    Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)
 }
 
-fn dequantize_q8_0_vec(qs: &[i8], scales: &[f32]) -> Vec<f32> {
-    qs.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / Q8_BLOCK]).collect()
+/// `qs` `[out, in]` and `scales` `[out, in / 32]` (row-major, as in a file) in our layout.
+fn q8_matrix(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result<Q8Matrix> {
+    Q8Matrix::from_rows(qs, scales, out_dim, in_dim)
+        .ok_or_else(|| candle_core::Error::Msg(format!("q8_0: {} values and {} scales do not make [{out_dim}, {in_dim}] in blocks of {}", qs.len(), scales.len(), q8::BLOCK)))
 }
 
 /// What a quantized layer keeps where its f32 weight was.
@@ -317,15 +319,15 @@ fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Resu
     if !vb.contains_tensor(&q_name) {
         return Ok(None);
     }
-    if in_dim % Q8_BLOCK != 0 {
-        candle_core::bail!("{q_name}: rows of {in_dim} are not whole q8_0 blocks of {Q8_BLOCK}");
+    if in_dim % q8::BLOCK != 0 {
+        candle_core::bail!("{q_name}: rows of {in_dim} are not whole q8_0 blocks of {}", q8::BLOCK);
     }
     let qs = vb.get_with_hints_dtype((out_dim, in_dim), &q_name, Default::default(), candle_core::DType::U8)?;
-    let scales = vb.get((out_dim, in_dim / Q8_BLOCK), &format!("{name}{Q8_0_SCALES_SUFFIX}"))?;
+    let scales = vb.get((out_dim, in_dim / q8::BLOCK), &format!("{name}{Q8_0_SCALES_SUFFIX}"))?;
     // The file's I8 bytes arrive as U8 (candle has no i8): the same bits.
-    let qs = qs.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
+    let qs: Vec<i8> = qs.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
     let scales = scales.flatten_all()?.to_vec1::<f32>()?;
-    let weight = QuantizedWeight::Q8 { qs: std::sync::Arc::new(qs), scales: std::sync::Arc::new(scales) };
+    let weight = QuantizedWeight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?);
     Ok(Some(Quantized { weight, out_dim, in_dim }))
 }
 
@@ -338,86 +340,21 @@ fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Quantized
     let weight = match dtype {
         GgmlDType::Q8_0 => {
             let (qs, scales) = q8_0_blocks(&weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
-            QuantizedWeight::Q8 { qs: std::sync::Arc::new(qs), scales: std::sync::Arc::new(scales) }
+            QuantizedWeight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?)
         }
         _ => QuantizedWeight::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight.contiguous()?, dtype)?)?),
     };
     Ok(Some(Quantized { weight, out_dim, in_dim }))
 }
 
-/// Σ over blocks of scale_b · Σ q·x16, for one weight row against an input row quantized to i16.
-#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-fn dot_q8(qs: &[i8], scales: &[f32], x16: &[i16]) -> f32 {
-    let mut total = 0f32;
-    for ((q, s), x) in qs.chunks_exact(Q8_BLOCK).zip(scales).zip(x16.chunks_exact(Q8_BLOCK)) {
-        let sum: i32 = q.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum();
-        total += sum as f32 * s;
-    }
-    total
-}
-
-/// The same with simd128's i16 dot product: 32 weights = 2 loads, 4 widenings, 4 dots.
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-fn dot_q8(qs: &[i8], scales: &[f32], x16: &[i16]) -> f32 {
-    use core::arch::wasm32::*;
-    let mut acc = f32x4_splat(0.0);
-    for ((q, s), x) in qs.chunks_exact(Q8_BLOCK).zip(scales).zip(x16.chunks_exact(Q8_BLOCK)) {
-        // SAFETY: every chunk holds 32 values (16 i8 per load; 8 i16 per load); wasm loads need no alignment.
-        unsafe {
-            let q0 = v128_load(q.as_ptr() as *const v128);
-            let q1 = v128_load(q.as_ptr().add(16) as *const v128);
-            let x0 = v128_load(x.as_ptr() as *const v128);
-            let x1 = v128_load(x.as_ptr().add(8) as *const v128);
-            let x2 = v128_load(x.as_ptr().add(16) as *const v128);
-            let x3 = v128_load(x.as_ptr().add(24) as *const v128);
-            let d0 = i32x4_dot_i16x8(i16x8_extend_low_i8x16(q0), x0);
-            let d1 = i32x4_dot_i16x8(i16x8_extend_high_i8x16(q0), x1);
-            let d2 = i32x4_dot_i16x8(i16x8_extend_low_i8x16(q1), x2);
-            let d3 = i32x4_dot_i16x8(i16x8_extend_high_i8x16(q1), x3);
-            let sum = i32x4_add(i32x4_add(d0, d1), i32x4_add(d2, d3));
-            acc = f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(sum), f32x4_splat(*s)));
-        }
-    }
-    f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc) + f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc)
-}
-
-/// An input row as i16 with one scale: |error| ≤ max|x| / 65534, far below q8's own. (Plain
-/// comparisons and round-half-even: `f32::max` and `round` are library calls in WASM.)
-fn quantize_row_i16(x: &[f32]) -> (Vec<i16>, f32) {
-    let amax = x.iter().fold(0f32, |m, v| {
-        let a = v.abs();
-        if a > m {
-            a
-        } else {
-            m
-        }
-    });
-    let scale = amax / 32767.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    (x.iter().map(|v| (v * inv).round_ties_even() as i16).collect(), scale)
-}
-
 fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let ys = match &q.weight {
         QuantizedWeight::Candle(matmul) => matmul.forward(&xs.contiguous()?)?,
-        QuantizedWeight::Q8 { qs, scales } => match few_rows(xs)? {
+        QuantizedWeight::Q8(m) => match few_rows(xs)? {
             Some(rows) => {
-                if xs.dim(D::Minus1)? != q.in_dim {
-                    candle_core::bail!("linear: input has {} features, weight expects {}", xs.dim(D::Minus1)?, q.in_dim);
-                }
-                let xq: Vec<(Vec<i16>, f32)> = with_f32(&xs.contiguous()?, |x| x.chunks_exact(q.in_dim).map(quantize_row_i16).collect())?;
-                let blocks = q.in_dim / Q8_BLOCK;
-                let row = |j: usize| (&qs[j * q.in_dim..(j + 1) * q.in_dim], &scales[j * blocks..(j + 1) * blocks]);
-                let y = by_output_features(q.out_dim, q.in_dim, rows, |r| {
-                    let mut y = vec![0f32; rows * r.len()];
-                    for (k, j) in r.clone().enumerate() {
-                        let (wq, ws) = row(j);
-                        for (m, (x16, xs_scale)) in xq.iter().enumerate() {
-                            y[m * r.len() + k] = dot_q8(wq, ws, x16) * xs_scale;
-                        }
-                    }
-                    y
-                });
+                let xq = with_f32(&xs.contiguous()?, |x| m.quantize_rows(x))?
+                    .ok_or_else(|| candle_core::Error::Msg(format!("linear: input has {} features, weight expects {}", xs.dim(D::Minus1).unwrap_or(0), q.in_dim)))?;
+                let y = by_output_features(q.out_dim, q.in_dim, rows, |r| m.matvec(&xq, r));
                 Tensor::from_vec(y, out_shape(xs, q.out_dim), &Device::Cpu)?
             }
             None => {
@@ -425,7 +362,7 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
                 if let Some(ys) = packed_for_this_call(xs, || Ok(pack_q8_0(q)), bias)? {
                     return Ok(ys);
                 }
-                gemm_rows(xs, &dequantize_q8_0(qs, scales, q.out_dim, q.in_dim)?.t()?)?
+                gemm_rows(xs, &dequantize_q8_0(m)?.t()?)?
             }
         },
     };
@@ -486,8 +423,8 @@ impl Linear {
     /// layers that only ever see many rows (the encoder), whose GEMM is faster in f32. Returns
     /// whether anything changed.
     pub fn dequantize(&mut self) -> Result<bool> {
-        let Some(Quantized { weight: QuantizedWeight::Q8 { qs, scales }, out_dim, in_dim }) = &self.quantized else { return Ok(false) };
-        self.weight = dequantize_q8_0(qs, scales, *out_dim, *in_dim)?;
+        let Some(Quantized { weight: QuantizedWeight::Q8(m), .. }) = &self.quantized else { return Ok(false) };
+        self.weight = dequantize_q8_0(m)?;
         self.quantized = None;
         Ok(true)
     }
@@ -609,7 +546,7 @@ fn pack_in_out(weight: &Tensor) -> Result<Option<PackedWeight>> {
 /// prefill: no f32 tensor in between). None for other block formats.
 fn pack_q8_0(q: &Quantized) -> Option<PackedWeight> {
     match &q.weight {
-        QuantizedWeight::Q8 { qs, scales } => PackedWeight::pack(&dequantize_q8_0_vec(qs, scales), q.out_dim, q.in_dim),
+        QuantizedWeight::Q8(m) => PackedWeight::pack(&m.dequantize(), q.out_dim, q.in_dim),
         QuantizedWeight::Candle(_) => None,
     }
 }

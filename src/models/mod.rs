@@ -9,6 +9,8 @@ pub mod llama;
 pub mod llava;
 pub mod norm;
 pub mod packed;
+pub mod q8;
+mod relaxed;
 pub mod siglip;
 pub mod vision_encoder_decoder;
 

@@ -163,8 +163,8 @@ impl PackedWeight {
         // and each row of y n_panels × 12 long.
         unsafe {
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-            if relaxed::ready() {
-                relaxed::gemm(args);
+            if super::relaxed::ready() {
+                super::relaxed::gemm(args);
                 return Some(compact(y, ldc, out_dim));
             }
             kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6);
@@ -181,60 +181,20 @@ fn compact(y: Vec<f32>, ldc: usize, out_dim: usize) -> Vec<f32> {
     y.chunks_exact(ldc).flat_map(|row| &row[..out_dim]).copied().collect()
 }
 
-/// The kernel with fused multiply-add, where the browser has relaxed SIMD: a WASM module of its
-/// own (`packed_relaxed.rs`, built by `build.rs`, ~2 KB), because a module that uses one
-/// relaxed instruction fails to compile as a whole where relaxed SIMD is missing. It shares
-/// this module's memory; each thread instantiates it once (`js/relaxed-kernel.js`).
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-mod relaxed {
-    use std::cell::Cell;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use wasm_bindgen::prelude::*;
-
-    #[wasm_bindgen(module = "/js/relaxed-kernel.js")]
-    extern "C" {
-        fn wasmcap_relaxed_kernel_init(memory: JsValue, bytes: &[u8]) -> bool;
-        fn wasmcap_relaxed_kernel_gemm(a: u32, rows: u32, in_dim: u32, panels: u32, n_panels: u32, bias: u32, c: u32);
-    }
-
-    static MODULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/packed_relaxed.wasm"));
-    pub static ALLOWED: AtomicBool = AtomicBool::new(true);
-
-    thread_local! {
-        static READY: Cell<Option<bool>> = const { Cell::new(None) };
-    }
-
-    /// Whether the side module runs on this thread (instantiated on first ask).
-    pub fn ready() -> bool {
-        ALLOWED.load(Ordering::Relaxed)
-            && READY.with(|r| {
-                let ready = r.get().unwrap_or_else(|| wasmcap_relaxed_kernel_init(wasm_bindgen::memory(), MODULE));
-                r.set(Some(ready));
-                ready
-            })
-    }
-
-    /// SAFETY: as `kernel::gemm`; wasm32 pointers and sizes fit u32.
-    pub unsafe fn gemm((a, rows, in_dim, panels, n_panels, bias, c): (*const f32, usize, usize, *const f32, usize, *const f32, *mut f32)) {
-        wasmcap_relaxed_kernel_gemm(a as u32, rows as u32, in_dim as u32, panels as u32, n_panels as u32, bias as u32, c as u32)
-    }
-}
-
 /// Which kernel packed weights multiply with on this thread: "relaxed-simd" (fused
 /// multiply-add), "simd128", or "portable" (natively, where only tests use it).
 pub fn kernel_name() -> &'static str {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    return if relaxed::ready() { "relaxed-simd" } else { "simd128" };
+    return if super::relaxed::ready() { "relaxed-simd" } else { "simd128" };
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     "portable"
 }
 
-/// Lets packed weights use the relaxed-SIMD kernel where the browser has it (the default), or
-/// keeps them on the simd128 one: to compare the two.
+/// Lets packed weights and q8_0 decoding use the relaxed-SIMD kernels where the browser has
+/// them (the default), or keeps them on the simd128 ones: to compare the two.
 pub fn allow_relaxed_simd(allow: bool) {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    relaxed::ALLOWED.store(allow, std::sync::atomic::Ordering::Relaxed);
+    super::relaxed::ALLOWED.store(allow, std::sync::atomic::Ordering::Relaxed);
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     let _ = allow;
 }

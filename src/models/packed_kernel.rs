@@ -1,5 +1,5 @@
 // The GEMM loops of `packed.rs`, included twice: into the crate (`packed::kernel`) and into the
-// relaxed-SIMD side module (`packed_relaxed.rs`), each with its own `V`, `zero`, `load`, `store`,
+// relaxed-SIMD side module (`relaxed_module.rs`), each with its own `V`, `zero`, `load`, `store`,
 // `splat` and `madd` in scope. One source, so the two kernels cannot drift apart.
 
 /// Output features per panel: three 4-lane vectors.

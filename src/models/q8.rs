@@ -1,0 +1,239 @@
+//! q8_0 weights (ggml's block format: i8 values, one f32 scale per 32 inputs) laid out for the
+//! decoder's matrix–vector products, which read every weight once per token and are bound by
+//! memory. What makes the WASM loops cheaper per byte, so that more of the stream overlaps:
+//! - four output rows are interleaved block by block, so one load of the input serves four rows
+//!   and the four sums of a block leave as one vector (one scale load, one convert, one multiply);
+//! - with simd128, the i8 → i16 widening is two shifts (even bytes, odd bytes) instead of
+//!   `extend_high`, which V8 lowers to a shuffle plus a widening; the input row is stored with
+//!   its even and odd lanes of every 16 apart to match;
+//! - with relaxed SIMD (`relaxed_module.rs`), the i8 dot product multiplies the bytes as they
+//!   are (one instruction per 16 where the CPU has VNNI), on the input split into 7-bit halves.
+//!
+//! The input is quantized to 14 bits so that the split is exact. A block's sum is an exact
+//! integer, so the order of its products does not matter: the scalar loop (native builds), the
+//! simd128 and the relaxed-SIMD loops give the same bits.
+
+use std::sync::Arc;
+
+/// Inputs per q8_0 block.
+pub const BLOCK: usize = 32;
+/// Output rows interleaved together.
+const GROUP: usize = 4;
+
+/// A q8_0 matrix `[out_dim, in_dim]`: for each group of four output rows and each block of 32
+/// inputs, the four rows' 32 values one after another (`qs`), their four scales (`scales`) and
+/// the four sums of their values (`sums`, which the relaxed-SIMD kernel needs). A last group
+/// short of four rows is padded with zero rows.
+#[derive(Debug, Clone)]
+pub struct Q8Matrix {
+    qs: Arc<Vec<i8>>,
+    scales: Arc<Vec<f32>>,
+    sums: Arc<Vec<i16>>,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+/// An input row quantized for `Q8Matrix::matvec`: 14-bit integers with one scale (|error| ≤
+/// max|x| / 16382, far below q8's own), in the layouts of both kernels — each thread of the
+/// threaded build takes the one it has, and both give the same bits.
+pub struct QuantizedRow {
+    /// For the shifts kernel: each 16 values reordered evens then odds.
+    lanes: Vec<i16>,
+    /// For the relaxed-SIMD kernel (WASM only): per block, the high then the low 7 bits of
+    /// each value + 8192 (never negative, as the i7 operand must be).
+    #[cfg_attr(not(all(target_arch = "wasm32", target_feature = "simd128")), allow(dead_code))]
+    bytes: Vec<u8>,
+    scale: f32,
+}
+
+/// The largest magnitude of a quantized input: 14 bits, so that input + 8192 splits into two
+/// 7-bit halves.
+const X_MAX: f32 = 8191.0;
+const X_OFFSET: i32 = 8192;
+
+impl Q8Matrix {
+    /// From row-major blocks (`qs` `[out, in]`, `scales` `[out, in / 32]`: the layout of ggml,
+    /// of `q8_0_blocks` and of a quantized `model.safetensors`). None when the lengths disagree
+    /// or rows are not whole blocks.
+    pub fn from_rows(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Option<Self> {
+        let blocks = in_dim / BLOCK;
+        if in_dim % BLOCK != 0 || qs.len() != out_dim * in_dim || scales.len() != out_dim * blocks {
+            return None;
+        }
+        let groups = out_dim.div_ceil(GROUP);
+        let mut grouped = vec![0i8; groups * GROUP * in_dim];
+        let mut grouped_scales = vec![0f32; groups * GROUP * blocks];
+        for row in 0..out_dim {
+            let (g, k) = (row / GROUP, row % GROUP);
+            for b in 0..blocks {
+                let at = ((g * blocks + b) * GROUP + k) * BLOCK;
+                grouped[at..at + BLOCK].copy_from_slice(&qs[row * in_dim + b * BLOCK..row * in_dim + (b + 1) * BLOCK]);
+                grouped_scales[(g * blocks + b) * GROUP + k] = scales[row * blocks + b];
+            }
+        }
+        // |Σ| ≤ 32 · 128: fits i16.
+        let sums = grouped.chunks_exact(BLOCK).map(|q| q.iter().map(|&q| q as i16).sum()).collect();
+        Some(Self { qs: Arc::new(grouped), scales: Arc::new(grouped_scales), sums: Arc::new(sums), out_dim, in_dim })
+    }
+
+    /// `(out_dim, in_dim)`
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_dim, self.in_dim)
+    }
+
+    /// The f32 matrix `[out, in]` the blocks hold (row-major).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let blocks = self.in_dim / BLOCK;
+        let mut w = vec![0f32; self.out_dim * self.in_dim];
+        for (row, w) in w.chunks_exact_mut(self.in_dim.max(1)).enumerate() {
+            let (g, k) = (row / GROUP, row % GROUP);
+            for (b, w) in w.chunks_exact_mut(BLOCK).enumerate() {
+                let at = (g * blocks + b) * GROUP + k;
+                let s = self.scales[at];
+                w.iter_mut().zip(&self.qs[at * BLOCK..(at + 1) * BLOCK]).for_each(|(w, &q)| *w = q as f32 * s);
+            }
+        }
+        w
+    }
+
+    /// `xs` (rows of `in_dim` values) quantized for `matvec`; None when `xs` is not whole rows.
+    pub fn quantize_rows(&self, xs: &[f32]) -> Option<Vec<QuantizedRow>> {
+        if self.in_dim == 0 || xs.len() % self.in_dim != 0 {
+            return None;
+        }
+        Some(xs.chunks_exact(self.in_dim).map(quantize_row).collect())
+    }
+
+    /// W·x for each row of `xs` and the output features `outputs` (starting at a multiple of
+    /// four): `[xs.len(), outputs.len()]`, row-major. Outputs past `out_dim` are not returned.
+    pub fn matvec(&self, xs: &[QuantizedRow], outputs: std::ops::Range<usize>) -> Vec<f32> {
+        let outputs = outputs.start..outputs.end.min(self.out_dim);
+        let width = outputs.len();
+        let mut y = vec![0f32; xs.len() * width];
+        let (first, groups) = (outputs.start / GROUP, outputs.end.div_ceil(GROUP).saturating_sub(outputs.start / GROUP));
+        let mut results = vec![0f32; groups * GROUP];
+        for (m, x) in xs.iter().enumerate() {
+            self.groups(first, groups, x, &mut results);
+            for (y, r) in y[m * width..(m + 1) * width].iter_mut().zip(&results[outputs.start - first * GROUP..]) {
+                *y = r * x.scale;
+            }
+        }
+        y
+    }
+
+    /// The four results of each of `groups` groups from `first`, for one input row (without
+    /// its scale), into `out`.
+    fn groups(&self, first: usize, groups: usize, x: &QuantizedRow, out: &mut [f32]) {
+        let blocks = self.in_dim / BLOCK;
+        let (g0, g1) = (first, first + groups);
+        if g1 * GROUP * self.in_dim > self.qs.len() || out.len() < groups * GROUP || x.lanes.len() != self.in_dim {
+            return;
+        }
+        let (qs, scales, sums) = (&self.qs[g0 * GROUP * self.in_dim..], &self.scales[g0 * GROUP * blocks..], &self.sums[g0 * GROUP * blocks..]);
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if x.bytes.len() == 2 * self.in_dim && super::relaxed::ready() {
+            // SAFETY: the checks above: qs, scales and sums hold `groups` groups from g0, x has
+            // 64 bytes per block and out 4 floats per group.
+            unsafe { super::relaxed::q8_matvec(qs.as_ptr(), scales.as_ptr(), sums.as_ptr(), x.bytes.as_ptr(), blocks, groups, out.as_mut_ptr()) };
+            return;
+        }
+        let _ = sums;
+        for (g, out) in out.chunks_exact_mut(GROUP).take(groups).enumerate() {
+            let at = g * GROUP * self.in_dim;
+            out.copy_from_slice(&group_dot(&qs[at..at + GROUP * self.in_dim], &scales[g * GROUP * blocks..(g + 1) * GROUP * blocks], &x.lanes));
+        }
+    }
+}
+
+/// Round-half-even to 14 bits with one scale, in both kernels' layouts. (Plain comparisons and
+/// `round_ties_even`: `f32::max` and `round` are library calls in WASM.)
+fn quantize_row(x: &[f32]) -> QuantizedRow {
+    let amax = x.iter().fold(0f32, |m, v| {
+        let a = v.abs();
+        if a > m {
+            a
+        } else {
+            m
+        }
+    });
+    let scale = amax / X_MAX;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let q: Vec<i16> = x.iter().map(|v| (v * inv).round_ties_even() as i16).collect();
+    let mut lanes = vec![0i16; x.len()];
+    for (lanes, q) in lanes.chunks_exact_mut(16).zip(q.chunks_exact(16)) {
+        for p in 0..8 {
+            lanes[p] = q[2 * p];
+            lanes[8 + p] = q[2 * p + 1];
+        }
+    }
+    let bytes = if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+        let mut bytes = vec![0u8; 2 * x.len()];
+        for (bytes, q) in bytes.chunks_exact_mut(2 * BLOCK).zip(q.chunks_exact(BLOCK)) {
+            for (i, &q) in q.iter().enumerate() {
+                let v = (q as i32 + X_OFFSET) as u32;
+                bytes[i] = (v >> 7) as u8;
+                bytes[BLOCK + i] = (v & 127) as u8;
+            }
+        }
+        bytes
+    } else {
+        Vec::new()
+    };
+    QuantizedRow { lanes, bytes, scale }
+}
+
+/// The four rows of one group against `x`: per block, the exact integer sum of its products
+/// times the block's scale, added up block after block in f32.
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn group_dot(qs: &[i8], scales: &[f32], x: &[i16]) -> [f32; GROUP] {
+    let mut acc = [0f32; GROUP];
+    for ((q, s), x) in qs.chunks_exact(GROUP * BLOCK).zip(scales.chunks_exact(GROUP)).zip(x.chunks_exact(BLOCK)) {
+        for k in 0..GROUP {
+            let q = &q[k * BLOCK..(k + 1) * BLOCK];
+            let mut sum = 0i32;
+            for (q, x) in q.chunks_exact(16).zip(x.chunks_exact(16)) {
+                for p in 0..8 {
+                    sum += q[2 * p] as i32 * x[p] as i32 + q[2 * p + 1] as i32 * x[8 + p] as i32;
+                }
+            }
+            acc[k] += sum as f32 * s[k];
+        }
+    }
+    acc
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod kernel {
+    use core::arch::wasm32::*;
+    include!("q8_kernel.rs");
+
+    /// `group_dot` with simd128's i16 dot product.
+    pub fn group_dot(qs: &[i8], scales: &[f32], x: &[i16]) -> [f32; 4] {
+        let blocks = x.len() / super::BLOCK;
+        if qs.len() < blocks * 128 || scales.len() < blocks * 4 {
+            return [0.0; 4];
+        }
+        // SAFETY: the check above keeps every load in bounds (block b reads x[32b..32b+32],
+        // qs[128b..128b+128] and scales[4b..4b+4]); wasm loads need no alignment.
+        let results = unsafe {
+            group_results(blocks, scales.as_ptr(), |b| {
+                let xb = x.as_ptr().add(32 * b);
+                let xs = [0, 8, 16, 24].map(|o| v128_load(xb.add(o) as *const v128));
+                let qb = qs.as_ptr().add(128 * b);
+                horizontal_sums([0, 32, 64, 96].map(|o| {
+                    let (q0, q1) = (v128_load(qb.add(o) as *const v128), v128_load(qb.add(o + 16) as *const v128));
+                    // As i16 lanes, each holds an even byte (low half) and an odd byte (high half).
+                    let d0 = i32x4_dot_i16x8(i16x8_shr(i16x8_shl(q0, 8), 8), xs[0]);
+                    let d1 = i32x4_dot_i16x8(i16x8_shr(q0, 8), xs[1]);
+                    let d2 = i32x4_dot_i16x8(i16x8_shr(i16x8_shl(q1, 8), 8), xs[2]);
+                    let d3 = i32x4_dot_i16x8(i16x8_shr(q1, 8), xs[3]);
+                    i32x4_add(i32x4_add(d0, d1), i32x4_add(d2, d3))
+                }))
+            })
+        };
+        [f32x4_extract_lane::<0>(results), f32x4_extract_lane::<1>(results), f32x4_extract_lane::<2>(results), f32x4_extract_lane::<3>(results)]
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+use kernel::group_dot;
