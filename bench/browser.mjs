@@ -75,6 +75,20 @@ function printProfile(profile) {
     self.set(name, (self.get(name) ?? 0) + dt);
     total += dt;
   });
+  // PROFILE_CALLERS=name: also the callers of the functions whose name contains it.
+  const wanted = process.env.PROFILE_CALLERS;
+  if (wanted) {
+    const parent = new Map();
+    for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n);
+    const callers = new Map();
+    profile.samples.forEach((id, i) => {
+      const n = byId.get(id);
+      if (!n.callFrame.functionName.includes(wanted)) return;
+      const p = parent.get(id)?.callFrame.functionName ?? '?';
+      callers.set(p, (callers.get(p) ?? 0) + (dts[i + 1] ?? 0) / 1000);
+    });
+    for (const [name, ms] of [...callers].sort((a, b) => b[1] - a[1]).slice(0, 10)) process.stderr.write(`caller ${ms.toFixed(1).padStart(9)} ms  ${name.slice(0, 140)}\n`);
+  }
   const top = [...self].sort((a, b) => b[1] - a[1]).slice(0, Number(process.env.PROFILE_TOP ?? 40));
   process.stderr.write(`profile: ${total.toFixed(0)} ms sampled\n`);
   for (const [name, ms] of top) process.stderr.write(`${ms.toFixed(1).padStart(9)} ms ${(100 * ms / total).toFixed(1).padStart(5)}%  ${name.slice(0, 140)}\n`);

@@ -75,7 +75,9 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 /// Softmax of each `len` floats of `v`, in place.
 pub(crate) fn softmax_rows(v: &mut [f32], len: usize) {
     for row in v.chunks_exact_mut(len.max(1)) {
-        let max = lanes_fold(row, f32::NEG_INFINITY, f32::max);
+        // A comparison, not `f32::max`: that is a call to libm's fmaxf per element in WASM
+        // (wasm's own max propagates NaN, Rust's ignores it).
+        let max = lanes_fold(row, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
         // Masked positions (-inf) get exactly 0; a row masked in full gives NaN, as candle's
         // and torch's do.
         for x in row.iter_mut() {

@@ -1,7 +1,7 @@
 //! The multi-head attention arithmetic shared by every model file: SigLIP, GPT-2 (self and
 //! cross) and Llama differ in projections and caching, not in this.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Storage, Tensor};
 
 /// [B, T, H·d] → [B, H, T, d]
 pub fn split_heads(xs: &Tensor, num_heads: usize) -> Result<Tensor> {
@@ -15,11 +15,21 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
-/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, H, Tk, d]; `mask` (f32) is
-/// added to the scores (0 or -inf), broadcast over batch and heads. Scores of a lower precision
-/// (bf16 training) are taken to f32 for the mask and the softmax, as PyTorch's autocast does.
+/// softmax(q·kᵀ·scale + mask)·v with q [B, H, Tq, d], k and v [B, KV, Tk, d] where KV divides
+/// H: query head h reads key/value head h / (H / KV) (grouped-query attention; KV = H
+/// otherwise). `mask` (f32) is added to the scores (0 or -inf), broadcast over batch and heads.
+/// Scores of a lower precision (bf16 training) are taken to f32 for the mask and the softmax,
+/// as PyTorch's autocast does.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    if super::packed::FASTER_THAN_GEMM && q.dim(2)? >= MIN_PACKED_QUERIES && !super::tracks_grad(&[q, k, v]) {
+    let inference = !super::tracks_grad(&[q, k, v]);
+    if inference && q.dim(2)? < MIN_PACKED_QUERIES {
+        if let Some(out) = few_queries_attention(q, k, v, scale, mask)? {
+            return Ok(out);
+        }
+    }
+    let groups = q.dim(1)? / k.dim(1)?.max(1);
+    let (k, v) = (&repeat_kv(k, groups)?, &repeat_kv(v, groups)?);
+    if super::packed::FASTER_THAN_GEMM && q.dim(2)? >= MIN_PACKED_QUERIES && inference {
         if let Some(out) = packed_attention(q, k, v, scale, mask)? {
             return Ok(out);
         }
@@ -35,6 +45,165 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
         super::activation::softmax_last_dim(&scores)?
     };
     probs.to_dtype(v.dtype())?.matmul(v)
+}
+
+/// [B, KV, T, d] → [B, KV·groups, T, d], each key/value head shared by `groups` query heads.
+fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups <= 1 {
+        return Ok(xs.clone());
+    }
+    let (b, kv, t, d) = xs.dims4()?;
+    xs.unsqueeze(2)?.expand((b, kv, groups, t, d))?.reshape((b, kv * groups, t, d))
+}
+
+/// `scaled_dot_product` for a few queries (decoding), read straight from the keys' and values'
+/// storage: the cache's views are strided (a window of preallocated buffers), and going through
+/// candle would copy every cached position (three times over, for SmolLM's shared heads) and
+/// run two tiny matmuls per head, each step. None where it does not apply: not f32 on the CPU,
+/// a head's positions not consecutive rows, or a mask other than [Tq, Tk].
+fn few_queries_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (kb, kv, tk, kd) = k.dims4()?;
+    if [q, k, v].iter().any(|t| t.dtype() != candle_core::DType::F32 || !t.device().is_cpu())
+        || (kb, kd) != (b, d)
+        || v.dims4()? != (b, kv, tk, d)
+        || kv == 0
+        || h % kv != 0
+        || tk == 0
+    {
+        return Ok(None);
+    }
+    let mask = match mask {
+        None => None,
+        Some(m) if m.dims() == [tq, tk] => Some(m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        Some(_) => return Ok(None),
+    };
+    let qs = q.flatten_all()?.to_vec1::<f32>()?;
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else { return Ok(None) };
+    let (ks, vs) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
+    // Each (batch, key/value head) holds its positions as consecutive rows of d (a KV cache's
+    // buffer [B, KV, max, d] narrowed to the first tk positions): start + b·s0 + head·s1.
+    let heads = |layout: &candle_core::Layout, len: usize| {
+        let (start, s) = (layout.start_offset(), layout.stride());
+        let end = start + (b - 1) * s[0] + (kv - 1) * s[1] + tk * d;
+        (s[3] == 1 && s[2] == d && end <= len).then_some((start, s[0], s[1]))
+    };
+    let (Some(k_at), Some(v_at)) = (heads(k_layout, ks.len()), heads(v_layout, vs.len())) else { return Ok(None) };
+    let (groups, scale) = (h / kv, scale as f32);
+    let mut out = vec![0f32; b * h * tq * d];
+    let mut scores = vec![0f32; tk];
+    for bi in 0..b {
+        for head in 0..h {
+            let (k0, v0) = (k_at.0 + bi * k_at.1 + head / groups * k_at.2, v_at.0 + bi * v_at.1 + head / groups * v_at.2);
+            let (keys, values) = (&ks[k0..k0 + tk * d], &vs[v0..v0 + tk * d]);
+            for i in 0..tq {
+                let row = (bi * h + head) * tq + i;
+                let q_row = &qs[row * d..(row + 1) * d];
+                key_scores(q_row, keys, scale, &mut scores);
+                if let Some(m) = &mask {
+                    scores.iter_mut().zip(&m[i * tk..(i + 1) * tk]).for_each(|(s, m)| *s += m);
+                }
+                super::activation::softmax_rows(&mut scores, tk);
+                weighted_sum(&scores, values, &mut out[row * d..(row + 1) * d]);
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
+}
+
+/// scores[j] = q·keys[j]·scale, `keys` rows of q's length.
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn key_scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    for (score, key) in scores.iter_mut().zip(keys.chunks_exact(q.len().max(1))) {
+        // 8 interleaved partial sums: a loop LLVM vectorises.
+        let mut acc = [0f32; 8];
+        let (qc, kc) = (q.chunks_exact(8), key.chunks_exact(8));
+        let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in qc.zip(kc) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        *score = (acc.iter().sum::<f32>() + tail) * scale;
+    }
+}
+
+/// The same four keys at a time: each key's products in f32x4 lanes, and the four keys' lane
+/// sums reduced together by shuffles (one reduction per four keys instead of a serial chain
+/// per key). Rows whose length is not a multiple of 4, and the last keys, take plain loops.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn key_scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    use core::arch::wasm32::*;
+    let d = q.len();
+    let plain = |score: &mut f32, key: &[f32]| *score = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+    if d == 0 || d % 4 != 0 {
+        scores.iter_mut().zip(keys.chunks_exact(d.max(1))).for_each(|(s, k)| plain(s, k));
+        return;
+    }
+    let quads = (keys.len() / d).min(scores.len()) / 4;
+    for j in 0..quads {
+        let four = &keys[4 * j * d..4 * (j + 1) * d];
+        let mut acc = [f32x4_splat(0.0); 4];
+        for c in (0..d).step_by(4) {
+            // SAFETY: c + 4 ≤ d, and `four` holds 4 rows of d; wasm loads need no alignment.
+            unsafe {
+                let x = v128_load(q.as_ptr().add(c) as *const v128);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    *acc = f32x4_add(*acc, f32x4_mul(x, v128_load(four.as_ptr().add(k * d + c) as *const v128)));
+                }
+            }
+        }
+        let [a, b, c, e] = acc;
+        let ab = f32x4_add(i32x4_shuffle::<0, 4, 1, 5>(a, b), i32x4_shuffle::<2, 6, 3, 7>(a, b));
+        let ce = f32x4_add(i32x4_shuffle::<0, 4, 1, 5>(c, e), i32x4_shuffle::<2, 6, 3, 7>(c, e));
+        let sums = f32x4_mul(f32x4_add(i64x2_shuffle::<0, 2>(ab, ce), i64x2_shuffle::<1, 3>(ab, ce)), f32x4_splat(scale));
+        // SAFETY: j < quads ≤ scores.len() / 4.
+        unsafe { v128_store(scores.as_mut_ptr().add(4 * j) as *mut v128, sums) };
+    }
+    for (s, k) in scores[4 * quads..].iter_mut().zip(keys[4 * quads * d..].chunks_exact(d)) {
+        plain(s, k);
+    }
+}
+
+/// out = Σ_j p[j]·values[j], `values` rows of out's length.
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (p, value) in p.iter().zip(values.chunks_exact(out.len().max(1))) {
+        out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+    }
+}
+
+/// The same 16 outputs at a time, kept in four registers over all j (rather than loaded and
+/// stored for each j). Rows whose length is not a multiple of 16 take the plain loop.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
+    use core::arch::wasm32::*;
+    let d = out.len();
+    let n = p.len().min(values.len() / d.max(1));
+    if d == 0 || d % 16 != 0 {
+        out.fill(0.0);
+        for (p, value) in p.iter().zip(values.chunks_exact(d.max(1))) {
+            out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+        }
+        return;
+    }
+    for c in (0..d).step_by(16) {
+        let mut acc = [f32x4_splat(0.0); 4];
+        for (j, p) in p[..n].iter().enumerate() {
+            let p = f32x4_splat(*p);
+            for (l, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: j < n rows of d, c + 16 ≤ d; wasm loads need no alignment.
+                *acc = f32x4_add(*acc, f32x4_mul(p, unsafe { v128_load(values.as_ptr().add(j * d + c + 4 * l) as *const v128) }));
+            }
+        }
+        for (l, acc) in acc.iter().enumerate() {
+            // SAFETY: c + 16 ≤ d = out.len().
+            unsafe { v128_store(out.as_mut_ptr().add(c + 4 * l) as *mut v128, *acc) };
+        }
+    }
 }
 
 /// Queries from which attention multiplies with our packed GEMM kernel (the encoder, prefill):

@@ -182,20 +182,9 @@ impl LlamaAttention {
         let k = rope.apply(&attention::split_heads(&self.k_proj.forward(xs)?, self.num_kv_heads)?, offset)?;
         let v = attention::split_heads(&self.v_proj.forward(xs)?, self.num_kv_heads)?;
         let (k, v) = attention::append_kv(cache, &k, &v)?;
-        let groups = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
         let out = attention::scaled_dot_product(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), mask)?;
         self.o_proj.forward(&attention::merge_heads(&out)?)
     }
-}
-
-/// [B, KV, T, d] → [B, KV·groups, T, d], each key/value head shared by `groups` query heads.
-fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
-    if groups == 1 {
-        return Ok(xs.clone());
-    }
-    let (b, kv, t, d) = xs.dims4()?;
-    xs.unsqueeze(2)?.expand((b, kv, groups, t, d))?.reshape((b, kv * groups, t, d))
 }
 
 // transformers modeling_llama.py: LlamaMLP
