@@ -84,10 +84,13 @@ function printProfile(profile) {
     profile.samples.forEach((id, i) => {
       const n = byId.get(id);
       if (!n.callFrame.functionName.includes(wanted)) return;
-      const p = parent.get(id)?.callFrame.functionName ?? '?';
+      // PROFILE_DEPTH=n: the chain of n callers.
+      const chain = [];
+      for (let p = parent.get(id), d = 0; p && d < Number(process.env.PROFILE_DEPTH ?? 1); p = parent.get(p.id), d++) chain.push(p.callFrame.functionName.replace(/::h[0-9a-f]{16}$/, ''));
+      const p = chain.join(' < ') || '?';
       callers.set(p, (callers.get(p) ?? 0) + (dts[i + 1] ?? 0) / 1000);
     });
-    for (const [name, ms] of [...callers].sort((a, b) => b[1] - a[1]).slice(0, 10)) process.stderr.write(`caller ${ms.toFixed(1).padStart(9)} ms  ${name.slice(0, 140)}\n`);
+    for (const [name, ms] of [...callers].sort((a, b) => b[1] - a[1]).slice(0, 10)) process.stderr.write(`caller ${ms.toFixed(1).padStart(9)} ms  ${name.slice(0, 400)}\n`);
   }
   const top = [...self].sort((a, b) => b[1] - a[1]).slice(0, Number(process.env.PROFILE_TOP ?? 40));
   process.stderr.write(`profile: ${total.toFixed(0)} ms sampled\n`);

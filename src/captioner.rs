@@ -377,6 +377,9 @@ impl Captioner {
         // Before the encoder runs: a prompt the model cannot take is refused here.
         let prompt_ids = self.prompt_ids(options.prompt.as_deref())?;
         let conditioning = self.encode(pixel_values)?;
+        // The image encoder alone (with a prefix model's projector), as documented; GPT-2's
+        // cross-attention keys/values are decoder work and count toward the first token.
+        let encoder_ms = now_ms() - started_ms;
         let n = conditioning.dim(0)?;
         let (state, seen, positions, fallback) = match &self.model {
             Model::CrossAttention(m) => {
@@ -416,7 +419,7 @@ impl Captioner {
             eos: options.eos_token_ids.clone().unwrap_or_else(|| self.generation.eos_token_ids.clone()),
             max_new_tokens,
             started_ms,
-            encoder_ms: now_ms() - started_ms,
+            encoder_ms,
         })
     }
 

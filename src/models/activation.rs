@@ -40,11 +40,16 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// `f` of every element, read where the tensor lies (one pass, not a copy and then a pass).
 fn map(xs: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
-    let mut v = xs.flatten_all()?.to_vec1::<f32>()?;
-    for x in v.iter_mut() {
-        *x = f(*x);
-    }
+    let xs = xs.contiguous()?;
+    let v: Vec<f32> = {
+        let (storage, layout) = xs.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("activation: a contiguous CPU tensor expected")
+        };
+        cpu.as_slice::<f32>()?[start..end].iter().map(|&x| f(x)).collect()
+    };
     Tensor::from_vec(v, xs.shape(), xs.device())
 }
 

@@ -244,6 +244,11 @@ fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
+/// Positions a KV cache allocates at a time (candle's `KvCache` grows by its initial size):
+/// GPT-2's 1024 up front were 75 MB to allocate and zero per caption; 256 hold a SmolLM prefix
+/// (~200 image and prompt positions) and a caption.
+pub const CACHE_CHUNK: usize = 256;
+
 /// Appends k/v [B, H, T, d] to `cache` and returns everything cached; without a cache (training
 /// on whole sequences) they are used as they are, which keeps them in the autograd graph.
 pub fn append_kv(cache: Option<&mut candle_nn::kv_cache::KvCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -326,7 +326,7 @@ impl Gpt2LMHeadModel {
     pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {
         let images = cross_attn.as_ref().and_then(|layers| layers.first()).and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1);
         Gpt2Cache {
-            self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions)).collect(),
+            self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions.min(super::attention::CACHE_CHUNK))).collect(),
             cross_attn,
             row_images: (0..images).collect(),
         }

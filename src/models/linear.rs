@@ -558,11 +558,13 @@ fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>) -> Result<T
     if d != in_dim {
         candle_core::bail!("linear: input has {d} features, weight expects {in_dim}");
     }
-    let x = xs.flatten_all()?.to_vec1::<f32>()?;
     let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
-    let mut parts = crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
-        p.matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref()).ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
-    })?;
+    // The input read where it lies (no copy of a 196 × 3072 activation per layer).
+    let mut parts = with_f32(&xs.contiguous()?, |x| {
+        crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
+            p.matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref()).ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
+        })
+    })??;
     let y = match parts.len() {
         1 => parts.pop().unwrap_or_default(),
         _ => parts.concat(),

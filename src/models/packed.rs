@@ -157,17 +157,29 @@ impl PackedWeight {
         if let Some(b) = bias {
             bias_padded[..out_dim].copy_from_slice(b);
         }
-        let mut y = vec![0f32; rows * ldc];
+        // Not zeroed first: the kernel writes every element (its first pass over the inputs
+        // starts from the bias), and zeroing is a pass over the output for nothing.
+        let mut y: Vec<f32> = Vec::with_capacity(rows * ldc);
         let args = (x.as_ptr(), rows, in_dim, self.panels.as_ptr(), n_panels, bias_padded.as_ptr(), y.as_mut_ptr());
         // SAFETY: x is [rows, in_dim], the panels n_panels × in_dim × 12 (`pack`), the bias
-        // and each row of y n_panels × 12 long.
+        // n_panels × 12 long and y has room for rows × n_panels × 12, all of which `gemm`
+        // (in_dim > 0: `pack` refuses 0)
+        // writes (every row tile, remainder rows included, of every panel), so y's length can
+        // then cover them.
         unsafe {
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-            if super::relaxed::ready() {
+            let done = if super::relaxed::ready() {
                 super::relaxed::gemm(args);
-                return Some(compact(y, ldc, out_dim));
+                true
+            } else {
+                false
+            };
+            #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+            let done = false;
+            if !done {
+                kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6);
             }
-            kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6);
+            y.set_len(rows * ldc);
         }
         Some(compact(y, ldc, out_dim))
     }
