@@ -138,9 +138,9 @@ impl Q8Matrix {
             return;
         }
         let _ = sums;
-        for (g, out) in out.chunks_exact_mut(GROUP).take(groups).enumerate() {
+        for g in (0..groups).map(|i| stream_order(i, groups)) {
             let at = g * GROUP * self.in_dim;
-            out.copy_from_slice(&group_dot(&qs[at..at + GROUP * self.in_dim], &scales[g * GROUP * blocks..(g + 1) * GROUP * blocks], &x.lanes));
+            out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&group_dot(&qs[at..at + GROUP * self.in_dim], &scales[g * GROUP * blocks..(g + 1) * GROUP * blocks], &x.lanes));
         }
     }
 }
@@ -236,4 +236,10 @@ mod kernel {
 }
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-use kernel::group_dot;
+use kernel::{group_dot, stream_order};
+
+/// Natively, groups in order (the WASM order only helps V8's loads overlap).
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn stream_order(i: usize, _groups: usize) -> usize {
+    i
+}

@@ -63,7 +63,7 @@ mod q8 {
     /// (per block 32 high then 32 low halves), `out` groups × 4.
     #[inline(always)]
     pub unsafe fn matvec(qs: *const i8, scales: *const f32, sums: *const i16, x: *const u8, blocks: usize, groups: usize, out: *mut f32) {
-        for g in 0..groups {
+        for g in (0..groups).map(|i| stream_order(i, groups)) {
             let (qs, scales, sums) = (qs.add(g * blocks * 128), scales.add(g * blocks * 4), sums.add(g * blocks * 4));
             let results = group_results(blocks, scales, |b| {
                 let xb = x.add(64 * b);
