@@ -74,18 +74,23 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
     Ok(())
 }
 
+/// softmax(q·kᵀ·scale + mask)·v with candle's plain ops.
+fn formula(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+}
+
 #[test]
 fn attention_of_many_queries_matches_the_formula() -> Result<()> {
     for (tq, tk, masked) in [(20, 20, true), (16, 30, false), (3, 9, false)] {
         let (q, k, v) = (values(&[1, 2, tq, 8], 4), values(&[1, 2, tk, 8], 5), values(&[1, 2, tk, 8], 6));
         let mask = masked.then(|| attention::causal_mask(tq, tk - tq, &Device::Cpu)).transpose()?;
         let ours = attention::scaled_dot_product(&q, &k, &v, 0.35, mask.as_ref())?;
-        let scores = (q.matmul(&k.t()?)? * 0.35)?;
-        let scores = match &mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let theirs = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let theirs = formula(&q, &k, &v, 0.35, mask.as_ref())?;
         check(&format!("attention tq {tq} tk {tk}"), &ours, &theirs, 1e-5);
     }
     Ok(())
@@ -106,12 +111,7 @@ fn attention_of_few_queries_on_a_cache_window_matches_the_formula() -> Result<()
         let ours = attention::scaled_dot_product(&q, &k, &v, 0.35, mask.as_ref())?;
         let repeat = |t: &Tensor| -> Result<Tensor> { t.unsqueeze(2)?.expand((b, kv, h / kv, tk, d))?.reshape((b, h, tk, d)) };
         let (k, v) = (repeat(&k)?, repeat(&v)?);
-        let scores = (q.matmul(&k.t()?)? * 0.35)?;
-        let scores = match &mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let theirs = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let theirs = formula(&q, &k, &v, 0.35, mask.as_ref())?;
         check(&format!("attention b {b} h {h} kv {kv} tq {tq} tk {tk} d {d}"), &ours, &theirs, 1e-5);
     }
     Ok(())
