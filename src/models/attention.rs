@@ -64,20 +64,10 @@ fn repeat_kv(xs: &Tensor, groups: usize) -> Result<Tensor> {
 fn few_queries_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
     let (b, h, tq, d) = q.dims4()?;
     let (kb, kv, tk, kd) = k.dims4()?;
-    if [q, k, v].iter().any(|t| t.dtype() != candle_core::DType::F32 || !t.device().is_cpu())
-        || (kb, kd) != (b, d)
-        || v.dims4()? != (b, kv, tk, d)
-        || kv == 0
-        || h % kv != 0
-        || tk == 0
-    {
+    if !f32_on_cpu(&[q, k, v]) || (kb, kd) != (b, d) || v.dims4()? != (b, kv, tk, d) || kv == 0 || h % kv != 0 || tk == 0 {
         return Ok(None);
     }
-    let mask = match mask {
-        None => None,
-        Some(m) if m.dims() == [tq, tk] => Some(m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        Some(_) => return Ok(None),
-    };
+    let Some(mask) = mask_values(mask, tq, tk)? else { return Ok(None) };
     let qs = q.flatten_all()?.to_vec1::<f32>()?;
     let (k_storage, k_layout) = k.storage_and_layout();
     let (v_storage, v_layout) = v.storage_and_layout();
@@ -113,9 +103,27 @@ fn few_queries_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: O
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
+/// Whether our attention loops take these tensors: f32 on the CPU.
+fn f32_on_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu())
+}
+
+/// The additive mask as [tq, tk] f32 values: `Some(None)` without one, `None` for a shape our
+/// loops do not broadcast (candle's path takes it).
+fn mask_values(mask: Option<&Tensor>, tq: usize, tk: usize) -> Result<Option<Option<Vec<f32>>>> {
+    match mask {
+        None => Ok(Some(None)),
+        Some(m) if m.dims() == [tq, tk] => Ok(Some(Some(m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?))),
+        Some(_) => Ok(None),
+    }
+}
+
 /// scores[j] = q·keys[j]·scale, `keys` rows of q's length.
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-fn key_scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+use key_scores_plain as key_scores;
+
+/// `key_scores` one key at a time (natively, and WASM's rows of other lengths).
+fn key_scores_plain(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
     for (score, key) in scores.iter_mut().zip(keys.chunks_exact(q.len().max(1))) {
         // 8 interleaved partial sums: a loop LLVM vectorises.
         let mut acc = [0f32; 8];
@@ -137,10 +145,8 @@ fn key_scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
 fn key_scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
     use core::arch::wasm32::*;
     let d = q.len();
-    let plain = |score: &mut f32, key: &[f32]| *score = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
     if d == 0 || d % 4 != 0 {
-        scores.iter_mut().zip(keys.chunks_exact(d.max(1))).for_each(|(s, k)| plain(s, k));
-        return;
+        return key_scores_plain(q, keys, scale, scores);
     }
     let quads = (keys.len() / d).min(scores.len()) / 4;
     for j in 0..quads {
@@ -162,14 +168,15 @@ fn key_scores(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
         // SAFETY: j < quads ≤ scores.len() / 4.
         unsafe { v128_store(scores.as_mut_ptr().add(4 * j) as *mut v128, sums) };
     }
-    for (s, k) in scores[4 * quads..].iter_mut().zip(keys[4 * quads * d..].chunks_exact(d)) {
-        plain(s, k);
-    }
+    key_scores_plain(q, &keys[4 * quads * d..], scale, &mut scores[4 * quads..]);
 }
 
 /// out = Σ_j p[j]·values[j], `values` rows of out's length.
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
+use weighted_sum_plain as weighted_sum;
+
+/// `weighted_sum` one output at a time (natively, and WASM's rows of other lengths).
+fn weighted_sum_plain(p: &[f32], values: &[f32], out: &mut [f32]) {
     out.fill(0.0);
     for (p, value) in p.iter().zip(values.chunks_exact(out.len().max(1))) {
         out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
@@ -184,11 +191,7 @@ fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
     let d = out.len();
     let n = p.len().min(values.len() / d.max(1));
     if d == 0 || d % 16 != 0 {
-        out.fill(0.0);
-        for (p, value) in p.iter().zip(values.chunks_exact(d.max(1))) {
-            out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
-        }
-        return;
+        return weighted_sum_plain(p, values, out);
     }
     for c in (0..d).step_by(16) {
         let mut acc = [f32x4_splat(0.0); 4];
@@ -217,14 +220,10 @@ const MIN_PACKED_QUERIES: usize = 16;
 fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
     let (b, h, tq, d) = q.dims4()?;
     let tk = k.dim(2)?;
-    if [q, k, v].iter().any(|t| t.dtype() != candle_core::DType::F32 || !t.device().is_cpu()) || k.dims4()? != (b, h, tk, d) || v.dims4()? != (b, h, tk, d) {
+    if !f32_on_cpu(&[q, k, v]) || k.dims4()? != (b, h, tk, d) || v.dims4()? != (b, h, tk, d) {
         return Ok(None);
     }
-    let mask = match mask {
-        None => None,
-        Some(m) if m.dims() == [tq, tk] => Some(m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        Some(_) => return Ok(None),
-    };
+    let Some(mask) = mask_values(mask, tq, tk)? else { return Ok(None) };
     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
     let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
     let scale = scale as f32;
