@@ -42,14 +42,7 @@ fn silu(x: f32) -> f32 {
 
 /// `f` of every element, read where the tensor lies (one pass, not a copy and then a pass).
 fn map(xs: &Tensor, f: impl Fn(f32) -> f32) -> Result<Tensor> {
-    let xs = xs.contiguous()?;
-    let v: Vec<f32> = {
-        let (storage, layout) = xs.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("activation: a contiguous CPU tensor expected")
-        };
-        cpu.as_slice::<f32>()?[start..end].iter().map(|&x| f(x)).collect()
-    };
+    let v: Vec<f32> = super::linear::with_f32(&xs.contiguous()?, |x| x.iter().map(|&x| f(x)).collect())?;
     Tensor::from_vec(v, xs.shape(), xs.device())
 }
 

@@ -138,14 +138,14 @@ fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
 }
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor without copying it.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("fast matrix-vector path needs a contiguous tensor");
+        candle_core::bail!("our f32 kernels need a contiguous tensor");
     };
     match &*storage {
         Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
-        _ => candle_core::bail!("fast matrix-vector path runs on the CPU only"),
+        _ => candle_core::bail!("our f32 kernels run on the CPU only"),
     }
 }
 
@@ -395,15 +395,7 @@ impl Linear {
         if !packed::FASTER_THAN_GEMM || self.lora.is_some() || self.packed.is_some() {
             return Ok(false);
         }
-        let p = match &self.quantized {
-            Some(q) => pack_q8_0(q),
-            None => pack_out_in(&self.weight)?,
-        };
-        let Some(p) = p else { return Ok(false) };
-        self.weight = no_weight()?;
-        self.quantized = None;
-        self.packed = Some(p);
-        Ok(true)
+        pack_in_place(&mut self.weight, &mut self.quantized, &mut self.packed, pack_out_in)
     }
 
     /// Swaps the f32 weight for a `dtype` copy (it is dropped, unless something else — a tied
@@ -542,6 +534,20 @@ fn pack_in_out(weight: &Tensor) -> Result<Option<PackedWeight>> {
     with_f32(&weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))
 }
 
+/// `Linear::pack` and `Conv1D::pack` once their checks pass: the q8_0 blocks, or else the f32
+/// weight (laid out as `pack_f32` reads it), packed in place of both. Returns whether it was.
+fn pack_in_place(weight: &mut Tensor, quantized: &mut Option<Quantized>, packed: &mut Option<PackedWeight>, pack_f32: fn(&Tensor) -> Result<Option<PackedWeight>>) -> Result<bool> {
+    let p = match quantized {
+        Some(q) => pack_q8_0(q),
+        None => pack_f32(weight)?,
+    };
+    let Some(p) = p else { return Ok(false) };
+    *weight = no_weight()?;
+    *quantized = None;
+    *packed = Some(p);
+    Ok(true)
+}
+
 /// A quantized weight packed straight from its q8_0 blocks (a quantized checkpoint's encoder,
 /// prefill: no f32 tensor in between). None for other block formats.
 fn pack_q8_0(q: &Quantized) -> Option<PackedWeight> {
@@ -596,15 +602,7 @@ impl Conv1D {
         if !packed::FASTER_THAN_GEMM || self.packed.is_some() {
             return Ok(false);
         }
-        let p = match &self.quantized {
-            Some(q) => pack_q8_0(q),
-            None => pack_in_out(&self.weight)?,
-        };
-        let Some(p) = p else { return Ok(false) };
-        self.weight = no_weight()?;
-        self.quantized = None;
-        self.packed = Some(p);
-        Ok(true)
+        pack_in_place(&mut self.weight, &mut self.quantized, &mut self.packed, pack_in_out)
     }
 
     /// As [`Linear::quantize`]; the weight is transposed to `[out, in]` first (blocks run along

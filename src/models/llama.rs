@@ -328,7 +328,7 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> LlamaCache {
-        // Grows by 512 positions at a time rather than reserving max_position_embeddings.
+        // Grows by CACHE_CHUNK positions at a time rather than reserving max_position_embeddings.
         let chunk = self.config.max_position_embeddings.min(super::attention::CACHE_CHUNK);
         LlamaCache { layers: (0..self.layers.len()).map(|_| KvCache::new(2, chunk)).collect() }
     }

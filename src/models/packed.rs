@@ -162,10 +162,9 @@ impl PackedWeight {
         let mut y: Vec<f32> = Vec::with_capacity(rows * ldc);
         let args = (x.as_ptr(), rows, in_dim, self.panels.as_ptr(), n_panels, bias_padded.as_ptr(), y.as_mut_ptr());
         // SAFETY: x is [rows, in_dim], the panels n_panels × in_dim × 12 (`pack`), the bias
-        // n_panels × 12 long and y has room for rows × n_panels × 12, all of which `gemm`
-        // (in_dim > 0: `pack` refuses 0)
-        // writes (every row tile, remainder rows included, of every panel), so y's length can
-        // then cover them.
+        // n_panels × 12 long and y has room for rows × n_panels × 12. `gemm` writes all of
+        // them (every row tile, remainder rows included, of every panel; in_dim > 0, as `pack`
+        // refuses 0), so y's length can then cover them.
         unsafe {
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             let done = if super::relaxed::ready() {
