@@ -93,6 +93,16 @@ fn attention_of_many_queries_matches_the_formula() -> Result<()> {
         let theirs = formula(&q, &k, &v, 0.35, mask.as_ref())?;
         check(&format!("attention tq {tq} tk {tk}"), &ours, &theirs, 1e-5);
     }
+    // Heads as views of [B, T, H·d] (rows H·d apart), as SigLIP passes them; d = 20 pads the
+    // values' GEMM to 24 features and 30 keys pad the scores to 36.
+    let (b, h, t, d) = (2, 3, 30, 20);
+    let [q, k, v] = [11, 12, 13].map(|seed| attention::split_heads_view(&values(&[b, t, h * d], seed), h));
+    let (q, k, v) = (q?, k?, v?);
+    assert!(!q.is_contiguous());
+    let ours = attention::scaled_dot_product(&q, &k, &v, 0.35, None)?;
+    let theirs = formula(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, 0.35, None)?;
+    check("attention of head views", &ours, &theirs, 1e-5);
+    check("merged heads", &attention::merge_heads(&ours)?, &attention::merge_heads(&theirs)?, 1e-5);
     Ok(())
 }
 
@@ -122,6 +132,7 @@ fn activations_match_candles() -> Result<()> {
     let x = (values(&[4, 250], 7) * 12.0)?;
     for act in [Activation::GeluPytorchTanh, Activation::NewGelu, Activation::Silu, Activation::Gelu] {
         check(&format!("{act:?}"), &activation::forward(&act, &x)?, &x.apply(&act)?, 2e-6 * 12.0);
+        check(&format!("{act:?} in place"), &activation::forward_in_place(&act, x.copy()?)?, &x.apply(&act)?, 2e-6 * 12.0);
     }
     check("softmax", &activation::softmax_last_dim(&x)?, &candle_nn::ops::softmax_last_dim(&x)?, 1e-6);
     Ok(())

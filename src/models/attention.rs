@@ -3,10 +3,18 @@
 
 use candle_core::{Result, Storage, Tensor};
 
+use super::packed::PackedWeight;
+
 /// [B, T, H·d] → [B, H, T, d]
 pub fn split_heads(xs: &Tensor, num_heads: usize) -> Result<Tensor> {
+    split_heads_view(xs, num_heads)?.contiguous()
+}
+
+/// [B, T, H·d] → [B, H, T, d] as a view of `xs` (heads' rows H·d apart), for attention that
+/// reads them where they lie (`scaled_dot_product` in WASM; elsewhere it copies).
+pub fn split_heads_view(xs: &Tensor, num_heads: usize) -> Result<Tensor> {
     let (b, t, hd) = xs.dims3()?;
-    xs.reshape((b, t, num_heads, hd / num_heads))?.transpose(1, 2)?.contiguous()
+    xs.reshape((b, t, num_heads, hd / num_heads))?.transpose(1, 2)
 }
 
 /// [B, H, T, d] → [B, T, H·d]
@@ -34,6 +42,8 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: 
             return Ok(out);
         }
     }
+    // candle's matmul takes no view of heads H·d apart (split_heads_view).
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(candle_core::DType::F32)?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
@@ -73,34 +83,42 @@ fn few_queries_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: O
     let (v_storage, v_layout) = v.storage_and_layout();
     let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else { return Ok(None) };
     let (ks, vs) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
-    // Each (batch, key/value head) holds its positions as consecutive rows of d (a KV cache's
-    // buffer [B, KV, max, d] narrowed to the first tk positions): start + b·s0 + head·s1.
-    let heads = |layout: &candle_core::Layout, len: usize| {
-        let (start, s) = (layout.start_offset(), layout.stride());
-        let end = start + (b - 1) * s[0] + (kv - 1) * s[1] + tk * d;
-        (s[3] == 1 && s[2] == d && end <= len).then_some((start, s[0], s[1]))
-    };
-    let (Some(k_at), Some(v_at)) = (heads(k_layout, ks.len()), heads(v_layout, vs.len())) else { return Ok(None) };
+    // Each (batch, key/value head) must hold its positions as consecutive rows of d (a KV
+    // cache's buffer [B, KV, max, d] narrowed to the first tk positions).
+    let consecutive = |layout, len| row_layout(layout).filter(|at| at[3] == d && heads_end(at, layout) <= len);
+    let (Some(k_at), Some(v_at)) = (consecutive(k_layout, ks.len()), consecutive(v_layout, vs.len())) else { return Ok(None) };
     let (groups, scale) = (h / kv, scale as f32);
     let mut out = vec![0f32; b * h * tq * d];
     let mut scores = vec![0f32; tk];
     for bi in 0..b {
         for head in 0..h {
-            let (k0, v0) = (k_at.0 + bi * k_at.1 + head / groups * k_at.2, v_at.0 + bi * v_at.1 + head / groups * v_at.2);
+            let (k0, v0) = (k_at[0] + bi * k_at[1] + head / groups * k_at[2], v_at[0] + bi * v_at[1] + head / groups * v_at[2]);
             let (keys, values) = (&ks[k0..k0 + tk * d], &vs[v0..v0 + tk * d]);
             for i in 0..tq {
                 let row = (bi * h + head) * tq + i;
                 let q_row = &qs[row * d..(row + 1) * d];
                 key_scores(q_row, keys, scale, &mut scores);
-                if let Some(m) = &mask {
-                    scores.iter_mut().zip(&m[i * tk..(i + 1) * tk]).for_each(|(s, m)| *s += m);
-                }
-                super::activation::softmax_rows(&mut scores, tk);
+                super::activation::softmax_rows(&mut scores, tk, tk, 1.0, mask.as_deref().map(|m| &m[i * tk..(i + 1) * tk]));
                 weighted_sum(&scores, values, &mut out[row * d..(row + 1) * d]);
             }
         }
     }
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
+}
+
+/// Where a [B, H, T, d] tensor's rows (positions) lie in its storage, for one whose rows are d
+/// consecutive floats: [offset of batch 0 head 0, batch stride, head stride, row stride].
+/// `split_heads_view`'s rows are H·d apart, a KV cache window's d. None for other layouts and
+/// for empty tensors.
+fn row_layout(layout: &candle_core::Layout) -> Option<[usize; 4]> {
+    let (&[b, h, t, d], s) = (layout.dims(), layout.stride()) else { return None };
+    (b > 0 && h > 0 && t > 0 && d > 0 && s[3] == 1).then_some([layout.start_offset(), s[0], s[1], s[2]])
+}
+
+/// One past the last float of the tensor that `row_layout` gave `at` for.
+fn heads_end(at: &[usize; 4], layout: &candle_core::Layout) -> usize {
+    let dims = layout.dims();
+    at[0] + (dims[0] - 1) * at[1] + (dims[1] - 1) * at[2] + (dims[2] - 1) * at[3] + dims[3]
 }
 
 /// Whether our attention loops take these tensors: f32 on the CPU.
@@ -220,27 +238,39 @@ const MIN_PACKED_QUERIES: usize = 16;
 fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
     let (b, h, tq, d) = q.dims4()?;
     let tk = k.dim(2)?;
-    if !f32_on_cpu(&[q, k, v]) || k.dims4()? != (b, h, tk, d) || v.dims4()? != (b, h, tk, d) {
+    if !f32_on_cpu(&[q, k, v]) || k.dims4()? != (b, h, tk, d) || v.dims4()? != (b, h, tk, d) || tq == 0 || tk == 0 {
         return Ok(None);
     }
     let Some(mask) = mask_values(mask, tq, tk)? else { return Ok(None) };
-    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+    // Read where they lie: split_heads_view's heads are rows H·d apart, no copies needed.
+    let [(qg, ql), (kg, kl), (vg, vl)] = [q, k, v].map(|t| t.storage_and_layout());
+    let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
+    let (qs, ks, vs) = (qc.as_slice::<f32>()?, kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+    let within = |layout, len| row_layout(layout).filter(|at| heads_end(at, layout) <= len);
+    let (Some(q_at), Some(k_at), Some(v_at)) = (within(ql, qs.len()), within(kl, ks.len()), within(vl, vs.len())) else { return Ok(None) };
+    let head_start = |at: [usize; 4], i: usize| at[0] + i / h * at[1] + i % h * at[2];
     let scale = scale as f32;
     let heads = crate::parallel::map(b * h, |i| -> Result<Vec<f32>> {
         let err = || candle_core::Error::Msg(format!("attention: head {i} of q {:?}, k/v {:?}", q.dims(), k.dims()));
-        let keys = super::packed::PackedWeight::pack(&ks[i * tk * d..(i + 1) * tk * d], tk, d).ok_or_else(err)?;
-        let mut scores = keys.matmul(&qs[i * tq * d..(i + 1) * tq * d], None).ok_or_else(err)?;
-        match &mask {
-            Some(m) => scores.iter_mut().zip(m).for_each(|(s, m)| *s = *s * scale + m),
-            None => scores.iter_mut().for_each(|s| *s *= scale),
-        }
-        super::activation::softmax_rows(&mut scores, tk);
-        let values = super::packed::PackedWeight::pack_in_out(&vs[i * tk * d..(i + 1) * tk * d], tk, d).ok_or_else(err)?;
-        values.matmul(&scores, None).ok_or_else(err)
+        let keys = PackedWeight::pack_rows(&ks[head_start(k_at, i)..], tk, d, k_at[3]).ok_or_else(err)?;
+        // The scores stay in rows padded to whole panels: the softmax and the values' GEMM
+        // skip the padding instead of a copy cutting it off.
+        let ld = keys.padded_out();
+        let mut scores = keys.matmul_padded(&qs[head_start(q_at, i)..], tq, q_at[3], None).ok_or_else(err)?;
+        super::activation::softmax_rows(&mut scores, ld, tk, scale, mask.as_deref());
+        let values = PackedWeight::pack_in_out_rows(&vs[head_start(v_at, i)..], tk, d, v_at[3]).ok_or_else(err)?;
+        values.matmul_padded(&scores, tq, ld, None).ok_or_else(err)
     });
-    let out = heads.into_iter().collect::<Result<Vec<_>>>()?.concat();
-    Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
+    // Written as [B, T, H, d]: merge_heads then needs no copy.
+    let mut out = vec![0f32; b * tq * h * d];
+    for (i, head) in heads.into_iter().enumerate() {
+        let head = head?;
+        for (j, row) in head.chunks_exact(head.len() / tq).enumerate() {
+            let at = ((i / h * tq + j) * h + i % h) * d;
+            out[at..at + d].copy_from_slice(&row[..d]);
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (b, tq, h, d), q.device())?.transpose(1, 2)?))
 }
 
 /// Positions a KV cache allocates at a time (candle's `KvCache` grows by its initial size):

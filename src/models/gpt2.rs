@@ -183,7 +183,7 @@ impl Gpt2Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&super::activation::forward(&self.act, &self.c_fc.forward(xs)?)?)
+        self.c_proj.forward(&super::activation::forward_in_place(&self.act, self.c_fc.forward(xs)?)?)
     }
 }
 

@@ -105,28 +105,39 @@ pub struct PackedWeight {
 impl PackedWeight {
     /// `w` is `[out_dim, in_dim]` row-major.
     pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Option<Self> {
-        if w.len() != out_dim * in_dim || in_dim == 0 {
+        (w.len() == out_dim * in_dim).then(|| Self::pack_rows(w, out_dim, in_dim, in_dim))?
+    }
+
+    /// `w` holds `[out_dim, in_dim]` as rows `ldw` floats apart (an attention head's keys, where
+    /// they lie among the other heads').
+    pub fn pack_rows(w: &[f32], out_dim: usize, in_dim: usize, ldw: usize) -> Option<Self> {
+        if in_dim == 0 || !rows_fit(w.len(), out_dim, in_dim, ldw) {
             return None;
         }
         let mut panels = vec![0f32; out_dim.div_ceil(NR) * in_dim * NR];
-        for (o, row) in w.chunks_exact(in_dim).enumerate() {
+        for o in 0..out_dim {
             let (p, j) = (o / NR, o % NR);
             let panel = &mut panels[p * in_dim * NR..(p + 1) * in_dim * NR];
-            for (k, &v) in row.iter().enumerate() {
+            for (k, &v) in w[o * ldw..o * ldw + in_dim].iter().enumerate() {
                 panel[k * NR + j] = v;
             }
         }
         Some(Self { panels, out_dim, in_dim })
     }
 
-    /// `w` is `[in_dim, out_dim]` row-major (HF GPT-2 `Conv1D`; attention's values).
+    /// `w` is `[in_dim, out_dim]` row-major (HF GPT-2 `Conv1D`).
     pub fn pack_in_out(w: &[f32], in_dim: usize, out_dim: usize) -> Option<Self> {
-        if w.len() != out_dim * in_dim || in_dim == 0 {
+        (w.len() == out_dim * in_dim).then(|| Self::pack_in_out_rows(w, in_dim, out_dim, out_dim))?
+    }
+
+    /// `w` holds `[in_dim, out_dim]` as rows `ldw` floats apart (an attention head's values).
+    pub fn pack_in_out_rows(w: &[f32], in_dim: usize, out_dim: usize, ldw: usize) -> Option<Self> {
+        if in_dim == 0 || !rows_fit(w.len(), in_dim, out_dim, ldw) {
             return None;
         }
         let mut panels = vec![0f32; out_dim.div_ceil(NR) * in_dim * NR];
-        for (k, row) in w.chunks_exact(out_dim.max(1)).enumerate() {
-            for (o, &v) in row.iter().enumerate() {
+        for k in 0..in_dim {
+            for (o, &v) in w[k * ldw..k * ldw + out_dim].iter().enumerate() {
                 panels[((o / NR) * in_dim + k) * NR + o % NR] = v;
             }
         }
@@ -146,11 +157,26 @@ impl PackedWeight {
 
     /// y = x·Wᵀ (+ b) for `x` `[rows, in]`: `[rows, out]`. None when the lengths disagree.
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>) -> Option<Vec<f32>> {
-        let (out_dim, in_dim) = (self.out_dim, self.in_dim);
-        if x.len() % in_dim != 0 || bias.is_some_and(|b| b.len() != out_dim) {
+        if x.len() % self.in_dim != 0 {
             return None;
         }
-        let rows = x.len() / in_dim;
+        let y = self.matmul_padded(x, x.len() / self.in_dim, self.in_dim, bias)?;
+        Some(compact(y, self.padded_out(), self.out_dim))
+    }
+
+    /// Output features rounded up to whole panels: the row length of `matmul_padded`'s result.
+    pub fn padded_out(&self) -> usize {
+        self.out_dim.div_ceil(NR) * NR
+    }
+
+    /// y = x·Wᵀ (+ b) for `rows` rows of x, `lda` floats apart: `[rows, padded_out()]`, the
+    /// features past `out` 0 (zero weights, zero bias). None when x is too short for the rows or
+    /// the bias's length disagrees.
+    pub fn matmul_padded(&self, x: &[f32], rows: usize, lda: usize, bias: Option<&[f32]>) -> Option<Vec<f32>> {
+        let (out_dim, in_dim) = (self.out_dim, self.in_dim);
+        if !rows_fit(x.len(), rows, in_dim, lda) || bias.is_some_and(|b| b.len() != out_dim) {
+            return None;
+        }
         let n_panels = out_dim.div_ceil(NR);
         let ldc = n_panels * NR;
         let mut bias_padded = vec![0f32; ldc];
@@ -160,11 +186,12 @@ impl PackedWeight {
         // Not zeroed first: the kernel writes every element (its first pass over the inputs
         // starts from the bias), and zeroing is a pass over the output for nothing.
         let mut y: Vec<f32> = Vec::with_capacity(rows * ldc);
-        let args = (x.as_ptr(), rows, in_dim, self.panels.as_ptr(), n_panels, bias_padded.as_ptr(), y.as_mut_ptr());
-        // SAFETY: x is [rows, in_dim], the panels n_panels × in_dim × 12 (`pack`), the bias
-        // n_panels × 12 long and y has room for rows × n_panels × 12. `gemm` writes all of
-        // them (every row tile, remainder rows included, of every panel; in_dim > 0, as `pack`
-        // refuses 0), so y's length can then cover them.
+        let args = (x.as_ptr(), rows, in_dim, lda, self.panels.as_ptr(), n_panels, bias_padded.as_ptr(), y.as_mut_ptr());
+        // SAFETY: x holds rows rows of in_dim floats lda apart (`rows_fit`), the panels
+        // n_panels × in_dim × 12 (`pack_rows`), the bias n_panels × 12 floats and y has room for
+        // rows × n_panels × 12. `gemm` writes all of them (every row tile, remainder rows
+        // included, of every panel; in_dim > 0, as packing refuses 0), so y's length can then
+        // cover them.
         unsafe {
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             let done = if super::relaxed::ready() {
@@ -176,12 +203,17 @@ impl PackedWeight {
             #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
             let done = false;
             if !done {
-                kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6);
+                kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
             }
             y.set_len(rows * ldc);
         }
-        Some(compact(y, ldc, out_dim))
+        Some(y)
     }
+}
+
+/// Whether `rows` rows of `len` floats, `stride` apart, lie within `total` floats.
+fn rows_fit(total: usize, rows: usize, len: usize, stride: usize) -> bool {
+    rows == 0 || (stride >= len && (rows - 1).checked_mul(stride).and_then(|s| s.checked_add(len)).is_some_and(|end| end <= total))
 }
 
 /// Rows of `ldc` floats cut to their first `out_dim`.
@@ -227,7 +259,7 @@ mod tests {
 
     #[test]
     fn every_shape_edge_gives_the_reference_sums() {
-        // Rows not a multiple of 3, features not of 12, inputs over one 512-wide pass.
+        // Rows not a multiple of 3, features not of 12, inputs over one 768-wide pass.
         for (rows, out_dim, in_dim) in [(1, 1, 1), (2, 5, 7), (3, 12, 16), (4, 13, 33), (5, 24, 512), (7, 30, 1100), (196, 36, 64)] {
             let w = noise(out_dim * in_dim, 1);
             let x = noise(rows * in_dim, 2);
@@ -259,6 +291,33 @@ mod tests {
         let (a, b) = (PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree"), PackedWeight::pack_in_out(&t, in_dim, out_dim).expect("lengths agree"));
         assert_eq!(a.unpack(), w);
         assert_eq!((a.panels, a.out_dim, a.in_dim), (b.panels, b.out_dim, b.in_dim));
+    }
+
+    /// Attention's use: keys and values packed from rows among other heads' floats, queries
+    /// and scores read as rows further apart than their length, the output left padded.
+    #[test]
+    fn strided_rows_in_and_padded_rows_out() {
+        let (rows, out_dim, in_dim, ldw, lda) = (7, 13, 10, 25, 16);
+        let w_wide = noise((out_dim - 1) * ldw + in_dim, 7);
+        let x_wide = noise((rows - 1) * lda + in_dim, 8);
+        let w: Vec<f32> = (0..out_dim).flat_map(|o| w_wide[o * ldw..o * ldw + in_dim].to_vec()).collect();
+        let x: Vec<f32> = (0..rows).flat_map(|r| x_wide[r * lda..r * lda + in_dim].to_vec()).collect();
+        let want = reference(&w, &x, &vec![0.0; out_dim], out_dim, in_dim);
+        let packed = PackedWeight::pack_rows(&w_wide, out_dim, in_dim, ldw).expect("rows fit");
+        let ld = packed.padded_out();
+        assert_eq!(ld, 24);
+        let got = packed.matmul_padded(&x_wide, rows, lda, None).expect("rows fit");
+        for r in 0..rows {
+            assert_eq!(got[r * ld..r * ld + out_dim], want[r * out_dim..(r + 1) * out_dim]);
+            assert!(got[r * ld + out_dim..(r + 1) * ld].iter().all(|&y| y == 0.0));
+        }
+        let t_wide: Vec<f32> = (0..in_dim).flat_map(|k| (0..ldw).map(|o| if o < out_dim { w[o * in_dim + k] } else { 9.0 }).collect::<Vec<_>>()).collect();
+        let by_columns = PackedWeight::pack_in_out_rows(&t_wide, in_dim, out_dim, ldw).expect("rows fit");
+        assert_eq!(by_columns.panels, packed.panels);
+        // The last row one float short; rows closer than their length.
+        assert!(packed.matmul_padded(&x_wide[..x_wide.len() - 1], rows, lda, None).is_none());
+        assert!(packed.matmul_padded(&x_wide, rows, in_dim - 1, None).is_none());
+        assert!(PackedWeight::pack_rows(&w_wide[..w_wide.len() - 1], out_dim, in_dim, ldw).is_none());
     }
 
     #[test]

@@ -129,14 +129,14 @@ impl SiglipAttention {
 
     /// Keys and values of every token: [B, H, T, d] each.
     fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = attention::split_heads(&self.k_proj.forward(xs)?, self.num_heads)?;
-        let v = attention::split_heads(&self.v_proj.forward(xs)?, self.num_heads)?;
+        let k = attention::split_heads_view(&self.k_proj.forward(xs)?, self.num_heads)?;
+        let v = attention::split_heads_view(&self.v_proj.forward(xs)?, self.num_heads)?;
         Ok((k, v))
     }
 
     /// The output for the tokens `xs` (all of them, or a slice of them), attending to `k`, `v`.
     fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let q = attention::split_heads(&self.q_proj.forward(xs)?, self.num_heads)?;
+        let q = attention::split_heads_view(&self.q_proj.forward(xs)?, self.num_heads)?;
         let head_dim = q.dim(D::Minus1)?;
         let out = attention::scaled_dot_product(&q, k, v, 1.0 / (head_dim as f64).sqrt(), None)?;
         self.out_proj.forward(&attention::merge_heads(&out)?)
@@ -161,7 +161,7 @@ impl SiglipMlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&super::activation::forward(&self.act, &self.fc1.forward(xs)?)?)
+        self.fc2.forward(&super::activation::forward_in_place(&self.act, self.fc1.forward(xs)?)?)
     }
 }
 
