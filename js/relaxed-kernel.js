@@ -14,8 +14,8 @@ export function wasmcap_relaxed_kernel_init(memory, bytes) {
   }
 }
 
-export function wasmcap_relaxed_kernel_gemm(a, rows, inDim, lda, panels, nPanels, bias, c) {
-  kernel.gemm(a, rows, inDim, lda, panels, nPanels, bias, c);
+export function wasmcap_relaxed_kernel_gemm(a, rows, inDim, lda, panels, nPanels, bias, c, ldc) {
+  kernel.gemm(a, rows, inDim, lda, panels, nPanels, bias, c, ldc);
 }
 
 export function wasmcap_relaxed_kernel_q8_matvec(qs, scales, sums, x, blocks, groups, out) {

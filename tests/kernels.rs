@@ -35,8 +35,9 @@ fn check(name: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
 fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
     for relaxed in [true, false] {
         packed::allow_relaxed_simd(relaxed);
-        // 64 rows: packed for the call (prefill); 5: candle's GEMM; odd feature counts.
-        for (rows, d_in, d_out) in [(64, 96, 50), (5, 96, 50), (70, 64, 24)] {
+        // 64 rows: packed for the call (prefill); 5: candle's GEMM; odd feature counts; 200
+        // features: 17 panels, an activation after 16 and after 1 (`forward_activated`).
+        for (rows, d_in, d_out) in [(64, 96, 50), (5, 96, 50), (70, 64, 24), (7, 40, 200)] {
             let (w, b, x) = (values(&[d_out, d_in], 1), values(&[d_out], 2), values(&[1, rows, d_in], 3));
             let want = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
 
@@ -44,6 +45,9 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
             check("linear", &linear.forward(&x)?, &want, 1e-4);
             linear.pack()?; // at load, in WASM
             check("linear packed at load", &linear.forward(&x)?, &want, 1e-4);
+            for act in [Activation::GeluPytorchTanh, Activation::Silu] {
+                check(&format!("linear packed at load, then {act:?}"), &linear.forward_activated(&x, &act)?, &want.apply(&act)?, 1e-4);
+            }
 
             let vb = VarBuilder::from_tensors(HashMap::from([("weight".to_string(), w.t()?.contiguous()?), ("bias".to_string(), b.clone())]), candle_core::DType::F32, &Device::Cpu);
             let mut conv = Conv1D::new(d_in, d_out, vb)?;

@@ -222,6 +222,11 @@ pub fn forward(act: &Activation, xs: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, xs.shape(), xs.device())
 }
 
+/// `act` as a function over f32 written in place, where our path takes `xs` (see `forward`).
+pub fn in_place(act: &Activation, xs: &Tensor) -> Option<impl Fn(&mut [f32]) + Sync> {
+    Ours::of(act, xs).map(|ours| move |v: &mut [f32]| ours.apply_all(v))
+}
+
 /// `forward`, written over `xs`' own values where our path takes it: for a tensor nothing else
 /// holds (a layer's fresh output), whose storage a clone would share. It saves allocating and
 /// filling a second buffer per layer (196 × 3072 floats in SigLIP-B's MLP).

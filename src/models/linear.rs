@@ -6,7 +6,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Storage, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_nn::{Activation, VarBuilder};
 
 use super::packed::{self, PackedWeight};
 use super::q8::{self, Q8Matrix};
@@ -450,6 +450,15 @@ impl Linear {
         self.lora = lora;
     }
 
+    /// `act` of `self.forward(xs)`. On a packed weight the activation runs over each part of
+    /// the output as the GEMM leaves it in cache (`PackedWeight::matmul_then`).
+    pub fn forward_activated(&self, xs: &Tensor, act: &Activation) -> Result<Tensor> {
+        if let (Some(p), Some(f)) = (&self.packed, super::activation::in_place(act, xs)) {
+            return packed_forward(p, xs, self.bias.as_ref(), Some(&f));
+        }
+        super::activation::forward_in_place(act, self.forward(xs)?)
+    }
+
     pub fn lora(&self) -> Option<&LoraUpdate> {
         self.lora.as_ref()
     }
@@ -461,7 +470,7 @@ impl Module for Linear {
             return quantized_forward(q, xs, self.bias.as_ref());
         }
         if let Some(p) = &self.packed {
-            return packed_forward(p, xs, self.bias.as_ref());
+            return packed_forward(p, xs, self.bias.as_ref(), None);
         }
         if let Some(lora) = &self.lora {
             let base = Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)?;
@@ -517,7 +526,7 @@ fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<Packed
         return Ok(None);
     }
     match pack()? {
-        Some(p) => packed_forward(&p, xs, b).map(Some),
+        Some(p) => packed_forward(&p, xs, b, None).map(Some),
         None => Ok(None),
     }
 }
@@ -557,8 +566,9 @@ fn pack_q8_0(q: &Quantized) -> Option<PackedWeight> {
     }
 }
 
-/// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads.
-fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads; `then` as
+/// `PackedWeight::matmul_then`.
+fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Option<&(dyn Fn(&mut [f32]) + Sync)>) -> Result<Tensor> {
     let (out_dim, in_dim) = p.dims();
     let d = xs.dim(D::Minus1)?;
     if d != in_dim {
@@ -568,7 +578,7 @@ fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>) -> Result<T
     // The input read where it lies (no copy of a 196 × 3072 activation per layer).
     let mut parts = with_f32(&xs.contiguous()?, |x| {
         crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
-            p.matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref()).ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
+            p.matmul_then(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then.map(|f| f as &dyn Fn(&mut [f32]))).ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
         })
     })??;
     let y = match parts.len() {
@@ -632,7 +642,7 @@ impl Module for Conv1D {
             return quantized_forward(q, xs, Some(&self.bias));
         }
         if let Some(p) = &self.packed {
-            return packed_forward(p, xs, Some(&self.bias));
+            return packed_forward(p, xs, Some(&self.bias), None);
         }
         if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias])) {
             return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);

@@ -208,7 +208,7 @@ impl LlamaMlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = super::activation::forward_in_place(&self.act, self.gate_proj.forward(xs)?)?;
+        let gate = self.gate_proj.forward_activated(xs, &self.act)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
     }
 }

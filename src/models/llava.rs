@@ -109,7 +109,7 @@ impl LlavaMultiModalProjector {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&super::activation::forward_in_place(&self.act, self.linear_1.forward(xs)?)?)
+        self.linear_2.forward(&self.linear_1.forward_activated(xs, &self.act)?)
     }
 }
 

@@ -157,10 +157,18 @@ impl PackedWeight {
 
     /// y = x·Wᵀ (+ b) for `x` `[rows, in]`: `[rows, out]`. None when the lengths disagree.
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>) -> Option<Vec<f32>> {
+        self.matmul_then(x, bias, None)
+    }
+
+    /// `matmul`, with `then` applied to the output a few panels at a time, right after the
+    /// kernel wrote them and while they are still in cache (an activation: SigLIP-B's fc1
+    /// output is 2.4 MB, more than L2 holds, and a pass of its own over it reads it back from
+    /// L3).
+    pub fn matmul_then(&self, x: &[f32], bias: Option<&[f32]>, then: Option<&dyn Fn(&mut [f32])>) -> Option<Vec<f32>> {
         if x.len() % self.in_dim != 0 {
             return None;
         }
-        let y = self.matmul_padded(x, x.len() / self.in_dim, self.in_dim, bias)?;
+        let y = self.gemm(x, x.len() / self.in_dim, self.in_dim, bias, then)?;
         Some(compact(y, self.padded_out(), self.out_dim))
     }
 
@@ -173,6 +181,10 @@ impl PackedWeight {
     /// features past `out` 0 (zero weights, zero bias). None when x is too short for the rows or
     /// the bias's length disagrees.
     pub fn matmul_padded(&self, x: &[f32], rows: usize, lda: usize, bias: Option<&[f32]>) -> Option<Vec<f32>> {
+        self.gemm(x, rows, lda, bias, None)
+    }
+
+    fn gemm(&self, x: &[f32], rows: usize, lda: usize, bias: Option<&[f32]>, then: Option<&dyn Fn(&mut [f32])>) -> Option<Vec<f32>> {
         let (out_dim, in_dim) = (self.out_dim, self.in_dim);
         if !rows_fit(x.len(), rows, in_dim, lda) || bias.is_some_and(|b| b.len() != out_dim) {
             return None;
@@ -186,30 +198,46 @@ impl PackedWeight {
         // Not zeroed first: the kernel writes every element (its first pass over the inputs
         // starts from the bias), and zeroing is a pass over the output for nothing.
         let mut y: Vec<f32> = Vec::with_capacity(rows * ldc);
-        let args = (x.as_ptr(), rows, in_dim, lda, self.panels.as_ptr(), n_panels, bias_padded.as_ptr(), y.as_mut_ptr());
-        // SAFETY: x holds rows rows of in_dim floats lda apart (`rows_fit`), the panels
-        // n_panels × in_dim × 12 (`pack_rows`), the bias n_panels × 12 floats and y has room for
-        // rows × n_panels × 12. `gemm` writes all of them (every row tile, remainder rows
-        // included, of every panel; in_dim > 0, as packing refuses 0), so y's length can then
-        // cover them.
-        unsafe {
-            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-            let done = if super::relaxed::ready() {
-                super::relaxed::gemm(args);
-                true
-            } else {
-                false
-            };
-            #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-            let done = false;
-            if !done {
-                kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
+        let step = if then.is_some() { THEN_PANELS } else { n_panels };
+        let mut p0 = 0;
+        while p0 < n_panels {
+            let np = step.min(n_panels - p0);
+            // SAFETY: x holds rows rows of in_dim floats lda apart (`rows_fit`), the panels
+            // n_panels × in_dim × 12 (`pack_rows`), the bias n_panels × 12 floats and y has room
+            // for rows rows of ldc = n_panels × 12; panels p0..p0 + np of each are in bounds.
+            // `gemm` writes all of their outputs (every row tile, remainder rows included, of
+            // every panel; in_dim > 0, as packing refuses 0), so `then` reads written floats, and
+            // once every step has run, y's length can cover them all.
+            unsafe {
+                let args = (x.as_ptr(), rows, in_dim, lda, self.panels.as_ptr().add(p0 * in_dim * NR), np, bias_padded.as_ptr().add(p0 * NR), y.as_mut_ptr().add(p0 * NR), ldc);
+                #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+                let done = if super::relaxed::ready() {
+                    super::relaxed::gemm(args);
+                    true
+                } else {
+                    false
+                };
+                #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+                let done = false;
+                if !done {
+                    kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8);
+                }
+                if let Some(then) = then {
+                    for r in 0..rows {
+                        then(std::slice::from_raw_parts_mut(y.as_mut_ptr().add(r * ldc + p0 * NR), np * NR));
+                    }
+                }
             }
-            y.set_len(rows * ldc);
+            p0 += np;
         }
+        // SAFETY: see above.
+        unsafe { y.set_len(rows * ldc) };
         Some(y)
     }
 }
+
+/// Panels a `then` pass follows: 16 × 12 features of SigLIP-B's 196 rows are 150 KB, in L2.
+const THEN_PANELS: usize = 16;
 
 /// Whether `rows` rows of `len` floats, `stride` apart, lie within `total` floats.
 fn rows_fit(total: usize, rows: usize, len: usize, stride: usize) -> bool {
@@ -318,6 +346,24 @@ mod tests {
         assert!(packed.matmul_padded(&x_wide[..x_wide.len() - 1], rows, lda, None).is_none());
         assert!(packed.matmul_padded(&x_wide, rows, in_dim - 1, None).is_none());
         assert!(PackedWeight::pack_rows(&w_wide[..w_wide.len() - 1], out_dim, in_dim, ldw).is_none());
+    }
+
+    /// An activation's use: `then` sees every output once, 16 panels at a time and then the
+    /// rest, and its results are what `matmul` gives, mapped.
+    #[test]
+    fn then_runs_over_every_output_once() {
+        let (rows, out_dim, in_dim) = (7, 200, 30);
+        let packed = PackedWeight::pack(&noise(out_dim * in_dim, 9), out_dim, in_dim).expect("lengths agree");
+        let (x, b) = (noise(rows * in_dim, 10), noise(out_dim, 11));
+        let want: Vec<f32> = packed.matmul(&x, Some(&b)).expect("lengths agree").into_iter().map(|y| y * 2.0 + 1.0).collect();
+        let seen = std::sync::atomic::AtomicUsize::new(0);
+        let then = |v: &mut [f32]| {
+            seen.fetch_add(v.len(), std::sync::atomic::Ordering::Relaxed);
+            v.iter_mut().for_each(|y| *y = *y * 2.0 + 1.0);
+        };
+        let got = packed.matmul_then(&x, Some(&b), Some(&then)).expect("lengths agree");
+        assert_eq!(got, want);
+        assert_eq!(seen.into_inner(), rows * packed.padded_out());
     }
 
     #[test]

@@ -47,12 +47,11 @@ unsafe fn tile<const M: usize>(kc: usize, a: *const f32, lda: usize, b: *const f
 }
 
 /// y = x·Wᵀ + b: `a` is x, `rows` rows of `in_dim` floats, `lda` apart; `panels` W packed
-/// (`n_panels` panels of `[in_dim][12]`), `bias` `n_panels · 12` floats, `c` y
-/// `[rows, n_panels · 12]`.
+/// (`n_panels` panels of `[in_dim][12]`), `bias` `n_panels · 12` floats, `c` y: `rows` rows of
+/// `n_panels · 12` floats, `ldc` apart.
 ///
 /// SAFETY: every pointer holds the floats just listed.
-pub unsafe fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: usize, panels: *const f32, n_panels: usize, bias: *const f32, c: *mut f32) {
-    let ldc = n_panels * NR;
+pub unsafe fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: usize, panels: *const f32, n_panels: usize, bias: *const f32, c: *mut f32, ldc: usize) {
     let mut k0 = 0;
     while k0 < in_dim {
         let kc = if in_dim - k0 < KC { in_dim - k0 } else { KC };

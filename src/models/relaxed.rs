@@ -14,7 +14,7 @@ use wasm_bindgen::prelude::*;
 #[wasm_bindgen(module = "/js/relaxed-kernel.js")]
 extern "C" {
     fn wasmcap_relaxed_kernel_init(memory: JsValue, bytes: &[u8]) -> bool;
-    fn wasmcap_relaxed_kernel_gemm(a: u32, rows: u32, in_dim: u32, lda: u32, panels: u32, n_panels: u32, bias: u32, c: u32);
+    fn wasmcap_relaxed_kernel_gemm(a: u32, rows: u32, in_dim: u32, lda: u32, panels: u32, n_panels: u32, bias: u32, c: u32, ldc: u32);
     fn wasmcap_relaxed_kernel_q8_matvec(qs: u32, scales: u32, sums: u32, x: u32, blocks: u32, groups: u32, out: u32);
 }
 
@@ -36,8 +36,8 @@ pub fn ready() -> bool {
 }
 
 /// SAFETY: as `packed_kernel.rs`' `gemm`; wasm32 pointers and sizes fit u32.
-pub unsafe fn gemm((a, rows, in_dim, lda, panels, n_panels, bias, c): (*const f32, usize, usize, usize, *const f32, usize, *const f32, *mut f32)) {
-    wasmcap_relaxed_kernel_gemm(a as u32, rows as u32, in_dim as u32, lda as u32, panels as u32, n_panels as u32, bias as u32, c as u32)
+pub unsafe fn gemm((a, rows, in_dim, lda, panels, n_panels, bias, c, ldc): (*const f32, usize, usize, usize, *const f32, usize, *const f32, *mut f32, usize)) {
+    wasmcap_relaxed_kernel_gemm(a as u32, rows as u32, in_dim as u32, lda as u32, panels as u32, n_panels as u32, bias as u32, c as u32, ldc as u32)
 }
 
 /// SAFETY: as `relaxed_module.rs`' `q8_matvec`.

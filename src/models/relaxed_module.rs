@@ -47,8 +47,8 @@ mod kernel {
 
 /// `packed_kernel.rs`' `gemm`, exported. SAFETY: as there.
 #[no_mangle]
-pub unsafe extern "C" fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: usize, panels: *const f32, n_panels: usize, bias: *const f32, c: *mut f32) {
-    kernel::gemm(a, rows, in_dim, lda, panels, n_panels, bias, c)
+pub unsafe extern "C" fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: usize, panels: *const f32, n_panels: usize, bias: *const f32, c: *mut f32, ldc: usize) {
+    kernel::gemm(a, rows, in_dim, lda, panels, n_panels, bias, c, ldc)
 }
 
 mod q8 {

@@ -161,7 +161,7 @@ impl SiglipMlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&super::activation::forward_in_place(&self.act, self.fc1.forward(xs)?)?)
+        self.fc2.forward(&self.fc1.forward_activated(xs, &self.act)?)
     }
 }
 
