@@ -126,52 +126,11 @@ fn silu<T: Lanes>(x: T) -> T {
     x.div(T::splat(1.0).add(exp(T::splat(0.0).sub(x))))
 }
 
-/// `f` of each element of `v`, in place: four lanes at a time in WASM, one at a time for the
-/// rest.
-#[inline(always)]
-fn map_in_place<F: Fn(f32) -> f32, G: LanesFn>(v: &mut [f32], f: F, g: G) {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    let done = {
-        use core::arch::wasm32::*;
-        let mut done = 0;
-        while done + 4 <= v.len() {
-            // SAFETY: done + 4 ≤ v.len(); wasm loads and stores need no alignment.
-            unsafe {
-                let p = v.as_mut_ptr().add(done) as *mut v128;
-                v128_store(p, g.apply(F4(v128_load(p))).0);
-            }
-            done += 4;
-        }
-        done
-    };
-    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-    let (done, _) = (0, g);
-    for x in &mut v[done..] {
-        *x = f(*x);
-    }
-}
-
-/// One of the functions above, for `map_in_place`'s vector loop (a closure cannot be generic
-/// over `Lanes`).
-trait LanesFn {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    fn apply(&self, x: F4) -> F4;
-}
-
+/// The activations our path computes (`forward`).
 #[derive(Clone, Copy)]
 enum Ours {
     GeluTanh,
     Silu,
-}
-
-impl LanesFn for Ours {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    fn apply(&self, x: F4) -> F4 {
-        match self {
-            Ours::GeluTanh => gelu_tanh(x),
-            Ours::Silu => silu(x),
-        }
-    }
 }
 
 impl Ours {
@@ -187,10 +146,34 @@ impl Ours {
         }
     }
 
-    fn apply_all(self, v: &mut [f32]) {
+    #[inline(always)]
+    fn apply<T: Lanes>(self, x: T) -> T {
         match self {
-            Ours::GeluTanh => map_in_place(v, gelu_tanh, self),
-            Ours::Silu => map_in_place(v, silu, self),
+            Ours::GeluTanh => gelu_tanh(x),
+            Ours::Silu => silu(x),
+        }
+    }
+
+    /// Every element of `v`, in place: four lanes at a time in WASM, one at a time for the rest.
+    fn apply_all(self, v: &mut [f32]) {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        let done = {
+            use core::arch::wasm32::*;
+            let mut done = 0;
+            while done + 4 <= v.len() {
+                // SAFETY: done + 4 ≤ v.len(); wasm loads and stores need no alignment.
+                unsafe {
+                    let p = v.as_mut_ptr().add(done) as *mut v128;
+                    v128_store(p, self.apply(F4(v128_load(p))).0);
+                }
+                done += 4;
+            }
+            done
+        };
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        let done = 0;
+        for x in &mut v[done..] {
+            *x = self.apply(*x);
         }
     }
 }

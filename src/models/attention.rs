@@ -85,7 +85,7 @@ fn few_queries_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: O
     let (ks, vs) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
     // Each (batch, key/value head) must hold its positions as consecutive rows of d (a KV
     // cache's buffer [B, KV, max, d] narrowed to the first tk positions).
-    let consecutive = |layout, len| row_layout(layout).filter(|at| at[3] == d && heads_end(at, layout) <= len);
+    let consecutive = |layout, len| row_layout(layout, len).filter(|at| at[3] == d);
     let (Some(k_at), Some(v_at)) = (consecutive(k_layout, ks.len()), consecutive(v_layout, vs.len())) else { return Ok(None) };
     let (groups, scale) = (h / kv, scale as f32);
     let mut out = vec![0f32; b * h * tq * d];
@@ -106,19 +106,18 @@ fn few_queries_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: O
     Ok(Some(Tensor::from_vec(out, (b, h, tq, d), q.device())?))
 }
 
-/// Where a [B, H, T, d] tensor's rows (positions) lie in its storage, for one whose rows are d
-/// consecutive floats: [offset of batch 0 head 0, batch stride, head stride, row stride].
-/// `split_heads_view`'s rows are H·d apart, a KV cache window's d. None for other layouts and
-/// for empty tensors.
-fn row_layout(layout: &candle_core::Layout) -> Option<[usize; 4]> {
+/// Where a [B, H, T, d] tensor's rows (positions) lie in its storage of `len` floats, for one
+/// whose rows are d consecutive floats: [offset of batch 0 head 0, batch stride, head stride,
+/// row stride]. `split_heads_view`'s rows are H·d apart, a KV cache window's d. None for other
+/// layouts, for empty tensors and where the last row would run past `len`.
+fn row_layout(layout: &candle_core::Layout, len: usize) -> Option<[usize; 4]> {
     let (&[b, h, t, d], s) = (layout.dims(), layout.stride()) else { return None };
-    (b > 0 && h > 0 && t > 0 && d > 0 && s[3] == 1).then_some([layout.start_offset(), s[0], s[1], s[2]])
-}
-
-/// One past the last float of the tensor that `row_layout` gave `at` for.
-fn heads_end(at: &[usize; 4], layout: &candle_core::Layout) -> usize {
-    let dims = layout.dims();
-    at[0] + (dims[0] - 1) * at[1] + (dims[1] - 1) * at[2] + (dims[2] - 1) * at[3] + dims[3]
+    if b == 0 || h == 0 || t == 0 || d == 0 || s[3] != 1 {
+        return None;
+    }
+    let at = [layout.start_offset(), s[0], s[1], s[2]];
+    let end = at[0] + (b - 1) * at[1] + (h - 1) * at[2] + (t - 1) * at[3] + d;
+    (end <= len).then_some(at)
 }
 
 /// Whether our attention loops take these tensors: f32 on the CPU.
@@ -246,8 +245,7 @@ fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option
     let [(qg, ql), (kg, kl), (vg, vl)] = [q, k, v].map(|t| t.storage_and_layout());
     let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
     let (qs, ks, vs) = (qc.as_slice::<f32>()?, kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-    let within = |layout, len| row_layout(layout).filter(|at| heads_end(at, layout) <= len);
-    let (Some(q_at), Some(k_at), Some(v_at)) = (within(ql, qs.len()), within(kl, ks.len()), within(vl, vs.len())) else { return Ok(None) };
+    let (Some(q_at), Some(k_at), Some(v_at)) = (row_layout(ql, qs.len()), row_layout(kl, ks.len()), row_layout(vl, vs.len())) else { return Ok(None) };
     let head_start = |at: [usize; 4], i: usize| at[0] + i / h * at[1] + i % h * at[2];
     let scale = scale as f32;
     let heads = crate::parallel::map(b * h, |i| -> Result<Vec<f32>> {
