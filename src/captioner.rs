@@ -315,11 +315,11 @@ impl Captioner {
     }
 
     fn check_pixels(&self, pixel_values: &Tensor) -> Result<()> {
-        let cfg = match &self.model {
-            Model::CrossAttention(m) => m.encoder().config(),
-            Model::Prefix(m) => m.vision_tower().config(),
+        let (channels, size) = match &self.model {
+            Model::CrossAttention(m) => (m.config().encoder.num_channels, m.config().encoder.image_size),
+            Model::Prefix(m) => (m.vision_tower().config().num_channels, m.vision_tower().config().image_size),
         };
-        let expected = [cfg.num_channels, cfg.image_size, cfg.image_size];
+        let expected = [channels, size, size];
         match pixel_values.dims() {
             [_, rest @ ..] if rest == expected => Ok(()),
             found => Err(Error::Image(format!(

@@ -14,6 +14,11 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const PREPROCESSOR: &str = "preprocessor_config.json";
 pub const GENERATION: &str = "generation_config.json";
+/// A GPT-2 tokenizer's files where a folder has no `tokenizer.json`.
+pub const GPT2_VOCAB: &str = "vocab.json";
+pub const GPT2_MERGES: &str = "merges.txt";
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+pub const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 
 /// The files of a model folder, borrowed: the caller owns the bytes (a `Vec` read from disk, or
 /// memory handed over by JS), so nothing is copied before parsing.
@@ -58,19 +63,27 @@ impl OwnedModelFiles {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
         let read = |name: &str| read_file(dir, name);
-        let generation = match read(GENERATION) {
-            Ok(bytes) => Some(bytes),
-            Err(Error::MissingFile(_)) => None,
-            Err(e) => return Err(e),
+        let optional = |name: &str| match read(name) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(Error::MissingFile(_)) => Ok(None),
+            Err(e) => Err(e),
         };
-        Ok(Self {
-            config: read(CONFIG)?,
-            weights: read(WEIGHTS)?,
-            tokenizer: read(TOKENIZER)?,
-            preprocessor: read(PREPROCESSOR)?,
-            generation,
-            adapter: None,
-        })
+        let (config, weights) = (read(CONFIG)?, read(WEIGHTS)?);
+        let generation = optional(GENERATION)?;
+        // Without tokenizer.json, GPT-2's own files (as older folders ship them) make one.
+        let tokenizer = match optional(TOKENIZER)? {
+            Some(bytes) => bytes,
+            None => match (optional(GPT2_VOCAB)?, optional(GPT2_MERGES)?) {
+                (Some(vocab), Some(merges)) => crate::tokenizer::gpt2_tokenizer_json(
+                    &vocab,
+                    &merges,
+                    optional(TOKENIZER_CONFIG)?.as_deref(),
+                    optional(SPECIAL_TOKENS_MAP)?.as_deref(),
+                )?,
+                _ => return Err(Error::MissingFile(format!("{} (or GPT-2's {GPT2_VOCAB} and {GPT2_MERGES})", dir.join(TOKENIZER).display()))),
+            },
+        };
+        Ok(Self { config, weights, tokenizer, preprocessor: read(PREPROCESSOR)?, generation, adapter: None })
     }
 
     /// Adds a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).

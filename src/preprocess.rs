@@ -155,6 +155,11 @@ struct RawPreprocessorConfig {
     image_std: Option<PerChannel>,
     #[serde(default)]
     do_convert_rgb: Option<bool>,
+    /// Which processor wrote the file: its class decides the defaults of omitted fields.
+    #[serde(default)]
+    image_processor_type: Option<String>,
+    #[serde(default)]
+    feature_extractor_type: Option<String>,
     // Steps SigLIP does not use; refused when switched on rather than silently skipped.
     #[serde(default)]
     do_center_crop: Option<bool>,
@@ -164,6 +169,13 @@ struct RawPreprocessorConfig {
 
 fn parse_size(value: &serde_json::Value) -> std::result::Result<ImageSize, String> {
     let obj = match value {
+        // Older files (`ViTFeatureExtractor`'s `"size": 224`): a square, as transformers'
+        // `get_size_dict(size, default_to_square=True)` reads it.
+        serde_json::Value::Number(n) => {
+            let side = n.as_u64().filter(|&n| n > 0 && n <= MAX_OUTPUT_SIDE as u64);
+            let side = side.ok_or_else(|| format!("size = {n} is out of range (1..={MAX_OUTPUT_SIDE})"))? as u32;
+            return Ok(ImageSize { height: side, width: side });
+        }
         serde_json::Value::Object(obj) => obj,
         other => return Err(format!("size = {other} is not supported; expected {{\"height\": H, \"width\": W}} (SigLIP resizes to a fixed size)")),
     };
@@ -205,7 +217,8 @@ impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
     type Error = String;
 
     fn try_from(raw: RawPreprocessorConfig) -> std::result::Result<Self, String> {
-        let defaults = PreprocessorConfig::default();
+        let class = raw.image_processor_type.as_deref().or(raw.feature_extractor_type.as_deref()).unwrap_or_default();
+        let defaults = PreprocessorConfig::defaults_of(class);
         if raw.do_center_crop == Some(true) {
             return Err("do_center_crop = true is not supported (SigLIP's processor does not crop)".into());
         }
@@ -247,6 +260,17 @@ impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
 }
 
 impl PreprocessorConfig {
+    /// The defaults of an image processor class (`image_processor_type`, or the older
+    /// `feature_extractor_type`): `ViTImageProcessor` resizes bilinearly; SigLIP's (and any
+    /// other) bicubically. Both normalise with mean = std = 0.5 at 224×224.
+    pub fn defaults_of(class: &str) -> Self {
+        if class.starts_with("ViTImageProcessor") || class == "ViTFeatureExtractor" {
+            Self { resample: Resample::Bilinear, ..Self::default() }
+        } else {
+            Self::default()
+        }
+    }
+
     /// Parses preprocessor_config.json; every error names the file.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let raw: RawPreprocessorConfig =
@@ -790,7 +814,8 @@ mod tests {
     fn config_errors_name_the_file() {
         let cases: &[(&str, &str)] = &[
             (r#"{"size": {"shortest_edge": 224}}"#, "shortest_edge"),
-            (r#"{"size": 224}"#, "height"),
+            (r#"{"size": 0}"#, "out of range"),
+            (r#"{"size": -3}"#, "out of range"),
             (r#"{"size": {"height": 0, "width": 224}}"#, "size.height"),
             (r#"{"size": {"height": 224}}"#, "width"),
             (r#"{"resample": 7}"#, "resample = 7"),
@@ -805,6 +830,23 @@ mod tests {
             assert!(err.starts_with("preprocessor_config.json: "), "{json}: {err}");
             assert!(err.contains(needle), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn config_vit_feature_extractor() {
+        // nlpconnect/vit-gpt2-image-captioning's file, as the hub has it.
+        let legacy = br#"{"do_normalize": true, "do_resize": true, "feature_extractor_type": "ViTFeatureExtractor",
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224}"#;
+        let cfg = PreprocessorConfig::from_json(legacy).unwrap();
+        assert_eq!(cfg.size, ImageSize { height: 224, width: 224 });
+        assert_eq!(cfg.resample, Resample::Bilinear);
+        assert!(cfg.do_rescale);
+        assert_eq!(cfg.rescale_factor, 1.0 / 255.0);
+        // ViTImageProcessor's defaults where the file is silent: bilinear, not SigLIP's bicubic.
+        let bare = PreprocessorConfig::from_json(br#"{"image_processor_type": "ViTImageProcessor", "size": 32}"#).unwrap();
+        assert_eq!((bare.resample, bare.size), (Resample::Bilinear, ImageSize { height: 32, width: 32 }));
+        let siglip = PreprocessorConfig::from_json(br#"{"image_processor_type": "SiglipImageProcessor"}"#).unwrap();
+        assert_eq!(siglip.resample, Resample::Bicubic);
     }
 
     #[test]

@@ -31,6 +31,92 @@ impl CaptionTokenizer {
     }
 }
 
+/// GPT-2's tokenizer files as older folders ship them (nlpconnect/vit-gpt2-image-captioning has no
+/// `tokenizer.json`): `vocab.json`, `merges.txt` and, when present, `tokenizer_config.json` and
+/// `special_tokens_map.json`. Returns the `tokenizer.json` that 🤗 transformers' conversion to
+/// `GPT2TokenizerFast` makes of them: byte-level BPE, the `add_prefix_space` of the config (default
+/// false), and the bos/eos/unk/pad tokens (default `<|endoftext|>`) as special tokens, which
+/// decoding with `skip_special_tokens` drops.
+pub fn gpt2_tokenizer_json(vocab: &[u8], merges: &[u8], tokenizer_config: Option<&[u8]>, special_tokens_map: Option<&[u8]>) -> Result<Vec<u8>> {
+    use serde_json::{json, Map, Value};
+    let vocab: Map<String, Value> =
+        serde_json::from_slice(vocab).map_err(|e| Error::Tokenizer(format!("vocab.json: not a JSON object of token ids: {e}")))?;
+    if let Some((token, id)) = vocab.iter().find(|(_, id)| id.as_u64().is_none_or(|id| id > u32::MAX as u64)) {
+        return Err(Error::Tokenizer(format!("vocab.json: the id of {token:?} is {id}, not a token id")));
+    }
+    let merges = std::str::from_utf8(merges).map_err(|e| Error::Tokenizer(format!("merges.txt: not UTF-8: {e}")))?;
+    let mut merge_list = vec![];
+    for (n, line) in merges.lines().enumerate() {
+        // The first line is a "#version: 0.2" header; blank lines carry nothing.
+        if line.trim().is_empty() || (n == 0 && line.starts_with("#version")) {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => merge_list.push(format!("{a} {b}")),
+            _ => return Err(Error::Tokenizer(format!("merges.txt: line {} is not two tokens separated by a space: {line:?}", n + 1))),
+        }
+    }
+    let parse = |name: &str, bytes: Option<&[u8]>| -> Result<Map<String, Value>> {
+        match bytes {
+            None => Ok(Map::new()),
+            Some(b) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer(format!("{name}: not a JSON object: {e}"))),
+        }
+    };
+    let config = parse("tokenizer_config.json", tokenizer_config)?;
+    let special_map = parse("special_tokens_map.json", special_tokens_map)?;
+    // A special token is written as a string or as an AddedToken object {"content": …}.
+    let content = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        }
+    };
+    let mut specials: Vec<String> = vec![];
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        let named = config.get(key).or_else(|| special_map.get(key));
+        let token = match named {
+            Some(Value::Null) => None,
+            Some(v) => content(v),
+            None if key == "pad_token" => None,
+            None => Some("<|endoftext|>".to_string()),
+        };
+        specials.extend(token);
+    }
+    if let Some(Value::Array(extra)) = config.get("additional_special_tokens").or_else(|| special_map.get("additional_special_tokens")) {
+        specials.extend(extra.iter().filter_map(content));
+    }
+    let mut added: Vec<(u64, Value)> = vec![];
+    for token in specials {
+        let Some(id) = vocab.get(&token).and_then(Value::as_u64) else {
+            // transformers appends a special token missing from the vocabulary; GPT-2's are all in it.
+            return Err(Error::Tokenizer(format!("the special token {token:?} is not in vocab.json")));
+        };
+        if added.iter().all(|(i, _)| *i != id) {
+            added.push((
+                id,
+                json!({"id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": true, "special": true}),
+            ));
+        }
+    }
+    added.sort_by_key(|(id, _)| *id);
+    let add_prefix_space = config.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false);
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merge_list},
+    });
+    serde_json::to_vec(&tokenizer).map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
 /// Decodes the whole sequence each time and emits what is new. Byte-level BPE can split one
 /// UTF-8 character over several tokens; until the last byte arrives the decoded text ends in
 /// U+FFFD, so such a tail is held back rather than streamed and later taken back.

@@ -54,12 +54,22 @@ fn encoder_states_and_first_logits_match() {
                     let states = captioner.encode(pixels).unwrap();
                     let diff = max_abs_diff(&states, &reference[&format!("encoder_hidden_states.{name}")]);
                     report(&format!("{} {name} encoder states max-abs", fx.name), diff);
-                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads, {}]: encoder states differ by {diff}", fx.name, wasmcap::models::packed::kernel_name());
+                    assert!(
+                        diff <= STATE_TOL,
+                        "{} {name} [{threads} threads, {}]: encoder states differ by {diff}",
+                        fx.name,
+                        wasmcap::models::packed::kernel_name()
+                    );
 
                     let logits = captioner.first_step_logits(pixels, &CaptionOptions::default()).unwrap();
                     let diff = max_abs_diff(&logits, &reference[&format!("logits.{name}")]);
                     report(&format!("{} {name} first-step logits max-abs", fx.name), diff);
-                    assert!(diff <= STATE_TOL, "{} {name} [{threads} threads, {}]: first-step logits differ by {diff}", fx.name, wasmcap::models::packed::kernel_name());
+                    assert!(
+                        diff <= STATE_TOL,
+                        "{} {name} [{threads} threads, {}]: first-step logits differ by {diff}",
+                        fx.name,
+                        wasmcap::models::packed::kernel_name()
+                    );
                 }
             }
         });
@@ -73,14 +83,14 @@ fn the_encoder_multiplies_packed_weights_in_wasm() {
     for fx in fixtures() {
         let captioner = Captioner::from_files(fx.files()).unwrap();
         let Model::CrossAttention(m) = captioner.model() else { panic!("{} is a cross-attention fixture", fx.name) };
-        let layers = m.encoder().config().num_hidden_layers;
+        let layers = m.config().encoder.num_hidden_layers;
         if cfg!(target_arch = "wasm32") {
-            assert_eq!(m.encoder().packed_matrices(), 6 * layers, "{}", fx.name);
+            assert_eq!(m.packed_encoder_matrices(), 6 * layers, "{}", fx.name);
             // Chromium has relaxed SIMD: the side module must have loaded.
             assert_eq!(wasmcap::models::packed::kernel_name(), "relaxed-simd");
         } else {
             // Natively candle's multi-threaded GEMM stays.
-            assert_eq!(m.encoder().packed_matrices(), 0, "{}", fx.name);
+            assert_eq!(m.packed_encoder_matrices(), 0, "{}", fx.name);
         }
     }
 }
@@ -147,7 +157,7 @@ fn canvas_rgba_pixels_caption_like_the_png() {
 
 #[test]
 fn tokenizer_matches_gpt2_tokenizer_and_round_trips() {
-    let tokenizer = CaptionTokenizer::from_bytes(fixtures()[0].tokenizer).unwrap();
+    let tokenizer = CaptionTokenizer::from_bytes(&fixtures()[0].tokenizer).unwrap();
     let samples: serde_json::Value = serde_json::from_slice(common::TOKENIZER_SAMPLES).unwrap();
     let samples = samples["samples"].as_array().unwrap();
     assert!(samples.len() >= 8);
@@ -162,7 +172,7 @@ fn tokenizer_matches_gpt2_tokenizer_and_round_trips() {
 
 #[test]
 fn streaming_holds_back_split_utf8_characters() {
-    let tokenizer = CaptionTokenizer::from_bytes(fixtures()[0].tokenizer).unwrap();
+    let tokenizer = CaptionTokenizer::from_bytes(&fixtures()[0].tokenizer).unwrap();
     // An emoji is several byte-level tokens; no delta may contain a replacement character.
     let text = "a cat 🐈 on a mat";
     let ids = tokenizer.encode(text, false).unwrap();
@@ -219,10 +229,12 @@ fn truncated_safetensors_is_reported() {
 #[test]
 fn invalid_config_is_reported() {
     let fx = &fixtures()[0];
-    let cases: [(&[u8], &str); 4] = [
+    let cases: [(&[u8], &str); 5] = [
         (b"{not json", "not valid JSON"),
         (br#"{"model_type": "bert"}"#, "bert"),
-        (br#"{"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit"}, "decoder": {"model_type": "gpt2"}}"#, "siglip_vision_model"),
+        // An unsupported encoder is refused by name, listing the supported ones.
+        (br#"{"model_type": "vision-encoder-decoder", "encoder": {"model_type": "beit"}, "decoder": {"model_type": "gpt2"}}"#, "\"siglip_vision_model\", \"vit\""),
+        (br#"{"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit", "image_size": 100}, "decoder": {"model_type": "gpt2", "add_cross_attention": true}}"#, "multiple of patch_size"),
         (br#"{"model_type": "vision-encoder-decoder", "encoder": {"model_type": "siglip_vision_model", "hidden_size": 30, "num_attention_heads": 4}, "decoder": {"model_type": "gpt2", "add_cross_attention": true}}"#, "divisible"),
     ];
     for (config, needle) in cases {

@@ -29,7 +29,7 @@ fn ids_of(result: &JsValue) -> Vec<u32> {
 }
 
 fn new_captioner(fx: &common::Fixture, weights: &[u8]) -> Result<WasmCaptioner, wasm_bindgen::JsError> {
-    WasmCaptioner::new(fx.config, &Uint8Array::from(weights), fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()), None, None)
+    WasmCaptioner::new(fx.config, &Uint8Array::from(weights), &fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()), None, None)
 }
 
 #[wasm_bindgen_test]
@@ -41,7 +41,7 @@ fn load_errors_are_js_errors_naming_the_tensor() {
     assert!(msg.contains("model.safetensors") && msg.contains(name), "{msg}");
     let msg = message(new_captioner(fx, &fx.weights[..1000]).err().unwrap());
     assert!(msg.contains("model.safetensors"), "{msg}");
-    let msg = message(WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), fx.tokenizer, fx.preprocessor, None, None, None).err().unwrap());
+    let msg = message(WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None).err().unwrap());
     assert!(msg.contains("config.json"), "{msg}");
     let msg = message(WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None).err().unwrap());
     assert!(msg.contains("tokenizer.json"), "{msg}");

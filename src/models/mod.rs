@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod encoder_layer;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
@@ -13,6 +14,7 @@ pub mod q8;
 mod relaxed;
 pub mod siglip;
 pub mod vision_encoder_decoder;
+pub mod vit;
 
 /// True when autograd records operations on any of `ts` (training). candle's fused CPU kernels
 /// (softmax, norms, RoPE) and our matrix–vector path have no backward pass, so models take the

@@ -6,12 +6,13 @@
 //! The attention-pooling `head.*` is not used by a captioner (it reads every patch) and is not
 //! loaded.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, embedding, Activation, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 
-use super::attention;
-use super::linear::{linear, Linear};
+use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape};
+use super::linear::Linear;
 use super::norm::{layer_norm, LayerNorm};
+use super::vision_encoder_decoder;
 
 /// `SiglipVisionConfig` as in the `encoder` / `vision_config` section of `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -105,111 +106,28 @@ impl SiglipVisionEmbeddings {
     }
 }
 
-// transformers modeling_siglip.py: SiglipAttention
-#[derive(Debug, Clone)]
-struct SiglipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    num_heads: usize,
-}
+// transformers modeling_siglip.py: SiglipEncoderLayer (pre-norm; SiglipAttention, SiglipMLP)
+const LAYER_NAMES: LayerNames = LayerNames {
+    norm1: "layer_norm1",
+    query: "self_attn.q_proj",
+    key: "self_attn.k_proj",
+    value: "self_attn.v_proj",
+    out: "self_attn.out_proj",
+    norm2: "layer_norm2",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+};
 
-impl SiglipAttention {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
-            num_heads: cfg.num_attention_heads,
-        })
-    }
-
-    /// Keys and values of every token: [B, H, T, d] each.
-    fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = attention::split_heads_view(&self.k_proj.forward(xs)?, self.num_heads)?;
-        let v = attention::split_heads_view(&self.v_proj.forward(xs)?, self.num_heads)?;
-        Ok((k, v))
-    }
-
-    /// The output for the tokens `xs` (all of them, or a slice of them), attending to `k`, `v`.
-    fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let q = attention::split_heads_view(&self.q_proj.forward(xs)?, self.num_heads)?;
-        let head_dim = q.dim(D::Minus1)?;
-        let out = attention::scaled_dot_product(&q, k, v, 1.0 / (head_dim as f64).sqrt(), None)?;
-        self.out_proj.forward(&attention::merge_heads(&out)?)
-    }
-}
-
-// transformers modeling_siglip.py: SiglipMLP
-#[derive(Debug, Clone)]
-struct SiglipMlp {
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl SiglipMlp {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
-            act: cfg.hidden_act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward_activated(xs, &self.act)?)
-    }
-}
-
-const MIN_TOKENS_PER_THREAD: usize = 16;
-
-// transformers modeling_siglip.py: SiglipEncoderLayer (pre-norm)
-#[derive(Debug, Clone)]
-struct SiglipEncoderLayer {
-    layer_norm1: LayerNorm,
-    self_attn: SiglipAttention,
-    layer_norm2: LayerNorm,
-    mlp: SiglipMlp,
-}
-
-impl SiglipEncoderLayer {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            layer_norm1: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: SiglipAttention::new(cfg, vb.pp("self_attn"))?,
-            layer_norm2: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            mlp: SiglipMlp::new(cfg, vb.pp("mlp"))?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        use crate::parallel;
-        // All but attention's mixing is per token, so the tokens are split over the threads
-        // (crate::parallel; one part — all tokens — without threads): the norm and the keys and
-        // values first, then, with every token's keys and values at hand, the rest of the layer.
-        let tokens = xs.dim(1)?;
-        let parts = parallel::map_parts(tokens, MIN_TOKENS_PER_THREAD, |r| {
-            let normed = self.layer_norm1.forward(&xs.narrow(1, r.start, r.len())?)?;
-            let (k, v) = self.self_attn.keys_values(&normed)?;
-            Ok((normed, k, v))
-        })?;
-        let (mut normed, mut k, mut v) = (vec![], vec![], vec![]);
-        for (n, kp, vp) in parts {
-            normed.push(n);
-            k.push(kp);
-            v.push(vp);
+impl SiglipVisionConfig {
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: self.hidden_act,
+            qkv_bias: true,
         }
-        // keys and values are [B, H, T, d]: tokens on dimension 2.
-        let (normed, k, v) = (parallel::cat(normed, 1)?, parallel::cat(k, 2)?, parallel::cat(v, 2)?);
-        parallel::concat_parts(tokens, 1, MIN_TOKENS_PER_THREAD, |r| {
-            let (xs, normed) = (xs.narrow(1, r.start, r.len())?, normed.narrow(1, r.start, r.len())?);
-            let xs = (xs + self.self_attn.forward(&normed, &k, &v)?)?;
-            &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
-        })
     }
 }
 
@@ -217,7 +135,7 @@ impl SiglipEncoderLayer {
 #[derive(Debug, Clone)]
 pub struct SiglipVisionTransformer {
     embeddings: SiglipVisionEmbeddings,
-    layers: Vec<SiglipEncoderLayer>,
+    layers: Vec<EncoderLayer>,
     post_layernorm: LayerNorm,
     config: SiglipVisionConfig,
 }
@@ -226,7 +144,8 @@ impl SiglipVisionTransformer {
     pub fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let embeddings = SiglipVisionEmbeddings::new(cfg, vb.pp("embeddings"))?;
         let vb_layers = vb.pp("encoder").pp("layers");
-        let layers = (0..cfg.num_hidden_layers).map(|i| SiglipEncoderLayer::new(cfg, vb_layers.pp(i))).collect::<Result<Vec<_>>>()?;
+        let shape = cfg.layer_shape();
+        let layers = (0..cfg.num_hidden_layers).map(|i| EncoderLayer::new(&shape, &LAYER_NAMES, vb_layers.pp(i))).collect::<Result<Vec<_>>>()?;
         let post_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
         Ok(Self { embeddings, layers, post_layernorm, config: cfg.clone() })
     }
@@ -248,21 +167,15 @@ impl SiglipVisionTransformer {
 
     /// How many matrices are packed (`pack`).
     pub fn packed_matrices(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|layer| {
-                let a = &layer.self_attn;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &layer.mlp.fc1, &layer.mlp.fc2]
-            })
-            .filter(|l| l.is_packed())
-            .count()
+        self.linears().filter(|l| l.is_packed()).count()
     }
 
-    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.layers.iter_mut().flat_map(|layer| {
-            let a = &mut layer.self_attn;
-            [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj, &mut layer.mlp.fc1, &mut layer.mlp.fc2]
-        })
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(EncoderLayer::linears)
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(EncoderLayer::linears_mut)
     }
 
     /// `hidden_states[index]` as transformers returns them with `output_hidden_states`: 0 is
@@ -281,5 +194,37 @@ impl SiglipVisionTransformer {
     /// `last_hidden_state`: [B, num_patches, hidden], after `post_layernorm`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.post_layernorm.forward(&self.hidden_state(pixel_values, self.layers.len())?)
+    }
+}
+
+// The encoder of a VisionEncoderDecoder (`encoder.model_type` "siglip_vision_model").
+impl vision_encoder_decoder::ImageEncoder for SiglipVisionTransformer {
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        SiglipVisionTransformer::forward(self, pixel_values)
+    }
+    fn linears(&self) -> Vec<&Linear> {
+        SiglipVisionTransformer::linears(self).collect()
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        SiglipVisionTransformer::linears_mut(self).collect()
+    }
+    fn clone_box(&self) -> Box<dyn vision_encoder_decoder::ImageEncoder> {
+        Box::new(self.clone())
+    }
+}
+
+impl vision_encoder_decoder::EncoderModel for SiglipVisionTransformer {
+    type Config = SiglipVisionConfig;
+    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
+        SiglipVisionTransformer::new(cfg, vb)
+    }
+    fn spec(cfg: &SiglipVisionConfig) -> std::result::Result<vision_encoder_decoder::EncoderSpec, String> {
+        cfg.validate()?;
+        Ok(vision_encoder_decoder::EncoderSpec {
+            hidden_size: cfg.hidden_size,
+            num_channels: cfg.num_channels,
+            image_size: cfg.image_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+        })
     }
 }

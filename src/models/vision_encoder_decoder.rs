@@ -1,51 +1,108 @@
-//! 🤗 `VisionEncoderDecoderModel` with a SigLIP vision encoder and a GPT-2 decoder, as
-//! transformers `modeling_vision_encoder_decoder.py`: `encoder.*`, an optional
-//! `enc_to_dec_proj` (when the hidden sizes differ) and `decoder.*`.
+//! 🤗 `VisionEncoderDecoderModel`, as transformers `modeling_vision_encoder_decoder.py`:
+//! `encoder.*` (any image encoder of [`ENCODERS`], chosen by `encoder.model_type`), an optional
+//! `enc_to_dec_proj` (when the hidden sizes differ) and a GPT-2 `decoder.*`.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-
-use super::linear::{linear, Linear};
+use serde::de::DeserializeOwned;
 
 use super::gpt2::{Gpt2Cache, Gpt2Config, Gpt2LMHeadModel};
-use super::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
+use super::linear::{linear, Linear};
+use super::siglip::SiglipVisionTransformer;
+use super::vit::ViTModel;
+
+/// The image encoders a VisionEncoderDecoder can hold, by `encoder.model_type`. A new encoder
+/// is a file under `src/models/` implementing [`EncoderModel`] and one line here.
+pub const ENCODERS: &[EncoderFamily] = &[family::<SiglipVisionTransformer>("siglip_vision_model"), family::<ViTModel>("vit")];
+
+/// What a VisionEncoderDecoder asks of its encoder once built.
+pub trait ImageEncoder: std::fmt::Debug + Send + Sync {
+    /// `last_hidden_state` [B, tokens, hidden] for pixel values [B, C, H, W].
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// Every matrix of the encoder (what packing, quantizing and counting visit).
+    fn linears(&self) -> Vec<&Linear>;
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+    fn clone_box(&self) -> Box<dyn ImageEncoder>;
+}
+
+impl Clone for Box<dyn ImageEncoder> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// An encoder as built from its `config.json` section.
+pub trait EncoderModel: ImageEncoder + Clone + Sized + 'static {
+    type Config: DeserializeOwned;
+    fn new(cfg: &Self::Config, vb: VarBuilder) -> Result<Self>;
+    /// Checks the config and reports what the wrapper needs before any tensor is read.
+    fn spec(cfg: &Self::Config) -> std::result::Result<EncoderSpec, String>;
+}
+
+/// The sizes the wrapper and the captioner need of an encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderSpec {
+    pub hidden_size: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub num_hidden_layers: usize,
+}
+
+/// One registry entry: how to read an encoder's config and build it.
+pub struct EncoderFamily {
+    pub model_type: &'static str,
+    spec: fn(&serde_json::Value) -> std::result::Result<EncoderSpec, String>,
+    build: fn(&serde_json::Value, VarBuilder) -> Result<Box<dyn ImageEncoder>>,
+}
+
+const fn family<M: EncoderModel>(model_type: &'static str) -> EncoderFamily {
+    EncoderFamily { model_type, spec: spec_of::<M>, build: build_boxed::<M> }
+}
+
+fn spec_of<M: EncoderModel>(section: &serde_json::Value) -> std::result::Result<EncoderSpec, String> {
+    M::spec(&serde_json::from_value(section.clone()).map_err(|e| e.to_string())?)
+}
+
+fn build_boxed<M: EncoderModel>(section: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn ImageEncoder>> {
+    let cfg: M::Config = serde_json::from_value(section.clone()).map_err(candle_core::Error::wrap)?;
+    Ok(Box::new(M::new(&cfg, vb)?))
+}
 
 /// `VisionEncoderDecoderConfig` (`config.json` with `model_type: "vision-encoder-decoder"`).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VisionEncoderDecoderConfig {
-    pub encoder: SiglipVisionConfig,
+    /// The `encoder` section as written, and its family in [`ENCODERS`].
+    pub encoder_json: serde_json::Value,
+    pub encoder_type: &'static str,
+    pub encoder: EncoderSpec,
     pub decoder: Gpt2Config,
-    #[serde(default)]
-    pub decoder_start_token_id: Option<u32>,
-    #[serde(default)]
-    pub pad_token_id: Option<u32>,
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
 }
 
 impl VisionEncoderDecoderConfig {
-    /// Parses `config.json`, checking the sub-model types we implement so that, say, a ViT
-    /// encoder is refused by name instead of failing on its first tensor.
+    /// Parses `config.json`, refusing an encoder or decoder type we do not implement by name
+    /// (and listing the ones we do) instead of failing on its first tensor.
     pub fn from_json(value: &serde_json::Value) -> std::result::Result<Self, String> {
         let model_type = |section: &str| value.get(section).and_then(|s| s.get("model_type")).and_then(|t| t.as_str());
-        match model_type("encoder") {
-            Some("siglip_vision_model") => {}
-            other => return Err(format!("encoder.model_type must be \"siglip_vision_model\", found {other:?}")),
-        }
+        let encoder_type = model_type("encoder");
+        let family = ENCODERS.iter().find(|f| Some(f.model_type) == encoder_type).ok_or_else(|| {
+            let known: Vec<_> = ENCODERS.iter().map(|f| format!("{:?}", f.model_type)).collect();
+            format!("encoder.model_type {encoder_type:?} is not supported; supported: {}", known.join(", "))
+        })?;
         match model_type("decoder") {
             Some("gpt2") => {}
-            other => return Err(format!("decoder.model_type must be \"gpt2\", found {other:?}")),
+            other => return Err(format!("decoder.model_type {other:?} is not supported; supported: \"gpt2\"")),
         }
         if value.get("decoder").and_then(|d| d.get("cross_attention_hidden_size")).is_some_and(|v| !v.is_null()) {
             return Err("decoder.cross_attention_hidden_size is not supported by GPT-2".into());
         }
-        let cfg: Self = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
-        cfg.encoder.validate().map_err(|e| format!("encoder: {e}"))?;
-        cfg.decoder.validate().map_err(|e| format!("decoder: {e}"))?;
-        if !cfg.decoder.add_cross_attention {
+        let encoder_json = value.get("encoder").cloned().unwrap_or_default();
+        let encoder = (family.spec)(&encoder_json).map_err(|e| format!("encoder: {e}"))?;
+        let decoder: Gpt2Config = serde_json::from_value(value.get("decoder").cloned().unwrap_or_default()).map_err(|e| format!("decoder: {e}"))?;
+        decoder.validate().map_err(|e| format!("decoder: {e}"))?;
+        if !decoder.add_cross_attention {
             return Err("decoder.add_cross_attention must be true for a VisionEncoderDecoder".into());
         }
-        Ok(cfg)
+        Ok(Self { encoder_json, encoder_type: family.model_type, encoder, decoder })
     }
 
     pub fn has_projection(&self) -> bool {
@@ -55,43 +112,52 @@ impl VisionEncoderDecoderConfig {
 
 #[derive(Debug, Clone)]
 pub struct VisionEncoderDecoder {
-    encoder: SiglipVisionTransformer,
+    encoder: Box<dyn ImageEncoder>,
     enc_to_dec_proj: Option<Linear>,
     decoder: Gpt2LMHeadModel,
+    config: VisionEncoderDecoderConfig,
 }
 
 impl VisionEncoderDecoder {
     pub fn new(cfg: &VisionEncoderDecoderConfig, vb: VarBuilder) -> Result<Self> {
-        let encoder = SiglipVisionTransformer::new(&cfg.encoder, vb.pp("encoder"))?;
+        let family = ENCODERS
+            .iter()
+            .find(|f| f.model_type == cfg.encoder_type)
+            .ok_or_else(|| candle_core::Error::Msg(format!("encoder {} is not registered", cfg.encoder_type)))?;
+        let encoder = (family.build)(&cfg.encoder_json, vb.pp("encoder"))?;
         let enc_to_dec_proj =
             if cfg.has_projection() { Some(linear(cfg.encoder.hidden_size, cfg.decoder.n_embd, vb.pp("enc_to_dec_proj"))?) } else { None };
         let decoder = Gpt2LMHeadModel::new(&cfg.decoder, vb.pp("decoder"))?;
-        Ok(Self { encoder, enc_to_dec_proj, decoder })
+        Ok(Self { encoder, enc_to_dec_proj, decoder, config: cfg.clone() })
     }
 
-    pub fn encoder(&self) -> &SiglipVisionTransformer {
-        &self.encoder
+    pub fn config(&self) -> &VisionEncoderDecoderConfig {
+        &self.config
+    }
+
+    /// How many of the encoder's matrices are packed for the WASM GEMM kernel.
+    pub fn packed_encoder_matrices(&self) -> usize {
+        self.encoder.linears().into_iter().filter(|l| l.is_packed()).count()
     }
 
     /// The encoder side (tower and `enc_to_dec_proj`) back to f32 where a quantized checkpoint
     /// stored q8_0: it only multiplies many rows at once, which the f32 GEMM does faster.
     pub fn dequantize_encoder(&mut self) -> Result<usize> {
-        let proj = match &mut self.enc_to_dec_proj {
-            Some(p) => usize::from(p.dequantize()?),
-            None => 0,
-        };
-        Ok(self.encoder.dequantize()? + proj)
+        self.encoder_linears_mut().into_iter().map(|l| l.dequantize().map(usize::from)).sum()
     }
 
     /// The f32 matrices that only multiply the image's many rows — the encoder, `enc_to_dec_proj`
     /// and the decoder's cross-attention keys/values — packed for the WASM GEMM kernel
     /// (`Linear::pack`; nothing natively). Returns how many.
     pub fn pack_encoder(&mut self) -> Result<usize> {
-        let proj = match &mut self.enc_to_dec_proj {
-            Some(p) => usize::from(p.pack()?),
-            None => 0,
-        };
-        Ok(self.encoder.pack()? + proj + self.decoder.pack_cross_attention()?)
+        let encoder: usize = self.encoder_linears_mut().into_iter().map(|l| l.pack().map(usize::from)).sum::<Result<usize>>()?;
+        Ok(encoder + self.decoder.pack_cross_attention()?)
+    }
+
+    fn encoder_linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears = self.encoder.linears_mut();
+        linears.extend(self.enc_to_dec_proj.as_mut());
+        linears
     }
 
     pub fn decoder_mut(&mut self) -> &mut Gpt2LMHeadModel {
@@ -109,21 +175,21 @@ impl VisionEncoderDecoder {
 
     /// A decoding cache for these encoder states: projected once, cross-attention K/V once.
     pub fn start_decoding(&self, encoder_hidden_states: &Tensor) -> Result<Gpt2Cache> {
-        let states = match &self.enc_to_dec_proj {
-            Some(proj) => proj.forward(encoder_hidden_states)?,
-            None => encoder_hidden_states.clone(),
-        };
+        let states = self.project(encoder_hidden_states)?;
         Ok(self.decoder.new_cache(Some(self.decoder.cross_attention_cache(&states)?)))
+    }
+
+    fn project(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        match &self.enc_to_dec_proj {
+            Some(proj) => proj.forward(encoder_hidden_states),
+            None => Ok(encoder_hidden_states.clone()),
+        }
     }
 
     /// Training forward: logits [B, T, vocab] for `decoder_input_ids` [B, T] attending to
     /// `encoder_hidden_states` (the encoder's output, before `enc_to_dec_proj`).
     pub fn forward_train(&self, encoder_hidden_states: &Tensor, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        let states = match &self.enc_to_dec_proj {
-            Some(proj) => proj.forward(encoder_hidden_states)?,
-            None => encoder_hidden_states.clone(),
-        };
-        self.decoder.forward_train(decoder_input_ids, &states)
+        self.decoder.forward_train(decoder_input_ids, &self.project(encoder_hidden_states)?)
     }
 
     /// Logits [B, vocab] of the last position after feeding `input_ids` [B, T].

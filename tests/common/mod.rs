@@ -29,7 +29,7 @@ pub struct Fixture {
     pub name: &'static str,
     pub config: &'static [u8],
     pub weights: &'static [u8],
-    pub tokenizer: &'static [u8],
+    pub tokenizer: std::borrow::Cow<'static, [u8]>,
     pub preprocessor: &'static [u8],
     pub generation: &'static [u8],
     reference_tensors: &'static [u8],
@@ -42,7 +42,7 @@ macro_rules! fixture {
             name: $name,
             config: fixture_file!($name, "/config.json"),
             weights: fixture_file!($name, "/model.safetensors"),
-            tokenizer: fixture_file!($name, "/tokenizer.json"),
+            tokenizer: std::borrow::Cow::Borrowed(fixture_file!($name, "/tokenizer.json")),
             preprocessor: fixture_file!($name, "/preprocessor_config.json"),
             generation: fixture_file!($name, "/generation_config.json"),
             reference_tensors: fixture_file!("reference/", $name, ".safetensors"),
@@ -51,10 +51,33 @@ macro_rules! fixture {
     };
 }
 
-/// Saved by transformers 5.x (f16 weights, tied lm_head, enc_to_dec_proj) and by transformers
-/// 4.x (f32, untied lm_head, no projection, scale_attn_by_inverse_layer_idx).
+/// The ViT + GPT-2 folder as nlpconnect/vit-gpt2-image-captioning ships it: no tokenizer.json,
+/// GPT-2's vocab.json + merges.txt instead (tests/fixtures/make_vit_fixtures.py).
+pub fn vit_gpt2() -> Fixture {
+    let tokenizer = wasmcap::tokenizer::gpt2_tokenizer_json(
+        fixture_file!("tiny-vit-gpt2/vocab.json"),
+        fixture_file!("tiny-vit-gpt2/merges.txt"),
+        Some(fixture_file!("tiny-vit-gpt2/tokenizer_config.json")),
+        Some(fixture_file!("tiny-vit-gpt2/special_tokens_map.json")),
+    )
+    .unwrap();
+    Fixture {
+        name: "tiny-vit-gpt2",
+        config: fixture_file!("tiny-vit-gpt2/config.json"),
+        weights: fixture_file!("tiny-vit-gpt2/model.safetensors"),
+        tokenizer: std::borrow::Cow::Owned(tokenizer),
+        preprocessor: fixture_file!("tiny-vit-gpt2/preprocessor_config.json"),
+        generation: fixture_file!("tiny-vit-gpt2/generation_config.json"),
+        reference_tensors: fixture_file!("reference/tiny-vit-gpt2.safetensors"),
+        reference_json: fixture_file!("reference/tiny-vit-gpt2.json"),
+    }
+}
+
+/// Saved by transformers 5.x (SigLIP, f16 weights, tied lm_head, enc_to_dec_proj), by
+/// transformers 4.x (SigLIP, f32, untied lm_head, no projection, scale_attn_by_inverse_layer_idx),
+/// and ViT + GPT-2 in nlpconnect's layout.
 pub fn fixtures() -> Vec<Fixture> {
-    vec![fixture!("tiny-ved-v5"), fixture!("tiny-ved-v4")]
+    vec![fixture!("tiny-ved-v5"), fixture!("tiny-ved-v4"), vit_gpt2()]
 }
 
 pub const IMAGES: [(&str, &[u8]); 5] = [
@@ -75,11 +98,11 @@ pub fn image(name: &str) -> &'static [u8] {
 pub const TOKENIZER_SAMPLES: &[u8] = fixture_file!("gpt2-tokenizer/tokenizer_samples.json");
 
 impl Fixture {
-    pub fn files(&self) -> ModelFiles<'static> {
+    pub fn files(&self) -> ModelFiles<'_> {
         ModelFiles {
             config: self.config,
             weights: self.weights,
-            tokenizer: self.tokenizer,
+            tokenizer: &self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),
             adapter: None,
@@ -182,11 +205,11 @@ pub fn prefix_cases() -> Vec<PrefixCase> {
 pub const PREFIX_PROMPTS: [(&str, Option<&str>); 2] = [("noprompt", None), ("prompt", Some("a photo of"))];
 
 impl PrefixCase {
-    pub fn files(&self) -> ModelFiles<'static> {
+    pub fn files(&self) -> ModelFiles<'_> {
         ModelFiles {
             config: self.config,
             weights: self.weights,
-            tokenizer: self.tokenizer,
+            tokenizer: &self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),
             adapter: self.adapter.map(|(config, weights)| wasmcap::lora::AdapterFiles { config, weights }),
