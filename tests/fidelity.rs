@@ -171,6 +171,55 @@ fn tokenizer_matches_gpt2_tokenizer_and_round_trips() {
 }
 
 #[test]
+fn gpt2_tokenizer_from_vocab_and_merges_matches_transformers() {
+    // tiny-vit-gpt2 ships vocab.json + merges.txt (+ tokenizer_config.json,
+    // special_tokens_map.json) and no tokenizer.json, as nlpconnect's folder does.
+    let fx = common::vit_gpt2();
+    let tokenizer = CaptionTokenizer::from_bytes(&fx.tokenizer).unwrap();
+    let samples = fx.reference()["tokenizer_samples"].as_array().unwrap().clone();
+    assert!(samples.len() >= 4);
+    for sample in samples {
+        let text = sample["text"].as_str().unwrap();
+        let ids = tokenizer.encode(text, true).unwrap();
+        assert_eq!(ids, common::ids(&sample["ids"]), "ids for {text:?}");
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), text, "round trip of {text:?}");
+    }
+    // <|endoftext|> is special: skipped when decoding a caption, as transformers skips it.
+    assert_eq!(tokenizer.decode(&[2047, 64, 2047], true).unwrap(), "a");
+    let err = wasmcap::tokenizer::gpt2_tokenizer_json(b"{\"a\": 0}", b"#version: 0.2\na b c\n", None, None).unwrap_err();
+    assert!(err.to_string().contains("merges.txt") && err.to_string().contains("line 2"), "{err}");
+    let err = wasmcap::tokenizer::gpt2_tokenizer_json(b"[1, 2]", b"", None, None).unwrap_err();
+    assert!(err.to_string().contains("vocab.json"), "{err}");
+    let err = wasmcap::tokenizer::gpt2_tokenizer_json(b"{\"a\": 0}", b"", None, None).unwrap_err();
+    assert!(err.to_string().contains("<|endoftext|>") && err.to_string().contains("not in vocab.json"), "{err}");
+}
+
+#[test]
+fn generation_config_defaults_match_generate() {
+    // tiny-vit-gpt2's generation_config.json, as nlpconnect's: num_beams 4, max_length 16 (the
+    // start token included). generate() with no arguments runs that beam search.
+    let fx = common::vit_gpt2();
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    let beams = captioner.default_beam_options();
+    assert_eq!(beams.num_beams, 4);
+    assert!(captioner.beam_search_by_default());
+    for (name, _) in IMAGES {
+        let expected = &fx.reference()["images"][name];
+        let pixels = captioner.pixel_values_from_bytes(image(name)).unwrap();
+        let best = captioner.beam_search(&pixels, &captioner.default_options(), &beams).unwrap();
+        assert_eq!(best.len(), 1);
+        assert_eq!(best[0].token_ids, common::ids(&expected["default_ids"]), "{name}: generate() defaults");
+        assert!(best[0].token_ids.len() <= 15, "max_length 16 counts the start token");
+        let text = captioner.tokenizer().decode(&best[0].token_ids, true).unwrap();
+        assert_eq!(text, expected["default_text"].as_str().unwrap(), "{name}");
+        let two = wasmcap::BeamOptions { num_return_sequences: 2, ..beams.clone() };
+        let got: Vec<Vec<u32>> = captioner.beam_search(&pixels, &captioner.default_options(), &two).unwrap().into_iter().map(|h| h.token_ids).collect();
+        let want: Vec<Vec<u32>> = expected["two_sequences"].as_array().unwrap().iter().map(common::ids).collect();
+        assert_eq!(got, want, "{name}: num_return_sequences 2");
+    }
+}
+
+#[test]
 fn streaming_holds_back_split_utf8_characters() {
     let tokenizer = CaptionTokenizer::from_bytes(&fixtures()[0].tokenizer).unwrap();
     // An emoji is several byte-level tokens; no delta may contain a replacement character.
