@@ -13,9 +13,16 @@ export const CACHE_NAME = 'wasmcap-models-v1';
 const MODEL_FILES = [
   ['config', 'config.json', true],
   ['weights', 'model.safetensors', true],
-  ['tokenizer', 'tokenizer.json', true],
+  ['tokenizer', 'tokenizer.json', false],
   ['preprocessor', 'preprocessor_config.json', true],
   ['generation', 'generation_config.json', false],
+];
+// Only fetched when a folder has no tokenizer.json (older GPT-2 folders, nlpconnect's among them).
+const GPT2_TOKENIZER_FILES = [
+  ['gpt2Vocab', 'vocab.json', false],
+  ['gpt2Merges', 'merges.txt', false],
+  ['tokenizerConfig', 'tokenizer_config.json', false],
+  ['specialTokensMap', 'special_tokens_map.json', false],
 ];
 const ADAPTER_FILES = [
   ['adapterConfig', 'adapter_config.json', true],
@@ -188,11 +195,23 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
 
   // All opened together; when several fail, report the first in file order (config.json
   // first), not whichever request happened to fail first.
-  const opened = await Promise.allSettled(entries.map((e) => e.open()));
-  throwIfAborted(signal);
-  const failed = opened.find((o) => o.status === 'rejected');
-  if (failed) throw failed.reason;
-  const bodies = opened.map((o) => o.value);
+  const openAll = async (list) => {
+    const opened = await Promise.allSettled(list.map((e) => e.open()));
+    throwIfAborted(signal);
+    const failed = opened.find((o) => o.status === 'rejected');
+    if (failed) throw failed.reason;
+    return opened.map((o) => o.value);
+  };
+  const bodies = await openAll(entries);
+  // No tokenizer.json: GPT-2's vocab.json + merges.txt, opened before any body is read so the
+  // progress total is known from the start.
+  if (!bodies[entries.findIndex((e) => e.key === 'tokenizer')]) {
+    const fallback = entriesFor(source, GPT2_TOKENIZER_FILES);
+    const more = await openAll(fallback);
+    if (!more[0] || !more[1]) throw new Error('tokenizer.json: missing from the model folder (nor are GPT-2\'s vocab.json and merges.txt there)');
+    entries.push(...fallback);
+    bodies.push(...more);
+  }
   const present = entries.map((e, i) => ({ ...e, body: bodies[i] })).filter((e) => e.body);
   let total = present.reduce((s, e) => s + e.body.size, 0);
   let loaded = 0;

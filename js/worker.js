@@ -145,7 +145,10 @@ self.onmessage = async ({ data }) => {
         const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
         captioner?.free();
         captioner = null;
-        captioner = new mod.WasmCaptioner(u8(f.config), u8(f.weights), u8(f.tokenizer), u8(f.preprocessor),
+        const tokenizer = f.tokenizer === undefined
+          ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
+          : u8(f.tokenizer);
+        captioner = new mod.WasmCaptioner(u8(f.config), u8(f.weights), tokenizer, u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights));
         if (data.quantize) captioner.quantize(data.quantize);
         postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes() });

@@ -1,30 +1,19 @@
 //! The whole path in one place: files → model; image → pixel values → encoder states →
 //! tokens, one at a time so callers (the CLI, WASM, the JS worker) can stream them.
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{IndexOp, Tensor};
 
+use crate::architecture::{self, Architecture, DecodeState};
 use crate::beam::{log_softmax, BeamSearch, EarlyStopping, Hypothesis};
 use crate::error::{Error, Result};
 use crate::loading::{self, GenerationDefaults, ModelFiles};
-use crate::models::gpt2::Gpt2Cache;
-use crate::models::llama::LlamaCache;
-use crate::models::llava::{Llava, LlavaConfig};
-use crate::models::vision_encoder_decoder::{VisionEncoderDecoder, VisionEncoderDecoderConfig};
 use crate::preprocess::{self, PreprocessorConfig};
 use crate::sampling::{self, Rng, SamplingOptions};
 use crate::tokenizer::{CaptionTokenizer, TextStream};
 
-/// The architectures `config.json` can name.
-#[derive(Debug, Clone)]
-pub enum Model {
-    /// 🤗 `VisionEncoderDecoderModel`: SigLIP → GPT-2 with cross-attention.
-    CrossAttention(VisionEncoderDecoder),
-    /// 🤗 `LlavaForConditionalGeneration`: SigLIP → projector → image prefix → Llama.
-    Prefix(Llava),
-}
-
 pub struct Captioner {
-    model: Model,
+    /// A family of `crate::architecture::FAMILIES`, chosen by `config.json`'s `model_type`.
+    model: Box<dyn Architecture>,
     tokenizer: CaptionTokenizer,
     preprocessor: PreprocessorConfig,
     generation: GenerationDefaults,
@@ -96,45 +85,6 @@ pub struct Caption {
     pub tokens_per_s: f64,
 }
 
-/// Per-architecture decoding state of B rows that advance together (the images of a batch, the
-/// beams of a search).
-enum DecoderState {
-    /// The next decoder input of each row (the start token first) and the cache.
-    CrossAttention { cache: Gpt2Cache, next_input: Vec<u32> },
-    /// The prompt (with each row's image embeddings) is prefilled lazily by the first step;
-    /// afterwards each row's last token is fed.
-    Prefix { cache: LlamaCache, prompt: Option<(Vec<u32>, Tensor)>, last: Vec<u32> },
-}
-
-impl DecoderState {
-    /// The state of rows `rows` (in that order, repeats allowed), sharing no cache storage.
-    fn select(&self, rows: &[usize]) -> Result<Self> {
-        let pick = |v: &[u32]| rows.iter().map(|&r| v.get(r).copied().unwrap_or_default()).collect::<Vec<_>>();
-        Ok(match self {
-            DecoderState::CrossAttention { cache, next_input } => {
-                DecoderState::CrossAttention { cache: cache.select(rows)?, next_input: pick(next_input) }
-            }
-            DecoderState::Prefix { cache, prompt, last } => {
-                let prompt = match prompt {
-                    Some((ids, features)) => {
-                        Some((ids.clone(), features.contiguous()?.index_select(&crate::models::attention::row_index(rows, &Device::Cpu)?, 0)?))
-                    }
-                    None => None,
-                };
-                DecoderState::Prefix { cache: cache.select(rows)?, prompt, last: pick(last) }
-            }
-        })
-    }
-
-    /// The token each row feeds next.
-    fn feed(&mut self, tokens: Vec<u32>) {
-        match self {
-            DecoderState::CrossAttention { next_input, .. } => *next_input = tokens,
-            DecoderState::Prefix { last, .. } => *last = tokens,
-        }
-    }
-}
-
 /// One caption's progress within a run.
 struct RowRun {
     /// What transformers calls `input_ids`: start token or prompt, then the generated ids.
@@ -149,7 +99,7 @@ struct RowRun {
 /// Captions in progress: one per image of the batch given to [`Captioner::start`] (or
 /// [`Captioner::start_many`]), decoded together; finished ones leave the batch.
 pub struct CaptionRun {
-    state: DecoderState,
+    state: Box<dyn DecodeState>,
     /// The caption of each row of `state`: the running ones, in state order.
     active: Vec<usize>,
     rows: Vec<RowRun>,
@@ -183,12 +133,7 @@ impl CaptionRun {
     }
 }
 
-/// The text whose tokens are a prefix model's input (`LlavaProcessor`'s expansion of
-/// `"<image>" + prompt`): the image token once per patch, then the prompt. The trainer lays out
-/// its sequences with the same function.
-pub fn prefix_prompt_text(image_token: &str, num_image_tokens: usize, prompt: Option<&str>) -> String {
-    format!("{}{}", image_token.repeat(num_image_tokens), prompt.unwrap_or_default())
-}
+pub use crate::models::llava::prefix_prompt_text;
 
 impl Captioner {
     pub fn from_files(files: ModelFiles<'_>) -> Result<Self> {
@@ -201,50 +146,26 @@ impl Captioner {
     pub fn from_files_reading(files: ModelFiles<'_>, weights: &dyn loading::ByteSource) -> Result<Self> {
         let config = loading::parse_json(loading::CONFIG, files.config)?;
         let generation = files.generation.map(|bytes| loading::parse_json(loading::GENERATION, bytes)).transpose()?;
-        let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or_default();
-        let (model, decoder_section, q8_0) = match model_type {
-            "vision-encoder-decoder" => {
-                let cfg = VisionEncoderDecoderConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-                let tensors = load_weights(&files, weights, loading::vision_encoder_decoder_key)?;
-                let q8_0 = is_q8_0_checkpoint(&tensors);
-                let model = loading::build_model(loading::WEIGHTS, tensors, |vb| VisionEncoderDecoder::new(&cfg, vb))?;
-                (Model::CrossAttention(model), "decoder", q8_0)
-            }
-            "llava" => {
-                let cfg = LlavaConfig::from_json(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-                let tensors = load_weights(&files, weights, loading::llava_key)?;
-                let q8_0 = is_q8_0_checkpoint(&tensors);
-                let model = loading::build_model(loading::WEIGHTS, tensors, |vb| Llava::new(&cfg, vb))?;
-                (Model::Prefix(model), "text_config", q8_0)
-            }
-            other => {
-                return Err(Error::config(
-                    loading::CONFIG,
-                    format!("model_type {other:?} is not supported (expected \"vision-encoder-decoder\" or \"llava\")"),
-                ))
-            }
-        };
-        let generation = GenerationDefaults::resolve(generation.as_ref(), &config, decoder_section)?;
-        if matches!(model, Model::CrossAttention(_)) && generation.decoder_start_token_id.is_none() {
-            return Err(Error::config(loading::CONFIG, "no decoder_start_token_id or bos_token_id to start decoding from"));
-        }
+        let family = architecture::family_of(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
+        let build = (family.config)(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
+        let tensors = load_weights(&files, weights, family.rename)?;
+        let q8_0 = is_q8_0_checkpoint(&tensors);
+        let model = loading::build_model(loading::WEIGHTS, tensors, build)?;
+        let generation = GenerationDefaults::resolve(generation.as_ref(), &config, family.decoder_section)?;
         let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
         let mut captioner = Self { model, tokenizer, preprocessor, generation };
+        // A model that cannot start decoding (no start token, an image token missing from the
+        // vocabulary) is refused now rather than at its first caption.
+        captioner.model.input_ids(&captioner.tokenizer, None, &captioner.generation)?;
         if q8_0 {
             captioner.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0)?;
         }
         // In WASM the encoder side is packed for our GEMM kernel, a q8_0 checkpoint's straight
         // from its blocks; what is not packed (natively: all of it) goes back to f32.
-        match &mut captioner.model {
-            Model::CrossAttention(m) => m.pack_encoder()?,
-            Model::Prefix(m) => m.pack_vision()?,
-        };
+        captioner.model.pack_encoder()?;
         if q8_0 {
-            match &mut captioner.model {
-                Model::CrossAttention(m) => m.dequantize_encoder()?,
-                Model::Prefix(m) => m.dequantize_vision()?,
-            };
+            captioner.model.dequantize_encoder()?;
         }
         Ok(captioner)
     }
@@ -259,8 +180,9 @@ impl Captioner {
         Self::from_files(files.borrow())
     }
 
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The model; `model().as_any()` downcasts to its own type.
+    pub fn model(&self) -> &dyn Architecture {
+        self.model.as_ref()
     }
 
     pub fn tokenizer(&self) -> &CaptionTokenizer {
@@ -281,10 +203,7 @@ impl Captioner {
     /// compute-bound, and GEMM is fast there; prefill dequantizes q8_0 blocks for the GEMM too).
     /// Returns (quantized, kept) matrix counts.
     pub fn quantize_decoder(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
-        Ok(match &mut self.model {
-            Model::CrossAttention(m) => m.decoder_mut().quantize(dtype)?,
-            Model::Prefix(m) => m.language_model_mut().quantize(dtype)?,
-        })
+        Ok(self.model.quantize_decoder(dtype)?)
     }
 
     /// Options as `generation_config.json` sets them (sampling and logits processors; the
@@ -315,11 +234,7 @@ impl Captioner {
     }
 
     fn check_pixels(&self, pixel_values: &Tensor) -> Result<()> {
-        let (channels, size) = match &self.model {
-            Model::CrossAttention(m) => (m.config().encoder.num_channels, m.config().encoder.image_size),
-            Model::Prefix(m) => (m.vision_tower().config().num_channels, m.vision_tower().config().image_size),
-        };
-        let expected = [channels, size, size];
+        let expected = self.model.image_shape();
         match pixel_values.dims() {
             [_, rest @ ..] if rest == expected => Ok(()),
             found => Err(Error::Image(format!(
@@ -333,28 +248,13 @@ impl Captioner {
     /// hidden state (cross-attention) or the projected image embeddings (prefix).
     pub fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.check_pixels(pixel_values)?;
-        Ok(match &self.model {
-            Model::CrossAttention(m) => m.encode(pixel_values)?,
-            Model::Prefix(m) => m.image_features(pixel_values)?,
-        })
+        Ok(self.model.encode(pixel_values)?)
     }
 
-    /// The prefix model's input ids for `"<image>" + prompt`, as `LlavaProcessor` makes them.
+    /// The decoder's input before generation: the start token, or (prefix models) the ids
+    /// `LlavaProcessor` makes of `"<image>" + prompt`.
     pub fn prompt_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
-        match &self.model {
-            Model::Prefix(m) => {
-                let image_token = m.config().image_token_index;
-                let image = self
-                    .tokenizer
-                    .id_to_token(image_token)
-                    .ok_or_else(|| Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary")))?;
-                self.tokenizer.encode(&prefix_prompt_text(&image, m.config().num_image_tokens(), prompt), true)
-            }
-            Model::CrossAttention(_) => match prompt {
-                Some(_) => Err(Error::Generation("a text prompt needs a prefix (llava) model".into())),
-                None => Ok(vec![]),
-            },
-        }
+        self.model.input_ids(&self.tokenizer, prompt, &self.generation)
     }
 
     /// Runs the encoder on one image and prepares decoding; then call [`Captioner::next_token`]
@@ -381,18 +281,9 @@ impl Captioner {
         // cross-attention keys/values are decoder work and count toward the first token.
         let encoder_ms = now_ms() - started_ms;
         let n = conditioning.dim(0)?;
-        let (state, seen, positions, fallback) = match &self.model {
-            Model::CrossAttention(m) => {
-                let cache = m.start_decoding(&conditioning)?;
-                let start = self.generation.decoder_start_token_id.unwrap_or_default();
-                (DecoderState::CrossAttention { cache, next_input: vec![start; n] }, vec![start], m.decoder().config().n_positions, 19)
-            }
-            Model::Prefix(m) => {
-                let cache = m.language_model().new_cache();
-                let positions = m.language_model().config().max_position_embeddings;
-                (DecoderState::Prefix { cache, prompt: Some((prompt_ids.clone(), conditioning)), last: vec![0; n] }, prompt_ids, positions, 20)
-            }
-        };
+        let state = self.model.start(conditioning, &prompt_ids)?;
+        let (seen, positions) = (prompt_ids, self.model.max_positions());
+        let fallback = self.model.default_max_new_tokens();
         let prompt_len = seen.len();
         let max_new_tokens = options.max_new_tokens.unwrap_or_else(|| self.generation.max_new_tokens_after(prompt_len, fallback));
         if prompt_len + max_new_tokens > positions {
@@ -430,17 +321,8 @@ impl Captioner {
     }
 
     /// Logits [B, vocab] of every row's next position.
-    fn state_logits(&self, state: &mut DecoderState) -> Result<Tensor> {
-        Ok(match (&self.model, state) {
-            (Model::CrossAttention(m), DecoderState::CrossAttention { cache, next_input }) => {
-                m.decode_step(&Tensor::from_vec(next_input.clone(), (next_input.len(), 1), &Device::Cpu)?, cache)?
-            }
-            (Model::Prefix(m), DecoderState::Prefix { cache, prompt, last }) => match prompt.take() {
-                Some((ids, features)) => m.prefill(&ids, &features, cache)?,
-                None => m.decode_step(last, cache)?,
-            },
-            _ => return Err(Error::Generation("decoding state does not belong to this model".into())),
-        })
+    fn state_logits(&self, state: &mut Box<dyn DecodeState>) -> Result<Tensor> {
+        Ok(self.model.next_logits(state.as_mut())?)
     }
 
     /// Beam search as transformers' `generate(num_beams=…)`: the `num_return_sequences` best

@@ -4,6 +4,7 @@
 //! → [`models::gpt2`] (cross-attention) → token ids → [`tokenizer`] → text.
 //! [`captioner::Captioner`] strings these together; [`loading`] reads 🤗 model folders.
 
+pub mod architecture;
 pub mod beam;
 pub mod bench;
 pub mod captioner;

@@ -458,6 +458,18 @@ fn beam_options(mut map: JsonMap, captioner: &Captioner) -> Result<(CaptionOptio
 
 /// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
 /// `bench::memory_read_gbps`), the floor under a decode step's time.
+/// `tokenizer.json` made from GPT-2's `vocab.json` and `merges.txt` (+ `tokenizer_config.json`,
+/// `special_tokens_map.json` when the folder has them), for folders that ship no tokenizer.json.
+#[wasm_bindgen(js_name = gpt2TokenizerJson)]
+pub fn gpt2_tokenizer_json(
+    vocab: &[u8],
+    merges: &[u8],
+    tokenizer_config: Option<Vec<u8>>,
+    special_tokens_map: Option<Vec<u8>>,
+) -> Result<Vec<u8>, JsError> {
+    crate::tokenizer::gpt2_tokenizer_json(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref()).map_err(js_error)
+}
+
 #[wasm_bindgen(js_name = benchMemory)]
 pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
     crate::bench::memory_read_gbps(bytes, repeats)

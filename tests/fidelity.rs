@@ -79,10 +79,10 @@ fn encoder_states_and_first_logits_match() {
 
 #[test]
 fn the_encoder_multiplies_packed_weights_in_wasm() {
-    use wasmcap::captioner::Model;
+    use wasmcap::models::vision_encoder_decoder::VisionEncoderDecoder;
     for fx in fixtures() {
         let captioner = Captioner::from_files(fx.files()).unwrap();
-        let Model::CrossAttention(m) = captioner.model() else { panic!("{} is a cross-attention fixture", fx.name) };
+        let m = captioner.model().as_any().downcast_ref::<VisionEncoderDecoder>().expect("a cross-attention fixture");
         let layers = m.config().encoder.num_hidden_layers;
         if cfg!(target_arch = "wasm32") {
             assert_eq!(m.packed_encoder_matrices(), 6 * layers, "{}", fx.name);
@@ -213,7 +213,8 @@ fn generation_config_defaults_match_generate() {
         let text = captioner.tokenizer().decode(&best[0].token_ids, true).unwrap();
         assert_eq!(text, expected["default_text"].as_str().unwrap(), "{name}");
         let two = wasmcap::BeamOptions { num_return_sequences: 2, ..beams.clone() };
-        let got: Vec<Vec<u32>> = captioner.beam_search(&pixels, &captioner.default_options(), &two).unwrap().into_iter().map(|h| h.token_ids).collect();
+        let got: Vec<Vec<u32>> =
+            captioner.beam_search(&pixels, &captioner.default_options(), &two).unwrap().into_iter().map(|h| h.token_ids).collect();
         let want: Vec<Vec<u32>> = expected["two_sequences"].as_array().unwrap().iter().map(common::ids).collect();
         assert_eq!(got, want, "{name}: num_return_sequences 2");
     }

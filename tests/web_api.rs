@@ -212,7 +212,7 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
     let mut configured = WasmCaptioner::new(
         fx.config,
         &Uint8Array::from(fx.weights),
-        fx.tokenizer,
+        &fx.tokenizer,
         fx.preprocessor,
         Some(generation.to_string().into_bytes()),
         None,

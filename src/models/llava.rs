@@ -4,8 +4,15 @@
 //! Tensor names are transformers 5.x's (`model.vision_tower.*`, `model.multi_modal_projector.*`,
 //! `model.language_model.*`, `lm_head.*`); `crate::loading` folds older layouts into these.
 
+use std::any::Any;
+
+use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
+
+use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family};
+use crate::loading::GenerationDefaults;
+use crate::tokenizer::CaptionTokenizer;
 
 use super::linear::{linear_b, Linear};
 use super::llama::{Llama, LlamaCache, LlamaConfig};
@@ -235,4 +242,105 @@ impl Llava {
 
 fn image_device() -> &'static candle_core::Device {
     &candle_core::Device::Cpu
+}
+
+// The captioner's seam (crate::architecture): the prompt (the image tokens, then any text) is
+// prefilled by the first step with each row's image embeddings; each row's last token after that.
+
+pub const FAMILY: Family = Family { model_type: "llava", decoder_section: "text_config", rename: crate::loading::llava_key, config: builder };
+
+fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
+    let cfg = LlavaConfig::from_json(config)?;
+    Ok(Box::new(move |vb| Ok(Box::new(Llava::new(&cfg, vb)?) as Box<dyn Architecture>)))
+}
+
+/// The text whose tokens are a prefix model's input (`LlavaProcessor`'s expansion of
+/// `"<image>" + prompt`): the image token once per patch, then the prompt. The trainer lays out
+/// its sequences with the same function.
+pub fn prefix_prompt_text(image_token: &str, num_image_tokens: usize, prompt: Option<&str>) -> String {
+    format!("{}{}", image_token.repeat(num_image_tokens), prompt.unwrap_or_default())
+}
+
+struct PrefixState {
+    cache: LlamaCache,
+    /// The prompt and each row's image embeddings, until the first step prefills them.
+    prompt: Option<(Vec<u32>, Tensor)>,
+    last: Vec<u32>,
+}
+
+impl DecodeState for PrefixState {
+    fn select(&self, rows: &[usize]) -> Result<Box<dyn DecodeState>> {
+        let prompt = match &self.prompt {
+            Some((ids, features)) => {
+                Some((ids.clone(), features.contiguous()?.index_select(&super::attention::row_index(rows, image_device())?, 0)?))
+            }
+            None => None,
+        };
+        let last = rows.iter().map(|&r| self.last.get(r).copied().unwrap_or_default()).collect();
+        Ok(Box::new(Self { cache: self.cache.select(rows)?, prompt, last }))
+    }
+    fn feed(&mut self, tokens: Vec<u32>) {
+        self.last = tokens;
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Architecture for Llava {
+    fn image_shape(&self) -> [usize; 3] {
+        let v = &self.config.vision_config;
+        [v.num_channels, v.image_size, v.image_size]
+    }
+
+    fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.image_features(pixel_values)
+    }
+
+    /// The ids `LlavaProcessor` makes of `"<image>" + prompt`.
+    fn input_ids(&self, tokenizer: &CaptionTokenizer, prompt: Option<&str>, _: &GenerationDefaults) -> crate::Result<Vec<u32>> {
+        let image_token = self.config.image_token_index;
+        let image = tokenizer
+            .id_to_token(image_token)
+            .ok_or_else(|| crate::Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary")))?;
+        tokenizer.encode(&prefix_prompt_text(&image, self.config.num_image_tokens(), prompt), true)
+    }
+
+    fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
+        let rows = conditioning.dim(0)?;
+        Ok(Box::new(PrefixState { cache: self.language_model.new_cache(), prompt: Some((input_ids.to_vec(), conditioning)), last: vec![0; rows] }))
+    }
+
+    fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
+        let state = state_of::<PrefixState>(state)?;
+        match state.prompt.take() {
+            Some((ids, features)) => self.prefill(&ids, &features, &mut state.cache),
+            None => self.decode_step(&state.last, &mut state.cache),
+        }
+    }
+
+    fn max_positions(&self) -> usize {
+        self.language_model.config().max_position_embeddings
+    }
+
+    /// transformers would count the image positions into its default `max_length` of 20.
+    fn default_max_new_tokens(&self) -> usize {
+        20
+    }
+
+    fn quantize_decoder(&mut self, dtype: GgmlDType) -> Result<(usize, usize)> {
+        self.language_model.quantize(dtype)
+    }
+
+    fn pack_encoder(&mut self) -> Result<usize> {
+        self.pack_vision()
+    }
+
+    fn dequantize_encoder(&mut self) -> Result<usize> {
+        self.dequantize_vision()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }

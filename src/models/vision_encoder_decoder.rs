@@ -2,9 +2,16 @@
 //! `encoder.*` (any image encoder of [`ENCODERS`], chosen by `encoder.model_type`), an optional
 //! `enc_to_dec_proj` (when the hidden sizes differ) and a GPT-2 `decoder.*`.
 
+use std::any::Any;
+
+use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
+
+use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family};
+use crate::loading::GenerationDefaults;
+use crate::tokenizer::CaptionTokenizer;
 
 use super::gpt2::{Gpt2Cache, Gpt2Config, Gpt2LMHeadModel};
 use super::linear::{linear, Linear};
@@ -197,5 +204,95 @@ impl VisionEncoderDecoder {
         let hidden = self.decoder.forward_hidden(input_ids, cache)?;
         let t = hidden.dim(1)?;
         self.decoder.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}
+
+// The captioner's seam (crate::architecture): decoding starts from `decoder_start_token_id`; the
+// image is attended to through cross-attention keys/values computed once per image.
+
+pub const FAMILY: Family =
+    Family { model_type: "vision-encoder-decoder", decoder_section: "decoder", rename: crate::loading::vision_encoder_decoder_key, config: builder };
+
+fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
+    let cfg = VisionEncoderDecoderConfig::from_json(config)?;
+    Ok(Box::new(move |vb| Ok(Box::new(VisionEncoderDecoder::new(&cfg, vb)?) as Box<dyn Architecture>)))
+}
+
+/// The cache and each row's next decoder input (the start token first).
+struct CrossAttentionState {
+    cache: Gpt2Cache,
+    next_input: Vec<u32>,
+}
+
+impl DecodeState for CrossAttentionState {
+    fn select(&self, rows: &[usize]) -> Result<Box<dyn DecodeState>> {
+        let next_input = rows.iter().map(|&r| self.next_input.get(r).copied().unwrap_or_default()).collect();
+        Ok(Box::new(Self { cache: self.cache.select(rows)?, next_input }))
+    }
+    fn feed(&mut self, tokens: Vec<u32>) {
+        self.next_input = tokens;
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Architecture for VisionEncoderDecoder {
+    fn image_shape(&self) -> [usize; 3] {
+        let e = &self.config.encoder;
+        [e.num_channels, e.image_size, e.image_size]
+    }
+
+    fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        VisionEncoderDecoder::encode(self, pixel_values)
+    }
+
+    fn input_ids(&self, _: &CaptionTokenizer, prompt: Option<&str>, generation: &GenerationDefaults) -> crate::Result<Vec<u32>> {
+        if prompt.is_some() {
+            return Err(crate::Error::Generation(
+                "a text prompt needs a prefix model (llava); a vision-encoder-decoder starts from its start token".into(),
+            ));
+        }
+        match generation.decoder_start_token_id {
+            Some(start) => Ok(vec![start]),
+            None => Err(crate::Error::config(crate::loading::CONFIG, "no decoder_start_token_id or bos_token_id to start decoding from")),
+        }
+    }
+
+    fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
+        let rows = conditioning.dim(0)?;
+        let start = input_ids.last().copied().unwrap_or_default();
+        Ok(Box::new(CrossAttentionState { cache: self.start_decoding(&conditioning)?, next_input: vec![start; rows] }))
+    }
+
+    fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
+        let state = state_of::<CrossAttentionState>(state)?;
+        let ids = Tensor::from_vec(state.next_input.clone(), (state.next_input.len(), 1), &candle_core::Device::Cpu)?;
+        self.decode_step(&ids, &mut state.cache)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.decoder.config().n_positions
+    }
+
+    /// transformers' default `max_length` of 20 counts the start token.
+    fn default_max_new_tokens(&self) -> usize {
+        19
+    }
+
+    fn quantize_decoder(&mut self, dtype: GgmlDType) -> Result<(usize, usize)> {
+        self.decoder.quantize(dtype)
+    }
+
+    fn pack_encoder(&mut self) -> Result<usize> {
+        VisionEncoderDecoder::pack_encoder(self)
+    }
+
+    fn dequantize_encoder(&mut self) -> Result<usize> {
+        VisionEncoderDecoder::dequantize_encoder(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

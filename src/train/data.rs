@@ -227,14 +227,10 @@ impl ImageSource {
 
 fn decode_file(path: &Path) -> Result<RgbImage> {
     let bytes = fs::read(path).map_err(|e| io_error(path, e))?;
-    // The format comes from the bytes, not the extension: Flickr and COCO dumps contain PNGs
-    // named .jpg and vice versa.
-    let decoded = image::load_from_memory(&bytes).map_err(|e| Error::Image(format!("{}: not a decodable image ({e})", path.display())))?;
-    let rgb = decoded.into_rgb8();
-    if rgb.width() == 0 || rgb.height() == 0 {
-        return Err(Error::Image(format!("{}: not a decodable image (it has no pixels)", path.display())));
-    }
-    Ok(rgb)
+    // The captioner's own decoder and RGB conversion (16-bit, gray, alpha), so a model trains on
+    // the pixels it will caption. The format comes from the bytes, not the extension: Flickr and
+    // COCO dumps contain PNGs named .jpg and vice versa.
+    crate::preprocess::decode_image(&bytes).map_err(|e| Error::Image(format!("{}: not a decodable image ({e})", path.display())))
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
@@ -1518,6 +1514,19 @@ fn load_karpathy(location: &Path, image_base: Option<&Path>, split: Split) -> Re
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn training_decodes_images_as_captioning_does() {
+        // 16-bit, gray and RGBA PNGs (and a JPEG): the trainer's pixels are the captioner's.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+        for name in ["coffee_rgb16.png", "coffee_gray.png", "coffee_rgba.png", "chelsea.jpg"] {
+            let path = dir.join(name);
+            let inference = crate::preprocess::decode_image(&fs::read(&path).unwrap()).unwrap();
+            assert!(decode_file(&path).unwrap() == inference, "{name}");
+        }
+        let err = decode_file(&dir.join("../README.md")).unwrap_err().to_string();
+        assert!(err.contains("README.md") && err.contains("not a PNG or JPEG"), "{err}");
+    }
 
     /// A fresh folder per test; removed on drop so reruns start clean.
     struct TempDir(PathBuf);

@@ -437,7 +437,7 @@ fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Opt
                 Network::Prefix(m) => m.config().num_image_tokens(),
                 Network::CrossAttention(_) => 0,
             };
-            encode(&crate::captioner::prefix_prompt_text(&image, n, prompt), true)?
+            encode(&crate::models::llava::prefix_prompt_text(&image, n, prompt), true)?
         }
         Arch::CrossAttention => vec![],
     };

@@ -1,0 +1,76 @@
+// ViT + GPT-2 through the JS package (pkg/index.js) in headless Chromium: the folder laid out as
+// nlpconnect/vit-gpt2-image-captioning ships it (no tokenizer.json: GPT-2's vocab.json +
+// merges.txt; generation_config.json asking for 4 beams and max_length 16), served as a folder
+// URL. Its captions are 🤗 transformers' (tests/fixtures/reference/tiny-vit-gpt2.json).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startServer } from '../../www/serve.mjs';
+import { launch, watchPage, printLog, root } from './helpers.mjs';
+
+const MODEL = 'tests/fixtures/tiny-vit-gpt2';
+const reference = JSON.parse(readFileSync(join(root, 'tests/fixtures/reference/tiny-vit-gpt2.json'), 'utf8'));
+let server, browser, page, base;
+const log = [];
+const requested = [];
+
+before(async () => {
+  server = await startServer(0, {
+    onRequest(req, res, headers) {
+      requested.push(req.url);
+      if (req.url !== '/vit-test.html') return false;
+      res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
+      res.end('<!doctype html><link rel="icon" href="data:,"><title>vit</title>');
+      return true;
+    },
+  });
+  base = `http://127.0.0.1:${server.address().port}`;
+  browser = await launch();
+  page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`${base}/vit-test.html`);
+});
+
+after(async () => {
+  printLog(log);
+  await page?.evaluate(() => window.captioner?.dispose()).catch(() => {});
+  await browser?.close();
+  server?.close();
+});
+
+test('a ViT-GPT2 folder without tokenizer.json loads from its URL; progress counts vocab.json and merges.txt', async () => {
+  const files = await page.evaluate(async (model) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const seen = new Set();
+    window.captioner = await Captioner.fromPretrained(model, { cache: false, onProgress: (e) => e.file && seen.add(e.file) });
+    return [...seen].sort();
+  }, `${base}/${MODEL}/`);
+  for (const f of ['config.json', 'model.safetensors', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json']) {
+    assert.ok(files.includes(f), `${f} loaded: ${files}`);
+  }
+  assert.ok(requested.some((u) => u.endsWith('/tokenizer.json')), 'tokenizer.json was asked for first');
+});
+
+test('by default (generation_config.json: 4 beams, max_length 16) the caption is generate()\'s; numBeams 1 streams the greedy ids', async () => {
+  for (const image of ['astronaut.png', 'chelsea.jpg']) {
+    const r = await page.evaluate(async (url) => {
+      const byDefault = await window.captioner.caption(url).result;
+      const run = window.captioner.caption(url, { numBeams: 1, maxNewTokens: 20 });
+      const streamed = [];
+      for await (const t of run) streamed.push(t.id);
+      return { byDefault, streamed, greedy: await run.result };
+    }, `${base}/tests/fixtures/images/${image}`);
+    const want = reference.images[image];
+    assert.deepEqual(r.byDefault.tokenIds, want.default_ids, `${image}: beam search from generation_config.json`);
+    assert.equal(r.byDefault.text, want.default_text, image);
+    assert.deepEqual(r.streamed, want.greedy_ids, `${image}: streamed greedy ids`);
+    assert.equal(r.greedy.text, want.text, image);
+  }
+});
+
+test('numReturnSequences 2 with the folder\'s 4 beams: generate(num_return_sequences=2)', async () => {
+  const r = await page.evaluate(async (url) => window.captioner.caption(url, { numReturnSequences: 2 }).result,
+    `${base}/tests/fixtures/images/astronaut.png`);
+  assert.deepEqual(r.sequences.map((s) => s.tokenIds), reference.images['astronaut.png'].two_sequences);
+});
