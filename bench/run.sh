@@ -4,6 +4,7 @@
 # image, then (1 thread and Chromium) the decoder quantized to q8_0 and q4_0, beam search with 4
 # beams and a batch of 8 images; then the threaded build (pkg/threads/) on 2 threads, f32 and q8_0:
 #   SigLIP-B/16-224 + GPT-2 small (cross-attention)
+#   ViT-B/16-224 + GPT-2 small (cross-attention: nlpconnect/vit-gpt2-image-captioning's shapes)
 #   SigLIP-B/16-224 + SmolLM-135M-shaped Llama (prefix: 196 image positions + PROMPT text tokens)
 # Prints a table; quote it with the machine load (printed too).
 set -euo pipefail
@@ -21,17 +22,18 @@ READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
 rows=()
-for config in bench/configs/siglip-base-gpt2.json bench/configs/siglip-base-smollm-135m.json; do
-  rows+=("native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
+for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json; do
+  name=$(basename "$config" .json)
+  rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
   for shape in "1 1 f32" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
     set -- $shape
-    rows+=("native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
-    rows+=("chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
+    rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
+    rows+=("$name|chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
   # The threaded build (pkg/threads/, what the JS shim loads on crossOriginIsolated pages).
   for shape in "1 1 f32" "1 1 q8_0"; do
     set -- $shape
-    rows+=("chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
+    rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -41,7 +43,7 @@ done
 node -e '
 const args = process.argv.slice(1);
 const f = (x, d = 0) => Number(x).toFixed(d);
-const names = { "vision-encoder-decoder": "SigLIP-B/16 + GPT-2", "llava": "SigLIP-B/16 + SmolLM-135M" };
+const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M" };
 const prefix = args.filter((_, i) => i % 3 === 2).map((a) => JSON.parse(a)).find((r) => r.modelType === "llava");
 console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (prefix ? prefix.prefillPositions - 196 : "?") + " text positions");
 console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");
@@ -52,6 +54,7 @@ for (let i = 0; i < args.length; i += 3) {
   const r = JSON.parse(args[i + 2]);
   const floor = r.decodeWeightBytes / (Number(args[i + 1]) * 1e6);
   const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.quantized ? `, decoder ${r.quantized}` : "");
-  console.log(`| ${names[r.modelType]} | ${args[i]} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
+  const [config, where] = args[i].split("|");
+  console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
 }
 ' "${rows[@]}"

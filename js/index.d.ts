@@ -107,17 +107,18 @@ export interface CaptionOptions extends GenerationOptions {
   minNewTokens?: number;
   /** Token id sequences never to generate. */
   badWordsIds?: number[][];
-  /** 1 (or left out): no beam search. */
+  /** 1: no beam search, whatever generation_config.json says. */
   numBeams?: 1;
   numReturnSequences?: 1;
 }
 
 /**
- * Beam search, as `generate(num_beams=…)`: chosen when `numBeams` or `numReturnSequences` is given
- * and not 1. Needs PNG or JPEG bytes (a URL, Blob or File) for `caption`; other inputs reject.
+ * Beam search, as `generate(num_beams=…)`: chosen when `numBeams` (given, or the model's
+ * generation_config.json value) is above 1; sampling options then apply to the beams (beam
+ * sampling with `doSample`), and so do the logits processors.
  * Streams the best running hypothesis after each step (`provisional: true`), then the final one.
  */
-export interface BeamSearchOptions extends GenerationOptions {
+export interface BeamSearchOptions extends Omit<CaptionOptions, 'numBeams' | 'numReturnSequences'> {
   /** Beams kept at each step (default 1). */
   numBeams?: number;
   /** Score = Σ log p / length ** lengthPenalty (default 1). */

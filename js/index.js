@@ -247,22 +247,6 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
   return { files, forget };
 }
 
-// The option names src/wasm.rs accepts. Its structs deny unknown fields, but serde_wasm_bindgen
-// only ever looks up the known ones, so a misspelt key would be ignored there: refused here.
-const CAPTION_KEYS = ['maxNewTokens', 'prompt', 'doSample', 'temperature', 'topK', 'topP', 'seed',
-  'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds'];
-const BEAM_KEYS = ['maxNewTokens', 'prompt', 'numBeams', 'lengthPenalty', 'earlyStopping', 'numReturnSequences',
-  'repetitionPenalty', 'noRepeatNgramSize', 'minNewTokens', 'badWordsIds', 'doSample', 'temperature', 'topK', 'topP', 'seed'];
-
-function unknownOption(options, beam) {
-  const [known, other, what, hint] = beam
-    ? [BEAM_KEYS, CAPTION_KEYS, 'beam search', 'not available with beam search']
-    : [CAPTION_KEYS, BEAM_KEYS, 'caption', 'a beam search option: needs numBeams > 1'];
-  const key = Object.keys(options).find((k) => !known.includes(k));
-  if (key === undefined) return null;
-  return new Error(`invalid ${what} options: unknown field \`${key}\`${other.includes(key) ? ` (${hint})` : ''}`);
-}
-
 async function imageMessage(image, signal) {
   if (typeof image === 'string' || image instanceof URL) {
     let res;
@@ -446,7 +430,7 @@ export class Captioner {
   /**
    * Captions an image (URL, Blob/File, ImageData, HTMLImageElement, HTMLCanvasElement,
    * OffscreenCanvas, ImageBitmap). Options: `signal`, and the generation options of the WASM
-   * API, passed on unchanged (camelCase; unknown keys reject here, bad values in Rust):
+   * API, passed on unchanged (camelCase; unknown keys and bad values reject with Rust's message):
    * `maxNewTokens`, `prompt` (prefix models), `doSample`, `temperature`, `topK`, `topP`, `seed`,
    * `repetitionPenalty`, `noRepeatNgramSize`, `minNewTokens`, `badWordsIds`; for beam search
    * `numBeams`, `numReturnSequences`, `lengthPenalty`, `earlyStopping`. Options not given take
@@ -454,8 +438,8 @@ export class Captioner {
    * does — including beam search when it sets `num_beams` (pass `numBeams: 1` for greedy).
    * Returns an async iterable of `{ id, text, delta }`; its `result` promise gives
    * `{ text, tokenIds, timings: { encoderMs, firstTokenMs, totalMs, tokensPerS } }`.
-   * With `numBeams` or `numReturnSequences` other than 1 it runs beam search (PNG/JPEG bytes
-   * only): the iteration yields the best running hypothesis after each step as
+   * When `numBeams` (given, or generation_config.json's) is above 1 it runs beam search
+   * (`numReturnSequences` up to `numBeams`): the iteration yields the best running hypothesis after each step as
    * `{ provisional: true, text, tokenIds }`, then the final best with `provisional: false`, and
    * `result` gives `{ text, tokenIds, score, sequences, timings: { totalMs } }`.
    */
@@ -476,18 +460,13 @@ export class Captioner {
 
   _run(images, options, many) {
     const { signal, ...rest } = options ?? {};
-    // Keys left undefined count as not given; everything else goes to Rust as it is.
+    // Keys left undefined count as not given; everything else goes to Rust as it is, which
+    // validates it and decides between one sequence and beam search (src/generation.rs).
     const wasmOptions = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
-    // As generate(): beam search when asked for, or when generation_config.json asks for it.
-    const d = this.generationDefaults;
-    const beam = [wasmOptions.numBeams ?? d.numBeams, wasmOptions.numReturnSequences ?? d.numReturnSequences].some((v) => v !== undefined && v !== 1);
-    if (!beam) { delete wasmOptions.numBeams; delete wasmOptions.numReturnSequences; } // 1 beam: greedy or sampling, streamed
     const run = new CaptionRun();
     const id = this._nextRun++;
     if (this._disposed) { run._reject(new Error('wasmcap: this captioner was disposed')); return run; }
     if (signal?.aborted) { run._reject(abortError(signal)); return run; }
-    const invalid = unknownOption(wasmOptions, beam);
-    if (invalid) { run._reject(invalid); return run; }
     if (many && images.length === 0) { run._reject(new TypeError('captionMany: no images')); return run; }
     let sent = false;
     const cancel = (reason) => {
@@ -505,13 +484,9 @@ export class Captioner {
     Promise.all(images.map((image) => imageMessage(image, signal))).then((messages) => {
       const close = () => messages.forEach(([msg]) => msg.bitmap?.close());
       if (run.settled) { close(); return; }
-      if (beam && !many && messages[0][0].kind !== 'bytes') {
-        close();
-        throw new Error('beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
-      }
       const transfer = messages.flatMap(([, t]) => t);
       if (many) this._worker.postMessage({ type: 'captionMany', run: id, images: messages.map(([msg]) => msg), options: wasmOptions }, transfer);
-      else this._worker.postMessage({ type: 'caption', run: id, image: messages[0][0], options: wasmOptions, beam }, transfer);
+      else this._worker.postMessage({ type: 'caption', run: id, image: messages[0][0], options: wasmOptions }, transfer);
       sent = true;
     }).catch((e) => { this._runs.delete(id); run._reject(e); });
     return run;

@@ -2,7 +2,7 @@
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
 // main → worker: { type: 'load', files, quantize, threads }  → { type: 'loaded', defaults, threads, memoryBytes } | { type: 'error' }
-//                { type: 'caption', run, image, options, beam }
+//                { type: 'caption', run, image, options }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
 //                    final one), then { type: 'done', run, result } | { type: 'error', run, message }
 //                    | { type: 'aborted', run }
@@ -62,12 +62,18 @@ async function pixelsOf(image) {
   }
 }
 
+// The WASM API's image argument: PNG/JPEG bytes, or RGBA { data, width, height }.
+function wasmImage(pixels) {
+  if (pixels.kind === 'bytes') return new Uint8Array(pixels.data);
+  const { data } = pixels;
+  return { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: pixels.width, height: pixels.height };
+}
+
 // Beam search is one call (no abort point inside; the best running hypothesis after each step
-// comes out as a provisional token event); encoded bytes only.
-function beamSearch({ run, image, options }) {
-  if (image.kind !== 'bytes') throw new Error('beam search needs PNG or JPEG bytes; pass a URL, Blob or File');
+// comes out as a provisional token event).
+function beamSearch({ run, pixels, options }) {
   const t0 = performance.now();
-  const sequences = captioner.beamSearch(new Uint8Array(image.data), options, (token) => postMessage({ type: 'token', run, token }));
+  const sequences = captioner.beamSearch(wasmImage(pixels), options, (token) => postMessage({ type: 'token', run, token }));
   const best = sequences[0];
   postMessage({ type: 'token', run, token: { provisional: false, text: best.text, tokenIds: best.tokenIds } });
   postMessage({
@@ -76,15 +82,14 @@ function beamSearch({ run, image, options }) {
   });
 }
 
-async function caption({ run, image, options, beam }) {
+async function caption({ run, image, options }) {
   try {
     if (!captioner) throw new Error('no model loaded');
-    if (beam) {
-      if (aborted.has(run)) return postMessage({ type: 'aborted', run });
-      return beamSearch({ run, image, options });
-    }
+    // Rust decides, as generate() does (src/generation.rs); invalid options throw here.
+    const beam = captioner.usesBeamSearch(options);
     const pixels = await pixelsOf(image);
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
+    if (beam) return beamSearch({ run, pixels, options });
     if (pixels.kind === 'bytes') captioner.start(new Uint8Array(pixels.data), options);
     else {
       const { data } = pixels;
@@ -115,14 +120,7 @@ async function captionMany({ run, images, options }) {
   try {
     if (!captioner) throw new Error('no model loaded');
     const inputs = [];
-    for (const image of images) {
-      const pixels = await pixelsOf(image);
-      if (pixels.kind === 'bytes') inputs.push(new Uint8Array(pixels.data));
-      else {
-        const { data } = pixels;
-        inputs.push({ data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: pixels.width, height: pixels.height });
-      }
-    }
+    for (const image of images) inputs.push(wasmImage(await pixelsOf(image)));
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
     const t0 = performance.now();
     const results = captioner.captionMany(inputs, options, (index, token) => postMessage({ type: 'token', run, token: { index, ...token } }));

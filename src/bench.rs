@@ -9,8 +9,6 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::captioner::{argmax, now_ms};
 use crate::error::{Error, Result};
-use crate::models::llava::{Llava, LlavaConfig};
-use crate::models::vision_encoder_decoder::{VisionEncoderDecoder, VisionEncoderDecoderConfig};
 
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -230,100 +228,48 @@ pub fn bench_model(config_json: &str, prompt_tokens: usize, new_tokens: usize, r
 
 /// [`bench_model`] for a batch of images and/or beams.
 pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: usize, repeats: usize, shape: BenchShape) -> Result<BenchReport> {
-    let value = parse(config_json)?;
-    match value.get("model_type").and_then(|t| t.as_str()) {
-        Some("vision-encoder-decoder") => bench_cross_attention(&value, new_tokens, repeats, shape),
-        Some("llava") => bench_prefix(&value, prompt_tokens, new_tokens, repeats, shape),
-        other => Err(Error::config("bench config", format!("model_type {other:?} is not supported"))),
-    }
-}
-
-fn bench_cross_attention(value: &serde_json::Value, new_tokens: usize, repeats: usize, shape: BenchShape) -> Result<BenchReport> {
+    let config = parse(config_json)?;
     let t0 = now_ms();
-    let cfg = VisionEncoderDecoderConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
+    let family = crate::architecture::family_of(&config).map_err(|e| Error::config("bench config", e))?;
+    let build = (family.config)(&config).map_err(|e| Error::config("bench config", e))?;
     let (weights, vb) = random_varbuilder();
-    let mut model = VisionEncoderDecoder::new(&cfg, vb)?;
+    let mut model = build(vb)?;
     if let Some(dtype) = shape.quantize {
-        model.decoder_mut().quantize(dtype)?;
+        model.quantize_decoder(dtype)?;
     }
     model.pack_encoder()?;
     let build_ms = now_ms() - t0;
-    let enc = &cfg.encoder;
-    let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), enc.num_channels, enc.image_size, enc.image_size), &Device::Cpu)?;
+    let generation = crate::loading::GenerationDefaults::resolve(None, &config, family.decoder_section)?;
+    let ids = model.synthetic_input_ids(&generation, prompt_tokens);
+    let [channels, height, width] = model.image_shape();
+    let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), channels, height, width), &Device::Cpu)?;
     let mut runs = vec![];
     for _ in 0..repeats.max(1) {
         let start = now_ms();
-        let states = model.encode(&pixels)?;
+        let conditioning = model.encode(&pixels)?;
         let encoded = now_ms() - start;
-        let mut cache = model.start_decoding(&states)?;
-        let mut next = vec![0u32; shape.images.max(1)];
-        let mut first = encoded;
-        for i in 0..new_tokens {
-            let logits = model.decode_step(&Tensor::from_vec(next.clone(), (next.len(), 1), &Device::Cpu)?, &mut cache)?;
-            next = argmax_rows(&logits)?;
-            let reorder = if i == 0 { shape.expand() } else { shape.reorder() };
-            if let Some(rows) = reorder {
-                cache = cache.select(&rows)?;
-                next = rows.iter().map(|&r| next[r]).collect();
-            }
-            if i == 0 {
-                first = now_ms() - start;
-            }
-        }
-        runs.push(Timing { encoded, prefilled: encoded, first, end: now_ms() - start });
-    }
-    // The decoder's token embeddings are read whole only as a tied LM head; position embeddings
-    // one row at a time; cross-attention keys/values once per image.
-    let tied = cfg.decoder.tie_word_embeddings;
-    let read = weights.bytes(|name| {
-        name.starts_with("decoder.")
-            && !name.contains("crossattention.c_attn")
-            && !name.ends_with("wpe.weight")
-            && (tied || !name.ends_with("wte.weight"))
-    });
-    Ok(summarize("vision-encoder-decoder", build_ms, 0, runs, new_tokens, read, shape))
-}
-
-fn bench_prefix(value: &serde_json::Value, prompt_tokens: usize, new_tokens: usize, repeats: usize, shape: BenchShape) -> Result<BenchReport> {
-    let t0 = now_ms();
-    let cfg = LlavaConfig::from_json(value).map_err(|e| Error::config("bench config", e))?;
-    let (weights, vb) = random_varbuilder();
-    let mut model = Llava::new(&cfg, vb)?;
-    if let Some(dtype) = shape.quantize {
-        model.language_model_mut().quantize(dtype)?;
-    }
-    model.pack_vision()?;
-    let build_ms = now_ms() - t0;
-    let vision = &cfg.vision_config;
-    let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), vision.num_channels, vision.image_size, vision.image_size), &Device::Cpu)?;
-    let vocab = cfg.text_config.vocab_size.max(2) as u32;
-    let mut ids = vec![cfg.image_token_index; cfg.num_image_tokens()];
-    ids.extend((0..prompt_tokens as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == cfg.image_token_index { 1 } else { id }));
-    let mut runs = vec![];
-    for _ in 0..repeats.max(1) {
-        let start = now_ms();
-        let features = model.image_features(&pixels)?;
-        let encoded = now_ms() - start;
-        let mut cache = model.language_model().new_cache();
-        let mut next = argmax_rows(&model.prefill(&ids, &features, &mut cache)?)?;
+        let mut state = model.start(conditioning, &ids)?;
+        let mut next = argmax_rows(&model.next_logits(state.as_mut())?)?;
         if let Some(rows) = shape.expand() {
-            cache = cache.select(&rows)?;
+            state = state.select(&rows)?;
             next = rows.iter().map(|&r| next[r]).collect();
         }
-        let prefilled = now_ms() - start;
+        let first = now_ms() - start;
         for _ in 1..new_tokens {
-            next = argmax_rows(&model.decode_step(&next, &mut cache)?)?;
+            state.feed(next);
+            next = argmax_rows(&model.next_logits(state.as_mut())?)?;
             if let Some(rows) = shape.reorder() {
-                cache = cache.select(&rows)?;
+                state = state.select(&rows)?;
                 next = rows.iter().map(|&r| next[r]).collect();
             }
         }
-        runs.push(Timing { encoded, prefilled, first: prefilled, end: now_ms() - start });
+        // A prompt of more than the start token is prefilled by the first step.
+        let prefilled = if ids.len() > 1 { first } else { encoded };
+        runs.push(Timing { encoded, prefilled, first, end: now_ms() - start });
     }
-    let tied = cfg.text_config.tie_word_embeddings;
-    let read =
-        weights.bytes(|name| (name.contains("language_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight")));
-    Ok(summarize("llava", build_ms, ids.len(), runs, new_tokens, read, shape))
+    let read = weights.bytes(|name| model.decode_step_reads(name));
+    let prefill_positions = if ids.len() > 1 { ids.len() } else { 0 };
+    Ok(summarize(family.model_type, build_ms, prefill_positions, runs, new_tokens, read, shape))
 }
 
 /// The argmax of each row of logits [B, vocab].

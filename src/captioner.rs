@@ -19,7 +19,7 @@ pub struct Captioner {
     generation: GenerationDefaults,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CaptionOptions {
     /// Defaults to `generation_config.json`; without one, transformers' own default for the
     /// cross-attention model (`max_length` 20, start token included: 19) and 20 for the prefix
@@ -216,6 +216,12 @@ impl Captioner {
     /// Beam settings from `generation_config.json` (`num_beams` 1 when it has none).
     pub fn default_beam_options(&self) -> BeamOptions {
         self.generation.beams.clone()
+    }
+
+    /// What `options` ask for once the model's generation_config.json fills the rest in:
+    /// validated caption options, and beam settings when it is a beam search (crate::generation).
+    pub fn plan(&self, options: &crate::generation::GenerationOptions) -> Result<crate::generation::Plan> {
+        options.plan(&self.generation)
     }
 
     /// Whether `generation_config.json` asks for beam search by default.

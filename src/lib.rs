@@ -9,6 +9,7 @@ pub mod beam;
 pub mod bench;
 pub mod captioner;
 pub mod error;
+pub mod generation;
 pub mod loading;
 pub mod lora;
 pub mod models;

@@ -93,11 +93,17 @@ impl LoraConfig {
     }
 
     fn scale(&self, r: usize, alpha: f64) -> f64 {
-        if self.use_rslora {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        }
+        scale(alpha, r, self.use_rslora)
+    }
+}
+
+/// PEFT's scale of B·A: `lora_alpha / r`, or `lora_alpha / √r` with rsLoRA. The trainer's
+/// adapters use it too, so what it trains is what merging applies.
+pub fn scale(alpha: f64, r: usize, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
     }
 }
 

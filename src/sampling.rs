@@ -22,39 +22,6 @@ pub struct SamplingOptions {
     pub seed: Option<u64>,
 }
 
-/// Sampling and processor settings as a caller gives them (CLI flags, JS options): each one
-/// left `None` takes the model's default (`generation_config.json`), see [`SamplingChoices::over`].
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SamplingChoices {
-    pub do_sample: Option<bool>,
-    pub temperature: Option<f32>,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f32>,
-    pub seed: Option<u64>,
-    pub repetition_penalty: Option<f32>,
-    pub no_repeat_ngram_size: Option<usize>,
-    pub min_new_tokens: Option<usize>,
-    pub bad_words_ids: Option<Vec<Vec<u32>>>,
-}
-
-impl SamplingChoices {
-    /// What was given, and `defaults`' value for what was not.
-    pub fn over(self, defaults: SamplingOptions) -> SamplingOptions {
-        SamplingOptions {
-            do_sample: self.do_sample.unwrap_or(defaults.do_sample),
-            temperature: self.temperature.or(defaults.temperature),
-            top_k: self.top_k.or(defaults.top_k),
-            top_p: self.top_p.or(defaults.top_p),
-            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
-            no_repeat_ngram_size: self.no_repeat_ngram_size.or(defaults.no_repeat_ngram_size),
-            min_new_tokens: self.min_new_tokens.or(defaults.min_new_tokens),
-            bad_words_ids: self.bad_words_ids.unwrap_or(defaults.bad_words_ids),
-            seed: self.seed.or(defaults.seed),
-        }
-    }
-}
-
 impl SamplingOptions {
     /// Refuses what transformers refuses (or would silently misbehave on).
     pub fn validate(&self) -> Result<()> {

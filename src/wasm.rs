@@ -5,11 +5,10 @@
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
-use crate::beam::EarlyStopping;
-use crate::captioner::{BeamOptions, CaptionOptions, CaptionRun, Captioner};
+use crate::captioner::{BeamOptions, CaptionRun, Captioner};
+use crate::generation::{GenerationOptions, Plan};
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
-use crate::sampling::SamplingChoices;
 
 /// A JS byte array read by range (`crate::loading::ByteSource`): only what is asked for is
 /// copied into WASM memory.
@@ -33,63 +32,22 @@ fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
     serde_wasm_bindgen::to_value(value).map_err(|e| JsError::new(&format!("could not convert result to JS: {e}")))
 }
 
-type JsonMap = serde_json::Map<String, serde_json::Value>;
-
-/// A JS options object (`undefined`/`null`: `{}`) as JSON: serde_wasm_bindgen only looks up a
-/// struct's declared fields, so options go through JSON, where unknown keys are refused.
-fn options_map(value: JsValue, what: &str) -> Result<JsonMap, JsError> {
+/// A JS options object (`undefined`/`null`: none) as [`GenerationOptions`]: through JSON, since
+/// serde_wasm_bindgen only looks up a struct's declared fields and would let a misspelt key pass.
+fn generation_options(value: JsValue) -> Result<GenerationOptions, JsError> {
     if value.is_undefined() || value.is_null() {
-        return Ok(JsonMap::new());
+        return Ok(GenerationOptions::default());
     }
-    match serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))? {
-        serde_json::Value::Object(map) => Ok(map),
-        other => Err(JsError::new(&format!("invalid {what}: expected an object, not {other}"))),
+    let json: serde_json::Value = serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid options: {e}")))?;
+    if !json.is_object() {
+        return Err(JsError::new(&format!("invalid options: expected an object, not {json}")));
     }
+    GenerationOptions::from_json(json).map_err(js_error)
 }
 
-/// `map` (or the `keys` taken out of it) as a `T`.
-fn parse_part<T: serde::de::DeserializeOwned>(map: JsonMap, what: &str) -> Result<T, JsError> {
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| JsError::new(&format!("invalid {what}: {e}")))
-}
-
-fn take(map: &mut JsonMap, keys: &[&str]) -> JsonMap {
-    keys.iter().filter_map(|k| map.remove_entry(*k)).collect()
-}
-
-/// `{ maxNewTokens?, prompt? }`
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct JsTextOptions {
-    max_new_tokens: Option<usize>,
-    prompt: Option<String>,
-}
-
-/// `{ numBeams?, lengthPenalty?, earlyStopping?: boolean | "never", numReturnSequences? }`
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct JsBeamSettings {
-    num_beams: Option<usize>,
-    length_penalty: Option<f32>,
-    early_stopping: Option<serde_json::Value>,
-    num_return_sequences: Option<usize>,
-}
-
-/// Caption options `{ maxNewTokens?, prompt?, doSample?, temperature?, topK?, topP?, seed?,
-/// repetitionPenalty?, noRepeatNgramSize?, minNewTokens?, badWordsIds? }`; what is not given
-/// takes `generation_config.json`'s value. Any other key is refused.
-fn caption_options(mut map: JsonMap, captioner: &Captioner, what: &str) -> Result<CaptionOptions, JsError> {
-    let text: JsTextOptions = parse_part(take(&mut map, &["maxNewTokens", "prompt"]), what)?;
-    let choices: SamplingChoices = parse_part(map, what)?;
-    Ok(CaptionOptions {
-        max_new_tokens: text.max_new_tokens,
-        prompt: text.prompt,
-        sampling: choices.over(captioner.default_options().sampling),
-        eos_token_ids: None,
-    })
-}
-
-fn options(value: JsValue, captioner: &Captioner) -> Result<CaptionOptions, JsError> {
-    caption_options(options_map(value, "caption options")?, captioner, "caption options")
+/// The plan (crate::generation) for JS options.
+fn plan(value: JsValue, captioner: &Captioner) -> Result<Plan, JsError> {
+    captioner.plan(&generation_options(value)?).map_err(js_error)
 }
 
 #[derive(serde::Serialize)]
@@ -185,10 +143,12 @@ impl WasmCaptioner {
         Ok(WasmCaptioner { inner, run: None })
     }
 
-    /// Starts captioning encoded image bytes (PNG/JPEG); replaces any caption in progress.
+    /// Starts captioning encoded image bytes (PNG/JPEG); replaces any caption in progress. One
+    /// sequence, streamed: greedy or sampling (beam settings, given or generation_config.json's,
+    /// are for `beamSearch` and `captionMany`; `usesBeamSearch` says which the options ask for).
     pub fn start(&mut self, image: &[u8], options_js: JsValue) -> Result<(), JsError> {
         self.run = None;
-        let options = options(options_js, &self.inner)?;
+        let options = plan(options_js, &self.inner)?.options;
         let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
         self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
         Ok(())
@@ -198,7 +158,7 @@ impl WasmCaptioner {
     #[wasm_bindgen(js_name = startRgba)]
     pub fn start_rgba(&mut self, rgba: &[u8], width: u32, height: u32, options_js: JsValue) -> Result<(), JsError> {
         self.run = None;
-        let options = options(options_js, &self.inner)?;
+        let options = plan(options_js, &self.inner)?.options;
         let pixels = self.inner.pixel_values_from_rgba(rgba, width, height).map_err(js_error)?;
         self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
         Ok(())
@@ -270,17 +230,26 @@ impl WasmCaptioner {
         })
     }
 
-    /// Beam search over encoded image bytes, as transformers' `generate(num_beams=…)`.
-    /// Options: `{ maxNewTokens?, prompt?, numBeams?, lengthPenalty?, earlyStopping?: boolean | "never",
-    /// repetitionPenalty?, noRepeatNgramSize?, minNewTokens?, badWordsIds?, doSample? (beam
-    /// sampling, with temperature?, topK?, topP?, seed?),
-    /// numReturnSequences? }`; returns `[{ text, tokenIds, score }]`, best first.
+    /// Whether `options` (with the model's generation_config.json) ask for beam search, as
+    /// transformers' `generate()` decides: `num_beams` above 1. Invalid options throw.
+    #[wasm_bindgen(js_name = usesBeamSearch)]
+    pub fn uses_beam_search(&self, options_js: JsValue) -> Result<bool, JsError> {
+        Ok(plan(options_js, &self.inner)?.beams.is_some())
+    }
+
+    /// Beam search over one image (PNG/JPEG bytes as a `Uint8Array`, or RGBA `{ data, width,
+    /// height }`), as transformers' `generate(num_beams=…)`. Options: the generation options
+    /// (crate::generation, camelCase; `doSample`: beam sampling); returns
+    /// `[{ text, tokenIds, score }]`, best first.
     /// `onProvisional({ provisional: true, text, tokenIds })`, if given, is called after every
     /// step with the best running hypothesis (the final best may be another beam).
     #[wasm_bindgen(js_name = beamSearch)]
-    pub fn beam_search(&mut self, image: &[u8], options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
-        let (options, beams) = beam_options(options_map(options_js, "beam search options")?, &self.inner)?;
-        let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
+    pub fn beam_search(&mut self, image: JsValue, options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
+        let plan = plan(options_js, &self.inner)?;
+        // num_beams 1 (given, or the file's): the search of one beam, greedy decoding's result.
+        let beams = plan.beams.unwrap_or_else(|| BeamOptions { num_beams: 1, ..self.inner.default_beam_options() });
+        let options = plan.options;
+        let pixels = self.pixels_of(&image, 0)?;
         let mut callback = Callback::new(on_provisional);
         let hypotheses =
             self.inner.beam_search_streaming(&pixels, &options, &beams, |best| callback.call(|| self.provisional(best), None)).map_err(js_error)?;
@@ -298,19 +267,14 @@ impl WasmCaptioner {
     #[wasm_bindgen(js_name = captionMany)]
     pub fn caption_many(&mut self, images: js_sys::Array, options_js: JsValue, on_event: Option<js_sys::Function>) -> Result<JsValue, JsError> {
         self.run = None;
-        let mut map = options_map(options_js, "caption options")?;
-        // Beam search when asked for, or when generation_config.json asks and the caller did not say.
-        let given = |k: &str| map.get(k).filter(|v| !v.is_null()).map(|v| v.as_u64() != Some(1));
-        let d = self.inner.default_beam_options();
-        let beam = given("numBeams").unwrap_or(d.num_beams > 1) || given("numReturnSequences").unwrap_or(d.num_return_sequences > 1);
+        let Plan { options, beams } = plan(options_js, &self.inner)?;
         if images.length() == 0 {
             return Err(JsError::new("captionMany: no images"));
         }
         let pixels = images.iter().enumerate().map(|(i, image)| self.pixels_of(&image, i)).collect::<Result<Vec<_>, JsError>>()?;
         let batch = candle_core::Tensor::cat(&pixels, 0).map_err(|e| JsError::new(&format!("captionMany: {e}")))?;
         let mut callback = Callback::new(on_event);
-        if beam {
-            let (options, beams) = beam_options(map, &self.inner)?;
+        if let Some(beams) = beams {
             let all = self
                 .inner
                 .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(best), Some(i)))
@@ -330,8 +294,6 @@ impl WasmCaptioner {
             return Ok(results.into());
         }
         // One beam: greedy or sampling.
-        take(&mut map, &["numBeams", "numReturnSequences"]);
-        let options = caption_options(map, &self.inner, "caption options")?;
         let captions = self.inner.caption_many(&batch, &options, |i, event| callback.call(|| to_js(event), Some(i))).map_err(js_error)?;
         callback.result()?;
         let results = js_sys::Array::new();
@@ -431,33 +393,6 @@ impl Callback {
     }
 }
 
-/// Beam options: the caption options (logits processors apply to beams too; `doSample` = beam
-/// sampling) and `JsBeamSettings`; what is not given takes `generation_config.json`'s value (4
-/// beams when neither says, since beam search was asked for).
-fn beam_options(mut map: JsonMap, captioner: &Captioner) -> Result<(CaptionOptions, BeamOptions), JsError> {
-    const WHAT: &str = "beam search options";
-    let b: JsBeamSettings = parse_part(take(&mut map, &["numBeams", "lengthPenalty", "earlyStopping", "numReturnSequences"]), WHAT)?;
-    let options = caption_options(map, captioner, WHAT)?;
-    options.sampling.validate().map_err(js_error)?;
-    let mut defaults = captioner.default_beam_options();
-    if defaults.num_beams == 1 {
-        defaults.num_beams = BeamOptions::default().num_beams.max(defaults.num_return_sequences);
-    }
-    let beams = BeamOptions {
-        num_beams: b.num_beams.unwrap_or(defaults.num_beams),
-        length_penalty: b.length_penalty.unwrap_or(defaults.length_penalty),
-        early_stopping: match b.early_stopping {
-            None => defaults.early_stopping,
-            Some(v) => EarlyStopping::from_json(&v)
-                .ok_or_else(|| JsError::new(&format!("invalid {WHAT}: earlyStopping must be true, false or \"never\", not {v}")))?,
-        },
-        num_return_sequences: b.num_return_sequences.unwrap_or(defaults.num_return_sequences),
-    };
-    Ok((options, beams))
-}
-
-/// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
-/// `bench::memory_read_gbps`), the floor under a decode step's time.
 /// `tokenizer.json` made from GPT-2's `vocab.json` and `merges.txt` (+ `tokenizer_config.json`,
 /// `special_tokens_map.json` when the folder has them), for folders that ship no tokenizer.json.
 #[wasm_bindgen(js_name = gpt2TokenizerJson)]
@@ -470,6 +405,8 @@ pub fn gpt2_tokenizer_json(
     crate::tokenizer::gpt2_tokenizer_json(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref()).map_err(js_error)
 }
 
+/// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
+/// `bench::memory_read_gbps`), the floor under a decode step's time.
 #[wasm_bindgen(js_name = benchMemory)]
 pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
     crate::bench::memory_read_gbps(bytes, repeats)

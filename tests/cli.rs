@@ -183,3 +183,28 @@ fn an_adapter_on_a_quantized_base_is_refused_naming_a_q8_tensor() {
     assert!(!out.status.success() && stderr.contains(".q8_0") && stderr.contains("adapter merges into f32 weights"), "{stderr}");
     let _ = std::fs::remove_dir_all(out_dir);
 }
+
+#[test]
+fn generation_options_follow_the_one_rule_of_crate_generation() {
+    // tiny-vit-gpt2's generation_config.json asks for 4 beams: --num-return-sequences 2 alone is a
+    // beam search returning two; tiny-ved-v5's asks for none: 2 sequences need beams (as generate()).
+    let run = |model: &str, flags: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_caption"))
+            .args(["--model", &fixture_path(model), "--json"])
+            .args(flags)
+            .arg(fixture_path("images/astronaut.png"))
+            .output()
+            .unwrap()
+    };
+    let out = run("tiny-vit-gpt2", &["--num-return-sequences", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fx = common::vit_gpt2();
+    let want: Vec<Vec<u32>> = fx.reference()["images"]["astronaut.png"]["two_sequences"].as_array().unwrap().iter().map(common::ids).collect();
+    let got: Vec<Vec<u32>> = line["sequences"].as_array().unwrap().iter().map(|s| common::ids(&s["token_ids"])).collect();
+    assert_eq!(got, want);
+    let out = run("tiny-ved-v5", &["--num-return-sequences", "2"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("num_return_sequences (2) must be between 1 and num_beams (1)"), "{stderr}");
+}

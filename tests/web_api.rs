@@ -182,7 +182,7 @@ fn caption_many_streams_each_image_and_equals_one_by_one() {
     let results = js_sys::Array::from(
         &c.caption_many(images.clone(), beam.clone(), Some(on_event.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap(),
     );
-    let alone = js_sys::Array::from(&c.beam_search(image("astronaut.png"), beam.clone(), None).unwrap());
+    let alone = js_sys::Array::from(&c.beam_search(Uint8Array::from(image("astronaut.png")).into(), beam.clone(), None).unwrap());
     assert_eq!(ids_of(&results.get(0)), ids_of(&alone.get(0)));
     let provisional = js_sys::Reflect::get(&js_sys::Array::from(&events.get(0)).get(1), &"provisional".into()).unwrap();
     assert_eq!(provisional.as_bool(), Some(true));
@@ -192,10 +192,10 @@ fn caption_many_streams_each_image_and_equals_one_by_one() {
     let count = std::rc::Rc::new(std::cell::Cell::new(0));
     let seen = count.clone();
     let on_provisional = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| seen.set(seen.get() + 1));
-    c.beam_search(image("astronaut.png"), beam.clone(), Some(on_provisional.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap();
+    c.beam_search(Uint8Array::from(image("astronaut.png")).into(), beam.clone(), Some(on_provisional.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap();
     assert_eq!(count.get(), 6, "one provisional hypothesis per step");
     let thrower = js_sys::Function::new_with_args("e", "throw new Error('boom')");
-    let msg = message(c.beam_search(image("astronaut.png"), beam, Some(thrower)).err().unwrap());
+    let msg = message(c.beam_search(Uint8Array::from(image("astronaut.png")).into(), beam, Some(thrower)).err().unwrap());
     assert!(msg.contains("boom"), "{msg}");
     let msg = message(c.caption_many(js_sys::Array::of1(&JsValue::from_str("not an image")), options(3), None).err().unwrap());
     assert!(msg.contains("image 0"), "{msg}");
@@ -242,9 +242,9 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
     let explicit3 = plain.caption(image("astronaut.png"), with(&[("noRepeatNgramSize", 3.into()), ("maxNewTokens", 7.into())])).unwrap();
     assert_eq!(ids_of(&overridden), ids_of(&explicit3));
     // beamSearch and captionMany without numBeams: the file's 3 beams.
-    let beams = js_sys::Array::from(&configured.beam_search(image("astronaut.png"), with(&[]), None).unwrap());
+    let beams = js_sys::Array::from(&configured.beam_search(Uint8Array::from(image("astronaut.png")).into(), with(&[]), None).unwrap());
     let explicit_beams =
-        js_sys::Array::from(&plain.beam_search(image("astronaut.png"), with(&[("numBeams", 3.into()), ("maxNewTokens", 7.into())]), None).unwrap());
+        js_sys::Array::from(&plain.beam_search(Uint8Array::from(image("astronaut.png")).into(), with(&[("numBeams", 3.into()), ("maxNewTokens", 7.into())]), None).unwrap());
     assert_eq!(ids_of(&beams.get(0)), ids_of(&explicit_beams.get(0)));
     let many = js_sys::Array::from(
         &configured.caption_many(js_sys::Array::of1(&js_sys::Uint8Array::from(image("astronaut.png"))), with(&[]), None).unwrap(),

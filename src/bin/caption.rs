@@ -19,8 +19,7 @@ mod cli {
     use std::process::ExitCode;
 
     use clap::Parser;
-    use wasmcap::beam::EarlyStopping;
-    use wasmcap::sampling::SamplingChoices;
+    use wasmcap::generation::GenerationOptions;
     use wasmcap::{BeamOptions, CaptionOptions, Captioner};
 
     #[derive(Parser)]
@@ -116,7 +115,14 @@ mod cli {
                 return ExitCode::FAILURE;
             }
         };
-        let sampling = SamplingChoices {
+        let early_stopping = args.early_stopping.as_deref().map(|v| match v {
+            "true" => serde_json::Value::Bool(true),
+            "false" => serde_json::Value::Bool(false),
+            other => serde_json::Value::from(other),
+        });
+        let given = GenerationOptions {
+            max_new_tokens: args.max_new_tokens,
+            prompt: args.prompt.clone(),
             do_sample: args.do_sample,
             temperature: args.temperature,
             top_k: args.top_k,
@@ -126,26 +132,18 @@ mod cli {
             no_repeat_ngram_size: args.no_repeat_ngram_size,
             min_new_tokens: args.min_new_tokens,
             bad_words_ids,
-        }
-        .over(captioner.default_options().sampling);
-        if let Err(e) = sampling.validate() {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-        let options = CaptionOptions { max_new_tokens: args.max_new_tokens, prompt: args.prompt.clone(), sampling, eos_token_ids: None };
-        let d = captioner.default_beam_options();
-        let beam_settings = BeamOptions {
-            num_beams: args.num_beams.unwrap_or(d.num_beams),
-            length_penalty: args.length_penalty.unwrap_or(d.length_penalty),
-            early_stopping: match args.early_stopping.as_deref() {
-                Some("true") => EarlyStopping::Stop,
-                Some("never") => EarlyStopping::Never,
-                Some(_) => EarlyStopping::Heuristic,
-                None => d.early_stopping,
-            },
-            num_return_sequences: args.num_return_sequences.unwrap_or(d.num_return_sequences),
+            num_beams: args.num_beams,
+            length_penalty: args.length_penalty,
+            early_stopping,
+            num_return_sequences: args.num_return_sequences,
         };
-        let beams = beam_settings.searches().then_some(beam_settings);
+        let (options, beams) = match captioner.plan(&given) {
+            Ok(plan) => (plan.options, plan.beams),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let mut failed = false;
         let mut report = |image: &Path, e: &wasmcap::Error| {
             failed = true;

@@ -340,6 +340,21 @@ impl Architecture for Llava {
         self.dequantize_vision()
     }
 
+    /// The image positions, then `text_positions` ids spread over the vocabulary (never the image
+    /// token).
+    fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize) -> Vec<u32> {
+        let (image, vocab) = (self.config.image_token_index, self.config.text_config.vocab_size.max(2) as u32);
+        let mut ids = vec![image; self.config.num_image_tokens()];
+        ids.extend((0..text_positions as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == image { 1 } else { id }));
+        ids
+    }
+
+    /// Token embeddings only as a tied LM head.
+    fn decode_step_reads(&self, name: &str) -> bool {
+        let tied = self.config.text_config.tie_word_embeddings;
+        (name.contains("language_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight"))
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -292,6 +292,17 @@ impl Architecture for VisionEncoderDecoder {
         VisionEncoderDecoder::dequantize_encoder(self)
     }
 
+    fn synthetic_input_ids(&self, generation: &GenerationDefaults, _: usize) -> Vec<u32> {
+        vec![generation.decoder_start_token_id.unwrap_or_default()]
+    }
+
+    /// Token embeddings only as a tied LM head; position embeddings one row at a time;
+    /// cross-attention keys/values once per image.
+    fn decode_step_reads(&self, name: &str) -> bool {
+        let tied = self.decoder.config().tie_word_embeddings;
+        name.starts_with("decoder.") && !name.contains("crossattention.c_attn") && !name.ends_with("wpe.weight") && (tied || !name.ends_with("wte.weight"))
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

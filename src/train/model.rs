@@ -42,11 +42,7 @@ pub struct LoraSettings {
 
 impl LoraSettings {
     pub fn scale(&self) -> f64 {
-        if self.rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        crate::lora::scale(self.alpha, self.r, self.rslora)
     }
 }
 
