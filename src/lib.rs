@@ -16,6 +16,7 @@ pub mod models;
 pub mod parallel;
 pub mod preprocess;
 pub mod quantize;
+pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
 #[cfg(not(target_arch = "wasm32"))]

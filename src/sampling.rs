@@ -188,30 +188,18 @@ pub fn process(scores: &mut [f32], seen: &[u32], generated: usize, eos: &[u32], 
     }
 }
 
-/// A small seeded generator (PCG-XSH-RR 64/32): the same seed gives the same captions on every
-/// platform, WASM included. It cannot reproduce torch's generator, so sampled ids are ours.
+/// The sampler's generator: the crate's one seeded generator (`crate::rng`), seeded per image.
 #[derive(Debug, Clone)]
-pub struct Rng {
-    state: u64,
-}
+pub struct Rng(crate::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        let mut rng = Self { state: seed.wrapping_add(0x853c_49e6_748f_ea9b) };
-        rng.next_u32();
-        rng
-    }
-
-    pub fn next_u32(&mut self) -> u32 {
-        let old = self.state;
-        self.state = old.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
-        xorshifted.rotate_right((old >> 59) as u32)
+        Self(crate::rng::SplitMix64::new(seed))
     }
 
     /// Uniform in [0, 1).
     pub fn next_f32(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+        self.0.next_f32()
     }
 
     /// An index drawn with probability softmax(scores) (`-inf` never drawn).

@@ -198,33 +198,4 @@ impl SiglipVisionTransformer {
 }
 
 // The encoder of a VisionEncoderDecoder (`encoder.model_type` "siglip_vision_model").
-impl vision_encoder_decoder::ImageEncoder for SiglipVisionTransformer {
-    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        SiglipVisionTransformer::forward(self, pixel_values)
-    }
-    fn linears(&self) -> Vec<&Linear> {
-        SiglipVisionTransformer::linears(self).collect()
-    }
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        SiglipVisionTransformer::linears_mut(self).collect()
-    }
-    fn clone_box(&self) -> Box<dyn vision_encoder_decoder::ImageEncoder> {
-        Box::new(self.clone())
-    }
-}
-
-impl vision_encoder_decoder::EncoderModel for SiglipVisionTransformer {
-    type Config = SiglipVisionConfig;
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        SiglipVisionTransformer::new(cfg, vb)
-    }
-    fn spec(cfg: &SiglipVisionConfig) -> std::result::Result<vision_encoder_decoder::EncoderSpec, String> {
-        cfg.validate()?;
-        Ok(vision_encoder_decoder::EncoderSpec {
-            hidden_size: cfg.hidden_size,
-            num_channels: cfg.num_channels,
-            image_size: cfg.image_size,
-            num_hidden_layers: cfg.num_hidden_layers,
-        })
-    }
-}
+vision_encoder_decoder::image_encoder!(SiglipVisionTransformer, SiglipVisionConfig);

@@ -46,6 +46,45 @@ pub trait EncoderModel: ImageEncoder + Clone + Sized + 'static {
     fn spec(cfg: &Self::Config) -> std::result::Result<EncoderSpec, String>;
 }
 
+/// The seam for a tower that has `new(&Config, VarBuilder)`, `forward`, `linears` and
+/// `linears_mut` of its own, and whose config has `validate` and the usual size fields:
+/// `image_encoder!(ViTModel, ViTConfig);` in the tower's file.
+macro_rules! image_encoder {
+    ($model:ty, $config:ty) => {
+        impl $crate::models::vision_encoder_decoder::ImageEncoder for $model {
+            fn forward(&self, pixel_values: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+                <$model>::forward(self, pixel_values)
+            }
+            fn linears(&self) -> Vec<&$crate::models::linear::Linear> {
+                <$model>::linears(self).collect()
+            }
+            fn linears_mut(&mut self) -> Vec<&mut $crate::models::linear::Linear> {
+                <$model>::linears_mut(self).collect()
+            }
+            fn clone_box(&self) -> Box<dyn $crate::models::vision_encoder_decoder::ImageEncoder> {
+                Box::new(self.clone())
+            }
+        }
+
+        impl $crate::models::vision_encoder_decoder::EncoderModel for $model {
+            type Config = $config;
+            fn new(cfg: &$config, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
+                <$model>::new(cfg, vb)
+            }
+            fn spec(cfg: &$config) -> std::result::Result<$crate::models::vision_encoder_decoder::EncoderSpec, String> {
+                cfg.validate()?;
+                Ok($crate::models::vision_encoder_decoder::EncoderSpec {
+                    hidden_size: cfg.hidden_size,
+                    num_channels: cfg.num_channels,
+                    image_size: cfg.image_size,
+                    num_hidden_layers: cfg.num_hidden_layers,
+                })
+            }
+        }
+    };
+}
+pub(crate) use image_encoder;
+
 /// The sizes the wrapper and the captioner need of an encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EncoderSpec {

@@ -176,33 +176,4 @@ impl ViTModel {
 }
 
 // The encoder of a VisionEncoderDecoder (`encoder.model_type` "vit").
-impl vision_encoder_decoder::ImageEncoder for ViTModel {
-    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        ViTModel::forward(self, pixel_values)
-    }
-    fn linears(&self) -> Vec<&Linear> {
-        ViTModel::linears(self).collect()
-    }
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        ViTModel::linears_mut(self).collect()
-    }
-    fn clone_box(&self) -> Box<dyn vision_encoder_decoder::ImageEncoder> {
-        Box::new(self.clone())
-    }
-}
-
-impl vision_encoder_decoder::EncoderModel for ViTModel {
-    type Config = ViTConfig;
-    fn new(cfg: &ViTConfig, vb: VarBuilder) -> Result<Self> {
-        ViTModel::new(cfg, vb)
-    }
-    fn spec(cfg: &ViTConfig) -> std::result::Result<vision_encoder_decoder::EncoderSpec, String> {
-        cfg.validate()?;
-        Ok(vision_encoder_decoder::EncoderSpec {
-            hidden_size: cfg.hidden_size,
-            num_channels: cfg.num_channels,
-            image_size: cfg.image_size,
-            num_hidden_layers: cfg.num_hidden_layers,
-        })
-    }
-}
+vision_encoder_decoder::image_encoder!(ViTModel, ViTConfig);

@@ -46,37 +46,14 @@ impl LoraSettings {
     }
 }
 
-/// Small deterministic generator for initial weights (SplitMix64 + Box–Muller): the same seed
-/// gives the same model on every machine, which resume-equality tests rely on.
-pub struct InitRng(u64);
+/// Initial weights and data order come from the crate's one generator (`crate::rng`): the same
+/// seed gives the same model on every machine, which resume-equality tests rely on.
+pub type InitRng = crate::rng::SplitMix64;
 
-impl InitRng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    pub fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-
-    pub fn tensor(&mut self, shape: &Shape, f: impl Fn(&mut Self) -> f64) -> candle_core::Result<Tensor> {
-        let data: Vec<f32> = (0..shape.elem_count()).map(|_| f(self) as f32).collect();
-        Tensor::from_vec(data, shape.clone(), &Device::Cpu)
-    }
+/// A tensor of `shape` whose values `f` draws from `rng`.
+pub fn random_tensor(rng: &mut InitRng, shape: &Shape, f: impl Fn(&mut InitRng) -> f64) -> candle_core::Result<Tensor> {
+    let data: Vec<f32> = (0..shape.elem_count()).map(|_| f(rng) as f32).collect();
+    Tensor::from_vec(data, shape.clone(), &Device::Cpu)
 }
 
 /// Hands the model builder loaded tensors (or fresh ones), as `Var`s where `trainable` says so,
@@ -123,13 +100,13 @@ impl SimpleBackend for TrainBackend {
                 // language model, and with a tied head of norm 0.02·√hidden the logits could never
                 // leave ±0.02·hidden — too flat for any adapter to make a confident caption.
                 let t = match hint {
-                    Init::Const(c) if c != 0.0 => rng.tensor(&shape, |_| c)?,
+                    Init::Const(c) if c != 0.0 => random_tensor(rng, &shape, |_| c)?,
                     _ if name.ends_with("bias") => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
                     _ if name.ends_with("language_model.embed_tokens.weight") => {
                         let std = 1.0 / (*shape.dims().last().unwrap_or(&1) as f64).sqrt();
-                        rng.tensor(&shape, |r| std * r.normal())?
+                        random_tensor(rng, &shape, |r| std * r.normal())?
                     }
-                    _ => rng.tensor(&shape, |r| 0.02 * r.normal())?,
+                    _ => random_tensor(rng, &shape, |r| 0.02 * r.normal())?,
                 };
                 state.initialised.push(name.to_string());
                 t.to_dtype(dtype)?.to_device(dev)?
@@ -522,7 +499,7 @@ impl TrainModel {
             let (d_in, d_out) = linear.dims()?;
             // PEFT: A ~ kaiming_uniform(a = √5) = U(±1/√in), B = 0, so training starts at the base model.
             let bound = 1.0 / (d_in as f64).sqrt();
-            let a = rng.tensor(&Shape::from((settings.r, d_in)), |r| (2.0 * r.uniform() - 1.0) * bound)?;
+            let a = random_tensor(rng, &Shape::from((settings.r, d_in)), |r| (2.0 * r.uniform() - 1.0) * bound)?;
             let a = Var::from_tensor(&a.to_dtype(self.dtype)?.to_device(&self.device)?)?;
             let b = Var::zeros((d_out, settings.r), self.dtype, &self.device)?;
             linear.set_lora(Some(LoraUpdate { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: settings.scale() }));
