@@ -38,7 +38,8 @@ pub fn family_of(config: &serde_json::Value) -> std::result::Result<&'static Fam
     let model_type = config.get("model_type").and_then(|t| t.as_str());
     FAMILIES.iter().copied().find(|f| Some(f.model_type) == model_type).ok_or_else(|| {
         let known: Vec<_> = FAMILIES.iter().map(|f| format!("{:?}", f.model_type)).collect();
-        format!("model_type {model_type:?} is not supported; supported: {}", known.join(", "))
+        let found = model_type.map_or_else(|| "(none)".to_string(), |t| format!("{t:?}"));
+        format!("model_type {found} is not supported; supported: {}", known.join(", "))
     })
 }
 

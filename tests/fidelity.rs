@@ -281,7 +281,7 @@ fn invalid_config_is_reported() {
     let fx = &fixtures()[0];
     let cases: [(&[u8], &str); 5] = [
         (b"{not json", "not valid JSON"),
-        (br#"{"model_type": "bert"}"#, "bert"),
+        (br#"{"model_type": "bert"}"#, "model_type \"bert\" is not supported; supported: \"vision-encoder-decoder\", \"llava\""),
         // An unsupported encoder is refused by name, listing the supported ones.
         (br#"{"model_type": "vision-encoder-decoder", "encoder": {"model_type": "beit"}, "decoder": {"model_type": "gpt2"}}"#, "\"siglip_vision_model\", \"vit\""),
         (br#"{"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit", "image_size": 100}, "decoder": {"model_type": "gpt2", "add_cross_attention": true}}"#, "multiple of patch_size"),

@@ -2,7 +2,8 @@
 """Makes the model both sides of the wasmcap-vs-transformers.js benchmark run.
 
 Full-size SigLIP-B/16-224 vision encoder + GPT-2 small with cross-attention
-(bench/configs/siglip-base-gpt2.json), random weights: seeded init, then seeded noise on EVERY
+(bench/configs/siglip-base-gpt2.json; --config bench/configs/vit-base-gpt2.json: ViT-B/16-224, the
+architecture transformers.js runs as Xenova/vit-gpt2-image-captioning), random weights: seeded init, then seeded noise on EVERY
 parameter (biases and norm gains too), so greedy decoding is neither one repeated token nor EOS.
 Written to OUT (default ~/.cache/wasmcap/vs-tjs):
 
@@ -89,9 +90,15 @@ def build(config_path, seed):
     return model
 
 
-def pixel_values(model_dir, image):
-    from transformers import SiglipImageProcessor
-    return SiglipImageProcessor.from_pretrained(model_dir)(image, return_tensors="pt").pixel_values
+def processor_class(config_path):
+    """The image processor of the config's encoder: ViT's (bilinear) or SigLIP's (bicubic)."""
+    import transformers
+    encoder = json.loads(Path(config_path).read_text())["encoder"]["model_type"]
+    return transformers.ViTImageProcessor if encoder == "vit" else transformers.SiglipImageProcessor
+
+
+def pixel_values(model_dir, image, config_path):
+    return processor_class(config_path).from_pretrained(model_dir)(image, return_tensors="pt").pixel_values
 
 
 def greedy(model, pixels, n):
@@ -111,8 +118,8 @@ def greedy(model, pixels, n):
     return ids, gaps
 
 
-def write_side_files(model_dir):
-    from transformers import GenerationConfig, SiglipImageProcessor
+def write_side_files(model_dir, config_path):
+    from transformers import GenerationConfig
     shutil.copy(REPO / "tests/fixtures/gpt2-tokenizer/tokenizer.json", model_dir / "tokenizer.json")
     # transformers.js reads tokenizer_config.json for the tokenizer class and special tokens.
     (model_dir / "tokenizer_config.json").write_text(json.dumps({
@@ -120,8 +127,10 @@ def write_side_files(model_dir):
         "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": 1024,
         "clean_up_tokenization_spaces": False,
     }, indent=2) + "\n")
-    SiglipImageProcessor(size={"height": 224, "width": 224}, resample=3, do_rescale=True, rescale_factor=1 / 255,
-                         do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(model_dir)
+    processor = processor_class(config_path)
+    resample = 2 if processor.__name__.startswith("ViT") else 3
+    processor(size={"height": 224, "width": 224}, resample=resample, do_rescale=True, rescale_factor=1 / 255,
+              do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(model_dir)
     GenerationConfig(bos_token_id=EOS, decoder_start_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS).save_pretrained(model_dir)
 
 
@@ -207,8 +216,8 @@ def main():
     image = Image.open(REPO / "tests/fixtures/images/astronaut.png").convert("RGB").resize((224, 224), Image.BICUBIC)
     image.save(out / "image.png")
     image = Image.open(out / "image.png")  # exactly the bytes both sides decode
-    write_side_files(model_dir)
-    pixels = pixel_values(model_dir, image)
+    write_side_files(model_dir, args.config)
+    pixels = pixel_values(model_dir, image, args.config)
 
     for seed in SEEDS:
         model = build(args.config, seed)
@@ -222,7 +231,7 @@ def main():
         raise SystemExit("no seed gave a usable greedy sequence; change the noise settings")
 
     model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="10GB")
-    write_side_files(model_dir)  # save_pretrained rewrote generation_config.json: ours again
+    write_side_files(model_dir, args.config)  # save_pretrained rewrote generation_config.json: ours again
     if sorted(p.name for p in model_dir.glob("*.safetensors")) != ["model.safetensors"]:
         raise SystemExit("expected one model.safetensors")
     loaded = check_strict(model_dir, model, pixels)

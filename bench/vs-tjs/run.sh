@@ -7,7 +7,8 @@
 #      cached: rebuilt only when make_model.py or the config changes)
 #   3. npm ci here (transformers.js + playwright-core), when package-lock.json changed
 #   4. node driver.mjs: prints the markdown table (also saved as JSON next to the model)
-# Env: TOKENS (20), REPEATS (3), THREADS (1,2), DTYPES (fp32,q8), OURS_THREADS (auto|always|never),
+# Env: VS_TJS_CONFIG (bench/configs/siglip-base-gpt2.json; vit-base-gpt2.json for ViT-B/16 + GPT-2),
+# TOKENS (20), REPEATS (3), THREADS (1,2), DTYPES (fp32,q8), OURS_THREADS (auto|always|never),
 # OURS_JS (serve pkg/index.js + worker.js from this folder, e.g. js), VS_TJS_VENV, VS_TJS_DATA.
 # Uses pkg/ as it is (builds it only if missing).
 set -euo pipefail
@@ -15,7 +16,12 @@ cd "$(dirname "$0")/../.."
 [ "${1:-}" = --vs-transformers-js ] && shift
 HERE=bench/vs-tjs
 VENV=${VS_TJS_VENV:-$HOME/.cache/wasmcap/vs-tjs-venv}
-DATA=${VS_TJS_DATA:-$HOME/.cache/wasmcap/vs-tjs}
+# VS_TJS_CONFIG=bench/configs/vit-base-gpt2.json: ViT-B/16 + GPT-2 (nlpconnect's architecture).
+CONFIG=${VS_TJS_CONFIG:-bench/configs/siglip-base-gpt2.json}
+case "$CONFIG" in
+  */siglip-base-gpt2.json) DATA=${VS_TJS_DATA:-$HOME/.cache/wasmcap/vs-tjs} ;;
+  *) DATA=${VS_TJS_DATA:-$HOME/.cache/wasmcap/vs-tjs-$(basename "$CONFIG" .json)} ;;
+esac
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 if ! "$VENV/bin/python" -c 'import torch, transformers, optimum.exporters.onnx, onnxruntime.quantization, PIL, accelerate' 2>/dev/null; then
@@ -25,7 +31,7 @@ if ! "$VENV/bin/python" -c 'import torch, transformers, optimum.exporters.onnx, 
   "$VENV/bin/pip" install -q -r "$HERE/requirements.txt"
 fi
 log "model (cached in $DATA)"
-"$VENV/bin/python" "$HERE/make_model.py" --out "$DATA"
+"$VENV/bin/python" "$HERE/make_model.py" --config "$CONFIG" --out "$DATA"
 
 lock_hash=$(sha256sum "$HERE/package-lock.json" | cut -d' ' -f1)
 if [ "$(cat "$HERE/node_modules/.vs-tjs-lock" 2>/dev/null)" != "$lock_hash" ]; then

@@ -132,11 +132,12 @@ impl VisionEncoderDecoderConfig {
         let encoder_type = model_type("encoder");
         let family = ENCODERS.iter().find(|f| Some(f.model_type) == encoder_type).ok_or_else(|| {
             let known: Vec<_> = ENCODERS.iter().map(|f| format!("{:?}", f.model_type)).collect();
-            format!("encoder.model_type {encoder_type:?} is not supported; supported: {}", known.join(", "))
+            let found = encoder_type.map_or_else(|| "(none)".to_string(), |t| format!("{t:?}"));
+            format!("encoder.model_type {found} is not supported; supported: {}", known.join(", "))
         })?;
         match model_type("decoder") {
             Some("gpt2") => {}
-            other => return Err(format!("decoder.model_type {other:?} is not supported; supported: \"gpt2\"")),
+            other => return Err(format!("decoder.model_type {} is not supported; supported: \"gpt2\"", other.map_or("(none)".into(), |t| format!("{t:?}")))),
         }
         if value.get("decoder").and_then(|d| d.get("cross_attention_hidden_size")).is_some_and(|v| !v.is_null()) {
             return Err("decoder.cross_attention_hidden_size is not supported by GPT-2".into());
