@@ -208,3 +208,18 @@ fn generation_options_follow_the_one_rule_of_crate_generation() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("num_return_sequences (2) must be between 1 and num_beams (1)"), "{stderr}");
 }
+
+#[test]
+fn a_folder_without_any_tokenizer_names_what_it_looked_for() {
+    let dir = std::env::temp_dir().join(format!("wasmcap-no-tokenizer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json", "vocab.json"] {
+        std::fs::copy(fixture_path(&format!("tiny-vit-gpt2/{f}")), dir.join(f)).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", dir.to_str().unwrap(), &fixture_path("images/astronaut.png")]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokenizer.json") && stderr.contains("merges.txt"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -267,6 +267,24 @@ fn wrong_shape_names_tensor_and_both_shapes() {
 }
 
 #[test]
+fn vit_tensors_are_named_when_missing_or_misshapen() {
+    let fx = common::vit_gpt2();
+    for name in ["encoder.embeddings.cls_token", "encoder.encoder.layer.1.attention.attention.value.bias", "encoder.layernorm.weight"] {
+        let weights = edit_safetensors(fx.weights, |n, t| (n != name).then_some(t));
+        let err = load_err(ModelFiles { weights: &weights, ..fx.files() });
+        assert!(matches!(err, Error::MissingTensor { .. }) && err.to_string().contains(name), "{err:?}");
+    }
+    // 49 patches + CLS = 50 positions of 32; a checkpoint for another image size is refused.
+    let name = "encoder.embeddings.position_embeddings";
+    let weights = edit_safetensors(fx.weights, |n, t| Some(if n == name { Tensor::zeros((1, 37, 32), t.dtype(), t.device()).unwrap() } else { t }));
+    let msg = load_err(ModelFiles { weights: &weights, ..fx.files() }).to_string();
+    assert!(msg.contains(name) && msg.contains("[1, 50, 32]") && msg.contains("[1, 37, 32]"), "{msg}");
+    // The pooler is not read: a checkpoint without it loads (transformers ignores it too).
+    let weights = edit_safetensors(fx.weights, |n, t| (!n.starts_with("encoder.pooler.")).then_some(t));
+    assert!(Captioner::from_files(ModelFiles { weights: &weights, ..fx.files() }).is_ok());
+}
+
+#[test]
 fn truncated_safetensors_is_reported() {
     let fx = &fixtures()[0];
     for len in [0, 5, 100, fx.weights.len() / 2, fx.weights.len() - 1] {
