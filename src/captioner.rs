@@ -45,9 +45,25 @@ pub struct BeamOptions {
 }
 
 impl BeamOptions {
-    /// Whether these settings ask for a search rather than one greedy or sampled caption.
+    /// Whether these settings ask for a beam search rather than one greedy or sampled caption:
+    /// more than one beam, as `generate()` decides (crate::generation).
     pub fn searches(&self) -> bool {
-        self.num_beams > 1 || self.num_return_sequences > 1
+        self.num_beams > 1
+    }
+
+    /// At least one beam, and between 1 and `num_beams` sequences returned, as `generate()` asks.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_beams == 0 {
+            return Err(Error::Generation("num_beams must be at least 1".into()));
+        }
+        if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
+            let hint = if self.num_beams == 1 { ": greedy decoding and sampling give one sequence; ask for as many beams" } else { "" };
+            return Err(Error::Generation(format!(
+                "num_return_sequences ({}) must be between 1 and num_beams ({}){hint}",
+                self.num_return_sequences, self.num_beams
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -363,12 +379,7 @@ impl Captioner {
         beams: &BeamOptions,
         mut on_provisional: impl FnMut(usize, &[u32]),
     ) -> Result<Vec<Vec<Hypothesis>>> {
-        if beams.num_return_sequences == 0 || beams.num_return_sequences > beams.num_beams {
-            return Err(Error::Generation(format!(
-                "num_return_sequences ({}) must be between 1 and num_beams ({})",
-                beams.num_return_sequences, beams.num_beams
-            )));
-        }
+        beams.validate()?;
         let mut run = self.start_many(pixel_values, options)?;
         let k = beams.num_beams;
         let mut searches = (0..run.rows.len())

@@ -44,12 +44,14 @@ pub struct Plan {
 }
 
 impl GenerationOptions {
-    /// Options from a JSON object (`null`: none); unknown keys and wrong types are refused.
+    /// Options from a JSON object (`null`: none); anything else, unknown keys and wrong types
+    /// are refused.
     pub fn from_json(value: serde_json::Value) -> Result<Self> {
-        if value.is_null() {
-            return Ok(Self::default());
+        match value {
+            serde_json::Value::Null => Ok(Self::default()),
+            serde_json::Value::Object(_) => serde_json::from_value(value).map_err(|e| Error::Generation(format!("invalid options: {e}"))),
+            other => Err(Error::Generation(format!("invalid options: expected an object, not {other}"))),
         }
-        serde_json::from_value(value).map_err(|e| Error::Generation(format!("invalid options: {e}")))
     }
 
     /// The options with the model's defaults filled in, validated, and the decision `generate()`
@@ -73,8 +75,9 @@ impl GenerationOptions {
         let b = &defaults.beams;
         let early_stopping = match &self.early_stopping {
             None => b.early_stopping,
-            Some(v) => EarlyStopping::from_json(v)
-                .ok_or_else(|| Error::Generation(format!("early_stopping must be true, false or \"never\", not {v}")))?,
+            Some(v) => {
+                EarlyStopping::from_json(v).ok_or_else(|| Error::Generation(format!("early_stopping must be true, false or \"never\", not {v}")))?
+            }
         };
         let beams = BeamOptions {
             num_beams: self.num_beams.unwrap_or(b.num_beams),
@@ -82,19 +85,9 @@ impl GenerationOptions {
             early_stopping,
             num_return_sequences: self.num_return_sequences.unwrap_or(b.num_return_sequences),
         };
-        if beams.num_beams == 0 {
-            return Err(Error::Generation("num_beams must be at least 1".into()));
-        }
-        if beams.num_return_sequences == 0 || beams.num_return_sequences > beams.num_beams {
-            return Err(Error::Generation(format!(
-                "num_return_sequences ({}) must be between 1 and num_beams ({}){}",
-                beams.num_return_sequences,
-                beams.num_beams,
-                if beams.num_beams == 1 { ": greedy decoding and sampling give one sequence; ask for as many beams" } else { "" }
-            )));
-        }
+        beams.validate()?;
         let options = CaptionOptions { max_new_tokens: self.max_new_tokens, prompt: self.prompt.clone(), sampling, eos_token_ids: None };
-        Ok(Plan { options, beams: (beams.num_beams > 1).then_some(beams) })
+        Ok(Plan { options, beams: beams.searches().then_some(beams) })
     }
 }
 
@@ -127,7 +120,8 @@ mod tests {
     fn several_sequences_need_beams_as_generate_says() {
         let err = GenerationOptions { num_return_sequences: Some(2), ..Default::default() }.plan(&defaults(json!({}))).unwrap_err();
         assert!(err.to_string().contains("num_return_sequences (2) must be between 1 and num_beams (1)"), "{err}");
-        let err = GenerationOptions { num_beams: Some(2), num_return_sequences: Some(3), ..Default::default() }.plan(&defaults(json!({}))).unwrap_err();
+        let err =
+            GenerationOptions { num_beams: Some(2), num_return_sequences: Some(3), ..Default::default() }.plan(&defaults(json!({}))).unwrap_err();
         assert!(err.to_string().contains("num_return_sequences (3) must be between 1 and num_beams (2)"), "{err}");
     }
 

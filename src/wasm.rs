@@ -39,9 +39,6 @@ fn generation_options(value: JsValue) -> Result<GenerationOptions, JsError> {
         return Ok(GenerationOptions::default());
     }
     let json: serde_json::Value = serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("invalid options: {e}")))?;
-    if !json.is_object() {
-        return Err(JsError::new(&format!("invalid options: expected an object, not {json}")));
-    }
     GenerationOptions::from_json(json).map_err(js_error)
 }
 
