@@ -36,11 +36,23 @@ pub type Builder = Box<dyn FnOnce(VarBuilder) -> candle_core::Result<Box<dyn Arc
 /// The family of a `config.json`, or an error listing the supported `model_type`s.
 pub fn family_of(config: &serde_json::Value) -> std::result::Result<&'static Family, String> {
     let model_type = config.get("model_type").and_then(|t| t.as_str());
-    FAMILIES.iter().copied().find(|f| Some(f.model_type) == model_type).ok_or_else(|| {
-        let known: Vec<_> = FAMILIES.iter().map(|f| format!("{:?}", f.model_type)).collect();
-        let found = model_type.map_or_else(|| "(none)".to_string(), |t| format!("{t:?}"));
-        format!("model_type {found} is not supported; supported: {}", known.join(", "))
-    })
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| Some(f.model_type) == model_type)
+        .ok_or_else(|| unsupported("model_type", model_type, FAMILIES.iter().map(|f| f.model_type)))
+}
+
+/// "`key` "found" is not supported; supported: "a", "b"" — what a registry says of a type it lacks.
+pub fn unsupported<'a>(key: &str, found: Option<&str>, known: impl Iterator<Item = &'a str>) -> String {
+    let found = found.map_or_else(|| "(none)".to_string(), |t| format!("{t:?}"));
+    let known: Vec<_> = known.map(|k| format!("{k:?}")).collect();
+    format!("{key} {found} is not supported; supported: {}", known.join(", "))
+}
+
+/// The entries `rows` of `values`, in that order (a [`DecodeState::select`] of per-row ids).
+pub fn pick_rows(values: &[u32], rows: &[usize]) -> Vec<u32> {
+    rows.iter().map(|&r| values.get(r).copied().unwrap_or_default()).collect()
 }
 
 /// A captioning model: an image encoder and a decoder that generates from what it encodes.

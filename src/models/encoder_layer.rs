@@ -10,6 +10,18 @@ use super::attention;
 use super::linear::{linear_b, Linear};
 use super::norm::{layer_norm, LayerNorm};
 
+/// The size checks every patch-embedding tower's config needs before anything is built: whole
+/// heads, and an image cut into whole patches.
+pub fn check_tower_sizes(hidden_size: usize, num_attention_heads: usize, image_size: usize, patch_size: usize) -> std::result::Result<(), String> {
+    if num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads) {
+        return Err(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"));
+    }
+    if patch_size == 0 || !image_size.is_multiple_of(patch_size) {
+        return Err(format!("image_size {image_size} is not a multiple of patch_size {patch_size}"));
+    }
+    Ok(())
+}
+
 /// Where a tower keeps each part of a layer, relative to the layer's prefix.
 pub struct LayerNames {
     pub norm1: &'static str,

@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family};
+use crate::architecture::{pick_rows, state_of, Architecture, Builder, DecodeState, Family};
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
 
@@ -276,8 +276,7 @@ impl DecodeState for PrefixState {
             }
             None => None,
         };
-        let last = rows.iter().map(|&r| self.last.get(r).copied().unwrap_or_default()).collect();
-        Ok(Box::new(Self { cache: self.cache.select(rows)?, prompt, last }))
+        Ok(Box::new(Self { cache: self.cache.select(rows)?, prompt, last: pick_rows(&self.last, rows) }))
     }
     fn feed(&mut self, tokens: Vec<u32>) {
         self.last = tokens;

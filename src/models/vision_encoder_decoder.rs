@@ -9,7 +9,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
-use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family};
+use crate::architecture::{pick_rows, state_of, unsupported, Architecture, Builder, DecodeState, Family};
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
 
@@ -130,14 +130,13 @@ impl VisionEncoderDecoderConfig {
     pub fn from_json(value: &serde_json::Value) -> std::result::Result<Self, String> {
         let model_type = |section: &str| value.get(section).and_then(|s| s.get("model_type")).and_then(|t| t.as_str());
         let encoder_type = model_type("encoder");
-        let family = ENCODERS.iter().find(|f| Some(f.model_type) == encoder_type).ok_or_else(|| {
-            let known: Vec<_> = ENCODERS.iter().map(|f| format!("{:?}", f.model_type)).collect();
-            let found = encoder_type.map_or_else(|| "(none)".to_string(), |t| format!("{t:?}"));
-            format!("encoder.model_type {found} is not supported; supported: {}", known.join(", "))
-        })?;
+        let family = ENCODERS
+            .iter()
+            .find(|f| Some(f.model_type) == encoder_type)
+            .ok_or_else(|| unsupported("encoder.model_type", encoder_type, ENCODERS.iter().map(|f| f.model_type)))?;
         match model_type("decoder") {
             Some("gpt2") => {}
-            other => return Err(format!("decoder.model_type {} is not supported; supported: \"gpt2\"", other.map_or("(none)".into(), |t| format!("{t:?}")))),
+            other => return Err(unsupported("decoder.model_type", other, ["gpt2"].into_iter())),
         }
         if value.get("decoder").and_then(|d| d.get("cross_attention_hidden_size")).is_some_and(|v| !v.is_null()) {
             return Err("decoder.cross_attention_hidden_size is not supported by GPT-2".into());
@@ -266,8 +265,7 @@ struct CrossAttentionState {
 
 impl DecodeState for CrossAttentionState {
     fn select(&self, rows: &[usize]) -> Result<Box<dyn DecodeState>> {
-        let next_input = rows.iter().map(|&r| self.next_input.get(r).copied().unwrap_or_default()).collect();
-        Ok(Box::new(Self { cache: self.cache.select(rows)?, next_input }))
+        Ok(Box::new(Self { cache: self.cache.select(rows)?, next_input: pick_rows(&self.next_input, rows) }))
     }
     fn feed(&mut self, tokens: Vec<u32>) {
         self.next_input = tokens;
@@ -340,7 +338,10 @@ impl Architecture for VisionEncoderDecoder {
     /// cross-attention keys/values once per image.
     fn decode_step_reads(&self, name: &str) -> bool {
         let tied = self.decoder.config().tie_word_embeddings;
-        name.starts_with("decoder.") && !name.contains("crossattention.c_attn") && !name.ends_with("wpe.weight") && (tied || !name.ends_with("wte.weight"))
+        name.starts_with("decoder.")
+            && !name.contains("crossattention.c_attn")
+            && !name.ends_with("wpe.weight")
+            && (tied || !name.ends_with("wte.weight"))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -75,13 +75,7 @@ impl ViTConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
-        }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
-            return Err(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
-        }
-        Ok(())
+        super::encoder_layer::check_tower_sizes(self.hidden_size, self.num_attention_heads, self.image_size, self.patch_size)
     }
 }
 

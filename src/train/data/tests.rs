@@ -1,3 +1,6 @@
+//! The dataset loaders' tests (`#[cfg(test)] mod tests` of `train::data`).
+#![cfg(test)]
+
 use super::*;
 use std::sync::atomic::AtomicU32;
 
