@@ -1,6 +1,7 @@
 //! The seam between the captioner and a model family: what a family implements
 //! ([`Architecture`], [`DecodeState`]) and the registry that picks one by `config.json`'s
-//! `model_type` ([`FAMILIES`]). The captioner, the WASM API, the CLI and the bench drive these
+//! `model_type` ([`FAMILIES`]); what the trainer needs of a family besides the model itself
+//! ([`Training`]). The captioner, the WASM API, the CLI, the bench and the trainer drive these
 //! traits and nothing else, so a new family is a file under `src/models/` and one line here.
 
 use std::any::Any;
@@ -8,9 +9,11 @@ use std::any::Any;
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use serde_json::Value;
 
 use crate::error::Result;
 use crate::loading::GenerationDefaults;
+use crate::models::linear::Linear;
 use crate::tokenizer::CaptionTokenizer;
 
 /// The families `config.json` can name, by `model_type`.
@@ -28,6 +31,8 @@ pub struct Family {
     /// Reads `config.json` (a refusal says why, and is reported as a config error) and gives the
     /// function that builds the model from its weights.
     pub config: fn(&serde_json::Value) -> std::result::Result<Builder, String>,
+    /// How the trainer composes, lays out and saves this family.
+    pub training: &'static dyn Training,
 }
 
 /// Builds a model from its weights (`VarBuilder` errors name the tensor and shapes).
@@ -41,6 +46,16 @@ pub fn family_of(config: &serde_json::Value) -> std::result::Result<&'static Fam
         .copied()
         .find(|f| Some(f.model_type) == model_type)
         .ok_or_else(|| unsupported("model_type", model_type, FAMILIES.iter().map(|f| f.model_type)))
+}
+
+/// The family the trainer composes for `--arch NAME` from an encoder and a decoder folder, or an
+/// error listing the names it knows.
+pub fn family_for_arch(name: &str) -> std::result::Result<&'static Family, String> {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.training.arch() == name)
+        .ok_or_else(|| unsupported("--arch", Some(name), FAMILIES.iter().map(|f| f.training.arch())))
 }
 
 /// "`key` "found" is not supported; supported: "a", "b"" — what a registry says of a type it lacks.
@@ -100,6 +115,23 @@ pub trait Architecture: Send + Sync {
     /// LM head, not what is read once per image or one row at a time. For the bench's read floor.
     fn decode_step_reads(&self, name: &str) -> bool;
 
+    /// Training: what the image part hands the trained part for pixel values [B, C, H, W] (the
+    /// encoder states; a prefix model's tower output before its projector). A frozen encoder's
+    /// are computed once per image and cached by the trainer.
+    fn train_features(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
+        self.encode(pixel_values)
+    }
+
+    /// Training forward: logits [B, T, vocab] for right-padded, equal-length rows `input_ids`,
+    /// row b conditioned on `features` row b (from [`Architecture::train_features`]).
+    fn train_logits(&self, features: &Tensor, input_ids: &[Vec<u32>]) -> candle_core::Result<Tensor>;
+
+    /// The matrices LoRA may adapt, by module path under [`Training::lora_scope`] (none: the
+    /// family trains without LoRA).
+    fn lora_projections(&mut self) -> Vec<(String, &mut Linear)> {
+        Vec::new()
+    }
+
     /// The concrete model, for callers that need its own API (tests, tools).
     fn as_any(&self) -> &dyn Any;
 }
@@ -116,4 +148,162 @@ pub trait DecodeState: Any + Send {
 /// The state an [`Architecture`] made, as its own type.
 pub fn state_of<T: DecodeState>(state: &mut dyn DecodeState) -> candle_core::Result<&mut T> {
     state.as_any_mut().downcast_mut::<T>().ok_or_else(|| candle_core::Error::Msg("decoding state does not belong to this model".into()))
+}
+
+/// The ids a trainer lays sequences out with.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpecialTokens {
+    /// An encoder–decoder's first decoder input (`decoder_start_token_id`); `None` for a prefix model.
+    pub decoder_start: Option<u32>,
+    pub eos: u32,
+    pub pad: u32,
+    /// The placeholder the image embeddings replace (`<image>`), for families that have one.
+    pub image: Option<u32>,
+}
+
+/// Which parts a run trains besides what the family always trains.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainParts {
+    pub encoder: bool,
+    pub decoder: bool,
+}
+
+/// How transformers lays out a training row and its labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Encoder–decoder (`shift_tokens_right`): inputs are the start and the caption, each
+    /// position labelled with the next token (the caption, then eos).
+    ShiftedRight,
+    /// Causal LM: inputs are the prompt, the caption and eos; position t is labelled with input
+    /// t + 1, the prompt's own tokens are not targets, nor is the last position.
+    CausalLm,
+}
+
+impl Layout {
+    /// (inputs, labels) for a row that starts with `start` (what [`Architecture::input_ids`]
+    /// gives) and continues with `caption` (its tokens, eos last); `None` = not in the loss.
+    pub fn row(self, start: &[u32], caption: &[u32]) -> (Vec<u32>, Vec<Option<u32>>) {
+        let mut input = start.to_vec();
+        match self {
+            Layout::ShiftedRight => {
+                input.extend_from_slice(&caption[..caption.len().saturating_sub(1)]);
+                (input, caption.iter().copied().map(Some).collect())
+            }
+            Layout::CausalLm => {
+                input.extend_from_slice(caption);
+                let mut labels: Vec<Option<u32>> = input[1..].iter().copied().map(Some).collect();
+                labels.push(None);
+                for l in labels.iter_mut().take(start.len().saturating_sub(1)) {
+                    *l = None;
+                }
+                (input, labels)
+            }
+        }
+    }
+}
+
+/// What the trainer needs of a family besides the model: how to compose one from a SigLIP
+/// folder and a decoder folder, its special tokens, which tensors train or start fresh, and what
+/// transformers writes for it. Every method reads (or fills in) the family's own `config.json`.
+pub trait Training: Sync {
+    /// The `--arch` word that composes this family from an encoder and a decoder folder.
+    fn arch(&self) -> &'static str;
+
+    /// The model's `config.json` for a SigLIP `vision_config` and a decoder's `config.json`, or
+    /// why that decoder does not fit.
+    fn compose(&self, vision: Value, text: Value) -> std::result::Result<Value, String>;
+
+    /// Where the encoder's (vision tower's) tensors live in the model, e.g. `encoder.`.
+    fn encoder_prefix(&self) -> &'static str;
+
+    /// A decoder folder's tensor name → its name in the model.
+    fn decoder_tensor(&self, name: &str) -> String;
+
+    /// The encoder's config section (the image size a default preprocessor resizes to).
+    fn vision_config(&self, config: &Value) -> Value;
+
+    /// Everything in `config` that the training features depend on (with the encoder's tensors,
+    /// the feature cache's key).
+    fn feature_config(&self, config: &Value) -> Value {
+        self.vision_config(config)
+    }
+
+    /// Special tokens a word-level tokenizer needs beyond `<pad> <bos> <eos> <unk>`.
+    fn extra_tokens(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Finds the special tokens (adding any the family needs to `tokenizer`) and writes their
+    /// ids into `config` as transformers reads them.
+    fn special_tokens(&self, config: &mut Value, tokenizer: &mut tokenizers::Tokenizer) -> Result<SpecialTokens>;
+
+    /// Whether the tensor `name` trains.
+    fn trainable(&self, name: &str, parts: TrainParts) -> bool;
+
+    /// Tensors an encoder + decoder pair lacks and gets fresh weights for (cross-attention, a
+    /// projector).
+    fn fresh_in_pair(&self, name: &str) -> bool;
+
+    /// The standard deviation a fresh tensor `name` is drawn with when it is not transformers'
+    /// 0.02 (`None`: 0.02).
+    fn init_std(&self, _name: &str, _dims: &[usize]) -> Option<f64> {
+        None
+    }
+
+    /// The module LoRA adapts, e.g. `model.language_model.` (`None`: no LoRA).
+    fn lora_scope(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The leaf names [`Architecture::lora_projections`] gives.
+    fn lora_targets(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Model name → the name transformers writes in `model.safetensors`.
+    fn saved_name(&self, name: &str) -> String {
+        name.to_string()
+    }
+
+    /// `generation_config.json` for captions of up to `max_caption_tokens` tokens.
+    fn generation_config(&self, config: &Value, specials: &SpecialTokens, max_caption_tokens: usize) -> Result<Value>;
+
+    fn layout(&self) -> Layout;
+}
+
+/// The first of `names` the tokenizer has.
+pub fn special_id(tokenizer: &tokenizers::Tokenizer, names: &[&str]) -> Option<u32> {
+    names.iter().find_map(|n| tokenizer.token_to_id(n))
+}
+
+/// `value[key]` as a token id.
+pub fn id_in(value: &Value, key: &str) -> Option<u32> {
+    value.get(key).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok())
+}
+
+/// Writes token ids into a config section (a section that is not an object is left alone: the
+/// config's own parsing reports it).
+pub fn set_ids(section: &mut Value, ids: &[(&str, u32)]) {
+    if let Some(map) = section.as_object_mut() {
+        for (key, id) in ids {
+            map.insert(key.to_string(), (*id).into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Layout;
+
+    #[test]
+    fn layouts_follow_transformers() {
+        // VisionEncoderDecoder: decoder_input_ids = shift_tokens_right(labels).
+        let (input, labels) = Layout::ShiftedRight.row(&[9], &[5, 6, 2]);
+        assert_eq!(input, vec![9, 5, 6]);
+        assert_eq!(labels, vec![Some(5), Some(6), Some(2)]);
+        // Llava: labels = input_ids with the prompt masked, shifted by one inside the loss.
+        let (input, labels) = Layout::CausalLm.row(&[7, 7, 3], &[5, 2]);
+        assert_eq!(input, vec![7, 7, 3, 5, 2]);
+        assert_eq!(labels, vec![None, None, Some(5), Some(2), None]);
+    }
 }

@@ -59,31 +59,39 @@ fn read_file(dir: &std::path::Path, name: &str) -> Result<Vec<u8>> {
     read_path(&dir.join(name))
 }
 
+/// A file's bytes, `None` when it is missing.
+#[cfg(not(target_arch = "wasm32"))]
+fn read_optional(dir: &std::path::Path, name: &str) -> Result<Option<Vec<u8>>> {
+    match read_file(dir, name) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(Error::MissingFile(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The folder's `tokenizer.json`; without one, the one GPT-2's own files (as older folders ship
+/// them) make.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn read_tokenizer(dir: &std::path::Path) -> Result<Vec<u8>> {
+    let optional = |name: &str| read_optional(dir, name);
+    if let Some(bytes) = optional(TOKENIZER)? {
+        return Ok(bytes);
+    }
+    match (optional(GPT2_VOCAB)?, optional(GPT2_MERGES)?) {
+        (Some(vocab), Some(merges)) => {
+            crate::tokenizer::gpt2_tokenizer_json(&vocab, &merges, optional(TOKENIZER_CONFIG)?.as_deref(), optional(SPECIAL_TOKENS_MAP)?.as_deref())
+        }
+        _ => Err(Error::MissingFile(format!("{} (or GPT-2's {GPT2_VOCAB} and {GPT2_MERGES})", dir.join(TOKENIZER).display()))),
+    }
+}
+
 impl OwnedModelFiles {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
         let read = |name: &str| read_file(dir, name);
-        let optional = |name: &str| match read(name) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(Error::MissingFile(_)) => Ok(None),
-            Err(e) => Err(e),
-        };
         let (config, weights) = (read(CONFIG)?, read(WEIGHTS)?);
-        let generation = optional(GENERATION)?;
-        // Without tokenizer.json, GPT-2's own files (as older folders ship them) make one.
-        let tokenizer = match optional(TOKENIZER)? {
-            Some(bytes) => bytes,
-            None => match (optional(GPT2_VOCAB)?, optional(GPT2_MERGES)?) {
-                (Some(vocab), Some(merges)) => crate::tokenizer::gpt2_tokenizer_json(
-                    &vocab,
-                    &merges,
-                    optional(TOKENIZER_CONFIG)?.as_deref(),
-                    optional(SPECIAL_TOKENS_MAP)?.as_deref(),
-                )?,
-                _ => return Err(Error::MissingFile(format!("{} (or GPT-2's {GPT2_VOCAB} and {GPT2_MERGES})", dir.join(TOKENIZER).display()))),
-            },
-        };
-        Ok(Self { config, weights, tokenizer, preprocessor: read(PREPROCESSOR)?, generation, adapter: None })
+        let generation = read_optional(dir, GENERATION)?;
+        Ok(Self { config, weights, tokenizer: read_tokenizer(dir)?, preprocessor: read(PREPROCESSOR)?, generation, adapter: None })
     }
 
     /// Adds a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).

@@ -7,6 +7,12 @@ pub struct CaptionTokenizer {
     inner: tokenizers::Tokenizer,
 }
 
+impl From<tokenizers::Tokenizer> for CaptionTokenizer {
+    fn from(inner: tokenizers::Tokenizer) -> Self {
+        Self { inner }
+    }
+}
+
 impl CaptionTokenizer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(format!("could not parse: {e}")))?;

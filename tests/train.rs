@@ -135,6 +135,180 @@ fn training_lowers_the_loss_and_writes_folders_the_captioner_loads() {
     }
 }
 
+fn tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    wasmcap::loading::load_safetensors("model.safetensors", &std::fs::read(path).unwrap(), |k| k.to_string()).unwrap()
+}
+
+/// The trainer knows families only through the architecture seam: a ViT + GPT-2 folder in
+/// nlpconnect's layout (GPT-2's vocab.json/merges.txt, no tokenizer.json; a ViT pooler the
+/// captioner ignores) continues training with no `--arch` and no trainer code naming ViT, and is
+/// written back in its own layout.
+#[test]
+fn a_vit_gpt2_folder_continues_training_in_its_own_layout() {
+    let folder = fixture("tiny-vit-gpt2");
+    let out = scratch("vit-gpt2");
+    let args: Vec<String> = [
+        "--model",
+        &folder,
+        "--dataset",
+        "shapes",
+        "--shapes-train",
+        "32",
+        "--shapes-val",
+        "4",
+        "--shapes-size",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "1",
+        "--no-progress",
+        "--eval-samples",
+        "4",
+        "--seed",
+        "3",
+        "--output",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([out.display().to_string()])
+    .collect();
+    train(&args);
+    let l = losses(&out);
+    assert_eq!(l.len(), 8);
+    assert!(l.iter().all(|x| x.is_finite()) && l[6..].iter().sum::<f64>() < l[..2].iter().sum::<f64>(), "loss {l:?}");
+
+    // Every tensor of the folder comes back under its own name and shape (the pooler the model
+    // does not read included); the frozen encoder bit for bit, every decoder tensor trained.
+    let (before, after) = (tensors(&Path::new(&folder).join("model.safetensors")), tensors(&out.join("model.safetensors")));
+    let mut names: Vec<&String> = before.keys().collect();
+    names.sort();
+    let mut written: Vec<&String> = after.keys().collect();
+    written.sort();
+    assert_eq!(names, written);
+    assert!(names.iter().any(|n| n.starts_with("encoder.pooler.")));
+    let same = |n: &str| {
+        let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        before[n].dims() == after[n].dims() && flat(&before[n]) == flat(&after[n])
+    };
+    for name in &names {
+        assert_eq!(before[*name].dims(), after[*name].dims(), "{name}");
+        if name.starts_with("encoder.") {
+            assert!(same(name), "{name}: the frozen encoder changed");
+        } else {
+            assert!(!same(name), "{name}: did not train");
+        }
+    }
+
+    // The folder's generation settings stay (beam 4); the lengths are this run's.
+    let generation: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("generation_config.json")).unwrap()).unwrap();
+    assert_eq!(generation["num_beams"], 4);
+    assert_eq!(generation["max_length"], 33);
+    let model = Captioner::from_dir(&out, None).unwrap();
+    assert!(captions(&model, 2).iter().all(|c| !c.is_empty()));
+
+    // --arch only checks a folder's family, and says which it is.
+    let refused = Command::new(env!("CARGO_BIN_EXE_train")).args(["--arch", "prefix"]).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("vision-encoder-decoder") && stderr.contains("--arch says prefix"), "{stderr}");
+}
+
+/// Writes a model folder: `config.json`, the tensors, and the listed files copied from `from`.
+fn write_folder(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: std::collections::BTreeMap<String, candle_core::Tensor>,
+    from: &Path,
+    copy: &[&str],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("model.safetensors"), wasmcap::train::model::safetensors_bytes(&tensors).unwrap()).unwrap();
+    for file in copy {
+        std::fs::copy(from.join(file), dir.join(file)).unwrap();
+    }
+}
+
+/// `--encoder-model` + `--decoder-model`: a SigLIP folder and a GPT-2 or Llama folder (cut out of
+/// the committed captioners, as the hub ships them) compose through each family's training
+/// recipe: the family's config, the encoder's tensors frozen under the family's names, the parts
+/// a pair lacks (cross-attention, the projector) fresh and trained; the result captions.
+#[test]
+fn an_encoder_and_a_decoder_folder_compose_into_each_family() {
+    let root = scratch("pairs");
+    let ved = Path::new(&fixture("tiny-ved-v5")).to_path_buf();
+    let ved_config: serde_json::Value = serde_json::from_slice(&std::fs::read(ved.join("config.json")).unwrap()).unwrap();
+    let ved_tensors = tensors(&ved.join("model.safetensors"));
+    let siglip = root.join("siglip");
+    let encoder: std::collections::BTreeMap<_, _> =
+        ved_tensors.iter().filter_map(|(n, t)| Some((format!("vision_model.{}", n.strip_prefix("encoder.")?), t.clone()))).collect();
+    write_folder(&siglip, &ved_config["encoder"], encoder.clone(), &ved, &["preprocessor_config.json"]);
+
+    let gpt2 = root.join("gpt2");
+    let mut text = ved_config["decoder"].clone();
+    text.as_object_mut().unwrap().remove("add_cross_attention");
+    let decoder = ved_tensors
+        .iter()
+        .filter(|(n, _)| !n.contains("crossattention") && !n.contains("ln_cross_attn"))
+        .filter_map(|(n, t)| Some((n.strip_prefix("decoder.")?.to_string(), t.clone())))
+        .collect();
+    write_folder(&gpt2, &text, decoder, &ved, &["tokenizer.json"]);
+
+    let llava = Path::new(&fixture("prefix/tiny-llava-base-v5")).to_path_buf();
+    let llava_config: serde_json::Value = serde_json::from_slice(&std::fs::read(llava.join("config.json")).unwrap()).unwrap();
+    let llama = root.join("llama");
+    let language = wasmcap::loading::load_safetensors(
+        "model.safetensors",
+        &std::fs::read(llava.join("model.safetensors")).unwrap(),
+        wasmcap::loading::llava_key,
+    )
+    .unwrap()
+    .into_iter()
+    .filter_map(|(n, t)| {
+        let name = if n.starts_with("lm_head.") { n } else { format!("model.{}", n.strip_prefix("model.language_model.")?) };
+        Some((name, t))
+    })
+    .collect();
+    write_folder(&llama, &llava_config["text_config"], language, &llava, &["tokenizer.json"]);
+
+    for (arch, decoder, model_type, encoder_prefix, fresh) in [
+        ("cross-attention", &gpt2, "vision-encoder-decoder", "encoder.", "decoder.transformer.h.0.crossattention.c_attn.weight"),
+        ("prefix", &llama, "llava", "model.vision_tower.", "model.multi_modal_projector.linear_1.weight"),
+    ] {
+        let out = root.join(format!("out-{arch}"));
+        let mut args: Vec<String> = ["--arch", arch, "--encoder-model"].iter().map(|s| s.to_string()).collect();
+        args.extend([siglip.display().to_string(), "--decoder-model".into(), decoder.display().to_string()]);
+        args.extend(
+            ["--dataset", "shapes", "--shapes-train", "16", "--shapes-val", "4", "--shapes-size", "16", "--epochs", "1", "--batch-size", "8"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.extend(["--lora-rank", "2", "--no-progress", "--eval-samples", "4", "--output"].iter().map(|s| s.to_string()));
+        args.push(out.display().to_string());
+        let stderr = String::from_utf8(train(&args).stderr).unwrap();
+        assert!(stderr.contains("freshly initialised"), "{arch}: {stderr}");
+
+        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], model_type);
+        let family = wasmcap::architecture::family_of(&config).unwrap();
+        let written =
+            wasmcap::loading::load_safetensors("model.safetensors", &std::fs::read(out.join("model.safetensors")).unwrap(), family.rename).unwrap();
+        let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (name, t) in &encoder {
+            let ours = format!("{encoder_prefix}{}", name.strip_prefix("vision_model.").unwrap());
+            assert_eq!(flat(&written[&ours]), flat(t), "{arch}: {ours} is the encoder folder's, frozen");
+        }
+        let fresh = &written[fresh];
+        assert!(flat(fresh).iter().any(|&v| v != 0.0), "{arch}: the part the pair lacks was made");
+        let model = Captioner::from_dir(&out, None).unwrap();
+        assert!(captions(&model, 2).iter().all(|c| !c.is_empty()), "{arch}");
+    }
+}
+
 #[test]
 fn kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run() {
     for arch in ["cross-attention", "prefix"] {

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
-use wasmcap::loading::{llava_key, vision_encoder_decoder_key};
+use wasmcap::architecture::family_for_arch;
 use wasmcap::train::data::{load_dataset, DatasetOptions, Split};
-use wasmcap::train::model::{Arch, BuildOptions, Source, TrainModel};
+use wasmcap::train::model::{BuildOptions, Source, TrainModel};
 use wasmcap::train::run::check_batch;
 
 fn fixture(rel: &str) -> String {
@@ -22,13 +22,14 @@ fn close(ours: f64, theirs: f64, rel: f64) -> bool {
 }
 
 fn check_case(case: &Value, max_len: usize) {
-    let arch = if case["arch"] == "prefix" { Arch::Prefix } else { Arch::CrossAttention };
+    let family = family_for_arch(case["arch"].as_str().unwrap_or("cross-attention")).expect("a family the trainer knows");
+    let prefix = family.training.arch() == "prefix";
     let train_encoder = case["train_encoder"].as_bool().unwrap_or(false);
     let label = format!("{} (train_encoder {train_encoder})", case["model"]);
     let folder = fixture(case["model"].as_str().expect("model"));
     let model = TrainModel::build(
         Source::Model(Path::new(&folder)),
-        BuildOptions { arch, train_encoder, train_decoder: arch == Arch::Prefix, lora: None, seed: 0, tokenizer: None },
+        BuildOptions { family: Some(family), train_encoder, train_decoder: prefix, lora: None, seed: 0, tokenizer: None },
     )
     .expect("fixture model builds");
     let data = load_dataset(&fixture("train/data.jsonl"), None, Split::Train, &DatasetOptions::default()).expect("data.jsonl loads");
@@ -42,7 +43,7 @@ fn check_case(case: &Value, max_len: usize) {
         let theirs: Vec<u32> = inputs[b][..row.len()].iter().map(|&t| t as u32).collect();
         assert_eq!(row, &theirs, "{label}: input row {b}");
         // transformers' labels: VED = targets at each position; Llava = the inputs, shifted inside the loss.
-        let shift = usize::from(arch == Arch::Prefix);
+        let shift = usize::from(prefix);
         let want: Vec<Option<u32>> = (0..row.len()).map(|i| labels[b].get(i + shift).copied().filter(|&t| t >= 0).map(|t| t as u32)).collect();
         assert_eq!(got.labels[b], want, "{label}: targets of row {b}");
     }
@@ -52,7 +53,7 @@ fn check_case(case: &Value, max_len: usize) {
     let norm = case["grad_norm"].as_f64().expect("grad_norm");
     assert!(close(got.grad_norm, norm, 1e-4), "{label}: gradient norm {} vs transformers {norm}", got.grad_norm);
 
-    let key = |n: &str| if arch == Arch::Prefix { llava_key(n) } else { vision_encoder_decoder_key(n) };
+    let key = family.rename;
     let theirs: BTreeMap<String, f64> =
         case["grad_norms"].as_object().expect("grad_norms").iter().map(|(n, v)| (key(n), v.as_f64().unwrap_or(f64::NAN))).collect();
     let ours_names: Vec<&String> = got.grad_norms.keys().collect();

@@ -21,7 +21,7 @@ mod cli {
     use clap::{Args as ClapArgs, Parser, Subcommand};
     use wasmcap::train::data::{DatasetOptions, Split};
     use wasmcap::train::device::{DeviceSpec, Precision};
-    use wasmcap::train::model::{Arch, LoraSettings};
+    use wasmcap::train::model::LoraSettings;
     use wasmcap::train::run::{check_step, evaluate_captioner, train, TrainConfig};
     use wasmcap::{Captioner, Error};
 
@@ -134,10 +134,12 @@ mod cli {
     struct TrainArgs {
         #[command(flatten)]
         data: DataArgs,
-        /// cross-attention: SigLIP → GPT-2 with cross-attention, decoder trained in full.
-        /// prefix: SigLIP → projector → Llama; encoder and base frozen, projector + LoRA trained.
-        #[arg(long, value_enum, default_value = "cross-attention")]
-        arch: Arch,
+        /// How an encoder and a decoder folder make one model: cross-attention (SigLIP → GPT-2
+        /// with cross-attention, decoder trained in full; the default) or prefix (SigLIP →
+        /// projector → Llama; encoder and base frozen, projector + LoRA trained). With --model or
+        /// --init-from-config, the config's model_type decides; --arch then only checks it.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(wasmcap::architecture::FAMILIES.iter().map(|f| f.training.arch())))]
+        arch: Option<String>,
         /// SigLIP: a local HF folder or a hub id (downloaded when there is network).
         #[arg(long)]
         encoder_model: Option<String>,
@@ -302,7 +304,7 @@ mod cli {
 
     fn train_config(a: TrainArgs) -> Result<TrainConfig, Error> {
         let resolve = |s: &Option<String>, what: &str| s.as_deref().map(|s| resolve_model(s, what)).transpose();
-        let lora = (a.arch == Arch::Prefix && a.lora_rank > 0).then(|| LoraSettings {
+        let lora = (a.lora_rank > 0).then(|| LoraSettings {
             r: a.lora_rank,
             alpha: a.lora_alpha,
             targets: a.lora_targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),

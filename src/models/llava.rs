@@ -10,7 +10,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use crate::architecture::{pick_rows, state_of, Architecture, Builder, DecodeState, Family};
+use crate::architecture::{
+    id_in, pick_rows, set_ids, special_id, state_of, Architecture, Builder, DecodeState, Family, Layout, SpecialTokens, TrainParts, Training,
+};
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
 
@@ -167,33 +169,19 @@ impl Llava {
         Ok(self.vision_tower.pack()? + projector)
     }
 
-    pub fn language_model_mut(&mut self) -> &mut Llama {
-        &mut self.language_model
-    }
-
     /// Image embeddings [B, num_patches, text hidden] for pixel values [B, 3, H, W].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.project(&self.vision_features(pixel_values)?)
     }
 
     /// The tower's hidden state that the projector reads, [B, num_patches, vision hidden]
-    /// (`vision_feature_layer`). The tower is frozen in prefix training, so the trainer caches this.
+    /// (`vision_feature_layer`): what the trainer caches while the tower is frozen.
     pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.vision_tower.hidden_state(pixel_values, self.config.feature_layer_index())
     }
 
     pub fn project(&self, vision_features: &Tensor) -> Result<Tensor> {
         self.multi_modal_projector.forward(vision_features)
-    }
-
-    /// Training forward: logits [B, T, vocab] for equal-length rows of ids (each with one
-    /// image's `<image>` positions), the image embeddings projected from `vision_features`
-    /// [B, num_patches, vision hidden].
-    pub fn forward_train(&self, input_ids: &[Vec<u32>], vision_features: &Tensor) -> Result<Tensor> {
-        let features = self.project(vision_features)?;
-        let rows =
-            input_ids.iter().enumerate().map(|(b, ids)| self.merge_image_features(ids, &features.narrow(0, b, 1)?)).collect::<Result<Vec<_>>>()?;
-        self.language_model.forward_train(&Tensor::cat(&rows, 0)?)
     }
 
     /// Prefills `input_ids` ([T], the same prompt for every image) with each image's embeddings
@@ -247,7 +235,8 @@ fn image_device() -> &'static candle_core::Device {
 // The captioner's seam (crate::architecture): the prompt (the image tokens, then any text) is
 // prefilled by the first step with each row's image embeddings; each row's last token after that.
 
-pub const FAMILY: Family = Family { model_type: "llava", decoder_section: "text_config", rename: crate::loading::llava_key, config: builder };
+pub const FAMILY: Family =
+    Family { model_type: "llava", decoder_section: "text_config", rename: crate::loading::llava_key, config: builder, training: &Recipe };
 
 fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
     let cfg = LlavaConfig::from_json(config)?;
@@ -354,7 +343,146 @@ impl Architecture for Llava {
         (name.contains("language_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight"))
     }
 
+    /// The tower's output before the projector: the projector trains.
+    fn train_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_features(pixel_values)
+    }
+
+    /// Each row's `<image>` positions take its image's projected features.
+    fn train_logits(&self, vision_features: &Tensor, input_ids: &[Vec<u32>]) -> Result<Tensor> {
+        let features = self.project(vision_features)?;
+        let rows =
+            input_ids.iter().enumerate().map(|(b, ids)| self.merge_image_features(ids, &features.narrow(0, b, 1)?)).collect::<Result<Vec<_>>>()?;
+        self.language_model.forward_train(&Tensor::cat(&rows, 0)?)
+    }
+
+    fn lora_projections(&mut self) -> Vec<(String, &mut Linear)> {
+        self.language_model.projections_mut()
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// Training (crate::architecture::Training): a SigLIP tower, a fresh projector and a Llama; the
+/// projector always trains, the language model in full or through LoRA, the tower on request.
+struct Recipe;
+
+impl Training for Recipe {
+    fn arch(&self) -> &'static str {
+        "prefix"
+    }
+
+    fn compose(&self, vision: serde_json::Value, text: serde_json::Value) -> std::result::Result<serde_json::Value, String> {
+        let text_type = text.get("model_type").and_then(|t| t.as_str()).unwrap_or_default();
+        if text_type != "llama" {
+            return Err(format!("--arch prefix needs a Llama decoder, found model_type {text_type:?}"));
+        }
+        let size = |key: &str, default: u64| vision.get(key).and_then(serde_json::Value::as_u64).unwrap_or(default);
+        let patches = (size("image_size", 224) / size("patch_size", 16).max(1)).pow(2);
+        let tie = text.get("tie_word_embeddings").cloned().unwrap_or(true.into());
+        Ok(serde_json::json!({
+            "model_type": "llava",
+            "architectures": ["LlavaForConditionalGeneration"],
+            "vision_config": vision,
+            "text_config": text,
+            "image_seq_length": patches,
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": true,
+            "tie_word_embeddings": tie,
+        }))
+    }
+
+    fn encoder_prefix(&self) -> &'static str {
+        "model.vision_tower."
+    }
+
+    fn decoder_tensor(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) => format!("model.language_model.{rest}"),
+            None => name.to_string(),
+        }
+    }
+
+    fn vision_config(&self, config: &serde_json::Value) -> serde_json::Value {
+        config.get("vision_config").cloned().unwrap_or_default()
+    }
+
+    fn feature_config(&self, config: &serde_json::Value) -> serde_json::Value {
+        serde_json::json!([config.get("vision_config"), config.get("vision_feature_layer"), config.get("vision_feature_select_strategy")])
+    }
+
+    fn extra_tokens(&self) -> &'static [&'static str] {
+        &["<image>"]
+    }
+
+    fn special_tokens(&self, config: &mut serde_json::Value, tokenizer: &mut tokenizers::Tokenizer) -> crate::Result<SpecialTokens> {
+        if tokenizer.token_to_id("<image>").is_none() {
+            tokenizer
+                .add_special_tokens([tokenizers::AddedToken::from("<image>", true)])
+                .map_err(|e| crate::Error::Tokenizer(format!("could not add <image>: {e}")))?;
+        }
+        let image = tokenizer.token_to_id("<image>").ok_or_else(|| crate::Error::Tokenizer("could not add <image>".into()))?;
+        let eos = special_id(tokenizer, &["<eos>", "<|endoftext|>", "<|im_end|>", "</s>"])
+            .or_else(|| config.get("text_config").and_then(|t| id_in(t, "eos_token_id")));
+        let eos = eos.ok_or_else(|| crate::Error::Tokenizer("no end-of-sequence token in the tokenizer or config".into()))?;
+        let pad = special_id(tokenizer, &["<pad>"]).unwrap_or(eos);
+        set_ids(config, &[("image_token_index", image), ("pad_token_id", pad)]);
+        if let Some(text) = config.get_mut("text_config") {
+            set_ids(text, &[("eos_token_id", eos), ("pad_token_id", pad)]);
+        }
+        Ok(SpecialTokens { decoder_start: None, eos, pad, image: Some(image) })
+    }
+
+    fn trainable(&self, name: &str, parts: TrainParts) -> bool {
+        name.starts_with("model.multi_modal_projector.")
+            || (parts.encoder && name.starts_with("model.vision_tower."))
+            || (parts.decoder && (name.starts_with("model.language_model.") || name.starts_with("lm_head.")))
+    }
+
+    fn fresh_in_pair(&self, name: &str) -> bool {
+        name.starts_with("model.multi_modal_projector.")
+    }
+
+    /// Token embeddings N(0, 1/hidden), rows of norm ≈ 1: the language model stays frozen, and
+    /// with a tied head of norm 0.02·√hidden the logits could never leave ±0.02·hidden — too flat
+    /// for any adapter to make a confident caption.
+    fn init_std(&self, name: &str, dims: &[usize]) -> Option<f64> {
+        let hidden = dims.last().copied().unwrap_or(1).max(1) as f64;
+        (name == "model.language_model.embed_tokens.weight").then(|| 1.0 / hidden.sqrt())
+    }
+
+    fn lora_scope(&self) -> Option<&'static str> {
+        Some("model.language_model.")
+    }
+
+    fn lora_targets(&self) -> &'static [&'static str] {
+        &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    }
+
+    /// transformers 5's layout (`language_model.model.*`, `language_model.lm_head.*`, the rest
+    /// without `model.`).
+    fn saved_name(&self, name: &str) -> String {
+        if let Some(rest) = name.strip_prefix("model.language_model.") {
+            format!("language_model.model.{rest}")
+        } else if let Some(rest) = name.strip_prefix("lm_head.") {
+            format!("language_model.lm_head.{rest}")
+        } else {
+            name.strip_prefix("model.").unwrap_or(name).to_string()
+        }
+    }
+
+    /// Room for the caption after the image tokens and a short prompt.
+    fn generation_config(&self, config: &serde_json::Value, specials: &SpecialTokens, max_caption_tokens: usize) -> crate::Result<serde_json::Value> {
+        let cfg = LlavaConfig::from_json(config).map_err(|e| crate::Error::config(crate::loading::CONFIG, e))?;
+        let room = cfg.text_config.max_position_embeddings.saturating_sub(cfg.num_image_tokens() + 8);
+        Ok(serde_json::json!({ "eos_token_id": specials.eos, "pad_token_id": specials.pad, "max_new_tokens": max_caption_tokens.min(room.max(1)) }))
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::CausalLm
     }
 }

@@ -9,7 +9,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
-use crate::architecture::{pick_rows, state_of, unsupported, Architecture, Builder, DecodeState, Family};
+use crate::architecture::{
+    id_in, pick_rows, set_ids, special_id, state_of, unsupported, Architecture, Builder, DecodeState, Family, Layout, SpecialTokens, TrainParts,
+    Training,
+};
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
 
@@ -232,12 +235,6 @@ impl VisionEncoderDecoder {
         }
     }
 
-    /// Training forward: logits [B, T, vocab] for `decoder_input_ids` [B, T] attending to
-    /// `encoder_hidden_states` (the encoder's output, before `enc_to_dec_proj`).
-    pub fn forward_train(&self, encoder_hidden_states: &Tensor, decoder_input_ids: &Tensor) -> Result<Tensor> {
-        self.decoder.forward_train(decoder_input_ids, &self.project(encoder_hidden_states)?)
-    }
-
     /// Logits [B, vocab] of the last position after feeding `input_ids` [B, T].
     pub fn decode_step(&self, input_ids: &Tensor, cache: &mut Gpt2Cache) -> Result<Tensor> {
         let hidden = self.decoder.forward_hidden(input_ids, cache)?;
@@ -249,8 +246,13 @@ impl VisionEncoderDecoder {
 // The captioner's seam (crate::architecture): decoding starts from `decoder_start_token_id`; the
 // image is attended to through cross-attention keys/values computed once per image.
 
-pub const FAMILY: Family =
-    Family { model_type: "vision-encoder-decoder", decoder_section: "decoder", rename: crate::loading::vision_encoder_decoder_key, config: builder };
+pub const FAMILY: Family = Family {
+    model_type: "vision-encoder-decoder",
+    decoder_section: "decoder",
+    rename: crate::loading::vision_encoder_decoder_key,
+    config: builder,
+    training: &Recipe,
+};
 
 fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
     let cfg = VisionEncoderDecoderConfig::from_json(config)?;
@@ -344,7 +346,100 @@ impl Architecture for VisionEncoderDecoder {
             && (tied || !name.ends_with("wte.weight"))
     }
 
+    /// Logits for `decoder_input_ids` attending to the encoder's output (before `enc_to_dec_proj`).
+    fn train_logits(&self, encoder_hidden_states: &Tensor, input_ids: &[Vec<u32>]) -> Result<Tensor> {
+        let t = input_ids.first().map_or(0, Vec::len);
+        let ids = Tensor::from_vec(input_ids.concat(), (input_ids.len(), t), encoder_hidden_states.device())?;
+        self.decoder.forward_train(&ids, &self.project(encoder_hidden_states)?)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// Training (crate::architecture::Training): a SigLIP encoder and a GPT-2 decoder that gains
+/// cross-attention; the decoder (and projection) always train, the encoder on request.
+struct Recipe;
+
+impl Training for Recipe {
+    fn arch(&self) -> &'static str {
+        "cross-attention"
+    }
+
+    fn compose(&self, vision: serde_json::Value, mut text: serde_json::Value) -> std::result::Result<serde_json::Value, String> {
+        let text_type = text.get("model_type").and_then(|t| t.as_str()).unwrap_or_default();
+        if text_type != "gpt2" {
+            return Err(format!("--arch cross-attention needs a GPT-2 decoder, found model_type {text_type:?}"));
+        }
+        text["add_cross_attention"] = true.into();
+        text["is_decoder"] = true.into();
+        Ok(serde_json::json!({
+            "model_type": "vision-encoder-decoder",
+            "architectures": ["VisionEncoderDecoderModel"],
+            "encoder": vision,
+            "decoder": text,
+            "tie_word_embeddings": false,
+        }))
+    }
+
+    fn encoder_prefix(&self) -> &'static str {
+        "encoder."
+    }
+
+    fn decoder_tensor(&self, name: &str) -> String {
+        let name = name.strip_prefix("transformer.").unwrap_or(name);
+        if name.starts_with("lm_head.") {
+            format!("decoder.{name}")
+        } else {
+            format!("decoder.transformer.{name}")
+        }
+    }
+
+    fn vision_config(&self, config: &serde_json::Value) -> serde_json::Value {
+        config.get("encoder").cloned().unwrap_or_default()
+    }
+
+    fn special_tokens(&self, config: &mut serde_json::Value, tokenizer: &mut tokenizers::Tokenizer) -> crate::Result<SpecialTokens> {
+        let eos = special_id(tokenizer, &["<eos>", "<|endoftext|>", "</s>"]).or_else(|| config.get("decoder").and_then(|d| id_in(d, "eos_token_id")));
+        let eos =
+            eos.ok_or_else(|| crate::Error::Tokenizer("no end-of-sequence token (<eos>, <|endoftext|> or </s>) in the tokenizer or config".into()))?;
+        let start = special_id(tokenizer, &["<bos>"])
+            .or_else(|| id_in(config, "decoder_start_token_id"))
+            .or_else(|| config.get("decoder").and_then(|d| id_in(d, "bos_token_id")))
+            .unwrap_or(eos);
+        let pad = special_id(tokenizer, &["<pad>"]).unwrap_or(eos);
+        set_ids(config, &[("decoder_start_token_id", start), ("eos_token_id", eos), ("pad_token_id", pad)]);
+        if let Some(decoder) = config.get_mut("decoder") {
+            set_ids(decoder, &[("bos_token_id", start), ("eos_token_id", eos), ("pad_token_id", pad)]);
+        }
+        Ok(SpecialTokens { decoder_start: Some(start), eos, pad, image: None })
+    }
+
+    fn trainable(&self, name: &str, parts: TrainParts) -> bool {
+        name.starts_with("decoder.") || name.starts_with("enc_to_dec_proj.") || (parts.encoder && name.starts_with("encoder."))
+    }
+
+    /// A pretrained GPT-2 has no cross-attention yet; a folder pair has no projection.
+    fn fresh_in_pair(&self, name: &str) -> bool {
+        name.contains(".crossattention.") || name.contains(".ln_cross_attn.") || name.starts_with("enc_to_dec_proj.")
+    }
+
+    fn generation_config(&self, config: &serde_json::Value, specials: &SpecialTokens, max_caption_tokens: usize) -> crate::Result<serde_json::Value> {
+        let positions =
+            VisionEncoderDecoderConfig::from_json(config).map_err(|e| crate::Error::config(crate::loading::CONFIG, e))?.decoder.n_positions;
+        let start = specials.decoder_start.unwrap_or(specials.eos);
+        Ok(serde_json::json!({
+            "decoder_start_token_id": start,
+            "bos_token_id": start,
+            "eos_token_id": specials.eos,
+            "pad_token_id": specials.pad,
+            // transformers counts the start token into max_length.
+            "max_length": (max_caption_tokens + 1).min(positions),
+        }))
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::ShiftedRight
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 
 use super::data::{Dataset, ImageSource};
-use super::model::{safetensors_bytes, Network, TrainModel};
+use super::model::{safetensors_bytes, TrainModel};
 use super::{create_dir, write_atomic};
 use crate::error::{Error, Result};
 
@@ -51,7 +51,7 @@ impl Digest {
 pub fn cache_key(model: &TrainModel, data: &Dataset) -> Result<String> {
     let mut d = Digest::default();
     d.write(b"wasmcap feature cache v1");
-    d.write(format!("{:?}", model.arch).as_bytes());
+    d.write(model.family.model_type.as_bytes());
     d.write(model.preprocessor_json.to_string().as_bytes());
     model.digest_encoder(&mut d)?;
     for sample in &data.samples {
@@ -193,13 +193,9 @@ fn pixel_values(model: &TrainModel, data: &Dataset, image: usize) -> Result<Tens
     Ok(model.preprocessor.preprocess(&sample.image.load_rgb()?)?.to_dtype(model.dtype)?.to_device(&model.device)?)
 }
 
-/// Features the trainable part reads: cross-attention = the encoder's last hidden state;
-/// prefix = the tower's feature layer (before the trainable projector).
+/// Features the trained part reads (`Architecture::train_features`).
 fn image_features(model: &TrainModel, pixels: &Tensor) -> Result<Tensor> {
-    Ok(match &model.network {
-        Network::CrossAttention(m) => m.encode(pixels)?,
-        Network::Prefix(m) => m.vision_features(pixels)?,
-    })
+    Ok(model.network.train_features(pixels)?)
 }
 
 /// The features of `images` as one batch: through the encoder when it trains (the graph is

@@ -15,21 +15,15 @@ use serde_json::{json, Value};
 
 use super::optim::Param;
 use super::{create_dir, write_atomic};
+pub use crate::architecture::SpecialTokens;
+use crate::architecture::{family_of, Architecture, Family, TrainParts, Training};
 use crate::error::{from_candle_weights, Error, Result};
-use crate::loading::{llava_key, load_safetensors, read_path as read, vision_encoder_decoder_key};
+use crate::loading::{
+    load_safetensors, parse_json, read_path as read, read_tokenizer, GenerationDefaults, OwnedModelFiles, CONFIG, GENERATION, PREPROCESSOR,
+};
 use crate::models::linear::LoraUpdate;
-use crate::models::llava::{Llava, LlavaConfig};
-use crate::models::vision_encoder_decoder::{VisionEncoderDecoder, VisionEncoderDecoderConfig};
 use crate::preprocess::PreprocessorConfig;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Arch {
-    /// SigLIP → GPT-2 with cross-attention (🤗 VisionEncoderDecoderModel).
-    CrossAttention,
-    /// SigLIP → projector → image embeddings before the text of a Llama (🤗 LlavaForConditionalGeneration).
-    Prefix,
-}
+use crate::tokenizer::CaptionTokenizer;
 
 /// LoRA settings (PEFT's names).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -59,10 +53,12 @@ pub fn random_tensor(rng: &mut InitRng, shape: &Shape, f: impl Fn(&mut InitRng) 
 /// Hands the model builder loaded tensors (or fresh ones), as `Var`s where `trainable` says so,
 /// and remembers every tensor it handed out so the trained model can be written back.
 struct TrainBackend {
-    loaded: HashMap<String, Tensor>,
-    trainable: Box<dyn Fn(&str) -> bool + Send + Sync>,
-    /// Tensors the files may lack and get fresh weights (all of them when training from a config).
-    may_init: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    loaded: Arc<HashMap<String, Tensor>>,
+    /// Which tensors train, which a pair of folders lacks, how fresh ones are drawn.
+    recipe: &'static dyn Training,
+    parts: TrainParts,
+    /// Every tensor may get fresh weights (training from a config).
+    fresh: bool,
     state: Arc<Mutex<BuiltState>>,
 }
 
@@ -92,28 +88,25 @@ impl SimpleBackend for TrainBackend {
                 }
                 t.to_dtype(dtype)?.to_device(dev)?
             }
-            None if (self.may_init)(name) => {
+            None if self.fresh || self.recipe.fresh_in_pair(name) => {
                 let rng = state.rng.get_or_insert_with(|| InitRng::new(0));
                 // transformers' _init_weights: N(0, 0.02) for matrices and embeddings, zeros for
-                // biases, ones for norm gains (the hint says which). Except a Llama's token
-                // embeddings: N(0, 1/hidden), rows of norm ≈ 1. The prefix recipe freezes the
-                // language model, and with a tied head of norm 0.02·√hidden the logits could never
-                // leave ±0.02·hidden — too flat for any adapter to make a confident caption.
+                // biases, ones for norm gains (the hint says which); a family may draw some
+                // tensors with another deviation (`Training::init_std`).
                 let t = match hint {
                     Init::Const(c) if c != 0.0 => random_tensor(rng, &shape, |_| c)?,
                     _ if name.ends_with("bias") => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
-                    _ if name.ends_with("language_model.embed_tokens.weight") => {
-                        let std = 1.0 / (*shape.dims().last().unwrap_or(&1) as f64).sqrt();
+                    _ => {
+                        let std = self.recipe.init_std(name, shape.dims()).unwrap_or(0.02);
                         random_tensor(rng, &shape, |r| std * r.normal())?
                     }
-                    _ => random_tensor(rng, &shape, |r| 0.02 * r.normal())?,
                 };
                 state.initialised.push(name.to_string());
                 t.to_dtype(dtype)?.to_device(dev)?
             }
             None => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt()),
         };
-        let (tensor, var) = if (self.trainable)(name) {
+        let (tensor, var) = if self.recipe.trainable(name, self.parts) {
             let var = Var::from_tensor(&tensor)?;
             (var.as_tensor().clone(), Some(var))
         } else {
@@ -132,27 +125,24 @@ impl SimpleBackend for TrainBackend {
     }
 }
 
-pub enum Network {
-    CrossAttention(VisionEncoderDecoder),
-    Prefix(Llava),
-}
-
-/// A LoRA update attached to one Llama projection while it trains.
+/// A LoRA update attached to one projection while it trains.
 pub struct LoraLayer {
-    /// PEFT's module path under the language model, e.g. `layers.0.self_attn.q_proj`.
+    /// PEFT's module path under the family's LoRA scope, e.g. `layers.0.self_attn.q_proj`.
     pub module: String,
     pub a: Var,
     pub b: Var,
 }
 
 pub struct TrainModel {
-    pub arch: Arch,
+    pub family: &'static Family,
     /// The whole HF `config.json`, as it will be written.
     pub config: Value,
-    pub network: Network,
+    pub network: Box<dyn Architecture>,
     pub params: Vec<Param>,
     /// Every tensor of the model by canonical name (trainable ones are the `Var`s' tensors).
     tensors: Vec<(String, Tensor, Option<Var>)>,
+    /// Tensors of the files the model does not read, kept to be written back unchanged.
+    unused: Vec<(String, Tensor)>,
     pub lora: Option<(LoraSettings, Vec<LoraLayer>)>,
     pub tokenizer: tokenizers::Tokenizer,
     pub preprocessor: PreprocessorConfig,
@@ -160,6 +150,9 @@ pub struct TrainModel {
     pub specials: SpecialTokens,
     /// Tensors that got fresh weights (cross-attention added to a pretrained GPT-2, …).
     pub initialised: Vec<String>,
+    /// The `generation_config.json` of the folder training continued from: its other settings
+    /// (beams, penalties) are written back beside the lengths and ids of this run.
+    pub folder_generation: Option<Value>,
     /// Caption length in tokens the generation config allows (capped by the decoder's positions).
     pub max_caption_tokens: usize,
     /// Where the tensors live and what they compute in (f32, or bf16 with f32 masters).
@@ -170,31 +163,35 @@ pub struct TrainModel {
     pub masters: HashMap<String, Tensor>,
 }
 
-/// The ids training needs to lay out sequences.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SpecialTokens {
-    /// Cross-attention: first decoder input. Prefix: unused.
-    pub decoder_start: u32,
-    pub eos: u32,
-    pub pad: u32,
-    /// Prefix: the `<image>` id.
-    pub image: Option<u32>,
-}
-
 /// Where the weights come from.
 pub enum Source<'a> {
     /// An encoder folder (SigLIP) and a decoder folder (GPT-2 or Llama).
     Folders { encoder: &'a Path, decoder: &'a Path },
     /// A captioner folder this crate (or transformers) wrote: continue training it.
     Model(&'a Path),
-    /// A full `config.json` (vision-encoder-decoder or llava): every weight fresh.
+    /// A full `config.json` (any family of `crate::architecture::FAMILIES`): every weight fresh.
     Config(&'a Path),
 }
 
+impl Source<'_> {
+    /// The family a model folder or a config names (`None` for a folder pair: `--arch` says).
+    pub fn family(&self) -> Result<&'static Family> {
+        let path = match self {
+            Source::Model(dir) => dir.join("config.json"),
+            Source::Config(path) => path.to_path_buf(),
+            Source::Folders { .. } => return Err(Error::config("train", "an encoder and a decoder folder need --arch")),
+        };
+        family_of(&read_json(&path)?).map_err(|e| Error::config(&path.display().to_string(), e))
+    }
+}
+
 pub struct BuildOptions {
-    pub arch: Arch,
+    /// The family that `Source::Folders` composes (`family_for_arch`); with a model or a config,
+    /// the family it must be (`None`: whichever its `model_type` names).
+    pub family: Option<&'static Family>,
     pub train_encoder: bool,
-    /// Prefix: train the language model in full (a base for later LoRA runs) instead of LoRA.
+    /// Train the language model of a family that would otherwise keep it frozen (a prefix
+    /// model's: a base for later LoRA runs) instead of LoRA.
     pub train_decoder: bool,
     pub lora: Option<LoraSettings>,
     pub seed: u64,
@@ -206,8 +203,9 @@ fn read_json(path: &Path) -> Result<Value> {
     crate::loading::parse_json(&path.display().to_string(), &read(path)?)
 }
 
-fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_bytes(read(path)?).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+/// A folder's tokenizer, read as inference reads it (`tokenizer.json`, else GPT-2's files).
+fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_bytes(read_tokenizer(dir)?).map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.display())))
 }
 
 /// `vision_config` of a SigLIP folder: a `siglip` (text + vision) or a `siglip_vision_model` config.
@@ -225,10 +223,6 @@ fn rename_all(tensors: HashMap<String, Tensor>, f: impl Fn(&str) -> Option<Strin
     tensors.into_iter().filter_map(|(k, v)| f(&k).map(|k| (k, v))).collect()
 }
 
-fn special_id(tokenizer: &tokenizers::Tokenizer, names: &[&str]) -> Option<u32> {
-    names.iter().find_map(|n| tokenizer.token_to_id(n))
-}
-
 impl TrainModel {
     /// On the CPU in f32.
     pub fn build(source: Source<'_>, options: BuildOptions) -> Result<Self> {
@@ -238,159 +232,76 @@ impl TrainModel {
     /// On `device`, computing in `dtype` (every tensor of the model, frozen or trainable, is held
     /// in it; weights are read in f32 and converted once).
     pub fn build_on(source: Source<'_>, options: BuildOptions, device: &Device, dtype: DType) -> Result<Self> {
+        // A folder's own generation settings (beams, penalties, …) are kept when it is written back.
+        let mut generation = None;
         let (mut config, loaded, mut tokenizer, preprocessor_json, fresh) = match source {
             Source::Folders { encoder, decoder } => {
+                let family = options.family.ok_or_else(|| Error::config("train", "an encoder and a decoder folder need --arch"))?;
+                let recipe = family.training;
                 let enc_file = encoder.join("config.json");
                 let vision = vision_config(&read_json(&enc_file)?, &enc_file.display().to_string())?;
                 let enc_weights = load_safetensors("encoder model.safetensors", &read(&encoder.join("model.safetensors"))?, |k| k.to_string())?;
                 let dec_file = decoder.join("config.json");
-                let mut text = read_json(&dec_file)?;
+                let text = read_json(&dec_file)?;
                 let dec_weights = load_safetensors("decoder model.safetensors", &read(&decoder.join("model.safetensors"))?, |k| k.to_string())?;
                 let tokenizer = match options.tokenizer.clone() {
                     Some(t) => t,
-                    None => load_tokenizer(&decoder.join("tokenizer.json"))?,
+                    None => load_tokenizer(decoder)?,
                 };
                 let preprocessor = match read(&encoder.join("preprocessor_config.json")) {
                     Ok(bytes) => crate::loading::parse_json("preprocessor_config.json", &bytes)?,
                     Err(Error::MissingFile(_)) => default_preprocessor(&vision),
                     Err(e) => return Err(e),
                 };
-                let strip_vision = |k: &str| k.strip_prefix("vision_model.").map(str::to_string);
-                let text_type = text.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
-                match options.arch {
-                    Arch::CrossAttention => {
-                        if text_type != "gpt2" {
-                            return Err(Error::config(
-                                &dec_file.display().to_string(),
-                                format!("--arch cross-attention needs a GPT-2 decoder, found model_type {text_type:?}"),
-                            ));
-                        }
-                        text["add_cross_attention"] = json!(true);
-                        text["is_decoder"] = json!(true);
-                        let mut tensors = rename_all(enc_weights, |k| strip_vision(k).map(|k| format!("encoder.{k}")));
-                        tensors.extend(rename_all(dec_weights, |k| {
-                            let k = k.strip_prefix("transformer.").unwrap_or(k);
-                            Some(if k.starts_with("lm_head.") { format!("decoder.{k}") } else { format!("decoder.transformer.{k}") })
-                        }));
-                        let config = json!({
-                            "model_type": "vision-encoder-decoder",
-                            "architectures": ["VisionEncoderDecoderModel"],
-                            "encoder": vision,
-                            "decoder": text,
-                            "tie_word_embeddings": false,
-                        });
-                        (config, tensors, tokenizer, preprocessor, false)
-                    }
-                    Arch::Prefix => {
-                        if text_type != "llama" {
-                            return Err(Error::config(
-                                &dec_file.display().to_string(),
-                                format!("--arch prefix needs a Llama decoder, found model_type {text_type:?}"),
-                            ));
-                        }
-                        let mut tensors = rename_all(enc_weights, |k| strip_vision(k).map(|k| format!("model.vision_tower.{k}")));
-                        tensors.extend(rename_all(dec_weights, |k| {
-                            Some(match k.strip_prefix("model.") {
-                                Some(rest) => format!("model.language_model.{rest}"),
-                                None => k.to_string(),
-                            })
-                        }));
-                        let patches = vision_patches(&vision);
-                        let config = json!({
-                            "model_type": "llava",
-                            "architectures": ["LlavaForConditionalGeneration"],
-                            "vision_config": vision,
-                            "text_config": text,
-                            "image_seq_length": patches,
-                            "vision_feature_layer": -1,
-                            "vision_feature_select_strategy": "full",
-                            "projector_hidden_act": "gelu",
-                            "multimodal_projector_bias": true,
-                            "tie_word_embeddings": text.get("tie_word_embeddings").cloned().unwrap_or(json!(true)),
-                        });
-                        (config, tensors, tokenizer, preprocessor, false)
-                    }
-                }
-            }
-            Source::Model(dir) => {
-                let config = read_json(&dir.join("config.json"))?;
-                let weights = read(&dir.join("model.safetensors"))?;
-                let arch = arch_of(&config, "config.json")?;
-                let tensors = match arch {
-                    Arch::CrossAttention => load_safetensors("model.safetensors", &weights, vision_encoder_decoder_key)?,
-                    Arch::Prefix => load_safetensors("model.safetensors", &weights, llava_key)?,
-                };
-                let tokenizer = match options.tokenizer.clone() {
-                    Some(t) => t,
-                    None => load_tokenizer(&dir.join("tokenizer.json"))?,
-                };
-                let preprocessor = read_json(&dir.join("preprocessor_config.json"))?;
+                let config = recipe.compose(vision, text).map_err(|e| Error::config(&dec_file.display().to_string(), e))?;
+                let mut tensors = rename_all(enc_weights, |k| k.strip_prefix("vision_model.").map(|k| format!("{}{k}", recipe.encoder_prefix())));
+                tensors.extend(rename_all(dec_weights, |k| Some(recipe.decoder_tensor(k))));
                 (config, tensors, tokenizer, preprocessor, false)
             }
-            Source::Config(path) => {
-                let config = read_json(path)?;
-                let tokenizer = options.tokenizer.clone().ok_or_else(|| {
-                    Error::config(&path.display().to_string(), "training from a config needs a tokenizer (--tokenizer FILE or word-level)")
-                })?;
-                let vision = match arch_of(&config, &path.display().to_string())? {
-                    Arch::CrossAttention => config.get("encoder").cloned().unwrap_or_default(),
-                    Arch::Prefix => config.get("vision_config").cloned().unwrap_or_default(),
+            Source::Model(dir) => {
+                // Read as the captioner reads it.
+                let files = OwnedModelFiles::read_dir(dir)?;
+                let config = parse_json(CONFIG, &files.config)?;
+                let family = family_of(&config).map_err(|e| Error::config(CONFIG, e))?;
+                let tensors = load_safetensors("model.safetensors", &files.weights, family.rename)?;
+                let tokenizer = match options.tokenizer.clone() {
+                    Some(t) => t,
+                    None => tokenizers::Tokenizer::from_bytes(&files.tokenizer).map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.display())))?,
                 };
-                let preprocessor = default_preprocessor(&vision);
+                generation = files.generation.as_deref().map(|g| parse_json(GENERATION, g)).transpose()?;
+                (config, tensors, tokenizer, parse_json(PREPROCESSOR, &files.preprocessor)?, false)
+            }
+            Source::Config(path) => {
+                let file = path.display().to_string();
+                let config = read_json(path)?;
+                let tokenizer = options
+                    .tokenizer
+                    .clone()
+                    .ok_or_else(|| Error::config(&file, "training from a config needs a tokenizer (--tokenizer FILE or word-level)"))?;
+                let family = family_of(&config).map_err(|e| Error::config(&file, e))?;
+                let preprocessor = default_preprocessor(&family.training.vision_config(&config));
                 (config, HashMap::new(), tokenizer, preprocessor, true)
             }
         };
-        let arch = arch_of(&config, "config.json")?;
-        if arch != options.arch {
-            return Err(Error::config("config.json", format!("the model is {arch:?} but --arch says {:?}", options.arch)));
+        let family = family_of(&config).map_err(|e| Error::config("config.json", e))?;
+        if let Some(asked) = options.family.filter(|f| f.model_type != family.model_type) {
+            return Err(Error::config(
+                "config.json",
+                format!("the model is {} (--arch {}) but --arch says {}", family.model_type, family.training.arch(), asked.training.arch()),
+            ));
         }
+        let recipe = family.training;
 
         // Special tokens, and the vocabulary size the tokenizer needs.
-        let specials = match arch {
-            Arch::CrossAttention => {
-                let eos = special_id(&tokenizer, &["<eos>", "<|endoftext|>", "</s>"]).or_else(|| id_in(&config["decoder"], "eos_token_id"));
-                let eos =
-                    eos.ok_or_else(|| Error::Tokenizer("no end-of-sequence token (<eos>, <|endoftext|> or </s>) in the tokenizer or config".into()))?;
-                let start = special_id(&tokenizer, &["<bos>"])
-                    .or_else(|| id_in(&config, "decoder_start_token_id"))
-                    .or_else(|| id_in(&config["decoder"], "bos_token_id"))
-                    .unwrap_or(eos);
-                let pad = special_id(&tokenizer, &["<pad>"]).unwrap_or(eos);
-                config["decoder_start_token_id"] = json!(start);
-                config["eos_token_id"] = json!(eos);
-                config["pad_token_id"] = json!(pad);
-                config["decoder"]["bos_token_id"] = json!(start);
-                config["decoder"]["eos_token_id"] = json!(eos);
-                config["decoder"]["pad_token_id"] = json!(pad);
-                SpecialTokens { decoder_start: start, eos, pad, image: None }
-            }
-            Arch::Prefix => {
-                if tokenizer.token_to_id("<image>").is_none() {
-                    tokenizer
-                        .add_special_tokens([tokenizers::AddedToken::from("<image>", true)])
-                        .map_err(|e| Error::Tokenizer(format!("could not add <image>: {e}")))?;
-                }
-                let image = tokenizer.token_to_id("<image>").ok_or_else(|| Error::Tokenizer("could not add <image>".into()))?;
-                let eos = special_id(&tokenizer, &["<eos>", "<|endoftext|>", "<|im_end|>", "</s>"])
-                    .or_else(|| id_in(&config["text_config"], "eos_token_id"));
-                let eos = eos.ok_or_else(|| Error::Tokenizer("no end-of-sequence token in the tokenizer or config".into()))?;
-                let pad = special_id(&tokenizer, &["<pad>"]).unwrap_or(eos);
-                config["image_token_index"] = json!(image);
-                config["text_config"]["eos_token_id"] = json!(eos);
-                config["text_config"]["pad_token_id"] = json!(pad);
-                config["pad_token_id"] = json!(pad);
-                SpecialTokens { decoder_start: eos, eos, pad, image: Some(image) }
-            }
-        };
+        let specials = recipe.special_tokens(&mut config, &mut tokenizer)?;
         let vocab = tokenizer.get_vocab_size(true);
-        let vocab_key = match arch {
-            Arch::CrossAttention => "decoder",
-            Arch::Prefix => "text_config",
-        };
-        let config_vocab = config[vocab_key].get("vocab_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let section = family.decoder_section;
+        let config_vocab = config.get(section).and_then(|s| s.get("vocab_size")).and_then(Value::as_u64).unwrap_or(0) as usize;
         if fresh {
             // Room for every token; a config may ask for more (unused rows, as in padded vocabularies).
-            config[vocab_key]["vocab_size"] = json!(vocab.max(config_vocab));
+            if let Some(s) = config.get_mut(section).and_then(Value::as_object_mut) {
+                s.insert("vocab_size".into(), json!(vocab.max(config_vocab)));
+            }
         } else if vocab > config_vocab {
             return Err(Error::Tokenizer(format!(
                 "the tokenizer has {vocab} tokens but the decoder's vocabulary is {config_vocab}; pass a model whose vocabulary holds every token (including <image>)"
@@ -398,48 +309,29 @@ impl TrainModel {
         }
 
         // Which tensors train, which may be created.
-        let (train_encoder, train_decoder) = (options.train_encoder, options.train_decoder);
-        if train_decoder && options.lora.is_some() {
+        if options.train_decoder && options.lora.is_some() {
             return Err(Error::config("train", "--train-decoder trains the language model in full; use it with --lora-rank 0"));
         }
-        let trainable: Box<dyn Fn(&str) -> bool + Send + Sync> = match arch {
-            Arch::CrossAttention => Box::new(move |n: &str| {
-                n.starts_with("decoder.") || n.starts_with("enc_to_dec_proj.") || (train_encoder && n.starts_with("encoder."))
-            }),
-            Arch::Prefix => Box::new(move |n: &str| {
-                n.starts_with("model.multi_modal_projector.")
-                    || (train_encoder && n.starts_with("model.vision_tower."))
-                    || (train_decoder && (n.starts_with("model.language_model.") || n.starts_with("lm_head.")))
-            }),
-        };
-        let may_init: Box<dyn Fn(&str) -> bool + Send + Sync> = if fresh {
-            Box::new(|_| true)
-        } else {
-            match arch {
-                // A pretrained GPT-2 has no cross-attention yet; a folder pair has no projection.
-                Arch::CrossAttention => {
-                    Box::new(|n: &str| n.contains(".crossattention.") || n.contains(".ln_cross_attn.") || n.starts_with("enc_to_dec_proj."))
-                }
-                Arch::Prefix => Box::new(|n: &str| n.starts_with("model.multi_modal_projector.")),
-            }
-        };
+        let parts = TrainParts { encoder: options.train_encoder, decoder: options.train_decoder };
         let state = Arc::new(Mutex::new(BuiltState { rng: Some(InitRng::new(options.seed)), ..Default::default() }));
-        let backend = TrainBackend { loaded, trainable, may_init, state: state.clone() };
+        let loaded = Arc::new(loaded);
+        let backend = TrainBackend { loaded: loaded.clone(), recipe, parts, fresh, state: state.clone() };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let network = match arch {
-            Arch::CrossAttention => {
-                let cfg = VisionEncoderDecoderConfig::from_json(&config).map_err(|e| Error::config("config.json", e))?;
-                Network::CrossAttention(VisionEncoderDecoder::new(&cfg, vb).map_err(|e| from_candle_weights("model.safetensors", e))?)
-            }
-            Arch::Prefix => {
-                let cfg = LlavaConfig::from_json(&config).map_err(|e| Error::config("config.json", e))?;
-                Network::Prefix(Llava::new(&cfg, vb).map_err(|e| from_candle_weights("model.safetensors", e))?)
-            }
-        };
+        let builder = (family.config)(&config).map_err(|e| Error::config("config.json", e))?;
+        let network = builder(vb).map_err(|e| from_candle_weights("model.safetensors", e))?;
         let (tensors, initialised, mut rng) = {
             let mut s = state.lock().map_err(|_| Error::Compute("weights lock poisoned".into()))?;
             (std::mem::take(&mut s.tensors), std::mem::take(&mut s.initialised), s.rng.take().unwrap_or_else(|| InitRng::new(options.seed)))
         };
+        // What the files hold that the model does not use (a ViT's pooler, a SigLIP's head) is
+        // written back as it was read.
+        let unused: Vec<(String, Tensor)> = {
+            let mut unused: Vec<(String, Tensor)> =
+                loaded.iter().filter(|(name, _)| !tensors.iter().any(|(n, _, _)| n == *name)).map(|(n, t)| (n.clone(), t.clone())).collect();
+            unused.sort_by(|a, b| a.0.cmp(&b.0));
+            unused
+        };
+        drop(loaded);
         let mut params: Vec<Param> = tensors
             .iter()
             .filter_map(|(name, t, var)| {
@@ -448,17 +340,19 @@ impl TrainModel {
             .collect();
 
         let mut model = Self {
-            arch,
+            family,
             config,
             network,
             params: vec![],
             tensors,
+            unused,
             lora: None,
             tokenizer,
             preprocessor: PreprocessorConfig::from_json(preprocessor_json.to_string().as_bytes())?,
             preprocessor_json,
             specials,
             initialised,
+            folder_generation: generation,
             max_caption_tokens: 32,
             device: device.clone(),
             dtype,
@@ -480,18 +374,23 @@ impl TrainModel {
     }
 
     fn attach_lora(&mut self, settings: &LoraSettings, rng: &mut InitRng) -> Result<Vec<LoraLayer>> {
-        let Network::Prefix(llava) = &mut self.network else {
-            return Err(Error::config("train", "--lora-rank applies to the prefix architecture (the cross-attention decoder trains in full)"));
-        };
+        let recipe = self.family.training;
+        if recipe.lora_scope().is_none() {
+            return Err(Error::config(
+                "train",
+                format!("--lora-rank applies to families with a language model to adapt; {} trains its decoder in full", self.family.model_type),
+            ));
+        }
         if settings.r == 0 {
             return Err(Error::config("train", "--lora-rank must be at least 1"));
         }
-        let known = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        let known = recipe.lora_targets();
         if let Some(bad) = settings.targets.iter().find(|t| !known.contains(&t.as_str())) {
-            return Err(Error::config("train", format!("unknown LoRA target `{bad}` (Llama has {})", known.join(", "))));
+            return Err(Error::config("train", format!("unknown LoRA target `{bad}` ({} has {})", self.family.model_type, known.join(", "))));
         }
+        let (dtype, device) = (self.dtype, self.device.clone());
         let mut layers = Vec::new();
-        for (module, linear) in llava.language_model_mut().projections_mut() {
+        for (module, linear) in self.network.lora_projections() {
             let leaf = module.rsplit('.').next().unwrap_or_default();
             if !settings.targets.iter().any(|t| t == leaf) {
                 continue;
@@ -500,25 +399,27 @@ impl TrainModel {
             // PEFT: A ~ kaiming_uniform(a = √5) = U(±1/√in), B = 0, so training starts at the base model.
             let bound = 1.0 / (d_in as f64).sqrt();
             let a = random_tensor(rng, &Shape::from((settings.r, d_in)), |r| (2.0 * r.uniform() - 1.0) * bound)?;
-            let a = Var::from_tensor(&a.to_dtype(self.dtype)?.to_device(&self.device)?)?;
-            let b = Var::zeros((d_out, settings.r), self.dtype, &self.device)?;
+            let a = Var::from_tensor(&a.to_dtype(dtype)?.to_device(&device)?)?;
+            let b = Var::zeros((d_out, settings.r), dtype, &device)?;
             linear.set_lora(Some(LoraUpdate { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: settings.scale() }));
             layers.push(LoraLayer { module, a, b });
         }
         Ok(layers)
     }
 
-    /// Feeds everything the image features depend on into `d`: the vision config and every
-    /// encoder / vision-tower tensor (name, shape, values).
+    /// The ids a caption follows, as generation starts from them (`Architecture::input_ids`): an
+    /// encoder–decoder's start token; a prefix model's image tokens and `prompt`.
+    pub fn start_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        let generation = GenerationDefaults::resolve(Some(&self.generation_config()?), &self.config, self.family.decoder_section)?;
+        self.network.input_ids(&CaptionTokenizer::from(self.tokenizer.clone()), prompt, &generation)
+    }
+
+    /// Feeds everything the image features depend on into `d`: what the family names in the
+    /// config and every encoder / vision-tower tensor (name, shape, values).
     pub fn digest_encoder(&self, d: &mut super::features::Digest) -> Result<()> {
-        let (prefix, vision) = match self.arch {
-            Arch::CrossAttention => ("encoder.", self.config.get("encoder").cloned().unwrap_or_default()),
-            Arch::Prefix => (
-                "model.vision_tower.",
-                json!([self.config.get("vision_config"), self.config.get("vision_feature_layer"), self.config.get("vision_feature_select_strategy")]),
-            ),
-        };
-        d.write(vision.to_string().as_bytes());
+        let recipe = self.family.training;
+        d.write(recipe.feature_config(&self.config).to_string().as_bytes());
+        let prefix = recipe.encoder_prefix();
         let mut encoder: Vec<&(String, Tensor, Option<Var>)> = self.tensors.iter().filter(|(n, _, _)| n.starts_with(prefix)).collect();
         encoder.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, t, _) in encoder {
@@ -574,7 +475,7 @@ impl TrainModel {
             for l in layers {
                 let a = self.trained(&format!("lora.{}.lora_A", l.module), l.a.as_tensor()).to_dtype(DType::F32)?;
                 let b = self.trained(&format!("lora.{}.lora_B", l.module), l.b.as_tensor()).to_dtype(DType::F32)?;
-                let name = format!("model.language_model.{}.weight", l.module);
+                let name = format!("{}{}.weight", self.lora_scope(), l.module);
                 let base = self
                     .tensors
                     .iter()
@@ -585,10 +486,10 @@ impl TrainModel {
                 merged.insert(name, (base.to_dtype(DType::F32)? + delta)?);
             }
         }
-        let mut out = BTreeMap::new();
+        let mut out = self.unused_tensors();
         for (name, tensor, _) in &self.tensors {
             let value = merged.remove(name).unwrap_or_else(|| self.trained(name, tensor)).detach().contiguous()?;
-            out.insert(saved_name(self.arch, name), value);
+            out.insert(self.family.training.saved_name(name), value);
         }
         Ok(out)
     }
@@ -599,7 +500,7 @@ impl TrainModel {
         let Some((settings, layers)) = &self.lora else { return Ok(None) };
         let mut tensors = BTreeMap::new();
         for l in layers {
-            let prefix = format!("base_model.model.model.language_model.{}", l.module);
+            let prefix = format!("base_model.model.{}{}", self.lora_scope(), l.module);
             tensors.insert(format!("{prefix}.lora_A.weight"), self.trained(&format!("lora.{}.lora_A", l.module), l.a.as_tensor()).detach());
             tensors.insert(format!("{prefix}.lora_B.weight"), self.trained(&format!("lora.{}.lora_B", l.module), l.b.as_tensor()).detach());
         }
@@ -610,7 +511,7 @@ impl TrainModel {
             "lora_alpha": settings.alpha,
             "use_rslora": settings.rslora,
             // A pattern, so the vision tower's q_proj/k_proj/… are not adapted too.
-            "target_modules": format!(".*language_model.*\\.({})", settings.targets.join("|")),
+            "target_modules": format!(".*{}.*\\.({})", self.lora_scope().trim_end_matches('.').rsplit('.').next().unwrap_or_default(), settings.targets.join("|")),
             "lora_dropout": 0.0,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -627,24 +528,33 @@ impl TrainModel {
 
     /// Weights without the LoRA updates (the base an adapter applies to).
     pub fn export_tensors_unmerged(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.tensors.iter().map(|(name, t, _)| Ok((saved_name(self.arch, name), t.detach().contiguous()?))).collect()
+        let mut out = self.unused_tensors();
+        for (name, t, _) in &self.tensors {
+            out.insert(self.family.training.saved_name(name), t.detach().contiguous()?);
+        }
+        Ok(out)
     }
 
-    pub fn generation_config(&self) -> Value {
-        match &self.network {
-            Network::CrossAttention(m) => json!({
-                "decoder_start_token_id": self.specials.decoder_start,
-                "bos_token_id": self.specials.decoder_start,
-                "eos_token_id": self.specials.eos,
-                "pad_token_id": self.specials.pad,
-                // transformers counts the start token into max_length.
-                "max_length": (self.max_caption_tokens + 1).min(m.decoder().config().n_positions),
-            }),
-            Network::Prefix(m) => {
-                let room = m.config().text_config.max_position_embeddings.saturating_sub(m.config().num_image_tokens() + 8);
-                json!({ "eos_token_id": self.specials.eos, "pad_token_id": self.specials.pad, "max_new_tokens": self.max_caption_tokens.min(room.max(1)) })
+    fn unused_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.unused.iter().map(|(name, t)| (self.family.training.saved_name(name), t.clone())).collect()
+    }
+
+    /// Where the LoRA modules live (`model.language_model.`).
+    fn lora_scope(&self) -> &'static str {
+        self.family.training.lora_scope().unwrap_or_default()
+    }
+
+    pub fn generation_config(&self) -> Result<Value> {
+        let mut ours = self.family.training.generation_config(&self.config, &self.specials, self.max_caption_tokens)?;
+        if let (Some(Value::Object(folder)), Some(map)) = (&self.folder_generation, ours.as_object_mut()) {
+            for (key, value) in folder {
+                // Lengths are this run's (transformers prefers max_new_tokens to max_length).
+                if key != "max_length" && key != "max_new_tokens" {
+                    map.entry(key.clone()).or_insert_with(|| value.clone());
+                }
             }
         }
+        Ok(ours)
     }
 
     /// Writes the folder the browser package and transformers load: `config.json`,
@@ -675,7 +585,7 @@ impl TrainModel {
         let tokenizer = self.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(vec![
             ("config.json", pretty(&self.config)?),
-            ("generation_config.json", pretty(&self.generation_config())?),
+            ("generation_config.json", pretty(&self.generation_config()?)?),
             ("preprocessor_config.json", pretty(&self.preprocessor_json)?),
             ("tokenizer.json", tokenizer.into_bytes()),
             ("tokenizer_config.json", pretty(&self.tokenizer_config())?),
@@ -693,10 +603,8 @@ impl TrainModel {
         if let Some(t) = name(self.specials.pad) {
             v["pad_token"] = json!(t);
         }
-        if self.arch == Arch::CrossAttention {
-            if let Some(t) = name(self.specials.decoder_start) {
-                v["bos_token"] = json!(t);
-            }
+        if let Some(t) = self.specials.decoder_start.and_then(name) {
+            v["bos_token"] = json!(t);
         }
         if let Some(t) = self.tokenizer.token_to_id("<unk>").and_then(name) {
             v["unk_token"] = json!(t);
@@ -706,24 +614,6 @@ impl TrainModel {
             v["extra_special_tokens"] = json!({ "image_token": t });
         }
         v
-    }
-}
-
-fn id_in(value: &Value, key: &str) -> Option<u32> {
-    value.get(key).and_then(Value::as_u64).map(|v| v as u32)
-}
-
-fn vision_patches(vision: &Value) -> u64 {
-    let size = vision.get("image_size").and_then(Value::as_u64).unwrap_or(224);
-    let patch = vision.get("patch_size").and_then(Value::as_u64).unwrap_or(16).max(1);
-    (size / patch).pow(2)
-}
-
-pub fn arch_of(config: &Value, file: &str) -> Result<Arch> {
-    match config.get("model_type").and_then(Value::as_str) {
-        Some("vision-encoder-decoder") => Ok(Arch::CrossAttention),
-        Some("llava") => Ok(Arch::Prefix),
-        other => Err(Error::config(file, format!("model_type must be vision-encoder-decoder or llava, found {other:?}"))),
     }
 }
 
@@ -737,22 +627,6 @@ fn default_preprocessor(vision: &Value) -> Value {
         "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "do_convert_rgb": true,
     })
-}
-
-/// Canonical (in-memory) name → the name transformers 5 writes in `model.safetensors`.
-fn saved_name(arch: Arch, name: &str) -> String {
-    match arch {
-        Arch::CrossAttention => name.to_string(),
-        Arch::Prefix => {
-            if let Some(rest) = name.strip_prefix("model.language_model.") {
-                format!("language_model.model.{rest}")
-            } else if let Some(rest) = name.strip_prefix("lm_head.") {
-                format!("language_model.lm_head.{rest}")
-            } else {
-                name.strip_prefix("model.").unwrap_or(name).to_string()
-            }
-        }
-    }
 }
 
 pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
@@ -780,9 +654,9 @@ pub fn pretty(value: &Value) -> Result<Vec<u8>> {
 }
 
 /// A word-level tokenizer over the words of `captions` (lowercased, split on whitespace), with
-/// `<pad>`, `<bos>`, `<eos>`, `<unk>` (and `<image>` for prefix models) as special tokens. For
-/// models trained from scratch on a small vocabulary: the embedding stays tiny.
-pub fn word_level_tokenizer<'a>(captions: impl Iterator<Item = &'a str>, with_image: bool) -> Result<tokenizers::Tokenizer> {
+/// `<pad>`, `<bos>`, `<eos>`, `<unk>` and the family's `extra` tokens (a prefix model's `<image>`)
+/// as special tokens. For models trained from scratch on a small vocabulary: the embedding stays tiny.
+pub fn word_level_tokenizer<'a>(captions: impl Iterator<Item = &'a str>, extra: &[&str]) -> Result<tokenizers::Tokenizer> {
     let mut words: BTreeMap<String, usize> = BTreeMap::new();
     for c in captions {
         for w in c.split_whitespace() {
@@ -790,9 +664,7 @@ pub fn word_level_tokenizer<'a>(captions: impl Iterator<Item = &'a str>, with_im
         }
     }
     let mut specials = vec!["<pad>", "<bos>", "<eos>", "<unk>"];
-    if with_image {
-        specials.push("<image>");
-    }
+    specials.extend_from_slice(extra);
     let mut vocab: Vec<(String, u32)> = specials.iter().enumerate().map(|(i, s)| (s.to_string(), i as u32)).collect();
     vocab.extend(words.keys().enumerate().map(|(i, w)| (w.clone(), (i + specials.len()) as u32)));
     let added: Vec<Value> = specials

@@ -14,9 +14,10 @@ use super::data::{load_dataset, Dataset, DatasetOptions, Split};
 use super::device::{DeviceSpec, Precision};
 use super::features::{batch_features, cache_key, FeatureCache};
 use super::metrics::{score, CaptionScores};
-use super::model::{pretty, safetensors_bytes, Arch, BuildOptions, InitRng, LoraSettings, Network, Source, TrainModel};
+use super::model::{pretty, safetensors_bytes, BuildOptions, InitRng, LoraSettings, Source, TrainModel};
 use super::optim::{accumulate, clip_grad_norm, learning_rate, named_grads, AdamW, AdamWConfig};
 use super::{create_dir, write_atomic};
+use crate::architecture::family_for_arch;
 use crate::captioner::{CaptionOptions, Captioner};
 use crate::error::{Error, Result};
 use crate::loading::ModelFiles;
@@ -24,7 +25,10 @@ use crate::loading::ModelFiles;
 /// Everything `train` takes (the CLI's flags).
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
-    pub arch: Arch,
+    /// `--arch`: the family composed from an encoder and a decoder folder (`family_for_arch`);
+    /// with a model or a config, the family it must be. `None`: cross-attention for a folder
+    /// pair, else the config's own.
+    pub arch: Option<String>,
     pub dataset: String,
     pub data_root: Option<PathBuf>,
     pub data: DatasetOptions,
@@ -68,13 +72,14 @@ pub struct TrainConfig {
     pub gpus: usize,
 }
 
-/// One (image, caption) pair as token rows.
+/// The family `--arch` means when an encoder and a decoder folder are given without it.
+pub const DEFAULT_ARCH: &str = "cross-attention";
+
+/// One (image, caption) pair as token rows (`Layout::row`).
 struct Example {
     image: usize,
-    /// Cross-attention: decoder inputs (start + caption). Prefix: prompt + caption + eos.
     input: Vec<u32>,
-    /// Targets aligned with `input` (cross-attention: caption + eos) or with the next position
-    /// (prefix); `None` = not in the loss.
+    /// The target at each position of `input`; `None` = not in the loss.
     labels: Vec<Option<u32>>,
 }
 
@@ -147,33 +152,44 @@ fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         return Err(Error::config("dataset", "the training split has no usable samples"));
     }
 
-    let tokenizer = match cfg.tokenizer.as_deref() {
-        Some("word-level") => Some(super::model::word_level_tokenizer(
-            train_set.samples.iter().flat_map(|s| s.captions.iter().map(String::as_str)),
-            cfg.arch == Arch::Prefix,
-        )?),
-        Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{path}: {e}")))?),
-        None => None,
-    };
     let source = match (&cfg.model, &cfg.init_from_config, &cfg.encoder_model, &cfg.decoder_model) {
         (Some(dir), _, _, _) => Source::Model(dir),
         (None, Some(path), _, _) => Source::Config(path),
         (None, None, Some(encoder), Some(decoder)) => Source::Folders { encoder, decoder },
         _ => return Err(Error::config("train", "give --encoder-model and --decoder-model, or --model DIR, or --init-from-config CONFIG.json")),
     };
+    let asked = match (cfg.arch.as_deref(), &source) {
+        (Some(arch), _) => Some(family_for_arch(arch).map_err(|e| Error::config("train", e))?),
+        (None, Source::Folders { .. }) => Some(family_for_arch(DEFAULT_ARCH).map_err(|e| Error::config("train", e))?),
+        (None, _) => None,
+    };
+    let family = match asked {
+        Some(f) => f,
+        None => source.family()?,
+    };
+    let tokenizer = match cfg.tokenizer.as_deref() {
+        Some("word-level") => {
+            let captions = train_set.samples.iter().flat_map(|s| s.captions.iter().map(String::as_str));
+            Some(super::model::word_level_tokenizer(captions, family.training.extra_tokens())?)
+        }
+        Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{path}: {e}")))?),
+        None => None,
+    };
     let options = BuildOptions {
-        arch: cfg.arch,
+        family: asked,
         train_encoder: cfg.train_encoder,
         train_decoder: cfg.train_decoder,
-        lora: cfg.lora.clone(),
+        // The CLI's LoRA settings (rank 8 unless told) adapt the families that have a language
+        // model to adapt; the others train their decoder in full.
+        lora: cfg.lora.clone().filter(|_| family.training.lora_scope().is_some()),
         seed: cfg.seed,
         tokenizer,
     };
     let mut model = TrainModel::build_on(source, options, &device, cfg.precision.dtype())?;
     model.max_caption_tokens = cfg.max_len;
     eprintln!(
-        "{:?}: {} trainable of {} parameters ({:.2} %){}{}",
-        model.arch,
+        "{}: {} trainable of {} parameters ({:.2} %){}{}",
+        model.family.model_type,
         model.num_trainable(),
         model.num_total(),
         100.0 * model.num_trainable() as f64 / model.num_total().max(1) as f64,
@@ -192,7 +208,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum.max(1));
     let total_steps = cfg.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * cfg.epochs);
     let warmup = if cfg.warmup < 1.0 { (cfg.warmup * total_steps as f64).round() as usize } else { cfg.warmup as usize };
-    let fingerprint = run_fingerprint(cfg, examples.len());
+    let fingerprint = run_fingerprint(cfg, model.family.model_type, examples.len());
 
     create_dir(&cfg.output)?;
     let mut opt = AdamW::new(AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() }, &model.params)?;
@@ -400,10 +416,9 @@ fn read_history(path: &Path) -> Vec<Value> {
 }
 
 /// Changes when anything that decides the data order or the shapes of the state changes.
-fn run_fingerprint(cfg: &TrainConfig, examples: usize) -> String {
+fn run_fingerprint(cfg: &TrainConfig, model_type: &str, examples: usize) -> String {
     format!(
-        "{:?}|{}|{:?}|{examples}|{}|{}|{}|{}|{:?}",
-        cfg.arch,
+        "{model_type}|{}|{:?}|{examples}|{}|{}|{}|{}|{:?}",
         cfg.dataset,
         cfg.data_root,
         cfg.batch_size,
@@ -426,46 +441,16 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 }
 
 fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>) -> Result<Vec<Example>> {
-    let encode = |text: &str, special: bool| -> Result<Vec<u32>> {
-        Ok(model.tokenizer.encode(text, special).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
-    };
-    let s = &model.specials;
-    let prompt = match model.arch {
-        Arch::Prefix => {
-            let image = s.image.and_then(|id| model.tokenizer.id_to_token(id)).unwrap_or_else(|| "<image>".into());
-            let n = match &model.network {
-                Network::Prefix(m) => m.config().num_image_tokens(),
-                Network::CrossAttention(_) => 0,
-            };
-            encode(&crate::models::llava::prefix_prompt_text(&image, n, prompt), true)?
-        }
-        Arch::CrossAttention => vec![],
-    };
+    let start = model.start_ids(prompt)?;
+    let layout = model.family.training.layout();
     let mut out = Vec::new();
     for (image, sample) in data.samples.iter().enumerate() {
         for caption in &sample.captions {
-            let mut ids = encode(caption, false)?;
+            let mut ids = model.tokenizer.encode(caption.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec();
             ids.truncate(max_len.saturating_sub(1).max(1));
-            ids.push(s.eos);
-            match model.arch {
-                Arch::CrossAttention => {
-                    // transformers' shift_tokens_right: inputs = start + labels[:-1].
-                    let mut input = vec![s.decoder_start];
-                    input.extend_from_slice(&ids[..ids.len() - 1]);
-                    out.push(Example { image, input, labels: ids.into_iter().map(Some).collect() });
-                }
-                Arch::Prefix => {
-                    // Causal LM: the logits at position t predict input t + 1; the prompt is not a target.
-                    let mut input = prompt.clone();
-                    input.extend_from_slice(&ids);
-                    let mut labels: Vec<Option<u32>> = input[1..].iter().map(|&t| Some(t)).collect();
-                    labels.push(None);
-                    for l in labels.iter_mut().take(prompt.len().saturating_sub(1)) {
-                        *l = None;
-                    }
-                    out.push(Example { image, input, labels });
-                }
-            }
+            ids.push(model.specials.eos);
+            let (input, labels) = layout.row(&start, &ids);
+            out.push(Example { image, input, labels });
         }
     }
     Ok(out)
@@ -663,13 +648,7 @@ fn batch_loss(model: &TrainModel, data: &Dataset, batch: &[&Example], cache: &mu
             r
         })
         .collect();
-    let logits = match &model.network {
-        Network::CrossAttention(m) => {
-            let flat: Vec<u32> = rows.concat();
-            m.forward_train(&feats, &Tensor::from_vec(flat, (batch.len(), t), &model.device)?)?
-        }
-        Network::Prefix(m) => m.forward_train(&rows, &feats)?,
-    };
+    let logits = model.network.train_logits(&feats, &rows)?;
     let vocab = logits.dim(D::Minus1)?;
     let (mut positions, mut targets) = (Vec::new(), Vec::new());
     for (b, e) in batch.iter().enumerate() {
