@@ -166,7 +166,7 @@ impl Captioner {
         let build = (family.config)(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
         let tensors = load_weights(&files, weights, family.rename)?;
         let q8_0 = is_q8_0_checkpoint(&tensors);
-        let model = loading::build_model(loading::WEIGHTS, tensors, build)?;
+        let model = loading::build_model(files.weights_name, tensors, build)?;
         let generation = GenerationDefaults::resolve(generation.as_ref(), &config, family.decoder_section)?;
         let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
@@ -548,11 +548,11 @@ fn load_weights(
     weights: &dyn loading::ByteSource,
     rename: fn(&str) -> String,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
-    let mut tensors = loading::load_safetensors_from(loading::WEIGHTS, weights, rename)?;
+    let mut tensors = files.tensors(weights, rename)?;
     if let Some(adapter) = files.adapter {
         if let Some(name) = tensors.keys().find(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX)) {
             return Err(Error::Safetensors {
-                file: loading::WEIGHTS.to_string(),
+                file: files.weights_name.to_string(),
                 reason: format!("`{name}` is q8_0: an adapter merges into f32 weights only: merge it into the f32 model, then quantize that"),
             });
         }

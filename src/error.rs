@@ -14,6 +14,9 @@ pub enum Error {
     #[error("{file}: not a valid safetensors file ({reason})")]
     Safetensors { file: String, reason: String },
 
+    #[error("{file}: not a valid PyTorch checkpoint ({reason})")]
+    TorchCheckpoint { file: String, reason: String },
+
     #[error("{file}: invalid configuration: {reason}")]
     Config { file: String, reason: String },
 

@@ -19,6 +19,7 @@ pub mod quantize;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
+pub mod torch_bin;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod train;
 #[cfg(target_arch = "wasm32")]

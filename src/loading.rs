@@ -11,6 +11,11 @@ use crate::error::{from_candle_weights, Error, Result};
 
 pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "model.safetensors";
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+pub const BIN_WEIGHTS: &str = "pytorch_model.bin";
+pub const BIN_WEIGHTS_INDEX: &str = "pytorch_model.bin.index.json";
+/// The weight files transformers looks for, in its order of preference.
+pub const WEIGHT_FILES: [&str; 4] = [WEIGHTS, WEIGHTS_INDEX, BIN_WEIGHTS, BIN_WEIGHTS_INDEX];
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const PREPROCESSOR: &str = "preprocessor_config.json";
 pub const GENERATION: &str = "generation_config.json";
@@ -25,7 +30,13 @@ pub const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 #[derive(Debug, Clone, Copy)]
 pub struct ModelFiles<'a> {
     pub config: &'a [u8],
+    /// The weights: one checkpoint file (safetensors or a torch zip, told apart by their bytes),
+    /// or, when `weights_name` ends in `.index.json`, the index of `shards`.
     pub weights: &'a [u8],
+    /// Which of [`WEIGHT_FILES`] `weights` is (errors name it).
+    pub weights_name: &'a str,
+    /// A sharded checkpoint's shards, by the file names its index uses.
+    pub shards: &'a [(String, Vec<u8>)],
     pub tokenizer: &'a [u8],
     pub preprocessor: &'a [u8],
     pub generation: Option<&'a [u8]>,
@@ -38,6 +49,8 @@ pub struct ModelFiles<'a> {
 pub struct OwnedModelFiles {
     pub config: Vec<u8>,
     pub weights: Vec<u8>,
+    pub weights_name: String,
+    pub shards: Vec<(String, Vec<u8>)>,
     pub tokenizer: Vec<u8>,
     pub preprocessor: Vec<u8>,
     pub generation: Option<Vec<u8>>,
@@ -85,13 +98,51 @@ pub fn read_tokenizer(dir: &std::path::Path) -> Result<Vec<u8>> {
     }
 }
 
+impl ModelFiles<'_> {
+    /// The model's tensors, keyed by `rename(name)`, with the single weight file read from
+    /// `source` (in WASM, the JS buffer it was downloaded into).
+    pub fn tensors(&self, source: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+        if self.weights_name.ends_with(".index.json") {
+            let shards: Vec<(&str, &[u8])> = self.shards.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
+            let sources: Vec<(&str, &dyn ByteSource)> = shards.iter().map(|(name, bytes)| (*name, bytes as &dyn ByteSource)).collect();
+            load_sharded(self.weights_name, self.weights, &sources, rename)
+        } else {
+            load_checkpoint_file(self.weights_name, source, rename)
+        }
+    }
+}
+
 impl OwnedModelFiles {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
         let read = |name: &str| read_file(dir, name);
-        let (config, weights) = (read(CONFIG)?, read(WEIGHTS)?);
+        let config = read(CONFIG)?;
+        // The first weight file transformers would take; an index brings the shards it names.
+        let mut found = None;
+        for name in WEIGHT_FILES {
+            if let Some(bytes) = read_optional(dir, name)? {
+                found = Some((name, bytes));
+                break;
+            }
+        }
+        let (weights_name, weights) =
+            found.ok_or_else(|| Error::MissingFile(format!("{} (or {})", dir.join(WEIGHTS).display(), WEIGHT_FILES[1..].join(", "))))?;
+        let shards = if weights_name.ends_with(".index.json") {
+            shard_names(weights_name, &weights)?.into_iter().map(|name| Ok((name.clone(), read(&name)?))).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let generation = read_optional(dir, GENERATION)?;
-        Ok(Self { config, weights, tokenizer: read_tokenizer(dir)?, preprocessor: read(PREPROCESSOR)?, generation, adapter: None })
+        Ok(Self {
+            config,
+            weights,
+            weights_name: weights_name.to_string(),
+            shards,
+            tokenizer: read_tokenizer(dir)?,
+            preprocessor: read(PREPROCESSOR)?,
+            generation,
+            adapter: None,
+        })
     }
 
     /// Adds a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
@@ -106,6 +157,8 @@ impl OwnedModelFiles {
         ModelFiles {
             config: &self.config,
             weights: &self.weights,
+            weights_name: &self.weights_name,
+            shards: &self.shards,
             tokenizer: &self.tokenizer,
             preprocessor: &self.preprocessor,
             generation: self.generation.as_deref(),
@@ -205,6 +258,79 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
         tensors.insert(rename(&name), tensor);
     }
     Ok(tensors)
+}
+
+/// The shard files a checkpoint index (`weight_map`: tensor → file) names, each once, in order.
+/// A name that is not a plain file name (a path, `..`) is refused.
+pub fn shard_names(index_file: &str, index: &[u8]) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for (_, shard) in weight_map(index_file, index)? {
+        if !names.contains(&shard) {
+            names.push(shard);
+        }
+    }
+    Ok(names)
+}
+
+/// An index's `weight_map` as (tensor, shard file) pairs.
+fn weight_map(index_file: &str, index: &[u8]) -> Result<Vec<(String, String)>> {
+    let value = parse_json(index_file, index)?;
+    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::config(index_file, "no `weight_map` object"))?;
+    map.iter()
+        .map(|(tensor, shard)| {
+            let shard = shard.as_str().ok_or_else(|| Error::config(index_file, format!("`{tensor}` maps to {shard}, not a file name")))?;
+            let plain = !shard.is_empty() && !shard.contains(['/', '\\']) && shard != "." && shard != "..";
+            if !plain {
+                return Err(Error::config(index_file, format!("`{tensor}` maps to {shard:?}, not a file name in the model folder")));
+            }
+            Ok((tensor.clone(), shard.to_string()))
+        })
+        .collect()
+}
+
+/// One checkpoint file, safetensors or a torch zip (`pytorch_model.bin`), told apart by its bytes.
+pub fn load_checkpoint_file(file: &str, src: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+    if crate::torch_bin::is_zip(src) {
+        crate::torch_bin::load(if file == WEIGHTS { BIN_WEIGHTS } else { file }, src, rename)
+    } else if file.ends_with(".bin") {
+        Err(Error::TorchCheckpoint {
+            file: file.to_string(),
+            reason:
+                "not a zip archive: torch.save's format before torch 1.6 is not read (load and save it again with a newer torch, or as safetensors)"
+                    .into(),
+        })
+    } else {
+        load_safetensors_from(file, src, rename)
+    }
+}
+
+/// A sharded checkpoint: its index and the shards by the file names the index uses. Every shard
+/// the index names must be there and hold the tensors the index puts in it.
+pub fn load_sharded(
+    index_file: &str,
+    index: &[u8],
+    shards: &[(&str, &dyn ByteSource)],
+    rename: impl Fn(&str) -> String,
+) -> Result<HashMap<String, Tensor>> {
+    let map = weight_map(index_file, index)?;
+    let mut out = HashMap::new();
+    for shard in shard_names(index_file, index)? {
+        let expected: Vec<&String> = map.iter().filter(|(_, s)| *s == shard).map(|(t, _)| t).collect();
+        let first = expected.first().map(|t| t.as_str()).unwrap_or_default();
+        let src = shards
+            .iter()
+            .find(|(name, _)| *name == shard)
+            .map(|(_, src)| *src)
+            .ok_or_else(|| Error::MissingFile(format!("{shard} (the shard {index_file} names for `{first}`)")))?;
+        let mut tensors = load_checkpoint_file(&shard, src, |n| n.to_string())?;
+        for tensor in expected {
+            if !tensors.contains_key(tensor.as_str()) {
+                return Err(Error::MissingTensor { file: format!("{shard} (as {index_file} says)"), name: tensor.clone() });
+            }
+        }
+        out.extend(tensors.drain().map(|(name, t)| (rename(&name), t)));
+    }
+    Ok(out)
 }
 
 /// transformers 4.x saves a SigLIP vision tower inside a VisionEncoderDecoder as

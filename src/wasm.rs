@@ -135,7 +135,16 @@ impl WasmCaptioner {
             (None, None) => None,
             _ => return Err(JsError::new("a LoRA adapter needs both adapter_config.json and adapter_model.safetensors")),
         };
-        let files = ModelFiles { config, weights: &[], tokenizer, preprocessor, generation: generation.as_deref(), adapter };
+        let files = ModelFiles {
+            config,
+            weights: &[],
+            weights_name: crate::loading::WEIGHTS,
+            shards: &[],
+            tokenizer,
+            preprocessor,
+            generation: generation.as_deref(),
+            adapter,
+        };
         let inner = Captioner::from_files_reading(files, &JsBytes(weights)).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None })
     }

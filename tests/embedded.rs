@@ -24,6 +24,8 @@ macro_rules! embedded {
             ModelFiles {
                 config: model_file!($model, "config.json"),
                 weights: model_file!($model, "model.safetensors"),
+                weights_name: wasmcap::loading::WEIGHTS,
+                shards: &[],
                 tokenizer: model_file!($model, "tokenizer.json"),
                 preprocessor: model_file!($model, "preprocessor_config.json"),
                 generation: Some(model_file!($model, "generation_config.json")),

@@ -263,7 +263,8 @@ impl TrainModel {
                 let files = OwnedModelFiles::read_dir(dir)?;
                 let config = parse_json(CONFIG, &files.config)?;
                 let family = family_of(&config).map_err(|e| Error::config(CONFIG, e))?;
-                let tensors = load_safetensors("model.safetensors", &files.weights, family.rename)?;
+                let borrowed = files.borrow();
+                let tensors = borrowed.tensors(&borrowed.weights, family.rename)?;
                 let tokenizer = match options.tokenizer.clone() {
                     Some(t) => t,
                     None => tokenizers::Tokenizer::from_bytes(&files.tokenizer).map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.display())))?,

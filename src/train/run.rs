@@ -711,6 +711,8 @@ pub fn evaluate_model(model: &TrainModel, data: &Dataset, limit: usize, prompt: 
     let captioner = Captioner::from_files(ModelFiles {
         config: get("config.json"),
         weights: get("model.safetensors"),
+        weights_name: crate::loading::WEIGHTS,
+        shards: &[],
         tokenizer: get("tokenizer.json"),
         preprocessor: get("preprocessor_config.json"),
         generation: Some(get("generation_config.json")),

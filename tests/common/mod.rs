@@ -102,6 +102,8 @@ impl Fixture {
         ModelFiles {
             config: self.config,
             weights: self.weights,
+            weights_name: wasmcap::loading::WEIGHTS,
+            shards: &[],
             tokenizer: &self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),
@@ -209,6 +211,8 @@ impl PrefixCase {
         ModelFiles {
             config: self.config,
             weights: self.weights,
+            weights_name: wasmcap::loading::WEIGHTS,
+            shards: &[],
             tokenizer: &self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),

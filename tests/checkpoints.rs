@@ -1,0 +1,222 @@
+//! Weights as the hub ships them (tests/fixtures/make_checkpoint_fixtures.py): `pytorch_model.bin`
+//! in f32 / f16 / bf16 (with an old GPT-2 upload's mask buffers), sharded safetensors and `.bin`
+//! with their index, an index naming one shard — each gives the tensors of `model.safetensors`
+//! (rounded to the file's precision) and the same captions. A `.bin` whose pickle calls
+//! `os.system` or `builtins.eval` is refused by name; broken shards and truncated files are
+//! errors that name the file and tensor. Runs natively and in headless Chromium.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use common::{image, max_abs_diff, vit_gpt2};
+use wasmcap::loading::{ModelFiles, BIN_WEIGHTS, BIN_WEIGHTS_INDEX, WEIGHTS, WEIGHTS_INDEX};
+use wasmcap::{CaptionOptions, Captioner, Error};
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+macro_rules! checkpoint {
+    ($path:literal) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/checkpoints/", $path)).as_slice()
+    };
+}
+
+const BIN_F32: &[u8] = checkpoint!("bin-f32/pytorch_model.bin");
+const BIN_F16: &[u8] = checkpoint!("bin-f16/pytorch_model.bin");
+const BIN_BF16: &[u8] = checkpoint!("bin-bf16/pytorch_model.bin");
+
+fn sharded_safetensors() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
+    let shards = [
+        ("model-00001-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00001-of-00003.safetensors")),
+        ("model-00002-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00002-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00003-of-00003.safetensors")),
+    ];
+    (checkpoint!("sharded-safetensors/model.safetensors.index.json"), shards.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect())
+}
+
+fn sharded_bin() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
+    let shards = [
+        ("pytorch_model-00001-of-00002.bin", checkpoint!("sharded-bin-f16/pytorch_model-00001-of-00002.bin")),
+        ("pytorch_model-00002-of-00002.bin", checkpoint!("sharded-bin-f16/pytorch_model-00002-of-00002.bin")),
+    ];
+    (checkpoint!("sharded-bin-f16/pytorch_model.bin.index.json"), shards.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect())
+}
+
+fn single_shard() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
+    let shard = "model-00001-of-00001.safetensors";
+    (
+        checkpoint!("single-shard/model.safetensors.index.json"),
+        vec![(shard.to_string(), checkpoint!("single-shard/model-00001-of-00001.safetensors").to_vec())],
+    )
+}
+
+fn tensors(files: &ModelFiles<'_>) -> wasmcap::Result<HashMap<String, Tensor>> {
+    files.tensors(&files.weights, |n| n.to_string())
+}
+
+fn rounded(t: &Tensor, dtype: DType) -> Vec<f32> {
+    t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Every tensor of `model.safetensors`, rounded to `dtype`, is in `got` with the same values; what
+/// else `got` holds is only the legacy GPT-2 buffers.
+fn assert_same_tensors(label: &str, got: &HashMap<String, Tensor>, dtype: DType) {
+    let fx = vit_gpt2();
+    let want = wasmcap::loading::load_safetensors(WEIGHTS, fx.weights, |n| n.to_string()).unwrap();
+    for (name, t) in &want {
+        let ours = got.get(name).unwrap_or_else(|| panic!("{label}: no `{name}`"));
+        assert_eq!(ours.dims(), t.dims(), "{label}: {name}");
+        assert!(rounded(ours, DType::F32) == rounded(t, dtype), "{label}: `{name}` differs");
+    }
+    for name in got.keys().filter(|n| !want.contains_key(*n)) {
+        // An old upload's mask buffers, and a tied LM head saved as the embedding it shares.
+        let tied = name == "decoder.lm_head.weight" && rounded(&got[name], DType::F32) == rounded(&want["decoder.transformer.wte.weight"], dtype);
+        assert!(tied || name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"), "{label}: unexpected `{name}`");
+    }
+}
+
+#[test]
+fn every_checkpoint_format_gives_the_tensors_of_model_safetensors() {
+    let fx = vit_gpt2();
+    let single = |name, weights| ModelFiles { weights, weights_name: name, ..fx.files() };
+    for (label, weights, dtype) in [("bin f32", BIN_F32, DType::F32), ("bin f16", BIN_F16, DType::F16), ("bin bf16", BIN_BF16, DType::BF16)] {
+        // In WASM the JS shim hands any single file over as the weights: the bytes say which.
+        for name in [BIN_WEIGHTS, WEIGHTS] {
+            assert_same_tensors(label, &tensors(&single(name, weights)).unwrap(), dtype);
+        }
+    }
+    let bin = tensors(&single(BIN_WEIGHTS, BIN_F32)).unwrap();
+    let mask = &bin["decoder.transformer.h.0.attn.bias"];
+    assert_eq!((mask.dtype(), mask.dims().len()), (DType::U8, 4), "a bool buffer keeps its bytes");
+
+    for (label, (index, shards), name, dtype) in [
+        ("sharded safetensors", sharded_safetensors(), WEIGHTS_INDEX, DType::F32),
+        ("sharded bin", sharded_bin(), BIN_WEIGHTS_INDEX, DType::F16),
+        ("single shard", single_shard(), WEIGHTS_INDEX, DType::F16),
+    ] {
+        let files = ModelFiles { weights: index, weights_name: name, shards: &shards, ..fx.files() };
+        assert_same_tensors(label, &tensors(&files).unwrap(), dtype);
+    }
+}
+
+#[test]
+fn f32_checkpoints_caption_as_model_safetensors_does() {
+    let fx = vit_gpt2();
+    let reference = Captioner::from_files(fx.files()).unwrap();
+    let pixels = reference.pixel_values_from_bytes(image("chelsea.jpg")).unwrap();
+    let ids = |c: &Captioner| c.caption(&pixels, &CaptionOptions { max_new_tokens: Some(12), ..Default::default() }, |_| {}).unwrap().token_ids;
+    let logits = |c: &Captioner| c.first_step_logits(&pixels, &CaptionOptions::default()).unwrap();
+    let (index, shards) = sharded_safetensors();
+    for (label, files) in [
+        ("pytorch_model.bin", ModelFiles { weights: BIN_F32, weights_name: BIN_WEIGHTS, ..fx.files() }),
+        ("sharded safetensors", ModelFiles { weights: index, weights_name: WEIGHTS_INDEX, shards: &shards, ..fx.files() }),
+    ] {
+        let model = Captioner::from_files(files).unwrap();
+        assert_eq!(max_abs_diff(&logits(&model), &logits(&reference)), 0.0, "{label}");
+        assert_eq!(ids(&model), ids(&reference), "{label}");
+    }
+    // Half precision loads and captions (its own ids: the weights are rounded).
+    let half = Captioner::from_files(ModelFiles { weights: BIN_BF16, weights_name: BIN_WEIGHTS, ..fx.files() }).unwrap();
+    assert!(!ids(&half).is_empty());
+}
+
+fn load_err(files: ModelFiles<'_>) -> Error {
+    match Captioner::from_files(files) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_pickle_that_calls_anything_but_the_tensor_rebuild_is_refused() {
+    let fx = vit_gpt2();
+    for (weights, global) in
+        [(checkpoint!("evil-system/pytorch_model.bin"), "posix.system"), (checkpoint!("evil-eval/pytorch_model.bin"), "__builtin__.eval")]
+    {
+        let msg = load_err(ModelFiles { weights, weights_name: BIN_WEIGHTS, ..fx.files() }).to_string();
+        assert!(msg.contains(BIN_WEIGHTS) && msg.contains(&format!("`{global}`")), "{msg}");
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    assert!(!std::path::Path::new("PWNED").exists(), "the pickle's command ran");
+}
+
+#[test]
+fn broken_checkpoints_are_errors_that_name_the_file_and_tensor() {
+    let fx = vit_gpt2();
+    // Truncated anywhere: an error, never a panic.
+    for len in [0, 3, 4, 100, 1000, BIN_F16.len() / 2, BIN_F16.len() - 30, BIN_F16.len() - 1] {
+        let e = load_err(ModelFiles { weights: &BIN_F16[..len], weights_name: BIN_WEIGHTS, ..fx.files() });
+        assert!(matches!(&e, Error::TorchCheckpoint { file, .. } | Error::Safetensors { file, .. } if file == BIN_WEIGHTS), "{len}: {e}");
+    }
+    // A shard missing.
+    let (index, mut shards) = sharded_safetensors();
+    let gone = shards.remove(1).0;
+    let e = load_err(ModelFiles { weights: index, weights_name: WEIGHTS_INDEX, shards: &shards, ..fx.files() });
+    assert!(matches!(&e, Error::MissingFile(m) if m.contains(&gone) && m.contains('`')), "{e}");
+
+    // The index puts a tensor in a shard that does not hold it.
+    let (index, shards) = sharded_safetensors();
+    let mut value: serde_json::Value = serde_json::from_slice(index).unwrap();
+    let map = value["weight_map"].as_object_mut().unwrap();
+    let (tensor, shard) = map.iter().map(|(t, s)| (t.clone(), s.as_str().unwrap().to_string())).next().unwrap();
+    let other = shards.iter().map(|(n, _)| n.clone()).find(|n| *n != shard).unwrap();
+    map.insert(tensor.clone(), other.clone().into());
+    let index = value.to_string().into_bytes();
+    let e = load_err(ModelFiles { weights: &index, weights_name: WEIGHTS_INDEX, shards: &shards, ..fx.files() });
+    assert!(matches!(&e, Error::MissingTensor { file, name } if file.contains(&other) && *name == tensor), "{e}");
+
+    // A shard name that is a path, and an index that is not one.
+    let bad = serde_json::json!({ "weight_map": { tensor.clone(): "../model.safetensors" } }).to_string().into_bytes();
+    let e = load_err(ModelFiles { weights: &bad, weights_name: WEIGHTS_INDEX, shards: &shards, ..fx.files() });
+    assert!(e.to_string().contains("not a file name"), "{e}");
+    let e = load_err(ModelFiles { weights: b"{}", weights_name: WEIGHTS_INDEX, shards: &shards, ..fx.files() });
+    assert!(e.to_string().contains("weight_map"), "{e}");
+}
+
+/// A folder as the hub has it: transformers' order of preference among the weight files.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn a_folder_loads_whichever_weights_it_has_safetensors_first() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = std::env::temp_dir().join(format!("wasmcap-checkpoints-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(src.join("tiny-vit-gpt2")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != WEIGHTS {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let reference = Captioner::from_dir(src.join("tiny-vit-gpt2"), None).unwrap();
+    let pixels = reference.pixel_values_from_bytes(image("astronaut.png")).unwrap();
+    let logits = |c: &Captioner| c.first_step_logits(&pixels, &CaptionOptions::default()).unwrap();
+    let copy_all = |from: &str| {
+        for entry in std::fs::read_dir(src.join("checkpoints").join(from)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    };
+
+    // No weights at all: the error lists what was looked for.
+    let e = Captioner::from_dir(&dir, None).err().unwrap().to_string();
+    assert!(e.contains(WEIGHTS) && e.contains(BIN_WEIGHTS_INDEX), "{e}");
+    // pytorch_model.bin alone (bf16: other logits than the f32 reference).
+    copy_all("bin-bf16");
+    let bf16 = logits(&Captioner::from_dir(&dir, None).unwrap());
+    assert!(max_abs_diff(&bf16, &logits(&reference)) > 0.0);
+    // A sharded safetensors index beside it wins.
+    copy_all("sharded-safetensors");
+    assert_eq!(max_abs_diff(&logits(&Captioner::from_dir(&dir, None).unwrap()), &logits(&reference)), 0.0);
+    // A missing shard is named.
+    std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
+    let e = Captioner::from_dir(&dir, None).err().unwrap().to_string();
+    assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
+    // model.safetensors wins over everything.
+    std::fs::copy(src.join("tiny-vit-gpt2").join(WEIGHTS), dir.join(WEIGHTS)).unwrap();
+    assert_eq!(max_abs_diff(&logits(&Captioner::from_dir(&dir, None).unwrap()), &logits(&reference)), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
