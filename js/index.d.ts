@@ -41,7 +41,11 @@ export interface ProgressEvent {
   done?: boolean;
 }
 
-/** The files of a model folder by name (`config.json`, `model.safetensors`, …). */
+/**
+ * The files of a model folder by name (`config.json`, `model.safetensors` — or
+ * `model.safetensors.index.json` and its shards, `pytorch_model.bin`, `pytorch_model.bin.index.json`
+ * and its shards, the first of these found —, `tokenizer.json`, …).
+ */
 export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File[];
 
 export interface LoadOptions {

@@ -12,11 +12,12 @@ export const CACHE_NAME = 'wasmcap-models-v1';
 
 const MODEL_FILES = [
   ['config', 'config.json', true],
-  ['weights', 'model.safetensors', true],
   ['tokenizer', 'tokenizer.json', false],
   ['preprocessor', 'preprocessor_config.json', true],
   ['generation', 'generation_config.json', false],
 ];
+// The weight files transformers looks for, in its order; an index (`*.index.json`) names shards.
+const WEIGHT_FILES = ['model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json'];
 // Only fetched when a folder has no tokenizer.json (older GPT-2 folders, nlpconnect's among them).
 const GPT2_TOKENIZER_FILES = [
   ['gpt2Vocab', 'vocab.json', false],
@@ -212,6 +213,39 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
     entries.push(...fallback);
     bodies.push(...more);
   }
+  // The weights: the first of WEIGHT_FILES the folder has (asked for one at a time, so a folder
+  // with model.safetensors makes no other request). An index is read now, and the shards it
+  // names are opened with the rest, so the progress total covers them from the start.
+  let weights = null;
+  for (const name of WEIGHT_FILES) {
+    const [entry] = entriesFor(source, [['weights', name, false]]);
+    const body = await entry.open();
+    throwIfAborted(signal);
+    if (body) { weights = { entry, body }; break; }
+  }
+  if (!weights) throw new Error(`model.safetensors: missing from the model folder (nor are ${WEIGHT_FILES.slice(1).join(', ')} there)`);
+  const weightsName = weights.entry.name;
+  let shardNames = [];
+  if (weightsName.endsWith('.index.json')) {
+    const bytes = await weights.body.read(() => {});
+    throwIfAborted(signal);
+    let map;
+    try {
+      map = JSON.parse(new TextDecoder().decode(bytes)).weight_map;
+    } catch (e) {
+      throw new Error(`${weightsName}: not valid JSON (${e.message})`);
+    }
+    if (map === null || typeof map !== 'object') throw new Error(`${weightsName}: no weight_map object`);
+    shardNames = [...new Set(Object.values(map))];
+    const bad = shardNames.find((n) => typeof n !== 'string' || !n || /[\\/]/.test(n) || n === '..' || n === '.');
+    if (bad !== undefined) throw new Error(`${weightsName}: the shard ${JSON.stringify(bad)} is not a file name in the model folder`);
+    weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return bytes; } };
+    const shardEntries = entriesFor(source, shardNames.map((n, i) => [`shard${i}`, n, true]));
+    entries.push(...shardEntries);
+    bodies.push(...await openAll(shardEntries));
+  }
+  entries.push(weights.entry);
+  bodies.push(weights.body);
   const present = entries.map((e, i) => ({ ...e, body: bodies[i] })).filter((e) => e.body);
   let total = present.reduce((s, e) => s + e.body.size, 0);
   let loaded = 0;
@@ -227,7 +261,7 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
       fileDone: done, cached: e.body.cached, loaded, total, fraction,
     });
   };
-  const files = {};
+  const files = { weightsName, shardNames };
   await Promise.all(present.map(async (e) => {
     emit(e, false);
     files[e.key] = await e.body.read((n) => {
@@ -371,7 +405,8 @@ export class Captioner {
   }
 
   /**
-   * Loads a model. `source`: the base URL of a 🤗-layout folder (config.json, model.safetensors,
+   * Loads a model. `source`: the base URL of a 🤗-layout folder (config.json, the weights —
+   * model.safetensors, else a sharded index, pytorch_model.bin or its sharded index —,
    * tokenizer.json, preprocessor_config.json, optional generation_config.json), or a map of
    * file name → File/Blob (a Map, a plain object, a FileList or an array of Files).
    * Options: `onProgress(event)`, `cache` (default true: the Cache API; 'reload': fetch again and

@@ -153,18 +153,18 @@ pub use crate::models::llava::prefix_prompt_text;
 
 impl Captioner {
     pub fn from_files(files: ModelFiles<'_>) -> Result<Self> {
-        Self::from_files_reading(files, &files.weights)
+        Self::from_files_reading(files, &files.weights, &[])
     }
 
-    /// [`Captioner::from_files`] with `model.safetensors` read from `weights` by range
-    /// (`files.weights` is not used): in WASM the downloaded file stays in its JS buffer and only
-    /// the tensors are made in WASM memory.
-    pub fn from_files_reading(files: ModelFiles<'_>, weights: &dyn loading::ByteSource) -> Result<Self> {
+    /// [`Captioner::from_files`] with the weight file read from `weights` by range (and a sharded
+    /// checkpoint's shards from `shards`, by the names its index uses): in WASM the downloaded
+    /// files stay in their JS buffers and only the tensors are made in WASM memory.
+    pub fn from_files_reading(files: ModelFiles<'_>, weights: &dyn loading::ByteSource, shards: &[(&str, &dyn loading::ByteSource)]) -> Result<Self> {
         let config = loading::parse_json(loading::CONFIG, files.config)?;
         let generation = files.generation.map(|bytes| loading::parse_json(loading::GENERATION, bytes)).transpose()?;
         let family = architecture::family_of(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
         let build = (family.config)(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-        let tensors = load_weights(&files, weights, family.rename)?;
+        let tensors = load_weights(&files, weights, shards, family.rename)?;
         let q8_0 = is_q8_0_checkpoint(&tensors);
         let model = loading::build_model(files.weights_name, tensors, build)?;
         let generation = GenerationDefaults::resolve(generation.as_ref(), &config, family.decoder_section)?;
@@ -546,9 +546,10 @@ impl Captioner {
 fn load_weights(
     files: &ModelFiles<'_>,
     weights: &dyn loading::ByteSource,
+    shards: &[(&str, &dyn loading::ByteSource)],
     rename: fn(&str) -> String,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
-    let mut tensors = files.tensors(weights, rename)?;
+    let mut tensors = files.tensors(weights, shards, rename)?;
     if let Some(adapter) = files.adapter {
         if let Some(name) = tensors.keys().find(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX)) {
             return Err(Error::Safetensors {

@@ -99,16 +99,24 @@ pub fn read_tokenizer(dir: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 impl ModelFiles<'_> {
-    /// The model's tensors, keyed by `rename(name)`, with the single weight file read from
-    /// `source` (in WASM, the JS buffer it was downloaded into).
-    pub fn tensors(&self, source: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
-        if self.weights_name.ends_with(".index.json") {
-            let shards: Vec<(&str, &[u8])> = self.shards.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
-            let sources: Vec<(&str, &dyn ByteSource)> = shards.iter().map(|(name, bytes)| (*name, bytes as &dyn ByteSource)).collect();
-            load_sharded(self.weights_name, self.weights, &sources, rename)
-        } else {
-            load_checkpoint_file(self.weights_name, source, rename)
+    /// The model's tensors, keyed by `rename(name)`: the single weight file read from `file`, or
+    /// the shards of the index in `weights` read from `shards` (given: in WASM, the JS buffers
+    /// they were downloaded into; empty: `self.shards`).
+    pub fn tensors(
+        &self,
+        file: &dyn ByteSource,
+        shards: &[(&str, &dyn ByteSource)],
+        rename: impl Fn(&str) -> String,
+    ) -> Result<HashMap<String, Tensor>> {
+        if !self.weights_name.ends_with(".index.json") {
+            return load_checkpoint_file(self.weights_name, file, rename);
         }
+        if !shards.is_empty() {
+            return load_sharded(self.weights_name, self.weights, shards, rename);
+        }
+        let owned: Vec<(&str, &[u8])> = self.shards.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
+        let sources: Vec<(&str, &dyn ByteSource)> = owned.iter().map(|(name, bytes)| (*name, bytes as &dyn ByteSource)).collect();
+        load_sharded(self.weights_name, self.weights, &sources, rename)
     }
 }
 

@@ -118,9 +118,12 @@ impl WasmCaptioner {
     /// Builds a captioner from the bytes of the model folder's files; `adapter_config` and
     /// `adapter_weights` (a PEFT LoRA folder's two files) are merged in when both are given.
     ///
-    /// `weights` stays in JS memory: tensors are read from it one by one (peak WASM memory ≈ the
-    /// loaded model, not model + file).
+    /// `weights` is the file `weights_name` names (default `model.safetensors`; also
+    /// `pytorch_model.bin`, or a `*.index.json` whose shards are `shards`, named by
+    /// `shard_names`). The weights stay in JS memory: tensors are read from them one by one (peak
+    /// WASM memory ≈ the loaded model, not model + files).
     #[wasm_bindgen(constructor)]
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &[u8],
         weights: &js_sys::Uint8Array,
@@ -129,23 +132,39 @@ impl WasmCaptioner {
         generation: Option<Vec<u8>>,
         adapter_config: Option<Vec<u8>>,
         adapter_weights: Option<Vec<u8>>,
+        weights_name: Option<String>,
+        shard_names: Option<Vec<String>>,
+        shards: Option<js_sys::Array>,
     ) -> Result<WasmCaptioner, JsError> {
         let adapter = match (&adapter_config, &adapter_weights) {
             (Some(config), Some(weights)) => Some(AdapterFiles { config, weights }),
             (None, None) => None,
             _ => return Err(JsError::new("a LoRA adapter needs both adapter_config.json and adapter_model.safetensors")),
         };
-        let files = ModelFiles {
-            config,
-            weights: &[],
-            weights_name: crate::loading::WEIGHTS,
-            shards: &[],
-            tokenizer,
-            preprocessor,
-            generation: generation.as_deref(),
-            adapter,
+        let weights_name = weights_name.as_deref().unwrap_or(crate::loading::WEIGHTS);
+        let known = crate::loading::WEIGHT_FILES.iter().find(|&&n| n == weights_name).copied();
+        let weights_name =
+            known.ok_or_else(|| JsError::new(&format!("weights must be one of {}, not {weights_name}", crate::loading::WEIGHT_FILES.join(", "))))?;
+        let sharded = weights_name.ends_with(".index.json");
+        // The index is small and parsed here; the shards stay in JS.
+        let index = if sharded { weights.to_vec() } else { Vec::new() };
+        let shard_names = shard_names.unwrap_or_default();
+        let arrays: Vec<js_sys::Uint8Array> = match shards {
+            Some(list) => list
+                .iter()
+                .map(|v| v.dyn_into::<js_sys::Uint8Array>().map_err(|_| JsError::new("shards must be Uint8Arrays")))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
         };
-        let inner = Captioner::from_files_reading(files, &JsBytes(weights)).map_err(js_error)?;
+        if arrays.len() != shard_names.len() {
+            return Err(JsError::new(&format!("{} shard names for {} shards", shard_names.len(), arrays.len())));
+        }
+        let readers: Vec<JsBytes> = arrays.iter().map(JsBytes).collect();
+        let sources: Vec<(&str, &dyn crate::loading::ByteSource)> =
+            shard_names.iter().zip(&readers).map(|(name, r)| (name.as_str(), r as &dyn crate::loading::ByteSource)).collect();
+        let files =
+            ModelFiles { config, weights: &index, weights_name, shards: &[], tokenizer, preprocessor, generation: generation.as_deref(), adapter };
+        let inner = Captioner::from_files_reading(files, &JsBytes(weights), &sources).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None })
     }
 

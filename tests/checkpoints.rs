@@ -55,7 +55,7 @@ fn single_shard() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
 }
 
 fn tensors(files: &ModelFiles<'_>) -> wasmcap::Result<HashMap<String, Tensor>> {
-    files.tensors(&files.weights, |n| n.to_string())
+    files.tensors(&files.weights, &[], |n| n.to_string())
 }
 
 fn rounded(t: &Tensor, dtype: DType) -> Vec<f32> {

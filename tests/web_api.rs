@@ -29,7 +29,18 @@ fn ids_of(result: &JsValue) -> Vec<u32> {
 }
 
 fn new_captioner(fx: &common::Fixture, weights: &[u8]) -> Result<WasmCaptioner, wasm_bindgen::JsError> {
-    WasmCaptioner::new(fx.config, &Uint8Array::from(weights), &fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()), None, None)
+    WasmCaptioner::new(
+        fx.config,
+        &Uint8Array::from(weights),
+        &fx.tokenizer,
+        fx.preprocessor,
+        Some(fx.generation.to_vec()),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 }
 
 #[wasm_bindgen_test]
@@ -41,9 +52,13 @@ fn load_errors_are_js_errors_naming_the_tensor() {
     assert!(msg.contains("model.safetensors") && msg.contains(name), "{msg}");
     let msg = message(new_captioner(fx, &fx.weights[..1000]).err().unwrap());
     assert!(msg.contains("model.safetensors"), "{msg}");
-    let msg = message(WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None).err().unwrap());
+    let msg = message(
+        WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None, None, None, None).err().unwrap(),
+    );
     assert!(msg.contains("config.json"), "{msg}");
-    let msg = message(WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None).err().unwrap());
+    let msg = message(
+        WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None, None, None, None).err().unwrap(),
+    );
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
 
@@ -116,6 +131,9 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
             None,
             Some(adapter_config.to_vec()),
             None,
+            None,
+            None,
+            None,
         )
         .err()
         .unwrap(),
@@ -129,6 +147,9 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
         Some(case.generation.to_vec()),
         Some(adapter_config.to_vec()),
         Some(adapter_weights.to_vec()),
+        None,
+        None,
+        None,
     )
     .unwrap();
     let expected = case.greedy_ids("astronaut.png", "prompt");
@@ -192,7 +213,12 @@ fn caption_many_streams_each_image_and_equals_one_by_one() {
     let count = std::rc::Rc::new(std::cell::Cell::new(0));
     let seen = count.clone();
     let on_provisional = wasm_bindgen::closure::Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| seen.set(seen.get() + 1));
-    c.beam_search(Uint8Array::from(image("astronaut.png")).into(), beam.clone(), Some(on_provisional.as_ref().unchecked_ref::<js_sys::Function>().clone())).unwrap();
+    c.beam_search(
+        Uint8Array::from(image("astronaut.png")).into(),
+        beam.clone(),
+        Some(on_provisional.as_ref().unchecked_ref::<js_sys::Function>().clone()),
+    )
+    .unwrap();
     assert_eq!(count.get(), 6, "one provisional hypothesis per step");
     let thrower = js_sys::Function::new_with_args("e", "throw new Error('boom')");
     let msg = message(c.beam_search(Uint8Array::from(image("astronaut.png")).into(), beam, Some(thrower)).err().unwrap());
@@ -215,6 +241,9 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
         &fx.tokenizer,
         fx.preprocessor,
         Some(generation.to_string().into_bytes()),
+        None,
+        None,
+        None,
         None,
         None,
     )
@@ -243,8 +272,11 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
     assert_eq!(ids_of(&overridden), ids_of(&explicit3));
     // beamSearch and captionMany without numBeams: the file's 3 beams.
     let beams = js_sys::Array::from(&configured.beam_search(Uint8Array::from(image("astronaut.png")).into(), with(&[]), None).unwrap());
-    let explicit_beams =
-        js_sys::Array::from(&plain.beam_search(Uint8Array::from(image("astronaut.png")).into(), with(&[("numBeams", 3.into()), ("maxNewTokens", 7.into())]), None).unwrap());
+    let explicit_beams = js_sys::Array::from(
+        &plain
+            .beam_search(Uint8Array::from(image("astronaut.png")).into(), with(&[("numBeams", 3.into()), ("maxNewTokens", 7.into())]), None)
+            .unwrap(),
+    );
     assert_eq!(ids_of(&beams.get(0)), ids_of(&explicit_beams.get(0)));
     let many = js_sys::Array::from(
         &configured.caption_many(js_sys::Array::of1(&js_sys::Uint8Array::from(image("astronaut.png"))), with(&[]), None).unwrap(),
@@ -275,6 +307,9 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
             Some(model_file!("generation_config.json").to_vec()),
             None,
             None,
+            None,
+            None,
+            None,
         )
         .unwrap()
     };
@@ -286,4 +321,53 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
     let a = f32_model.caption(sample, JsValue::UNDEFINED).unwrap();
     let b = q8.caption(sample, JsValue::UNDEFINED).unwrap();
     assert_eq!(ids_of(&a), ids_of(&b));
+}
+
+/// The checkpoint formats through the constructor JS calls: `pytorch_model.bin` and a sharded
+/// index whose shards stay JS arrays give the captions of `model.safetensors`; a missing shard is
+/// a JS error naming it.
+#[wasm_bindgen_test]
+fn bin_and_sharded_weights_load_through_the_js_constructor() {
+    macro_rules! checkpoint {
+        ($path:literal) => {
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/checkpoints/", $path)).as_slice()
+        };
+    }
+    let fx = common::vit_gpt2();
+    let build = |weights: &[u8], name: Option<&str>, shards: &[(&str, &[u8])]| {
+        let names: Vec<String> = shards.iter().map(|(n, _)| n.to_string()).collect();
+        let arrays = js_sys::Array::new();
+        for (_, bytes) in shards {
+            arrays.push(&Uint8Array::from(*bytes));
+        }
+        WasmCaptioner::new(
+            fx.config,
+            &Uint8Array::from(weights),
+            &fx.tokenizer,
+            fx.preprocessor,
+            None,
+            None,
+            None,
+            name.map(str::to_string),
+            Some(names),
+            Some(arrays),
+        )
+    };
+    let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
+    let want = caption(&mut build(fx.weights, None, &[]).unwrap());
+    let bin = checkpoint!("bin-f32/pytorch_model.bin");
+    for name in [Some("pytorch_model.bin"), None] {
+        assert_eq!(caption(&mut build(bin, name, &[]).unwrap()), want, "{name:?}");
+    }
+    let shards = [
+        ("model-00001-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00001-of-00003.safetensors")),
+        ("model-00002-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00002-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00003-of-00003.safetensors")),
+    ];
+    let index = checkpoint!("sharded-safetensors/model.safetensors.index.json");
+    assert_eq!(caption(&mut build(index, Some("model.safetensors.index.json"), &shards).unwrap()), want);
+    let msg = message(build(index, Some("model.safetensors.index.json"), &shards[..2]).err().unwrap());
+    assert!(msg.contains("model-00003-of-00003.safetensors"), "{msg}");
+    let msg = message(build(index, Some("weights.pt"), &[]).err().unwrap());
+    assert!(msg.contains("weights.pt"), "{msg}");
 }

@@ -1,10 +1,11 @@
 // ViT + GPT-2 through the JS package (pkg/index.js) in headless Chromium: the folder laid out as
 // nlpconnect/vit-gpt2-image-captioning ships it (no tokenizer.json: GPT-2's vocab.json +
 // merges.txt; generation_config.json asking for 4 beams and max_length 16), served as a folder
-// URL. Its captions are 🤗 transformers' (tests/fixtures/reference/tiny-vit-gpt2.json).
+// URL. Its captions are 🤗 transformers' (tests/fixtures/reference/tiny-vit-gpt2.json). The same
+// folder with its weights as pytorch_model.bin or sharded (tests/fixtures/checkpoints/).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
 import { launch, watchPage, printLog, root } from './helpers.mjs';
@@ -19,6 +20,25 @@ before(async () => {
   server = await startServer(0, {
     onRequest(req, res, headers) {
       requested.push(req.url);
+      // /ckpt/VARIANT/FILE: tiny-vit-gpt2 with its weights as tests/fixtures/checkpoints/VARIANT has them.
+      const m = req.url.match(/^\/ckpt\/([\w-]+)\/([\w.-]+)$/);
+      if (m) {
+        // sharded-missing: the sharded folder without its second shard.
+        const variant = m[1] === 'sharded-missing' ? 'sharded-safetensors' : m[1];
+        const gone = m[1] === 'sharded-missing' && m[2] === 'model-00002-of-00003.safetensors';
+        const own = join(root, 'tests/fixtures/checkpoints', variant, m[2]);
+        const shared = join(root, MODEL, m[2]);
+        const file = gone ? null : existsSync(own) ? own : m[2] !== 'model.safetensors' && existsSync(shared) ? shared : null;
+        if (!file) {
+          res.writeHead(404, { ...headers, 'Content-Type': 'text/plain' });
+          res.end('not found');
+          return true;
+        }
+        const body = readFileSync(file);
+        res.writeHead(200, { ...headers, 'Content-Type': 'application/octet-stream', 'Content-Length': String(body.byteLength) });
+        res.end(body);
+        return true;
+      }
       if (req.url !== '/vit-test.html') return false;
       res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
       res.end('<!doctype html><link rel="icon" href="data:,"><title>vit</title>');
@@ -73,4 +93,32 @@ test('numReturnSequences 2 with the folder\'s 4 beams: generate(num_return_seque
   const r = await page.evaluate(async (url) => window.captioner.caption(url, { numReturnSequences: 2 }).result,
     `${base}/tests/fixtures/images/astronaut.png`);
   assert.deepEqual(r.sequences.map((s) => s.tokenIds), reference.images['astronaut.png'].two_sequences);
+});
+
+test('pytorch_model.bin and sharded checkpoints load from a folder URL: the shards the index names, progress summed over them', async () => {
+  const want = reference.images['astronaut.png'].greedy_ids.slice(0, 8);
+  for (const [variant, files] of [
+    ['bin-f32', ['pytorch_model.bin']],
+    ['sharded-safetensors', ['model.safetensors.index.json', 'model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors']],
+  ]) {
+    const r = await page.evaluate(async ({ model, image }) => {
+      const { Captioner } = await import('/pkg/index.js');
+      const seen = new Set();
+      let last;
+      const c = await Captioner.fromPretrained(model, { cache: false, onProgress: (e) => { if (e.file) seen.add(e.file); last = e; } });
+      const ids = (await c.caption(image, { numBeams: 1, maxNewTokens: 8 }).result).tokenIds;
+      c.dispose();
+      return { ids, seen: [...seen], last };
+    }, { model: `${base}/ckpt/${variant}/`, image: `${base}/tests/fixtures/images/astronaut.png` });
+    assert.deepEqual(r.ids, want, `${variant}: the greedy ids of model.safetensors`);
+    for (const f of files) assert.ok(r.seen.includes(f), `${variant}: ${f} in the progress events (${r.seen})`);
+    const bytes = files.reduce((n, f) => n + readFileSync(join(root, 'tests/fixtures/checkpoints', variant, f)).byteLength, 0);
+    assert.ok(r.last.done && r.last.fraction === 1 && r.last.total >= bytes, `${variant}: total ${r.last.total} covers the ${bytes} weight bytes`);
+  }
+  // A shard the index names that the server does not have: the error names it.
+  const error = await page.evaluate(async (model) => {
+    const { Captioner } = await import('/pkg/index.js');
+    return Captioner.fromPretrained(model, { cache: false }).then(() => 'loaded', (e) => e.message);
+  }, `${base}/ckpt/sharded-missing/`);
+  assert.match(error, /model-0000\d-of-00003\.safetensors/);
 });
