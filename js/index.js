@@ -178,6 +178,37 @@ function blobEntry(key, name, required, map) {
   };
 }
 
+// The weights: the first of WEIGHT_FILES the folder has (asked for one at a time, so a folder
+// with model.safetensors makes no other request). An index is read at once and its shards are
+// returned unopened, so the caller opens them with the rest and the progress total covers them.
+async function openWeights(source, entriesFor, signal) {
+  let weights = null;
+  for (const name of WEIGHT_FILES) {
+    const [entry] = entriesFor(source, [['weights', name, false]]);
+    const body = await entry.open();
+    throwIfAborted(signal);
+    if (body) { weights = { entry, body }; break; }
+  }
+  if (!weights) throw new Error(`model.safetensors: missing from the model folder (nor are ${WEIGHT_FILES.slice(1).join(', ')} there)`);
+  const name = weights.entry.name;
+  if (!name.endsWith('.index.json')) return weights;
+  const bytes = await weights.body.read(() => {});
+  throwIfAborted(signal);
+  let map;
+  try {
+    map = JSON.parse(new TextDecoder().decode(bytes)).weight_map;
+  } catch (e) {
+    throw new Error(`${name}: not valid JSON (${e.message})`);
+  }
+  if (map === null || typeof map !== 'object') throw new Error(`${name}: no weight_map object`);
+  const names = [...new Set(Object.values(map))];
+  const bad = names.find((n) => typeof n !== 'string' || !n || /[\\/]/.test(n) || n === '..' || n === '.');
+  if (bad !== undefined) throw new Error(`${name}: the shard ${JSON.stringify(bad)} is not a file name in the model folder`);
+  weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return bytes; } };
+  weights.shards = { names, entries: entriesFor(source, names.map((n, i) => [`shard${i}`, n, true])) };
+  return weights;
+}
+
 async function loadFiles(source, adapter, { onProgress, cache: useCache = true, signal }) {
   const cache = useCache && cacheAvailable() ? await caches.open(CACHE_NAME) : null;
   const reload = useCache === 'reload';
@@ -203,7 +234,14 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
     if (failed) throw failed.reason;
     return opened.map((o) => o.value);
   };
-  const bodies = await openAll(entries);
+  // config.json's failure first, then the weights', then the others' (transformers' order).
+  const settled = await Promise.allSettled(entries.map((e) => e.open()));
+  throwIfAborted(signal);
+  if (settled[0].status === 'rejected') throw settled[0].reason;
+  const weights = await openWeights(source, entriesFor, signal);
+  const failed = settled.find((o) => o.status === 'rejected');
+  if (failed) throw failed.reason;
+  const bodies = settled.map((o) => o.value);
   // No tokenizer.json: GPT-2's vocab.json + merges.txt, opened before any body is read so the
   // progress total is known from the start.
   if (!bodies[entries.findIndex((e) => e.key === 'tokenizer')]) {
@@ -213,36 +251,9 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
     entries.push(...fallback);
     bodies.push(...more);
   }
-  // The weights: the first of WEIGHT_FILES the folder has (asked for one at a time, so a folder
-  // with model.safetensors makes no other request). An index is read now, and the shards it
-  // names are opened with the rest, so the progress total covers them from the start.
-  let weights = null;
-  for (const name of WEIGHT_FILES) {
-    const [entry] = entriesFor(source, [['weights', name, false]]);
-    const body = await entry.open();
-    throwIfAborted(signal);
-    if (body) { weights = { entry, body }; break; }
-  }
-  if (!weights) throw new Error(`model.safetensors: missing from the model folder (nor are ${WEIGHT_FILES.slice(1).join(', ')} there)`);
-  const weightsName = weights.entry.name;
-  let shardNames = [];
-  if (weightsName.endsWith('.index.json')) {
-    const bytes = await weights.body.read(() => {});
-    throwIfAborted(signal);
-    let map;
-    try {
-      map = JSON.parse(new TextDecoder().decode(bytes)).weight_map;
-    } catch (e) {
-      throw new Error(`${weightsName}: not valid JSON (${e.message})`);
-    }
-    if (map === null || typeof map !== 'object') throw new Error(`${weightsName}: no weight_map object`);
-    shardNames = [...new Set(Object.values(map))];
-    const bad = shardNames.find((n) => typeof n !== 'string' || !n || /[\\/]/.test(n) || n === '..' || n === '.');
-    if (bad !== undefined) throw new Error(`${weightsName}: the shard ${JSON.stringify(bad)} is not a file name in the model folder`);
-    weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return bytes; } };
-    const shardEntries = entriesFor(source, shardNames.map((n, i) => [`shard${i}`, n, true]));
-    entries.push(...shardEntries);
-    bodies.push(...await openAll(shardEntries));
+  if (weights.shards) {
+    entries.push(...weights.shards.entries);
+    bodies.push(...await openAll(weights.shards.entries));
   }
   entries.push(weights.entry);
   bodies.push(weights.body);
@@ -261,7 +272,7 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
       fileDone: done, cached: e.body.cached, loaded, total, fraction,
     });
   };
-  const files = { weightsName, shardNames };
+  const files = { weightsName: weights.entry.name, shardNames: weights.shards?.names ?? [] };
   await Promise.all(present.map(async (e) => {
     emit(e, false);
     files[e.key] = await e.body.read((n) => {

@@ -10,6 +10,8 @@ pub mod bench;
 pub mod captioner;
 pub mod error;
 pub mod generation;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod hub;
 pub mod loading;
 pub mod lora;
 pub mod models;

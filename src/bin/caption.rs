@@ -25,10 +25,13 @@ mod cli {
     #[derive(Parser)]
     #[command(version, about = "Caption images with a 🤗 model folder: SigLIP + GPT-2 (VisionEncoderDecoder) or SigLIP + Llama (Llava)")]
     struct Args {
-        /// Model folder: config.json, model.safetensors, tokenizer.json, preprocessor_config.json
-        /// (generation_config.json when present).
+        /// Model folder (config.json, the weights — model.safetensors, sharded, or pytorch_model.bin
+        /// —, tokenizer, preprocessor_config.json, generation_config.json when present), or a hub
+        /// id `org/name[@revision]` fetched into the hub cache (HF_ENDPOINT, HF_HOME,
+        /// HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN as huggingface_hub reads them); a local folder
+        /// of that name wins.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), merged at load.
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -94,17 +97,20 @@ mod cli {
 
     pub fn main() -> ExitCode {
         let args = Args::parse();
-        let loaded = Captioner::from_dir(&args.model, args.adapter.as_deref()).and_then(|mut c| {
-            // clap admits only the names decoder_format knows.
-            let Some(dtype) = args.quantize.as_deref().and_then(wasmcap::captioner::decoder_format) else { return Ok(c) };
-            let (done, kept) = c.quantize_decoder(dtype)?;
-            eprintln!("quantized {done} decoder matrices to {dtype:?} ({kept} kept in f32: rows not a multiple of 32)");
-            Ok(c)
-        });
+        let loaded = wasmcap::hub::Hub::from_env()
+            .model_folder(&args.model)
+            .and_then(|dir| Captioner::from_dir(dir, args.adapter.as_deref()))
+            .and_then(|mut c| {
+                // clap admits only the names decoder_format knows.
+                let Some(dtype) = args.quantize.as_deref().and_then(wasmcap::captioner::decoder_format) else { return Ok(c) };
+                let (done, kept) = c.quantize_decoder(dtype)?;
+                eprintln!("quantized {done} decoder matrices to {dtype:?} ({kept} kept in f32: rows not a multiple of 32)");
+                Ok(c)
+            });
         let captioner = match loaded {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("error: cannot load model from {}: {e}", args.model.display());
+                eprintln!("error: cannot load model from {}: {e}", args.model);
                 return ExitCode::FAILURE;
             }
         };

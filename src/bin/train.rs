@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::process::ExitCode;
 
     use clap::{Args as ClapArgs, Parser, Subcommand};
@@ -273,33 +273,12 @@ mod cli {
         json: bool,
     }
 
-    /// A local folder, or a hub id fetched with hf-hub (needs network; offline, say what to do).
+    /// A local folder, or a hub id (`org/name[@revision]`) fetched into the hub cache.
     fn resolve_model(spec: &str, what: &str) -> Result<PathBuf, Error> {
-        let path = Path::new(spec);
-        if path.exists() {
-            return Ok(path.to_path_buf());
-        }
-        if spec.split('/').count() != 2 || spec.starts_with('.') || spec.starts_with('/') {
-            return Err(Error::MissingFile(format!("{what} `{spec}`: no such folder")));
-        }
-        let api = hf_hub::api::sync::Api::new().map_err(|e| Error::config(what, format!("hub client: {e}")))?;
-        let repo = api.model(spec.to_string());
-        let mut dir = None;
-        for file in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
-            match repo.get(file) {
-                Ok(p) => dir = p.parent().map(Path::to_path_buf),
-                Err(e) if file == "tokenizer.json" || file == "preprocessor_config.json" => {
-                    eprintln!("{spec}: no {file} on the hub ({e})");
-                }
-                Err(e) => {
-                    return Err(Error::config(
-                        what,
-                        format!("could not download `{spec}` from the Hugging Face hub ({e}). Without network, download the model elsewhere and pass its folder (config.json + model.safetensors) instead of the hub id"),
-                    ))
-                }
-            }
-        }
-        dir.ok_or_else(|| Error::MissingFile(format!("{what} `{spec}`")))
+        wasmcap::hub::Hub::from_env().model_folder(spec).map_err(|e| match e {
+            Error::MissingFile(m) => Error::MissingFile(format!("{what} {m}")),
+            other => other,
+        })
     }
 
     fn train_config(a: TrainArgs) -> Result<TrainConfig, Error> {

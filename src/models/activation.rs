@@ -47,13 +47,21 @@ impl Lanes for f32 {
         // Comparisons, as the vector's pmin/pmax: `f32::clamp` is one too, but not `max`/`min`,
         // which are libm calls in WASM.
         let x = if self < hi { self } else { hi };
-        if lo < x { x } else { lo }
+        if lo < x {
+            x
+        } else {
+            lo
+        }
     }
     fn exponent_from_low_bits(self) -> Self {
         f32::from_bits(self.to_bits() << 23)
     }
     fn zero_where_neg_inf(self, x: Self) -> Self {
-        if x == f32::NEG_INFINITY { 0.0 } else { self }
+        if x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            self
+        }
     }
 }
 

@@ -245,7 +245,9 @@ fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option
     let [(qg, ql), (kg, kl), (vg, vl)] = [q, k, v].map(|t| t.storage_and_layout());
     let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qg, &*kg, &*vg) else { return Ok(None) };
     let (qs, ks, vs) = (qc.as_slice::<f32>()?, kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-    let (Some(q_at), Some(k_at), Some(v_at)) = (row_layout(ql, qs.len()), row_layout(kl, ks.len()), row_layout(vl, vs.len())) else { return Ok(None) };
+    let (Some(q_at), Some(k_at), Some(v_at)) = (row_layout(ql, qs.len()), row_layout(kl, ks.len()), row_layout(vl, vs.len())) else {
+        return Ok(None);
+    };
     let head_start = |at: [usize; 4], i: usize| at[0] + i / h * at[1] + i % h * at[2];
     let scale = scale as f32;
     let heads = crate::parallel::map(b * h, |i| -> Result<Vec<f32>> {

@@ -304,8 +304,14 @@ fn dequantize_q8_0(m: &Q8Matrix) -> Result<Tensor> {
 
 /// `qs` `[out, in]` and `scales` `[out, in / 32]` (row-major, as in a file) in our layout.
 fn q8_matrix(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result<Q8Matrix> {
-    Q8Matrix::from_rows(qs, scales, out_dim, in_dim)
-        .ok_or_else(|| candle_core::Error::Msg(format!("q8_0: {} values and {} scales do not make [{out_dim}, {in_dim}] in blocks of {}", qs.len(), scales.len(), q8::BLOCK)))
+    Q8Matrix::from_rows(qs, scales, out_dim, in_dim).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "q8_0: {} values and {} scales do not make [{out_dim}, {in_dim}] in blocks of {}",
+            qs.len(),
+            scales.len(),
+            q8::BLOCK
+        ))
+    })
 }
 
 /// What a quantized layer keeps where its f32 weight was.
@@ -352,8 +358,9 @@ fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Resul
         QuantizedWeight::Candle(matmul) => matmul.forward(&xs.contiguous()?)?,
         QuantizedWeight::Q8(m) => match few_rows(xs)? {
             Some(rows) => {
-                let xq = with_f32(&xs.contiguous()?, |x| m.quantize_rows(x))?
-                    .ok_or_else(|| candle_core::Error::Msg(format!("linear: input has {} features, weight expects {}", xs.dim(D::Minus1).unwrap_or(0), q.in_dim)))?;
+                let xq = with_f32(&xs.contiguous()?, |x| m.quantize_rows(x))?.ok_or_else(|| {
+                    candle_core::Error::Msg(format!("linear: input has {} features, weight expects {}", xs.dim(D::Minus1).unwrap_or(0), q.in_dim))
+                })?;
                 let y = by_output_features(q.out_dim, q.in_dim, rows, |r| m.matvec(&xq, r));
                 Tensor::from_vec(y, out_shape(xs, q.out_dim), &Device::Cpu)?
             }
@@ -545,7 +552,12 @@ fn pack_in_out(weight: &Tensor) -> Result<Option<PackedWeight>> {
 
 /// `Linear::pack` and `Conv1D::pack` once their checks pass: the q8_0 blocks, or else the f32
 /// weight (laid out as `pack_f32` reads it), packed in place of both. Returns whether it was.
-fn pack_in_place(weight: &mut Tensor, quantized: &mut Option<Quantized>, packed: &mut Option<PackedWeight>, pack_f32: fn(&Tensor) -> Result<Option<PackedWeight>>) -> Result<bool> {
+fn pack_in_place(
+    weight: &mut Tensor,
+    quantized: &mut Option<Quantized>,
+    packed: &mut Option<PackedWeight>,
+    pack_f32: fn(&Tensor) -> Result<Option<PackedWeight>>,
+) -> Result<bool> {
     let p = match quantized {
         Some(q) => pack_q8_0(q),
         None => pack_f32(weight)?,
@@ -578,7 +590,8 @@ fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Optio
     // The input read where it lies (no copy of a 196 × 3072 activation per layer).
     let mut parts = with_f32(&xs.contiguous()?, |x| {
         crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
-            p.matmul_then(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then.map(|f| f as &dyn Fn(&mut [f32]))).ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
+            p.matmul_then(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then.map(|f| f as &dyn Fn(&mut [f32])))
+                .ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
         })
     })??;
     let y = match parts.len() {

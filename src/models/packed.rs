@@ -209,7 +209,17 @@ impl PackedWeight {
             // every panel; in_dim > 0, as packing refuses 0), so `then` reads written floats, and
             // once every step has run, y's length can cover them all.
             unsafe {
-                let args = (x.as_ptr(), rows, in_dim, lda, self.panels.as_ptr().add(p0 * in_dim * NR), np, bias_padded.as_ptr().add(p0 * NR), y.as_mut_ptr().add(p0 * NR), ldc);
+                let args = (
+                    x.as_ptr(),
+                    rows,
+                    in_dim,
+                    lda,
+                    self.panels.as_ptr().add(p0 * in_dim * NR),
+                    np,
+                    bias_padded.as_ptr().add(p0 * NR),
+                    y.as_mut_ptr().add(p0 * NR),
+                    ldc,
+                );
                 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
                 let done = if super::relaxed::ready() {
                     super::relaxed::gemm(args);
@@ -276,9 +286,7 @@ mod tests {
 
     /// y = x·Wᵀ + b, each output summed in input order as the kernel does.
     fn reference(w: &[f32], x: &[f32], b: &[f32], out_dim: usize, in_dim: usize) -> Vec<f32> {
-        x.chunks_exact(in_dim)
-            .flat_map(|xr| (0..out_dim).map(move |o| (0..in_dim).fold(b[o], |s, k| xr[k] * w[o * in_dim + k] + s)))
-            .collect()
+        x.chunks_exact(in_dim).flat_map(|xr| (0..out_dim).map(move |o| (0..in_dim).fold(b[o], |s, k| xr[k] * w[o * in_dim + k] + s))).collect()
     }
 
     fn noise(n: usize, seed: u32) -> Vec<f32> {
@@ -316,7 +324,8 @@ mod tests {
         let (out_dim, in_dim) = (14, 9);
         let w = noise(out_dim * in_dim, 6);
         let t: Vec<f32> = (0..in_dim).flat_map(|k| (0..out_dim).map(|o| w[o * in_dim + k]).collect::<Vec<_>>()).collect();
-        let (a, b) = (PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree"), PackedWeight::pack_in_out(&t, in_dim, out_dim).expect("lengths agree"));
+        let (a, b) =
+            (PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree"), PackedWeight::pack_in_out(&t, in_dim, out_dim).expect("lengths agree"));
         assert_eq!(a.unpack(), w);
         assert_eq!((a.panels, a.out_dim, a.in_dim), (b.panels, b.out_dim, b.in_dim));
     }
@@ -339,7 +348,8 @@ mod tests {
             assert_eq!(got[r * ld..r * ld + out_dim], want[r * out_dim..(r + 1) * out_dim]);
             assert!(got[r * ld + out_dim..(r + 1) * ld].iter().all(|&y| y == 0.0));
         }
-        let t_wide: Vec<f32> = (0..in_dim).flat_map(|k| (0..ldw).map(|o| if o < out_dim { w[o * in_dim + k] } else { 9.0 }).collect::<Vec<_>>()).collect();
+        let t_wide: Vec<f32> =
+            (0..in_dim).flat_map(|k| (0..ldw).map(|o| if o < out_dim { w[o * in_dim + k] } else { 9.0 }).collect::<Vec<_>>()).collect();
         let by_columns = PackedWeight::pack_in_out_rows(&t_wide, in_dim, out_dim, ldw).expect("rows fit");
         assert_eq!(by_columns.panels, packed.panels);
         // The last row one float short; rows closer than their length.

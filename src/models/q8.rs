@@ -140,7 +140,11 @@ impl Q8Matrix {
         let _ = sums;
         for g in (0..groups).map(|i| stream_order(i, groups)) {
             let at = g * GROUP * self.in_dim;
-            out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&group_dot(&qs[at..at + GROUP * self.in_dim], &scales[g * GROUP * blocks..(g + 1) * GROUP * blocks], &x.lanes));
+            out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&group_dot(
+                &qs[at..at + GROUP * self.in_dim],
+                &scales[g * GROUP * blocks..(g + 1) * GROUP * blocks],
+                &x.lanes,
+            ));
         }
     }
 }

@@ -36,7 +36,9 @@ pub fn ready() -> bool {
 }
 
 /// SAFETY: as `packed_kernel.rs`' `gemm`; wasm32 pointers and sizes fit u32.
-pub unsafe fn gemm((a, rows, in_dim, lda, panels, n_panels, bias, c, ldc): (*const f32, usize, usize, usize, *const f32, usize, *const f32, *mut f32, usize)) {
+pub unsafe fn gemm(
+    (a, rows, in_dim, lda, panels, n_panels, bias, c, ldc): (*const f32, usize, usize, usize, *const f32, usize, *const f32, *mut f32, usize),
+) {
     wasmcap_relaxed_kernel_gemm(a as u32, rows as u32, in_dim as u32, lda as u32, panels as u32, n_panels as u32, bias as u32, c as u32, ldc as u32)
 }
 

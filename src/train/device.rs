@@ -121,8 +121,7 @@ pub fn configure(device: &Device, precision: Precision, tf32: bool) -> Result<()
             // (WASMCAP_POOL_RELEASE=1: the driver's default, for comparison).
             let keep = std::env::var("WASMCAP_POOL_RELEASE").map_or(true, |v| v != "1");
             let threshold: u64 = if keep { u64::MAX } else { 0 };
-            pool_attribute(cuda, 4, Some(threshold))
-                .map_err(|e| Error::Compute(format!("setting the GPU memory pool's release threshold: {e}")))?;
+            pool_attribute(cuda, 4, Some(threshold)).map_err(|e| Error::Compute(format!("setting the GPU memory pool's release threshold: {e}")))?;
         }
     }
     #[cfg(not(feature = "cuda"))]

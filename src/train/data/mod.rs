@@ -31,7 +31,6 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::rng::mix64;
 
-
 mod coco;
 mod csv_file;
 mod flickr;
@@ -46,8 +45,8 @@ use csv_file::*;
 use flickr::*;
 use jsonl::*;
 use karpathy::*;
-pub use shapes::{shapes_scene, shapes_vocabulary};
 use shapes::*;
+pub use shapes::{shapes_scene, shapes_vocabulary};
 
 // ---------------------------------------------------------------------------------------------
 // Public types

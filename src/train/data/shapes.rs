@@ -3,7 +3,8 @@
 use super::*;
 use crate::rng::{mix64, SplitMix64};
 
-pub(super) const COLOURS: [(&str, [u8; 3]); 4] = [("red", [215, 40, 40]), ("green", [40, 165, 60]), ("blue", [45, 85, 215]), ("yellow", [235, 200, 35])];
+pub(super) const COLOURS: [(&str, [u8; 3]); 4] =
+    [("red", [215, 40, 40]), ("green", [40, 165, 60]), ("blue", [45, 85, 215]), ("yellow", [235, 200, 35])];
 pub(super) const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
 pub(super) const PAIRS: u64 = (COLOURS.len() * SHAPES.len()) as u64;
 
