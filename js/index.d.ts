@@ -48,8 +48,20 @@ export interface ProgressEvent {
  */
 export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File[];
 
+/**
+ * Where hub ids are fetched from, as transformers.js' `env`: `${remoteHost}${remotePathTemplate}`,
+ * `{model}` and `{revision}` filled in.
+ */
+export declare const env: { remoteHost: string; remotePathTemplate: string };
+
 export interface LoadOptions {
   onProgress?: (event: ProgressEvent) => void;
+  /** A hub id's revision (branch, tag or commit); default: the id's `@revision`, else `main`. */
+  revision?: string;
+  /** Where a hub id is fetched from (default `env.remoteHost`, `https://huggingface.co/`). */
+  remoteHost?: string;
+  /** The `fetch` every model file is requested with (default: the global one). */
+  fetch?: typeof globalThis.fetch;
   /**
    * true (default): read files from the Cache API, fetch and store those missing (kept until
    * `clearCache`; dropped again if the model fails to load). 'reload': fetch everything anew and
@@ -181,7 +193,10 @@ export declare class Captioner {
   readonly threads: number;
   /** WASM memory once the model was loaded, in bytes: the peak of loading (WASM memory never shrinks). */
   readonly memoryBytes: number;
-  /** Loads a model from a 🤗-layout folder URL or a map of files, and starts its worker. */
+  /**
+   * Loads a model from a hub id (`org/name`, `org/name@revision`), a 🤗-layout folder URL (a
+   * relative one ends with `/` or starts with `./`) or a map of files, and starts its worker.
+   */
   static fromPretrained(source: string | URL | FileMap, options?: LoadOptions): Promise<Captioner>;
   static clearCache(baseUrl?: string | URL): Promise<boolean>;
   /** Captions one image; captions run one after the other. */

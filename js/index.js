@@ -50,12 +50,35 @@ export async function clearCache(baseUrl) {
   if (!cacheAvailable()) return false;
   if (baseUrl === undefined) return caches.delete(CACHE_NAME);
   const cache = await caches.open(CACHE_NAME);
-  const base = folderUrl(baseUrl).href;
+  const base = (isHubId(baseUrl) ? hubFolder(baseUrl, {}) : folderUrl(baseUrl)).href;
   let removed = false;
   for (const request of await cache.keys()) {
     if (request.url.startsWith(base)) removed = (await cache.delete(request)) || removed;
   }
   return removed;
+}
+
+/**
+ * Where hub ids are fetched from, as transformers.js' `env`: `${remoteHost}${remotePathTemplate}`
+ * with `{model}` and `{revision}` filled in. Change `remoteHost` to use a mirror.
+ */
+export const env = { remoteHost: 'https://huggingface.co/', remotePathTemplate: '{model}/resolve/{revision}/' };
+
+// `org/name` or `org/name@revision`: no scheme, no leading `/` or `.`, no trailing `/` (a folder
+// given as a relative path ends with `/` or starts with `./`).
+const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+(@[\w./-]+)?$/;
+
+function isHubId(source) {
+  return typeof source === 'string' && HUB_ID.test(source) && !source.split('@')[0].split('/').some((p) => p === '..' || p === '.');
+}
+
+// The folder URL of a hub id: options.revision, else the id's `@revision`, else main.
+function hubFolder(id, options) {
+  const [model, atRevision] = id.split('@');
+  const revision = options.revision ?? atRevision ?? 'main';
+  const host = String(options.remoteHost ?? env.remoteHost).replace(/\/*$/, '/');
+  const path = env.remotePathTemplate.replaceAll('{model}', model).replaceAll('{revision}', encodeURIComponent(revision));
+  return new URL(path, host);
 }
 
 function folderUrl(base) {
@@ -81,7 +104,7 @@ function fileMapOf(source) {
 
 // One file to load: `open()` gives { size, read(onChunk) } without reading the body yet, so every
 // file's size is known before any body is read and the overall total never grows.
-function urlEntry(key, name, required, base, cache, reload, signal) {
+function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = globalThis.fetch) {
   const url = new URL(name, base).href;
   return {
     key, name, required, url, remote: true,
@@ -95,7 +118,7 @@ function urlEntry(key, name, required, base, cache, reload, signal) {
       }
       let res;
       try {
-        res = await fetch(url, { signal, cache: reload ? 'reload' : 'default' });
+        res = await fetchFn(url, { signal, cache: reload ? 'reload' : 'default' });
       } catch (e) {
         if (signal?.aborted) throw abortError(signal);
         throw new Error(`${name}: could not fetch ${url} (${e.message ?? e})`);
@@ -209,7 +232,8 @@ async function openWeights(source, entriesFor, signal) {
   return weights;
 }
 
-async function loadFiles(source, adapter, { onProgress, cache: useCache = true, signal }) {
+async function loadFiles(source, adapter, options) {
+  const { onProgress, cache: useCache = true, signal } = options;
   const cache = useCache && cacheAvailable() ? await caches.open(CACHE_NAME) : null;
   const reload = useCache === 'reload';
   const entriesFor = (src, list) => {
@@ -217,8 +241,8 @@ async function loadFiles(source, adapter, { onProgress, cache: useCache = true, 
       const map = fileMapOf(src);
       return list.map(([k, n, r]) => blobEntry(k, n, r, map));
     }
-    const base = folderUrl(src);
-    return list.map(([k, n, r]) => urlEntry(k, n, r, base, cache, reload, signal));
+    const base = isHubId(src) ? hubFolder(src, options) : folderUrl(src);
+    return list.map(([k, n, r]) => urlEntry(k, n, r, base, cache, reload, signal, options.fetch ?? globalThis.fetch));
   };
   const entries = entriesFor(source, MODEL_FILES);
   if (adapter !== undefined && adapter !== null) entries.push(...entriesFor(adapter, ADAPTER_FILES));
@@ -416,7 +440,9 @@ export class Captioner {
   }
 
   /**
-   * Loads a model. `source`: the base URL of a 🤗-layout folder (config.json, the weights —
+   * Loads a model. `source`: a hub id (`org/name` or `org/name@revision`, fetched from
+   * `options.remoteHost` / `env.remoteHost` at `options.revision`, with `options.fetch` if given),
+   * the base URL of a 🤗-layout folder (config.json, the weights —
    * model.safetensors, else a sharded index, pytorch_model.bin or its sharded index —,
    * tokenizer.json, preprocessor_config.json, optional generation_config.json), or a map of
    * file name → File/Blob (a Map, a plain object, a FileList or an array of Files).

@@ -71,8 +71,8 @@ impl Hub {
         if Path::new(spec).is_dir() {
             return Ok(PathBuf::from(spec));
         }
-        let id = HubId::parse(spec)
-            .ok_or_else(|| Error::MissingFile(format!("{spec}: no such folder, and not a hub id (org/name or org/name@revision)")))?;
+        // Not a hub id: a folder path, and the loader names the file it lacks.
+        let Some(id) = HubId::parse(spec) else { return Ok(PathBuf::from(spec)) };
         let repo = Repo { hub: self, id };
         repo.require(loading::CONFIG)?;
         let mut weights = None;

@@ -293,8 +293,9 @@ fn unknown_repos_revisions_and_files_are_errors_that_say_so() {
     assert!(e.contains("could not download") && e.contains("HF_HUB_OFFLINE"), "{e}");
     let e = err("tiny/vit-gpt2", &server.endpoint, &[("HF_HUB_OFFLINE", "1")]);
     assert!(e.contains("not in the cache"), "{e}");
+    // Not a hub id: a folder path, and what it lacks is named.
     let e = err("not a/hub id", &server.endpoint, &[]);
-    assert!(e.contains("not a hub id"), "{e}");
+    assert!(e.contains("not a/hub id/config.json"), "{e}");
 }
 
 #[test]

@@ -39,6 +39,22 @@ before(async () => {
         res.end(body);
         return true;
       }
+      // /hub/ORG/NAME/resolve/REVISION/FILE: the hub's resolve endpoint for tiny/vit-gpt2 at main
+      // or v1 (the fixture folder), 404 with X-Error-Code for what is not there.
+      const hub = req.url.match(/^\/hub\/([\w-]+\/[\w.-]+)\/resolve\/([\w.%-]+)\/([\w.-]+)$/);
+      if (hub) {
+        const path = join(root, MODEL, hub[3]);
+        const known = hub[1] === 'tiny/vit-gpt2' && ['main', 'v1'].includes(decodeURIComponent(hub[2]));
+        if (!known || !existsSync(path)) {
+          res.writeHead(404, { ...headers, 'Content-Type': 'application/json', 'X-Error-Code': known ? 'EntryNotFound' : 'RepositoryNotFound' });
+          res.end('{"error":"not found"}');
+          return true;
+        }
+        const body = readFileSync(path);
+        res.writeHead(200, { ...headers, 'Content-Type': 'application/octet-stream', 'Content-Length': String(body.byteLength), 'X-Repo-Commit': 'a'.repeat(40) });
+        res.end(body);
+        return true;
+      }
       if (req.url !== '/vit-test.html') return false;
       res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
       res.end('<!doctype html><link rel="icon" href="data:,"><title>vit</title>');
@@ -121,4 +137,33 @@ test('pytorch_model.bin and sharded checkpoints load from a folder URL: the shar
     return Captioner.fromPretrained(model, { cache: false }).then(() => 'loaded', (e) => e.message);
   }, `${base}/ckpt/sharded-missing/`);
   assert.match(error, /model-0000\d-of-00003\.safetensors/);
+});
+
+test('a hub id loads from remoteHost (env.remoteHost or the option), at a revision, through the fetch given', async () => {
+  const want = reference.images['astronaut.png'].greedy_ids.slice(0, 6);
+  const r = await page.evaluate(async ({ host, image }) => {
+    const { Captioner, env } = await import('/pkg/index.js');
+    const run = async (id, options) => {
+      const c = await Captioner.fromPretrained(id, { cache: false, ...options });
+      const ids = (await c.caption(image, { numBeams: 1, maxNewTokens: 6 }).result).tokenIds;
+      c.dispose();
+      return ids;
+    };
+    const urls = [];
+    const fetch = (url, init) => { urls.push(String(url)); return globalThis.fetch(url, init); };
+    const viaOption = await run('tiny/vit-gpt2', { remoteHost: host, fetch });
+    const saved = env.remoteHost;
+    env.remoteHost = host;
+    const viaEnv = await run('tiny/vit-gpt2@v1');
+    const unknown = await Captioner.fromPretrained('tiny/nope', { cache: false }).then(() => 'loaded', (e) => e.message);
+    const badRevision = await Captioner.fromPretrained('tiny/vit-gpt2', { cache: false, revision: 'v9' }).then(() => 'loaded', (e) => e.message);
+    env.remoteHost = saved;
+    return { viaOption, viaEnv, urls, unknown, badRevision };
+  }, { host: `${base}/hub/`, image: `${base}/tests/fixtures/images/astronaut.png` });
+  assert.deepEqual(r.viaOption, want);
+  assert.deepEqual(r.viaEnv, want);
+  assert.ok(r.urls.length > 0 && r.urls.every((u) => u.startsWith(`${base}/hub/tiny/vit-gpt2/resolve/main/`)), r.urls.join('\n'));
+  assert.ok(requested.includes('/hub/tiny/vit-gpt2/resolve/v1/config.json'), 'the @revision is in the URL');
+  assert.match(r.unknown, /config\.json: HTTP 404/);
+  assert.match(r.badRevision, /config\.json: HTTP 404/);
 });
