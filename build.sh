@@ -109,6 +109,8 @@ run_tests() {
   # Arguments after the first `--` go to cargo, after the second to the test runner.
   wasm-pack test --headless --chrome --release -- -- --nocapture
   build_pkg
+  log "Node.js tests (the npm package under node --test)"
+  node --test tests/node/*.test.mjs
   page_tests
 }
 

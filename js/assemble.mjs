@@ -12,7 +12,7 @@ const generated = JSON.parse(readFileSync(pkg + 'package.json', 'utf8'));
 const template = JSON.parse(readFileSync(js + 'package.json', 'utf8'));
 const out = { ...template, version: generated.version };
 for (const key of ['license', 'repository']) if (generated[key]) out[key] = generated[key];
-for (const f of ['index.js', 'index.d.ts', 'worker.js', 'README.md']) copyFileSync(js + f, pkg + f);
+for (const f of ['index.js', 'index.d.ts', 'worker.js', 'node.js', 'node-worker.js', 'README.md']) copyFileSync(js + f, pkg + f);
 writeFileSync(pkg + 'package.json', JSON.stringify(out, null, 2) + '\n');
 // wasm-pack's pkg/.gitignore ('*') would hide the files from `npm pack`'s fallback ignore rules.
 rmSync(pkg + '.gitignore', { force: true });

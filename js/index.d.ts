@@ -83,10 +83,21 @@ export interface LoadOptions {
   threads?: number;
 }
 
+/** Pixels as RGBA, row by row (4 bytes per pixel). */
+export interface RgbaImage {
+  data: Uint8Array | Uint8ClampedArray | ArrayLike<number>;
+  width: number;
+  height: number;
+}
+
+/** A URL (in Node.js also a file path), PNG/JPEG bytes, RGBA pixels, or a browser image. */
 export type ImageInput =
   | string
   | URL
   | Blob
+  | ArrayBuffer
+  | ArrayBufferView
+  | RgbaImage
   | ImageData
   | HTMLImageElement
   | HTMLCanvasElement
@@ -202,7 +213,7 @@ export declare class Captioner {
   /** Captions one image; captions run one after the other. */
   caption(image: ImageInput, options?: CaptionOptions): CaptionRun;
   /** Beam search: yields provisional best hypotheses; `result` holds the best hypotheses. */
-  caption(image: string | URL | Blob, options: BeamSearchOptions): CaptionRun<BeamSearchResult, ProvisionalEvent>;
+  caption(image: ImageInput, options: BeamSearchOptions): CaptionRun<BeamSearchResult, ProvisionalEvent>;
   /** Captions several images in one batch (one encoder pass, decoded together); same captions as one by one. */
   captionMany(images: Iterable<ImageInput>, options?: CaptionOptions): CaptionRun<CaptionResult[], BatchEvent>;
   captionMany(images: Iterable<ImageInput>, options: BeamSearchOptions): CaptionRun<BatchBeamResult[], BatchEvent>;
@@ -211,3 +222,10 @@ export declare class Captioner {
 }
 
 export default Captioner;
+
+/**
+ * Node.js only (the package's `node` export): downloads what a hub id needs into the hub cache
+ * (`HF_HOME` / `HF_HUB_CACHE`; `HF_HUB_OFFLINE`, `HF_TOKEN`), or finds it there, and resolves to
+ * the snapshot folder — the one the `caption` CLI reads for the same id.
+ */
+export declare function snapshotDownload(id: string, options?: Pick<LoadOptions, 'revision' | 'remoteHost' | 'fetch' | 'signal'>): Promise<string>;

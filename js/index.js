@@ -10,6 +10,14 @@
 
 export const CACHE_NAME = 'wasmcap-models-v1';
 
+// What differs in Node.js (node.js fills it in): how the worker starts, and how an image given
+// as a string that is not a URL (a file path) is read. The browser leaves both unset.
+const platform = { createWorker: null, readImage: null };
+/** @internal For node.js: the Node.js worker and image reading. */
+export function _setPlatform(hooks) {
+  Object.assign(platform, hooks);
+}
+
 const MODEL_FILES = [
   ['config', 'config.json', true],
   ['tokenizer', 'tokenizer.json', false],
@@ -67,6 +75,16 @@ export const env = { remoteHost: 'https://huggingface.co/', remotePathTemplate: 
 // `org/name` or `org/name@revision`: no scheme, no leading `/` or `.`, no trailing `/` (a folder
 // given as a relative path ends with `/` or starts with `./`).
 const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+(@[\w./-]+)?$/;
+
+/** @internal Whether a string is a hub id (for node.js). */
+export function _isHubId(source) {
+  return isHubId(source);
+}
+
+/** @internal The folder URL of a hub id (for node.js). */
+export function _hubFolder(id, options = {}) {
+  return hubFolder(id, options);
+}
 
 function isHubId(source) {
   return typeof source === 'string' && HUB_ID.test(source) && !source.split('@')[0].split('/').some((p) => p === '..' || p === '.');
@@ -317,6 +335,20 @@ async function loadFiles(source, adapter, options) {
 }
 
 async function imageMessage(image, signal) {
+  const own = platform.readImage ? await platform.readImage(image, signal) : null;
+  if (own) return own;
+  // PNG/JPEG bytes (decoded in Rust), or RGBA pixels { data, width, height } (copied: the caller
+  // keeps its array).
+  if (image instanceof ArrayBuffer || ArrayBuffer.isView(image)) {
+    const view = image instanceof ArrayBuffer ? new Uint8Array(image) : new Uint8Array(image.buffer, image.byteOffset, image.byteLength);
+    const bytes = view.slice().buffer;
+    return [{ kind: 'bytes', data: bytes }, [bytes]];
+  }
+  const isImageData = typeof ImageData !== 'undefined' && image instanceof ImageData;
+  if (!isImageData && image !== null && typeof image === 'object' && 'data' in image && 'width' in image && 'height' in image) {
+    const data = new Uint8Array(image.data.buffer ? new Uint8Array(image.data.buffer, image.data.byteOffset, image.data.byteLength) : image.data);
+    return [{ kind: 'rgba', data, width: image.width, height: image.height }, [data.buffer]];
+  }
   if (typeof image === 'string' || image instanceof URL) {
     let res;
     try {
@@ -355,7 +387,7 @@ async function imageMessage(image, signal) {
     const bitmap = await createImageBitmap(image);
     return [{ kind: 'bitmap', bitmap }, [bitmap]];
   }
-  throw new TypeError('image: expected a URL, Blob/File, ImageData, HTMLImageElement, HTMLCanvasElement, OffscreenCanvas or ImageBitmap');
+  throw new TypeError('image: expected a URL, Blob/File, PNG/JPEG bytes, { data, width, height } RGBA, ImageData, HTMLImageElement, HTMLCanvasElement, OffscreenCanvas or ImageBitmap');
 }
 
 /** A caption in progress: an async iterable of `{ id, text, delta }`, with `result` the final caption. */
@@ -464,7 +496,9 @@ export class Captioner {
     // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
     const worker = options.workerUrl
       ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
-      : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
+      : platform.createWorker
+        ? platform.createWorker()
+        : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
     let defaults;
     let loaded;
     try {
@@ -500,8 +534,9 @@ export class Captioner {
   }
 
   /**
-   * Captions an image (URL, Blob/File, ImageData, HTMLImageElement, HTMLCanvasElement,
-   * OffscreenCanvas, ImageBitmap). Options: `signal`, and the generation options of the WASM
+   * Captions an image (URL, Blob/File, PNG/JPEG bytes as an ArrayBuffer or typed array,
+   * `{ data, width, height }` RGBA, ImageData, HTMLImageElement, HTMLCanvasElement,
+   * OffscreenCanvas, ImageBitmap; in Node.js also a file path). Options: `signal`, and the generation options of the WASM
    * API, passed on unchanged (camelCase; unknown keys and bad values reject with Rust's message):
    * `maxNewTokens`, `prompt` (prefix models), `doSample`, `temperature`, `topK`, `topP`, `seed`,
    * `repetitionPenalty`, `noRepeatNgramSize`, `minNewTokens`, `badWordsIds`; for beam search

@@ -30,7 +30,8 @@ async function startWasm(threads) {
     threaded.setThreads(threads);
     wasm = { mod: threaded, threads };
   } else {
-    await single.default({ module_or_path: new URL('./wasmcap_bg.wasm', import.meta.url) });
+    // Node.js cannot fetch a file: URL; its worker (node-worker.js) hands the bytes over.
+    await single.default({ module_or_path: globalThis.wasmcapModuleBytes ?? new URL('./wasmcap_bg.wasm', import.meta.url) });
     wasm = { mod: single, threads: 1 };
   }
   return wasm;

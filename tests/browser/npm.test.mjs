@@ -32,7 +32,7 @@ after(async () => {
 test('npm pack: the tarball holds the shim, worker, types, wasm and README', () => {
   const out = JSON.parse(npm(['pack', '--json', '--pack-destination', dir], join(root, 'pkg')));
   const files = out[0].files.map((f) => f.path).sort();
-  for (const f of ['index.js', 'index.d.ts', 'worker.js', 'wasmcap.js', 'wasmcap_bg.wasm', 'README.md', 'package.json']) {
+  for (const f of ['index.js', 'index.d.ts', 'worker.js', 'node.js', 'node-worker.js', 'wasmcap.js', 'wasmcap_bg.wasm', 'README.md', 'package.json']) {
     assert.ok(files.includes(f), `${f} in ${files}`);
   }
   const pkg = JSON.parse(readFileSync(join(root, 'pkg/package.json'), 'utf8'));

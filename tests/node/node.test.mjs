@@ -1,0 +1,155 @@
+// The npm package in Node.js (pkg/node.js, the package's `node` export): the ViT-GPT2 fixture
+// folder from a path and as a hub id (through tests/node/hub-server.mjs, into a hub cache under
+// a temporary HF_HOME, then again with the server gone), images as paths, bytes and RGBA,
+// streaming, beam search, captionMany, abort — every caption equal to 🤗 transformers'
+// (tests/fixtures/reference/tiny-vit-gpt2.json).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync, mkdtempSync, lstatSync, existsSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { deflateSync } from 'node:zlib';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { startHub, commitOf } from './hub-server.mjs';
+
+const root = fileURLToPath(new URL('../../', import.meta.url));
+const MODEL = join(root, 'tests/fixtures/tiny-vit-gpt2');
+const image = (name) => join(root, 'tests/fixtures/images', name);
+const reference = JSON.parse(readFileSync(join(root, 'tests/fixtures/reference/tiny-vit-gpt2.json'), 'utf8'));
+const home = mkdtempSync(join(tmpdir(), 'wasmcap-node-'));
+process.env.HF_HOME = home;
+for (const k of ['HF_HUB_CACHE', 'HF_HUB_OFFLINE', 'HF_TOKEN']) delete process.env[k];
+
+const { Captioner, env, snapshotDownload } = await import(join(root, 'pkg/node.js'));
+
+let captioner;
+before(async () => {
+  captioner = await Captioner.fromPretrained(MODEL);
+});
+
+after(() => {
+  captioner?.dispose();
+  rmSync(home, { recursive: true, force: true });
+});
+
+const greedy = { numBeams: 1, maxNewTokens: 20 };
+
+test('a folder path: streamed greedy ids and the folder\'s beam search are transformers\'', async () => {
+  for (const name of ['astronaut.png', 'chelsea.jpg']) {
+    const want = reference.images[name];
+    const run = captioner.caption(image(name), greedy);
+    const streamed = [];
+    for await (const t of run) streamed.push(t.id);
+    assert.deepEqual(streamed, want.greedy_ids, name);
+    assert.equal((await run.result).text, want.text);
+    const beams = await captioner.caption(image(name)).result;
+    assert.deepEqual(beams.tokenIds, want.default_ids, `${name}: generation_config.json's 4 beams`);
+  }
+});
+
+// A PNG of RGBA pixels (filter 0 on every row), to compare RGBA input with the bytes it encodes.
+function png(width, height, rgba) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (bytes) => {
+    let c = 0xffffffff;
+    for (const b of bytes) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const body = Buffer.concat([Buffer.from(type, 'latin1'), data]);
+    const out = Buffer.alloc(8 + data.length + 4);
+    out.writeUInt32BE(data.length, 0);
+    body.copy(out, 4);
+    out.writeUInt32BE(crc(body), 8 + data.length);
+    return out;
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr.set([8, 6, 0, 0, 0], 8);
+  const raw = Buffer.alloc(height * (1 + width * 4));
+  for (let y = 0; y < height; y++) Buffer.from(rgba.subarray(y * width * 4, (y + 1) * width * 4)).copy(raw, y * (1 + width * 4) + 1);
+  return Buffer.concat([Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]), chunk('IHDR', ihdr), chunk('IDAT', deflateSync(raw)), chunk('IEND', Buffer.alloc(0))]);
+}
+
+test('images as a path, a file URL, a Buffer, a Uint8Array, an ArrayBuffer and RGBA pixels', async () => {
+  const want = reference.images['chelsea.jpg'].greedy_ids;
+  const bytes = readFileSync(image('chelsea.jpg'));
+  for (const input of [pathToFileURL(image('chelsea.jpg')), bytes, new Uint8Array(bytes), bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length)]) {
+    assert.deepEqual((await captioner.caption(input, greedy).result).tokenIds, want, String(input?.constructor?.name));
+  }
+  const [w, h] = [37, 23];
+  const rgba = new Uint8Array(w * h * 4).map((_, i) => (i % 4 === 3 ? 255 : (i * 37 + (i >> 7) * 11) % 256));
+  const fromPixels = (await captioner.caption({ data: rgba, width: w, height: h }, greedy).result).tokenIds;
+  const fromPng = (await captioner.caption(png(w, h, rgba), greedy).result).tokenIds;
+  assert.deepEqual(fromPixels, fromPng, 'RGBA pixels caption as the PNG that holds them');
+  assert.equal(rgba[3], 255, 'the caller keeps its pixels');
+});
+
+test('captionMany and numReturnSequences as in the browser; abort stops a caption and the captioner goes on', async () => {
+  const many = await captioner.captionMany([image('astronaut.png'), image('chelsea.jpg')], greedy).result;
+  assert.deepEqual(many.map((r) => r.tokenIds), [reference.images['astronaut.png'].greedy_ids, reference.images['chelsea.jpg'].greedy_ids]);
+  const two = await captioner.caption(image('astronaut.png'), { numReturnSequences: 2 }).result;
+  assert.deepEqual(two.sequences.map((s) => s.tokenIds), reference.images['astronaut.png'].two_sequences);
+  const controller = new AbortController();
+  const run = captioner.caption(image('astronaut.png'), { ...greedy, signal: controller.signal });
+  controller.abort();
+  await assert.rejects(run.result, { name: 'AbortError' });
+  assert.deepEqual((await captioner.caption(image('astronaut.png'), greedy).result).tokenIds, reference.images['astronaut.png'].greedy_ids);
+});
+
+test('bad input is an error that says what: a missing image, a missing folder, threads', async () => {
+  await assert.rejects(captioner.caption(join(root, 'no-such.png')).result, /no-such\.png/);
+  await assert.rejects(Captioner.fromPretrained('./no/such/folder'), /no such folder/);
+  await assert.rejects(Captioner.fromPretrained(MODEL, { threads: 2 }), /single-threaded/);
+});
+
+test('a hub id downloads into the hub cache under HF_HOME, which a later load reads without the network', async () => {
+  const fixtures = join(root, 'tests/fixtures');
+  const hub = await startHub({
+    'tiny/vit-gpt2': { base: MODEL },
+    'tiny/vit-gpt2-sharded': { base: MODEL, weights: join(fixtures, 'checkpoints/sharded-safetensors') },
+  });
+  const saved = env.remoteHost;
+  env.remoteHost = hub.url;
+  const want = reference.images['astronaut.png'].greedy_ids;
+  try {
+    for (const id of ['tiny/vit-gpt2', 'tiny/vit-gpt2-sharded']) {
+      const files = new Set();
+      const c = await Captioner.fromPretrained(id, { onProgress: (e) => e.file && files.add(e.file) });
+      assert.deepEqual((await c.caption(image('astronaut.png'), greedy).result).tokenIds, want, id);
+      c.dispose();
+      assert.ok(files.has('config.json'), `${id}: progress names the files (${[...files]})`);
+    }
+    const repo = join(home, 'hub', 'models--tiny--vit-gpt2-sharded');
+    const commit = readFileSync(join(repo, 'refs', 'main'), 'utf8');
+    assert.equal(commit, commitOf('tiny/vit-gpt2-sharded'));
+    assert.ok(lstatSync(join(repo, 'snapshots', commit, 'model-00001-of-00003.safetensors')).isSymbolicLink());
+    assert.ok(existsSync(join(repo, '.no_exist', commit, 'tokenizer.json')), 'a missing file is remembered');
+    const asked = hub.requests.map((r) => r.url);
+    assert.ok(!asked.some((u) => /README|\.msgpack|\.h5/.test(u)), asked.join('\n'));
+    await assert.rejects(Captioner.fromPretrained('tiny/nope'), /no such repository/);
+  } finally {
+    hub.server.close();
+  }
+  // The server is gone: the cache answers, and snapshotDownload gives the folder the CLI reads.
+  env.remoteHost = 'http://127.0.0.1:9/';
+  const c = await Captioner.fromPretrained('tiny/vit-gpt2');
+  assert.deepEqual((await c.caption(image('astronaut.png'), greedy).result).tokenIds, want);
+  c.dispose();
+  assert.equal(await snapshotDownload('tiny/vit-gpt2'), join(home, 'hub', 'models--tiny--vit-gpt2', 'snapshots', commitOf('tiny/vit-gpt2')));
+  env.remoteHost = saved;
+
+  // One cache: the native CLI (built by `cargo test` before this suite) reads what Node fetched.
+  const cli = join(process.env.CARGO_TARGET_DIR ?? join(root, 'target'), 'debug', 'caption');
+  assert.ok(existsSync(cli), `${cli}: build it with cargo build --bin caption (./build.sh test does)`);
+  const out = execFileSync(cli, ['--model', 'tiny/vit-gpt2-sharded', '--num-beams', '1', '--max-new-tokens', '20', '--json', image('astronaut.png')], {
+    env: { ...process.env, HF_HOME: home, HF_HUB_OFFLINE: '1' },
+  });
+  assert.deepEqual(JSON.parse(out.toString().split('\n')[0]).token_ids, want);
+});
