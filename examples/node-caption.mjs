@@ -8,7 +8,7 @@ const [model = 'tests/fixtures/tiny-vit-gpt2', ...images] = process.argv.slice(2
 if (images.length === 0) images.push('tests/fixtures/images/astronaut.png');
 
 const captioner = await Captioner.fromPretrained(model, {
-  onProgress: (e) => e.fileDone && process.stderr.write(`${e.file}: ${(e.fileLoaded / 1e6).toFixed(1)} MB\n`),
+  onProgress: (e) => e.file && e.fileDone && process.stderr.write(`${e.file}: ${(e.fileLoaded / 1e6).toFixed(1)} MB\n`),
 });
 try {
   const run = captioner.caption(images[0], { numBeams: 1 });

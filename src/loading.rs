@@ -98,6 +98,36 @@ pub fn read_tokenizer(dir: &std::path::Path) -> Result<Vec<u8>> {
     }
 }
 
+/// A folder's weights as transformers picks them: the first of [`WEIGHT_FILES`] it has (its
+/// name and bytes), and, for an index, the shards it names.
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(clippy::type_complexity)]
+pub fn read_weights(dir: &std::path::Path) -> Result<(&'static str, Vec<u8>, Vec<(String, Vec<u8>)>)> {
+    for name in WEIGHT_FILES {
+        let Some(bytes) = read_optional(dir, name)? else { continue };
+        let shards = if name.ends_with(".index.json") {
+            shard_names(name, &bytes)?.into_iter().map(|shard| Ok((shard.clone(), read_file(dir, &shard)?))).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        return Ok((name, bytes, shards));
+    }
+    Err(Error::MissingFile(format!("{} (or {})", dir.join(WEIGHTS).display(), WEIGHT_FILES[1..].join(", "))))
+}
+
+/// Every tensor of a folder's weights ([`read_weights`]), keyed by `rename(name)`.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn read_dir_tensors(dir: &std::path::Path, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+    let (name, weights, shards) = read_weights(dir)?;
+    let owned: Vec<(&str, &[u8])> = shards.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let sources: Vec<(&str, &dyn ByteSource)> = owned.iter().map(|(n, b)| (*n, b as &dyn ByteSource)).collect();
+    if name.ends_with(".index.json") {
+        load_sharded(name, &weights, &sources, rename)
+    } else {
+        load_checkpoint_file(name, &weights.as_slice(), rename)
+    }
+}
+
 impl ModelFiles<'_> {
     /// The model's tensors, keyed by `rename(name)`: the single weight file read from `file`, or
     /// the shards of the index in `weights` read from `shards` (given: in WASM, the JS buffers
@@ -125,21 +155,7 @@ impl OwnedModelFiles {
     pub fn read_dir(dir: &std::path::Path) -> Result<Self> {
         let read = |name: &str| read_file(dir, name);
         let config = read(CONFIG)?;
-        // The first weight file transformers would take; an index brings the shards it names.
-        let mut found = None;
-        for name in WEIGHT_FILES {
-            if let Some(bytes) = read_optional(dir, name)? {
-                found = Some((name, bytes));
-                break;
-            }
-        }
-        let (weights_name, weights) =
-            found.ok_or_else(|| Error::MissingFile(format!("{} (or {})", dir.join(WEIGHTS).display(), WEIGHT_FILES[1..].join(", "))))?;
-        let shards = if weights_name.ends_with(".index.json") {
-            shard_names(weights_name, &weights)?.into_iter().map(|name| Ok((name.clone(), read(&name)?))).collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
+        let (weights_name, weights, shards) = read_weights(dir)?;
         let generation = read_optional(dir, GENERATION)?;
         Ok(Self {
             config,

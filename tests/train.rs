@@ -233,8 +233,8 @@ fn write_folder(
     }
 }
 
-/// `--encoder-model` + `--decoder-model`: a SigLIP folder and a GPT-2 or Llama folder (cut out of
-/// the committed captioners, as the hub ships them) compose through each family's training
+/// `--encoder-model` + `--decoder-model`: a SigLIP folder and a GPT-2 (sharded) or Llama folder
+/// (cut out of the committed captioners, as the hub ships them) compose through each family's training
 /// recipe: the family's config, the encoder's tensors frozen under the family's names, the parts
 /// a pair lacks (cross-attention, the projector) fresh and trained; the result captions.
 #[test]
@@ -257,6 +257,19 @@ fn an_encoder_and_a_decoder_folder_compose_into_each_family() {
         .filter_map(|(n, t)| Some((n.strip_prefix("decoder.")?.to_string(), t.clone())))
         .collect();
     write_folder(&gpt2, &text, decoder, &ved, &["tokenizer.json"]);
+    // The GPT-2 folder sharded, as bigger hub models ship: the trainer reads weights as the loader does.
+    let whole = tensors(&gpt2.join("model.safetensors"));
+    std::fs::remove_file(gpt2.join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = whole.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let shard = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let chunk: std::collections::BTreeMap<String, candle_core::Tensor> = part.iter().map(|n| ((*n).clone(), whole[*n].clone())).collect();
+        std::fs::write(gpt2.join(&shard), wasmcap::train::model::safetensors_bytes(&chunk).unwrap()).unwrap();
+        weight_map.extend(part.iter().map(|n| ((*n).clone(), serde_json::Value::from(shard.clone()))));
+    }
+    std::fs::write(gpt2.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": weight_map }).to_string()).unwrap();
 
     let llava = Path::new(&fixture("prefix/tiny-llava-base-v5")).to_path_buf();
     let llava_config: serde_json::Value = serde_json::from_slice(&std::fs::read(llava.join("config.json")).unwrap()).unwrap();

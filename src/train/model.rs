@@ -19,7 +19,7 @@ pub use crate::architecture::SpecialTokens;
 use crate::architecture::{family_of, Architecture, Family, TrainParts, Training};
 use crate::error::{from_candle_weights, Error, Result};
 use crate::loading::{
-    load_safetensors, parse_json, read_path as read, read_tokenizer, GenerationDefaults, OwnedModelFiles, CONFIG, GENERATION, PREPROCESSOR,
+    parse_json, read_dir_tensors, read_path as read, read_tokenizer, GenerationDefaults, OwnedModelFiles, CONFIG, GENERATION, PREPROCESSOR,
 };
 use crate::models::linear::LoraUpdate;
 use crate::preprocess::PreprocessorConfig;
@@ -240,10 +240,10 @@ impl TrainModel {
                 let recipe = family.training;
                 let enc_file = encoder.join("config.json");
                 let vision = vision_config(&read_json(&enc_file)?, &enc_file.display().to_string())?;
-                let enc_weights = load_safetensors("encoder model.safetensors", &read(&encoder.join("model.safetensors"))?, |k| k.to_string())?;
+                let enc_weights = read_dir_tensors(encoder, |k| k.to_string())?;
                 let dec_file = decoder.join("config.json");
                 let text = read_json(&dec_file)?;
-                let dec_weights = load_safetensors("decoder model.safetensors", &read(&decoder.join("model.safetensors"))?, |k| k.to_string())?;
+                let dec_weights = read_dir_tensors(decoder, |k| k.to_string())?;
                 let tokenizer = match options.tokenizer.clone() {
                     Some(t) => t,
                     None => load_tokenizer(decoder)?,
