@@ -10,8 +10,8 @@
 
 export const CACHE_NAME = 'wasmcap-models-v1';
 
-// What differs in Node.js (node.js fills it in): how the worker starts, and how an image given
-// as a string that is not a URL (a file path) is read. The browser leaves both unset.
+// What differs in Node.js (node.js fills it in): how the worker starts, and the bytes of an image
+// given as a file path (null for any other image). The browser leaves both unset.
 const platform = { createWorker: null, readImage: null };
 /** @internal For node.js: the Node.js worker and image reading. */
 export function _setPlatform(hooks) {
@@ -219,6 +219,26 @@ function blobEntry(key, name, required, map) {
   };
 }
 
+// The shard files a checkpoint index (`weight_map`: tensor → file) names, each once; a name that
+// is not a plain file name is refused.
+function shardNames(indexName, text) {
+  let map;
+  try {
+    map = JSON.parse(text).weight_map;
+  } catch (e) {
+    throw new Error(`${indexName}: not valid JSON (${e.message})`);
+  }
+  if (map === null || typeof map !== 'object') throw new Error(`${indexName}: no weight_map object`);
+  const names = [...new Set(Object.values(map))];
+  const bad = names.find((n) => typeof n !== 'string' || !n || /[\\/]/.test(n) || n === '..' || n === '.');
+  if (bad !== undefined) throw new Error(`${indexName}: the shard ${JSON.stringify(bad)} is not a file name in the model folder`);
+  return names;
+}
+
+/** @internal For node.js: the weight files in transformers' order, and an index's shards. */
+export const _WEIGHT_FILES = WEIGHT_FILES;
+export const _shardNames = shardNames;
+
 // The weights: the first of WEIGHT_FILES the folder has (asked for one at a time, so a folder
 // with model.safetensors makes no other request). An index is read at once and its shards are
 // returned unopened, so the caller opens them with the rest and the progress total covers them.
@@ -235,16 +255,7 @@ async function openWeights(source, entriesFor, signal) {
   if (!name.endsWith('.index.json')) return weights;
   const bytes = await weights.body.read(() => {});
   throwIfAborted(signal);
-  let map;
-  try {
-    map = JSON.parse(new TextDecoder().decode(bytes)).weight_map;
-  } catch (e) {
-    throw new Error(`${name}: not valid JSON (${e.message})`);
-  }
-  if (map === null || typeof map !== 'object') throw new Error(`${name}: no weight_map object`);
-  const names = [...new Set(Object.values(map))];
-  const bad = names.find((n) => typeof n !== 'string' || !n || /[\\/]/.test(n) || n === '..' || n === '.');
-  if (bad !== undefined) throw new Error(`${name}: the shard ${JSON.stringify(bad)} is not a file name in the model folder`);
+  const names = shardNames(name, new TextDecoder().decode(bytes));
   weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return bytes; } };
   weights.shards = { names, entries: entriesFor(source, names.map((n, i) => [`shard${i}`, n, true])) };
   return weights;
@@ -335,8 +346,9 @@ async function loadFiles(source, adapter, options) {
 }
 
 async function imageMessage(image, signal) {
-  const own = platform.readImage ? await platform.readImage(image, signal) : null;
-  if (own) return own;
+  // Node.js: a file path becomes its bytes.
+  const read = platform.readImage ? await platform.readImage(image) : null;
+  if (read) image = read;
   // PNG/JPEG bytes (decoded in Rust), or RGBA pixels { data, width, height } (copied: the caller
   // keeps its array).
   if (image instanceof ArrayBuffer || ArrayBuffer.isView(image)) {

@@ -10,11 +10,9 @@ import { openAsBlob, promises as fs } from 'node:fs';
 import { join } from 'node:path';
 import { homedir } from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { Captioner as BrowserCaptioner, env, _setPlatform, _isHubId, _hubFolder } from './index.js';
+import { Captioner as BrowserCaptioner, env, _setPlatform, _isHubId, _hubFolder, _WEIGHT_FILES as WEIGHT_FILES, _shardNames } from './index.js';
 
 export { env };
-
-const WEIGHT_FILES = ['model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json'];
 
 // A worker_threads Worker with the Web Worker surface Captioner uses.
 class NodeWorker extends EventTarget {
@@ -52,14 +50,11 @@ _setPlatform({
   async readImage(image) {
     if (!(typeof image === 'string' && !isUrl(image)) && !(image instanceof URL && image.protocol === 'file:')) return null;
     const path = image instanceof URL ? fileURLToPath(image) : image;
-    let bytes;
     try {
-      bytes = await fs.readFile(path);
+      return await fs.readFile(path);
     } catch (e) {
       throw new Error(`image: could not read ${path} (${e.code ?? e.message})`);
     }
-    const data = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
-    return [{ kind: 'bytes', data }, [data]];
   },
 });
 
@@ -243,13 +238,7 @@ class HubRepo {
     }
     if (!weights) throw new Error(`${this.id}: none of ${WEIGHT_FILES.join(', ')} on the hub`);
     if (weights[0].endsWith('.index.json')) {
-      const index = JSON.parse(await fs.readFile(weights[1], 'utf8'));
-      for (const shard of new Set(Object.values(index.weight_map ?? {}))) {
-        if (typeof shard !== 'string' || !shard || /[\\/]/.test(shard) || shard === '..' || shard === '.') {
-          throw new Error(`${this.id}: ${weights[0]} names ${JSON.stringify(shard)}, not a file name`);
-        }
-        await this.get(shard, true);
-      }
+      for (const shard of _shardNames(weights[0], await fs.readFile(weights[1], 'utf8'))) await this.get(shard, true);
     }
     if (!(await this.get('tokenizer.json', false))) {
       for (const f of ['vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json']) await this.get(f, false);

@@ -122,7 +122,7 @@ impl Repo<'_> {
     /// The commit the revision names: itself when it is one, else what `refs/` recorded.
     fn commit(&self) -> Option<String> {
         let r = &self.id.revision;
-        if r.len() == 40 && r.chars().all(|c| c.is_ascii_hexdigit()) {
+        if is_commit(r) {
             return Some(r.clone());
         }
         std::fs::read_to_string(self.dir().join("refs").join(r)).ok().map(|c| c.trim().to_string()).filter(|c| !c.is_empty())
@@ -209,7 +209,7 @@ impl Repo<'_> {
         // Quotes and a weak validator's `W/` are not part of the ETag huggingface_hub stores.
         let header = |name: &str| first.header(name).map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
         let commit = header("X-Repo-Commit").ok_or_else(|| fail("no X-Repo-Commit header: is HF_ENDPOINT a hub?".into()))?;
-        if commit.len() != 40 || !commit.chars().all(|c| c.is_ascii_hexdigit()) {
+        if !is_commit(&commit) {
             return Err(fail(format!("X-Repo-Commit {commit:?} is not a commit hash")));
         }
         let etag = header("X-Linked-Etag").or_else(|| header("ETag")).ok_or_else(|| fail("no ETag header".into()))?;
@@ -287,7 +287,7 @@ impl Repo<'_> {
     /// Remembers that the revision lacks `file` (huggingface_hub's `.no_exist`), so an offline
     /// run does not ask again.
     fn mark_missing(&self, response: &ureq::Response, file: &str) {
-        let Some(commit) = response.header("X-Repo-Commit").filter(|c| c.len() == 40 && c.chars().all(|c| c.is_ascii_hexdigit())) else { return };
+        let Some(commit) = response.header("X-Repo-Commit").filter(|c| is_commit(c)) else { return };
         let marker = self.dir().join(".no_exist").join(commit).join(file);
         if let Some(parent) = marker.parent() {
             let _ = std::fs::create_dir_all(parent);
@@ -318,6 +318,11 @@ fn link(blob: &Path, pointer: &Path) -> Result<()> {
         }
     }
     std::fs::copy(blob, pointer).map(|_| ()).map_err(io(pointer))
+}
+
+/// A full git commit hash (40 hex digits).
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 fn absolute(base: &str, location: &str) -> String {

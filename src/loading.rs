@@ -119,13 +119,23 @@ pub fn read_weights(dir: &std::path::Path) -> Result<(&'static str, Vec<u8>, Vec
 #[cfg(not(target_arch = "wasm32"))]
 pub fn read_dir_tensors(dir: &std::path::Path, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
     let (name, weights, shards) = read_weights(dir)?;
-    let owned: Vec<(&str, &[u8])> = shards.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
-    let sources: Vec<(&str, &dyn ByteSource)> = owned.iter().map(|(n, b)| (*n, b as &dyn ByteSource)).collect();
-    if name.ends_with(".index.json") {
-        load_sharded(name, &weights, &sources, rename)
-    } else {
-        load_checkpoint_file(name, &weights.as_slice(), rename)
+    load_weights(name, &weights, &shards, rename)
+}
+
+/// The tensors of weights held in memory: the file `weights_name` (`weights`), or, for an index,
+/// the shards it names (`shards`, by file name).
+pub fn load_weights(
+    weights_name: &str,
+    weights: &[u8],
+    shards: &[(String, Vec<u8>)],
+    rename: impl Fn(&str) -> String,
+) -> Result<HashMap<String, Tensor>> {
+    if !weights_name.ends_with(".index.json") {
+        return load_checkpoint_file(weights_name, &weights, rename);
     }
+    let owned: Vec<(&str, &[u8])> = shards.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
+    let sources: Vec<(&str, &dyn ByteSource)> = owned.iter().map(|(name, bytes)| (*name, bytes as &dyn ByteSource)).collect();
+    load_sharded(weights_name, weights, &sources, rename)
 }
 
 impl ModelFiles<'_> {
@@ -138,15 +148,11 @@ impl ModelFiles<'_> {
         shards: &[(&str, &dyn ByteSource)],
         rename: impl Fn(&str) -> String,
     ) -> Result<HashMap<String, Tensor>> {
-        if !self.weights_name.ends_with(".index.json") {
-            return load_checkpoint_file(self.weights_name, file, rename);
+        match (self.weights_name.ends_with(".index.json"), shards.is_empty()) {
+            (false, _) => load_checkpoint_file(self.weights_name, file, rename),
+            (true, false) => load_sharded(self.weights_name, self.weights, shards, rename),
+            (true, true) => load_weights(self.weights_name, self.weights, self.shards, rename),
         }
-        if !shards.is_empty() {
-            return load_sharded(self.weights_name, self.weights, shards, rename);
-        }
-        let owned: Vec<(&str, &[u8])> = self.shards.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
-        let sources: Vec<(&str, &dyn ByteSource)> = owned.iter().map(|(name, bytes)| (*name, bytes as &dyn ByteSource)).collect();
-        load_sharded(self.weights_name, self.weights, &sources, rename)
     }
 }
 
@@ -287,13 +293,17 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
 /// The shard files a checkpoint index (`weight_map`: tensor → file) names, each once, in order.
 /// A name that is not a plain file name (a path, `..`) is refused.
 pub fn shard_names(index_file: &str, index: &[u8]) -> Result<Vec<String>> {
+    Ok(unique_shards(&weight_map(index_file, index)?))
+}
+
+fn unique_shards(map: &[(String, String)]) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
-    for (_, shard) in weight_map(index_file, index)? {
-        if !names.contains(&shard) {
-            names.push(shard);
+    for (_, shard) in map {
+        if !names.contains(shard) {
+            names.push(shard.clone());
         }
     }
-    Ok(names)
+    names
 }
 
 /// An index's `weight_map` as (tensor, shard file) pairs.
@@ -338,7 +348,7 @@ pub fn load_sharded(
 ) -> Result<HashMap<String, Tensor>> {
     let map = weight_map(index_file, index)?;
     let mut out = HashMap::new();
-    for shard in shard_names(index_file, index)? {
+    for shard in unique_shards(&map) {
         let expected: Vec<&String> = map.iter().filter(|(_, s)| *s == shard).map(|(t, _)| t).collect();
         let first = expected.first().map(|t| t.as_str()).unwrap_or_default();
         let src = shards

@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use common::{image, max_abs_diff, vit_gpt2};
+use common::{checkpoint, image, max_abs_diff, vit_gpt2};
 use wasmcap::loading::{ModelFiles, BIN_WEIGHTS, BIN_WEIGHTS_INDEX, WEIGHTS, WEIGHTS_INDEX};
 use wasmcap::{CaptionOptions, Captioner, Error};
 
@@ -19,38 +19,32 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 #[cfg(target_arch = "wasm32")]
 wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
 
-macro_rules! checkpoint {
-    ($path:literal) => {
-        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/checkpoints/", $path)).as_slice()
-    };
-}
-
-const BIN_F32: &[u8] = checkpoint!("bin-f32/pytorch_model.bin");
-const BIN_F16: &[u8] = checkpoint!("bin-f16/pytorch_model.bin");
-const BIN_BF16: &[u8] = checkpoint!("bin-bf16/pytorch_model.bin");
+const BIN_F32: &str = "bin-f32/pytorch_model.bin";
+const BIN_F16: &str = "bin-f16/pytorch_model.bin";
+const BIN_BF16: &str = "bin-bf16/pytorch_model.bin";
 
 fn sharded_safetensors() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
     let shards = [
-        ("model-00001-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00001-of-00003.safetensors")),
-        ("model-00002-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00002-of-00003.safetensors")),
-        ("model-00003-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00003-of-00003.safetensors")),
+        ("model-00001-of-00003.safetensors", checkpoint("sharded-safetensors/model-00001-of-00003.safetensors")),
+        ("model-00002-of-00003.safetensors", checkpoint("sharded-safetensors/model-00002-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", checkpoint("sharded-safetensors/model-00003-of-00003.safetensors")),
     ];
-    (checkpoint!("sharded-safetensors/model.safetensors.index.json"), shards.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect())
+    (checkpoint("sharded-safetensors/model.safetensors.index.json"), shards.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect())
 }
 
 fn sharded_bin() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
     let shards = [
-        ("pytorch_model-00001-of-00002.bin", checkpoint!("sharded-bin-f16/pytorch_model-00001-of-00002.bin")),
-        ("pytorch_model-00002-of-00002.bin", checkpoint!("sharded-bin-f16/pytorch_model-00002-of-00002.bin")),
+        ("pytorch_model-00001-of-00002.bin", checkpoint("sharded-bin-f16/pytorch_model-00001-of-00002.bin")),
+        ("pytorch_model-00002-of-00002.bin", checkpoint("sharded-bin-f16/pytorch_model-00002-of-00002.bin")),
     ];
-    (checkpoint!("sharded-bin-f16/pytorch_model.bin.index.json"), shards.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect())
+    (checkpoint("sharded-bin-f16/pytorch_model.bin.index.json"), shards.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect())
 }
 
 fn single_shard() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
     let shard = "model-00001-of-00001.safetensors";
     (
-        checkpoint!("single-shard/model.safetensors.index.json"),
-        vec![(shard.to_string(), checkpoint!("single-shard/model-00001-of-00001.safetensors").to_vec())],
+        checkpoint("single-shard/model.safetensors.index.json"),
+        vec![(shard.to_string(), checkpoint("single-shard/model-00001-of-00001.safetensors").to_vec())],
     )
 }
 
@@ -83,13 +77,15 @@ fn assert_same_tensors(label: &str, got: &HashMap<String, Tensor>, dtype: DType)
 fn every_checkpoint_format_gives_the_tensors_of_model_safetensors() {
     let fx = vit_gpt2();
     let single = |name, weights| ModelFiles { weights, weights_name: name, ..fx.files() };
-    for (label, weights, dtype) in [("bin f32", BIN_F32, DType::F32), ("bin f16", BIN_F16, DType::F16), ("bin bf16", BIN_BF16, DType::BF16)] {
+    for (label, weights, dtype) in
+        [("bin f32", checkpoint(BIN_F32), DType::F32), ("bin f16", checkpoint(BIN_F16), DType::F16), ("bin bf16", checkpoint(BIN_BF16), DType::BF16)]
+    {
         // In WASM the JS shim hands any single file over as the weights: the bytes say which.
         for name in [BIN_WEIGHTS, WEIGHTS] {
             assert_same_tensors(label, &tensors(&single(name, weights)).unwrap(), dtype);
         }
     }
-    let bin = tensors(&single(BIN_WEIGHTS, BIN_F32)).unwrap();
+    let bin = tensors(&single(BIN_WEIGHTS, checkpoint(BIN_F32))).unwrap();
     let mask = &bin["decoder.transformer.h.0.attn.bias"];
     assert_eq!((mask.dtype(), mask.dims().len()), (DType::U8, 4), "a bool buffer keeps its bytes");
 
@@ -112,7 +108,7 @@ fn f32_checkpoints_caption_as_model_safetensors_does() {
     let logits = |c: &Captioner| c.first_step_logits(&pixels, &CaptionOptions::default()).unwrap();
     let (index, shards) = sharded_safetensors();
     for (label, files) in [
-        ("pytorch_model.bin", ModelFiles { weights: BIN_F32, weights_name: BIN_WEIGHTS, ..fx.files() }),
+        ("pytorch_model.bin", ModelFiles { weights: checkpoint(BIN_F32), weights_name: BIN_WEIGHTS, ..fx.files() }),
         ("sharded safetensors", ModelFiles { weights: index, weights_name: WEIGHTS_INDEX, shards: &shards, ..fx.files() }),
     ] {
         let model = Captioner::from_files(files).unwrap();
@@ -120,7 +116,7 @@ fn f32_checkpoints_caption_as_model_safetensors_does() {
         assert_eq!(ids(&model), ids(&reference), "{label}");
     }
     // Half precision loads and captions (its own ids: the weights are rounded).
-    let half = Captioner::from_files(ModelFiles { weights: BIN_BF16, weights_name: BIN_WEIGHTS, ..fx.files() }).unwrap();
+    let half = Captioner::from_files(ModelFiles { weights: checkpoint(BIN_BF16), weights_name: BIN_WEIGHTS, ..fx.files() }).unwrap();
     assert!(!ids(&half).is_empty());
 }
 
@@ -135,7 +131,7 @@ fn load_err(files: ModelFiles<'_>) -> Error {
 fn a_pickle_that_calls_anything_but_the_tensor_rebuild_is_refused() {
     let fx = vit_gpt2();
     for (weights, global) in
-        [(checkpoint!("evil-system/pytorch_model.bin"), "posix.system"), (checkpoint!("evil-eval/pytorch_model.bin"), "__builtin__.eval")]
+        [(checkpoint("evil-system/pytorch_model.bin"), "posix.system"), (checkpoint("evil-eval/pytorch_model.bin"), "__builtin__.eval")]
     {
         let msg = load_err(ModelFiles { weights, weights_name: BIN_WEIGHTS, ..fx.files() }).to_string();
         assert!(msg.contains(BIN_WEIGHTS) && msg.contains(&format!("`{global}`")), "{msg}");
@@ -148,8 +144,8 @@ fn a_pickle_that_calls_anything_but_the_tensor_rebuild_is_refused() {
 fn broken_checkpoints_are_errors_that_name_the_file_and_tensor() {
     let fx = vit_gpt2();
     // Truncated anywhere: an error, never a panic.
-    for len in [0, 3, 4, 100, 1000, BIN_F16.len() / 2, BIN_F16.len() - 30, BIN_F16.len() - 1] {
-        let e = load_err(ModelFiles { weights: &BIN_F16[..len], weights_name: BIN_WEIGHTS, ..fx.files() });
+    for len in [0, 3, 4, 100, 1000, checkpoint(BIN_F16).len() / 2, checkpoint(BIN_F16).len() - 30, checkpoint(BIN_F16).len() - 1] {
+        let e = load_err(ModelFiles { weights: &checkpoint(BIN_F16)[..len], weights_name: BIN_WEIGHTS, ..fx.files() });
         assert!(matches!(&e, Error::TorchCheckpoint { file, .. } | Error::Safetensors { file, .. } if file == BIN_WEIGHTS), "{len}: {e}");
     }
     // A shard missing.

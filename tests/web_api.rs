@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{edit_safetensors, fixtures, image};
+use common::{checkpoint, edit_safetensors, fixtures, image};
 use js_sys::Uint8Array;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_test::*;
@@ -328,11 +328,6 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
 /// a JS error naming it.
 #[wasm_bindgen_test]
 fn bin_and_sharded_weights_load_through_the_js_constructor() {
-    macro_rules! checkpoint {
-        ($path:literal) => {
-            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/checkpoints/", $path)).as_slice()
-        };
-    }
     let fx = common::vit_gpt2();
     let build = |weights: &[u8], name: Option<&str>, shards: &[(&str, &[u8])]| {
         let names: Vec<String> = shards.iter().map(|(n, _)| n.to_string()).collect();
@@ -355,16 +350,16 @@ fn bin_and_sharded_weights_load_through_the_js_constructor() {
     };
     let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
     let want = caption(&mut build(fx.weights, None, &[]).unwrap());
-    let bin = checkpoint!("bin-f32/pytorch_model.bin");
+    let bin = checkpoint("bin-f32/pytorch_model.bin");
     for name in [Some("pytorch_model.bin"), None] {
         assert_eq!(caption(&mut build(bin, name, &[]).unwrap()), want, "{name:?}");
     }
     let shards = [
-        ("model-00001-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00001-of-00003.safetensors")),
-        ("model-00002-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00002-of-00003.safetensors")),
-        ("model-00003-of-00003.safetensors", checkpoint!("sharded-safetensors/model-00003-of-00003.safetensors")),
+        ("model-00001-of-00003.safetensors", checkpoint("sharded-safetensors/model-00001-of-00003.safetensors")),
+        ("model-00002-of-00003.safetensors", checkpoint("sharded-safetensors/model-00002-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", checkpoint("sharded-safetensors/model-00003-of-00003.safetensors")),
     ];
-    let index = checkpoint!("sharded-safetensors/model.safetensors.index.json");
+    let index = checkpoint("sharded-safetensors/model.safetensors.index.json");
     assert_eq!(caption(&mut build(index, Some("model.safetensors.index.json"), &shards).unwrap()), want);
     let msg = message(build(index, Some("model.safetensors.index.json"), &shards[..2]).err().unwrap());
     assert!(msg.contains("model-00003-of-00003.safetensors"), "{msg}");

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
+import { startHub, commitOf } from '../hub-server.mjs';
 import { launch, watchPage, printLog, root } from './helpers.mjs';
 
 const MODEL = 'tests/fixtures/tiny-vit-gpt2';
@@ -36,22 +37,6 @@ before(async () => {
         }
         const body = readFileSync(file);
         res.writeHead(200, { ...headers, 'Content-Type': 'application/octet-stream', 'Content-Length': String(body.byteLength) });
-        res.end(body);
-        return true;
-      }
-      // /hub/ORG/NAME/resolve/REVISION/FILE: the hub's resolve endpoint for tiny/vit-gpt2 at main
-      // or v1 (the fixture folder), 404 with X-Error-Code for what is not there.
-      const hub = req.url.match(/^\/hub\/([\w-]+\/[\w.-]+)\/resolve\/([\w.%-]+)\/([\w.-]+)$/);
-      if (hub) {
-        const path = join(root, MODEL, hub[3]);
-        const known = hub[1] === 'tiny/vit-gpt2' && ['main', 'v1'].includes(decodeURIComponent(hub[2]));
-        if (!known || !existsSync(path)) {
-          res.writeHead(404, { ...headers, 'Content-Type': 'application/json', 'X-Error-Code': known ? 'EntryNotFound' : 'RepositoryNotFound' });
-          res.end('{"error":"not found"}');
-          return true;
-        }
-        const body = readFileSync(path);
-        res.writeHead(200, { ...headers, 'Content-Type': 'application/octet-stream', 'Content-Length': String(body.byteLength), 'X-Repo-Commit': 'a'.repeat(40) });
         res.end(body);
         return true;
       }
@@ -140,30 +125,38 @@ test('pytorch_model.bin and sharded checkpoints load from a folder URL: the shar
 });
 
 test('a hub id loads from remoteHost (env.remoteHost or the option), at a revision, through the fetch given', async () => {
+  // tests/hub-server.mjs: the fixture folder as tiny/vit-gpt2, on another origin, as the hub is.
+  const hub = await startHub({ 'tiny/vit-gpt2': { base: join(root, MODEL) } });
+  const commit = commitOf('tiny/vit-gpt2');
   const want = reference.images['astronaut.png'].greedy_ids.slice(0, 6);
-  const r = await page.evaluate(async ({ host, image }) => {
-    const { Captioner, env } = await import('/pkg/index.js');
-    const run = async (id, options) => {
-      const c = await Captioner.fromPretrained(id, { cache: false, ...options });
-      const ids = (await c.caption(image, { numBeams: 1, maxNewTokens: 6 }).result).tokenIds;
-      c.dispose();
-      return ids;
-    };
-    const urls = [];
-    const fetch = (url, init) => { urls.push(String(url)); return globalThis.fetch(url, init); };
-    const viaOption = await run('tiny/vit-gpt2', { remoteHost: host, fetch });
-    const saved = env.remoteHost;
-    env.remoteHost = host;
-    const viaEnv = await run('tiny/vit-gpt2@v1');
-    const unknown = await Captioner.fromPretrained('tiny/nope', { cache: false }).then(() => 'loaded', (e) => e.message);
-    const badRevision = await Captioner.fromPretrained('tiny/vit-gpt2', { cache: false, revision: 'v9' }).then(() => 'loaded', (e) => e.message);
-    env.remoteHost = saved;
-    return { viaOption, viaEnv, urls, unknown, badRevision };
-  }, { host: `${base}/hub/`, image: `${base}/tests/fixtures/images/astronaut.png` });
-  assert.deepEqual(r.viaOption, want);
-  assert.deepEqual(r.viaEnv, want);
-  assert.ok(r.urls.length > 0 && r.urls.every((u) => u.startsWith(`${base}/hub/tiny/vit-gpt2/resolve/main/`)), r.urls.join('\n'));
-  assert.ok(requested.includes('/hub/tiny/vit-gpt2/resolve/v1/config.json'), 'the @revision is in the URL');
-  assert.match(r.unknown, /config\.json: HTTP 404/);
-  assert.match(r.badRevision, /config\.json: HTTP 404/);
+  try {
+    const r = await page.evaluate(async ({ host, image, commit }) => {
+      const { Captioner, env } = await import('/pkg/index.js');
+      const run = async (id, options) => {
+        const c = await Captioner.fromPretrained(id, { cache: false, ...options });
+        const ids = (await c.caption(image, { numBeams: 1, maxNewTokens: 6 }).result).tokenIds;
+        c.dispose();
+        return ids;
+      };
+      const urls = [];
+      const fetch = (url, init) => { urls.push(String(url)); return globalThis.fetch(url, init); };
+      const viaOption = await run('tiny/vit-gpt2', { remoteHost: host, fetch });
+      const saved = env.remoteHost;
+      env.remoteHost = host;
+      const viaEnv = await run(`tiny/vit-gpt2@${commit}`);
+      const unknown = await Captioner.fromPretrained('tiny/nope', { cache: false }).then(() => 'loaded', (e) => e.message);
+      const badRevision = await Captioner.fromPretrained('tiny/vit-gpt2', { cache: false, revision: 'v9' }).then(() => 'loaded', (e) => e.message);
+      env.remoteHost = saved;
+      return { viaOption, viaEnv, urls, unknown, badRevision };
+    }, { host: hub.url, image: `${base}/tests/fixtures/images/astronaut.png`, commit });
+    assert.deepEqual(r.viaOption, want);
+    assert.deepEqual(r.viaEnv, want);
+    assert.ok(r.urls.length > 0 && r.urls.every((u) => u.startsWith(`${hub.url}tiny/vit-gpt2/resolve/main/`)), r.urls.join('\n'));
+    assert.ok(hub.requests.some((q) => q.url === `/tiny/vit-gpt2/resolve/${commit}/config.json`), 'the @revision is in the URL');
+    // The hub answers an unknown repository with 401 (RepositoryNotFound), an unknown revision with 404.
+    assert.match(r.unknown, /config\.json: HTTP 401/);
+    assert.match(r.badRevision, /config\.json: HTTP 404/);
+  } finally {
+    hub.server.close();
+  }
 });

@@ -91,6 +91,29 @@ pub const IMAGES: [(&str, &[u8]); 5] = [
 /// The photos with full references (encoder states, logits, greedy ids).
 pub const PHOTOS: [&str; 2] = ["astronaut.png", "chelsea.jpg"];
 
+/// The weight files of tests/fixtures/checkpoints (make_checkpoint_fixtures.py), by their path
+/// under it.
+pub const CHECKPOINTS: [(&str, &[u8]); 14] = [
+    ("bin-f32/pytorch_model.bin", fixture_file!("checkpoints/bin-f32/pytorch_model.bin")),
+    ("bin-f16/pytorch_model.bin", fixture_file!("checkpoints/bin-f16/pytorch_model.bin")),
+    ("bin-bf16/pytorch_model.bin", fixture_file!("checkpoints/bin-bf16/pytorch_model.bin")),
+    ("sharded-safetensors/model.safetensors.index.json", fixture_file!("checkpoints/sharded-safetensors/model.safetensors.index.json")),
+    ("sharded-safetensors/model-00001-of-00003.safetensors", fixture_file!("checkpoints/sharded-safetensors/model-00001-of-00003.safetensors")),
+    ("sharded-safetensors/model-00002-of-00003.safetensors", fixture_file!("checkpoints/sharded-safetensors/model-00002-of-00003.safetensors")),
+    ("sharded-safetensors/model-00003-of-00003.safetensors", fixture_file!("checkpoints/sharded-safetensors/model-00003-of-00003.safetensors")),
+    ("sharded-bin-f16/pytorch_model.bin.index.json", fixture_file!("checkpoints/sharded-bin-f16/pytorch_model.bin.index.json")),
+    ("sharded-bin-f16/pytorch_model-00001-of-00002.bin", fixture_file!("checkpoints/sharded-bin-f16/pytorch_model-00001-of-00002.bin")),
+    ("sharded-bin-f16/pytorch_model-00002-of-00002.bin", fixture_file!("checkpoints/sharded-bin-f16/pytorch_model-00002-of-00002.bin")),
+    ("single-shard/model.safetensors.index.json", fixture_file!("checkpoints/single-shard/model.safetensors.index.json")),
+    ("single-shard/model-00001-of-00001.safetensors", fixture_file!("checkpoints/single-shard/model-00001-of-00001.safetensors")),
+    ("evil-system/pytorch_model.bin", fixture_file!("checkpoints/evil-system/pytorch_model.bin")),
+    ("evil-eval/pytorch_model.bin", fixture_file!("checkpoints/evil-eval/pytorch_model.bin")),
+];
+
+pub fn checkpoint(path: &str) -> &'static [u8] {
+    CHECKPOINTS.iter().find(|(p, _)| *p == path).map(|(_, b)| *b).unwrap()
+}
+
 pub fn image(name: &str) -> &'static [u8] {
     IMAGES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap()
 }

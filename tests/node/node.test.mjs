@@ -1,5 +1,5 @@
 // The npm package in Node.js (pkg/node.js, the package's `node` export): the ViT-GPT2 fixture
-// folder from a path and as a hub id (through tests/node/hub-server.mjs, into a hub cache under
+// folder from a path and as a hub id (through tests/hub-server.mjs, into a hub cache under
 // a temporary HF_HOME, then again with the server gone), images as paths, bytes and RGBA,
 // streaming, beam search, captionMany, abort — every caption equal to 🤗 transformers'
 // (tests/fixtures/reference/tiny-vit-gpt2.json).
@@ -11,7 +11,7 @@ import { deflateSync } from 'node:zlib';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { startHub, commitOf } from './hub-server.mjs';
+import { startHub, commitOf } from '../hub-server.mjs';
 
 const root = fileURLToPath(new URL('../../', import.meta.url));
 const MODEL = join(root, 'tests/fixtures/tiny-vit-gpt2');

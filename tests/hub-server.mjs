@@ -1,4 +1,5 @@
-// A local server that answers as the hub's resolve endpoint does, for the Node.js suite: each
+// A local server that answers as the hub's resolve endpoint does, for the Node.js suite and the
+// page tests (CORS open, as the hub's is): each
 // repository is a fixture folder (with another folder's weights in place of its own, if given);
 // `/ORG/NAME/resolve/REVISION/FILE` → 200 with ETag and X-Repo-Commit, weights → 302 to a CDN
 // path that honours Range (206), 404 with X-Error-Code for what is not there.
@@ -21,6 +22,7 @@ export function startHub(repos) {
     return existsSync(path) ? path : null;
   };
   const server = createServer((req, res) => {
+    res.setHeader('Access-Control-Allow-Origin', '*');
     requests.push({ url: req.url, auth: req.headers.authorization, range: req.headers.range });
     const cdn = req.url.match(/^\/cdn\/([\w-]+\/[\w.-]+)\/([\w.-]+)$/);
     if (cdn) {
