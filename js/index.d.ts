@@ -50,9 +50,10 @@ export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File
 
 /**
  * Where hub ids are fetched from, as transformers.js' `env`: `${remoteHost}${remotePathTemplate}`,
- * `{model}` and `{revision}` filled in.
+ * `{model}` and `{revision}` filled in. `maxPieceBytes` (default 256 MiB): a weight file larger
+ * than this is read and handed to WASM in pieces of this size, never joined into one buffer.
  */
-export declare const env: { remoteHost: string; remotePathTemplate: string };
+export declare const env: { remoteHost: string; remotePathTemplate: string; maxPieceBytes: number };
 
 export interface LoadOptions {
   onProgress?: (event: ProgressEvent) => void;

@@ -70,7 +70,52 @@ export async function clearCache(baseUrl) {
  * Where hub ids are fetched from, as transformers.js' `env`: `${remoteHost}${remotePathTemplate}`
  * with `{model}` and `{revision}` filled in. Change `remoteHost` to use a mirror.
  */
-export const env = { remoteHost: 'https://huggingface.co/', remotePathTemplate: '{model}/resolve/{revision}/' };
+export const env = {
+  remoteHost: 'https://huggingface.co/',
+  remotePathTemplate: '{model}/resolve/{revision}/',
+  // A file larger than this is read in pieces of this size, handed to WASM as they are: never
+  // one JS buffer (browsers cap an ArrayBuffer at 2–4 GB, Node.js a Buffer at 2 GB).
+  maxPieceBytes: 256 * 1024 * 1024,
+};
+
+function pieceBytes() {
+  const n = env.maxPieceBytes;
+  if (!Number.isInteger(n) || n < 1) throw new Error(`env.maxPieceBytes must be a positive integer, not ${n}`);
+  return n;
+}
+
+// Collects a stream's chunks into pieces of at most `limit` bytes each (the last one shorter).
+function pieceCollector(limit) {
+  const pieces = [];
+  let current = null;
+  let at = 0;
+  return {
+    push(chunk) {
+      let from = 0;
+      while (from < chunk.byteLength) {
+        if (!current) { current = new Uint8Array(limit); at = 0; }
+        const n = Math.min(limit - at, chunk.byteLength - from);
+        current.set(chunk.subarray(from, from + n), at);
+        at += n;
+        from += n;
+        if (at === limit) { pieces.push(current.buffer); current = null; }
+      }
+    },
+    finish() {
+      if (current) pieces.push(current.buffer.slice(0, at));
+      return pieces.length ? pieces : [new ArrayBuffer(0)];
+    },
+  };
+}
+
+// A file's pieces as one buffer: for the small files (config, tokenizer, index) only.
+function joined(pieces) {
+  if (pieces.length === 1) return pieces[0];
+  const out = new Uint8Array(pieces.reduce((n, p) => n + p.byteLength, 0));
+  let at = 0;
+  for (const p of pieces) { out.set(new Uint8Array(p), at); at += p.byteLength; }
+  return out.buffer;
+}
 
 // `org/name` or `org/name@revision`: no scheme, no leading `/` or `.`, no trailing `/` (a folder
 // given as a relative path ends with `/` or starts with `./`).
@@ -155,44 +200,44 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
       const body = bodyOf(res, false);
       const read = body.read;
       body.read = async (onChunk) => {
-        const bytes = await read(onChunk);
+        const pieces = await read(onChunk);
         if (cache) {
-          await cache.put(url, new Response(bytes, {
-            headers: { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream', 'Content-Length': String(bytes.byteLength) },
+          // A Blob of the pieces: the browser stores it without one buffer of the whole file.
+          const blob = new Blob(pieces);
+          await cache.put(url, new Response(blob, {
+            headers: { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream', 'Content-Length': String(blob.size) },
           }));
         }
-        return bytes;
+        return pieces;
       };
       return body;
     },
   };
 }
 
+// A file body: `read(onChunk)` gives its bytes as an array of ArrayBuffer pieces (one, unless
+// the file is larger than env.maxPieceBytes).
 function bodyOf(res, cached) {
   const length = Number(res.headers.get('Content-Length'));
   return {
     cached,
     size: Number.isFinite(length) && length > 0 ? length : 0,
     async read(onChunk) {
+      const limit = pieceBytes();
       if (!res.body) {
         const buf = await res.arrayBuffer();
         onChunk(buf.byteLength);
-        return buf;
+        return [buf];
       }
       const reader = res.body.getReader();
-      const chunks = [];
-      let n = 0;
+      const pieces = pieceCollector(limit);
       for (;;) {
         const { done, value } = await reader.read();
         if (done) break;
-        chunks.push(value);
-        n += value.byteLength;
+        pieces.push(value);
         onChunk(value.byteLength);
       }
-      const out = new Uint8Array(n);
-      let at = 0;
-      for (const c of chunks) { out.set(c, at); at += c.byteLength; }
-      return out.buffer;
+      return pieces.finish();
     },
   };
 }
@@ -210,9 +255,15 @@ function blobEntry(key, name, required, map) {
         cached: false,
         size: blob.size,
         async read(onChunk) {
-          const buf = await blob.arrayBuffer();
-          onChunk(buf.byteLength);
-          return buf;
+          // Sliced: a File larger than one ArrayBuffer is read piece by piece.
+          const limit = pieceBytes();
+          const pieces = [];
+          for (let at = 0; at < blob.size || pieces.length === 0; at += limit) {
+            const buf = await blob.slice(at, Math.min(blob.size, at + limit)).arrayBuffer();
+            onChunk(buf.byteLength);
+            pieces.push(buf);
+          }
+          return pieces;
         },
       };
     },
@@ -253,12 +304,17 @@ async function openWeights(source, entriesFor, signal) {
   if (!weights) throw new Error(`model.safetensors: missing from the model folder (nor are ${WEIGHT_FILES.slice(1).join(', ')} there)`);
   const name = weights.entry.name;
   if (!name.endsWith('.index.json')) return weights;
-  const bytes = await weights.body.read(() => {});
+  const bytes = joined(await weights.body.read(() => {}));
   throwIfAborted(signal);
   const names = shardNames(name, new TextDecoder().decode(bytes));
-  weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return bytes; } };
+  weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return [bytes]; } };
   weights.shards = { names, entries: entriesFor(source, names.map((n, i) => [`shard${i}`, n, true])) };
   return weights;
+}
+
+/** @internal For tests: the files fromPretrained hands the worker. */
+export function _loadFiles(source, adapter, options) {
+  return loadFiles(source, adapter, options);
 }
 
 async function loadFiles(source, adapter, options) {
@@ -328,11 +384,13 @@ async function loadFiles(source, adapter, options) {
   const files = { weightsName: weights.entry.name, shardNames: weights.shards?.names ?? [] };
   await Promise.all(present.map(async (e) => {
     emit(e, false);
-    files[e.key] = await e.body.read((n) => {
+    const pieces = await e.body.read((n) => {
       perFile.set(e.name, perFile.get(e.name) + n);
       loaded += n;
       emit(e, false);
     });
+    // The weights and shards stay in pieces (WASM reads them by range); the rest are small.
+    files[e.key] = e.key === 'weights' || e.key.startsWith('shard') ? pieces : joined(pieces);
     throwIfAborted(signal);
     emit(e, true);
   }));
@@ -527,7 +585,7 @@ export class Captioner {
           e.preventDefault?.();
           fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
         };
-        const transfer = Object.values(files).filter((b) => b instanceof ArrayBuffer);
+        const transfer = Object.values(files).flat().filter((b) => b instanceof ArrayBuffer);
         worker.postMessage({ type: 'load', files, quantize: options.quantize, threads }, transfer);
       });
     } catch (e) {

@@ -142,15 +142,17 @@ self.onmessage = async ({ data }) => {
         const { mod, threads } = await startWasm(data.threads ?? 1);
         const f = data.files;
         const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
+        // The weights and shards: arrays of pieces (a big file is never one buffer).
+        const pieces = (list) => list.map((b) => new Uint8Array(b));
         captioner?.free();
         captioner = null;
         const tokenizer = f.tokenizer === undefined
           ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
           : u8(f.tokenizer);
         const shardNames = f.shardNames ?? [];
-        captioner = new mod.WasmCaptioner(u8(f.config), u8(f.weights), tokenizer, u8(f.preprocessor),
+        captioner = new mod.WasmCaptioner(u8(f.config), pieces(f.weights), tokenizer, u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), f.weightsName, shardNames,
-          shardNames.map((_, i) => u8(f[`shard${i}`])));
+          shardNames.map((_, i) => pieces(f[`shard${i}`])));
         if (data.quantize) captioner.quantize(data.quantize);
         postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes() });
       } catch (e) {

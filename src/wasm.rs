@@ -10,17 +10,62 @@ use crate::generation::{GenerationOptions, Plan};
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
 
-/// A JS byte array read by range (`crate::loading::ByteSource`): only what is asked for is
-/// copied into WASM memory.
-struct JsBytes<'a>(&'a js_sys::Uint8Array);
+/// A file's bytes as JS holds them: one `Uint8Array`, or an array of them in order (a file too
+/// big for one `ArrayBuffer` arrives in pieces and is never joined). Read by range
+/// (`crate::loading::ByteSource`): only what is asked for is copied into WASM memory.
+struct JsBytes {
+    /// Each piece with the file offset it starts at.
+    pieces: Vec<(usize, js_sys::Uint8Array)>,
+    len: usize,
+}
 
-impl crate::loading::ByteSource for JsBytes<'_> {
+impl JsBytes {
+    fn new(name: &str, value: &JsValue) -> Result<JsBytes, JsError> {
+        let arrays: Vec<js_sys::Uint8Array> = if let Some(one) = value.dyn_ref::<js_sys::Uint8Array>() {
+            vec![one.clone()]
+        } else if let Some(list) = value.dyn_ref::<js_sys::Array>() {
+            list.iter()
+                .map(|v| v.dyn_into().map_err(|_| JsError::new(&format!("{name}: every piece must be a Uint8Array"))))
+                .collect::<Result<_, _>>()?
+        } else {
+            return Err(JsError::new(&format!("{name}: expected a Uint8Array or an array of Uint8Array pieces")));
+        };
+        let mut len = 0usize;
+        let mut pieces = Vec::with_capacity(arrays.len());
+        for a in arrays {
+            let start = len;
+            len = len.checked_add(a.length() as usize).ok_or_else(|| JsError::new(&format!("{name}: larger than this platform can address")))?;
+            pieces.push((start, a));
+        }
+        Ok(JsBytes { pieces, len })
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.len];
+        crate::loading::ByteSource::read(self, 0, &mut out);
+        out
+    }
+}
+
+impl crate::loading::ByteSource for JsBytes {
     fn len(&self) -> usize {
-        self.0.length() as usize
+        self.len
     }
 
     fn read(&self, start: usize, out: &mut [u8]) {
-        self.0.subarray(start as u32, (start + out.len()) as u32).copy_to(out);
+        // The first piece that holds `start`, then on through the following ones.
+        let first = self.pieces.partition_point(|(at, _)| *at <= start).saturating_sub(1);
+        let (mut pos, mut done) = (start, 0);
+        for (at, piece) in &self.pieces[first..] {
+            if done == out.len() {
+                break;
+            }
+            let from = pos - at;
+            let n = (piece.length() as usize).saturating_sub(from).min(out.len() - done);
+            piece.subarray(from as u32, (from + n) as u32).copy_to(&mut out[done..done + n]);
+            done += n;
+            pos += n;
+        }
     }
 }
 
@@ -121,12 +166,13 @@ impl WasmCaptioner {
     /// `weights` is the file `weights_name` names (default `model.safetensors`; also
     /// `pytorch_model.bin`, or a `*.index.json` whose shards are `shards`, named by
     /// `shard_names`). The weights stay in JS memory: tensors are read from them one by one (peak
-    /// WASM memory ≈ the loaded model, not model + files).
+    /// WASM memory ≈ the loaded model, not model + files). The weights and each shard are a
+    /// `Uint8Array` or an array of them: a file's pieces in order.
     #[wasm_bindgen(constructor)]
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &[u8],
-        weights: &js_sys::Uint8Array,
+        weights: &JsValue,
         tokenizer: &[u8],
         preprocessor: &[u8],
         generation: Option<Vec<u8>>,
@@ -145,26 +191,20 @@ impl WasmCaptioner {
         let known = crate::loading::WEIGHT_FILES.iter().find(|&&n| n == weights_name).copied();
         let weights_name =
             known.ok_or_else(|| JsError::new(&format!("weights must be one of {}, not {weights_name}", crate::loading::WEIGHT_FILES.join(", "))))?;
-        let sharded = weights_name.ends_with(".index.json");
+        let weights = JsBytes::new(weights_name, weights)?;
         // The index is small and parsed here; the shards stay in JS.
-        let index = if sharded { weights.to_vec() } else { Vec::new() };
+        let index = if weights_name.ends_with(".index.json") { weights.to_vec() } else { Vec::new() };
         let shard_names = shard_names.unwrap_or_default();
-        let arrays: Vec<js_sys::Uint8Array> = match shards {
-            Some(list) => list
-                .iter()
-                .map(|v| v.dyn_into::<js_sys::Uint8Array>().map_err(|_| JsError::new("shards must be Uint8Arrays")))
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
-        };
-        if arrays.len() != shard_names.len() {
-            return Err(JsError::new(&format!("{} shard names for {} shards", shard_names.len(), arrays.len())));
+        let shards: Vec<JsValue> = shards.map(|list| list.iter().collect()).unwrap_or_default();
+        if shards.len() != shard_names.len() {
+            return Err(JsError::new(&format!("{} shard names for {} shards", shard_names.len(), shards.len())));
         }
-        let readers: Vec<JsBytes> = arrays.iter().map(JsBytes).collect();
+        let readers: Vec<JsBytes> = shard_names.iter().zip(&shards).map(|(name, v)| JsBytes::new(name, v)).collect::<Result<_, _>>()?;
         let sources: Vec<(&str, &dyn crate::loading::ByteSource)> =
             shard_names.iter().zip(&readers).map(|(name, r)| (name.as_str(), r as &dyn crate::loading::ByteSource)).collect();
         let files =
             ModelFiles { config, weights: &index, weights_name, shards: &[], tokenizer, preprocessor, generation: generation.as_deref(), adapter };
-        let inner = Captioner::from_files_reading(files, &JsBytes(weights), &sources).map_err(js_error)?;
+        let inner = Captioner::from_files_reading(files, &weights, &sources).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None })
     }
 

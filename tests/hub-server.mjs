@@ -2,7 +2,8 @@
 // page tests (CORS open, as the hub's is): each
 // repository is a fixture folder (with another folder's weights in place of its own, if given);
 // `/ORG/NAME/resolve/REVISION/FILE` → 200 with ETag and X-Repo-Commit, weights → 302 to a CDN
-// path that honours Range (206), 404 with X-Error-Code for what is not there.
+// path that honours Range (206), 404 with X-Error-Code for what is not there. A repository's
+// `drop` files lose the connection halfway through their first download.
 import { createServer } from 'node:http';
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
@@ -12,6 +13,7 @@ export const commitOf = (id) => createHash('sha1').update(id).digest('hex');
 
 export function startHub(repos) {
   const requests = [];
+  const dropped = new Set();
   const fileOf = (repo, name) => {
     if (repo.weights) {
       const own = join(repo.weights, name);
@@ -32,7 +34,14 @@ export function startHub(repos) {
       const from = Number(req.headers.range?.match(/bytes=(\d+)-/)?.[1] ?? 0);
       const headers = { 'Content-Length': String(bytes.length - from), 'Accept-Ranges': 'bytes' };
       if (req.headers.range) headers['Content-Range'] = `bytes ${from}-${bytes.length - 1}/${bytes.length}`;
-      res.writeHead(req.headers.range ? 206 : 200, headers).end(bytes.subarray(from));
+      res.writeHead(req.headers.range ? 206 : 200, headers);
+      const drop = repos[cdn[1]].drop;
+      if (drop?.includes(cdn[2]) && !dropped.has(req.url)) {
+        dropped.add(req.url);
+        res.write(bytes.subarray(from, from + Math.floor((bytes.length - from) / 2)), () => res.destroy());
+        return;
+      }
+      res.end(bytes.subarray(from));
       return;
     }
     const m = req.url.match(/^\/([\w-]+\/[\w.-]+)\/resolve\/([^/]+)\/([\w.-]+)$/);

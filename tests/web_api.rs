@@ -366,3 +366,44 @@ fn bin_and_sharded_weights_load_through_the_js_constructor() {
     let msg = message(build(index, Some("weights.pt"), &[]).err().unwrap());
     assert!(msg.contains("weights.pt"), "{msg}");
 }
+
+/// A file too big for one `ArrayBuffer` comes from JS in pieces (`env.maxPieceBytes`): the
+/// weights and each shard as arrays of `Uint8Array`s of uneven sizes — tensors straddle the
+/// seams, one piece is empty — load as the whole file does; anything else is an error naming it.
+#[wasm_bindgen_test]
+fn weights_in_pieces_load_as_the_whole_file() {
+    let fx = common::vit_gpt2();
+    let pieces = |bytes: &[u8]| -> JsValue {
+        let list = js_sys::Array::new();
+        let (mut at, mut i) = (0, 0);
+        while at < bytes.len() {
+            let n = [1, 0, 4093, 65536, 7, 100_003][i % 6].min(bytes.len() - at);
+            list.push(&Uint8Array::from(&bytes[at..at + n]));
+            at += n;
+            i += 1;
+        }
+        list.into()
+    };
+    let build = |weights: JsValue, name: &str, shards: &[(&str, &[u8])]| {
+        let arrays = js_sys::Array::new();
+        for (_, bytes) in shards {
+            arrays.push(&pieces(bytes));
+        }
+        let names = shards.iter().map(|(n, _)| n.to_string()).collect();
+        WasmCaptioner::new(fx.config, &weights, &fx.tokenizer, fx.preprocessor, None, None, None, Some(name.into()), Some(names), Some(arrays))
+    };
+    let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
+    let want = caption(&mut build(Uint8Array::from(fx.weights).into(), "model.safetensors", &[]).unwrap());
+    assert_eq!(caption(&mut build(pieces(fx.weights), "model.safetensors", &[]).unwrap()), want);
+    let bin = checkpoint("bin-f32/pytorch_model.bin");
+    assert_eq!(caption(&mut build(pieces(bin), "pytorch_model.bin", &[]).unwrap()), want);
+    let shards = [
+        ("model-00001-of-00003.safetensors", checkpoint("sharded-safetensors/model-00001-of-00003.safetensors")),
+        ("model-00002-of-00003.safetensors", checkpoint("sharded-safetensors/model-00002-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", checkpoint("sharded-safetensors/model-00003-of-00003.safetensors")),
+    ];
+    let index = checkpoint("sharded-safetensors/model.safetensors.index.json");
+    assert_eq!(caption(&mut build(pieces(index), "model.safetensors.index.json", &shards).unwrap()), want);
+    let msg = message(build(JsValue::from_str("weights"), "model.safetensors", &[]).err().unwrap());
+    assert!(msg.contains("model.safetensors") && msg.contains("Uint8Array"), "{msg}");
+}

@@ -124,6 +124,31 @@ test('pytorch_model.bin and sharded checkpoints load from a folder URL: the shar
   assert.match(error, /model-0000\d-of-00003\.safetensors/);
 });
 
+test('with env.maxPieceBytes below the file sizes, the weights arrive in pieces, go to the Cache API as a Blob and load again from it', async () => {
+  const want = reference.images['astronaut.png'].greedy_ids.slice(0, 8);
+  const r = await page.evaluate(async ({ model, image }) => {
+    const { Captioner, env, clearCache } = await import('/pkg/index.js');
+    await clearCache(model);
+    const saved = env.maxPieceBytes;
+    env.maxPieceBytes = 5003;
+    try {
+      const load = async () => {
+        let cached = false;
+        const c = await Captioner.fromPretrained(model, { onProgress: (e) => { if (e.file === 'pytorch_model.bin') cached = e.cached; } });
+        const ids = (await c.caption(image, { numBeams: 1, maxNewTokens: 8 }).result).tokenIds;
+        c.dispose();
+        return { ids, cached };
+      };
+      return [await load(), await load()];
+    } finally {
+      env.maxPieceBytes = saved;
+      await clearCache(model);
+    }
+  }, { model: `${base}/ckpt/bin-f32/`, image: `${base}/tests/fixtures/images/astronaut.png` });
+  assert.deepEqual(r.map((x) => x.ids), [want, want]);
+  assert.deepEqual(r.map((x) => x.cached), [false, true], 'the second load reads the cached Blob');
+});
+
 test('a hub id loads from remoteHost (env.remoteHost or the option), at a revision, through the fetch given', async () => {
   // tests/hub-server.mjs: the fixture folder as tiny/vit-gpt2, on another origin, as the hub is.
   const hub = await startHub({ 'tiny/vit-gpt2': { base: join(root, MODEL) } });

@@ -5,7 +5,7 @@
 // (tests/fixtures/reference/tiny-vit-gpt2.json).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, mkdtempSync, lstatSync, existsSync, rmSync } from 'node:fs';
+import { readFileSync, readdirSync, statSync, mkdtempSync, lstatSync, existsSync, rmSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { deflateSync } from 'node:zlib';
 import { tmpdir } from 'node:os';
@@ -152,4 +152,79 @@ test('a hub id downloads into the hub cache under HF_HOME, which a later load re
     env: { ...process.env, HF_HOME: home, HF_HUB_OFFLINE: '1' },
   });
   assert.deepEqual(JSON.parse(out.toString().split('\n')[0]).token_ids, want);
+});
+
+test('a file larger than env.maxPieceBytes reaches WASM in pieces, never one buffer, and captions the same', async () => {
+  const { _loadFiles } = await import(join(root, 'pkg/index.js'));
+  const { openAsBlob } = await import('node:fs');
+  const saved = env.maxPieceBytes;
+  env.maxPieceBytes = 4099;
+  const want = reference.images['astronaut.png'].greedy_ids;
+  try {
+    const files = new Map();
+    for (const f of readdirSync(MODEL)) files.set(f, await openAsBlob(join(MODEL, f)));
+    const { files: loaded } = await _loadFiles(files, undefined, { cache: false });
+    const whole = readFileSync(join(MODEL, 'model.safetensors'));
+    assert.ok(Array.isArray(loaded.weights) && loaded.weights.length === Math.ceil(whole.length / 4099), `${loaded.weights.length} pieces`);
+    assert.ok(loaded.weights.every((p) => p instanceof ArrayBuffer && p.byteLength <= 4099));
+    assert.ok(Buffer.concat(loaded.weights.map((p) => new Uint8Array(p))).equals(whole));
+    // From a folder (Blob slices), and a sharded f16 .bin checkpoint from a hub.
+    const c = await Captioner.fromPretrained(MODEL);
+    assert.deepEqual((await c.caption(image('astronaut.png'), greedy).result).tokenIds, want);
+    c.dispose();
+    // The f16 shards as one pytorch_model.bin, read whole: the ids the pieces must give.
+    env.maxPieceBytes = saved;
+    const single = new Map(files);
+    single.delete('model.safetensors');
+    single.set('pytorch_model.bin', await openAsBlob(join(root, 'tests/fixtures/checkpoints/bin-f16/pytorch_model.bin')));
+    const whole16 = await Captioner.fromPretrained(single);
+    const want16 = (await whole16.caption(image('astronaut.png'), greedy).result).tokenIds;
+    whole16.dispose();
+    env.maxPieceBytes = 4099;
+    const hub = await startHub({ 'tiny/vit-gpt2-bin-shards': { base: MODEL, weights: join(root, 'tests/fixtures/checkpoints/sharded-bin-f16') } });
+    const remote = env.remoteHost;
+    env.remoteHost = hub.url;
+    try {
+      // A hub id (its cached files sliced) and the same folder as a URL (bodies streamed).
+      for (const source of ['tiny/vit-gpt2-bin-shards', `${hub.url}tiny/vit-gpt2-bin-shards/resolve/main/`]) {
+        const f16 = await Captioner.fromPretrained(source);
+        assert.deepEqual((await f16.caption(image('astronaut.png'), greedy).result).tokenIds, want16, source);
+        f16.dispose();
+      }
+    } finally {
+      env.remoteHost = remote;
+      hub.server.close();
+    }
+  } finally {
+    env.maxPieceBytes = saved;
+  }
+  env.maxPieceBytes = 0;
+  await assert.rejects(Captioner.fromPretrained(MODEL), /maxPieceBytes/);
+  env.maxPieceBytes = saved;
+});
+
+test('a download that drops halfway fails, leaves nothing corrupt in the cache, and the next load resumes it', async () => {
+  const hub = await startHub({ 'tiny/vit-gpt2-drop': { base: MODEL, drop: ['model.safetensors'] } });
+  const saved = env.remoteHost;
+  env.remoteHost = hub.url;
+  const repo = join(home, 'hub', 'models--tiny--vit-gpt2-drop');
+  const commit = commitOf('tiny/vit-gpt2-drop');
+  try {
+    await assert.rejects(Captioner.fromPretrained('tiny/vit-gpt2-drop'), /model\.safetensors.*(dropped|got \d+ of \d+).*load again to resume/s);
+    const blobs = readdirSync(join(repo, 'blobs'));
+    const partial = blobs.filter((b) => b.endsWith('.incomplete'));
+    assert.equal(partial.length, 1, blobs.join(', '));
+    const size = statSync(join(repo, 'blobs', partial[0])).size;
+    assert.ok(size > 0 && size < statSync(join(MODEL, 'model.safetensors')).size, `${size} bytes kept`);
+    assert.ok(!existsSync(join(repo, 'snapshots', commit, 'model.safetensors')), 'no snapshot entry for a partial file');
+    const c = await Captioner.fromPretrained('tiny/vit-gpt2-drop');
+    assert.deepEqual((await c.caption(image('astronaut.png'), greedy).result).tokenIds, reference.images['astronaut.png'].greedy_ids);
+    c.dispose();
+    assert.ok(hub.requests.some((r) => r.range === `bytes=${size}-`), 'the second load asked for the rest only');
+    assert.ok(!readdirSync(join(repo, 'blobs')).some((b) => b.endsWith('.incomplete')));
+    assert.ok(readFileSync(join(repo, 'snapshots', commit, 'model.safetensors')).equals(readFileSync(join(MODEL, 'model.safetensors'))));
+  } finally {
+    env.remoteHost = saved;
+    hub.server.close();
+  }
 });
