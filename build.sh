@@ -36,6 +36,8 @@ setup() {
   command -v chromium >/dev/null || apt_missing+=(chromium)
   command -v chromedriver >/dev/null || apt_missing+=(chromium-driver)
   command -v wasm-opt >/dev/null || apt_missing+=(binaryen)
+  # Node.js ≥ 20: the JS package's tests, the page tests' driver and the test hub (tests/hub-server.mjs).
+  command -v node >/dev/null || apt_missing+=(nodejs npm)
   if [ ${#apt_missing[@]} -gt 0 ]; then
     log "installing ${apt_missing[*]} (apt)"
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo

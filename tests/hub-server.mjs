@@ -1,17 +1,20 @@
-// A local server that answers as the hub's resolve endpoint does, for the Node.js suite and the
-// page tests (CORS open, as the hub's is): each
+// A local server that answers as the hub's resolve endpoint does, for the CLI's tests
+// (tests/hub.rs runs it as `node tests/hub-server.mjs CONFIG`), the Node.js suite and the page
+// tests (CORS open, as the hub's is): each
 // repository is a fixture folder (with another folder's weights in place of its own, if given);
 // `/ORG/NAME/resolve/REVISION/FILE` → 200 with ETag and X-Repo-Commit, weights → 302 to a CDN
 // path that honours Range (206), 404 with X-Error-Code for what is not there. A repository's
 // `drop` files lose the connection halfway through their first download.
 import { createServer } from 'node:http';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export const commitOf = (id) => createHash('sha1').update(id).digest('hex');
 
-export function startHub(repos) {
+// `log`: a file that gets each request as a JSON line before it is answered.
+export function startHub(repos, { log } = {}) {
   const requests = [];
   const dropped = new Set();
   const fileOf = (repo, name) => {
@@ -25,7 +28,9 @@ export function startHub(repos) {
   };
   const server = createServer((req, res) => {
     res.setHeader('Access-Control-Allow-Origin', '*');
-    requests.push({ url: req.url, auth: req.headers.authorization, range: req.headers.range });
+    const request = { url: req.url, auth: req.headers.authorization, range: req.headers.range };
+    requests.push(request);
+    if (log) appendFileSync(log, `${JSON.stringify(request)}\n`);
     const cdn = req.url.match(/^\/cdn\/([\w-]+\/[\w.-]+)\/([\w.-]+)$/);
     if (cdn) {
       const path = repos[cdn[1]] && fileOf(repos[cdn[1]], cdn[2]);
@@ -60,4 +65,14 @@ export function startHub(repos) {
     res.writeHead(200, { ETag: etag, 'X-Repo-Commit': commit, 'Content-Length': String(bytes.length) }).end(bytes);
   });
   return new Promise((ok) => server.listen(0, '127.0.0.1', () => ok({ server, requests, url: `http://127.0.0.1:${server.address().port}/` })));
+}
+
+// As a program: CONFIG is JSON { repos, log }; prints { url, commits } as one line, and serves
+// until its stdin closes (the test that started it is done).
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  const { repos, log } = JSON.parse(process.argv[2]);
+  const { url } = await startHub(repos, { log });
+  const commits = Object.fromEntries(Object.keys(repos).map((id) => [id, commitOf(id)]));
+  process.stdout.write(`${JSON.stringify({ url, commits })}\n`);
+  process.stdin.on('end', () => process.exit(0)).resume();
 }

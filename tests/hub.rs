@@ -1,179 +1,89 @@
 //! Hub ids in the CLI against a local server that answers as the hub's `resolve` endpoint does
-//! (`X-Repo-Commit`, ETags, weights redirected to a CDN path, `Range` → 206, 404 with
-//! `X-Error-Code`), serving the committed fixtures as `tiny/*`: the files land in the standard
+//! (tests/hub-server.mjs, the one the Node.js suite and the page tests use: `X-Repo-Commit`,
+//! ETags, weights redirected to a CDN path, `Range` → 206, 404 with `X-Error-Code`), serving the
+//! committed fixtures as `tiny/*`: the files land in the standard
 //! cache layout, the captions are the local folder's, a second run needs no network, a dropped
 //! download resumes and leaves nothing corrupt, a local folder of the same name wins.
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// A repository: the files of `base`, with `weights` (a folder of tests/fixtures/checkpoints)
-/// in place of its model.safetensors.
-struct Repo {
-    id: &'static str,
-    base: &'static str,
-    weights: Option<&'static str>,
+/// The repositories: each the files of a fixture folder, with a folder of
+/// tests/fixtures/checkpoints in place of its model.safetensors; `tiny/vit-gpt2-drop` loses the
+/// connection halfway through its first model.safetensors download.
+fn repos() -> serde_json::Value {
+    let base = fixtures().join("tiny-vit-gpt2");
+    let weights = |w: &str| fixtures().join("checkpoints").join(w);
+    serde_json::json!({
+        "tiny/vit-gpt2": { "base": base },
+        "tiny/vit-gpt2-bin": { "base": base, "weights": weights("bin-f32") },
+        "tiny/vit-gpt2-sharded": { "base": base, "weights": weights("sharded-safetensors") },
+        "tiny/no-weights": { "base": base, "weights": weights("none") },
+        "tiny/vit-gpt2-drop": { "base": base, "drop": ["model.safetensors"] },
+    })
 }
 
-const REPOS: [Repo; 4] = [
-    Repo { id: "tiny/vit-gpt2", base: "tiny-vit-gpt2", weights: None },
-    Repo { id: "tiny/vit-gpt2-bin", base: "tiny-vit-gpt2", weights: Some("bin-f32") },
-    Repo { id: "tiny/vit-gpt2-sharded", base: "tiny-vit-gpt2", weights: Some("sharded-safetensors") },
-    Repo { id: "tiny/no-weights", base: "tiny-vit-gpt2", weights: Some("evil-none") },
-];
-
-fn commit_of(id: &str) -> String {
-    let h = fnv(id.as_bytes());
-    format!("{h:016x}{h:016x}{:08x}", h as u32)
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-fn file_of(repo: &Repo, name: &str) -> Option<PathBuf> {
-    if let Some(w) = repo.weights {
-        let own = fixtures().join("checkpoints").join(w).join(name);
-        if own.is_file() {
-            return Some(own);
-        }
-        if name == "model.safetensors" {
-            return None;
-        }
-    }
-    let path = fixtures().join(repo.base).join(name);
-    path.is_file().then_some(path)
-}
-
-#[derive(Default)]
-struct Seen {
-    /// "METHOD PATH [range] [auth]" of every request.
-    requests: Vec<String>,
-    /// CDN paths whose next answer stops halfway.
-    drop_next: HashSet<String>,
-}
-
+/// tests/hub-server.mjs — the hub the Node.js suite and the page tests use — as a child
+/// process, answering until this is dropped.
 struct Server {
     endpoint: String,
-    seen: Arc<Mutex<Seen>>,
+    commits: serde_json::Value,
+    log: PathBuf,
+    child: Child,
 }
 
 impl Server {
     fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let shared = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let seen = shared.clone();
-                std::thread::spawn(move || serve(stream, &seen));
-            }
-        });
-        Server { endpoint, seen }
+        let log = std::env::temp_dir().join(format!("wasmcap-hub-log-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_file(&log);
+        let config = serde_json::json!({ "repos": repos(), "log": log });
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hub-server.mjs");
+        let mut child = Command::new("node")
+            .arg(script)
+            .arg(config.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tests/hub-server.mjs needs Node.js (./build.sh test installs it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let started: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub-server.mjs said {line:?}: {e}"));
+        let endpoint = started["url"].as_str().unwrap().trim_end_matches('/').to_string();
+        Server { endpoint, commits: started["commits"].clone(), log, child }
     }
 
-    fn requests(&self) -> Vec<String> {
-        self.seen.lock().unwrap().requests.clone()
+    fn commit_of(&self, id: &str) -> String {
+        self.commits[id].as_str().unwrap().to_string()
+    }
+
+    /// Every request so far as `{ url, auth, range }`, in order (each logged before its answer).
+    fn requests(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.requests().iter().map(|r| r["url"].as_str().unwrap().to_string()).collect()
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
-    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
-    head.push_str("\r\n");
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
 }
 
-fn serve(mut stream: TcpStream, seen: &Mutex<Seen>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
-    let (mut range, mut auth) = (None, None);
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':').unwrap_or_default();
-        match k.trim().to_ascii_lowercase().as_str() {
-            "range" => range = v.trim().strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()),
-            "authorization" => auth = Some(v.trim().to_string()),
-            _ => {}
-        }
-    }
-    seen.lock().unwrap().requests.push(format!("{method} {path} {range:?} {auth:?}"));
-
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    // /cdn/ORG/NAME/FILE: the bytes, with Range.
-    if let ["cdn", org, name, file] = segments.as_slice() {
-        let id = format!("{org}/{name}");
-        let Some(bytes) = REPOS.iter().find(|r| r.id == id).and_then(|r| file_of(r, file)).map(|p| std::fs::read(p).unwrap()) else {
-            return respond(&mut stream, "404 Not Found", &[], b"");
-        };
-        let from = range.unwrap_or(0).min(bytes.len());
-        let body = &bytes[from..];
-        let mut headers = vec![("Content-Length", body.len().to_string()), ("Accept-Ranges", "bytes".to_string())];
-        let status = if range.is_some() {
-            headers.push(("Content-Range", format!("bytes {from}-{}/{}", bytes.len().saturating_sub(1), bytes.len())));
-            "206 Partial Content"
-        } else {
-            "200 OK"
-        };
-        if seen.lock().unwrap().drop_next.remove(&path) {
-            // The connection drops halfway through the body.
-            return respond(&mut stream, status, &headers, &body[..body.len() / 2]);
-        }
-        return respond(&mut stream, status, &headers, body);
-    }
-    // /ORG/NAME/resolve/REVISION/FILE
-    let (id, revision, file) = match segments.as_slice() {
-        [org, name, "resolve", revision, file] => (format!("{org}/{name}"), revision.to_string(), file.to_string()),
-        _ => return respond(&mut stream, "404 Not Found", &[], b"not a hub path"),
-    };
-    let Some(repo) = REPOS.iter().find(|r| r.id == id) else {
-        return respond(&mut stream, "401 Unauthorized", &[("X-Error-Code", "RepositoryNotFound".into())], b"");
-    };
-    let commit = commit_of(&id);
-    if revision != "main" && revision != commit {
-        return respond(&mut stream, "404 Not Found", &[("X-Error-Code", "RevisionNotFound".into())], b"");
-    }
-    let Some(file_path) = file_of(repo, &file) else {
-        return respond(&mut stream, "404 Not Found", &[("X-Error-Code", "EntryNotFound".into()), ("X-Repo-Commit", commit)], b"");
-    };
-    let bytes = std::fs::read(file_path).unwrap();
-    let etag = format!("{:016x}{:016x}", fnv(&bytes), fnv(file.as_bytes()));
-    if file.ends_with(".safetensors") || file.ends_with(".bin") {
-        // Large files: the hub answers with a redirect to its CDN.
-        let headers = [
-            ("Location", format!("/cdn/{id}/{file}")),
-            ("X-Repo-Commit", commit),
-            ("X-Linked-Etag", format!("\"{etag}\"")),
-            ("X-Linked-Size", bytes.len().to_string()),
-            ("Content-Length", "0".into()),
-        ];
-        return respond(&mut stream, "302 Found", &headers, b"");
-    }
-    let from = range.unwrap_or(0).min(bytes.len());
-    let headers = [("ETag", format!("\"{etag}\"")), ("X-Repo-Commit", commit), ("Content-Length", (bytes.len() - from).to_string())];
-    respond(&mut stream, if range.is_some() { "206 Partial Content" } else { "200 OK" }, &headers, &bytes[from..]);
-}
+static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wasmcap-hub-{name}-{}", std::process::id()));
@@ -226,8 +136,7 @@ fn hub_ids_caption_as_their_folders_do_then_work_offline_from_the_cache() {
     }
     // Only what the loader needs was asked for: weights in transformers' order (stopping at the
     // first found), the tokenizer files, the processor and generation configs.
-    let asked: HashSet<String> =
-        server.requests().iter().filter_map(|r| r.split_whitespace().nth(1)?.split("/resolve/main/").nth(1).map(str::to_string)).collect();
+    let asked: HashSet<String> = server.urls().iter().filter_map(|u| u.split("/resolve/main/").nth(1).map(str::to_string)).collect();
     let allowed = [
         "config.json",
         "model.safetensors",
@@ -245,12 +154,12 @@ fn hub_ids_caption_as_their_folders_do_then_work_offline_from_the_cache() {
         "generation_config.json",
     ];
     assert!(asked.iter().all(|f| allowed.contains(&f.as_str())), "{asked:?}");
-    assert!(!server.requests().iter().any(|r| r.contains("vit-gpt2-bin/resolve/main/pytorch_model.bin.index.json")), "stops at the first weights");
+    assert!(!server.urls().iter().any(|u| u.contains("vit-gpt2-bin/resolve/main/pytorch_model.bin.index.json")), "stops at the first weights");
 
     // The hub cache layout huggingface_hub and transformers read.
     let repo = home.join("hub/models--tiny--vit-gpt2-sharded");
     let commit = std::fs::read_to_string(repo.join("refs/main")).unwrap();
-    assert_eq!(commit, commit_of("tiny/vit-gpt2-sharded"));
+    assert_eq!(commit, server.commit_of("tiny/vit-gpt2-sharded"));
     let pointer = repo.join("snapshots").join(&commit).join("model-00002-of-00003.safetensors");
     assert!(std::fs::symlink_metadata(&pointer).unwrap().file_type().is_symlink());
     assert_eq!(
@@ -266,12 +175,13 @@ fn revisions_tokens_and_the_cache_folder_follow_the_environment() {
     let want = local_ids();
     let home = scratch("env");
     let elsewhere = home.join("elsewhere");
-    let id = format!("tiny/vit-gpt2@{}", commit_of("tiny/vit-gpt2"));
+    let id = format!("tiny/vit-gpt2@{}", server.commit_of("tiny/vit-gpt2"));
     let env = [("HF_HUB_CACHE", elsewhere.to_str().unwrap()), ("HF_TOKEN", "hf_secret")];
     assert_eq!(ids(&caption(&id, &server.endpoint, &home, &env, None)), want);
-    assert!(elsewhere.join("models--tiny--vit-gpt2/snapshots").join(commit_of("tiny/vit-gpt2")).join("config.json").exists());
+    assert!(elsewhere.join("models--tiny--vit-gpt2/snapshots").join(server.commit_of("tiny/vit-gpt2")).join("config.json").exists());
     assert!(!home.join("hub").exists(), "HF_HUB_CACHE, not HF_HOME/hub");
-    assert!(server.requests().iter().all(|r| r.contains("Bearer hf_secret")), "the token goes with every request to the hub");
+    // The CDN it redirects to is the same host here, so every request carries it.
+    assert!(server.requests().iter().all(|r| r["auth"] == "Bearer hf_secret"), "the token goes with every request to the hub");
 }
 
 #[test]
@@ -303,11 +213,10 @@ fn a_dropped_download_resumes_and_leaves_nothing_corrupt() {
     let server = Server::start();
     let want = local_ids();
     let home = scratch("drop");
-    server.seen.lock().unwrap().drop_next.insert("/cdn/tiny/vit-gpt2/model.safetensors".into());
-    let out = caption("tiny/vit-gpt2", &server.endpoint, &home, &[], None);
+    let out = caption("tiny/vit-gpt2-drop", &server.endpoint, &home, &[], None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("run again"), "{stderr}");
-    let repo = home.join("hub/models--tiny--vit-gpt2");
+    let repo = home.join("hub/models--tiny--vit-gpt2-drop");
     let blobs: Vec<String> = std::fs::read_dir(repo.join("blobs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     let size = std::fs::metadata(fixtures().join("tiny-vit-gpt2/model.safetensors")).unwrap().len();
     for b in &blobs {
@@ -315,11 +224,12 @@ fn a_dropped_download_resumes_and_leaves_nothing_corrupt() {
         assert!(b.ends_with(".incomplete") || len != size / 2, "{b}: a partial file under a final name");
     }
     assert!(blobs.iter().any(|b| b.ends_with(".incomplete")), "{blobs:?}");
-    let commit = commit_of("tiny/vit-gpt2");
+    let commit = server.commit_of("tiny/vit-gpt2-drop");
     assert!(!repo.join("snapshots").join(&commit).join("model.safetensors").exists());
     // The next run resumes where the bytes stopped.
-    assert_eq!(ids(&caption("tiny/vit-gpt2", &server.endpoint, &home, &[], None)), want);
-    assert!(server.requests().iter().any(|r| r.starts_with("GET /cdn/tiny/vit-gpt2/model.safetensors Some(")), "a Range request resumed it");
+    assert_eq!(ids(&caption("tiny/vit-gpt2-drop", &server.endpoint, &home, &[], None)), want);
+    let resumed = server.requests().iter().any(|r| r["url"] == "/cdn/tiny/vit-gpt2-drop/model.safetensors" && r["range"].is_string());
+    assert!(resumed, "a Range request resumed it: {:?}", server.requests());
     assert!(!std::fs::read_dir(repo.join("blobs")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".incomplete")));
 }
 
@@ -335,5 +245,5 @@ fn a_local_folder_of_the_same_name_wins() {
         std::fs::copy(&path, folder.join(path.file_name().unwrap())).unwrap();
     }
     assert_eq!(ids(&caption("tiny/vit-gpt2", &server.endpoint, &cwd, &[], Some(&cwd))), want);
-    assert!(server.requests().is_empty(), "{:?}", server.requests());
+    assert!(server.requests().is_empty(), "{:?}", server.urls());
 }
