@@ -17,7 +17,12 @@ use crate::models::linear::Linear;
 use crate::tokenizer::CaptionTokenizer;
 
 /// The families `config.json` can name, by `model_type`.
-pub const FAMILIES: &[&Family] = &[&crate::models::vision_encoder_decoder::FAMILY, &crate::models::llava::FAMILY];
+pub const FAMILIES: &[&Family] = &[
+    &crate::models::vision_encoder_decoder::FAMILY,
+    &crate::models::llava::FAMILY,
+    &crate::models::idefics3::FAMILY,
+    &crate::models::idefics3::SMOLVLM,
+];
 
 /// One family of the registry.
 pub struct Family {
@@ -31,8 +36,31 @@ pub struct Family {
     /// Reads `config.json` (a refusal says why, and is reported as a config error) and gives the
     /// function that builds the model from its weights.
     pub config: fn(&serde_json::Value) -> std::result::Result<Builder, String>,
-    /// How the trainer composes, lays out and saves this family.
-    pub training: &'static dyn Training,
+    /// How the trainer composes, lays out and saves this family (`None`: not trained here yet).
+    pub training: Option<&'static dyn Training>,
+}
+
+impl Family {
+    /// The trainer's recipe, or an error saying this family has none.
+    pub fn recipe(&self) -> Result<&'static dyn Training> {
+        self.training.ok_or_else(|| {
+            let known: Vec<_> = FAMILIES.iter().filter(|f| f.training.is_some()).map(|f| format!("{:?}", f.model_type)).collect();
+            crate::Error::config(
+                crate::loading::CONFIG,
+                format!("the trainer does not train model_type {:?} yet (it trains {})", self.model_type, known.join(", ")),
+            )
+        })
+    }
+}
+
+/// What a family's processor turns into the decoder's first input: the user's prompt (if any)
+/// for an image cut into `grid`, with the folder's tokenizer, chat template and generation config.
+pub struct PromptInputs<'a> {
+    pub tokenizer: &'a CaptionTokenizer,
+    pub chat_template: Option<&'a crate::chat::ChatTemplate>,
+    pub generation: &'a GenerationDefaults,
+    pub prompt: Option<&'a str>,
+    pub grid: crate::preprocess::Grid,
 }
 
 /// Builds a model from its weights (`VarBuilder` errors name the tensor and shapes).
@@ -54,8 +82,8 @@ pub fn family_for_arch(name: &str) -> std::result::Result<&'static Family, Strin
     FAMILIES
         .iter()
         .copied()
-        .find(|f| f.training.arch() == name)
-        .ok_or_else(|| unsupported("--arch", Some(name), FAMILIES.iter().map(|f| f.training.arch())))
+        .find(|f| f.training.is_some_and(|t| t.arch() == name))
+        .ok_or_else(|| unsupported("--arch", Some(name), FAMILIES.iter().filter_map(|f| f.training.map(|t| t.arch()))))
 }
 
 /// "`key` "found" is not supported; supported: "a", "b"" — what a registry says of a type it lacks.
@@ -82,10 +110,10 @@ pub trait Architecture: Send + Sync {
     /// What transformers calls the decoder's `input_ids` before generation: the start token of an
     /// encoder–decoder, the expanded image tokens and prompt of a prefix model. A prompt the
     /// family cannot take is an error.
-    fn input_ids(&self, tokenizer: &CaptionTokenizer, prompt: Option<&str>, generation: &GenerationDefaults) -> Result<Vec<u32>>;
+    fn input_ids(&self, inputs: &PromptInputs<'_>) -> Result<Vec<u32>>;
 
-    /// Decoding state for every image of `conditioning` (from [`Architecture::encode`]), each
-    /// starting from `input_ids`.
+    /// Decoding state for every image of `conditioning` (from [`Architecture::encode`]; a tiling
+    /// family's tiles, each image's in a row), each starting from `input_ids`.
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> candle_core::Result<Box<dyn DecodeState>>;
 
     /// Logits [rows, vocab] of every row's next position; advances the state by what it was fed.

@@ -3,11 +3,12 @@
 
 use candle_core::{IndexOp, Tensor};
 
-use crate::architecture::{self, Architecture, DecodeState};
+use crate::architecture::{self, Architecture, DecodeState, PromptInputs};
 use crate::beam::{log_softmax, BeamSearch, EarlyStopping, Hypothesis};
+use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::loading::{self, GenerationDefaults, ModelFiles};
-use crate::preprocess::{self, PreprocessorConfig};
+use crate::preprocess::{self, Grid, ImageBatch, Pixels, PreprocessorConfig};
 use crate::sampling::{self, Rng, SamplingOptions};
 use crate::tokenizer::{CaptionTokenizer, TextStream};
 
@@ -15,6 +16,8 @@ pub struct Captioner {
     /// A family of `crate::architecture::FAMILIES`, chosen by `config.json`'s `model_type`.
     model: Box<dyn Architecture>,
     tokenizer: CaptionTokenizer,
+    /// The folder's chat template, for families whose processor renders one.
+    chat_template: Option<ChatTemplate>,
     preprocessor: PreprocessorConfig,
     generation: GenerationDefaults,
 }
@@ -170,10 +173,11 @@ impl Captioner {
         let generation = GenerationDefaults::resolve(generation.as_ref(), &config, family.decoder_section)?;
         let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
-        let mut captioner = Self { model, tokenizer, preprocessor, generation };
+        let chat_template = files.chat_template.map(|(file, bytes)| ChatTemplate::from_file(file, bytes)).transpose()?;
+        let mut captioner = Self { model, tokenizer, chat_template, preprocessor, generation };
         // A model that cannot start decoding (no start token, an image token missing from the
         // vocabulary) is refused now rather than at its first caption.
-        captioner.model.input_ids(&captioner.tokenizer, None, &captioner.generation)?;
+        captioner.prompt_ids(None)?;
         if q8_0 {
             captioner.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0)?;
         }
@@ -245,13 +249,14 @@ impl Captioner {
         self.generation.beams.searches()
     }
 
-    /// Encoded image bytes (PNG/JPEG) → pixel values [1, 3, H, W].
-    pub fn pixel_values_from_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
+    /// Encoded image bytes (PNG/JPEG) → pixel values [tiles, 3, H, W] (one tile unless the
+    /// processor splits images) and the image's tile grid.
+    pub fn pixel_values_from_bytes(&self, bytes: &[u8]) -> Result<Pixels> {
         self.preprocessor.preprocess(&preprocess::decode_image(bytes)?)
     }
 
-    /// Raw RGBA pixels (what a canvas gives) → pixel values [1, 3, H, W].
-    pub fn pixel_values_from_rgba(&self, rgba: &[u8], width: u32, height: u32) -> Result<Tensor> {
+    /// Raw RGBA pixels (what a canvas gives) → pixel values, as [`Captioner::pixel_values_from_bytes`].
+    pub fn pixel_values_from_rgba(&self, rgba: &[u8], width: u32, height: u32) -> Result<Pixels> {
         self.preprocessor.preprocess(&preprocess::rgba_to_rgb(rgba, width, height)?)
     }
 
@@ -273,36 +278,78 @@ impl Captioner {
         Ok(self.model.encode(pixel_values)?)
     }
 
-    /// The decoder's input before generation: the start token, or (prefix models) the ids
-    /// `LlavaProcessor` makes of `"<image>" + prompt`.
+    /// The decoder's input before generation for an image of one tile: the start token, or
+    /// (prefix models) the ids their processor makes of the image and `prompt`.
     pub fn prompt_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
-        self.model.input_ids(&self.tokenizer, prompt, &self.generation)
+        self.prompt_ids_for(prompt, Grid::WHOLE)
+    }
+
+    /// [`Captioner::prompt_ids`] for an image cut into `grid`.
+    pub fn prompt_ids_for(&self, prompt: Option<&str>, grid: Grid) -> Result<Vec<u32>> {
+        self.model.input_ids(&self.prompt_inputs(prompt, grid))
+    }
+
+    fn prompt_inputs<'a>(&'a self, prompt: Option<&'a str>, grid: Grid) -> PromptInputs<'a> {
+        PromptInputs { tokenizer: &self.tokenizer, chat_template: self.chat_template.as_ref(), generation: &self.generation, prompt, grid }
+    }
+
+    /// The one grid of a batch's images; images cut differently have prompts of other lengths
+    /// and decode in separate runs (`caption_many` and `beam_search_many` group them).
+    fn one_grid(pixels: &Pixels) -> Result<Grid> {
+        let grid = pixels.grids().first().copied().unwrap_or_default();
+        if pixels.grids().iter().any(|&g| g != grid) {
+            return Err(Error::Image(format!(
+                "images cut into different tile grids ({:?}) cannot share one run: caption them one by one, or with caption_many",
+                pixels.grids()
+            )));
+        }
+        Ok(grid)
+    }
+
+    /// The images of `pixels` grouped by tile grid (indices into `pixels`, and their pixels):
+    /// one group when every image is cut alike.
+    fn by_grid(pixels: &Pixels) -> Result<Vec<(Vec<usize>, Pixels)>> {
+        let mut groups: Vec<(Grid, Vec<usize>)> = Vec::new();
+        for (i, &g) in pixels.grids().iter().enumerate() {
+            match groups.iter_mut().find(|(grid, _)| *grid == g) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((g, vec![i])),
+            }
+        }
+        if groups.len() <= 1 {
+            return Ok(vec![((0..pixels.len()).collect(), pixels.clone())]);
+        }
+        groups.into_iter().map(|(_, members)| Ok((members.clone(), pixels.select(&members)?))).collect()
     }
 
     /// Runs the encoder on one image and prepares decoding; then call [`Captioner::next_token`]
     /// until it returns `None`.
-    pub fn start(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
-        if pixel_values.dims().first() != Some(&1) {
+    pub fn start(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions) -> Result<CaptionRun> {
+        let pixels = pixel_values.to_pixels();
+        if pixels.len() != 1 {
             return Err(Error::Image(format!(
-                "start takes one image (pixel values [1, 3, H, W]), got {:?}; caption several with caption_many",
-                pixel_values.dims()
+                "start takes one image (pixel values [1, 3, H, W]), got {} images {:?}; caption several with caption_many",
+                pixels.len(),
+                pixels.dims()
             )));
         }
-        self.start_many(pixel_values, options)
+        self.start_many(&pixels, options)
     }
 
-    /// Runs the encoder on a batch of images (pixel values [N, 3, H, W]) at once and prepares
-    /// decoding them together; then call [`Captioner::step`] until it returns no events.
-    pub fn start_many(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<CaptionRun> {
+    /// Runs the encoder on a batch of images cut alike (pixel values [N, 3, H, W], or the tiles
+    /// of N images of one grid) at once and prepares decoding them together; then call
+    /// [`Captioner::step`] until it returns no events.
+    pub fn start_many(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions) -> Result<CaptionRun> {
         let started_ms = now_ms();
         options.sampling.validate()?;
+        let pixels = pixel_values.to_pixels();
         // Before the encoder runs: a prompt the model cannot take is refused here.
-        let prompt_ids = self.prompt_ids(options.prompt.as_deref())?;
-        let conditioning = self.encode(pixel_values)?;
+        let prompt_ids = self.prompt_ids_for(options.prompt.as_deref(), Self::one_grid(&pixels)?)?;
+        let conditioning = self.encode(pixels.values())?;
         // The image encoder alone (with a prefix model's projector), as documented; GPT-2's
         // cross-attention keys/values are decoder work and count toward the first token.
         let encoder_ms = now_ms() - started_ms;
-        let n = conditioning.dim(0)?;
+        let n = pixels.len();
         let state = self.model.start(conditioning, &prompt_ids)?;
         let (seen, positions) = (prompt_ids, self.model.max_positions());
         let fallback = self.model.default_max_new_tokens();
@@ -337,7 +384,7 @@ impl Captioner {
     }
 
     /// Logits [vocab] of the first generated position — what the fidelity tests compare.
-    pub fn first_step_logits(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Tensor> {
+    pub fn first_step_logits(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions) -> Result<Tensor> {
         let mut run = self.start(pixel_values, &CaptionOptions { max_new_tokens: Some(1), ..options.clone() })?;
         Ok(self.state_logits(&mut run.state)?.i(0)?)
     }
@@ -349,7 +396,7 @@ impl Captioner {
 
     /// Beam search as transformers' `generate(num_beams=…)`: the `num_return_sequences` best
     /// hypotheses (new tokens, EOS included when reached) with their scores.
-    pub fn beam_search(&self, pixel_values: &Tensor, options: &CaptionOptions, beams: &BeamOptions) -> Result<Vec<Hypothesis>> {
+    pub fn beam_search(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions, beams: &BeamOptions) -> Result<Vec<Hypothesis>> {
         self.beam_search_streaming(pixel_values, options, beams, |_| {})
     }
 
@@ -357,30 +404,50 @@ impl Captioner {
     /// running hypothesis so far — provisional: the final best may be another beam.
     pub fn beam_search_streaming(
         &self,
-        pixel_values: &Tensor,
+        pixel_values: &(impl ImageBatch + ?Sized),
         options: &CaptionOptions,
         beams: &BeamOptions,
         mut on_provisional: impl FnMut(&[u32]),
     ) -> Result<Vec<Hypothesis>> {
-        if pixel_values.dims().first() != Some(&1) {
-            return Err(Error::Image(format!("beam_search takes one image, got pixel values {:?}; use beam_search_many", pixel_values.dims())));
+        let pixels = pixel_values.to_pixels();
+        if pixels.len() != 1 {
+            return Err(Error::Image(format!("beam_search takes one image, got pixel values {:?}; use beam_search_many", pixels.dims())));
         }
-        let mut all = self.beam_search_many(pixel_values, options, beams, |_, best| on_provisional(best))?;
+        let mut all = self.beam_search_many(&pixels, options, beams, |_, best| on_provisional(best))?;
         Ok(all.pop().unwrap_or_default())
     }
 
     /// Beam search over a batch of images (pixel values [N, 3, H, W]): one encoder pass, and
-    /// every image's beams decoded as rows of one batch. Per image, the same hypotheses as
-    /// [`Captioner::beam_search`]; `on_provisional(image, best)` after every step.
+    /// every image's beams decoded as rows of one batch (images cut into different tile grids:
+    /// one batch per grid). Per image, the same hypotheses as [`Captioner::beam_search`];
+    /// `on_provisional(image, best)` after every step.
     pub fn beam_search_many(
         &self,
-        pixel_values: &Tensor,
+        pixel_values: &(impl ImageBatch + ?Sized),
         options: &CaptionOptions,
         beams: &BeamOptions,
         mut on_provisional: impl FnMut(usize, &[u32]),
     ) -> Result<Vec<Vec<Hypothesis>>> {
         beams.validate()?;
-        let mut run = self.start_many(pixel_values, options)?;
+        let pixels = pixel_values.to_pixels();
+        let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); pixels.len()];
+        for (members, group) in Self::by_grid(&pixels)? {
+            let found = self.beam_search_batch(&group, options, beams, |i, best| on_provisional(members[i], best))?;
+            for (i, hypotheses) in members.into_iter().zip(found) {
+                out[i] = hypotheses;
+            }
+        }
+        Ok(out)
+    }
+
+    fn beam_search_batch(
+        &self,
+        pixels: &Pixels,
+        options: &CaptionOptions,
+        beams: &BeamOptions,
+        mut on_provisional: impl FnMut(usize, &[u32]),
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        let mut run = self.start_many(pixels, options)?;
         let k = beams.num_beams;
         let mut searches = (0..run.rows.len())
             .map(|_| BeamSearch::new(k, beams.length_penalty, beams.early_stopping, run.max_new_tokens, run.eos.clone()))
@@ -511,7 +578,12 @@ impl Captioner {
     }
 
     /// Captions one image, calling `on_token` as each token is produced.
-    pub fn caption(&self, pixel_values: &Tensor, options: &CaptionOptions, mut on_token: impl FnMut(&TokenEvent)) -> Result<Caption> {
+    pub fn caption(
+        &self,
+        pixel_values: &(impl ImageBatch + ?Sized),
+        options: &CaptionOptions,
+        mut on_token: impl FnMut(&TokenEvent),
+    ) -> Result<Caption> {
         let mut run = self.start(pixel_values, options)?;
         while let Some(event) = self.next_token(&mut run)? {
             on_token(&event);
@@ -520,25 +592,33 @@ impl Captioner {
     }
 
     /// Captions a batch of images (pixel values [N, 3, H, W]): one encoder pass, decoded
-    /// together; `on_token(image, event)` as tokens come. The same captions as one by one.
+    /// together (images cut into different tile grids: one batch per grid); `on_token(image,
+    /// event)` as tokens come. The same captions as one by one.
     pub fn caption_many(
         &self,
-        pixel_values: &Tensor,
+        pixel_values: &(impl ImageBatch + ?Sized),
         options: &CaptionOptions,
         mut on_token: impl FnMut(usize, &TokenEvent),
     ) -> Result<Vec<Caption>> {
-        let mut run = self.start_many(pixel_values, options)?;
-        loop {
-            let events = self.step(&mut run)?;
-            if events.is_empty() {
-                break;
+        let pixels = pixel_values.to_pixels();
+        let mut out: Vec<Option<Caption>> = vec![None; pixels.len()];
+        for (members, group) in Self::by_grid(&pixels)? {
+            let mut run = self.start_many(&group, options)?;
+            loop {
+                let events = self.step(&mut run)?;
+                if events.is_empty() {
+                    break;
+                }
+                for (i, event) in &events {
+                    on_token(members[*i], event);
+                }
             }
-            for (i, event) in &events {
-                on_token(*i, event);
+            // The batch's clock: total time is when the last caption finished.
+            for (slot, &i) in members.iter().enumerate() {
+                out[i] = Some(self.finish_caption(&run, slot));
             }
         }
-        // The batch's clock: total time is when the last caption finished.
-        Ok((0..run.rows.len()).map(|i| self.finish_caption(&run, i)).collect())
+        Ok(out.into_iter().flatten().collect())
     }
 }
 

@@ -8,6 +8,7 @@ pub mod architecture;
 pub mod beam;
 pub mod bench;
 pub mod captioner;
+pub mod chat;
 pub mod error;
 pub mod generation;
 #[cfg(not(target_arch = "wasm32"))]

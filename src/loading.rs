@@ -24,6 +24,8 @@ pub const GPT2_VOCAB: &str = "vocab.json";
 pub const GPT2_MERGES: &str = "merges.txt";
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
+/// Where a processor's chat template lives, in transformers' order.
+pub const CHAT_TEMPLATE_FILES: [&str; 2] = [crate::chat::CHAT_TEMPLATE_JINJA, crate::chat::CHAT_TEMPLATE_JSON];
 
 /// The files of a model folder, borrowed: the caller owns the bytes (a `Vec` read from disk, or
 /// memory handed over by JS), so nothing is copied before parsing.
@@ -40,6 +42,9 @@ pub struct ModelFiles<'a> {
     pub tokenizer: &'a [u8],
     pub preprocessor: &'a [u8],
     pub generation: Option<&'a [u8]>,
+    /// The processor's chat template: the file it came from (one of [`CHAT_TEMPLATE_FILES`]) and
+    /// its bytes.
+    pub chat_template: Option<(&'static str, &'a [u8])>,
     /// A PEFT LoRA adapter to merge into the weights at load time.
     pub adapter: Option<crate::lora::AdapterFiles<'a>>,
 }
@@ -54,6 +59,7 @@ pub struct OwnedModelFiles {
     pub tokenizer: Vec<u8>,
     pub preprocessor: Vec<u8>,
     pub generation: Option<Vec<u8>>,
+    pub chat_template: Option<(&'static str, Vec<u8>)>,
     /// `adapter_config.json` and `adapter_model.safetensors`.
     pub adapter: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -163,6 +169,13 @@ impl OwnedModelFiles {
         let config = read(CONFIG)?;
         let (weights_name, weights, shards) = read_weights(dir)?;
         let generation = read_optional(dir, GENERATION)?;
+        let mut chat_template = None;
+        for name in CHAT_TEMPLATE_FILES {
+            if let Some(bytes) = read_optional(dir, name)? {
+                chat_template = Some((name, bytes));
+                break;
+            }
+        }
         Ok(Self {
             config,
             weights,
@@ -171,6 +184,7 @@ impl OwnedModelFiles {
             tokenizer: read_tokenizer(dir)?,
             preprocessor: read(PREPROCESSOR)?,
             generation,
+            chat_template,
             adapter: None,
         })
     }
@@ -192,6 +206,7 @@ impl OwnedModelFiles {
             tokenizer: &self.tokenizer,
             preprocessor: &self.preprocessor,
             generation: self.generation.as_deref(),
+            chat_template: self.chat_template.as_ref().map(|(name, bytes)| (*name, bytes.as_slice())),
             adapter: self.adapter.as_ref().map(|(config, weights)| crate::lora::AdapterFiles { config, weights }),
         }
     }

@@ -37,6 +37,136 @@ pub const CONFIG_FILE: &str = "preprocessor_config.json";
 /// Largest output side accepted from `size` (a 4096² image is already 200 MB of f32).
 pub const MAX_OUTPUT_SIDE: u32 = 4096;
 
+/// How an image was cut into tiles: `rows` × `cols` tiles plus a global one, or (0 × 0) one tile,
+/// the whole image — what `Idefics3ImageProcessor` returns as `rows` / `cols`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Grid {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Grid {
+    /// One tile, the whole image (every processor but a splitting one).
+    pub const WHOLE: Grid = Grid { rows: 0, cols: 0 };
+
+    pub fn tiles(self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            1
+        } else {
+            self.rows * self.cols + 1
+        }
+    }
+}
+
+/// Pixel values of a batch of images: every image's tiles stacked, `[tiles, C, H, W]`, and each
+/// image's [`Grid`]. It derefs to the tensor.
+#[derive(Debug, Clone)]
+pub struct Pixels {
+    values: Tensor,
+    grids: Vec<Grid>,
+}
+
+impl Pixels {
+    /// Pixel values [N, C, H, W] of N images of one tile each.
+    pub fn whole(values: Tensor) -> Self {
+        let n = values.dims().first().copied().unwrap_or(0);
+        Self { values, grids: vec![Grid::WHOLE; n] }
+    }
+
+    /// Tiles [T, C, H, W] and the grid of each image they belong to, in order (the tiles must add up).
+    pub fn tiled(values: Tensor, grids: Vec<Grid>) -> Result<Self> {
+        let tiles: usize = grids.iter().map(|g| g.tiles()).sum();
+        if values.dims().first() != Some(&tiles) {
+            return Err(Error::Image(format!("pixel values {:?} for images of {tiles} tiles in all", values.dims())));
+        }
+        Ok(Self { values, grids })
+    }
+
+    /// The images of `parts`, in order.
+    pub fn cat(parts: &[Pixels]) -> Result<Self> {
+        let values = Tensor::cat(&parts.iter().map(|p| &p.values).collect::<Vec<_>>(), 0)?;
+        Self::tiled(values, parts.iter().flat_map(|p| p.grids.iter().copied()).collect())
+    }
+
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    pub fn grids(&self) -> &[Grid] {
+        &self.grids
+    }
+
+    /// How many images.
+    pub fn len(&self) -> usize {
+        self.grids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grids.is_empty()
+    }
+
+    /// The images `which`, in that order.
+    pub fn select(&self, which: &[usize]) -> Result<Self> {
+        let mut starts = Vec::with_capacity(self.grids.len());
+        let mut at = 0;
+        for g in &self.grids {
+            starts.push(at);
+            at += g.tiles();
+        }
+        let mut parts = Vec::with_capacity(which.len());
+        for &i in which {
+            let grid = *self.grids.get(i).ok_or_else(|| Error::Image(format!("no image {i} of {}", self.grids.len())))?;
+            parts.push(Self { values: self.values.narrow(0, starts[i], grid.tiles())?, grids: vec![grid] });
+        }
+        Self::cat(&parts)
+    }
+}
+
+impl std::ops::Deref for Pixels {
+    type Target = Tensor;
+
+    fn deref(&self) -> &Tensor {
+        &self.values
+    }
+}
+
+/// Pixel values as the captioner takes them: a [`Pixels`], or a tensor [N, C, H, W] of N
+/// one-tile images.
+pub trait ImageBatch {
+    fn to_pixels(&self) -> Pixels;
+}
+
+impl ImageBatch for Tensor {
+    fn to_pixels(&self) -> Pixels {
+        Pixels::whole(self.clone())
+    }
+}
+
+impl ImageBatch for Pixels {
+    fn to_pixels(&self) -> Pixels {
+        self.clone()
+    }
+}
+
+/// `Idefics3ImageProcessor`'s resizing and splitting: the longest edge to `longest_edge`, then
+/// (splitting) up to multiples of `tile`, cut into `tile`² tiles plus the whole image at `tile`²;
+/// (not splitting) the whole image at `tile`².
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tiling {
+    /// `size.longest_edge`.
+    pub longest_edge: u32,
+    /// `max_image_size.longest_edge`: the encoder's input side.
+    pub tile: u32,
+    /// `do_image_splitting`.
+    pub split: bool,
+}
+
+/// transformers' cap on a resized image's side (`MAX_IMAGE_SIZE`).
+const IDEFICS3_MAX_IMAGE_SIZE: u32 = 4096;
+
+/// Split tiles one image may make (SmolVLM's largest split is 4 × 4).
+const MAX_TILES: u32 = 1024;
+
 // ------------------------------------------------------------------------------------ config
 
 /// PIL resampling filters, numbered as in `PIL.Image.Resampling` (the `resample` field).
@@ -108,6 +238,8 @@ pub struct PreprocessorConfig {
     pub image_std: [f32; 3],
     /// Read but ignored: images are always converted to RGB.
     pub do_convert_rgb: Option<bool>,
+    /// A splitting processor's (`Idefics3ImageProcessor`) sizes; `size` is then its tile.
+    pub tiling: Option<Tiling>,
 }
 
 impl Default for PreprocessorConfig {
@@ -122,6 +254,7 @@ impl Default for PreprocessorConfig {
             image_mean: [0.5; 3],
             image_std: [0.5; 3],
             do_convert_rgb: None,
+            tiling: None,
         }
     }
 }
@@ -165,6 +298,26 @@ struct RawPreprocessorConfig {
     do_center_crop: Option<bool>,
     #[serde(default)]
     do_pad: Option<bool>,
+    // Idefics3ImageProcessor's.
+    #[serde(default)]
+    max_image_size: Option<serde_json::Value>,
+    #[serde(default)]
+    do_image_splitting: Option<bool>,
+}
+
+/// `{"longest_edge": N}` of a splitting processor's `size` / `max_image_size`.
+fn longest_edge(key: &str, value: Option<&serde_json::Value>, default: u32) -> std::result::Result<u32, String> {
+    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(default) };
+    let n = value.get("longest_edge").and_then(|v| v.as_u64()).ok_or_else(|| format!("{key} = {value} has no positive integer `longest_edge`"))?;
+    if n == 0 || n > IDEFICS3_MAX_IMAGE_SIZE as u64 {
+        return Err(format!("{key}.longest_edge = {n} is out of range (1..={IDEFICS3_MAX_IMAGE_SIZE})"));
+    }
+    Ok(n as u32)
+}
+
+/// Whether `class` splits images into tiles as `Idefics3ImageProcessor` does.
+fn splits_images(class: &str) -> bool {
+    class.starts_with("Idefics3ImageProcessor")
 }
 
 fn parse_size(value: &serde_json::Value) -> std::result::Result<ImageSize, String> {
@@ -222,12 +375,21 @@ impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
         if raw.do_center_crop == Some(true) {
             return Err("do_center_crop = true is not supported (SigLIP's processor does not crop)".into());
         }
-        if raw.do_pad == Some(true) {
-            return Err("do_pad = true is not supported (SigLIP's processor does not pad)".into());
-        }
-        let size = match &raw.size {
-            None | Some(serde_json::Value::Null) => defaults.size,
-            Some(v) => parse_size(v)?,
+        let tiling = if splits_images(class) {
+            // Its padding only evens out the tile counts of a batch: each image is taken alone.
+            let tile = longest_edge("max_image_size", raw.max_image_size.as_ref(), 364)?;
+            let longest = longest_edge("size", raw.size.as_ref(), 4 * 364)?;
+            Some(Tiling { longest_edge: longest, tile, split: raw.do_image_splitting.unwrap_or(true) })
+        } else {
+            if raw.do_pad == Some(true) {
+                return Err("do_pad = true is not supported (SigLIP's processor does not pad)".into());
+            }
+            None
+        };
+        let size = match (&raw.size, tiling) {
+            (_, Some(t)) => ImageSize { height: t.tile, width: t.tile },
+            (None | Some(serde_json::Value::Null), None) => defaults.size,
+            (Some(v), None) => parse_size(v)?,
         };
         let resample = match raw.resample {
             None => defaults.resample,
@@ -255,6 +417,7 @@ impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
             image_mean,
             image_std,
             do_convert_rgb: raw.do_convert_rgb,
+            tiling,
         })
     }
 }
@@ -266,6 +429,8 @@ impl PreprocessorConfig {
     pub fn defaults_of(class: &str) -> Self {
         if class.starts_with("ViTImageProcessor") || class == "ViTFeatureExtractor" {
             Self { resample: Resample::Bilinear, ..Self::default() }
+        } else if splits_images(class) {
+            Self { resample: Resample::Lanczos, ..Self::default() }
         } else {
             Self::default()
         }
@@ -287,11 +452,17 @@ impl PreprocessorConfig {
         }
     }
 
-    /// RGB image → pixel values `[1, 3, H, W]` (f32, CPU).
-    pub fn preprocess(&self, image: &RgbImage) -> Result<Tensor> {
+    /// RGB image → pixel values `[tiles, 3, H, W]` (f32, CPU) and how it was cut: one tile
+    /// unless the processor splits images.
+    pub fn preprocess(&self, image: &RgbImage) -> Result<Pixels> {
         let (width, height) = image.dimensions();
         if width == 0 || height == 0 {
             return Err(Error::Image(format!("image is empty ({width}x{height})")));
+        }
+        if let Some(tiling) = self.tiling {
+            let (tiles, grid) = self.tiles(image, tiling)?;
+            let values = tiles.iter().map(|t| self.normalized(t)).collect::<Result<Vec<_>>>()?;
+            return Pixels::tiled(Tensor::cat(&values, 0)?, vec![grid]);
         }
         let resized;
         let pixels: &RgbImage = if self.do_resize && (width, height) != (self.size.width, self.size.height) {
@@ -300,6 +471,45 @@ impl PreprocessorConfig {
         } else {
             image
         };
+        Ok(Pixels::whole(self.normalized(pixels)?))
+    }
+
+    /// `Idefics3ImageProcessor`'s resizes (each a Pillow resize of 8-bit RGB, as its PIL backend
+    /// does) and crops: the tiles in rows, then the global image; or the whole image alone.
+    fn tiles(&self, image: &RgbImage, tiling: Tiling) -> Result<(Vec<RgbImage>, Grid)> {
+        let resample = self.resample;
+        let resize_to = |img: &RgbImage, (w, h): (u32, u32)| if img.dimensions() == (w, h) { Ok(img.clone()) } else { resize(img, w, h, resample) };
+        let mut img = image.clone();
+        if self.do_resize {
+            img = resize_to(&img, idefics3_resized(img.width(), img.height(), tiling.longest_edge))?;
+        }
+        let tile = tiling.tile;
+        if !tiling.split {
+            return Ok((vec![resize_to(&img, (tile, tile))?], Grid::WHOLE));
+        }
+        img = resize_to(&img, multiples_of(img.width(), img.height(), tile))?;
+        let (w, h) = img.dimensions();
+        if w <= tile && h <= tile {
+            return Ok((vec![img], Grid::WHOLE));
+        }
+        let (rows, cols) = ((h - tile) / tile + 1, (w - tile) / tile + 1);
+        if rows * cols > MAX_TILES {
+            return Err(Error::Image(format!(
+                "a {w}x{h} image in {tile}-pixel tiles makes {rows}x{cols} tiles, more than {MAX_TILES} (check size and max_image_size in {CONFIG_FILE})"
+            )));
+        }
+        let mut tiles = Vec::with_capacity((rows * cols + 1) as usize);
+        for r in 0..rows {
+            for c in 0..cols {
+                tiles.push(image::imageops::crop_imm(&img, c * tile, r * tile, tile, tile).to_image());
+            }
+        }
+        tiles.push(resize_to(&img, (tile, tile))?);
+        Ok((tiles, Grid { rows: rows as usize, cols: cols as usize }))
+    }
+
+    /// Rescaled and normalized, `[1, 3, H, W]`.
+    fn normalized(&self, pixels: &RgbImage) -> Result<Tensor> {
         let (w, h) = (pixels.width() as usize, pixels.height() as usize);
         let plane = w * h;
         let samples: &[u8] = pixels.as_raw();
@@ -330,6 +540,49 @@ impl PreprocessorConfig {
         }
         Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?)
     }
+}
+
+/// The size `Idefics3ImageProcessor` resizes to first: the longest edge to `max_len` (the other
+/// by the aspect ratio, rounded up to even), then within its 4096 cap — Python's float
+/// arithmetic and truncation, as `_resize_output_size_rescale_to_max_len` and
+/// `_resize_output_size_scale_below_upper_bound` do it.
+fn idefics3_resized(width: u32, height: u32, max_len: u32) -> (u32, u32) {
+    let (mut w, mut h) = (width as i64, height as i64);
+    let aspect = w as f64 / h as f64;
+    if w >= h {
+        w = max_len as i64;
+        h = (w as f64 / aspect) as i64;
+        h += h % 2;
+    } else {
+        h = max_len as i64;
+        w = (h as f64 * aspect) as i64;
+        w += w % 2;
+    }
+    let (w, h) = (w.max(1), h.max(1));
+    let (cap, aspect) = (IDEFICS3_MAX_IMAGE_SIZE as i64, w as f64 / h as f64);
+    let (w, h) = if w >= h && w > cap {
+        (cap, (cap as f64 / aspect) as i64)
+    } else if h > w && h > cap {
+        ((cap as f64 * aspect) as i64, cap)
+    } else {
+        (w, h)
+    };
+    (w.max(1) as u32, h.max(1) as u32)
+}
+
+/// `resize_for_vision_encoder`: both sides up to multiples of `tile`, the second by the aspect
+/// ratio of the first.
+fn multiples_of(width: u32, height: u32, tile: u32) -> (u32, u32) {
+    let up = |v: i64| (v + tile as i64 - 1) / tile as i64 * tile as i64;
+    let aspect = width as f64 / height as f64;
+    let (w, h) = if width >= height {
+        let w = up(width as i64);
+        (w, up((w as f64 / aspect) as i64))
+    } else {
+        let h = up(height as i64);
+        (up((h as f64 * aspect) as i64), h)
+    };
+    (w.max(tile as i64) as u32, h.max(tile as i64) as u32)
 }
 
 // ------------------------------------------------------------------------------------ decode

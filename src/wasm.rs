@@ -167,7 +167,9 @@ impl WasmCaptioner {
     /// `pytorch_model.bin`, or a `*.index.json` whose shards are `shards`, named by
     /// `shard_names`). The weights stay in JS memory: tensors are read from them one by one (peak
     /// WASM memory ≈ the loaded model, not model + files). The weights and each shard are a
-    /// `Uint8Array` or an array of them: a file's pieces in order.
+    /// `Uint8Array` or an array of them: a file's pieces in order. `chat_template` is the file
+    /// `chat_template_name` names (`chat_template.jinja` or `chat_template.json`), if the folder
+    /// has one.
     #[wasm_bindgen(constructor)]
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -181,7 +183,19 @@ impl WasmCaptioner {
         weights_name: Option<String>,
         shard_names: Option<Vec<String>>,
         shards: Option<js_sys::Array>,
+        chat_template_name: Option<String>,
+        chat_template: Option<Vec<u8>>,
     ) -> Result<WasmCaptioner, JsError> {
+        let chat_template = match (chat_template_name.as_deref(), chat_template.as_deref()) {
+            (Some(name), Some(bytes)) => {
+                let known = crate::loading::CHAT_TEMPLATE_FILES.iter().find(|&&n| n == name).copied();
+                let name = known.ok_or_else(|| {
+                    JsError::new(&format!("the chat template must be one of {}, not {name}", crate::loading::CHAT_TEMPLATE_FILES.join(", ")))
+                })?;
+                Some((name, bytes))
+            }
+            _ => None,
+        };
         let adapter = match (&adapter_config, &adapter_weights) {
             (Some(config), Some(weights)) => Some(AdapterFiles { config, weights }),
             (None, None) => None,
@@ -202,8 +216,17 @@ impl WasmCaptioner {
         let readers: Vec<JsBytes> = shard_names.iter().zip(&shards).map(|(name, v)| JsBytes::new(name, v)).collect::<Result<_, _>>()?;
         let sources: Vec<(&str, &dyn crate::loading::ByteSource)> =
             shard_names.iter().zip(&readers).map(|(name, r)| (name.as_str(), r as &dyn crate::loading::ByteSource)).collect();
-        let files =
-            ModelFiles { config, weights: &index, weights_name, shards: &[], tokenizer, preprocessor, generation: generation.as_deref(), adapter };
+        let files = ModelFiles {
+            config,
+            weights: &index,
+            weights_name,
+            shards: &[],
+            tokenizer,
+            preprocessor,
+            generation: generation.as_deref(),
+            chat_template,
+            adapter,
+        };
         let inner = Captioner::from_files_reading(files, &weights, &sources).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None })
     }
@@ -337,7 +360,7 @@ impl WasmCaptioner {
             return Err(JsError::new("captionMany: no images"));
         }
         let pixels = images.iter().enumerate().map(|(i, image)| self.pixels_of(&image, i)).collect::<Result<Vec<_>, JsError>>()?;
-        let batch = candle_core::Tensor::cat(&pixels, 0).map_err(|e| JsError::new(&format!("captionMany: {e}")))?;
+        let batch = crate::preprocess::Pixels::cat(&pixels).map_err(|e| JsError::new(&format!("captionMany: {e}")))?;
         let mut callback = Callback::new(on_event);
         if let Some(beams) = beams {
             let all = self
@@ -399,7 +422,7 @@ impl WasmCaptioner {
     }
 
     /// Image `i` of `captionMany`: PNG/JPEG bytes or `{ data, width, height }` RGBA → [1, 3, H, W].
-    fn pixels_of(&self, image: &JsValue, i: usize) -> Result<candle_core::Tensor, JsError> {
+    fn pixels_of(&self, image: &JsValue, i: usize) -> Result<crate::preprocess::Pixels, JsError> {
         if let Some(bytes) = image.dyn_ref::<js_sys::Uint8Array>() {
             return self.inner.pixel_values_from_bytes(&bytes.to_vec()).map_err(|e| JsError::new(&format!("image {i}: {e}")));
         }

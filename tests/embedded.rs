@@ -29,6 +29,7 @@ macro_rules! embedded {
                 tokenizer: model_file!($model, "tokenizer.json"),
                 preprocessor: model_file!($model, "preprocessor_config.json"),
                 generation: Some(model_file!($model, "generation_config.json")),
+                chat_template: None,
                 adapter: None,
             },
             model_file!($model, "reference.json"),

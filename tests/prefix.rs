@@ -77,7 +77,7 @@ fn greedy_ids_match_generate() {
                     // the same, `greedy_ids_from_f16_pixels`); the PNG also runs from its bytes.
                     let mut inputs = vec![(reference[&format!("pixel_values.{name}")].clone(), "transformers' pixels")];
                     if name.ends_with(".png") {
-                        inputs.push((captioner.pixel_values_from_bytes(image(name)).unwrap(), "the image file"));
+                        inputs.push((captioner.pixel_values_from_bytes(image(name)).unwrap().values().clone(), "the image file"));
                     }
                     for (pixels, source) in inputs {
                         for (key, prompt) in PREFIX_PROMPTS {

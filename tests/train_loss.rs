@@ -23,7 +23,7 @@ fn close(ours: f64, theirs: f64, rel: f64) -> bool {
 
 fn check_case(case: &Value, max_len: usize) {
     let family = family_for_arch(case["arch"].as_str().unwrap_or("cross-attention")).expect("a family the trainer knows");
-    let prefix = family.training.arch() == "prefix";
+    let prefix = family.training.is_some_and(|t| t.arch() == "prefix");
     let train_encoder = case["train_encoder"].as_bool().unwrap_or(false);
     let label = format!("{} (train_encoder {train_encoder})", case["model"]);
     let folder = fixture(case["model"].as_str().expect("model"));

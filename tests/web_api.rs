@@ -40,6 +40,8 @@ fn new_captioner(fx: &common::Fixture, weights: &[u8]) -> Result<WasmCaptioner, 
         None,
         None,
         None,
+        None,
+        None,
     )
 }
 
@@ -53,11 +55,15 @@ fn load_errors_are_js_errors_naming_the_tensor() {
     let msg = message(new_captioner(fx, &fx.weights[..1000]).err().unwrap());
     assert!(msg.contains("model.safetensors"), "{msg}");
     let msg = message(
-        WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None, None, None, None).err().unwrap(),
+        WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None, None, None, None, None, None)
+            .err()
+            .unwrap(),
     );
     assert!(msg.contains("config.json"), "{msg}");
     let msg = message(
-        WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None, None, None, None).err().unwrap(),
+        WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None, None, None, None, None, None)
+            .err()
+            .unwrap(),
     );
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
@@ -134,6 +140,8 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
             None,
             None,
             None,
+            None,
+            None,
         )
         .err()
         .unwrap(),
@@ -147,6 +155,8 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
         Some(case.generation.to_vec()),
         Some(adapter_config.to_vec()),
         Some(adapter_weights.to_vec()),
+        None,
+        None,
         None,
         None,
         None,
@@ -246,6 +256,8 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
         None,
         None,
         None,
+        None,
+        None,
     )
     .unwrap();
     let mut plain = new_captioner(fx, fx.weights).unwrap();
@@ -310,6 +322,8 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
             None,
             None,
             None,
+            None,
+            None,
         )
         .unwrap()
     };
@@ -346,6 +360,8 @@ fn bin_and_sharded_weights_load_through_the_js_constructor() {
             name.map(str::to_string),
             Some(names),
             Some(arrays),
+            None,
+            None,
         )
     };
     let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
@@ -390,7 +406,20 @@ fn weights_in_pieces_load_as_the_whole_file() {
             arrays.push(&pieces(bytes));
         }
         let names = shards.iter().map(|(n, _)| n.to_string()).collect();
-        WasmCaptioner::new(fx.config, &weights, &fx.tokenizer, fx.preprocessor, None, None, None, Some(name.into()), Some(names), Some(arrays))
+        WasmCaptioner::new(
+            fx.config,
+            &weights,
+            &fx.tokenizer,
+            fx.preprocessor,
+            None,
+            None,
+            None,
+            Some(name.into()),
+            Some(names),
+            Some(arrays),
+            None,
+            None,
+        )
     };
     let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
     let want = caption(&mut build(Uint8Array::from(fx.weights).into(), "model.safetensors", &[]).unwrap());

@@ -186,7 +186,7 @@ mod cli {
         }
     }
 
-    fn pixel_values(captioner: &Captioner, image: &Path) -> wasmcap::Result<candle_core::Tensor> {
+    fn pixel_values(captioner: &Captioner, image: &Path) -> wasmcap::Result<wasmcap::preprocess::Pixels> {
         let bytes = std::fs::read(image).map_err(|source| wasmcap::Error::Io { path: image.display().to_string(), source })?;
         captioner.pixel_values_from_bytes(&bytes)
     }
@@ -196,7 +196,7 @@ mod cli {
             .iter()
             .map(|image| pixel_values(captioner, image).map_err(|e| wasmcap::Error::Image(format!("{}: {e}", image.display()))))
             .collect::<wasmcap::Result<Vec<_>>>()?;
-        let pixels = candle_core::Tensor::cat(&pixels, 0)?;
+        let pixels = wasmcap::preprocess::Pixels::cat(&pixels)?;
         match beams {
             Some(beams) => {
                 for (image, hypotheses) in images.iter().zip(captioner.beam_search_many(&pixels, options, beams, |_, _| {})?) {

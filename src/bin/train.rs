@@ -138,7 +138,7 @@ mod cli {
         /// with cross-attention, decoder trained in full; the default) or prefix (SigLIP →
         /// projector → Llama; encoder and base frozen, projector + LoRA trained). With --model or
         /// --init-from-config, the config's model_type decides; --arch then only checks it.
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(wasmcap::architecture::FAMILIES.iter().map(|f| f.training.arch())))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(wasmcap::architecture::FAMILIES.iter().filter_map(|f| f.training.map(|t| t.arch()))))]
         arch: Option<String>,
         /// SigLIP: a local HF folder or a hub id (downloaded when there is network).
         #[arg(long)]

@@ -11,7 +11,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::architecture::{
-    id_in, pick_rows, set_ids, special_id, state_of, Architecture, Builder, DecodeState, Family, Layout, SpecialTokens, TrainParts, Training,
+    id_in, pick_rows, set_ids, special_id, state_of, Architecture, Builder, DecodeState, Family, Layout, PromptInputs, SpecialTokens, TrainParts,
+    Training,
 };
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
@@ -188,44 +189,65 @@ impl Llava {
     /// (`image_features` [B, num_patches, hidden]) in the `<image>` positions; returns the last
     /// position's logits [B, vocab].
     pub fn prefill(&self, input_ids: &[u32], image_features: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
-        let rows = (0..image_features.dim(0)?)
-            .map(|b| self.merge_image_features(input_ids, &image_features.narrow(0, b, 1)?))
-            .collect::<Result<Vec<_>>>()?;
-        self.language_model.last_logits(&Tensor::cat(&rows, 0)?, cache)
+        prefill(&self.language_model, self.config.image_token_index, input_ids, image_features, cache)
     }
 
     /// One generated token per row → logits [B, vocab] of the next.
     pub fn decode_step(&self, tokens: &[u32], cache: &mut LlamaCache) -> Result<Tensor> {
-        let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), image_device())?;
-        let embeds = self.language_model.embed(&ids)?;
-        self.language_model.last_logits(&embeds, cache)
+        decode_step(&self.language_model, tokens, cache)
     }
 
-    /// Text embeddings with the image features written, in order, where `<image>` stands
-    /// (transformers' `masked_scatter`). Runs of text and of image positions are concatenated.
     fn merge_image_features(&self, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
-        let image_token = self.config.image_token_index;
-        let features = image_features.squeeze(0)?;
-        let n_features = features.dim(0)?;
-        let n_image = input_ids.iter().filter(|&&id| id == image_token).count();
-        if n_image != n_features {
-            candle_core::bail!("the prompt has {n_image} <image> tokens but the image gives {n_features} features");
-        }
-        let ids = Tensor::new(input_ids, image_features.device())?;
-        let text = self.language_model.embed(&ids)?;
-        let mut parts = Vec::new();
-        let (mut start, mut used) = (0, 0);
-        while start < input_ids.len() {
-            let is_image = input_ids[start] == image_token;
-            let len = input_ids[start..].iter().take_while(|&&id| (id == image_token) == is_image).count();
-            parts.push(if is_image { features.narrow(0, used, len)? } else { text.narrow(0, start, len)? });
-            if is_image {
-                used += len;
-            }
-            start += len;
-        }
-        Tensor::cat(&parts, 0)?.unsqueeze(0)
+        merge_image_features(&self.language_model, self.config.image_token_index, input_ids, image_features)
     }
+}
+
+// What every prefix family (this one, Idefics3) does with its image features and Llama.
+
+/// Prefills `input_ids` (the same prompt for every row) with each row's image features
+/// ([B, image positions, hidden]) in the `image_token` positions; logits [B, vocab] of the last.
+pub(crate) fn prefill(lm: &Llama, image_token: u32, input_ids: &[u32], image_features: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+    let rows = (0..image_features.dim(0)?)
+        .map(|b| merge_image_features(lm, image_token, input_ids, &image_features.narrow(0, b, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    lm.last_logits(&Tensor::cat(&rows, 0)?, cache)
+}
+
+/// One generated token per row → logits [B, vocab] of the next.
+pub(crate) fn decode_step(lm: &Llama, tokens: &[u32], cache: &mut LlamaCache) -> Result<Tensor> {
+    let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), image_device())?;
+    lm.last_logits(&lm.embed(&ids)?, cache)
+}
+
+/// Text embeddings with the image features ([1, n, hidden]) written, in order, where
+/// `image_token` stands (transformers' `masked_scatter`). Runs of text and of image positions
+/// are concatenated.
+pub(crate) fn merge_image_features(lm: &Llama, image_token: u32, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
+    let features = image_features.squeeze(0)?;
+    let n_features = features.dim(0)?;
+    let n_image = input_ids.iter().filter(|&&id| id == image_token).count();
+    if n_image != n_features {
+        candle_core::bail!("the prompt has {n_image} <image> tokens but the image gives {n_features} features");
+    }
+    let ids = Tensor::new(input_ids, image_features.device())?;
+    let text = lm.embed(&ids)?;
+    let mut parts = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    while start < input_ids.len() {
+        let is_image = input_ids[start] == image_token;
+        let len = input_ids[start..].iter().take_while(|&&id| (id == image_token) == is_image).count();
+        parts.push(if is_image { features.narrow(0, used, len)? } else { text.narrow(0, start, len)? });
+        if is_image {
+            used += len;
+        }
+        start += len;
+    }
+    Tensor::cat(&parts, 0)?.unsqueeze(0)
+}
+
+/// The text of the image token `id`, which the prompt's text spells out.
+pub(crate) fn image_token_text(tokenizer: &CaptionTokenizer, id: u32) -> crate::Result<String> {
+    tokenizer.id_to_token(id).ok_or_else(|| crate::Error::Tokenizer(format!("the image token id {id} from config.json is not in the vocabulary")))
 }
 
 fn image_device() -> &'static candle_core::Device {
@@ -236,7 +258,7 @@ fn image_device() -> &'static candle_core::Device {
 // prefilled by the first step with each row's image embeddings; each row's last token after that.
 
 pub const FAMILY: Family =
-    Family { model_type: "llava", decoder_section: "text_config", rename: crate::loading::llava_key, config: builder, training: &Recipe };
+    Family { model_type: "llava", decoder_section: "text_config", rename: crate::loading::llava_key, config: builder, training: Some(&Recipe) };
 
 fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
     let cfg = LlavaConfig::from_json(config)?;
@@ -250,11 +272,28 @@ pub fn prefix_prompt_text(image_token: &str, num_image_tokens: usize, prompt: Op
     format!("{}{}", image_token.repeat(num_image_tokens), prompt.unwrap_or_default())
 }
 
-struct PrefixState {
+/// A prefix family's decoding: the prompt and each row's image features until the first step
+/// prefills them, then each row's last token.
+pub(crate) struct PrefixState {
     cache: LlamaCache,
-    /// The prompt and each row's image embeddings, until the first step prefills them.
     prompt: Option<(Vec<u32>, Tensor)>,
     last: Vec<u32>,
+}
+
+impl PrefixState {
+    /// `features` [rows, image positions, hidden].
+    pub(crate) fn new(lm: &Llama, input_ids: &[u32], features: Tensor) -> Result<Self> {
+        let rows = features.dim(0)?;
+        Ok(Self { cache: lm.new_cache(), prompt: Some((input_ids.to_vec(), features)), last: vec![0; rows] })
+    }
+
+    /// Logits [rows, vocab] of every row's next position.
+    pub(crate) fn next_logits(&mut self, lm: &Llama, image_token: u32) -> Result<Tensor> {
+        match self.prompt.take() {
+            Some((ids, features)) => prefill(lm, image_token, &ids, &features, &mut self.cache),
+            None => decode_step(lm, &self.last, &mut self.cache),
+        }
+    }
 }
 
 impl DecodeState for PrefixState {
@@ -286,25 +325,17 @@ impl Architecture for Llava {
     }
 
     /// The ids `LlavaProcessor` makes of `"<image>" + prompt`.
-    fn input_ids(&self, tokenizer: &CaptionTokenizer, prompt: Option<&str>, _: &GenerationDefaults) -> crate::Result<Vec<u32>> {
-        let image_token = self.config.image_token_index;
-        let image = tokenizer
-            .id_to_token(image_token)
-            .ok_or_else(|| crate::Error::Tokenizer(format!("the image token id {image_token} from config.json is not in the vocabulary")))?;
-        tokenizer.encode(&prefix_prompt_text(&image, self.config.num_image_tokens(), prompt), true)
+    fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {
+        let image = image_token_text(inputs.tokenizer, self.config.image_token_index)?;
+        inputs.tokenizer.encode(&prefix_prompt_text(&image, self.config.num_image_tokens(), inputs.prompt), true)
     }
 
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
-        let rows = conditioning.dim(0)?;
-        Ok(Box::new(PrefixState { cache: self.language_model.new_cache(), prompt: Some((input_ids.to_vec(), conditioning)), last: vec![0; rows] }))
+        Ok(Box::new(PrefixState::new(&self.language_model, input_ids, conditioning)?))
     }
 
     fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
-        let state = state_of::<PrefixState>(state)?;
-        match state.prompt.take() {
-            Some((ids, features)) => self.prefill(&ids, &features, &mut state.cache),
-            None => self.decode_step(&state.last, &mut state.cache),
-        }
+        state_of::<PrefixState>(state)?.next_logits(&self.language_model, self.config.image_token_index)
     }
 
     fn max_positions(&self) -> usize {

@@ -5,6 +5,7 @@ pub mod activation;
 pub mod attention;
 pub mod encoder_layer;
 pub mod gpt2;
+pub mod idefics3;
 pub mod linear;
 pub mod llama;
 pub mod llava;

@@ -10,11 +10,10 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::architecture::{
-    id_in, pick_rows, set_ids, special_id, state_of, unsupported, Architecture, Builder, DecodeState, Family, Layout, SpecialTokens, TrainParts,
-    Training,
+    id_in, pick_rows, set_ids, special_id, state_of, unsupported, Architecture, Builder, DecodeState, Family, Layout, PromptInputs, SpecialTokens,
+    TrainParts, Training,
 };
 use crate::loading::GenerationDefaults;
-use crate::tokenizer::CaptionTokenizer;
 
 use super::gpt2::{Gpt2Cache, Gpt2Config, Gpt2LMHeadModel};
 use super::linear::{linear, Linear};
@@ -251,7 +250,7 @@ pub const FAMILY: Family = Family {
     decoder_section: "decoder",
     rename: crate::loading::vision_encoder_decoder_key,
     config: builder,
-    training: &Recipe,
+    training: Some(&Recipe),
 };
 
 fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
@@ -287,13 +286,13 @@ impl Architecture for VisionEncoderDecoder {
         VisionEncoderDecoder::encode(self, pixel_values)
     }
 
-    fn input_ids(&self, _: &CaptionTokenizer, prompt: Option<&str>, generation: &GenerationDefaults) -> crate::Result<Vec<u32>> {
-        if prompt.is_some() {
+    fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {
+        if inputs.prompt.is_some() {
             return Err(crate::Error::Generation(
                 "a text prompt needs a prefix model (llava); a vision-encoder-decoder starts from its start token".into(),
             ));
         }
-        match generation.decoder_start_token_id {
+        match inputs.generation.decoder_start_token_id {
             Some(start) => Ok(vec![start]),
             None => Err(crate::Error::config(crate::loading::CONFIG, "no decoder_start_token_id or bos_token_id to start decoding from")),
         }

@@ -135,6 +135,8 @@ pub struct LoraLayer {
 
 pub struct TrainModel {
     pub family: &'static Family,
+    /// The family's training recipe.
+    pub recipe: &'static dyn crate::architecture::Training,
     /// The whole HF `config.json`, as it will be written.
     pub config: Value,
     pub network: Box<dyn Architecture>,
@@ -237,7 +239,7 @@ impl TrainModel {
         let (mut config, loaded, mut tokenizer, preprocessor_json, fresh) = match source {
             Source::Folders { encoder, decoder } => {
                 let family = options.family.ok_or_else(|| Error::config("train", "an encoder and a decoder folder need --arch"))?;
-                let recipe = family.training;
+                let recipe = family.recipe()?;
                 let enc_file = encoder.join("config.json");
                 let vision = vision_config(&read_json(&enc_file)?, &enc_file.display().to_string())?;
                 let enc_weights = read_dir_tensors(encoder, |k| k.to_string())?;
@@ -280,7 +282,7 @@ impl TrainModel {
                     .clone()
                     .ok_or_else(|| Error::config(&file, "training from a config needs a tokenizer (--tokenizer FILE or word-level)"))?;
                 let family = family_of(&config).map_err(|e| Error::config(&file, e))?;
-                let preprocessor = default_preprocessor(&family.training.vision_config(&config));
+                let preprocessor = default_preprocessor(&family.recipe()?.vision_config(&config));
                 (config, HashMap::new(), tokenizer, preprocessor, true)
             }
         };
@@ -288,10 +290,10 @@ impl TrainModel {
         if let Some(asked) = options.family.filter(|f| f.model_type != family.model_type) {
             return Err(Error::config(
                 "config.json",
-                format!("the model is {} (--arch {}) but --arch says {}", family.model_type, family.training.arch(), asked.training.arch()),
+                format!("the model is {} (--arch {}) but --arch says {}", family.model_type, family.recipe()?.arch(), asked.recipe()?.arch()),
             ));
         }
-        let recipe = family.training;
+        let recipe = family.recipe()?;
 
         // Special tokens, and the vocabulary size the tokenizer needs.
         let specials = recipe.special_tokens(&mut config, &mut tokenizer)?;
@@ -342,6 +344,7 @@ impl TrainModel {
 
         let mut model = Self {
             family,
+            recipe,
             config,
             network,
             params: vec![],
@@ -375,7 +378,7 @@ impl TrainModel {
     }
 
     fn attach_lora(&mut self, settings: &LoraSettings, rng: &mut InitRng) -> Result<Vec<LoraLayer>> {
-        let recipe = self.family.training;
+        let recipe = self.recipe;
         if recipe.lora_scope().is_none() {
             return Err(Error::config(
                 "train",
@@ -412,13 +415,21 @@ impl TrainModel {
     /// encoder–decoder's start token; a prefix model's image tokens and `prompt`.
     pub fn start_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
         let generation = GenerationDefaults::resolve(Some(&self.generation_config()?), &self.config, self.family.decoder_section)?;
-        self.network.input_ids(&CaptionTokenizer::from(self.tokenizer.clone()), prompt, &generation)
+        let tokenizer = CaptionTokenizer::from(self.tokenizer.clone());
+        let inputs = crate::architecture::PromptInputs {
+            tokenizer: &tokenizer,
+            chat_template: None,
+            generation: &generation,
+            prompt,
+            grid: crate::preprocess::Grid::WHOLE,
+        };
+        self.network.input_ids(&inputs)
     }
 
     /// Feeds everything the image features depend on into `d`: what the family names in the
     /// config and every encoder / vision-tower tensor (name, shape, values).
     pub fn digest_encoder(&self, d: &mut super::features::Digest) -> Result<()> {
-        let recipe = self.family.training;
+        let recipe = self.recipe;
         d.write(recipe.feature_config(&self.config).to_string().as_bytes());
         let prefix = recipe.encoder_prefix();
         let mut encoder: Vec<&(String, Tensor, Option<Var>)> = self.tensors.iter().filter(|(n, _, _)| n.starts_with(prefix)).collect();
@@ -490,7 +501,7 @@ impl TrainModel {
         let mut out = self.unused_tensors();
         for (name, tensor, _) in &self.tensors {
             let value = merged.remove(name).unwrap_or_else(|| self.trained(name, tensor)).detach().contiguous()?;
-            out.insert(self.family.training.saved_name(name), value);
+            out.insert(self.recipe.saved_name(name), value);
         }
         Ok(out)
     }
@@ -531,22 +542,22 @@ impl TrainModel {
     pub fn export_tensors_unmerged(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = self.unused_tensors();
         for (name, t, _) in &self.tensors {
-            out.insert(self.family.training.saved_name(name), t.detach().contiguous()?);
+            out.insert(self.recipe.saved_name(name), t.detach().contiguous()?);
         }
         Ok(out)
     }
 
     fn unused_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.unused.iter().map(|(name, t)| (self.family.training.saved_name(name), t.clone())).collect()
+        self.unused.iter().map(|(name, t)| (self.recipe.saved_name(name), t.clone())).collect()
     }
 
     /// Where the LoRA modules live (`model.language_model.`).
     fn lora_scope(&self) -> &'static str {
-        self.family.training.lora_scope().unwrap_or_default()
+        self.recipe.lora_scope().unwrap_or_default()
     }
 
     pub fn generation_config(&self) -> Result<Value> {
-        let mut ours = self.family.training.generation_config(&self.config, &self.specials, self.max_caption_tokens)?;
+        let mut ours = self.recipe.generation_config(&self.config, &self.specials, self.max_caption_tokens)?;
         if let (Some(Value::Object(folder)), Some(map)) = (&self.folder_generation, ours.as_object_mut()) {
             for (key, value) in folder {
                 // Lengths are this run's (transformers prefers max_new_tokens to max_length).

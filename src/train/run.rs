@@ -170,7 +170,7 @@ fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     let tokenizer = match cfg.tokenizer.as_deref() {
         Some("word-level") => {
             let captions = train_set.samples.iter().flat_map(|s| s.captions.iter().map(String::as_str));
-            Some(super::model::word_level_tokenizer(captions, family.training.extra_tokens())?)
+            Some(super::model::word_level_tokenizer(captions, family.recipe()?.extra_tokens())?)
         }
         Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{path}: {e}")))?),
         None => None,
@@ -181,7 +181,7 @@ fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         train_decoder: cfg.train_decoder,
         // The CLI's LoRA settings (rank 8 unless told) adapt the families that have a language
         // model to adapt; the others train their decoder in full.
-        lora: cfg.lora.clone().filter(|_| family.training.lora_scope().is_some()),
+        lora: cfg.lora.clone().filter(|_| family.training.is_some_and(|t| t.lora_scope().is_some())),
         seed: cfg.seed,
         tokenizer,
     };
@@ -442,7 +442,7 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 
 fn make_examples(model: &TrainModel, data: &Dataset, max_len: usize, prompt: Option<&str>) -> Result<Vec<Example>> {
     let start = model.start_ids(prompt)?;
-    let layout = model.family.training.layout();
+    let layout = model.recipe.layout();
     let mut out = Vec::new();
     for (image, sample) in data.samples.iter().enumerate() {
         for caption in &sample.captions {
@@ -716,6 +716,7 @@ pub fn evaluate_model(model: &TrainModel, data: &Dataset, limit: usize, prompt: 
         tokenizer: get("tokenizer.json"),
         preprocessor: get("preprocessor_config.json"),
         generation: Some(get("generation_config.json")),
+        chat_template: None,
         adapter: None,
     })?;
     evaluate_captioner(&captioner, data, limit, prompt).map(|(scores, _)| scores)

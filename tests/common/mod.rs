@@ -114,8 +114,11 @@ pub fn checkpoint(path: &str) -> &'static [u8] {
     CHECKPOINTS.iter().find(|(p, _)| *p == path).map(|(_, b)| *b).unwrap()
 }
 
+/// An odd-sized portrait crop of chelsea.jpg (the Idefics3 fixtures' third photo).
+pub const PORTRAIT: (&str, &[u8]) = ("chelsea_portrait.png", fixture_file!("images/chelsea_portrait.png"));
+
 pub fn image(name: &str) -> &'static [u8] {
-    IMAGES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap()
+    IMAGES.iter().chain([&PORTRAIT]).find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap()
 }
 
 pub const TOKENIZER_SAMPLES: &[u8] = fixture_file!("gpt2-tokenizer/tokenizer_samples.json");
@@ -130,6 +133,7 @@ impl Fixture {
             tokenizer: &self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),
+            chat_template: None,
             adapter: None,
         }
     }
@@ -239,6 +243,7 @@ impl PrefixCase {
             tokenizer: &self.tokenizer,
             preprocessor: self.preprocessor,
             generation: Some(self.generation),
+            chat_template: None,
             adapter: self.adapter.map(|(config, weights)| wasmcap::lora::AdapterFiles { config, weights }),
         }
     }
@@ -266,4 +271,54 @@ impl PrefixCase {
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// The Idefics3 / SmolVLM folder (tests/fixtures/make_idefics3_fixtures.py) and its reference.
+pub struct Smolvlm {
+    pub config: &'static [u8],
+    pub weights: &'static [u8],
+    pub tokenizer: &'static [u8],
+    pub preprocessor: &'static [u8],
+    pub generation: &'static [u8],
+    pub chat_template: &'static [u8],
+    reference_tensors: &'static [u8],
+    reference_json: &'static [u8],
+}
+
+pub fn smolvlm() -> Smolvlm {
+    Smolvlm {
+        config: fixture_file!("idefics3/tiny-smolvlm/config.json"),
+        weights: fixture_file!("idefics3/tiny-smolvlm/model.safetensors"),
+        tokenizer: fixture_file!("idefics3/tiny-smolvlm/tokenizer.json"),
+        preprocessor: fixture_file!("idefics3/tiny-smolvlm/preprocessor_config.json"),
+        generation: fixture_file!("idefics3/tiny-smolvlm/generation_config.json"),
+        chat_template: fixture_file!("idefics3/tiny-smolvlm/chat_template.jinja"),
+        reference_tensors: fixture_file!("idefics3/reference.safetensors"),
+        reference_json: fixture_file!("idefics3/reference.json"),
+    }
+}
+
+impl Smolvlm {
+    /// The folder's files; `preprocessor` in place of its own when given.
+    pub fn files<'a>(&'a self, preprocessor: Option<&'a [u8]>) -> ModelFiles<'a> {
+        ModelFiles {
+            config: self.config,
+            weights: self.weights,
+            weights_name: wasmcap::loading::WEIGHTS,
+            shards: &[],
+            tokenizer: self.tokenizer,
+            preprocessor: preprocessor.unwrap_or(self.preprocessor),
+            generation: Some(self.generation),
+            chat_template: Some((wasmcap::chat::CHAT_TEMPLATE_JINJA, self.chat_template)),
+            adapter: None,
+        }
+    }
+
+    pub fn reference(&self) -> serde_json::Value {
+        serde_json::from_slice(self.reference_json).unwrap()
+    }
+
+    pub fn reference_tensors(&self) -> HashMap<String, Tensor> {
+        loading::load_safetensors("reference", self.reference_tensors, |n| n.to_string()).unwrap()
+    }
 }

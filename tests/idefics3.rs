@@ -1,0 +1,160 @@
+//! Idefics3 / SmolVLM (SigLIP tiles → pixel shuffle → projection → Llama, the prompt through the
+//! chat template with `<image>` expanded per tile) against 🤗 transformers on the fixtures of
+//! tests/fixtures/make_idefics3_fixtures.py: a square, a landscape and an odd-sized portrait photo
+//! at their original sizes, split into tiles and not. Runs natively and in headless Chromium.
+
+mod common;
+
+use common::{image, max_abs_diff, report, smolvlm, PIXEL_TOL, STATE_TOL};
+use wasmcap::preprocess::{Grid, Pixels};
+use wasmcap::{BeamOptions, CaptionOptions, Captioner};
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+const PHOTOS: [&str; 3] = ["astronaut.png", "chelsea.jpg", "chelsea_portrait.png"];
+const MODES: [&str; 2] = ["split", "unsplit"];
+
+/// The fixture's captioner, splitting images as its preprocessor_config.json says (`split`) or
+/// with `do_image_splitting` off (`unsplit`, as the reference's `processor(do_image_splitting=False)`).
+fn captioner(mode: &str) -> Captioner {
+    let fx = smolvlm();
+    let mut preprocessor: serde_json::Value = serde_json::from_slice(fx.preprocessor).unwrap();
+    preprocessor["do_image_splitting"] = (mode == "split").into();
+    let bytes = serde_json::to_vec(&preprocessor).unwrap();
+    Captioner::from_files(fx.files(Some(&bytes))).unwrap()
+}
+
+fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn options(reference: &serde_json::Value) -> CaptionOptions {
+    CaptionOptions {
+        prompt: Some(reference["prompt"].as_str().unwrap().to_string()),
+        max_new_tokens: Some(reference["max_new_tokens"].as_u64().unwrap() as usize),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn tiles_grids_and_prompt_ids_are_the_processors() {
+    let reference = smolvlm().reference();
+    for mode in MODES {
+        let captioner = captioner(mode);
+        for name in PHOTOS {
+            let want = &reference["images"][name][mode];
+            let pixels = captioner.pixel_values_from_bytes(image(name)).unwrap();
+            let grid = Grid { rows: want["rows"].as_u64().unwrap() as usize, cols: want["cols"].as_u64().unwrap() as usize };
+            assert_eq!(pixels.grids(), &[grid], "{name} {mode}");
+            assert_eq!(pixels.dims()[0], want["tiles"].as_u64().unwrap() as usize, "{name} {mode}");
+            let prompt = reference["prompt"].as_str();
+            assert_eq!(captioner.prompt_ids_for(prompt, grid).unwrap(), ids(&want["input_ids"]), "{name} {mode}");
+        }
+    }
+}
+
+#[test]
+fn pixels_connector_output_and_logits_match() {
+    let fx = smolvlm();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    for mode in MODES {
+        let captioner = captioner(mode);
+        for name in PHOTOS {
+            let key = format!("{name}.{mode}");
+            let ours = captioner.pixel_values_from_bytes(image(name)).unwrap();
+            let theirs = &tensors[&format!("pixel_values.{key}")];
+            let diff = max_abs_diff(&ours, theirs);
+            report(&format!("idefics3 {key} pixel values max-abs"), diff);
+            assert!(diff <= PIXEL_TOL, "{key}: pixel values differ by {diff}");
+
+            // The model on transformers' own (f16-stored) pixels, cut as ours are.
+            let theirs = Pixels::tiled(theirs.clone(), ours.grids().to_vec()).unwrap();
+            let features = captioner.encode(&theirs).unwrap();
+            let (tiles, per_tile, hidden) = features.dims3().unwrap();
+            let features = features.reshape((tiles * per_tile, hidden)).unwrap();
+            let diff = max_abs_diff(&features, &tensors[&format!("image_features.{key}")]);
+            report(&format!("idefics3 {key} connector output max-abs"), diff);
+            assert!(diff <= STATE_TOL, "{key}: connector output differs by {diff}");
+
+            let logits = captioner.first_step_logits(&theirs, &options(&reference)).unwrap();
+            let diff = max_abs_diff(&logits, &tensors[&format!("logits.{key}")]);
+            report(&format!("idefics3 {key} first-step logits max-abs"), diff);
+            assert!(diff <= STATE_TOL, "{key}: first-step logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn greedy_and_beam_ids_match_generate() {
+    let fx = smolvlm();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let beams = BeamOptions { num_beams: reference["num_beams"].as_u64().unwrap() as usize, ..BeamOptions::default() };
+    for mode in MODES {
+        let captioner = captioner(mode);
+        for name in PHOTOS {
+            let want = &reference["images"][name][mode];
+            let ours = captioner.pixel_values_from_bytes(image(name)).unwrap();
+            // These random models are chaotic enough that a JPEG decoder's ±2/255 can flip a token,
+            // so every photo runs on transformers' pixels (its ids from them are its ids from f32
+            // pixels: the fixture script checks it); the PNGs also run from their bytes.
+            let theirs = Pixels::tiled(tensors[&format!("pixel_values.{name}.{mode}")].clone(), ours.grids().to_vec()).unwrap();
+            let mut inputs = vec![(theirs, "transformers' pixels")];
+            if name.ends_with(".png") {
+                inputs.push((ours, "the image file"));
+            }
+            for (pixels, source) in inputs {
+                let caption = captioner.caption(&pixels, &options(&reference), |_| {}).unwrap();
+                assert_eq!(caption.token_ids, ids(&want["greedy_ids"]), "{name} {mode} from {source}: greedy");
+                assert_eq!(caption.text, want["greedy_text"].as_str().unwrap(), "{name} {mode}: text");
+                let best = captioner.beam_search(&pixels, &options(&reference), &beams).unwrap();
+                assert_eq!(best[0].token_ids, ids(&want["beam_ids"]), "{name} {mode} from {source}: {} beams", beams.num_beams);
+            }
+        }
+    }
+}
+
+#[test]
+fn images_cut_into_different_grids_caption_together_as_one_by_one() {
+    let fx = smolvlm();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let captioner = captioner("split");
+    // transformers' pixels (see greedy_and_beam_ids_match_generate), each cut as ours are.
+    let pixels: Vec<_> = PHOTOS
+        .iter()
+        .map(|name| {
+            let grids = captioner.pixel_values_from_bytes(image(name)).unwrap().grids().to_vec();
+            Pixels::tiled(tensors[&format!("pixel_values.{name}.split")].clone(), grids).unwrap()
+        })
+        .collect();
+    // 3×3, 2×3 and 3×2: three grids, and the astronaut twice.
+    let batch = Pixels::cat(&[pixels[0].clone(), pixels[1].clone(), pixels[2].clone(), pixels[0].clone()]).unwrap();
+    let captions = captioner.caption_many(&batch, &options(&reference), |_, _| {}).unwrap();
+    let names = [PHOTOS[0], PHOTOS[1], PHOTOS[2], PHOTOS[0]];
+    for (caption, name) in captions.iter().zip(names) {
+        assert_eq!(caption.token_ids, ids(&reference["images"][name]["split"]["greedy_ids"]), "{name}");
+    }
+    let beams = BeamOptions { num_beams: 3, ..BeamOptions::default() };
+    let found = captioner.beam_search_many(&batch, &options(&reference), &beams, |_, _| {}).unwrap();
+    for (hypotheses, name) in found.iter().zip(names) {
+        assert_eq!(hypotheses[0].token_ids, ids(&reference["images"][name]["split"]["beam_ids"]), "{name}");
+    }
+    // One run holds one grid; the error says what to do.
+    let err = captioner.start_many(&batch, &options(&reference)).err().unwrap().to_string();
+    assert!(err.contains("grid") && err.contains("caption_many"), "{err}");
+}
+
+#[test]
+fn a_prompt_with_two_images_and_a_folder_without_a_template_say_what_they_do() {
+    let fx = smolvlm();
+    let captioner = Captioner::from_files(fx.files(None)).unwrap();
+    let err = captioner.prompt_ids(Some("<image> again")).unwrap_err().to_string();
+    assert!(err.contains("2 <image>"), "{err}");
+    // No chat template: the processor's raw text, `<image>` then the prompt.
+    let bare = Captioner::from_files(wasmcap::loading::ModelFiles { chat_template: None, ..fx.files(None) }).unwrap();
+    let ids = bare.prompt_ids(Some("hello")).unwrap();
+    let text = bare.tokenizer().decode(&ids, false).unwrap();
+    assert!(text.starts_with("<fake_token_around_image><global-img><image>") && text.ends_with("<fake_token_around_image>hello"), "{text}");
+}
