@@ -23,6 +23,9 @@ const MODEL_FILES = [
   ['tokenizer', 'tokenizer.json', false],
   ['preprocessor', 'preprocessor_config.json', true],
   ['generation', 'generation_config.json', false],
+  // A processor's chat template (SmolVLM's prompt), in transformers' order.
+  ['chatTemplateJinja', 'chat_template.jinja', false],
+  ['chatTemplateJson', 'chat_template.json', false],
 ];
 // The weight files transformers looks for, in its order; an index (`*.index.json`) names shards.
 const WEIGHT_FILES = ['model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json'];

@@ -244,6 +244,7 @@ class HubRepo {
       for (const f of ['vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json']) await this.get(f, false);
     }
     for (const f of ['preprocessor_config.json', 'generation_config.json']) await this.get(f, false);
+    if (!(await this.get('chat_template.jinja', false))) await this.get('chat_template.json', false);
     return join(this.dir, 'snapshots', await this.commit());
   }
 }

@@ -150,9 +150,11 @@ self.onmessage = async ({ data }) => {
           ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
           : u8(f.tokenizer);
         const shardNames = f.shardNames ?? [];
+        const [templateName, template] = f.chatTemplateJinja !== undefined ? ['chat_template.jinja', f.chatTemplateJinja]
+          : f.chatTemplateJson !== undefined ? ['chat_template.json', f.chatTemplateJson] : [undefined, undefined];
         captioner = new mod.WasmCaptioner(u8(f.config), pieces(f.weights), tokenizer, u8(f.preprocessor),
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), f.weightsName, shardNames,
-          shardNames.map((_, i) => pieces(f[`shard${i}`])));
+          shardNames.map((_, i) => pieces(f[`shard${i}`])), templateName, u8(template));
         if (data.quantize) captioner.quantize(data.quantize);
         postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes() });
       } catch (e) {

@@ -60,7 +60,21 @@ pub struct PromptInputs<'a> {
     pub chat_template: Option<&'a crate::chat::ChatTemplate>,
     pub generation: &'a GenerationDefaults,
     pub prompt: Option<&'a str>,
+    /// A conversation in transformers' chat format in place of `prompt` (chat-template families).
+    pub messages: Option<&'a Value>,
     pub grid: crate::preprocess::Grid,
+}
+
+impl PromptInputs<'_> {
+    /// The error of a family that takes no conversation.
+    pub fn refuse_messages(&self, family: &str) -> Result<()> {
+        match self.messages {
+            Some(_) => Err(crate::Error::Generation(format!(
+                "messages need a model whose processor has a chat template (idefics3, smolvlm); {family} takes a prompt"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Builds a model from its weights (`VarBuilder` errors name the tensor and shapes).

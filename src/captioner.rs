@@ -31,6 +31,9 @@ pub struct CaptionOptions {
     /// Text after the image (prefix models only): the input is the ids `LlavaProcessor` makes
     /// of `"<image>" + prompt`, the image token repeated once per patch.
     pub prompt: Option<String>,
+    /// The conversation, in transformers' chat format, in place of one turn of image + `prompt`
+    /// (models whose processor renders a chat template; it holds one image).
+    pub messages: Option<serde_json::Value>,
     /// Sampling and logits processors (repetition penalty, n-gram blocking, …); the default
     /// is plain greedy decoding.
     pub sampling: SamplingOptions,
@@ -286,11 +289,19 @@ impl Captioner {
 
     /// [`Captioner::prompt_ids`] for an image cut into `grid`.
     pub fn prompt_ids_for(&self, prompt: Option<&str>, grid: Grid) -> Result<Vec<u32>> {
-        self.model.input_ids(&self.prompt_inputs(prompt, grid))
+        self.input_ids_for(&CaptionOptions { prompt: prompt.map(str::to_string), ..Default::default() }, grid)
     }
 
-    fn prompt_inputs<'a>(&'a self, prompt: Option<&'a str>, grid: Grid) -> PromptInputs<'a> {
-        PromptInputs { tokenizer: &self.tokenizer, chat_template: self.chat_template.as_ref(), generation: &self.generation, prompt, grid }
+    /// The decoder's input for `options`' prompt or messages and an image cut into `grid`.
+    pub fn input_ids_for(&self, options: &CaptionOptions, grid: Grid) -> Result<Vec<u32>> {
+        self.model.input_ids(&PromptInputs {
+            tokenizer: &self.tokenizer,
+            chat_template: self.chat_template.as_ref(),
+            generation: &self.generation,
+            prompt: options.prompt.as_deref(),
+            messages: options.messages.as_ref(),
+            grid,
+        })
     }
 
     /// The one grid of a batch's images; images cut differently have prompts of other lengths
@@ -344,7 +355,7 @@ impl Captioner {
         options.sampling.validate()?;
         let pixels = pixel_values.to_pixels();
         // Before the encoder runs: a prompt the model cannot take is refused here.
-        let prompt_ids = self.prompt_ids_for(options.prompt.as_deref(), Self::one_grid(&pixels)?)?;
+        let prompt_ids = self.input_ids_for(options, Self::one_grid(&pixels)?)?;
         let conditioning = self.encode(pixels.values())?;
         // The image encoder alone (with a prefix model's projector), as documented; GPT-2's
         // cross-attention keys/values are decoder work and count toward the first token.

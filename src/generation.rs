@@ -19,6 +19,8 @@ pub struct GenerationOptions {
     pub max_new_tokens: Option<usize>,
     /// Text after the image (prefix models).
     pub prompt: Option<String>,
+    /// A whole conversation in transformers' chat format, one image in it (chat-template models).
+    pub messages: Option<serde_json::Value>,
     pub do_sample: Option<bool>,
     pub temperature: Option<f32>,
     pub top_k: Option<usize>,
@@ -86,7 +88,16 @@ impl GenerationOptions {
             num_return_sequences: self.num_return_sequences.unwrap_or(b.num_return_sequences),
         };
         beams.validate()?;
-        let options = CaptionOptions { max_new_tokens: self.max_new_tokens, prompt: self.prompt.clone(), sampling, eos_token_ids: None };
+        if self.prompt.is_some() && self.messages.is_some() {
+            return Err(Error::Generation("give a prompt or messages, not both".into()));
+        }
+        let options = CaptionOptions {
+            max_new_tokens: self.max_new_tokens,
+            prompt: self.prompt.clone(),
+            messages: self.messages.clone(),
+            sampling,
+            eos_token_ids: None,
+        };
         Ok(Plan { options, beams: beams.searches().then_some(beams) })
     }
 }

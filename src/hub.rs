@@ -98,6 +98,12 @@ impl Hub {
         for file in [loading::PREPROCESSOR, loading::GENERATION] {
             repo.fetch(file)?;
         }
+        // The first chat template the folder has, in transformers' order.
+        for file in loading::CHAT_TEMPLATE_FILES {
+            if repo.fetch(file)?.is_some() {
+                break;
+            }
+        }
         repo.snapshot()
     }
 }

@@ -28,6 +28,7 @@ fn repos() -> serde_json::Value {
         "tiny/vit-gpt2-sharded": { "base": base, "weights": weights("sharded-safetensors") },
         "tiny/no-weights": { "base": base, "weights": weights("none") },
         "tiny/vit-gpt2-drop": { "base": base, "drop": ["model.safetensors"] },
+        "tiny/smolvlm": { "base": fixtures().join("idefics3/tiny-smolvlm") },
     })
 }
 
@@ -93,9 +94,13 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn caption(model: &str, endpoint: &str, home: &Path, env: &[(&str, &str)], cwd: Option<&Path>) -> Output {
+    caption_with(model, &[], endpoint, home, env, cwd)
+}
+
+fn caption_with(model: &str, args: &[&str], endpoint: &str, home: &Path, env: &[(&str, &str)], cwd: Option<&Path>) -> Output {
     let image = fixtures().join("images/chelsea.jpg");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_caption"));
-    cmd.args(["--model", model, "--json", "--num-beams", "1", "--max-new-tokens", "8"]).arg(image);
+    cmd.args(["--model", model, "--json", "--num-beams", "1", "--max-new-tokens", "8"]).args(args).arg(image);
     for var in ["HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "XDG_CACHE_HOME"] {
         cmd.env_remove(var);
     }
@@ -152,6 +157,8 @@ fn hub_ids_caption_as_their_folders_do_then_work_offline_from_the_cache() {
         "special_tokens_map.json",
         "preprocessor_config.json",
         "generation_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
     ];
     assert!(asked.iter().all(|f| allowed.contains(&f.as_str())), "{asked:?}");
     assert!(!server.urls().iter().any(|u| u.contains("vit-gpt2-bin/resolve/main/pytorch_model.bin.index.json")), "stops at the first weights");
@@ -246,4 +253,20 @@ fn a_local_folder_of_the_same_name_wins() {
     }
     assert_eq!(ids(&caption("tiny/vit-gpt2", &server.endpoint, &cwd, &[], Some(&cwd))), want);
     assert!(server.requests().is_empty(), "{:?}", server.urls());
+}
+
+#[test]
+fn a_smolvlm_repo_brings_its_chat_template_and_prompts_as_its_folder_does() {
+    let server = Server::start();
+    let home = scratch("smolvlm");
+    let prompt = ["--prompt", "Describe this image."];
+    let folder = fixtures().join("idefics3/tiny-smolvlm").display().to_string();
+    let want = ids(&caption_with(&folder, &prompt, NO_NETWORK, &home, &[], None));
+    assert_eq!(ids(&caption_with("tiny/smolvlm", &prompt, &server.endpoint, &home, &[], None)), want);
+    let snapshot = home.join("hub/models--tiny--smolvlm/snapshots").join(server.commit_of("tiny/smolvlm"));
+    assert!(snapshot.join("chat_template.jinja").exists());
+    assert!(!server.urls().iter().any(|u| u.ends_with("/chat_template.json")), "the .jinja found, the .json is not asked for");
+    // Another prompt, other ids: the prompt reaches the model.
+    let other = ids(&caption_with(&folder, &["--prompt", "Describe this image!"], NO_NETWORK, &home, &[], None));
+    assert_ne!(other, want);
 }

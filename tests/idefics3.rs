@@ -158,3 +158,24 @@ fn a_prompt_with_two_images_and_a_folder_without_a_template_say_what_they_do() {
     let text = bare.tokenizer().decode(&ids, false).unwrap();
     assert!(text.starts_with("<fake_token_around_image><global-img><image>") && text.ends_with("<fake_token_around_image>hello"), "{text}");
 }
+
+#[test]
+fn messages_render_as_the_processor_renders_a_conversation() {
+    let fx = smolvlm();
+    let reference = fx.reference();
+    let conversation = &reference["conversation"];
+    let captioner = captioner("split");
+    let grid = captioner.pixel_values_from_bytes(image(conversation["image"].as_str().unwrap())).unwrap().grids()[0];
+    let given = wasmcap::generation::GenerationOptions { messages: Some(conversation["messages"].clone()), ..Default::default() };
+    let options = captioner.plan(&given).unwrap().options;
+    assert_eq!(captioner.input_ids_for(&options, grid).unwrap(), ids(&conversation["input_ids"]));
+    // A conversation without an image, a prompt with messages, messages for a model without a template.
+    let no_image = serde_json::json!([{ "role": "user", "content": [{ "type": "text", "text": "Hi." }] }]);
+    let err = captioner.input_ids_for(&CaptionOptions { messages: Some(no_image), ..Default::default() }, grid).unwrap_err().to_string();
+    assert!(err.contains("0 <image>"), "{err}");
+    let both = wasmcap::generation::GenerationOptions { prompt: Some("x".into()), ..given.clone() };
+    assert!(captioner.plan(&both).unwrap_err().to_string().contains("not both"));
+    let vit = common::vit_gpt2();
+    let err = Captioner::from_files(vit.files()).unwrap().input_ids_for(&options, Grid::WHOLE).unwrap_err().to_string();
+    assert!(err.contains("chat template"), "{err}");
+}

@@ -35,7 +35,8 @@ mod cli {
         /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), merged at load.
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Text after the image (prefix / llava models): the caption continues it.
+        /// Text after the image: a llava model's caption continues it; for SmolVLM / Idefics3 it is
+        /// the user's turn (the image, then this text) through the folder's chat template.
         #[arg(long)]
         prompt: Option<String>,
         /// Maximum number of new tokens (default: generation_config.json, else transformers' default).
@@ -129,6 +130,7 @@ mod cli {
         let given = GenerationOptions {
             max_new_tokens: args.max_new_tokens,
             prompt: args.prompt.clone(),
+            messages: None,
             do_sample: args.do_sample,
             temperature: args.temperature,
             top_k: args.top_k,

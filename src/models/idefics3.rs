@@ -185,14 +185,20 @@ impl Architecture for Idefics3 {
         self.image_features(pixel_values)
     }
 
-    /// The user's turn (the image, then the prompt) through the folder's chat template with the
-    /// assistant's turn opened (no template: `<image>` and the prompt, as raw processor text),
-    /// its `<image>` expanded for the grid, tokenized.
+    /// The user's turn (the image, then the prompt) — or the caller's `messages` — through the
+    /// folder's chat template with the assistant's turn opened (no template: `<image>` and the
+    /// prompt, as raw processor text), its `<image>` expanded for the grid, tokenized.
     fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {
         let image = image_token_text(inputs.tokenizer, self.config.image_token_id)?;
-        let text = match inputs.chat_template {
-            Some(template) => template.render(&crate::chat::image_turn(inputs.prompt), true)?,
-            None => format!("{image}{}", inputs.prompt.unwrap_or_default()),
+        let text = match (inputs.chat_template, inputs.messages) {
+            (Some(template), Some(messages)) => template.render(messages, true)?,
+            (Some(template), None) => template.render(&crate::chat::image_turn(inputs.prompt), true)?,
+            (None, None) => format!("{image}{}", inputs.prompt.unwrap_or_default()),
+            (None, Some(_)) => {
+                return Err(crate::Error::Generation(
+                    "messages need the folder's chat template (chat_template.jinja or .json), which it lacks".into(),
+                ))
+            }
         };
         let parts: Vec<&str> = text.split(image.as_str()).collect();
         if parts.len() != 2 {

@@ -326,6 +326,7 @@ impl Architecture for Llava {
 
     /// The ids `LlavaProcessor` makes of `"<image>" + prompt`.
     fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {
+        inputs.refuse_messages("llava")?;
         let image = image_token_text(inputs.tokenizer, self.config.image_token_index)?;
         inputs.tokenizer.encode(&prefix_prompt_text(&image, self.config.num_image_tokens(), inputs.prompt), true)
     }

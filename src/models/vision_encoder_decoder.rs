@@ -287,6 +287,7 @@ impl Architecture for VisionEncoderDecoder {
     }
 
     fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {
+        inputs.refuse_messages("a vision-encoder-decoder")?;
         if inputs.prompt.is_some() {
             return Err(crate::Error::Generation(
                 "a text prompt needs a prefix model (llava); a vision-encoder-decoder starts from its start token".into(),

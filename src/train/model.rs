@@ -421,6 +421,7 @@ impl TrainModel {
             chat_template: None,
             generation: &generation,
             prompt,
+            messages: None,
             grid: crate::preprocess::Grid::WHOLE,
         };
         self.network.input_ids(&inputs)
