@@ -113,8 +113,17 @@ export type ImageInput =
  */
 export interface GenerationOptions {
   maxNewTokens?: number;
-  /** Text the caption continues (prefix / llava models only). */
+  /**
+   * llava: text the caption continues. SmolVLM (idefics3 / smolvlm): the user's turn — the image,
+   * then this text — through the folder's chat template; the caption is the assistant's answer.
+   */
   prompt?: string;
+  /**
+   * SmolVLM: a whole conversation in transformers' chat format, holding one image, e.g.
+   * `[{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: 'What is written here?' }] }]`
+   * (instead of `prompt`).
+   */
+  messages?: Array<{ role: string; content: Array<{ type: 'image' } | { type: 'text'; text: string }> }>;
   signal?: AbortSignal;
 }
 

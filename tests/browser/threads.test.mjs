@@ -13,6 +13,12 @@ const IMAGE = 'tests/fixtures/images/astronaut.png';
 const CASES = [
   { model: 'tests/fixtures/tiny-ved-v5', ids: () => reference('tests/fixtures/reference/tiny-ved-v5.json').images['astronaut.png'].greedy_ids },
   { model: 'tests/fixtures/prefix/tiny-llava-merged-v5', ids: () => reference('tests/fixtures/prefix/reference/merged-v5.json').images['astronaut.png'].noprompt.greedy_ids },
+  // SmolVLM: the folder's chat template comes along, the image is cut into 3 × 3 tiles + 1.
+  {
+    model: 'tests/fixtures/idefics3/tiny-smolvlm',
+    ids: () => reference('tests/fixtures/idefics3/reference.json').images['astronaut.png'].split.greedy_ids,
+    options: { prompt: 'Describe this image.' },
+  },
 ];
 let server, browser, base;
 const log = [];
@@ -68,12 +74,12 @@ after(async () => {
   server?.close();
 });
 
-test('a crossOriginIsolated page loads the threaded build; 2 threads give transformers\' greedy ids for both architectures, as 1 does', async () => {
+test('a crossOriginIsolated page loads the threaded build; 2 threads give transformers\' greedy ids for every family, as 1 does', async () => {
   const page = await blankPage('/threads-test.html');
-  for (const { model, ids } of CASES) {
+  for (const { model, ids, options } of CASES) {
     const expected = ids();
     for (const threads of [1, 2]) {
-      const r = await captionIn(page, model, { threads }, { maxNewTokens: expected.length });
+      const r = await captionIn(page, model, { threads }, { maxNewTokens: expected.length, ...options });
       assert.equal(r.error, undefined, `${model}, ${threads} threads: ${r.error}`);
       assert.equal(r.isolated, true);
       assert.equal(r.threads, threads);
@@ -109,5 +115,17 @@ test('a page that is not crossOriginIsolated gets the single-threaded build; ask
   assert.match(two.error ?? '', /crossOriginIsolated.*Cross-Origin-Opener-Policy/);
   const bad = await captionIn(page, model, { threads: 0 });
   assert.match(bad.error ?? '', /threads must be a positive integer/);
+  await page.close();
+});
+
+test('SmolVLM takes a conversation as messages, in transformers\' chat format', async () => {
+  const page = await blankPage('/threads-test.html');
+  const ref = reference('tests/fixtures/idefics3/reference.json');
+  const messages = [{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: ref.prompt }] }];
+  const viaMessages = await captionIn(page, 'tests/fixtures/idefics3/tiny-smolvlm', { threads: 1 }, { messages, maxNewTokens: ref.max_new_tokens });
+  assert.equal(viaMessages.error, undefined, viaMessages.error);
+  assert.deepEqual(viaMessages.ids, ref.images['astronaut.png'].split.greedy_ids, 'one user turn as messages = the same turn as prompt');
+  const both = await captionIn(page, 'tests/fixtures/idefics3/tiny-smolvlm', { threads: 1 }, { messages, prompt: 'x' });
+  assert.match(both.error, /prompt or messages, not both/);
   await page.close();
 });
