@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { startServer } from '../www/serve.mjs';
 
 // `node bench/browser.mjs memory BYTES REPEATS` prints the streaming-read GB/s instead.
-const [configPath, promptTokens = '8', tokens = '20', repeats = '3', images = '1', beams = '1', weights = 'f32'] = process.argv.slice(2);
+const [configPath, promptTokens = '8', tokens = '20', repeats = '3', images = '1', beams = '1', weights = 'f32', tiles = '1'] = process.argv.slice(2);
 const memoryMode = configPath === 'memory';
 // THREADS=n: the threaded build (pkg/threads/) with a pool of n workers.
 const threads = Number(process.env.THREADS ?? 1);
@@ -36,9 +36,9 @@ try {
     await cdp.send('Profiler.setSamplingInterval', { interval: 200 });
     await cdp.send('Profiler.start');
   }
-  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads, threadedBuild, relaxedSimd]) => {
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads, threadedBuild, relaxedSimd, tiles]) => {
     const call = memoryMode ? 'benchMemory' : 'benchModel';
-    const args = memoryMode ? [promptTokens, tokens] : [config, promptTokens, tokens, repeats, images, beams, weights];
+    const args = memoryMode ? [promptTokens, tokens] : [config, promptTokens, tokens, repeats, images, beams, weights, tiles];
     let reply;
     if (threads > 1 || threadedBuild) {
       const worker = new Worker('/bench/worker.js', { type: 'module' });
@@ -54,7 +54,7 @@ try {
     if (reply.error) throw new Error(reply.error);
     if (memoryMode) return reply.result;
     return { ...reply.result, threads, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads, threadedBuild, relaxedSimd]);
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads, threadedBuild, relaxedSimd, Number(tiles)]);
   if (cdp) printProfile((await cdp.send('Profiler.stop')).profile);
   console.log(JSON.stringify(result));
 } finally {

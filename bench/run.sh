@@ -6,6 +6,8 @@
 #   SigLIP-B/16-224 + GPT-2 small (cross-attention)
 #   ViT-B/16-224 + GPT-2 small (cross-attention: nlpconnect/vit-gpt2-image-captioning's shapes)
 #   SigLIP-B/16-224 + SmolLM-135M-shaped Llama (prefix: 196 image positions + PROMPT text tokens)
+#   SmolVLM-256M-shaped Idefics3 (512 px tiles; a 4 × 4 split image + its global tile = 17 tiles of
+#   64 positions + PROMPT: ~1100 prefill positions; the encoder timed on one tile)
 # Prints a table; quote it with the machine load (printed too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,15 @@ for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.js
     rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
 done
+# SmolVLM-256M: one image split 4 × 4 (17 tiles), f32 and q8_0, natively, in Chromium on 1 and 2 threads.
+config=bench/configs/smolvlm-256m.json
+name=$(basename "$config" .json)
+rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 f32 17)")
+for weights in f32 q8_0; do
+  rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
+  rows+=("$name|chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
+  rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
+done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for wasm in pkg/wasmcap_bg.wasm pkg/threads/wasmcap_bg.wasm; do
   echo "$wasm: $(stat -c %s "$wasm") bytes, $(gzip -9 -c "$wasm" | wc -c) gzipped"
@@ -43,7 +54,7 @@ done
 node -e '
 const args = process.argv.slice(1);
 const f = (x, d = 0) => Number(x).toFixed(d);
-const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M" };
+const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M", "smolvlm-256m": "SmolVLM-256M (Idefics3)" };
 const prefix = args.filter((_, i) => i % 3 === 2).map((a) => JSON.parse(a)).find((r) => r.modelType === "llava");
 console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (prefix ? prefix.prefillPositions - 196 : "?") + " text positions");
 console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");
@@ -53,7 +64,7 @@ console.log("|---|---|---|---|---|---|---|---|---|---|---|");
 for (let i = 0; i < args.length; i += 3) {
   const r = JSON.parse(args[i + 2]);
   const floor = r.decodeWeightBytes / (Number(args[i + 1]) * 1e6);
-  const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.quantized ? `, decoder ${r.quantized}` : "");
+  const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.tiles > 1 ? ` of ${r.tiles} tiles (encoder ms: one tile)` : "") + (r.quantized ? `, decoder ${r.quantized}` : "");
   const [config, where] = args[i].split("|");
   console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
 }

@@ -1,5 +1,5 @@
 //! Native half of `./build.sh bench`:
-//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS] [f32|q8_0|q4_0]`
+//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS] [f32|q8_0|q4_0] [TILES]`
 //! prints one JSON line (medians, plus peak resident memory from /proc).
 //! `cargo run --release --example bench -- memory BYTES [REPEATS]` prints the streaming-read
 //! speed in GB/s over a buffer of BYTES.
@@ -17,7 +17,7 @@ fn main() -> std::process::ExitCode {
     }
     let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
     let quantize = args.get(7).and_then(|name| wasmcap::captioner::decoder_format(name));
-    let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1), quantize };
+    let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1), quantize, tiles: arg(8, 1) };
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })
         .and_then(|json| wasmcap::bench::bench_model_shaped(&json, prompt_tokens, tokens, repeats, shape));

@@ -119,6 +119,12 @@ export interface GenerationOptions {
    */
   prompt?: string;
   /**
+   * Called after each batch of the image's tiles went through the encoder (as many tiles per
+   * batch as threads; a split SmolVLM image has up to 17, other models one). An abort takes
+   * effect between batches.
+   */
+  onEncode?: (progress: { encoded: number; tiles: number }) => void;
+  /**
    * SmolVLM: a whole conversation in transformers' chat format, holding one image, e.g.
    * `[{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: 'What is written here?' }] }]`
    * (instead of `prompt`).

@@ -530,6 +530,7 @@ export class Captioner {
       const run = this._runs.get(data.run);
       if (!run) return;
       if (data.type === 'token') run._push(data.token);
+      else if (data.type === 'encode') run._onEncode?.(data.progress);
       else {
         this._runs.delete(data.run);
         if (data.type === 'done') run._finish(data.result);
@@ -609,7 +610,9 @@ export class Captioner {
   /**
    * Captions an image (URL, Blob/File, PNG/JPEG bytes as an ArrayBuffer or typed array,
    * `{ data, width, height }` RGBA, ImageData, HTMLImageElement, HTMLCanvasElement,
-   * OffscreenCanvas, ImageBitmap; in Node.js also a file path). Options: `signal`, and the generation options of the WASM
+   * OffscreenCanvas, ImageBitmap; in Node.js also a file path). Options: `signal`, `onEncode({ encoded, tiles })`
+   * (after each batch of the image's tiles through the encoder: a split SmolVLM image has up to
+   * 17; an abort takes effect between batches), and the generation options of the WASM
    * API, passed on unchanged (camelCase; unknown keys and bad values reject with Rust's message):
    * `maxNewTokens`, `prompt` (prefix models), `doSample`, `temperature`, `topK`, `topP`, `seed`,
    * `repetitionPenalty`, `noRepeatNgramSize`, `minNewTokens`, `badWordsIds`; for beam search
@@ -639,11 +642,12 @@ export class Captioner {
   }
 
   _run(images, options, many) {
-    const { signal, ...rest } = options ?? {};
+    const { signal, onEncode, ...rest } = options ?? {};
     // Keys left undefined count as not given; everything else goes to Rust as it is, which
     // validates it and decides between one sequence and beam search (src/generation.rs).
     const wasmOptions = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
     const run = new CaptionRun();
+    run._onEncode = onEncode;
     const id = this._nextRun++;
     if (this._disposed) { run._reject(new Error('wasmcap: this captioner was disposed')); return run; }
     if (signal?.aborted) { run._reject(abortError(signal)); return run; }

@@ -70,11 +70,31 @@ function wasmImage(pixels) {
   return { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: pixels.width, height: pixels.height };
 }
 
-// Beam search is one call (no abort point inside; the best running hypothesis after each step
-// comes out as a provisional token event).
-function beamSearch({ run, pixels, options }) {
-  const t0 = performance.now();
-  const sequences = captioner.beamSearch(wasmImage(pixels), options, (token) => postMessage({ type: 'token', run, token }));
+// The image through the encoder a batch of tiles at a time (as many as there are threads), with
+// progress after each batch and a chance to abort between them; false when aborted.
+async function encodeTiles(run, pixels, options) {
+  if (pixels.kind === 'bytes') captioner.startEncoding(new Uint8Array(pixels.data), options);
+  else {
+    const { data } = pixels;
+    captioner.startEncodingRgba(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), pixels.width, pixels.height, options);
+  }
+  for (;;) {
+    const progress = captioner.encodeStep(wasm?.threads ?? 1);
+    postMessage({ type: 'encode', run, progress });
+    if (progress.encoded >= progress.tiles) return true;
+    await yieldToEvents();
+    if (aborted.has(run)) {
+      captioner.abort();
+      postMessage({ type: 'aborted', run });
+      return false;
+    }
+  }
+}
+
+// Beam search after the encoder is one call (no abort point inside; the best running hypothesis
+// after each step comes out as a provisional token event).
+function beamSearch({ run, options, t0 }) {
+  const sequences = captioner.beamSearchEncoded(options, (token) => postMessage({ type: 'token', run, token }));
   const best = sequences[0];
   postMessage({ type: 'token', run, token: { provisional: false, text: best.text, tokenIds: best.tokenIds } });
   postMessage({
@@ -90,12 +110,9 @@ async function caption({ run, image, options }) {
     const beam = captioner.usesBeamSearch(options);
     const pixels = await pixelsOf(image);
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
-    if (beam) return beamSearch({ run, pixels, options });
-    if (pixels.kind === 'bytes') captioner.start(new Uint8Array(pixels.data), options);
-    else {
-      const { data } = pixels;
-      captioner.startRgba(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), pixels.width, pixels.height, options);
-    }
+    const t0 = performance.now();
+    if (!(await encodeTiles(run, pixels, options))) return;
+    if (beam) return beamSearch({ run, options, t0 });
     for (;;) {
       await yieldToEvents();
       if (aborted.has(run)) {

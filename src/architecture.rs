@@ -149,9 +149,10 @@ pub trait Architecture: Send + Sync {
     /// Expands q8_0 encoder-side matrices of a quantized checkpoint to f32. Returns how many.
     fn dequantize_encoder(&mut self) -> candle_core::Result<usize>;
 
-    /// The input layout of [`Architecture::input_ids`] with `text_positions` stand-in ids for the
-    /// text (no tokenizer): what the bench feeds a model with random weights.
-    fn synthetic_input_ids(&self, generation: &GenerationDefaults, text_positions: usize) -> Vec<u32>;
+    /// The input layout of [`Architecture::input_ids`] for an image of `tiles` tiles with
+    /// `text_positions` stand-in ids for the text (no tokenizer): what the bench feeds a model
+    /// with random weights.
+    fn synthetic_input_ids(&self, generation: &GenerationDefaults, text_positions: usize, tiles: usize) -> Vec<u32>;
 
     /// Whether a decode step reads the tensor `name` (as built) whole: the decoder's matrices and
     /// LM head, not what is read once per image or one row at a time. For the bench's read floor.

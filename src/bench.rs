@@ -35,6 +35,8 @@ pub struct BenchReport {
     pub beams: usize,
     /// The decoder's weight format when not f32 (`q8_0`, `q4_0`).
     pub quantized: Option<String>,
+    /// Tiles per image; `encoder_ms` is for one tile of each image.
+    pub tiles: usize,
     /// The encoder's GEMM kernel (`models::packed::kernel_name`).
     pub encoder_kernel: String,
 }
@@ -47,11 +49,15 @@ pub struct BenchShape {
     pub beams: usize,
     /// Decoder matrices quantized to this format (the encoder stays f32).
     pub quantize: Option<candle_core::quantized::GgmlDType>,
+    /// Tiles per image (a split SmolVLM image: rows × cols + 1). One tile per image goes through
+    /// the encoder (the timing is per tile: tiles are independent), its features stand for every
+    /// tile in the prefill, which covers all their positions.
+    pub tiles: usize,
 }
 
 impl Default for BenchShape {
     fn default() -> Self {
-        Self { images: 1, beams: 1, quantize: None }
+        Self { images: 1, beams: 1, quantize: None, tiles: 1 }
     }
 }
 
@@ -216,6 +222,7 @@ fn summarize(
         images: shape.images.max(1),
         beams: shape.beams.max(1),
         quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()),
+        tiles: shape.tiles.max(1),
         encoder_kernel: crate::models::packed::kernel_name().to_string(),
     }
 }
@@ -240,14 +247,20 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     model.pack_encoder()?;
     let build_ms = now_ms() - t0;
     let generation = crate::loading::GenerationDefaults::resolve(None, &config, family.decoder_section)?;
-    let ids = model.synthetic_input_ids(&generation, prompt_tokens);
+    let tiles = shape.tiles.max(1);
+    let ids = model.synthetic_input_ids(&generation, prompt_tokens, tiles);
     let [channels, height, width] = model.image_shape();
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), channels, height, width), &Device::Cpu)?;
     let mut runs = vec![];
     for _ in 0..repeats.max(1) {
         let start = now_ms();
-        let conditioning = model.encode(&pixels)?;
+        let mut conditioning = model.encode(&pixels)?;
         let encoded = now_ms() - start;
+        if tiles > 1 {
+            // Each image's tile stands for all of its tiles, in a row.
+            let rows: Vec<usize> = (0..shape.images.max(1)).flat_map(|i| std::iter::repeat_n(i, tiles)).collect();
+            conditioning = conditioning.index_select(&crate::models::attention::row_index(&rows, &Device::Cpu)?, 0)?;
+        }
         let mut state = model.start(conditioning, &ids)?;
         let mut next = argmax_rows(&model.next_logits(state.as_mut())?)?;
         if let Some(rows) = shape.expand() {

@@ -155,6 +155,34 @@ impl CaptionRun {
     }
 }
 
+/// Images part-way through the encoder: see [`Captioner::start_encoding`].
+pub struct EncodeRun {
+    pixels: Pixels,
+    prompt_ids: Vec<u32>,
+    options: CaptionOptions,
+    max_new_tokens: usize,
+    /// The encoder's output for the tiles before `next`, in steps.
+    encoded: Vec<Tensor>,
+    next: usize,
+    started_ms: f64,
+}
+
+impl EncodeRun {
+    /// The tiles of every image (one per image unless the processor splits them).
+    pub fn tiles(&self) -> usize {
+        self.pixels.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Tiles encoded so far.
+    pub fn encoded(&self) -> usize {
+        self.next
+    }
+
+    pub fn is_encoded(&self) -> bool {
+        self.next >= self.tiles()
+    }
+}
+
 pub use crate::models::llava::prefix_prompt_text;
 
 impl Captioner {
@@ -351,26 +379,58 @@ impl Captioner {
     /// of N images of one grid) at once and prepares decoding them together; then call
     /// [`Captioner::step`] until it returns no events.
     pub fn start_many(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions) -> Result<CaptionRun> {
+        self.finish_encoding(self.start_encoding(pixel_values, options)?)
+    }
+
+    /// [`Captioner::start_many`] in steps: checks the options, the prompt and the pixels, and
+    /// returns the run whose tiles [`Captioner::encode_step`] encodes a few at a time — so a
+    /// caller (the JS worker) can report progress and stop between tiles of a long encode —
+    /// and [`Captioner::finish_encoding`] turns into a caption run.
+    pub fn start_encoding(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions) -> Result<EncodeRun> {
         let started_ms = now_ms();
         options.sampling.validate()?;
         let pixels = pixel_values.to_pixels();
+        self.check_pixels(pixels.values())?;
         // Before the encoder runs: a prompt the model cannot take is refused here.
         let prompt_ids = self.input_ids_for(options, Self::one_grid(&pixels)?)?;
-        let conditioning = self.encode(pixels.values())?;
-        // The image encoder alone (with a prefix model's projector), as documented; GPT-2's
-        // cross-attention keys/values are decoder work and count toward the first token.
-        let encoder_ms = now_ms() - started_ms;
-        let n = pixels.len();
-        let state = self.model.start(conditioning, &prompt_ids)?;
-        let (seen, positions) = (prompt_ids, self.model.max_positions());
+        let (prompt_len, positions) = (prompt_ids.len(), self.model.max_positions());
         let fallback = self.model.default_max_new_tokens();
-        let prompt_len = seen.len();
         let max_new_tokens = options.max_new_tokens.unwrap_or_else(|| self.generation.max_new_tokens_after(prompt_len, fallback));
         if prompt_len + max_new_tokens > positions {
             return Err(Error::Generation(format!(
                 "max_new_tokens {max_new_tokens} does not fit the decoder: {prompt_len} prompt positions + new tokens exceed its {positions} positions (n_positions / max_position_embeddings)"
             )));
         }
+        Ok(EncodeRun { pixels, prompt_ids, options: options.clone(), max_new_tokens, encoded: Vec::new(), next: 0, started_ms })
+    }
+
+    /// Encodes up to `tiles` more tiles of `run` (at least one, while any are left), as one
+    /// batch; returns how many are encoded so far.
+    pub fn encode_step(&self, run: &mut EncodeRun, tiles: usize) -> Result<usize> {
+        let n = tiles.max(1).min(run.tiles() - run.next);
+        if n > 0 {
+            run.encoded.push(self.model.encode(&run.pixels.values().narrow(0, run.next, n)?)?);
+            run.next += n;
+        }
+        Ok(run.next)
+    }
+
+    /// The caption run of an encoding (the tiles left, if any, encoded now as one batch).
+    pub fn finish_encoding(&self, mut run: EncodeRun) -> Result<CaptionRun> {
+        if !run.is_encoded() {
+            self.encode_step(&mut run, usize::MAX)?;
+        }
+        let conditioning = match run.encoded.len() {
+            1 => run.encoded.remove(0),
+            _ => Tensor::cat(&run.encoded, 0)?,
+        };
+        let EncodeRun { pixels, prompt_ids, options, max_new_tokens, started_ms, .. } = run;
+        // The image encoder alone (with a prefix model's projector), as documented; GPT-2's
+        // cross-attention keys/values are decoder work and count toward the first token.
+        let encoder_ms = now_ms() - started_ms;
+        let n = pixels.len();
+        let state = self.model.start(conditioning, &prompt_ids)?;
+        let seen = prompt_ids;
         let rows = (0..n)
             .map(|_| RowRun {
                 seen: seen.clone(),
@@ -456,9 +516,20 @@ impl Captioner {
         pixels: &Pixels,
         options: &CaptionOptions,
         beams: &BeamOptions,
+        on_provisional: impl FnMut(usize, &[u32]),
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        self.beam_search_run(self.start_many(pixels, options)?, beams, on_provisional)
+    }
+
+    /// Beam search from a started run (its images encoded, e.g. step by step with
+    /// [`Captioner::encode_step`]): per image, the hypotheses of [`Captioner::beam_search_many`].
+    pub fn beam_search_run(
+        &self,
+        mut run: CaptionRun,
+        beams: &BeamOptions,
         mut on_provisional: impl FnMut(usize, &[u32]),
     ) -> Result<Vec<Vec<Hypothesis>>> {
-        let mut run = self.start_many(pixels, options)?;
+        beams.validate()?;
         let k = beams.num_beams;
         let mut searches = (0..run.rows.len())
             .map(|_| BeamSearch::new(k, beams.length_penalty, beams.early_stopping, run.max_new_tokens, run.eos.clone()))

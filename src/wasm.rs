@@ -69,6 +69,13 @@ impl crate::loading::ByteSource for JsBytes {
     }
 }
 
+/// `encodeStep`'s answer (a struct: `serde_json::json!` objects would reach JS as `Map`s).
+#[derive(serde::Serialize)]
+struct EncodeProgress {
+    encoded: usize,
+    tiles: usize,
+}
+
 fn js_error(e: crate::Error) -> JsError {
     JsError::new(&e.to_string())
 }
@@ -156,6 +163,8 @@ struct JsTimings {
 pub struct WasmCaptioner {
     inner: Captioner,
     run: Option<CaptionRun>,
+    /// An image part-way through the encoder (`startEncoding` … `encodeStep`).
+    encoding: Option<crate::captioner::EncodeRun>,
 }
 
 #[wasm_bindgen]
@@ -228,7 +237,7 @@ impl WasmCaptioner {
             adapter,
         };
         let inner = Captioner::from_files_reading(files, &weights, &sources).map_err(js_error)?;
-        Ok(WasmCaptioner { inner, run: None })
+        Ok(WasmCaptioner { inner, run: None, encoding: None })
     }
 
     /// Starts captioning encoded image bytes (PNG/JPEG); replaces any caption in progress. One
@@ -250,6 +259,59 @@ impl WasmCaptioner {
         let pixels = self.inner.pixel_values_from_rgba(rgba, width, height).map_err(js_error)?;
         self.run = Some(self.inner.start(&pixels, &options).map_err(js_error)?);
         Ok(())
+    }
+
+    /// Starts captioning encoded image bytes as `start` does, without running the encoder:
+    /// `encodeStep` then encodes its tiles a few at a time (a split SmolVLM image has up to 17),
+    /// so the caller can report progress and stop between tiles. Returns the number of tiles.
+    #[wasm_bindgen(js_name = startEncoding)]
+    pub fn start_encoding(&mut self, image: &[u8], options_js: JsValue) -> Result<usize, JsError> {
+        self.abort();
+        let options = plan(options_js, &self.inner)?.options;
+        let pixels = self.inner.pixel_values_from_bytes(image).map_err(js_error)?;
+        self.begin_encoding(&pixels, &options)
+    }
+
+    /// `startEncoding` for raw RGBA pixels.
+    #[wasm_bindgen(js_name = startEncodingRgba)]
+    pub fn start_encoding_rgba(&mut self, rgba: &[u8], width: u32, height: u32, options_js: JsValue) -> Result<usize, JsError> {
+        self.abort();
+        let options = plan(options_js, &self.inner)?.options;
+        let pixels = self.inner.pixel_values_from_rgba(rgba, width, height).map_err(js_error)?;
+        self.begin_encoding(&pixels, &options)
+    }
+
+    /// Encodes up to `tiles` more tiles (one batch) of the image `startEncoding` took; returns
+    /// `{ encoded, tiles }`. Once all are encoded the caption is ready for `nextToken` (or
+    /// `beamSearchEncoded`).
+    #[wasm_bindgen(js_name = encodeStep)]
+    pub fn encode_step(&mut self, tiles: usize) -> Result<JsValue, JsError> {
+        let Some(run) = self.encoding.as_mut() else {
+            return Err(JsError::new("generation: no image being encoded; call startEncoding() first"));
+        };
+        let encoded = self.inner.encode_step(run, tiles).map_err(js_error)?;
+        let total = run.tiles();
+        if run.is_encoded() {
+            if let Some(run) = self.encoding.take() {
+                self.run = Some(self.inner.finish_encoding(run).map_err(js_error)?);
+            }
+        }
+        to_js(&EncodeProgress { encoded, tiles: total })
+    }
+
+    /// Beam search over the image `startEncoding` … `encodeStep` encoded (options as
+    /// `beamSearch`'s, the same ones the encoding started with); returns what `beamSearch` does.
+    #[wasm_bindgen(js_name = beamSearchEncoded)]
+    pub fn beam_search_encoded(&mut self, options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
+        let plan = plan(options_js, &self.inner)?;
+        let beams = plan.beams.unwrap_or_else(|| BeamOptions { num_beams: 1, ..self.inner.default_beam_options() });
+        let Some(run) = self.run.take() else {
+            return Err(JsError::new("generation: no encoded image; call startEncoding() and encodeStep() first"));
+        };
+        let mut callback = Callback::new(on_provisional);
+        let mut all = self.inner.beam_search_run(run, &beams, |_, best| callback.call(|| self.provisional(best), None)).map_err(js_error)?;
+        callback.result()?;
+        to_js(&self.hypotheses(all.pop().unwrap_or_default())?)
     }
 
     /// The next token as `{ id, text, delta }`, or `undefined` when the caption is complete.
@@ -293,6 +355,7 @@ impl WasmCaptioner {
     /// Drops the caption in progress.
     pub fn abort(&mut self) {
         self.run = None;
+        self.encoding = None;
     }
 
     /// The generation options `generation_config.json` sets, camelCase: `{ maxNewTokens?,
@@ -422,6 +485,16 @@ impl WasmCaptioner {
     }
 
     /// Image `i` of `captionMany`: PNG/JPEG bytes or `{ data, width, height }` RGBA → [1, 3, H, W].
+    fn begin_encoding(&mut self, pixels: &crate::preprocess::Pixels, options: &crate::CaptionOptions) -> Result<usize, JsError> {
+        if pixels.len() != 1 {
+            return Err(JsError::new("startEncoding takes one image"));
+        }
+        let run = self.inner.start_encoding(pixels, options).map_err(js_error)?;
+        let tiles = run.tiles();
+        self.encoding = Some(run);
+        Ok(tiles)
+    }
+
     fn pixels_of(&self, image: &JsValue, i: usize) -> Result<crate::preprocess::Pixels, JsError> {
         if let Some(bytes) = image.dyn_ref::<js_sys::Uint8Array>() {
             return self.inner.pixel_values_from_bytes(&bytes.to_vec()).map_err(|e| JsError::new(&format!("image {i}: {e}")));
@@ -551,6 +624,7 @@ pub fn bench_model(
     images: Option<usize>,
     beams: Option<usize>,
     quantize: Option<String>,
+    tiles: Option<usize>,
 ) -> Result<JsValue, JsError> {
     let quantize = match quantize.as_deref() {
         None | Some("f32") => None,
@@ -559,7 +633,7 @@ pub fn bench_model(
                 .ok_or_else(|| JsError::new(&format!("benchModel: unknown weight format {other} (f32, q8_0, q4_0)")))?,
         ),
     };
-    let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), quantize };
+    let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), quantize, tiles: tiles.unwrap_or(1) };
     let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;
     let value = to_js(&report)?;
     js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes()))

@@ -179,3 +179,33 @@ fn messages_render_as_the_processor_renders_a_conversation() {
     let err = Captioner::from_files(vit.files()).unwrap().input_ids_for(&options, Grid::WHOLE).unwrap_err().to_string();
     assert!(err.contains("chat template"), "{err}");
 }
+
+#[test]
+fn tiles_encoded_a_few_at_a_time_give_what_one_batch_gives() {
+    let fx = smolvlm();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let captioner = captioner("split");
+    let name = "astronaut.png";
+    let grids = captioner.pixel_values_from_bytes(image(name)).unwrap().grids().to_vec();
+    let pixels = Pixels::tiled(tensors[&format!("pixel_values.{name}.split")].clone(), grids).unwrap();
+    let want = ids(&reference["images"][name]["split"]["greedy_ids"]);
+    for step in [1, 2, 4] {
+        let mut run = captioner.start_encoding(&pixels, &options(&reference)).unwrap();
+        assert_eq!(run.tiles(), 10);
+        let mut progress = Vec::new();
+        while !run.is_encoded() {
+            progress.push(captioner.encode_step(&mut run, step).unwrap());
+        }
+        let expected: Vec<usize> = (1..).map(|i| (i * step).min(10)).take(10_usize.div_ceil(step)).collect();
+        assert_eq!(progress, expected, "{step} tiles a step");
+        let mut caption = captioner.finish_encoding(run).unwrap();
+        let mut got = Vec::new();
+        while let Some(event) = captioner.next_token(&mut caption).unwrap() {
+            got.push(event.id);
+        }
+        assert_eq!(got, want, "{step} tiles a step");
+    }
+    // The options are checked before any tile is encoded.
+    let too_long = CaptionOptions { max_new_tokens: Some(100_000), ..options(&reference) };
+    assert!(captioner.start_encoding(&pixels, &too_long).err().unwrap().to_string().contains("max_new_tokens"));
+}

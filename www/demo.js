@@ -94,7 +94,10 @@ async function caption(image, previewSrc) {
   const ids = [];
   $('caption').dataset.tokenIds = '[]';
   try {
-    const run = demo.captioner.caption(image, { maxNewTokens: Number($('max-tokens').value) || 20, signal: controller.signal });
+    const prompt = $('prompt').value.trim() || undefined;
+    // A split SmolVLM image goes through the encoder tile by tile: say how far it got.
+    const onEncode = ({ encoded, tiles }) => { if (tiles > 1) $('timings').textContent = `encoding tile ${encoded} of ${tiles}…`; };
+    const run = demo.captioner.caption(image, { maxNewTokens: Number($('max-tokens').value) || 20, prompt, onEncode, signal: controller.signal });
     for await (const t of run) {
       ids.push(t.id);
       $('caption').textContent = t.text;

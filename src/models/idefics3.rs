@@ -248,10 +248,10 @@ impl Architecture for Idefics3 {
         Ok(self.vision_model.dequantize()? + usize::from(self.modality_projection.dequantize()?))
     }
 
-    /// An unsplit image's positions, then `text_positions` ids spread over the vocabulary.
-    fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize) -> Vec<u32> {
+    /// The image positions of `tiles` tiles, then `text_positions` ids spread over the vocabulary.
+    fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize, tiles: usize) -> Vec<u32> {
         let (image, vocab) = (self.config.image_token_id, self.config.text_config.vocab_size.max(2) as u32);
-        let mut ids = vec![image; self.config.image_seq_len()];
+        let mut ids = vec![image; self.config.image_seq_len() * tiles.max(1)];
         ids.extend((0..text_positions as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == image { 1 } else { id }));
         ids
     }

@@ -362,7 +362,7 @@ impl Architecture for Llava {
 
     /// The image positions, then `text_positions` ids spread over the vocabulary (never the image
     /// token).
-    fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize) -> Vec<u32> {
+    fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize, _: usize) -> Vec<u32> {
         let (image, vocab) = (self.config.image_token_index, self.config.text_config.vocab_size.max(2) as u32);
         let mut ids = vec![image; self.config.num_image_tokens()];
         ids.extend((0..text_positions as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == image { 1 } else { id }));

@@ -332,7 +332,7 @@ impl Architecture for VisionEncoderDecoder {
         VisionEncoderDecoder::dequantize_encoder(self)
     }
 
-    fn synthetic_input_ids(&self, generation: &GenerationDefaults, _: usize) -> Vec<u32> {
+    fn synthetic_input_ids(&self, generation: &GenerationDefaults, _: usize, _: usize) -> Vec<u32> {
         vec![generation.decoder_start_token_id.unwrap_or_default()]
     }
 

@@ -129,3 +129,36 @@ test('SmolVLM takes a conversation as messages, in transformers\' chat format', 
   assert.match(both.error, /prompt or messages, not both/);
   await page.close();
 });
+
+test('SmolVLM reports its tiles through the encoder, a batch per step as wide as the threads, and stops between them on abort', async () => {
+  const page = await blankPage('/threads-test.html');
+  const ref = reference('tests/fixtures/idefics3/reference.json');
+  const r = await page.evaluate(async ([model, image, prompt, max]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const out = {};
+    for (const threads of [1, 2]) {
+      const captioner = await Captioner.fromPretrained(model, { cache: false, threads });
+      const seen = [];
+      const { tokenIds } = await captioner.caption(image, { prompt, maxNewTokens: max, onEncode: (p) => seen.push(p) }).result;
+      // Aborted after the first batch: the rest of the tiles are not encoded.
+      const cut = [];
+      const run = captioner.caption(image, { prompt, onEncode: (p) => { cut.push(p); run.abort(); } });
+      const error = await run.result.then(() => null, (e) => e.name);
+      const again = (await captioner.caption(image, { prompt, maxNewTokens: max }).result).tokenIds;
+      captioner.dispose();
+      out[threads] = { seen, tokenIds, cut, error, again };
+    }
+    return out;
+  }, [`${base}/tests/fixtures/idefics3/tiny-smolvlm/`, `${base}/${IMAGE}`, ref.prompt, ref.max_new_tokens]);
+  const want = ref.images['astronaut.png'].split.greedy_ids;
+  for (const threads of [1, 2]) {
+    const { seen, tokenIds, cut, error, again } = r[threads];
+    const steps = Array.from({ length: Math.ceil(10 / threads) }, (_, i) => ({ encoded: Math.min(10, (i + 1) * threads), tiles: 10 }));
+    assert.deepEqual(seen, steps, `${threads} threads: 10 tiles (3 × 3 + the whole image), ${threads} a step`);
+    assert.deepEqual(tokenIds, want);
+    assert.equal(error, 'AbortError');
+    assert.ok(cut.length >= 1 && cut.at(-1).encoded < 10, `${threads} threads: stopped at ${JSON.stringify(cut)}`);
+    assert.deepEqual(again, want, 'the captioner goes on after the abort');
+  }
+  await page.close();
+});
