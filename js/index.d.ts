@@ -218,7 +218,7 @@ export declare class Captioner {
   readonly generationDefaults: Readonly<BeamSearchOptions & { numBeams: number; numReturnSequences: number }>;
   /** The threads the model runs on (1: the single-threaded build). */
   readonly threads: number;
-  /** WASM memory once the model was loaded, in bytes: the peak of loading (WASM memory never shrinks). */
+  /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
   readonly memoryBytes: number;
   /**
    * Loads a model from a hub id (`org/name`, `org/name@revision`), a 🤗-layout folder URL (a

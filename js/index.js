@@ -519,7 +519,7 @@ export class Captioner {
     this._worker = worker;
     /** The threads the model runs on (1: the single-threaded build). */
     this.threads = threads;
-    /** WASM memory once the model was loaded, in bytes: the peak of loading (it never shrinks). */
+    /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
     this.memoryBytes = memoryBytes;
     /** The generation options the model's generation_config.json sets (camelCase). */
     this.generationDefaults = Object.freeze({ ...defaults });
@@ -533,6 +533,7 @@ export class Captioner {
       else if (data.type === 'encode') run._onEncode?.(data.progress);
       else {
         this._runs.delete(data.run);
+        if (data.memoryBytes) this.memoryBytes = data.memoryBytes;
         if (data.type === 'done') run._finish(data.result);
         else if (data.type === 'aborted') run._reject(run._abortReason ?? abortError());
         else if (data.type === 'error') run._reject(new Error(data.message));

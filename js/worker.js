@@ -4,7 +4,7 @@
 // main → worker: { type: 'load', files, quantize, threads }  → { type: 'loaded', defaults, threads, memoryBytes } | { type: 'error' }
 //                { type: 'caption', run, image, options }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
-//                    final one), then { type: 'done', run, result } | { type: 'error', run, message }
+//                    final one), then { type: 'done', run, result, memoryBytes } | { type: 'error', run, message }
 //                    | { type: 'aborted', run }
 //                { type: 'captionMany', run, images, options }
 //                  → { type: 'token', run, token: { index, ... } }*, then 'done' (result: an array) | …
@@ -98,7 +98,7 @@ function beamSearch({ run, options, t0 }) {
   const best = sequences[0];
   postMessage({ type: 'token', run, token: { provisional: false, text: best.text, tokenIds: best.tokenIds } });
   postMessage({
-    type: 'done', run,
+    type: 'done', run, memoryBytes: wasm.mod.memoryBytes(),
     result: { text: best.text, tokenIds: best.tokenIds, score: best.score, sequences, timings: { totalMs: performance.now() - t0 } },
   });
 }
@@ -125,7 +125,7 @@ async function caption({ run, image, options }) {
     }
     const result = captioner.finish();
     captioner.abort(); // drop the run's state (KV cache) now that the result is out
-    postMessage({ type: 'done', run, result });
+    postMessage({ type: 'done', run, result, memoryBytes: wasm.mod.memoryBytes() });
   } catch (e) {
     postMessage({ type: 'error', run, message: message(e) });
   } finally {
@@ -144,7 +144,7 @@ async function captionMany({ run, images, options }) {
     const results = captioner.captionMany(inputs, options, (index, token) => postMessage({ type: 'token', run, token: { index, ...token } }));
     const totalMs = performance.now() - t0;
     for (const r of results) r.timings ??= { totalMs };
-    postMessage({ type: 'done', run, result: results });
+    postMessage({ type: 'done', run, result: results, memoryBytes: wasm.mod.memoryBytes() });
   } catch (e) {
     postMessage({ type: 'error', run, message: message(e) });
   } finally {

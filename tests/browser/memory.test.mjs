@@ -1,7 +1,8 @@
 // Loading does not keep the downloaded file next to the tensors made from it: WASM memory after
 // loading a 220 MB checkpoint (GPT-2-wide, made here with random weights: one SigLIP layer of
 // width 768, one GPT-2 block, the full 50257 × 768 embedding) stays within 1.3× the weights, in
-// both builds. Run by `./build.sh test-pages` after pkg/ is built.
+// both builds; a SmolVLM-256M-shaped model (1 GB of f32 weights, read in 256 MiB pieces) loads and
+// captions a 512 px tile within 1.3× its weights. Run by `./build.sh test-pages` after pkg/ is built.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -10,7 +11,7 @@ import { startServer } from '../../www/serve.mjs';
 import { launch, watchPage, printLog, root } from './helpers.mjs';
 
 const D = 768, V = 50257, POSITIONS = 64, IMAGE = 32, PATCH = 16;
-let server, browser, base, weightsBytes;
+let server, browser, base, weightsBytes, smolvlm;
 const log = [];
 
 const config = {
@@ -50,9 +51,42 @@ function shapes() {
   return t;
 }
 
-/** A safetensors file of `shapes()` with small pseudo-random f32 values. */
-function checkpoint() {
-  const entries = Object.entries(shapes());
+/** A SmolVLM-256M-shaped Idefics3 checkpoint's tensors (SigLIP-B/16 at 512 px, pixel shuffle by
+ * 4, SmolLM2-135M with an untied head), as transformers names them. */
+const SMOLVLM = { D: 768, T: 576, V: 49280, KV: 192, FF: 1536, IMAGE: 512, PATCH: 16, SCALE: 4 };
+function smolvlmShapes() {
+  const { D, T, V, KV, FF, IMAGE: S, PATCH: P, SCALE } = SMOLVLM;
+  const t = {};
+  const e = 'model.vision_model.';
+  t[`${e}embeddings.patch_embedding.weight`] = [D, 3, P, P];
+  t[`${e}embeddings.patch_embedding.bias`] = [D];
+  t[`${e}embeddings.position_embedding.weight`] = [(S / P) ** 2, D];
+  for (let i = 0; i < 12; i++) {
+    const l = `${e}encoder.layers.${i}.`;
+    for (const n of ['layer_norm1', 'layer_norm2']) { t[`${l}${n}.weight`] = [D]; t[`${l}${n}.bias`] = [D]; }
+    for (const n of ['q_proj', 'k_proj', 'v_proj', 'out_proj']) { t[`${l}self_attn.${n}.weight`] = [D, D]; t[`${l}self_attn.${n}.bias`] = [D]; }
+    t[`${l}mlp.fc1.weight`] = [4 * D, D]; t[`${l}mlp.fc1.bias`] = [4 * D];
+    t[`${l}mlp.fc2.weight`] = [D, 4 * D]; t[`${l}mlp.fc2.bias`] = [D];
+  }
+  t[`${e}post_layernorm.weight`] = [D]; t[`${e}post_layernorm.bias`] = [D];
+  t['model.connector.modality_projection.proj.weight'] = [T, D * SCALE * SCALE];
+  const m = 'model.text_model.';
+  t[`${m}embed_tokens.weight`] = [V, T];
+  for (let i = 0; i < 30; i++) {
+    const l = `${m}layers.${i}.`;
+    t[`${l}input_layernorm.weight`] = [T]; t[`${l}post_attention_layernorm.weight`] = [T];
+    t[`${l}self_attn.q_proj.weight`] = [T, T]; t[`${l}self_attn.k_proj.weight`] = [KV, T];
+    t[`${l}self_attn.v_proj.weight`] = [KV, T]; t[`${l}self_attn.o_proj.weight`] = [T, T];
+    t[`${l}mlp.gate_proj.weight`] = [FF, T]; t[`${l}mlp.up_proj.weight`] = [FF, T]; t[`${l}mlp.down_proj.weight`] = [T, FF];
+  }
+  t[`${m}norm.weight`] = [T];
+  t['lm_head.weight'] = [V, T];
+  return t;
+}
+
+/** A safetensors file of `tensors` (name → shape) with small pseudo-random f32 values. */
+function checkpoint(tensors = shapes()) {
+  const entries = Object.entries(tensors);
   const header = {};
   let offset = 0;
   for (const [name, shape] of entries) {
@@ -93,9 +127,10 @@ before(async () => {
         res.end('<!doctype html><link rel="icon" href="data:,"><title>memory</title>');
         return true;
       }
-      const name = req.url.startsWith('/big-model/') && req.url.slice('/big-model/'.length);
-      if (!name) return false;
-      const body = files[name];
+      const [, folder, name] = req.url.match(/^\/(big-model|smolvlm-256m)\/([\w.-]+)$/) ?? [];
+      if (!folder) return false;
+      if (folder === 'smolvlm-256m') smolvlm ??= smolvlmFolder();
+      const body = (folder === 'big-model' ? files : smolvlm)[name];
       res.writeHead(body ? 200 : 404, { ...headers, 'Content-Length': body?.length ?? 0 });
       res.end(body);
       return true;
@@ -104,6 +139,32 @@ before(async () => {
   base = `http://127.0.0.1:${server.address().port}`;
   browser = await launch();
 });
+
+/** The SmolVLM-256M-shaped folder: the tiny fixture's tokenizer, chat template and generation
+ * config; tiles of 512 px, not split (one tile: the test is about memory, not speed). */
+function smolvlmFolder() {
+  const fixture = (name) => readFileSync(join(root, 'tests/fixtures/idefics3/tiny-smolvlm', name));
+  const { D, T, V, KV, FF, IMAGE: S, PATCH: P, SCALE } = SMOLVLM;
+  const config = {
+    model_type: 'idefics3', architectures: ['Idefics3ForConditionalGeneration'], image_token_id: 1023, scale_factor: SCALE,
+    tie_word_embeddings: false,
+    vision_config: { model_type: 'idefics3_vision', hidden_size: D, intermediate_size: 4 * D, num_hidden_layers: 12, num_attention_heads: 12, image_size: S, patch_size: P },
+    text_config: {
+      model_type: 'llama', vocab_size: V, hidden_size: T, intermediate_size: FF, num_hidden_layers: 30, num_attention_heads: 9,
+      num_key_value_heads: KV / 64, head_dim: 64, rms_norm_eps: 1e-5, rope_theta: 100000, max_position_embeddings: 8192, tie_word_embeddings: false,
+    },
+  };
+  const preprocessor = JSON.parse(fixture('preprocessor_config.json'));
+  Object.assign(preprocessor, { do_image_splitting: false, max_image_size: { longest_edge: S }, size: { longest_edge: 4 * S } });
+  return {
+    'config.json': Buffer.from(JSON.stringify(config)),
+    'model.safetensors': checkpoint(smolvlmShapes()),
+    'tokenizer.json': fixture('tokenizer.json'),
+    'preprocessor_config.json': Buffer.from(JSON.stringify(preprocessor)),
+    'generation_config.json': fixture('generation_config.json'),
+    'chat_template.jinja': fixture('chat_template.jinja'),
+  };
+}
 
 after(async () => {
   printLog(log);
@@ -132,5 +193,29 @@ test('WASM memory after loading a 220 MB checkpoint is within 1.3× its weights,
     console.log(`# ${threads} thread(s): WASM memory after load ${(r.memoryBytes / 2 ** 20).toFixed(0)} MiB for ${(weightsBytes / 2 ** 20).toFixed(0)} MiB of weights (${ratio.toFixed(2)}×)`);
     assert.ok(ratio <= 1.3, `${threads} thread(s): ${ratio.toFixed(2)}× the weights`);
   }
+  await page.close();
+});
+
+test('a SmolVLM-256M-shaped model (1 GB of f32 weights) loads and captions a 512 px tile within 1.3× its weights', async () => {
+  const page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`${base}/memory-test.html`);
+  const r = await page.evaluate(async ([model, image]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const c = await Captioner.fromPretrained(model, { cache: false, threads: 1 });
+    try {
+      const loaded = c.memoryBytes;
+      const result = await c.caption(image, { prompt: 'Describe this image.', maxNewTokens: 3 }).result;
+      return { loaded, captioned: c.memoryBytes, ids: result.tokenIds };
+    } finally {
+      c.dispose();
+    }
+  }, [`${base}/smolvlm-256m/`, `${base}/tests/fixtures/images/astronaut.png`]);
+  assert.equal(r.ids.length, 3);
+  const weights = smolvlm['model.safetensors'].length;
+  const mib = (n) => (n / 2 ** 20).toFixed(0);
+  console.log(`# SmolVLM-256M shapes: WASM memory ${mib(r.loaded)} MiB after load, ${mib(r.captioned)} MiB after a caption, for ${mib(weights)} MiB of weights (${(r.captioned / weights).toFixed(2)}×)`);
+  assert.ok(r.captioned >= r.loaded);
+  assert.ok(r.captioned / weights <= 1.3, `${(r.captioned / weights).toFixed(2)}× the weights`);
   await page.close();
 });
