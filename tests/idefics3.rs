@@ -209,3 +209,71 @@ fn tiles_encoded_a_few_at_a_time_give_what_one_batch_gives() {
     let too_long = CaptionOptions { max_new_tokens: Some(100_000), ..options(&reference) };
     assert!(captioner.start_encoding(&pixels, &too_long).err().unwrap().to_string().contains("max_new_tokens"));
 }
+
+#[test]
+fn a_transformers_4_config_gives_the_same_model() {
+    // transformers 4.57 saves the same 59 tensor names (checked by loading and re-saving the fixture
+    // with it); its config.json keeps RoPE's θ in text_config.rope_theta, without rope_parameters.
+    let fx = smolvlm();
+    let reference = fx.reference();
+    let mut config: serde_json::Value = serde_json::from_slice(fx.config).unwrap();
+    let theta = config["text_config"]["rope_parameters"]["rope_theta"].clone();
+    let text = config["text_config"].as_object_mut().unwrap();
+    text.remove("rope_parameters");
+    text.insert("rope_theta".into(), theta);
+    let bytes = serde_json::to_vec(&config).unwrap();
+    let captioner = Captioner::from_files(wasmcap::loading::ModelFiles { config: &bytes, ..fx.files(None) }).unwrap();
+    let pixels = captioner.pixel_values_from_bytes(image("astronaut.png")).unwrap();
+    let caption = captioner.caption(&pixels, &options(&reference), |_| {}).unwrap();
+    assert_eq!(caption.token_ids, ids(&reference["images"]["astronaut.png"]["split"]["greedy_ids"]));
+}
+
+/// The full-size check (`make_idefics3_fixtures.py --full-size DIR`, not committed): a
+/// SmolVLM-256M-shaped model — 17 tiles of 512 px, ~1100 prefill positions — against
+/// transformers: prompt ids, pixel values, first-step logits and greedy ids, split and unsplit.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+#[ignore = "needs WASMCAP_FULL_IDEFICS3=DIR from make_idefics3_fixtures.py --full-size"]
+fn full_size_smolvlm_256m_shapes() {
+    let dir = std::path::PathBuf::from(std::env::var("WASMCAP_FULL_IDEFICS3").expect("WASMCAP_FULL_IDEFICS3=DIR"));
+    let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        wasmcap::loading::load_safetensors("reference", &std::fs::read(dir.join("reference.safetensors")).unwrap(), |n| n.to_string()).unwrap();
+    let bytes = image("astronaut.png");
+    for mode in MODES {
+        let files = wasmcap::loading::OwnedModelFiles::read_dir(&dir).unwrap();
+        let mut preprocessor: serde_json::Value = serde_json::from_slice(&files.preprocessor).unwrap();
+        preprocessor["do_image_splitting"] = (mode == "split").into();
+        let files = wasmcap::loading::OwnedModelFiles { preprocessor: serde_json::to_vec(&preprocessor).unwrap(), ..files };
+        let captioner = Captioner::from_files(files.borrow()).unwrap();
+        let want = &reference["cases"][mode];
+        let t0 = std::time::Instant::now();
+        let ours = captioner.pixel_values_from_bytes(bytes).unwrap();
+        let prompt = reference["prompt"].as_str();
+        assert_eq!(captioner.prompt_ids_for(prompt, ours.grids()[0]).unwrap(), ids(&want["input_ids"]), "{mode}");
+        let diff = max_abs_diff(&ours, &tensors[&format!("pixel_values.{mode}")]);
+        report(&format!("full-size {mode} pixel values max-abs"), diff);
+        assert!(diff <= PIXEL_TOL);
+        let options = CaptionOptions {
+            prompt: prompt.map(str::to_string),
+            max_new_tokens: Some(want["greedy_ids"].as_array().unwrap().len()),
+            ..Default::default()
+        };
+        let theirs = Pixels::tiled(tensors[&format!("pixel_values.{mode}")].clone(), ours.grids().to_vec()).unwrap();
+        let logits = captioner.first_step_logits(&theirs, &options).unwrap();
+        let diff = max_abs_diff(&logits, &tensors[&format!("logits.{mode}")]);
+        let scale = tensors[&format!("logits.{mode}")].abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        report(&format!("full-size {mode} first-step logits max-abs (largest logit {scale:.1})"), diff);
+        let caption = captioner.caption(&theirs, &options, |_| {}).unwrap();
+        eprintln!(
+            "full-size {mode}: {} tiles, encoder {:.0} ms, first token {:.0} ms, {:.1} tokens/s, all {:.1} s",
+            ours.dims()[0],
+            caption.encoder_ms,
+            caption.first_token_ms,
+            caption.tokens_per_s,
+            t0.elapsed().as_secs_f64()
+        );
+        assert_eq!(caption.token_ids, ids(&want["greedy_ids"]), "{mode}: greedy");
+        assert!(diff <= STATE_TOL * scale.max(1.0), "{mode}: logits differ by {diff}");
+    }
+}
