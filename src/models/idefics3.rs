@@ -19,7 +19,7 @@ use crate::preprocess::Grid;
 
 use super::linear::{linear_b, Linear};
 use super::llama::{Llama, LlamaConfig};
-use super::llava::{image_token_text, PrefixState};
+use super::llava::{decode_step_reads, image_token_text, synthetic_prefix_ids, PrefixState};
 use super::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
 
 /// `Idefics3Config` (`config.json` with `model_type` `idefics3` or `smolvlm`).
@@ -250,15 +250,12 @@ impl Architecture for Idefics3 {
 
     /// The image positions of `tiles` tiles, then `text_positions` ids spread over the vocabulary.
     fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize, tiles: usize) -> Vec<u32> {
-        let (image, vocab) = (self.config.image_token_id, self.config.text_config.vocab_size.max(2) as u32);
-        let mut ids = vec![image; self.config.image_seq_len() * tiles.max(1)];
-        ids.extend((0..text_positions as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == image { 1 } else { id }));
-        ids
+        let positions = self.config.image_seq_len() * tiles.max(1);
+        synthetic_prefix_ids(self.config.image_token_id, positions, &self.config.text_config, text_positions)
     }
 
     fn decode_step_reads(&self, name: &str) -> bool {
-        let tied = self.config.text_config.tie_word_embeddings;
-        (name.contains("text_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight"))
+        decode_step_reads(name, "text_model.", &self.config.text_config)
     }
 
     fn train_logits(&self, _: &Tensor, _: &[Vec<u32>]) -> Result<Tensor> {

@@ -245,6 +245,21 @@ pub(crate) fn merge_image_features(lm: &Llama, image_token: u32, input_ids: &[u3
     Tensor::cat(&parts, 0)?.unsqueeze(0)
 }
 
+/// `image_positions` image tokens, then `text_positions` ids spread over the vocabulary (never
+/// the image token): a prefix family's input for the bench.
+pub(crate) fn synthetic_prefix_ids(image_token: u32, image_positions: usize, text: &LlamaConfig, text_positions: usize) -> Vec<u32> {
+    let vocab = text.vocab_size.max(2) as u32;
+    let mut ids = vec![image_token; image_positions];
+    ids.extend((0..text_positions as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == image_token { 1 } else { id }));
+    ids
+}
+
+/// Whether a prefix family's decode step reads `name`: the Llama under `lm` and the LM head, its
+/// token embeddings only as a tied head.
+pub(crate) fn decode_step_reads(name: &str, lm: &str, text: &LlamaConfig) -> bool {
+    (name.contains(lm) || name.starts_with("lm_head.")) && (text.tie_word_embeddings || !name.ends_with("embed_tokens.weight"))
+}
+
 /// The text of the image token `id`, which the prompt's text spells out.
 pub(crate) fn image_token_text(tokenizer: &CaptionTokenizer, id: u32) -> crate::Result<String> {
     tokenizer.id_to_token(id).ok_or_else(|| crate::Error::Tokenizer(format!("the image token id {id} from config.json is not in the vocabulary")))
@@ -363,16 +378,11 @@ impl Architecture for Llava {
     /// The image positions, then `text_positions` ids spread over the vocabulary (never the image
     /// token).
     fn synthetic_input_ids(&self, _: &GenerationDefaults, text_positions: usize, _: usize) -> Vec<u32> {
-        let (image, vocab) = (self.config.image_token_index, self.config.text_config.vocab_size.max(2) as u32);
-        let mut ids = vec![image; self.config.num_image_tokens()];
-        ids.extend((0..text_positions as u32).map(|i| (i * 7919 + 1) % vocab).map(|id| if id == image { 1 } else { id }));
-        ids
+        synthetic_prefix_ids(self.config.image_token_index, self.config.num_image_tokens(), &self.config.text_config, text_positions)
     }
 
-    /// Token embeddings only as a tied LM head.
     fn decode_step_reads(&self, name: &str) -> bool {
-        let tied = self.config.text_config.tie_word_embeddings;
-        (name.contains("language_model.") || name.starts_with("lm_head.")) && (tied || !name.ends_with("embed_tokens.weight"))
+        decode_step_reads(name, "language_model.", &self.config.text_config)
     }
 
     /// The tower's output before the projector: the projector trains.

@@ -212,53 +212,48 @@ test('WASM memory after loading a 220 MB checkpoint is within 1.3× its weights,
   await page.close();
 });
 
-test('a SmolVLM-256M-shaped model (1 GB of f32 weights) loads and captions a 512 px tile within 1.3× its weights', async () => {
+/** In a fresh page: load `folder` on one thread and caption a 512 px tile → WASM memory after
+ * load and after the caption, and the ids. */
+async function loadAndCaption(folder) {
   const page = await browser.context.newPage();
   watchPage(page, log);
   await page.goto(`${base}/memory-test.html`);
-  const r = await page.evaluate(async ([model, image]) => {
-    const { Captioner } = await import('/pkg/index.js');
-    const c = await Captioner.fromPretrained(model, { cache: false, threads: 1 });
-    try {
-      const loaded = c.memoryBytes;
-      const result = await c.caption(image, { prompt: 'Describe this image.', maxNewTokens: 3 }).result;
-      return { loaded, captioned: c.memoryBytes, ids: result.tokenIds };
-    } finally {
-      c.dispose();
-    }
-  }, [`${base}/smolvlm-256m/`, `${base}/tests/fixtures/images/astronaut.png`]);
+  try {
+    return await page.evaluate(async ([model, image]) => {
+      const { Captioner } = await import('/pkg/index.js');
+      const c = await Captioner.fromPretrained(model, { cache: false, threads: 1 });
+      try {
+        const loaded = c.memoryBytes;
+        const result = await c.caption(image, { prompt: 'Describe this image.', maxNewTokens: 3 }).result;
+        return { loaded, captioned: c.memoryBytes, ids: result.tokenIds };
+      } finally {
+        c.dispose();
+      }
+    }, [`${base}/${folder}/`, `${base}/tests/fixtures/images/astronaut.png`]);
+  } finally {
+    await page.close();
+  }
+}
+
+const mib = (n) => (n / 2 ** 20).toFixed(0);
+
+test('a SmolVLM-256M-shaped model (1 GB of f32 weights) loads and captions a 512 px tile within 1.3× its weights', async () => {
+  const r = await loadAndCaption('smolvlm-256m');
   assert.equal(r.ids.length, 3);
   const weights = smolvlm['model.safetensors'].length;
-  const mib = (n) => (n / 2 ** 20).toFixed(0);
   console.log(`# SmolVLM-256M shapes: WASM memory ${mib(r.loaded)} MiB after load, ${mib(r.captioned)} MiB after a caption, for ${mib(weights)} MiB of weights (${(r.captioned / weights).toFixed(2)}×)`);
   assert.ok(r.captioned >= r.loaded);
   assert.ok(r.captioned / weights <= 1.3, `${(r.captioned / weights).toFixed(2)}× the weights`);
   smolvlm = null; // its gigabyte is not needed any more
-  await page.close();
 });
 
 test('a SmolVLM-500M-shaped model from an f16 folder (1 GB file, 2 GB as f32) loads and captions well under the 4 GB of WASM memory', async () => {
-  const page = await browser.context.newPage();
-  watchPage(page, log);
-  await page.goto(`${base}/memory-test.html`);
-  const r = await page.evaluate(async ([model, image]) => {
-    const { Captioner } = await import('/pkg/index.js');
-    const c = await Captioner.fromPretrained(model, { cache: false, threads: 1 });
-    try {
-      const loaded = c.memoryBytes;
-      const result = await c.caption(image, { prompt: 'Describe this image.', maxNewTokens: 3 }).result;
-      return { loaded, captioned: c.memoryBytes, ids: result.tokenIds };
-    } finally {
-      c.dispose();
-    }
-  }, [`${base}/smolvlm-500m-f16/`, `${base}/tests/fixtures/images/astronaut.png`]);
+  const r = await loadAndCaption('smolvlm-500m-f16');
   assert.equal(r.ids.length, 3);
   const file = smolvlm500['model.safetensors'].length;
-  const mib = (n) => (n / 2 ** 20).toFixed(0);
   // f16 weights are upcast to f32 at load (2 bytes a weight resident is the int8/f16 issue's work).
   console.log(`# SmolVLM-500M shapes, f16 file of ${mib(file)} MiB: WASM memory ${mib(r.loaded)} MiB after load, ${mib(r.captioned)} MiB after a caption (${(r.captioned / (2 * file)).toFixed(2)}× the f32 weights)`);
   assert.ok(r.captioned / (2 * file) <= 1.3, `${(r.captioned / (2 * file)).toFixed(2)}× the f32 weights`);
   assert.ok(r.captioned < 3 * 2 ** 30, `${mib(r.captioned)} MiB`);
   smolvlm500 = null;
-  await page.close();
 });
