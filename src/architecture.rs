@@ -22,6 +22,7 @@ pub const FAMILIES: &[&Family] = &[
     &crate::models::llava::FAMILY,
     &crate::models::idefics3::FAMILY,
     &crate::models::idefics3::SMOLVLM,
+    &crate::models::blip::FAMILY,
 ];
 
 /// One family of the registry.
@@ -132,6 +133,18 @@ pub trait Architecture: Send + Sync {
 
     /// Logits [rows, vocab] of every row's next position; advances the state by what it was fed.
     fn next_logits(&self, state: &mut dyn DecodeState) -> candle_core::Result<Tensor>;
+
+    /// The ids that end a caption when the family's `generate()` overrides the files' EOS
+    /// (BLIP stops at `sep_token_id`); `None`: `generation_config.json`'s.
+    fn eos_token_ids(&self) -> Option<Vec<u32>> {
+        None
+    }
+
+    /// Which of `input_ids` belong to the caption's text (BLIP's prompt, which its decoded
+    /// output starts with); none by default.
+    fn text_prefix(&self, _input_ids: &[u32]) -> Vec<u32> {
+        Vec::new()
+    }
 
     /// Positions the decoder has (`n_positions`, `max_position_embeddings`).
     fn max_positions(&self) -> usize;

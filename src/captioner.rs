@@ -430,6 +430,7 @@ impl Captioner {
         let encoder_ms = now_ms() - started_ms;
         let n = pixels.len();
         let state = self.model.start(conditioning, &prompt_ids)?;
+        let stream = TextStream::with_prefix(&self.tokenizer, &self.model.text_prefix(&prompt_ids))?;
         let seen = prompt_ids;
         let rows = (0..n)
             .map(|_| RowRun {
@@ -438,7 +439,7 @@ impl Captioner {
                 rng: Rng::new(options.sampling.seed.unwrap_or(0)),
                 token_ids: Vec::with_capacity(max_new_tokens),
                 done: max_new_tokens == 0,
-                stream: TextStream::new(),
+                stream: stream.clone(),
                 first_token_ms: None,
             })
             .collect();
@@ -447,7 +448,7 @@ impl Captioner {
             active: if max_new_tokens == 0 { vec![] } else { (0..n).collect() },
             rows,
             sampling: options.sampling.clone(),
-            eos: options.eos_token_ids.clone().unwrap_or_else(|| self.generation.eos_token_ids.clone()),
+            eos: options.eos_token_ids.clone().or_else(|| self.model.eos_token_ids()).unwrap_or_else(|| self.generation.eos_token_ids.clone()),
             max_new_tokens,
             started_ms,
             encoder_ms,

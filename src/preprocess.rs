@@ -350,9 +350,9 @@ fn parse_size(value: &serde_json::Value) -> std::result::Result<ImageSize, Strin
     Ok(ImageSize { height: side("height")?, width: side("width")? })
 }
 
-fn per_channel(name: &str, value: Option<PerChannel>, default: f32) -> std::result::Result<[f32; 3], String> {
+fn per_channel(name: &str, value: Option<PerChannel>, default: [f32; 3]) -> std::result::Result<[f32; 3], String> {
     let values = match value {
-        None => return Ok([default; 3]),
+        None => return Ok(default),
         Some(PerChannel::One(v)) => vec![v; 3],
         Some(PerChannel::Many(v)) => v,
     };
@@ -402,8 +402,8 @@ impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
         if !rescale_factor.is_finite() {
             return Err(format!("rescale_factor = {rescale_factor} is not finite"));
         }
-        let image_mean = per_channel("image_mean", raw.image_mean, 0.5)?;
-        let image_std = per_channel("image_std", raw.image_std, 0.5)?;
+        let image_mean = per_channel("image_mean", raw.image_mean, defaults.image_mean)?;
+        let image_std = per_channel("image_std", raw.image_std, defaults.image_std)?;
         if image_std.contains(&0.0) {
             return Err(format!("image_std = {image_std:?} contains 0 (division by zero)"));
         }
@@ -425,12 +425,21 @@ impl TryFrom<RawPreprocessorConfig> for PreprocessorConfig {
 impl PreprocessorConfig {
     /// The defaults of an image processor class (`image_processor_type`, or the older
     /// `feature_extractor_type`): `ViTImageProcessor` resizes bilinearly; SigLIP's (and any
-    /// other) bicubically. Both normalise with mean = std = 0.5 at 224×224.
+    /// other) bicubically; both normalise with mean = std = 0.5 at 224×224. `Idefics3ImageProcessor`
+    /// resamples with LANCZOS; `BlipImageProcessor` is bicubic at 384² with CLIP's mean and std.
     pub fn defaults_of(class: &str) -> Self {
         if class.starts_with("ViTImageProcessor") || class == "ViTFeatureExtractor" {
             Self { resample: Resample::Bilinear, ..Self::default() }
         } else if splits_images(class) {
             Self { resample: Resample::Lanczos, ..Self::default() }
+        } else if class.starts_with("BlipImageProcessor") {
+            // transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD at 384².
+            Self {
+                size: ImageSize { height: 384, width: 384 },
+                image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+                ..Self::default()
+            }
         } else {
             Self::default()
         }
@@ -1023,6 +1032,14 @@ mod tests {
 
     fn tensor_values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn blip_defaults_are_clips_at_384() {
+        let cfg = PreprocessorConfig::from_json(br#"{"image_processor_type": "BlipImageProcessor"}"#).unwrap();
+        assert_eq!((cfg.size, cfg.resample), (ImageSize { height: 384, width: 384 }, Resample::Bicubic));
+        assert_eq!(cfg.image_mean, [0.481_454_66, 0.457_827_5, 0.408_210_73]);
+        assert_eq!(cfg.image_std, [0.268_629_54, 0.261_302_58, 0.275_777_11]);
     }
 
     #[test]

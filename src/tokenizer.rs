@@ -137,6 +137,15 @@ impl TextStream {
         Self::default()
     }
 
+    /// A stream whose text starts with `prefix`'s (decoded with what follows, so word pieces
+    /// join across the seam); deltas are what the pushed ids add.
+    pub fn with_prefix(tokenizer: &CaptionTokenizer, prefix: &[u32]) -> Result<Self> {
+        if prefix.is_empty() {
+            return Ok(Self::new());
+        }
+        Ok(Self { ids: prefix.to_vec(), emitted: tokenizer.decode(prefix, true)? })
+    }
+
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, tokenizer: &CaptionTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);

@@ -25,6 +25,9 @@ pub fn check_tower_sizes(hidden_size: usize, num_attention_heads: usize, image_s
 /// Where a tower keeps each part of a layer, relative to the layer's prefix.
 pub struct LayerNames {
     pub norm1: &'static str,
+    /// One matrix for query, key and value, in that order (BLIP's `self_attn.qkv`); then
+    /// `query`, `key` and `value` are not read.
+    pub fused_qkv: Option<&'static str>,
     pub query: &'static str,
     pub key: &'static str,
     pub value: &'static str,
@@ -97,16 +100,23 @@ pub struct EncoderLayer {
 impl EncoderLayer {
     pub fn new(shape: &LayerShape, names: &LayerNames, vb: VarBuilder) -> Result<Self> {
         let (d, eps) = (shape.hidden_size, shape.layer_norm_eps);
-        let qkv = |name: &str| linear_b(d, d, shape.qkv_bias, vb.pp(name));
+        let (q, k, v) = match names.fused_qkv {
+            Some(name) => {
+                let fused = linear_b(d, 3 * d, shape.qkv_bias, vb.pp(name))?;
+                let part = |i: usize| -> Result<Linear> {
+                    let bias = fused.bias().map(|b| b.narrow(0, i * d, d)).transpose()?;
+                    Ok(Linear::new(fused.weight().narrow(0, i * d, d)?.contiguous()?, bias))
+                };
+                (part(0)?, part(1)?, part(2)?)
+            }
+            None => {
+                let qkv = |name: &str| linear_b(d, d, shape.qkv_bias, vb.pp(name));
+                (qkv(names.query)?, qkv(names.key)?, qkv(names.value)?)
+            }
+        };
         Ok(Self {
             norm1: layer_norm(d, eps, vb.pp(names.norm1))?,
-            attn: SelfAttention {
-                q: qkv(names.query)?,
-                k: qkv(names.key)?,
-                v: qkv(names.value)?,
-                out: linear_b(d, d, true, vb.pp(names.out))?,
-                num_heads: shape.num_attention_heads,
-            },
+            attn: SelfAttention { q, k, v, out: linear_b(d, d, true, vb.pp(names.out))?, num_heads: shape.num_attention_heads },
             norm2: layer_norm(d, eps, vb.pp(names.norm2))?,
             mlp: Mlp {
                 fc1: linear_b(d, shape.intermediate_size, true, vb.pp(names.fc1))?,

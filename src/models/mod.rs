@@ -2,6 +2,7 @@
 //! tensor names of `model.safetensors`.
 
 pub mod activation;
+pub mod blip;
 pub mod attention;
 pub mod encoder_layer;
 pub mod gpt2;

@@ -102,6 +102,7 @@ impl SiglipVisionEmbeddings {
 
 // transformers modeling_siglip.py: SiglipEncoderLayer (pre-norm; SiglipAttention, SiglipMLP)
 const LAYER_NAMES: LayerNames = LayerNames {
+    fused_qkv: None,
     norm1: "layer_norm1",
     query: "self_attn.q_proj",
     key: "self_attn.k_proj",

@@ -111,6 +111,7 @@ impl ViTEmbeddings {
 // transformers modeling_vit.py: ViTLayer (ViTSelfAttention + ViTSelfOutput, ViTIntermediate +
 // ViTOutput; layernorm_before / layernorm_after)
 const LAYER_NAMES: LayerNames = LayerNames {
+    fused_qkv: None,
     norm1: "layernorm_before",
     query: "attention.attention.query",
     key: "attention.attention.key",

@@ -322,3 +322,50 @@ impl Smolvlm {
         loading::load_safetensors("reference", self.reference_tensors, |n| n.to_string()).unwrap()
     }
 }
+
+/// The BLIP folder (tests/fixtures/make_blip_fixtures.py) and its reference.
+pub struct BlipFixture {
+    pub config: &'static [u8],
+    pub weights: &'static [u8],
+    pub tokenizer: &'static [u8],
+    pub preprocessor: &'static [u8],
+    pub generation: &'static [u8],
+    reference_tensors: &'static [u8],
+    reference_json: &'static [u8],
+}
+
+pub fn blip() -> BlipFixture {
+    BlipFixture {
+        config: fixture_file!("blip/tiny-blip/config.json"),
+        weights: fixture_file!("blip/tiny-blip/model.safetensors"),
+        tokenizer: fixture_file!("blip/tiny-blip/tokenizer.json"),
+        preprocessor: fixture_file!("blip/tiny-blip/preprocessor_config.json"),
+        generation: fixture_file!("blip/tiny-blip/generation_config.json"),
+        reference_tensors: fixture_file!("blip/reference.safetensors"),
+        reference_json: fixture_file!("blip/reference.json"),
+    }
+}
+
+impl BlipFixture {
+    pub fn files(&self) -> ModelFiles<'_> {
+        ModelFiles {
+            config: self.config,
+            weights: self.weights,
+            weights_name: wasmcap::loading::WEIGHTS,
+            shards: &[],
+            tokenizer: self.tokenizer,
+            preprocessor: self.preprocessor,
+            generation: Some(self.generation),
+            chat_template: None,
+            adapter: None,
+        }
+    }
+
+    pub fn reference(&self) -> serde_json::Value {
+        serde_json::from_slice(self.reference_json).unwrap()
+    }
+
+    pub fn reference_tensors(&self) -> HashMap<String, Tensor> {
+        loading::load_safetensors("reference", self.reference_tensors, |n| n.to_string()).unwrap()
+    }
+}

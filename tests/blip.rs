@@ -1,0 +1,81 @@
+//! BLIP (🤗 `BlipForConditionalGeneration`: ViT-style vision model → BERT-style decoder with
+//! cross-attention) against transformers on the fixtures of tests/fixtures/make_blip_fixtures.py:
+//! unconditional and prompted captions of two photos. Runs natively and in headless Chromium.
+
+mod common;
+
+use common::{blip, ids, image, max_abs_diff, report, PHOTOS, PIXEL_TOL, STATE_TOL};
+use wasmcap::{BeamOptions, CaptionOptions, Captioner};
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+const PROMPTS: [&str; 2] = ["noprompt", "prompt"];
+
+fn options(reference: &serde_json::Value, key: &str) -> CaptionOptions {
+    CaptionOptions {
+        prompt: reference["prompts"][key].as_str().map(str::to_string),
+        max_new_tokens: Some(reference["max_new_tokens"].as_u64().unwrap() as usize),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn pixels_image_states_and_logits_match() {
+    let fx = blip();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    for name in PHOTOS {
+        let ours = captioner.pixel_values_from_bytes(image(name)).unwrap();
+        let theirs = &tensors[&format!("pixel_values.{name}")];
+        let diff = max_abs_diff(&ours, theirs);
+        report(&format!("blip {name} pixel values max-abs"), diff);
+        assert!(diff <= PIXEL_TOL, "{name}: pixel values differ by {diff}");
+        let states = captioner.encode(theirs).unwrap();
+        let diff = max_abs_diff(&states, &tensors[&format!("image_embeds.{name}")]);
+        report(&format!("blip {name} image states max-abs"), diff);
+        assert!(diff <= STATE_TOL, "{name}: image states differ by {diff}");
+        for key in PROMPTS {
+            // The fixture's head is turned up for clear margins (logits of std ~35, up to ~100):
+            // the logits are compared in units of their standard deviation.
+            let want = &tensors[&format!("logits.{name}.{key}")];
+            let logits = captioner.first_step_logits(theirs, &options(&reference, key)).unwrap();
+            let std = want.var(0).unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_abs_diff(&logits, want);
+            report(&format!("blip {name} {key} first-step logits max-abs (std {std:.1})"), diff);
+            assert!(diff / std <= STATE_TOL, "{name} {key}: logits differ by {diff} (std {std})");
+        }
+    }
+}
+
+#[test]
+fn prompts_greedy_and_beam_captions_are_generates() {
+    let fx = blip();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let captioner = Captioner::from_files(fx.files()).unwrap();
+    let beams = BeamOptions { num_beams: reference["num_beams"].as_u64().unwrap() as usize, ..BeamOptions::default() };
+    for name in PHOTOS {
+        // transformers' (f16-stored) pixels: a JPEG decoder's ±2/255 can flip a token of these
+        // random models; the PNG runs from its bytes too.
+        let mut inputs = vec![(tensors[&format!("pixel_values.{name}")].clone(), "transformers' pixels")];
+        if name.ends_with(".png") {
+            inputs.push((captioner.pixel_values_from_bytes(image(name)).unwrap().values().clone(), "the file"));
+        }
+        for key in PROMPTS {
+            let want = &reference["images"][name][key];
+            let options = options(&reference, key);
+            assert_eq!(captioner.prompt_ids(options.prompt.as_deref()).unwrap(), ids(&want["decoder_input_ids"]), "{name} {key}");
+            for (pixels, source) in &inputs {
+                let caption = captioner.caption(pixels, &options, |_| {}).unwrap();
+                assert_eq!(caption.token_ids, ids(&want["greedy_ids"]), "{name} {key} from {source}");
+                // The text is processor.decode(generate(...)): the prompt, then the caption.
+                assert_eq!(caption.text, want["greedy_text"].as_str().unwrap(), "{name} {key}");
+                let best = captioner.beam_search(pixels, &options, &beams).unwrap();
+                let prompt_len = want["decoder_input_ids"].as_array().unwrap().len();
+                assert_eq!(best[0].token_ids, ids(&want["beam_sequence"])[prompt_len..], "{name} {key} from {source}: beam");
+            }
+        }
+    }
+}
