@@ -6,6 +6,8 @@
 #   SigLIP-B/16-224 + GPT-2 small (cross-attention)
 #   ViT-B/16-224 + GPT-2 small (cross-attention: nlpconnect/vit-gpt2-image-captioning's shapes)
 #   SigLIP-B/16-224 + SmolLM-135M-shaped Llama (prefix: 196 image positions + PROMPT text tokens)
+#   BLIP-base (ViT-B/16 at 384 px: 577 image positions, BERT-base decoder with cross-attention;
+#   transformers.js has no BLIP: compare with the ViT-GPT2 rows)
 #   SmolVLM-256M-shaped Idefics3 (512 px tiles; a 4 × 4 split image + its global tile = 17 tiles of
 #   64 positions + PROMPT: ~1100 prefill positions; the encoder timed on one tile)
 # Prints a table; quote it with the machine load (printed too).
@@ -24,7 +26,7 @@ READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
 rows=()
-for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json; do
+for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json bench/configs/blip-base.json; do
   name=$(basename "$config" .json)
   rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
   for shape in "1 1 f32" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
@@ -54,7 +56,7 @@ done
 node -e '
 const args = process.argv.slice(1);
 const f = (x, d = 0) => Number(x).toFixed(d);
-const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M", "smolvlm-256m": "SmolVLM-256M (Idefics3)" };
+const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M", "smolvlm-256m": "SmolVLM-256M (Idefics3)", "blip-base": "BLIP-base (no transformers.js)" };
 const prefix = args.filter((_, i) => i % 3 === 2).map((a) => JSON.parse(a)).find((r) => r.modelType === "llava");
 console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (prefix ? prefix.prefillPositions - 196 : "?") + " text positions");
 console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");

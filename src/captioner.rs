@@ -320,6 +320,15 @@ impl Captioner {
         self.input_ids_for(&CaptionOptions { prompt: prompt.map(str::to_string), ..Default::default() }, grid)
     }
 
+    /// The text of a caption's new `token_ids` as transformers' processor decodes `generate()`'s
+    /// output: BLIP's prompt first (`Architecture::text_prefix`), special tokens skipped. What
+    /// beam search's hypotheses read as.
+    pub fn caption_text(&self, options: &CaptionOptions, token_ids: &[u32]) -> Result<String> {
+        let mut ids = self.model.text_prefix(&self.input_ids_for(options, Grid::WHOLE)?);
+        ids.extend_from_slice(token_ids);
+        self.tokenizer.decode(&ids, true)
+    }
+
     /// The decoder's input for `options`' prompt or messages and an image cut into `grid`.
     pub fn input_ids_for(&self, options: &CaptionOptions, grid: Grid) -> Result<Vec<u32>> {
         self.model.input_ids(&PromptInputs {

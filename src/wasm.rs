@@ -309,9 +309,11 @@ impl WasmCaptioner {
             return Err(JsError::new("generation: no encoded image; call startEncoding() and encodeStep() first"));
         };
         let mut callback = Callback::new(on_provisional);
-        let mut all = self.inner.beam_search_run(run, &beams, |_, best| callback.call(|| self.provisional(best), None)).map_err(js_error)?;
+        let options = plan.options;
+        let mut all =
+            self.inner.beam_search_run(run, &beams, |_, best| callback.call(|| self.provisional(&options, best), None)).map_err(js_error)?;
         callback.result()?;
-        to_js(&self.hypotheses(all.pop().unwrap_or_default())?)
+        to_js(&self.hypotheses(&options, all.pop().unwrap_or_default())?)
     }
 
     /// The next token as `{ id, text, delta }`, or `undefined` when the caption is complete.
@@ -402,10 +404,12 @@ impl WasmCaptioner {
         let options = plan.options;
         let pixels = self.pixels_of(&image, 0)?;
         let mut callback = Callback::new(on_provisional);
-        let hypotheses =
-            self.inner.beam_search_streaming(&pixels, &options, &beams, |best| callback.call(|| self.provisional(best), None)).map_err(js_error)?;
+        let hypotheses = self
+            .inner
+            .beam_search_streaming(&pixels, &options, &beams, |best| callback.call(|| self.provisional(&options, best), None))
+            .map_err(js_error)?;
         callback.result()?;
-        to_js(&self.hypotheses(hypotheses)?)
+        to_js(&self.hypotheses(&options, hypotheses)?)
     }
 
     /// Captions several images at once: one encoder batch, decoded together (the same captions
@@ -428,12 +432,12 @@ impl WasmCaptioner {
         if let Some(beams) = beams {
             let all = self
                 .inner
-                .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(best), Some(i)))
+                .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(&options, best), Some(i)))
                 .map_err(js_error)?;
             callback.result()?;
             let results = js_sys::Array::new();
             for hypotheses in all {
-                let sequences = self.hypotheses(hypotheses)?;
+                let sequences = self.hypotheses(&options, hypotheses)?;
                 let best = sequences.first().ok_or_else(|| JsError::new("beam search returned no hypothesis"))?;
                 results.push(&to_js(&JsBeamResult {
                     text: best.text.clone(),
@@ -469,22 +473,21 @@ impl WasmCaptioner {
 }
 
 impl WasmCaptioner {
-    fn provisional(&self, tokens: &[u32]) -> Result<JsValue, JsError> {
-        let text = self.inner.tokenizer().decode(tokens, true).map_err(js_error)?;
+    fn provisional(&self, options: &crate::CaptionOptions, tokens: &[u32]) -> Result<JsValue, JsError> {
+        let text = self.inner.caption_text(options, tokens).map_err(js_error)?;
         to_js(&JsProvisional { provisional: true, text, token_ids: tokens.to_vec() })
     }
 
-    fn hypotheses(&self, hypotheses: Vec<crate::beam::Hypothesis>) -> Result<Vec<JsHypothesis>, JsError> {
+    fn hypotheses(&self, options: &crate::CaptionOptions, hypotheses: Vec<crate::beam::Hypothesis>) -> Result<Vec<JsHypothesis>, JsError> {
         hypotheses
             .into_iter()
             .map(|h| {
-                let text = self.inner.tokenizer().decode(&h.token_ids, true).map_err(js_error)?;
+                let text = self.inner.caption_text(options, &h.token_ids).map_err(js_error)?;
                 Ok(JsHypothesis { text, token_ids: h.token_ids, score: h.score })
             })
             .collect()
     }
 
-    /// Image `i` of `captionMany`: PNG/JPEG bytes or `{ data, width, height }` RGBA → [1, 3, H, W].
     fn begin_encoding(&mut self, pixels: &crate::preprocess::Pixels, options: &crate::CaptionOptions) -> Result<usize, JsError> {
         if pixels.len() != 1 {
             return Err(JsError::new("startEncoding takes one image"));
@@ -495,6 +498,7 @@ impl WasmCaptioner {
         Ok(tiles)
     }
 
+    /// Image `i` of `captionMany`: PNG/JPEG bytes or `{ data, width, height }` RGBA → pixel values.
     fn pixels_of(&self, image: &JsValue, i: usize) -> Result<crate::preprocess::Pixels, JsError> {
         if let Some(bytes) = image.dyn_ref::<js_sys::Uint8Array>() {
             return self.inner.pixel_values_from_bytes(&bytes.to_vec()).map_err(|e| JsError::new(&format!("image {i}: {e}")));

@@ -202,7 +202,7 @@ mod cli {
         match beams {
             Some(beams) => {
                 for (image, hypotheses) in images.iter().zip(captioner.beam_search_many(&pixels, options, beams, |_, _| {})?) {
-                    print_beams(captioner, image, &hypotheses, json)?;
+                    print_beams(captioner, options, image, &hypotheses, json)?;
                 }
             }
             None => {
@@ -223,11 +223,17 @@ mod cli {
     fn beam_one(captioner: &Captioner, image: &Path, options: &CaptionOptions, beams: &BeamOptions, json: bool) -> wasmcap::Result<()> {
         let pixel_values = pixel_values(captioner, image)?;
         let hypotheses = captioner.beam_search(&pixel_values, options, beams)?;
-        print_beams(captioner, image, &hypotheses, json)
+        print_beams(captioner, options, image, &hypotheses, json)
     }
 
-    fn print_beams(captioner: &Captioner, image: &Path, hypotheses: &[wasmcap::beam::Hypothesis], json: bool) -> wasmcap::Result<()> {
-        let decoded = hypotheses.iter().map(|h| Ok((captioner.tokenizer().decode(&h.token_ids, true)?, h))).collect::<wasmcap::Result<Vec<_>>>()?;
+    fn print_beams(
+        captioner: &Captioner,
+        options: &CaptionOptions,
+        image: &Path,
+        hypotheses: &[wasmcap::beam::Hypothesis],
+        json: bool,
+    ) -> wasmcap::Result<()> {
+        let decoded = hypotheses.iter().map(|h| Ok((captioner.caption_text(options, &h.token_ids)?, h))).collect::<wasmcap::Result<Vec<_>>>()?;
         if json {
             let sequences: Vec<_> =
                 decoded.iter().map(|(text, h)| serde_json::json!({ "text": text, "token_ids": h.token_ids, "score": h.score })).collect();

@@ -472,6 +472,13 @@ impl Architecture for Blip {
                 }
             }
         }
+        for linear in [&mut self.transform, &mut self.decoder] {
+            if linear.quantize(dtype)? {
+                done.0 += 1;
+            } else {
+                done.1 += 1;
+            }
+        }
         Ok(done)
     }
 
@@ -487,8 +494,13 @@ impl Architecture for Blip {
         vec![self.config.text_config.bos_token_id]
     }
 
+    /// The decoder's matrices and head; not the embeddings (one row each) nor the cross-attention
+    /// keys and values (once per image).
     fn decode_step_reads(&self, name: &str) -> bool {
-        name.starts_with("text_decoder.") && !name.contains("crossattention.self.key") && !name.contains("crossattention.self.value")
+        name.starts_with("text_decoder.")
+            && !name.contains(".embeddings.")
+            && !name.contains("crossattention.self.key")
+            && !name.contains("crossattention.self.value")
     }
 
     fn train_logits(&self, _: &Tensor, _: &[Vec<u32>]) -> Result<Tensor> {
