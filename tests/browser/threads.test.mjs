@@ -13,6 +13,13 @@ const IMAGE = 'tests/fixtures/images/astronaut.png';
 const CASES = [
   { model: 'tests/fixtures/tiny-ved-v5', ids: () => reference('tests/fixtures/reference/tiny-ved-v5.json').images['astronaut.png'].greedy_ids },
   { model: 'tests/fixtures/prefix/tiny-llava-merged-v5', ids: () => reference('tests/fixtures/prefix/reference/merged-v5.json').images['astronaut.png'].noprompt.greedy_ids },
+  // BLIP, with a prompt its caption continues.
+  {
+    model: 'tests/fixtures/blip/tiny-blip',
+    ids: () => reference('tests/fixtures/blip/reference.json').images['astronaut.png'].prompt.greedy_ids,
+    text: () => reference('tests/fixtures/blip/reference.json').images['astronaut.png'].prompt.greedy_text,
+    options: { prompt: 'a picture of' },
+  },
   // SmolVLM: the folder's chat template comes along, the image is cut into 3 × 3 tiles + 1.
   {
     model: 'tests/fixtures/idefics3/tiny-smolvlm',
@@ -76,7 +83,7 @@ after(async () => {
 
 test('a crossOriginIsolated page loads the threaded build; 2 threads give transformers\' greedy ids for every family, as 1 does', async () => {
   const page = await blankPage('/threads-test.html');
-  for (const { model, ids, options } of CASES) {
+  for (const { model, ids, text, options } of CASES) {
     const expected = ids();
     for (const threads of [1, 2]) {
       const r = await captionIn(page, model, { threads }, { maxNewTokens: expected.length, ...options });
@@ -84,6 +91,7 @@ test('a crossOriginIsolated page loads the threaded build; 2 threads give transf
       assert.equal(r.isolated, true);
       assert.equal(r.threads, threads);
       assert.deepEqual(r.ids, expected, `${model}, ${threads} threads`);
+      if (text) assert.equal(r.text, text(), `${model}: the prompt, then the caption`);
     }
   }
   await page.close();
