@@ -81,6 +81,26 @@ fn prompts_greedy_and_beam_captions_are_generates() {
     }
 }
 
+#[test]
+fn transformers_4_weights_caption_as_transformers_4_does() {
+    // 4.x keeps the prediction decoder's bias as `cls.predictions.bias` (tied to the decoder);
+    // 5.x reads `decoder.bias`. The fixture holds two different ones, so each version's ids are its own.
+    let fx = blip();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let v4: serde_json::Value = serde_json::from_slice(fx.reference_v4).unwrap();
+    let captioner = Captioner::from_files(wasmcap::loading::ModelFiles { weights: fx.weights_v4, ..fx.files() }).unwrap();
+    let mut differs = false;
+    for name in PHOTOS {
+        for key in PROMPTS {
+            let caption = captioner.caption(&tensors[&format!("pixel_values.{name}")], &options(&reference, key), |_| {}).unwrap();
+            let want = ids(&v4["images"][name][key]["greedy_ids"]);
+            assert_eq!(caption.token_ids, want, "{name} {key}");
+            differs |= want != ids(&reference["images"][name][key]["greedy_ids"]);
+        }
+    }
+    assert!(differs, "the two biases must give other ids somewhere, or this proves nothing");
+}
+
 /// The full-size check (`make_blip_fixtures.py --full-size DIR`, not committed): BLIP-base's
 /// shapes — 577 image positions, a 12-layer BERT decoder — against transformers.
 #[cfg(not(target_arch = "wasm32"))]

@@ -327,6 +327,9 @@ impl Smolvlm {
 pub struct BlipFixture {
     pub config: &'static [u8],
     pub weights: &'static [u8],
+    /// The same weights as transformers 4.57 saves them (`--v4` pass), and its greedy ids.
+    pub weights_v4: &'static [u8],
+    pub reference_v4: &'static [u8],
     pub tokenizer: &'static [u8],
     pub preprocessor: &'static [u8],
     pub generation: &'static [u8],
@@ -338,6 +341,8 @@ pub fn blip() -> BlipFixture {
     BlipFixture {
         config: fixture_file!("blip/tiny-blip/config.json"),
         weights: fixture_file!("blip/tiny-blip/model.safetensors"),
+        weights_v4: fixture_file!("blip/tiny-blip-v4/model.safetensors"),
+        reference_v4: fixture_file!("blip/reference-v4.json"),
         tokenizer: fixture_file!("blip/tiny-blip/tokenizer.json"),
         preprocessor: fixture_file!("blip/tiny-blip/preprocessor_config.json"),
         generation: fixture_file!("blip/tiny-blip/generation_config.json"),
