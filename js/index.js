@@ -33,6 +33,8 @@ const WEIGHT_FILES = ['model.safetensors', 'model.safetensors.index.json', 'pyto
 const GPT2_TOKENIZER_FILES = [
   ['gpt2Vocab', 'vocab.json', false],
   ['gpt2Merges', 'merges.txt', false],
+  // …or BERT's (BLIP's older folders).
+  ['bertVocab', 'vocab.txt', false],
   ['tokenizerConfig', 'tokenizer_config.json', false],
   ['specialTokensMap', 'special_tokens_map.json', false],
 ];
@@ -359,7 +361,7 @@ async function loadFiles(source, adapter, options) {
   if (!bodies[entries.findIndex((e) => e.key === 'tokenizer')]) {
     const fallback = entriesFor(source, GPT2_TOKENIZER_FILES);
     const more = await openAll(fallback);
-    if (!more[0] || !more[1]) throw new Error('tokenizer.json: missing from the model folder (nor are GPT-2\'s vocab.json and merges.txt there)');
+    if (!(more[0] && more[1]) && !more[2]) throw new Error('tokenizer.json: missing from the model folder (nor are GPT-2\'s vocab.json and merges.txt, or BERT\'s vocab.txt, there)');
     entries.push(...fallback);
     bodies.push(...more);
   }

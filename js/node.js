@@ -241,7 +241,7 @@ class HubRepo {
       for (const shard of _shardNames(weights[0], await fs.readFile(weights[1], 'utf8'))) await this.get(shard, true);
     }
     if (!(await this.get('tokenizer.json', false))) {
-      for (const f of ['vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json']) await this.get(f, false);
+      for (const f of ['vocab.json', 'merges.txt', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json']) await this.get(f, false);
     }
     for (const f of ['preprocessor_config.json', 'generation_config.json']) await this.get(f, false);
     if (!(await this.get('chat_template.jinja', false))) await this.get('chat_template.json', false);

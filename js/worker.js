@@ -163,9 +163,10 @@ self.onmessage = async ({ data }) => {
         const pieces = (list) => list.map((b) => new Uint8Array(b));
         captioner?.free();
         captioner = null;
-        const tokenizer = f.tokenizer === undefined
-          ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
-          : u8(f.tokenizer);
+        const tokenizer = f.tokenizer !== undefined ? u8(f.tokenizer)
+          : f.gpt2Vocab !== undefined && f.gpt2Merges !== undefined
+            ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
+            : mod.bertTokenizerJson(u8(f.bertVocab), u8(f.tokenizerConfig), u8(f.specialTokensMap));
         const shardNames = f.shardNames ?? [];
         const [templateName, template] = f.chatTemplateJinja !== undefined ? ['chat_template.jinja', f.chatTemplateJinja]
           : f.chatTemplateJson !== undefined ? ['chat_template.json', f.chatTemplateJson] : [undefined, undefined];

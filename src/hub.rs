@@ -91,7 +91,7 @@ impl Hub {
             }
         }
         if repo.fetch(loading::TOKENIZER)?.is_none() {
-            for file in [loading::GPT2_VOCAB, loading::GPT2_MERGES, loading::TOKENIZER_CONFIG, loading::SPECIAL_TOKENS_MAP] {
+            for file in [loading::GPT2_VOCAB, loading::GPT2_MERGES, loading::BERT_VOCAB, loading::TOKENIZER_CONFIG, loading::SPECIAL_TOKENS_MAP] {
                 repo.fetch(file)?;
             }
         }

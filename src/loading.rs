@@ -22,6 +22,8 @@ pub const GENERATION: &str = "generation_config.json";
 /// A GPT-2 tokenizer's files where a folder has no `tokenizer.json`.
 pub const GPT2_VOCAB: &str = "vocab.json";
 pub const GPT2_MERGES: &str = "merges.txt";
+/// A BERT tokenizer's vocabulary where a folder has no `tokenizer.json` (BLIP's older folders).
+pub const BERT_VOCAB: &str = "vocab.txt";
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 /// Where a processor's chat template lives, in transformers' order.
@@ -96,11 +98,16 @@ pub fn read_tokenizer(dir: &std::path::Path) -> Result<Vec<u8>> {
     if let Some(bytes) = optional(TOKENIZER)? {
         return Ok(bytes);
     }
+    let (config, special) = (optional(TOKENIZER_CONFIG)?, optional(SPECIAL_TOKENS_MAP)?);
     match (optional(GPT2_VOCAB)?, optional(GPT2_MERGES)?) {
-        (Some(vocab), Some(merges)) => {
-            crate::tokenizer::gpt2_tokenizer_json(&vocab, &merges, optional(TOKENIZER_CONFIG)?.as_deref(), optional(SPECIAL_TOKENS_MAP)?.as_deref())
-        }
-        _ => Err(Error::MissingFile(format!("{} (or GPT-2's {GPT2_VOCAB} and {GPT2_MERGES})", dir.join(TOKENIZER).display()))),
+        (Some(vocab), Some(merges)) => crate::tokenizer::gpt2_tokenizer_json(&vocab, &merges, config.as_deref(), special.as_deref()),
+        _ => match optional(BERT_VOCAB)? {
+            Some(vocab) => crate::tokenizer::bert_tokenizer_json(&vocab, config.as_deref(), special.as_deref()),
+            None => Err(Error::MissingFile(format!(
+                "{} (or GPT-2's {GPT2_VOCAB} and {GPT2_MERGES}, or BERT's {BERT_VOCAB})",
+                dir.join(TOKENIZER).display()
+            ))),
+        },
     }
 }
 

@@ -123,6 +123,111 @@ pub fn gpt2_tokenizer_json(vocab: &[u8], merges: &[u8], tokenizer_config: Option
     serde_json::to_vec(&tokenizer).map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
+/// BERT's tokenizer files as older folders ship them (`vocab.txt`, one token a line, and
+/// `tokenizer_config.json` / `special_tokens_map.json`): the `tokenizer.json` that 🤗
+/// transformers' conversion to `BertTokenizerFast` makes — WordPiece (`##`), BertNormalizer
+/// (`do_lower_case`, default true), `[CLS] $A [SEP]`; the special tokens the files name are
+/// special added tokens, those missing from the vocabulary (BLIP's `[DEC]`, `[ENC]`) appended with
+/// the ids `added_tokens_decoder` gives, else the next ids in the order the files name them.
+pub fn bert_tokenizer_json(vocab: &[u8], tokenizer_config: Option<&[u8]>, special_tokens_map: Option<&[u8]>) -> Result<Vec<u8>> {
+    use serde_json::{json, Map, Value};
+    let text = std::str::from_utf8(vocab).map_err(|e| Error::Tokenizer(format!("vocab.txt: not UTF-8: {e}")))?;
+    let mut ids: Map<String, Value> = Map::new();
+    for line in text.lines() {
+        let token = line.trim_end_matches('\r');
+        if !ids.contains_key(token) {
+            let id = ids.len();
+            ids.insert(token.to_string(), id.into());
+        }
+    }
+    if ids.is_empty() {
+        return Err(Error::Tokenizer("vocab.txt: no tokens".into()));
+    }
+    let parse = |name: &str, bytes: Option<&[u8]>| -> Result<Map<String, Value>> {
+        match bytes {
+            None => Ok(Map::new()),
+            Some(b) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer(format!("{name}: not a JSON object: {e}"))),
+        }
+    };
+    let config = parse("tokenizer_config.json", tokenizer_config)?;
+    let special_map = parse("special_tokens_map.json", special_tokens_map)?;
+    let content = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        }
+    };
+    let named = |key: &str, default: &str| -> String {
+        config.get(key).or_else(|| special_map.get(key)).and_then(content).unwrap_or_else(|| default.to_string())
+    };
+    let (cls, sep, unk) = (named("cls_token", "[CLS]"), named("sep_token", "[SEP]"), named("unk_token", "[UNK]"));
+    let mut specials: Vec<String> = vec![unk.clone(), sep.clone(), named("pad_token", "[PAD]"), cls.clone(), named("mask_token", "[MASK]")];
+    for key in ["bos_token", "eos_token"] {
+        specials.extend(config.get(key).or_else(|| special_map.get(key)).and_then(content));
+    }
+    for key in ["additional_special_tokens", "extra_special_tokens"] {
+        if let Some(Value::Array(extra)) = config.get(key).or_else(|| special_map.get(key)) {
+            specials.extend(extra.iter().filter_map(content));
+        }
+    }
+    // Ids given for tokens beyond the vocabulary (transformers ≥ 4.34 writes added_tokens_decoder).
+    let mut given: Vec<(u64, String)> = vec![];
+    if let Some(Value::Object(decoder)) = config.get("added_tokens_decoder") {
+        for (id, token) in decoder {
+            if let (Ok(id), Some(token)) = (id.parse::<u64>(), content(token)) {
+                given.push((id, token));
+            }
+        }
+    }
+    let mut added: Vec<(u64, String)> = vec![];
+    let mut next = ids.len() as u64;
+    for token in specials.iter().chain(given.iter().map(|(_, t)| t)) {
+        if added.iter().any(|(_, t)| t == token) {
+            continue;
+        }
+        let id = match (ids.get(token).and_then(Value::as_u64), given.iter().find(|(_, t)| t == token)) {
+            (Some(id), _) => id,
+            (None, Some((id, _))) => *id,
+            (None, None) => {
+                next += 1;
+                next - 1
+            }
+        };
+        next = next.max(id + 1);
+        added.push((id, token.clone()));
+    }
+    added.sort();
+    let id_of = |token: &str| added.iter().find(|(_, t)| t == token).map(|(id, _)| *id);
+    let (Some(cls_id), Some(sep_id)) = (id_of(&cls), id_of(&sep)) else {
+        return Err(Error::Tokenizer("vocab.txt: no [CLS] / [SEP] token".into()));
+    };
+    let lowercase = config.get("do_lower_case").and_then(Value::as_bool).unwrap_or(true);
+    let strip_accents = config.get("strip_accents").cloned().unwrap_or(Value::Null);
+    let special = |t: &str, type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+    let sequence = |s: &str, type_id: u32| json!({"Sequence": {"id": s, "type_id": type_id}});
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added.iter().map(|(id, t)| json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})).collect::<Vec<_>>(),
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": config.get("tokenize_chinese_chars").and_then(Value::as_bool).unwrap_or(true), "strip_accents": strip_accents, "lowercase": lowercase},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special(&cls, 0), sequence("A", 0), special(&sep, 0)],
+            "pair": [special(&cls, 0), sequence("A", 0), special(&sep, 0), sequence("B", 1), special(&sep, 1)],
+            "special_tokens": {
+                cls.clone(): {"id": cls, "ids": [cls_id], "tokens": [cls]},
+                sep.clone(): {"id": sep, "ids": [sep_id], "tokens": [sep]},
+            },
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": unk, "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": ids},
+    });
+    serde_json::to_vec(&tokenizer).map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
 /// Decodes the whole sequence each time and emits what is new. Byte-level BPE can split one
 /// UTF-8 character over several tokens; until the last byte arrives the decoded text ends in
 /// U+FFFD, so such a tail is held back rather than streamed and later taken back.

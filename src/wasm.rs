@@ -570,6 +570,13 @@ pub fn gpt2_tokenizer_json(
     crate::tokenizer::gpt2_tokenizer_json(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref()).map_err(js_error)
 }
 
+/// `tokenizer.json` made from BERT's `vocab.txt` (+ `tokenizer_config.json`,
+/// `special_tokens_map.json`), for folders that ship no tokenizer.json (older BLIP folders).
+#[wasm_bindgen(js_name = bertTokenizerJson)]
+pub fn bert_tokenizer_json(vocab: &[u8], tokenizer_config: Option<Vec<u8>>, special_tokens_map: Option<Vec<u8>>) -> Result<Vec<u8>, JsError> {
+    crate::tokenizer::bert_tokenizer_json(vocab, tokenizer_config.as_deref(), special_tokens_map.as_deref()).map_err(js_error)
+}
+
 /// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
 /// `bench::memory_read_gbps`), the floor under a decode step's time.
 #[wasm_bindgen(js_name = benchMemory)]

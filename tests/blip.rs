@@ -138,3 +138,47 @@ fn full_size_blip_base_shapes() {
         }
     }
 }
+
+#[test]
+fn a_folder_with_berts_vocab_txt_instead_of_tokenizer_json_tokenizes_alike() {
+    // The fixture's tokenizer as an older folder ships it: vocab.txt (one token a line) and
+    // tokenizer_config.json ([DEC] and [ENC] appended after the vocabulary, as transformers does).
+    let fx = blip();
+    let tokenizer: serde_json::Value = serde_json::from_slice(fx.tokenizer).unwrap();
+    let vocab = tokenizer["model"]["vocab"].as_object().unwrap();
+    let mut lines = vec![String::new(); vocab.len()];
+    for (token, id) in vocab {
+        lines[id.as_u64().unwrap() as usize] = token.clone();
+    }
+    let config =
+        br#"{"do_lower_case": true, "bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"], "cls_token": "[CLS]", "sep_token": "[SEP]"}"#;
+    let made = wasmcap::tokenizer::bert_tokenizer_json(lines.join("\n").as_bytes(), Some(config), None).unwrap();
+    let (ours, theirs) =
+        (wasmcap::tokenizer::CaptionTokenizer::from_bytes(&made).unwrap(), wasmcap::tokenizer::CaptionTokenizer::from_bytes(fx.tokenizer).unwrap());
+    for text in ["a picture of", "A Cat sitting on a COUCH, near the window!", "an astronaut's ice-cream 42", "zebra [DEC] [ENC]"] {
+        let ids = theirs.encode(text, true).unwrap();
+        assert_eq!(ours.encode(text, true).unwrap(), ids, "{text}");
+        assert_eq!(ours.decode(&ids, true).unwrap(), theirs.decode(&ids, true).unwrap(), "{text}");
+    }
+    assert_eq!(ours.vocab_size(), theirs.vocab_size());
+    // The whole folder that way captions as the fixture does.
+    let captioner = Captioner::from_files(wasmcap::loading::ModelFiles { tokenizer: &made, ..fx.files() }).unwrap();
+    let reference = fx.reference();
+    let want = &reference["images"]["astronaut.png"]["prompt"];
+    assert_eq!(captioner.prompt_ids(Some("a picture of")).unwrap(), ids(&want["decoder_input_ids"]));
+
+    // A folder on disk with vocab.txt and no tokenizer.json loads through the same conversion.
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let dir = std::env::temp_dir().join(format!("wasmcap-blip-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in [("config.json", fx.config), ("model.safetensors", fx.weights), ("preprocessor_config.json", fx.preprocessor)] {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+        std::fs::write(dir.join("vocab.txt"), lines.join("\n")).unwrap();
+        std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
+        let from_dir = Captioner::from_dir(&dir, None).unwrap();
+        assert_eq!(from_dir.prompt_ids(Some("a picture of")).unwrap(), ids(&want["decoder_input_ids"]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

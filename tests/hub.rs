@@ -153,6 +153,7 @@ fn hub_ids_caption_as_their_folders_do_then_work_offline_from_the_cache() {
         "tokenizer.json",
         "vocab.json",
         "merges.txt",
+        "vocab.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
         "preprocessor_config.json",
