@@ -37,6 +37,24 @@ impl CaptionTokenizer {
     }
 }
 
+/// A tokenizer side file (`tokenizer_config.json`, `special_tokens_map.json`) as a JSON object;
+/// absent: empty.
+fn json_object(name: &str, bytes: Option<&[u8]>) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match bytes {
+        None => Ok(serde_json::Map::new()),
+        Some(b) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer(format!("{name}: not a JSON object: {e}"))),
+    }
+}
+
+/// A special token as those files write it: a string, or an AddedToken object `{"content": …}`.
+fn token_content(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(serde_json::Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
 /// GPT-2's tokenizer files as older folders ship them (nlpconnect/vit-gpt2-image-captioning has no
 /// `tokenizer.json`): `vocab.json`, `merges.txt` and, when present, `tokenizer_config.json` and
 /// `special_tokens_map.json`. Returns the `tokenizer.json` that 🤗 transformers' conversion to
@@ -63,35 +81,21 @@ pub fn gpt2_tokenizer_json(vocab: &[u8], merges: &[u8], tokenizer_config: Option
             _ => return Err(Error::Tokenizer(format!("merges.txt: line {} is not two tokens separated by a space: {line:?}", n + 1))),
         }
     }
-    let parse = |name: &str, bytes: Option<&[u8]>| -> Result<Map<String, Value>> {
-        match bytes {
-            None => Ok(Map::new()),
-            Some(b) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer(format!("{name}: not a JSON object: {e}"))),
-        }
-    };
-    let config = parse("tokenizer_config.json", tokenizer_config)?;
-    let special_map = parse("special_tokens_map.json", special_tokens_map)?;
-    // A special token is written as a string or as an AddedToken object {"content": …}.
-    let content = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-            _ => None,
-        }
-    };
+    let config = json_object("tokenizer_config.json", tokenizer_config)?;
+    let special_map = json_object("special_tokens_map.json", special_tokens_map)?;
     let mut specials: Vec<String> = vec![];
     for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
         let named = config.get(key).or_else(|| special_map.get(key));
         let token = match named {
             Some(Value::Null) => None,
-            Some(v) => content(v),
+            Some(v) => token_content(v),
             None if key == "pad_token" => None,
             None => Some("<|endoftext|>".to_string()),
         };
         specials.extend(token);
     }
     if let Some(Value::Array(extra)) = config.get("additional_special_tokens").or_else(|| special_map.get("additional_special_tokens")) {
-        specials.extend(extra.iter().filter_map(content));
+        specials.extend(extra.iter().filter_map(token_content));
     }
     let mut added: Vec<(u64, Value)> = vec![];
     for token in specials {
@@ -143,39 +147,26 @@ pub fn bert_tokenizer_json(vocab: &[u8], tokenizer_config: Option<&[u8]>, specia
     if ids.is_empty() {
         return Err(Error::Tokenizer("vocab.txt: no tokens".into()));
     }
-    let parse = |name: &str, bytes: Option<&[u8]>| -> Result<Map<String, Value>> {
-        match bytes {
-            None => Ok(Map::new()),
-            Some(b) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer(format!("{name}: not a JSON object: {e}"))),
-        }
-    };
-    let config = parse("tokenizer_config.json", tokenizer_config)?;
-    let special_map = parse("special_tokens_map.json", special_tokens_map)?;
-    let content = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-            _ => None,
-        }
-    };
+    let config = json_object("tokenizer_config.json", tokenizer_config)?;
+    let special_map = json_object("special_tokens_map.json", special_tokens_map)?;
     let named = |key: &str, default: &str| -> String {
-        config.get(key).or_else(|| special_map.get(key)).and_then(content).unwrap_or_else(|| default.to_string())
+        config.get(key).or_else(|| special_map.get(key)).and_then(token_content).unwrap_or_else(|| default.to_string())
     };
     let (cls, sep, unk) = (named("cls_token", "[CLS]"), named("sep_token", "[SEP]"), named("unk_token", "[UNK]"));
     let mut specials: Vec<String> = vec![unk.clone(), sep.clone(), named("pad_token", "[PAD]"), cls.clone(), named("mask_token", "[MASK]")];
     for key in ["bos_token", "eos_token"] {
-        specials.extend(config.get(key).or_else(|| special_map.get(key)).and_then(content));
+        specials.extend(config.get(key).or_else(|| special_map.get(key)).and_then(token_content));
     }
     for key in ["additional_special_tokens", "extra_special_tokens"] {
         if let Some(Value::Array(extra)) = config.get(key).or_else(|| special_map.get(key)) {
-            specials.extend(extra.iter().filter_map(content));
+            specials.extend(extra.iter().filter_map(token_content));
         }
     }
     // Ids given for tokens beyond the vocabulary (transformers ≥ 4.34 writes added_tokens_decoder).
     let mut given: Vec<(u64, String)> = vec![];
     if let Some(Value::Object(decoder)) = config.get("added_tokens_decoder") {
         for (id, token) in decoder {
-            if let (Ok(id), Some(token)) = (id.parse::<u64>(), content(token)) {
+            if let (Ok(id), Some(token)) = (id.parse::<u64>(), token_content(token)) {
                 given.push((id, token));
             }
         }

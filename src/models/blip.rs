@@ -453,26 +453,16 @@ impl Architecture for Blip {
     }
 
     fn quantize_decoder(&mut self, dtype: GgmlDType) -> Result<(usize, usize)> {
-        let mut done = (0, 0);
+        let mut linears: Vec<&mut Linear> = Vec::new();
         for layer in &mut self.layers {
-            for l in [&mut layer.attention, &mut layer.crossattention] {
-                for linear in [&mut l.query, &mut l.key, &mut l.value, &mut l.dense] {
-                    if linear.quantize(dtype)? {
-                        done.0 += 1;
-                    } else {
-                        done.1 += 1;
-                    }
-                }
+            for a in [&mut layer.attention, &mut layer.crossattention] {
+                linears.extend([&mut a.query, &mut a.key, &mut a.value, &mut a.dense]);
             }
-            for linear in [&mut layer.intermediate, &mut layer.output] {
-                if linear.quantize(dtype)? {
-                    done.0 += 1;
-                } else {
-                    done.1 += 1;
-                }
-            }
+            linears.extend([&mut layer.intermediate, &mut layer.output]);
         }
-        for linear in [&mut self.transform, &mut self.decoder] {
+        linears.extend([&mut self.transform, &mut self.decoder]);
+        let mut done = (0, 0);
+        for linear in linears {
             if linear.quantize(dtype)? {
                 done.0 += 1;
             } else {
