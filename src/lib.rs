@@ -13,6 +13,7 @@ pub mod error;
 pub mod generation;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
+pub mod jpeg;
 pub mod loading;
 pub mod lora;
 pub mod models;

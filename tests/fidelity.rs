@@ -49,7 +49,7 @@ fn encoder_states_and_first_logits_match() {
                 let reference = fx.reference_tensors();
                 for name in PHOTOS {
                     // transformers' own pixel values (stored f16; its references were computed from the
-                    // same f16-rounded pixels), so a JPEG decoder's ±2/255 does not blur the model check.
+                    // same f16-rounded pixels): the model check, apart from preprocessing's.
                     let pixels = &reference[&format!("pixel_values.{name}")];
                     let states = captioner.encode(pixels).unwrap();
                     let diff = max_abs_diff(&states, &reference[&format!("encoder_hidden_states.{name}")]);
