@@ -5,7 +5,8 @@
 //! this class is called `SiglipImageProcessor`; in 5.x that name is the torchvision backend):
 //!
 //! 1. decode, then `convert("RGB")`: alpha is dropped (not composited), gray is replicated,
-//!    16-bit samples keep their high byte, the EXIF orientation is ignored;
+//!    16-bit samples keep their high byte; the EXIF orientation is applied first, as
+//!    transformers' `load_image` does (`ImageOps.exif_transpose`);
 //! 2. `Image.resize((w, h), resample)` — Pillow's `ImagingResample` (`libImaging/Resample.c`),
 //!    reproduced bit for bit here: separable passes in 8-bit fixed point with the intermediate
 //!    image rounded to `u8`, the pass order Pillow picks, the same coefficients; `NEAREST`
@@ -626,9 +627,19 @@ fn describe_magic(bytes: &[u8]) -> Option<&'static str> {
 }
 
 /// Decodes a PNG or JPEG (recognised by content, not by name) to 8-bit RGB, the way
-/// `PIL.Image.open(..).convert("RGB")` does: alpha dropped, gray replicated, 16-bit samples
-/// truncated to their high byte, EXIF orientation not applied.
+/// transformers' `load_image` does (`PIL.Image.open`, `ImageOps.exif_transpose`, `convert("RGB")`):
+/// the EXIF orientation applied, alpha dropped, gray replicated, 16-bit samples truncated to their
+/// high byte.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+    let rgb = decode_stored(bytes)?;
+    Ok(match exif_orientation(bytes) {
+        Some(orientation) => apply_orientation(rgb, orientation),
+        None => rgb,
+    })
+}
+
+/// The image as stored, before its EXIF orientation.
+fn decode_stored(bytes: &[u8]) -> Result<RgbImage> {
     let (format, name) = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         (ImageFormat::Png, "PNG")
     } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
@@ -666,6 +677,101 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
         return Err(Error::Image(format!("{name} image is empty ({}x{})", rgb.width(), rgb.height())));
     }
     Ok(rgb)
+}
+
+/// The EXIF orientation tag (0x0112) of a JPEG (the first `Exif` APP1 segment) or a PNG (its
+/// `eXIf` chunk), as PIL's `getexif()` finds it; `None` if absent or not one number.
+pub fn exif_orientation(bytes: &[u8]) -> Option<u16> {
+    let u16_be = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
+    let u32_be = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        let mut pos = 2;
+        // Markers up to the first scan; APPn segments come before it.
+        while bytes.get(pos) == Some(&0xFF) {
+            let marker = *bytes.get(pos + 1)?;
+            if marker == 0xFF {
+                pos += 1;
+                continue;
+            }
+            if marker == 0xDA || marker == 0xD9 {
+                return None;
+            }
+            let len = u16_be(pos + 2)?;
+            let segment = bytes.get(pos + 4..pos + 2 + len.max(2))?;
+            if marker == 0xE1 && segment.starts_with(b"Exif\0\0") {
+                return tiff_orientation(&segment[6..]);
+            }
+            pos += 2 + len;
+        }
+        None
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        let mut pos = 8;
+        while let (Some(len), Some(kind)) = (u32_be(pos), bytes.get(pos + 4..pos + 8)) {
+            let data = bytes.get(pos + 8..(pos + 8).checked_add(len)?)?;
+            match kind {
+                b"eXIf" => return tiff_orientation(data.strip_prefix(b"Exif\0\0").unwrap_or(data)),
+                b"IEND" => return None,
+                _ => pos += 12 + len,
+            }
+        }
+        None
+    } else {
+        None
+    }
+}
+
+/// Orientation (tag 0x0112) from IFD0 of a TIFF structure.
+fn tiff_orientation(tiff: &[u8]) -> Option<u16> {
+    let little = match tiff.get(..4)? {
+        [b'I', b'I', 42, 0] => true,
+        [b'M', b'M', 0, 42] => false,
+        _ => return None,
+    };
+    let u16_at = |at: usize| tiff.get(at..at + 2).map(|b| if little { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) });
+    let u32_at = |at: usize| {
+        tiff.get(at..at + 4).map(|b| {
+            let b = [b[0], b[1], b[2], b[3]];
+            if little {
+                u32::from_le_bytes(b)
+            } else {
+                u32::from_be_bytes(b)
+            }
+        })
+    };
+    let ifd = u32_at(4)? as usize;
+    let entries = u16_at(ifd)? as usize;
+    for i in 0..entries {
+        let entry = ifd.checked_add(2 + 12 * i)?;
+        if u16_at(entry)? != 0x0112 {
+            continue;
+        }
+        let (kind, count) = (u16_at(entry + 2)?, u32_at(entry + 4)?);
+        if count != 1 {
+            return None;
+        }
+        return match kind {
+            1 | 7 => tiff.get(entry + 8).map(|&b| b as u16),
+            3 | 8 => u16_at(entry + 8),
+            4 | 9 => u32_at(entry + 8).and_then(|v| u16::try_from(v).ok()),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// `ImageOps.exif_transpose`: orientations 2–8 flip and/or rotate the stored image upright.
+pub fn apply_orientation(rgb: RgbImage, orientation: u16) -> RgbImage {
+    use image::imageops::{flip_horizontal, flip_vertical, rotate180, rotate270, rotate90};
+    match orientation {
+        2 => flip_horizontal(&rgb),
+        3 => rotate180(&rgb),
+        4 => flip_vertical(&rgb),
+        5 => flip_horizontal(&rotate90(&rgb)),
+        6 => rotate90(&rgb),
+        7 => flip_horizontal(&rotate270(&rgb)),
+        8 => rotate270(&rgb),
+        _ => rgb,
+    }
 }
 
 fn rgb_from_raw(width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage> {

@@ -1,6 +1,6 @@
-//! JPEG decoding against PIL (libjpeg-turbo) on the variants of
-//! tests/fixtures/make_jpeg_fixtures.py: every sample equal, natively and in headless Chromium; and
-//! no damaged file that takes the decoder down.
+//! JPEG decoding against PIL (libjpeg-turbo) and transformers' `load_image` (EXIF orientation) on
+//! the variants of tests/fixtures/make_jpeg_fixtures.py: every sample equal, natively and in
+//! headless Chromium; and no damaged file that takes the decoder down.
 
 use wasmcap::preprocess::decode_image;
 
@@ -19,8 +19,18 @@ macro_rules! variants {
     };
 }
 
-/// (name, the JPEG, PIL's decode of it as a PNG).
-const VARIANTS: [(&str, &[u8], &[u8]); 28] = variants!(
+/// (name, the JPEG, transformers' `load_image` of it as a PNG).
+const VARIANTS: [(&str, &[u8], &[u8]); 38] = variants!(
+    "exif_orientation_1",
+    "exif_orientation_2",
+    "exif_orientation_3",
+    "exif_orientation_4",
+    "exif_orientation_5",
+    "exif_orientation_6",
+    "exif_orientation_6_big_endian",
+    "exif_orientation_7",
+    "exif_orientation_8",
+    "exif_orientation_9_invalid",
     "face_420_q20",
     "face_422_progressive",
     "face_4x2",
@@ -60,6 +70,15 @@ fn every_variant_decodes_to_libjpeg_turbos_samples() {
         let differ = ours.as_raw().iter().zip(pil.as_raw()).filter(|(a, b)| a != b).count();
         assert_eq!(differ, 0, "{name}: {differ} samples differ from PIL's");
     }
+}
+
+#[test]
+fn a_png_is_turned_upright_by_its_exif_chunk() {
+    let png = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jpeg/exif_png_orientation_8.in.png"));
+    let want = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jpeg/exif_png_orientation_8.png"));
+    assert_eq!(wasmcap::preprocess::exif_orientation(png), Some(8));
+    let (ours, theirs) = (decode_image(png).unwrap(), decode_image(want).unwrap());
+    assert_eq!((ours.dimensions(), ours.as_raw()), (theirs.dimensions(), theirs.as_raw()));
 }
 
 #[test]

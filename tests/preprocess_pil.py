@@ -29,7 +29,7 @@ import numpy as np
 import PIL
 import skimage.data as skd
 import transformers
-from PIL import Image
+from PIL import Image, ImageOps
 
 try:
     from transformers import SiglipImageProcessorPil as Processor  # transformers 5.x
@@ -107,7 +107,7 @@ Image.fromarray(astronaut).convert("L").save(OUT / "astronaut_gray.jpg", quality
 Image.fromarray(chelsea).save(OUT / "chelsea_progressive.jpg", quality=85, progressive=True)
 Image.fromarray(chelsea).convert("CMYK").save(OUT / "chelsea_cmyk.jpg", quality=95)
 exif = Image.Exif()
-exif[0x0112] = 6  # orientation "rotate 90 CW": neither PIL's open+convert nor wasmcap applies it
+exif[0x0112] = 6  # orientation "rotate 90 CW": applied, as transformers' load_image does
 Image.fromarray(chelsea).save(OUT / "chelsea_exif_rot.jpg", quality=90, exif=exif.tobytes())
 files["chelsea_q90_444_jpg"] = "chelsea_q90_444.jpg"
 files["chelsea_q75_420_jpg"] = "chelsea_q75_420.jpg"
@@ -143,7 +143,7 @@ decode_files = ["dec_rgb8.png", "dec_rgba8.png", "dec_gray8.png", "dec_la8.png",
 inexact = {"dec_gray16.png", "dec_gray16_small_values.png", "chelsea_cmyk.jpg"}
 for f in decode_files:
     im = Image.open(OUT / f)
-    rgb = np.asarray(im.convert("RGB"))
+    rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     raw = f + ".rgb"
     (OUT / raw).write_bytes(rgb.tobytes())
     manifest["decode"].append({"name": f"{f} ({im.mode})", "file": f, "rgb": raw, "width": rgb.shape[1],
