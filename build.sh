@@ -11,6 +11,8 @@
 #   ./build.sh bench      benchmark full-size random models natively and in headless Chromium
 #   ./build.sh bench --vs-transformers-js  the same model in Chromium: wasmcap vs transformers.js (bench/vs-tjs/)
 #   ./build.sh bench-train  training samples/s of both architectures on full-size configs
+#   ./build.sh fuzz [SECONDS] [TARGET...]  cargo-fuzz (nightly, ASan) every target in fuzz/ for SECONDS
+#                         each (default 60), from fuzz/seeds/ + fuzz/corpus/; prints runs and crashes
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -124,6 +126,38 @@ page_tests() {
   node --test tests/browser/*.test.mjs
 }
 
+# Each target for $1 seconds; a table of runs, speed and crashes. libFuzzer's limits make an
+# allocation over 2 GiB, an input slower than 10 s or an RSS over 4 GiB a failure too.
+fuzz() {
+  local seconds="${1:-60}"; shift || true
+  setup
+  NIGHTLY=$(nightly_toolchain)
+  rustc "+$NIGHTLY" -V >/dev/null 2>&1 || rustup toolchain install "$NIGHTLY" --profile minimal
+  command -v cargo-fuzz >/dev/null || { log "installing cargo-fuzz"; cargo_install_quick cargo-fuzz --locked; }
+  export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/wasmcap/fuzz-target}"
+  cd fuzz
+  local targets=("$@")
+  [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo "+$NIGHTLY" fuzz list)
+  log "building ${#targets[@]} fuzz targets ($NIGHTLY, ASan)"
+  cargo "+$NIGHTLY" fuzz build -O
+  local failed=0 rows=()
+  for t in "${targets[@]}"; do
+    mkdir -p "corpus/$t"
+    log "fuzzing $t for ${seconds}s"
+    local out="$CARGO_TARGET_DIR/fuzz-$t.log" rc=0
+    cargo "+$NIGHTLY" fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
+      -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=2048 -print_final_stats=1 >"$out" 2>&1 || rc=$?
+    local runs secs
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$out" | grep -o '[0-9]*$' || echo 0)
+    secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$out" | awk '{print $5}' || true)
+    if [ "$rc" -ne 0 ]; then failed=1; tail -40 "$out" >&2; fi
+    rows+=("$(printf '| %-20s | %12s | %6s | %8s | %s |' "$t" "$runs" "${secs:-$seconds}" "$(( runs / (${secs:-$seconds} > 0 ? ${secs:-$seconds} : 1) ))" "$([ "$rc" -eq 0 ] && echo 0 || echo "FAILED (see $out, fuzz/artifacts/$t)")")")
+  done
+  printf '| %-20s | %12s | %6s | %8s | %s |\n|---|---|---|---|---|\n' target runs s runs/s crashes
+  printf '%s\n' "${rows[@]}"
+  return "$failed"
+}
+
 serve() {
   local port="${PORT:-8080}"
   log "serving http://127.0.0.1:$port/www/ (Ctrl-C to stop)"
@@ -142,5 +176,6 @@ case "${1:-build}" in
     if [ "${1:-}" = --vs-transformers-js ]; then exec bash bench/vs-tjs/run.sh "$@"; fi
     setup; exec bash bench/run.sh "$@" ;;
   bench-train) shift; exec bash bench/train.sh "$@" ;;
-  *) echo "usage: $0 [build|setup|test|test-pages|demo|bench|bench-train]" >&2; exit 2 ;;
+  fuzz) shift; fuzz "$@" ;;
+  *) echo "usage: $0 [build|setup|test|test-pages|demo|bench|bench-train|fuzz]" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod captioner;
 pub mod chat;
 pub mod error;
+pub mod fuzzing;
 pub mod generation;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;

@@ -1,0 +1,3 @@
+//! `wasmcap::fuzzing::safetensors` under libFuzzer (`./build.sh fuzz`).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| wasmcap::fuzzing::safetensors(data));

@@ -1,0 +1,3 @@
+//! `wasmcap::fuzzing::tokenizer` under libFuzzer (`./build.sh fuzz`).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| wasmcap::fuzzing::tokenizer(data));
