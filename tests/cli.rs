@@ -47,6 +47,47 @@ fn missing_model_folder_is_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/model") && stderr.contains("config.json"), "{stderr}");
+    // With --json the same error is a JSON line on stdout.
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .args(["--json", "--model", "/nonexistent/model", &fixture_path("images/astronaut.png")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = line["error"].as_str().unwrap();
+    assert!(error.contains("/nonexistent/model") && error.contains("config.json"), "{error}");
+}
+
+#[test]
+fn a_shape_mismatch_names_the_tensor_and_both_shapes_as_json() {
+    // The fixture's config with twice the vocabulary its weights have.
+    let dir = std::env::temp_dir().join(format!("wasmcap-bad-shape-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "model.safetensors",
+        "preprocessor_config.json",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(fixture_path(&format!("tiny-vit-gpt2/{f}")), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture_path("tiny-vit-gpt2/config.json")).unwrap()).unwrap();
+    let vocab = config["decoder"]["vocab_size"].as_u64().unwrap();
+    config["decoder"]["vocab_size"] = (vocab * 2).into();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_caption"))
+        .args(["--json", "--model", dir.to_str().unwrap(), &fixture_path("images/astronaut.png")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = line["error"].as_str().unwrap();
+    assert!(error.contains("wte") && error.contains(&vocab.to_string()) && error.contains(&(vocab * 2).to_string()), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -217,7 +258,8 @@ fn a_folder_without_any_tokenizer_names_what_it_looked_for() {
     for f in ["config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json", "vocab.json"] {
         std::fs::copy(fixture_path(&format!("tiny-vit-gpt2/{f}")), dir.join(f)).unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", dir.to_str().unwrap(), &fixture_path("images/astronaut.png")]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_caption")).args(["--model", dir.to_str().unwrap(), &fixture_path("images/astronaut.png")]).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tokenizer.json") && stderr.contains("merges.txt"), "{stderr}");

@@ -98,6 +98,14 @@ mod cli {
 
     pub fn main() -> ExitCode {
         let args = Args::parse();
+        // An error before any image: on stderr, and with --json also a line `{"error": …}` on stdout.
+        let fatal = |message: String| {
+            if args.json {
+                println!("{}", serde_json::json!({ "error": message }));
+            }
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        };
         let loaded = wasmcap::hub::Hub::from_env()
             .model_folder(&args.model)
             .and_then(|dir| Captioner::from_dir(dir, args.adapter.as_deref()))
@@ -110,17 +118,11 @@ mod cli {
             });
         let captioner = match loaded {
             Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: cannot load model from {}: {e}", args.model);
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fatal(format!("cannot load model from {}: {e}", args.model)),
         };
         let bad_words_ids = match args.bad_words_ids.as_deref().map(serde_json::from_str::<Vec<Vec<u32>>>).transpose() {
             Ok(ids) => ids,
-            Err(e) => {
-                eprintln!("error: --bad-words-ids must be a JSON list of token id lists, e.g. '[[7], [3, 9]]': {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fatal(format!("--bad-words-ids must be a JSON list of token id lists, e.g. '[[7], [3, 9]]': {e}")),
         };
         let early_stopping = args.early_stopping.as_deref().map(|v| match v {
             "true" => serde_json::Value::Bool(true),
@@ -147,10 +149,7 @@ mod cli {
         };
         let (options, beams) = match captioner.plan(&given) {
             Ok(plan) => (plan.options, plan.beams),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fatal(e.to_string()),
         };
         let mut failed = false;
         let mut report = |image: &Path, e: &wasmcap::Error| {
