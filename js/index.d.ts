@@ -52,8 +52,10 @@ export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File
  * Where hub ids are fetched from, as transformers.js' `env`: `${remoteHost}${remotePathTemplate}`,
  * `{model}` and `{revision}` filled in. `maxPieceBytes` (default 256 MiB): a weight file larger
  * than this is read and handed to WASM in pieces of this size, never joined into one buffer.
+ * `threadStartMs` (default 20000): how long the threaded build's pool may take to start before
+ * the single-threaded build runs instead (`captioner.threadsFallback` says so).
  */
-export declare const env: { remoteHost: string; remotePathTemplate: string; maxPieceBytes: number };
+export declare const env: { remoteHost: string; remotePathTemplate: string; maxPieceBytes: number; threadStartMs: number };
 
 export interface LoadOptions {
   onProgress?: (event: ProgressEvent) => void;
@@ -201,7 +203,11 @@ export interface BeamSearchResult extends BeamHypothesis {
 
 /** A caption in progress: iterate it for tokens as they are generated; `result` resolves at the end. */
 export interface CaptionRun<R = CaptionResult, E = TokenEvent> extends AsyncIterable<E> {
-  /** Resolves with the caption; rejects with the Rust error's message, or an AbortError. */
+  /**
+   * Resolves with the caption; rejects with the Rust error's message, an AbortError, or — when the
+   * WASM instance trapped during the call — an error named `WasmcapCrashError`: the captioner then
+   * restarts its worker and reloads the model, and later calls wait for that and run.
+   */
   readonly result: Promise<R>;
   /** Stops this caption, like aborting its signal (beam search: only before it starts). */
   abort(): void;
@@ -218,8 +224,19 @@ export declare class Captioner {
   readonly generationDefaults: Readonly<BeamSearchOptions & { numBeams: number; numReturnSequences: number }>;
   /** The threads the model runs on (1: the single-threaded build). */
   readonly threads: number;
+  /**
+   * Why the model runs on 1 thread though more were asked: the threaded build's pool did not start
+   * within `env.threadStartMs` (default 20 s; e.g. its worker script was served without
+   * Cross-Origin-Embedder-Policy). null otherwise.
+   */
+  readonly threadsFallback: string | null;
   /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
   readonly memoryBytes: number;
+  /**
+   * How many times the WASM instance trapped (a bug, memory exhausted) and was replaced: its worker
+   * restarted and the model loaded again from the same source (the Cache API for URLs and hub ids).
+   */
+  readonly restarts: number;
   /**
    * Loads a model from a hub id (`org/name`, `org/name@revision`), a 🤗-layout folder URL (a
    * relative one ends with `/` or starts with `./`) or a map of files, and starts its worker.

@@ -81,6 +81,9 @@ export const env = {
   // A file larger than this is read in pieces of this size, handed to WASM as they are: never
   // one JS buffer (browsers cap an ArrayBuffer at 2–4 GB, Node.js a Buffer at 2 GB).
   maxPieceBytes: 256 * 1024 * 1024,
+  // How long the threaded build's pool may take to start before the single-threaded build is used
+  // instead (a page whose worker scripts lack the COEP header never starts it).
+  threadStartMs: 20000,
 };
 
 function pieceBytes() {
@@ -515,24 +518,84 @@ function defaultThreads() {
   return Math.max(1, Math.min(8, globalThis.navigator?.hardwareConcurrency ?? 1));
 }
 
+/** A worker with the model loaded: { worker, defaults, threads, memoryBytes }. */
+async function startWorker(source, options) {
+  const { signal, threads } = options;
+  throwIfAborted(signal);
+  const { files, forget } = await loadFiles(source, options.adapter, options);
+  throwIfAborted(signal);
+  // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
+  const worker = options.workerUrl
+    ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
+    : platform.createWorker
+      ? platform.createWorker()
+      : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
+  let loaded;
+  try {
+    await new Promise((ok, fail) => {
+      const onAbort = () => fail(abortError(signal));
+      signal?.addEventListener('abort', onAbort, { once: true });
+      worker.onmessage = ({ data }) => {
+        signal?.removeEventListener('abort', onAbort);
+        if (data.type === 'loaded') { loaded = data; ok(); }
+        else fail(new Error(data.message));
+      };
+      worker.onerror = (e) => {
+        signal?.removeEventListener('abort', onAbort);
+        e.preventDefault?.();
+        fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
+      };
+      const transfer = Object.values(files).flat().filter((b) => b instanceof ArrayBuffer);
+      worker.postMessage({ type: 'load', files, quantize: options.quantize, threads, threadStartMs: env.threadStartMs }, transfer);
+    });
+  } catch (e) {
+    worker.terminate();
+    if (e.name !== 'AbortError') await forget().catch(() => {});
+    throw e;
+  }
+  worker.onmessage = null;
+  worker.onerror = null;
+  if (loaded.threadsFallback) console.warn(`wasmcap: ${loaded.threadsFallback}`);
+  return { worker, defaults: loaded.defaults, threads: loaded.threads, memoryBytes: loaded.memoryBytes, threadsFallback: loaded.threadsFallback };
+}
+
+/** The error of a call during which the WASM instance trapped (`name`: 'WasmcapCrashError'). */
+function crashError(message) {
+  const error = new Error(`wasmcap: the WASM instance crashed (${message}); a fresh one is loading the model again — call again`);
+  error.name = 'WasmcapCrashError';
+  return error;
+}
+
 export class Captioner {
   /** Use `Captioner.fromPretrained`. */
-  constructor(worker, defaults = {}, threads = 1, memoryBytes = 0) {
-    this._worker = worker;
+  constructor({ worker, defaults = {}, threads = 1, memoryBytes = 0, threadsFallback = null }, restart = null) {
     /** The threads the model runs on (1: the single-threaded build). */
     this.threads = threads;
+    /** Why fewer threads than asked run the model (the pool did not start), or null. */
+    this.threadsFallback = threadsFallback ?? null;
     /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
     this.memoryBytes = memoryBytes;
     /** The generation options the model's generation_config.json sets (camelCase). */
     this.generationDefaults = Object.freeze({ ...defaults });
+    /** How many times a trapped WASM instance was replaced (its worker restarted, the model reloaded). */
+    this.restarts = 0;
     this._runs = new Map();
     this._nextRun = 1;
     this._disposed = false;
+    this._restart = restart;
+    this._ready = Promise.resolve();
+    this._attach(worker);
+  }
+
+  _attach(worker) {
+    this._worker = worker;
     worker.addEventListener('message', ({ data }) => {
+      if (worker !== this._worker) return;
       const run = this._runs.get(data.run);
       if (!run) return;
       if (data.type === 'token') run._push(data.token);
       else if (data.type === 'encode') run._onEncode?.(data.progress);
+      else if (data.type === 'error' && data.trapped) this._crashed(crashError(data.message));
       else {
         this._runs.delete(data.run);
         if (data.memoryBytes) this.memoryBytes = data.memoryBytes;
@@ -542,10 +605,42 @@ export class Captioner {
       }
     });
     worker.addEventListener('error', (e) => {
-      const error = new Error(`wasmcap worker: ${e.message ?? 'failed'}`);
-      for (const run of this._runs.values()) run._reject(error);
-      this._runs.clear();
+      if (worker !== this._worker) return;
+      e.preventDefault?.();
+      this._crashed(crashError(`worker error: ${e.message ?? 'failed'}`));
     });
+  }
+
+  // The instance is gone: every call sent to it fails with `error`, and a fresh worker loads the
+  // model again; calls made meanwhile wait for it.
+  _crashed(error) {
+    for (const run of this._runs.values()) if (run._sent) run._reject(error);
+    for (const [id, run] of this._runs) if (run._sent) this._runs.delete(id);
+    this._worker.terminate();
+    if (!this._restart || this._disposed) {
+      const gone = Promise.reject(error);
+      gone.catch(() => {});
+      this._ready = gone;
+      return;
+    }
+    this._worker = null;
+    this._ready = this._restart().then((started) => {
+      if (this._disposed) { started.worker.terminate(); throw new Error('wasmcap: this captioner was disposed'); }
+      this.restarts += 1;
+      this.memoryBytes = started.memoryBytes;
+      this._attach(started.worker);
+    });
+    this._ready.catch(() => {});
+  }
+
+  /** Traps the WASM instance, as a bug would (tests of the recovery only). */
+  _trapForTesting() {
+    const run = new CaptionRun();
+    const id = this._nextRun++;
+    this._runs.set(id, run);
+    run._sent = true;
+    this._worker.postMessage({ type: 'trapForTesting', run: id });
+    return run.result;
   }
 
   /**
@@ -564,45 +659,12 @@ export class Captioner {
    * the single-threaded build; more than 1 on a page that is not isolated rejects).
    */
   static async fromPretrained(source, options = {}) {
-    const { signal } = options;
-    throwIfAborted(signal);
     const threads = options.threads ?? defaultThreads();
     if (!Number.isInteger(threads) || threads < 1) throw new Error(`threads must be a positive integer, not ${threads}`);
-    const { files, forget } = await loadFiles(source, options.adapter, options);
-    throwIfAborted(signal);
-    // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
-    const worker = options.workerUrl
-      ? new Worker(options.workerUrl, { type: 'module', name: 'wasmcap' })
-      : platform.createWorker
-        ? platform.createWorker()
-        : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
-    let defaults;
-    let loaded;
-    try {
-      await new Promise((ok, fail) => {
-        const onAbort = () => fail(abortError(signal));
-        signal?.addEventListener('abort', onAbort, { once: true });
-        worker.onmessage = ({ data }) => {
-          signal?.removeEventListener('abort', onAbort);
-          if (data.type === 'loaded') { defaults = data.defaults; loaded = data; ok(); }
-          else fail(new Error(data.message));
-        };
-        worker.onerror = (e) => {
-          signal?.removeEventListener('abort', onAbort);
-          e.preventDefault?.();
-          fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
-        };
-        const transfer = Object.values(files).flat().filter((b) => b instanceof ArrayBuffer);
-        worker.postMessage({ type: 'load', files, quantize: options.quantize, threads }, transfer);
-      });
-    } catch (e) {
-      worker.terminate();
-      if (e.name !== 'AbortError') await forget().catch(() => {});
-      throw e;
-    }
-    worker.onmessage = null;
-    worker.onerror = null;
-    return new Captioner(worker, defaults, loaded.threads, loaded.memoryBytes);
+    const started = await startWorker(source, { ...options, threads });
+    // After a trap the model loads again from the same source (the Cache API, a File map), quietly.
+    const { onProgress, signal, ...again } = options;
+    return new Captioner(started, () => startWorker(source, { ...again, threads }));
   }
 
   /** Deletes the model files kept in the Cache API (all of them, or one folder's). */
@@ -659,7 +721,7 @@ export class Captioner {
     const cancel = (reason) => {
       if (run.settled) return;
       run._abortReason = reason ?? abortError();
-      if (sent) this._worker.postMessage({ type: 'abort', run: id });
+      if (sent) this._worker?.postMessage({ type: 'abort', run: id });
       this._runs.delete(id);
       run._reject(run._abortReason);
     };
@@ -668,13 +730,20 @@ export class Captioner {
     signal?.addEventListener('abort', onAbort, { once: true });
     run.result.finally(() => signal?.removeEventListener('abort', onAbort)).catch(() => {});
     this._runs.set(id, run);
-    Promise.all(images.map((image) => imageMessage(image, signal))).then((messages) => {
+    Promise.all(images.map((image) => imageMessage(image, signal))).then(async (messages) => {
       const close = () => messages.forEach(([msg]) => msg.bitmap?.close());
-      if (run.settled) { close(); return; }
+      try {
+        await this._ready; // a restart after a trap, if one is under way
+      } catch (e) {
+        close();
+        throw e;
+      }
+      if (run.settled || this._disposed) { close(); return; }
       const transfer = messages.flatMap(([, t]) => t);
       if (many) this._worker.postMessage({ type: 'captionMany', run: id, images: messages.map(([msg]) => msg), options: wasmOptions }, transfer);
       else this._worker.postMessage({ type: 'caption', run: id, image: messages[0][0], options: wasmOptions }, transfer);
       sent = true;
+      run._sent = true;
     }).catch((e) => { this._runs.delete(id); run._reject(e); });
     return run;
   }
@@ -686,7 +755,7 @@ export class Captioner {
     const error = new Error('wasmcap: this captioner was disposed');
     for (const run of this._runs.values()) run._reject(error);
     this._runs.clear();
-    this._worker.terminate(); // terminating drops the whole WASM instance and its memory
+    this._worker?.terminate(); // terminating drops the whole WASM instance and its memory
   }
 }
 

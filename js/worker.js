@@ -1,7 +1,8 @@
 // wasmcap's module Web Worker: owns the WASM instance and the WasmCaptioner. It only converts
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
-// main → worker: { type: 'load', files, quantize, threads }  → { type: 'loaded', defaults, threads, memoryBytes } | { type: 'error' }
+// main → worker: { type: 'load', files, quantize, threads, threadStartMs }
+//                  → { type: 'loaded', defaults, threads, memoryBytes, threadsFallback } | { type: 'error' }
 //                { type: 'caption', run, image, options }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
 //                    final one), then { type: 'done', run, result, memoryBytes } | { type: 'error', run, message }
@@ -9,6 +10,9 @@
 //                { type: 'captionMany', run, images, options }
 //                  → { type: 'token', run, token: { index, ... } }*, then 'done' (result: an array) | …
 //                { type: 'abort', run }
+//                { type: 'trapForTesting', run }  → { type: 'error', run, trapped: true } (tests only)
+// An error with `trapped: true` means the WASM instance trapped (a bug, a failed memory grow):
+// it is unusable, every later call here fails alike, and the shim replaces this worker.
 // dispose() terminates the worker, which drops the WASM instance and all its memory.
 // The build is chosen at load: threads/ (wasm threads: shared memory, a rayon pool of Web
 // Workers) when more than one thread is asked and this worker is crossOriginIsolated, else the
@@ -19,21 +23,35 @@ import * as single from './wasmcap.js';
 import * as threaded from './threads/wasmcap.js';
 
 let wasm = null;
-async function startWasm(threads) {
+async function startWasm(threads, threadStartMs = 20000) {
   if (wasm) return wasm;
+  let fallback;
   if (threads > 1) {
     if (!self.crossOriginIsolated) {
       throw new Error(`${threads} threads need a crossOriginIsolated page (serve it with Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp), or pass threads: 1`);
     }
-    await threaded.default({ module_or_path: new URL('./threads/wasmcap_bg.wasm', import.meta.url) });
-    await threaded.initThreadPool(threads);
-    threaded.setThreads(threads);
-    wasm = { mod: threaded, threads };
-  } else {
-    // Node.js cannot fetch a file: URL; its worker (node-worker.js) hands the bytes over.
-    await single.default({ module_or_path: globalThis.wasmcapModuleBytes ?? new URL('./wasmcap_bg.wasm', import.meta.url) });
-    wasm = { mod: single, threads: 1 };
+    // The pool's workers never report in when their script is refused (e.g. served without the
+    // COEP header): after threadStartMs the single-threaded build runs instead.
+    let timer;
+    const late = new Promise((_, fail) => { timer = setTimeout(() => fail(new Error('late')), threadStartMs); });
+    try {
+      await Promise.race([(async () => {
+        await threaded.default({ module_or_path: new URL('./threads/wasmcap_bg.wasm', import.meta.url) });
+        await threaded.initThreadPool(threads);
+      })(), late]);
+      threaded.setThreads(threads);
+      wasm = { mod: threaded, threads };
+      return wasm;
+    } catch (e) {
+      if (e.message !== 'late') throw e;
+      fallback = `the thread pool did not start within ${threadStartMs} ms (are the worker scripts served with Cross-Origin-Embedder-Policy: require-corp?); running on 1 thread`;
+    } finally {
+      clearTimeout(timer);
+    }
   }
+  // Node.js cannot fetch a file: URL; its worker (node-worker.js) hands the bytes over.
+  await single.default({ module_or_path: globalThis.wasmcapModuleBytes ?? new URL('./wasmcap_bg.wasm', import.meta.url) });
+  wasm = { mod: single, threads: 1, fallback };
   return wasm;
 }
 let captioner = null;
@@ -47,6 +65,14 @@ channel.port1.onmessage = () => waiters.shift()?.();
 const yieldToEvents = () => new Promise((resolve) => { waiters.push(resolve); channel.port2.postMessage(0); });
 
 const message = (e) => String(e?.message ?? e);
+
+// A trap leaves the instance in an unknown state (a panic mid-call, memory half-grown): never
+// call into it again.
+let trap = null;
+function failed(run, e) {
+  if (e instanceof WebAssembly.RuntimeError) trap ??= message(e);
+  postMessage({ type: 'error', run, message: trap ?? message(e), trapped: trap !== null });
+}
 
 async function pixelsOf(image) {
   if (image.kind === 'bytes' || image.kind === 'rgba') return image;
@@ -105,6 +131,7 @@ function beamSearch({ run, options, t0 }) {
 
 async function caption({ run, image, options }) {
   try {
+    if (trap) throw new Error(trap);
     if (!captioner) throw new Error('no model loaded');
     // Rust decides, as generate() does (src/generation.rs); invalid options throw here.
     const beam = captioner.usesBeamSearch(options);
@@ -127,7 +154,7 @@ async function caption({ run, image, options }) {
     captioner.abort(); // drop the run's state (KV cache) now that the result is out
     postMessage({ type: 'done', run, result, memoryBytes: wasm.mod.memoryBytes() });
   } catch (e) {
-    postMessage({ type: 'error', run, message: message(e) });
+    failed(run, e);
   } finally {
     aborted.delete(run);
   }
@@ -136,6 +163,7 @@ async function caption({ run, image, options }) {
 // A batch is one call into WASM: encoder over all images, then decoded together.
 async function captionMany({ run, images, options }) {
   try {
+    if (trap) throw new Error(trap);
     if (!captioner) throw new Error('no model loaded');
     const inputs = [];
     for (const image of images) inputs.push(wasmImage(await pixelsOf(image)));
@@ -146,7 +174,7 @@ async function captionMany({ run, images, options }) {
     for (const r of results) r.timings ??= { totalMs };
     postMessage({ type: 'done', run, result: results, memoryBytes: wasm.mod.memoryBytes() });
   } catch (e) {
-    postMessage({ type: 'error', run, message: message(e) });
+    failed(run, e);
   } finally {
     aborted.delete(run);
   }
@@ -156,7 +184,7 @@ self.onmessage = async ({ data }) => {
   switch (data.type) {
     case 'load':
       try {
-        const { mod, threads } = await startWasm(data.threads ?? 1);
+        const { mod, threads, fallback } = await startWasm(data.threads ?? 1, data.threadStartMs);
         const f = data.files;
         const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
         // The weights and shards: arrays of pieces (a big file is never one buffer).
@@ -174,7 +202,7 @@ self.onmessage = async ({ data }) => {
           u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), f.weightsName, shardNames,
           shardNames.map((_, i) => pieces(f[`shard${i}`])), templateName, u8(template));
         if (data.quantize) captioner.quantize(data.quantize);
-        postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes() });
+        postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes(), threadsFallback: fallback });
       } catch (e) {
         postMessage({ type: 'error', message: message(e) });
       }
@@ -188,6 +216,15 @@ self.onmessage = async ({ data }) => {
       break;
     case 'abort':
       aborted.add(data.run);
+      break;
+    case 'trapForTesting':
+      busy = busy.then(() => {
+        try {
+          wasm.mod.trapForTesting();
+        } catch (e) {
+          failed(data.run, e);
+        }
+      });
       break;
   }
 };

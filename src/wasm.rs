@@ -589,6 +589,13 @@ pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
 #[cfg(feature = "threads")]
 pub use wasm_bindgen_rayon::init_thread_pool;
 
+/// Traps this instance on purpose (`unreachable`), as a bug or a failed memory grow would: for the
+/// tests of the JS package's recovery (a fresh worker, the model reloaded). Not part of the API.
+#[wasm_bindgen(js_name = trapForTesting)]
+pub fn trap_for_testing() {
+    core::arch::wasm32::unreachable()
+}
+
 /// The size of this instance's WASM memory in bytes. WASM memory never shrinks, so this is the
 /// peak so far (the JS package reports it after loading: `captioner.memoryBytes`).
 #[wasm_bindgen(js_name = memoryBytes)]

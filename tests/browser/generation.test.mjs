@@ -13,6 +13,7 @@ import { launch, watchPage, printLog, root } from './helpers.mjs';
 const MODEL = 'tests/fixtures/tiny-ved-v4';
 const IMAGE = 'tests/fixtures/images/astronaut.png';
 let server, browser, page, base;
+let modelRequests = 0;
 const log = [];
 
 /** The native CLI's JSON for `flags` (CAPTION_BIN, else `cargo run`), as helpers.mjs runs it. */
@@ -42,6 +43,7 @@ before(async () => {
   // A blank page of the server's origin that imports the package.
   server = await startServer(0, {
     onRequest(req, res, headers) {
+      if (req.url.startsWith(`/${MODEL}/`)) modelRequests += 1;
       if (req.url !== '/generation-test.html') return false;
       res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
       res.end('<!doctype html><link rel="icon" href="data:,"><title>generation</title>');
@@ -276,4 +278,29 @@ test('quantize: q8_0 at load gives the embedded model the same caption; a bad fo
   assert.deepEqual(r.b, r.a);
   assert.equal(r.text, 'a green square left of a yellow square');
   assert.match(r.bad ?? '', /q8_0 or q4_0/);
+});
+
+test('a trap in WASM rejects that call with WasmcapCrashError; a fresh worker reloads the model from the Cache API and the next caption is the same', async () => {
+  const options = { numBeams: 1, maxNewTokens: 12 };
+  const before = await page.evaluate(async ([model, image, options]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    window.trapped = await Captioner.fromPretrained(model); // cached in the Cache API
+    return (await window.trapped.caption(image, options).result).tokenIds;
+  }, [`${base}/${MODEL}/`, `${base}/${IMAGE}`, options]);
+  const requests = modelRequests;
+  const out = await page.evaluate(async ([image, options]) => {
+    const c = window.trapped;
+    const trap = await c._trapForTesting().then(() => null, (e) => ({ name: e.name, message: e.message }));
+    // Called while the fresh worker is still loading: it waits, then captions.
+    const { tokenIds } = await c.caption(image, options).result;
+    const restarts = c.restarts;
+    c.dispose();
+    return { trap, tokenIds, restarts };
+  }, [`${base}/${IMAGE}`, options]);
+  assert.equal(out.trap?.name, 'WasmcapCrashError', JSON.stringify(out.trap));
+  assert.match(out.trap.message, /unreachable/);
+  assert.deepEqual(out.tokenIds, before);
+  assert.equal(out.restarts, 1);
+  assert.equal(modelRequests, requests, 'the reload reads the Cache API, not the server');
+  await page.evaluate((model) => import('/pkg/index.js').then(({ Captioner }) => Captioner.clearCache(model)), `${base}/${MODEL}/`);
 });

@@ -5,6 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startServer } from '../../www/serve.mjs';
 import { launch, watchPage, printLog, root } from './helpers.mjs';
@@ -61,8 +62,19 @@ function captionIn(page, model, options, captionOptions = {}) {
 
 before(async () => {
   server = await startServer(0, {
-    onRequest(req, res, headers) {
-      if (req.url === '/threads-test.html') {
+    async onRequest(req, res, headers) {
+      if (req.url.startsWith('/broken/pkg/')) {
+        // The package again, but the pool's worker script without COEP: as a deployer who set the
+        // headers on the page and not on every script would serve it.
+        const path = join(root, req.url.slice('/broken'.length).split('?')[0]);
+        const type = path.endsWith('.wasm') ? 'application/wasm' : 'text/javascript';
+        const answer = { ...headers, 'Content-Type': type };
+        if (path.endsWith('workerHelpers.js')) delete answer['Cross-Origin-Embedder-Policy'];
+        res.writeHead(200, answer);
+        res.end(await readFile(path));
+        return true;
+      }
+      if (req.url === '/threads-test.html' || req.url === '/broken/threads-test.html') {
         res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
       } else if (req.url === '/plain/threads-test.html') {
         res.writeHead(200, { 'Content-Type': 'text/html', 'Cache-Control': 'no-store' });
@@ -168,5 +180,27 @@ test('SmolVLM reports its tiles through the encoder, a batch per step as wide as
     assert.ok(cut.length >= 1 && cut.at(-1).encoded < 10, `${threads} threads: stopped at ${JSON.stringify(cut)}`);
     assert.deepEqual(again, want, 'the captioner goes on after the abort');
   }
+  await page.close();
+});
+
+test('an isolated page whose pool worker script lacks COEP: the load falls back to 1 thread after env.threadStartMs, says why, and captions', async () => {
+  const page = await blankPage('/broken/threads-test.html');
+  const { model, ids } = CASES[0];
+  const expected = ids();
+  const r = await page.evaluate(async ([model, image, n]) => {
+    const { Captioner, env } = await import('/broken/pkg/index.js');
+    env.threadStartMs = 3000;
+    const captioner = await Captioner.fromPretrained(model, { cache: false, threads: 2 });
+    try {
+      const result = await captioner.caption(image, { maxNewTokens: n }).result;
+      return { isolated: self.crossOriginIsolated, threads: captioner.threads, fallback: captioner.threadsFallback, ids: result.tokenIds };
+    } finally {
+      captioner.dispose();
+    }
+  }, [`${base}/${model}/`, `${base}/${IMAGE}`, expected.length]);
+  assert.equal(r.isolated, true);
+  assert.equal(r.threads, 1);
+  assert.match(r.fallback ?? '', /did not start within 3000 ms/);
+  assert.deepEqual(r.ids, expected);
   await page.close();
 });

@@ -103,6 +103,22 @@ test('captionMany and numReturnSequences as in the browser; abort stops a captio
   assert.deepEqual((await captioner.caption(image('astronaut.png'), greedy).result).tokenIds, reference.images['astronaut.png'].greedy_ids);
 });
 
+test('a trap in the WASM instance: that call rejects with WasmcapCrashError, the worker restarts with the model, the next caption is transformers\'', async () => {
+  const c = await Captioner.fromPretrained(MODEL);
+  try {
+    const want = reference.images['astronaut.png'].greedy_ids;
+    const trap = await c._trapForTesting().then(() => null, (e) => e);
+    assert.equal(trap?.name, 'WasmcapCrashError');
+    assert.match(trap.message, /unreachable/);
+    // Called while the fresh worker is still loading: waits for it.
+    const { tokenIds } = await c.caption(image('astronaut.png'), greedy).result;
+    assert.deepEqual(tokenIds, want);
+    assert.equal(c.restarts, 1);
+  } finally {
+    c.dispose();
+  }
+});
+
 test('bad input is an error that says what: a missing image, a missing folder, threads', async () => {
   await assert.rejects(captioner.caption(join(root, 'no-such.png')).result, /no-such\.png/);
   await assert.rejects(Captioner.fromPretrained('./no/such/folder'), /no such folder/);
