@@ -61,6 +61,9 @@ seed("chat_template", "smolvlm_json", b"\1" + json.dumps({"chat_template": chat.
 for img in sorted((FIX / "jpeg").glob("*")):
     if img.stat().st_size <= 8000 and (img.suffix == ".jpg" or img.name.endswith(".in.png")):
         seed("image_decode", img.name, img.read_bytes())
+for img in sorted((FIX / "formats").glob("*")):
+    if img.suffix != ".png" and img.stat().st_size <= 12000:
+        seed("image_decode", img.name, img.read_bytes())
 for img in ["coffee_gray.png", "coffee_rgba.png"]:
     seed("image_decode", img, (FIX / "images" / img).read_bytes())
 print({d.name: len(list(d.iterdir())) for d in sorted(SEEDS.iterdir())})

@@ -411,6 +411,17 @@ async function loadFiles(source, adapter, options) {
   return { files, forget };
 }
 
+// PNG and JPEG are decoded in Rust (as Pillow decodes them); other formats (WebP, GIF, AVIF, …) by
+// the browser, which sniffs the bytes whatever their MIME type; without one (Node.js) Rust says
+// which format it is.
+function bytesMessage(bytes) {
+  const head = new Uint8Array(bytes, 0, Math.min(4, bytes.byteLength));
+  const png = head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
+  const jpeg = head[0] === 0xff && head[1] === 0xd8;
+  if (png || jpeg || bytes.byteLength === 0 || typeof createImageBitmap !== 'function') return [{ kind: 'bytes', data: bytes }, [bytes]];
+  return [{ kind: 'blob', blob: new Blob([bytes]) }, []];
+}
+
 async function imageMessage(image, signal) {
   // Node.js: a file path becomes its bytes.
   const read = platform.readImage ? await platform.readImage(image) : null;
@@ -419,8 +430,7 @@ async function imageMessage(image, signal) {
   // keeps its array).
   if (image instanceof ArrayBuffer || ArrayBuffer.isView(image)) {
     const view = image instanceof ArrayBuffer ? new Uint8Array(image) : new Uint8Array(image.buffer, image.byteOffset, image.byteLength);
-    const bytes = view.slice().buffer;
-    return [{ kind: 'bytes', data: bytes }, [bytes]];
+    return bytesMessage(view.slice().buffer);
   }
   const isImageData = typeof ImageData !== 'undefined' && image instanceof ImageData;
   if (!isImageData && image !== null && typeof image === 'object' && 'data' in image && 'width' in image && 'height' in image) {
@@ -438,15 +448,7 @@ async function imageMessage(image, signal) {
     if (!res.ok) throw new Error(`image: HTTP ${res.status} ${res.statusText} from ${res.url}`);
     image = await res.blob();
   }
-  if (typeof Blob !== 'undefined' && image instanceof Blob) {
-    const bytes = await image.arrayBuffer();
-    const head = new Uint8Array(bytes, 0, Math.min(4, bytes.byteLength));
-    const png = head[0] === 0x89 && head[1] === 0x50 && head[2] === 0x4e && head[3] === 0x47;
-    const jpeg = head[0] === 0xff && head[1] === 0xd8;
-    // PNG and JPEG are decoded in Rust (bit-exact with Pillow); other formats by the browser.
-    if (png || jpeg || !/^image\//.test(image.type)) return [{ kind: 'bytes', data: bytes }, [bytes]];
-    return [{ kind: 'blob', blob: image }, []];
-  }
+  if (typeof Blob !== 'undefined' && image instanceof Blob) return bytesMessage(await image.arrayBuffer());
   if (typeof ImageData !== 'undefined' && image instanceof ImageData) {
     const data = new Uint8Array(image.data); // a copy: the caller keeps its ImageData
     return [{ kind: 'rgba', data, width: image.width, height: image.height }, [data.buffer]];

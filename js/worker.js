@@ -77,7 +77,14 @@ function failed(run, e) {
 async function pixelsOf(image) {
   if (image.kind === 'bytes' || image.kind === 'rgba') return image;
   let bitmap = image.bitmap;
-  if (image.kind === 'blob') bitmap = await createImageBitmap(image.blob, { colorSpaceConversion: 'none' });
+  if (image.kind === 'blob') {
+    try {
+      bitmap = await createImageBitmap(image.blob, { colorSpaceConversion: 'none' });
+    } catch (e) {
+      const head = Array.from(new Uint8Array(await image.blob.slice(0, 8).arrayBuffer()), (b) => b.toString(16).padStart(2, '0')).join(' ');
+      throw new Error(`could not decode the image: not a PNG or JPEG, and the browser cannot decode it either (${message(e)}; first bytes ${head})`);
+    }
+  }
   try {
     const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
     const ctx = canvas.getContext('2d', { willReadFrequently: true });

@@ -626,7 +626,31 @@ fn describe_magic(bytes: &[u8]) -> Option<&'static str> {
     KNOWN.iter().find(|(magic, _)| bytes.starts_with(magic)).map(|(_, name)| *name)
 }
 
-/// Decodes a PNG or JPEG (recognised by content, not by name) to 8-bit RGB, the way
+/// The formats [`decode_image`] reads. In WASM the JS package hands the others to the browser.
+#[cfg(not(target_arch = "wasm32"))]
+const SUPPORTED: &str = "PNG, JPEG, WebP, GIF, BMP and TIFF";
+#[cfg(target_arch = "wasm32")]
+const SUPPORTED: &str = "PNG and JPEG";
+
+/// WebP, GIF (its first frame), BMP and TIFF, natively: what Pillow opens besides PNG and JPEG.
+#[cfg(not(target_arch = "wasm32"))]
+fn native_format(bytes: &[u8]) -> Option<(ImageFormat, &'static str)> {
+    match image::guess_format(bytes).ok()? {
+        ImageFormat::WebP => Some((ImageFormat::WebP, "WebP")),
+        ImageFormat::Gif => Some((ImageFormat::Gif, "GIF")),
+        ImageFormat::Bmp => Some((ImageFormat::Bmp, "BMP")),
+        ImageFormat::Tiff => Some((ImageFormat::Tiff, "TIFF")),
+        _ => None,
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn native_format(_: &[u8]) -> Option<(ImageFormat, &'static str)> {
+    None
+}
+
+/// Decodes an image (recognised by content, not by name: PNG and JPEG, natively also WebP, GIF,
+/// BMP and TIFF) to 8-bit RGB, the way
 /// transformers' `load_image` does (`PIL.Image.open`, `ImageOps.exif_transpose`, `convert("RGB")`):
 /// the EXIF orientation applied, alpha dropped, gray replicated, 16-bit samples truncated to their
 /// high byte.
@@ -646,11 +670,13 @@ fn decode_stored(bytes: &[u8]) -> Result<RgbImage> {
         (ImageFormat::Jpeg, "JPEG")
     } else if bytes.is_empty() {
         return Err(Error::Image("could not decode: the input is empty (0 bytes)".into()));
+    } else if let Some(known) = native_format(bytes) {
+        known
     } else {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         let what = match describe_magic(bytes) {
-            Some(kind) => format!("this looks like {kind}, an unsupported format; only PNG and JPEG are supported"),
-            None => "unsupported format: not a PNG or JPEG".to_string(),
+            Some(kind) => format!("this looks like {kind}, an unsupported format; only {SUPPORTED} are supported"),
+            None => format!("unsupported format: not a {}", SUPPORTED.replace(" and ", " or ")),
         };
         return Err(Error::Image(format!("could not decode: {what} (first bytes {})", head.join(" "))));
     };
@@ -1333,9 +1359,15 @@ mod tests {
     #[test]
     fn decode_garbage_and_truncated() {
         let err = decode_image(b"hello, this is not an image").unwrap_err().to_string();
-        assert!(err.contains("could not decode") && err.contains("not a PNG or JPEG"), "{err}");
-        let err = decode_image(b"GIF89a\x01\x00\x01\x00").unwrap_err().to_string();
-        assert!(err.contains("GIF") && err.contains("only PNG and JPEG"), "{err}");
+        assert!(err.contains("could not decode") && err.contains("not a PNG, JPEG"), "{err}");
+        let err = decode_image(b"qoif\x00\x00\x00\x01\x00\x00\x00\x01\x03\x00").unwrap_err().to_string();
+        assert!(err.contains("QOI") && err.contains(&format!("only {SUPPORTED}")), "{err}");
+        // A format decoded natively, cut short: an error that names it.
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let err = decode_image(b"GIF89a\x01\x00\x01\x00").unwrap_err().to_string();
+            assert!(err.contains("could not decode GIF"), "{err}");
+        }
         assert!(decode_image(b"").unwrap_err().to_string().contains("empty"));
 
         let png = encode_png(DynamicImage::ImageRgb8(pattern(64, 48)));

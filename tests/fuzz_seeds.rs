@@ -87,7 +87,7 @@ fn parsers_survive_their_seeds_and_mutations() {
 
 #[test]
 fn image_decoding_survives_its_seeds_and_mutations() {
-    smoke("image_decode", 40, wasmcap::fuzzing::image_decode);
+    smoke("image_decode", 25, wasmcap::fuzzing::image_decode);
 }
 
 #[test]

@@ -304,3 +304,18 @@ test('a trap in WASM rejects that call with WasmcapCrashError; a fresh worker re
   assert.equal(modelRequests, requests, 'the reload reads the Cache API, not the server');
   await page.evaluate((model) => import('/pkg/index.js').then(({ Captioner }) => Captioner.clearCache(model)), `${base}/${MODEL}/`);
 });
+
+test('WebP and GIF bytes (an ArrayBuffer, no MIME type) go to the browser\'s decoder and caption as Pillow\'s decode of them does; undecodable bytes say so', async () => {
+  const r = await page.evaluate(async (base) => {
+    const ids = async (image) => (await window.captioner.caption(image, { numBeams: 1, maxNewTokens: 10 }).result).tokenIds;
+    const bytes = async (path) => (await fetch(`${base}/tests/fixtures/formats/${path}`)).arrayBuffer();
+    const out = {};
+    for (const f of ['lossless.webp', 'palette.gif']) {
+      out[f] = { ours: await ids(await bytes(f)), pillow: await ids(await bytes(f.replace(/\.\w+$/, '.png'))) };
+    }
+    out.bad = await window.captioner.caption(new Uint8Array([0x52, 0x49, 0x46, 0x46, 1, 2, 3, 4, 5])).result.then(() => null, (e) => e.message);
+    return out;
+  }, base);
+  for (const f of ['lossless.webp', 'palette.gif']) assert.deepEqual(r[f].ours, r[f].pillow, f);
+  assert.match(r.bad ?? '', /not a PNG or JPEG, and the browser cannot decode it either.*52 49 46 46/);
+});

@@ -14,7 +14,7 @@ fn training_decodes_images_as_captioning_does() {
         assert!(decode_file(&path).unwrap() == inference, "{name}");
     }
     let err = decode_file(&dir.join("../README.md")).unwrap_err().to_string();
-    assert!(err.contains("README.md") && err.contains("not a PNG or JPEG"), "{err}");
+    assert!(err.contains("README.md") && err.contains("not a PNG, JPEG"), "{err}");
 }
 
 /// A fresh folder per test; removed on drop so reruns start clean.
