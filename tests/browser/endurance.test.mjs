@@ -1,0 +1,99 @@
+// Endurance of the JS package in headless Chromium: 200 load / caption / abort / dispose cycles
+// (the model from the Cache API after the first), then 1000 captions on one instance; the page's JS
+// heap (after a forced GC, through CDP) and the instance's WASM memory may grow ≤ 5 % after the
+// first ten. Prints the figures. Run by `./build.sh test-pages` after pkg/ is built.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer } from '../../www/serve.mjs';
+import { launch, watchPage, printLog } from './helpers.mjs';
+
+const MODEL = 'tests/fixtures/tiny-ved-v5';
+const IMAGE = 'tests/fixtures/images/astronaut.png';
+let server, browser, page, cdp, base;
+const log = [];
+
+before(async () => {
+  server = await startServer(0, {
+    onRequest(req, res, headers) {
+      if (req.url !== '/endurance-test.html') return false;
+      res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
+      res.end('<!doctype html><link rel="icon" href="data:,"><title>endurance</title>');
+      return true;
+    },
+  });
+  base = `http://127.0.0.1:${server.address().port}`;
+  browser = await launch();
+  page = await browser.context.newPage();
+  watchPage(page, log);
+  await page.goto(`${base}/endurance-test.html`);
+  cdp = await page.context().newCDPSession(page);
+});
+
+after(async () => {
+  printLog(log);
+  await page?.evaluate(() => window.kept?.dispose()).catch(() => {});
+  await page?.evaluate((model) => import('/pkg/index.js').then(({ Captioner }) => Captioner.clearCache(model)), `${base}/${MODEL}/`).catch(() => {});
+  await browser?.close();
+  server?.close();
+});
+
+/** The page's JS heap in bytes after a full GC. */
+async function heap() {
+  await cdp.send('HeapProfiler.collectGarbage');
+  await cdp.send('HeapProfiler.collectGarbage');
+  return (await cdp.send('Runtime.getHeapUsage')).usedSize;
+}
+
+const MiB = (n) => `${(n / 2 ** 20).toFixed(2)} MiB`;
+
+test('200 load / caption / abort / dispose cycles: JS heap and WASM memory flat after the first ten', async () => {
+  const cycles = (n) => page.evaluate(async ([model, image, n]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    let wasm = 0;
+    for (let i = 0; i < n; i++) {
+      const c = await Captioner.fromPretrained(model);
+      const run = c.caption(image, { numBeams: 1, maxNewTokens: 20 });
+      try {
+        for await (const _ of run) run.abort(); // after the first token
+      } catch (e) {
+        if (e.name !== 'AbortError') throw e;
+      }
+      await run.result.catch((e) => { if (e.name !== 'AbortError') throw e; });
+      const done = await c.caption(image, { numBeams: 1, maxNewTokens: 20 }).result;
+      if (done.tokenIds.length !== 20) throw new Error(`cycle ${i}: ${done.tokenIds.length} tokens`);
+      wasm = Math.max(wasm, c.memoryBytes);
+      c.dispose();
+    }
+    return wasm;
+  }, [`${base}/${MODEL}/`, `${base}/${IMAGE}`, n]);
+  const t0 = Date.now();
+  const wasm10 = await cycles(10);
+  const heap10 = await heap();
+  const wasm200 = await cycles(190);
+  const heap200 = await heap();
+  console.log(`200 cycles in ${((Date.now() - t0) / 1000).toFixed(1)} s: JS heap ${MiB(heap10)} after 10, ${MiB(heap200)} after 200 (${((heap200 / heap10 - 1) * 100).toFixed(1)} %); WASM memory per instance ${MiB(wasm10)} → ${MiB(wasm200)}`);
+  assert.ok(heap200 <= heap10 * 1.05, `JS heap grew from ${heap10} to ${heap200}`);
+  assert.ok(wasm200 <= wasm10 * 1.05, `WASM memory grew from ${wasm10} to ${wasm200}`);
+});
+
+test('1000 captions on one instance: JS heap and WASM memory flat after the first ten', async () => {
+  const captions = (n) => page.evaluate(async ([model, image, n]) => {
+    const { Captioner } = await import('/pkg/index.js');
+    window.kept ??= await Captioner.fromPretrained(model);
+    let first;
+    for (let i = 0; i < n; i++) {
+      const { tokenIds } = await window.kept.caption(image, { numBeams: 1, maxNewTokens: 8 }).result;
+      first ??= tokenIds.join(',');
+      if (tokenIds.join(',') !== first) throw new Error(`caption ${i} differs`);
+    }
+    return window.kept.memoryBytes;
+  }, [`${base}/${MODEL}/`, `${base}/${IMAGE}`, n]);
+  const t0 = Date.now();
+  const wasm10 = await captions(10);
+  const heap10 = await heap();
+  const wasm1000 = await captions(990);
+  const heap1000 = await heap();
+  console.log(`1000 captions in ${((Date.now() - t0) / 1000).toFixed(1)} s: JS heap ${MiB(heap10)} after 10, ${MiB(heap1000)} after 1000 (${((heap1000 / heap10 - 1) * 100).toFixed(1)} %); WASM memory ${MiB(wasm10)} → ${MiB(wasm1000)}`);
+  assert.ok(heap1000 <= heap10 * 1.05, `JS heap grew from ${heap10} to ${heap1000}`);
+  assert.equal(wasm1000, wasm10, 'WASM memory grew');
+});
