@@ -44,6 +44,9 @@ const ADAPTER_FILES = [
 ];
 // Marks "this optional file does not exist" in the cache, so a cached load makes no request at all.
 const MISSING_HEADER = 'x-wasmcap-missing';
+// The validators of the response a cached file came from (its ETag, else its Last-Modified).
+const ETAG_HEADER = 'x-wasmcap-etag';
+const MODIFIED_HEADER = 'x-wasmcap-last-modified';
 
 function abortError(signal) {
   if (signal?.reason instanceof Error) return signal.reason;
@@ -180,16 +183,30 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
   return {
     key, name, required, url, remote: true,
     async open() {
+      let res;
       if (cache && !reload) {
         const hit = await cache.match(url);
         if (hit) {
           if (hit.headers.get(MISSING_HEADER)) return null;
-          return bodyOf(hit, true);
+          // A cached file is used as long as the server says it has not changed (a conditional
+          // request: 304, no body); without validators, or offline, it is used as it is.
+          const etag = hit.headers.get(ETAG_HEADER);
+          const modified = hit.headers.get(MODIFIED_HEADER);
+          if (!etag && !modified) return bodyOf(hit, true);
+          try {
+            res = await fetchFn(url, { signal, cache: 'no-store', headers: etag ? { 'If-None-Match': etag } : { 'If-Modified-Since': modified } });
+          } catch (e) {
+            if (signal?.aborted) throw abortError(signal);
+            return bodyOf(hit, true);
+          }
+          if (res.status === 304 || !res.ok) {
+            res.body?.cancel().catch(() => {});
+            return bodyOf(hit, true);
+          }
         }
       }
-      let res;
       try {
-        res = await fetchFn(url, { signal, cache: reload ? 'reload' : 'default' });
+        res ??= await fetchFn(url, { signal, cache: reload ? 'reload' : 'default' });
       } catch (e) {
         if (signal?.aborted) throw abortError(signal);
         throw new Error(`${name}: could not fetch ${url} (${e.message ?? e})`);
@@ -212,9 +229,13 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
         if (cache) {
           // A Blob of the pieces: the browser stores it without one buffer of the whole file.
           const blob = new Blob(pieces);
-          await cache.put(url, new Response(blob, {
-            headers: { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream', 'Content-Length': String(blob.size) },
-          }));
+          const headers = { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream', 'Content-Length': String(blob.size) };
+          const etag = res.headers.get('ETag');
+          const modified = res.headers.get('Last-Modified');
+          if (etag) headers[ETAG_HEADER] = etag;
+          else if (modified) headers[MODIFIED_HEADER] = modified;
+          // Stored only once the whole file is here: a dropped download leaves nothing cached.
+          await cache.put(url, new Response(blob, { headers }));
         }
         return pieces;
       };

@@ -14,6 +14,10 @@ const MODEL = 'tests/fixtures/tiny-ved-v4';
 const IMAGE = 'tests/fixtures/images/astronaut.png';
 let server, browser, page, base;
 let modelRequests = 0;
+// /versioned/FILE: tiny-ved-v5's files with an ETag per version; version 2 changes
+// generation_config.json. Counts full answers and 304s.
+let version = 1;
+const versioned = { full: 0, notModified: 0 };
 const log = [];
 
 /** The native CLI's JSON for `flags` (CAPTION_BIN, else `cargo run`), as helpers.mjs runs it. */
@@ -44,6 +48,29 @@ before(async () => {
   server = await startServer(0, {
     onRequest(req, res, headers) {
       if (req.url.startsWith(`/${MODEL}/`)) modelRequests += 1;
+      if (req.url.startsWith('/versioned/')) {
+        const name = req.url.slice('/versioned/'.length);
+        const etag = `"v${version}-${name}"`;
+        if (req.headers['if-none-match'] === etag) {
+          versioned.notModified += 1;
+          res.writeHead(304, { ...headers, ETag: etag });
+          res.end();
+          return true;
+        }
+        let body;
+        try {
+          body = readFileSync(join(root, 'tests/fixtures/tiny-ved-v5', name));
+        } catch {
+          res.writeHead(404, headers);
+          res.end();
+          return true;
+        }
+        if (name === 'generation_config.json' && version === 2) body = Buffer.from(JSON.stringify({ ...JSON.parse(body), num_beams: 2 }));
+        versioned.full += 1;
+        res.writeHead(200, { ...headers, ETag: etag, 'Content-Length': body.length });
+        res.end(body);
+        return true;
+      }
       if (req.url !== '/generation-test.html') return false;
       res.writeHead(200, { ...headers, 'Content-Type': 'text/html' });
       res.end('<!doctype html><link rel="icon" href="data:,"><title>generation</title>');
@@ -318,4 +345,24 @@ test('WebP and GIF bytes (an ArrayBuffer, no MIME type) go to the browser\'s dec
   }, base);
   for (const f of ['lossless.webp', 'palette.gif']) assert.deepEqual(r[f].ours, r[f].pillow, f);
   assert.match(r.bad ?? '', /not a PNG or JPEG, and the browser cannot decode it either.*52 49 46 46/);
+});
+
+test('the Cache API revalidates: unchanged files come back as 304 with no body, a file whose ETag changed is fetched again', async () => {
+  const load = () => page.evaluate(async (model) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const c = await Captioner.fromPretrained(model);
+    const numBeams = c.generationDefaults.numBeams;
+    c.dispose();
+    return numBeams;
+  }, `${base}/versioned/`);
+  const first = await load();
+  const fetched = versioned.full;
+  assert.ok(fetched >= 5, `the first load fetches every file (${fetched})`);
+  assert.equal(await load(), first);
+  assert.equal(versioned.full, fetched, 'nothing fetched again');
+  assert.ok(versioned.notModified >= 5, `${versioned.notModified} answers 304`);
+  version = 2;
+  assert.equal(await load(), 2, 'the changed generation_config.json is read');
+  assert.ok(versioned.full >= fetched + 5, 'every file with a new ETag came again');
+  await page.evaluate((model) => import('/pkg/index.js').then(({ Captioner }) => Captioner.clearCache(model)), `${base}/versioned/`);
 });
