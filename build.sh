@@ -12,7 +12,8 @@
 #   ./build.sh bench --vs-transformers-js  the same model in Chromium: wasmcap vs transformers.js (bench/vs-tjs/)
 #   ./build.sh bench-train  training samples/s of both architectures on full-size configs
 #   ./build.sh fuzz [SECONDS] [TARGET...]  cargo-fuzz (nightly, ASan) every target in fuzz/ for SECONDS
-#                         each (default 60), from fuzz/seeds/ + fuzz/corpus/; prints runs and crashes
+#                         each (default 60), from fuzz/seeds/, fuzz/regressions/ (inputs that once crashed)
+#                         and fuzz/corpus/; prints runs and crashes
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -145,7 +146,9 @@ fuzz() {
     mkdir -p "corpus/$t"
     log "fuzzing $t for ${seconds}s"
     local out="$CARGO_TARGET_DIR/fuzz-$t.log" rc=0
-    cargo "+$NIGHTLY" fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
+    local dirs=("corpus/$t" "seeds/$t")
+    [ -d "regressions/$t" ] && dirs+=("regressions/$t")
+    cargo "+$NIGHTLY" fuzz run -O "$t" "${dirs[@]}" -- \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=2048 -print_final_stats=1 >"$out" 2>&1 || rc=$?
     local runs secs
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$out" | grep -o '[0-9]*$' || echo 0)

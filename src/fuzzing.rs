@@ -89,10 +89,13 @@ pub fn chat_template(data: &[u8]) {
     let _ = template.render(&json!([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant"}]), false);
 }
 
-/// An image file: decoding (PNG, JPEG, the EXIF orientation), then the default processor.
+/// An image file: decoding (every format, the EXIF orientation), then a processor (SigLIP's,
+/// at 32 px: the resampling paths are the same at any size, and a run stays fast).
 pub fn image_decode(data: &[u8]) {
     if let Ok(rgb) = crate::preprocess::decode_image(data) {
         assert!(rgb.width() > 0 && rgb.height() > 0, "an empty image decoded");
-        let _ = crate::preprocess::PreprocessorConfig::default().preprocess(&rgb);
+        if let Ok(config) = crate::preprocess::PreprocessorConfig::from_json(br#"{"size": {"height": 32, "width": 32}}"#) {
+            let _ = config.preprocess(&rgb);
+        }
     }
 }

@@ -13,8 +13,35 @@ impl From<tokenizers::Tokenizer> for CaptionTokenizer {
     }
 }
 
+/// tokenizers 0.23 panics instead of erring on two kinds of bad `tokenizer.json` (found by
+/// fuzzing; a panic kills a WASM instance): invalid JSON inside the `decoder` section
+/// (`expect("Helper")`), and a `Precompiled` normalizer whose fields do not parse
+/// (`expect("Precompiled")`). Both are refused here first.
+fn refuse_what_tokenizers_panics_on(bytes: &[u8]) -> Result<()> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| Error::Tokenizer(format!("could not parse: not valid JSON: {e}")))?;
+    if !bytes.windows(11).any(|w| w == b"Precompiled") {
+        return Ok(());
+    }
+    fn check(value: &serde_json::Value) -> Result<()> {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                    serde_json::from_value::<tokenizers::normalizers::Precompiled>(value.clone())
+                        .map_err(|e| Error::Tokenizer(format!("could not parse: a Precompiled normalizer: {e}")))?;
+                }
+                map.values().try_for_each(check)
+            }
+            serde_json::Value::Array(items) => items.iter().try_for_each(check),
+            _ => Ok(()),
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Tokenizer(format!("could not parse: {e}")))?;
+    check(&value)
+}
+
 impl CaptionTokenizer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        refuse_what_tokenizers_panics_on(bytes)?;
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(format!("could not parse: {e}")))?;
         Ok(Self { inner })
     }

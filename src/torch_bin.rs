@@ -138,7 +138,15 @@ impl TensorRef {
         if storage_bytes as u64 > size {
             return Err(format!("storage of {} elements needs {storage_bytes} bytes, its entry has {size}", self.storage.numel));
         }
+        if start.checked_add(size).is_none_or(|end| end > src.len() as u64) {
+            return Err(format!("its storage entry ({size} bytes at {start}) runs past the end of the file ({} bytes)", src.len()));
+        }
         let count = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+        // Every element read is one of the storage's, so a view may not be larger than it (torch
+        // saves an expanded, stride-0 tensor this way; no checkpoint of weights does).
+        if count > self.storage.numel {
+            return Err(format!("a view of {count} elements (shape {:?}) over a storage of {}", self.shape, self.storage.numel));
+        }
         if self.stride.len() != self.shape.len() {
             return Err(format!("shape {:?} with stride {:?}", self.shape, self.stride));
         }

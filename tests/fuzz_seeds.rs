@@ -51,12 +51,22 @@ fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
     data
 }
 
+/// The seeds of `target`, and the inputs that once crashed it (`fuzz/regressions/<target>/`).
 fn seeds(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds").join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    assert!(!files.is_empty(), "no seeds in {}", dir.display());
-    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+    let mut all = files(&format!("fuzz/seeds/{target}"));
+    assert!(!all.is_empty(), "no seeds for {target}");
+    all.extend(files(&format!("fuzz/regressions/{target}")));
+    all
+}
+
+fn files(dir: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    if !dir.exists() {
+        return Vec::new();
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    paths.iter().map(|f| std::fs::read(f).unwrap()).collect()
 }
 
 /// Runs `body` on every seed and `per_seed` mutations of each; returns the number of runs.
