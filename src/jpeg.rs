@@ -3,10 +3,11 @@
 //! samples. A general decoder differs by a few levels per sample, which a processor's `÷ std`
 //! (CLIP's 0.27, ImageNet's 0.23) and an upscale turn into more than 2e-2 of pixel value.
 //!
-//! Covered: 8-bit Huffman-coded baseline, extended and progressive files with 1 or 3 components
-//! (grayscale, YCbCr, or RGB by Adobe transform / component ids as libjpeg guesses them), any
-//! integral sampling factors, restart intervals. Other variants (arithmetic coding, 12-bit,
-//! lossless, CMYK) are `Ok(None)`: the caller hands them to a general decoder.
+//! Covered: 8-bit Huffman-coded baseline, extended and progressive files with 1, 3 or 4
+//! components (grayscale; YCbCr, or RGB by Adobe transform / component ids as libjpeg guesses
+//! them; CMYK, made RGB as PIL does), any integral sampling factors, restart intervals. Other
+//! variants (arithmetic coding, 12-bit, lossless, YCCK) are `Ok(None)`: the caller hands them to
+//! a general decoder.
 //!
 //! Entropy-coded data is read as leniently as libjpeg reads it (a bad Huffman code or a marker
 //! inside a scan gives zero bits, not an error), but a file that ends before its last scan does
@@ -356,7 +357,8 @@ impl Decoder {
             // A height of 0 is announced later by a DNL marker, which libjpeg does not support either.
             return Err(format!("the image is empty ({width}x{height})"));
         }
-        if n != 1 && n != 3 {
+        // Four components: CMYK as Adobe writes it; YCCK (Adobe transform 2) is left to others.
+        if !(n == 1 || n == 3 || (n == 4 && self.adobe_transform != Some(2))) {
             return Ok(false);
         }
         if s.len() < 6 + 3 * n {
@@ -595,6 +597,11 @@ impl Decoder {
                 (_, Transform::Rgb) => {
                     for (x, px) in out.chunks_exact_mut(3).enumerate() {
                         px.copy_from_slice(&[rows[0][x], rows[1][x], rows[2][x]]);
+                    }
+                }
+                (4, _) => {
+                    for (x, px) in out.chunks_exact_mut(3).enumerate() {
+                        px.copy_from_slice(&cmyk_to_rgb([rows[0][x], rows[1][x], rows[2][x], rows[3][x]]));
                     }
                 }
                 (_, Transform::YCbCr) => {
@@ -870,6 +877,19 @@ fn upsample_row(c: &Component, plane: &[u8], y: usize, hx: usize, vx: usize, out
             out[x * hx..x * hx + hx].fill(input[x]);
         }
     }
+}
+
+/// A CMYK sample as PIL makes it RGB: read as `CMYK;I` (Adobe's inverted convention, which PIL
+/// assumes for every CMYK JPEG), then `convert("RGB")`'s `cmyk2rgb` (`nk - c·nk/255`, rounded as
+/// its `MULDIV255`).
+fn cmyk_to_rgb(stored: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = stored.map(|v| 255 - v as u32);
+    let nk = 255 - k;
+    let muldiv255 = |a: u32| {
+        let t = a * nk + 128;
+        ((t >> 8) + t) >> 8
+    };
+    [c, m, y].map(|v| nk.saturating_sub(muldiv255(v)) as u8)
 }
 
 /// `ycc_rgb_convert` with libjpeg's tables (16-bit fixed point, rounding folded in).

@@ -17,9 +17,9 @@
 //! the ignored test `preprocess::tests::matches_pillow_reference`: PNG inputs give identical
 //! pixel values for every filter. Known, deliberate differences:
 //!
-//! * JPEG: decoded by [`crate::jpeg`] to libjpeg-turbo's samples exactly (PIL's decoder); only
-//!   the variants it leaves out (CMYK, arithmetic coding, 12-bit, lossless) go to zune-jpeg,
-//!   whose samples differ by a few levels.
+//! * JPEG: decoded by [`crate::jpeg`] to libjpeg-turbo's samples exactly (PIL's decoder, CMYK
+//!   made RGB as PIL does); only the variants it leaves out (YCCK, arithmetic coding, 12-bit,
+//!   lossless) go to zune-jpeg, whose samples differ by a few levels.
 //! * 16-bit grayscale PNG: PIL opens it as mode `I;16`, whose `convert("RGB")` saturates every
 //!   value ≥ 256 to 255 (a white image); we take the high byte as for 16-bit RGB.
 //! * An RGBA image handed to transformers 5 *as is* (no `convert("RGB")` first) is composited on

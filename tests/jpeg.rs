@@ -20,7 +20,7 @@ macro_rules! variants {
 }
 
 /// (name, the JPEG, transformers' `load_image` of it as a PNG).
-const VARIANTS: [(&str, &[u8], &[u8]); 38] = variants!(
+const VARIANTS: [(&str, &[u8], &[u8]); 40] = variants!(
     "exif_orientation_1",
     "exif_orientation_2",
     "exif_orientation_3",
@@ -35,6 +35,7 @@ const VARIANTS: [(&str, &[u8], &[u8]); 38] = variants!(
     "face_422_progressive",
     "face_4x2",
     "face_chroma_larger",
+    "face_cmyk_progressive",
     "face_gray_progressive",
     "face_rgb",
     "photo_411",
@@ -46,6 +47,7 @@ const VARIANTS: [(&str, &[u8], &[u8]); 38] = variants!(
     "photo_440",
     "photo_444_progressive_optimized",
     "photo_444_q97",
+    "photo_cmyk",
     "photo_gray",
     "tiny_17x9_420",
     "tiny_17x9_422_progressive",
