@@ -393,7 +393,7 @@ impl Decoder {
             return Err(format!("the image is too large ({width}x{height} needs {} MiB to decode, more than {} MiB)", bytes >> 20, MAX_BYTES >> 20));
         }
         for c in &mut self.components {
-            c.coefs = zeroed(c.blocks_w * c.blocks_h * 64)?;
+            c.coefs = crate::loading::zeroed(c.blocks_w * c.blocks_h * 64)?;
         }
         Ok(true)
     }
@@ -569,7 +569,7 @@ impl Decoder {
         for c in &mut self.components {
             let quant = c.quant.unwrap_or([0; 64]);
             let stride = c.blocks_w * 8;
-            let mut plane = zeroed::<u8>(stride * c.blocks_h * 8)?;
+            let mut plane = crate::loading::zeroed::<u8>(stride * c.blocks_h * 8)?;
             for by in 0..c.blocks_h {
                 for bx in 0..c.blocks_w {
                     let at = (by * c.blocks_w + bx) * 64;
@@ -580,7 +580,7 @@ impl Decoder {
             planes.push(plane);
         }
         let (w, h) = (self.width, self.height);
-        let mut rgb = zeroed::<u8>(w * h * 3)?;
+        let mut rgb = crate::loading::zeroed::<u8>(w * h * 3)?;
         let mut rows: Vec<Vec<u8>> = self.components.iter().map(|_| vec![0u8; w + 2 * hmax + 16]).collect();
         let transform = self.colour_transform();
         for y in 0..h {
@@ -644,13 +644,6 @@ struct Scan {
 enum Transform {
     YCbCr,
     Rgb,
-}
-
-fn zeroed<T: Clone + Default>(n: usize) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| format!("out of memory allocating {n} samples"))?;
-    v.resize(n, T::default());
-    Ok(v)
 }
 
 fn sequential_block(bits: &mut Bits, block: &mut [i16], pred: &mut i32, dc: Option<&Huffman>, ac: Option<&Huffman>) -> Result<()> {

@@ -295,14 +295,14 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
             return Err(truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
         }
         let tensor = if dtype == DType::F32 && cfg!(target_endian = "little") {
-            let mut values = vec![0f32; count];
+            let mut values = zeroed::<f32>(count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
             // SAFETY: the bytes of `values` (4 per f32, any bit pattern a valid f32) are written
             // as the file's little-endian f32s, on a little-endian target.
             let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * 4) };
             src.read(data_start + start, bytes);
             Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
         } else {
-            let mut bytes = vec![0u8; end - start];
+            let mut bytes = zeroed::<u8>(end - start).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
             src.read(data_start + start, &mut bytes);
             Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu).and_then(|t| t.to_dtype(to))
         }
@@ -310,6 +310,15 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
         tensors.insert(rename(&name), tensor);
     }
     Ok(tensors)
+}
+
+/// `n` zeroed values, or an error when memory runs out (in WASM a failed allocation would trap the
+/// instance: a model too large for its 4 GiB is an error that says so instead).
+pub fn zeroed<T: Clone + Default>(n: usize) -> std::result::Result<Vec<T>, String> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| format!("out of memory: {n} values of {} bytes do not fit", std::mem::size_of::<T>()))?;
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 /// The shard files a checkpoint index (`weight_map`: tensor → file) names, each once, in order.

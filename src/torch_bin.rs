@@ -73,7 +73,7 @@ pub fn load(file: &str, src: &dyn ByteSource, rename: impl Fn(&str) -> String) -
 
 fn read_entry(src: &dyn ByteSource, start: u64, size: u64, name: &str) -> std::result::Result<Vec<u8>, String> {
     let end = start.checked_add(size).filter(|&e| e <= src.len() as u64).ok_or_else(|| format!("`{name}` runs past the end of the file"))?;
-    let mut bytes = vec![0u8; (end - start) as usize];
+    let mut bytes = crate::loading::zeroed::<u8>((end - start) as usize)?;
     src.read(start as usize, &mut bytes);
     Ok(bytes)
 }
@@ -169,7 +169,7 @@ impl TensorRef {
             ok
         };
         let bytes = if contiguous {
-            let mut bytes = vec![0u8; count * elem];
+            let mut bytes = crate::loading::zeroed::<u8>(count * elem)?;
             src.read(start as usize + self.offset * elem, &mut bytes);
             bytes
         } else {
