@@ -13,30 +13,63 @@ impl From<tokenizers::Tokenizer> for CaptionTokenizer {
     }
 }
 
-/// tokenizers 0.23 panics instead of erring on two kinds of bad `tokenizer.json` (found by
-/// fuzzing; a panic kills a WASM instance): invalid JSON inside the `decoder` section
-/// (`expect("Helper")`), and a `Precompiled` normalizer whose fields do not parse
-/// (`expect("Precompiled")`). Both are refused here first.
+/// tokenizers 0.23 panics instead of erring on some bad `tokenizer.json`s (found by fuzzing; a
+/// panic kills a WASM instance): invalid JSON inside the `decoder` section (`expect("Helper")`), a
+/// `Precompiled` normalizer whose fields do not parse (`expect("Precompiled")`), and a
+/// `TemplateProcessing` post-processor whose template names a special token it does not define
+/// (indexed at encode time). These are refused here first.
 fn refuse_what_tokenizers_panics_on(bytes: &[u8]) -> Result<()> {
     serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| Error::Tokenizer(format!("could not parse: not valid JSON: {e}")))?;
-    if !bytes.windows(11).any(|w| w == b"Precompiled") {
+    if !bytes.windows(11).any(|w| w == b"Precompiled" || w == b"TemplatePro") {
         return Ok(());
     }
-    fn check(value: &serde_json::Value) -> Result<()> {
+    let bad = |what: String| Error::Tokenizer(format!("could not parse: {what}"));
+    fn check(value: &serde_json::Value, bad: &dyn Fn(String) -> Error) -> Result<()> {
         match value {
             serde_json::Value::Object(map) => {
-                if map.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
-                    serde_json::from_value::<tokenizers::normalizers::Precompiled>(value.clone())
-                        .map_err(|e| Error::Tokenizer(format!("could not parse: a Precompiled normalizer: {e}")))?;
+                match map.get("type").and_then(|t| t.as_str()) {
+                    Some("Precompiled") => {
+                        serde_json::from_value::<tokenizers::normalizers::Precompiled>(value.clone())
+                            .map_err(|e| bad(format!("a Precompiled normalizer: {e}")))?;
+                    }
+                    Some("TemplateProcessing") => check_template(map, bad)?,
+                    _ => {}
                 }
-                map.values().try_for_each(check)
+                map.values().try_for_each(|v| check(v, bad))
             }
-            serde_json::Value::Array(items) => items.iter().try_for_each(check),
+            serde_json::Value::Array(items) => items.iter().try_for_each(|v| check(v, bad)),
             _ => Ok(()),
         }
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Tokenizer(format!("could not parse: {e}")))?;
-    check(&value)
+    fn check_template(map: &serde_json::Map<String, serde_json::Value>, bad: &dyn Fn(String) -> Error) -> Result<()> {
+        let defined = map.get("special_tokens").and_then(|s| s.as_object());
+        for (id, token) in defined.into_iter().flatten() {
+            let (ids, tokens) = (token.get("ids").and_then(|v| v.as_array()), token.get("tokens").and_then(|v| v.as_array()));
+            if ids.map(Vec::len) != tokens.map(Vec::len) {
+                return Err(bad(format!("TemplateProcessing: special token {id:?} has unequal ids and tokens")));
+            }
+        }
+        for key in ["single", "pair"] {
+            // The list form tokenizer.json has; the "[CLS]:0 $A:0" string form too.
+            let names: Vec<String> = match map.get(key) {
+                Some(serde_json::Value::Array(pieces)) => {
+                    pieces.iter().filter_map(|p| p.get("SpecialToken")?.get("id")?.as_str().map(str::to_string)).collect()
+                }
+                Some(serde_json::Value::String(text)) => text
+                    .split_whitespace()
+                    .filter(|p| !p.starts_with('$'))
+                    .map(|p| p.rsplit_once(':').map_or(p, |(name, _)| name).to_string())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if let Some(name) = names.iter().find(|n| !defined.is_some_and(|d| d.contains_key(n.as_str()))) {
+                return Err(bad(format!("TemplateProcessing: `{key}` uses special token {name:?}, which `special_tokens` does not define")));
+            }
+        }
+        Ok(())
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    check(&value, &bad)
 }
 
 impl CaptionTokenizer {
