@@ -198,28 +198,21 @@ impl<'a> Bits<'a> {
         0
     }
 
-    /// Drops the bits left of the current byte and skips to the next marker (a restart or the
-    /// scan's end); `true` and past it if it is a restart marker.
-    fn restart(&mut self) -> bool {
+    /// Drops the bits left of the current byte and skips to the next marker: past it if it is a
+    /// restart marker, else stopped at it (the scan's end; the rest of the scan reads zeros).
+    fn restart(&mut self) {
         self.truncated |= self.ended_early();
         self.phantom = 0;
         self.acc = 0;
         self.count = 0;
         self.at_marker = false;
         match next_marker(self.data, self.pos) {
-            Some((marker, at)) if (0xD0..=0xD7).contains(&marker) => {
-                self.pos = at + 2;
-                true
-            }
+            Some((marker, at)) if (0xD0..=0xD7).contains(&marker) => self.pos = at + 2,
             Some((_, at)) => {
                 self.pos = at;
                 self.at_marker = true;
-                false
             }
-            None => {
-                self.pos = self.data.len();
-                false
-            }
+            None => self.pos = self.data.len(),
         }
     }
 }
@@ -468,9 +461,8 @@ impl Decoder {
             if !valid || al > 13 || ah > 13 {
                 return Err(format!("corrupt progressive scan (Ss {ss}, Se {se}, Ah {ah}, Al {al}, {n} components)"));
             }
-        } else if ss != 0 || se != 63 || ah != 0 || al != 0 {
-            // libjpeg ignores these fields in a sequential scan; so do we.
         }
+        // In a sequential scan libjpeg ignores Ss, Se, Ah and Al; so do we.
         for &(c, dc, ac) in &members {
             let comp = &mut self.components[c];
             if comp.quant.is_none() {
