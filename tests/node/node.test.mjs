@@ -103,6 +103,23 @@ test('captionMany and numReturnSequences as in the browser; abort stops a captio
   assert.deepEqual((await captioner.caption(image('astronaut.png'), greedy).result).tokenIds, reference.images['astronaut.png'].greedy_ids);
 });
 
+test('captions asked for while another runs wait their turn: each streams whole, in order, with transformers\' ids', async () => {
+  const names = ['astronaut.png', 'chelsea.jpg', 'astronaut.png'];
+  const order = [];
+  const runs = names.map((name, i) => {
+    const run = captioner.caption(image(name), greedy);
+    return (async () => {
+      const ids = [];
+      for await (const t of run) { ids.push(t.id); order.push(i); }
+      return ids;
+    })();
+  });
+  const got = await Promise.all(runs);
+  names.forEach((name, i) => assert.deepEqual(got[i], reference.images[name].greedy_ids, `${name} (call ${i})`));
+  // Never interleaved: every token of call 0, then of call 1, then of call 2.
+  assert.deepEqual(order, [...order].sort((a, b) => a - b));
+});
+
 test('a trap in the WASM instance: that call rejects with WasmcapCrashError, the worker restarts with the model, the next caption is transformers\'', async () => {
   const c = await Captioner.fromPretrained(MODEL);
   try {
