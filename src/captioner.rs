@@ -202,9 +202,10 @@ impl Captioner {
         let q8_0 = is_q8_0_checkpoint(&tensors);
         let model = loading::build_model(files.weights_name, tensors, build)?;
         let generation = GenerationDefaults::resolve(generation.as_ref(), &config, family.decoder_section)?;
-        let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
+        // The small files before the tokenizer, the slowest to parse: a bad one fails fast.
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
         let chat_template = files.chat_template.map(|(file, bytes)| ChatTemplate::from_file(file, bytes)).transpose()?;
+        let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
         let mut captioner = Self { model, tokenizer, chat_template, preprocessor, generation };
         // A model that cannot start decoding (no start token, an image token missing from the
         // vocabulary) is refused now rather than at its first caption.

@@ -7,7 +7,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use std::collections::HashMap;
-use wasmcap::models::linear::{Conv1D, Linear};
+use wasmcap::models::linear::{conv1d, Linear};
 use wasmcap::models::{activation, attention, packed};
 
 #[cfg(target_arch = "wasm32")]
@@ -49,8 +49,12 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
                 check(&format!("linear packed at load, then {act:?}"), &linear.forward_activated(&x, &act)?, &want.apply(&act)?, 1e-4);
             }
 
-            let vb = VarBuilder::from_tensors(HashMap::from([("weight".to_string(), w.t()?.contiguous()?), ("bias".to_string(), b.clone())]), candle_core::DType::F32, &Device::Cpu);
-            let mut conv = Conv1D::new(d_in, d_out, vb)?;
+            let vb = VarBuilder::from_tensors(
+                HashMap::from([("weight".to_string(), w.t()?.contiguous()?), ("bias".to_string(), b.clone())]),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            );
+            let mut conv = conv1d(d_in, d_out, vb)?;
             check("conv1d", &conv.forward(&x)?, &want, 1e-4);
             conv.pack()?;
             check("conv1d packed at load", &conv.forward(&x)?, &want, 1e-4);
@@ -61,7 +65,7 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
                 assert!(q8.quantize(GgmlDType::Q8_0)?);
                 let mut deq = q8.clone();
                 assert!(deq.dequantize()?);
-                let want_q8 = x.broadcast_matmul(&deq.weight().t()?)?.broadcast_add(&b)?;
+                let want_q8 = x.broadcast_matmul(&deq.weight_f32()?.t()?)?.broadcast_add(&b)?;
                 check("q8_0", &q8.forward(&x)?, &want_q8, 1e-4);
                 // A quantized checkpoint's encoder: packed straight from the blocks, in WASM.
                 let mut q8_packed = q8.clone();
@@ -115,7 +119,9 @@ fn attention_of_many_queries_matches_the_formula() -> Result<()> {
 /// against the formula on copied, repeated heads.
 #[test]
 fn attention_of_few_queries_on_a_cache_window_matches_the_formula() -> Result<()> {
-    for (b, h, kv, tq, tk, d, masked) in [(1, 6, 2, 1, 37, 8, false), (2, 4, 4, 1, 5, 8, false), (2, 3, 1, 4, 12, 8, true), (1, 9, 3, 1, 39, 64, false), (2, 2, 1, 2, 7, 6, true)] {
+    for (b, h, kv, tq, tk, d, masked) in
+        [(1, 6, 2, 1, 37, 8, false), (2, 4, 4, 1, 5, 8, false), (2, 3, 1, 4, 12, 8, true), (1, 9, 3, 1, 39, 64, false), (2, 2, 1, 2, 7, 6, true)]
+    {
         let q = values(&[b, h, tq, d], 7);
         // A cache of 50 positions of which the first tk are filled: a strided view.
         let (k_all, v_all) = (values(&[b, kv, 50, d], 8), values(&[b, kv, 50, d], 9));

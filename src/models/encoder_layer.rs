@@ -105,7 +105,7 @@ impl EncoderLayer {
                 let fused = linear_b(d, 3 * d, shape.qkv_bias, vb.pp(name))?;
                 let part = |i: usize| -> Result<Linear> {
                     let bias = fused.bias().map(|b| b.narrow(0, i * d, d)).transpose()?;
-                    Ok(Linear::new(fused.weight().narrow(0, i * d, d)?.contiguous()?, bias))
+                    Ok(Linear::new(fused.weight_f32()?.narrow(0, i * d, d)?.contiguous()?, bias))
                 };
                 (part(0)?, part(1)?, part(2)?)
             }

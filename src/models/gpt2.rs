@@ -11,7 +11,7 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{embedding, Activation, Embedding, VarBuilder};
 
 use super::attention;
-use super::linear::{linear_b, Conv1D, Linear};
+use super::linear::{conv1d, linear_b, Linear};
 use super::norm::{layer_norm, LayerNorm};
 
 /// `GPT2Config` as in the `decoder` section of `config.json`.
@@ -89,8 +89,8 @@ pub type CrossAttentionKv = (Tensor, Tensor);
 // transformers modeling_gpt2.py: GPT2Attention (is_cross_attention = False)
 #[derive(Debug, Clone)]
 struct Gpt2SelfAttention {
-    c_attn: Conv1D,
-    c_proj: Conv1D,
+    c_attn: Linear,
+    c_proj: Linear,
     num_heads: usize,
     scale: f64,
 }
@@ -98,8 +98,8 @@ struct Gpt2SelfAttention {
 impl Gpt2SelfAttention {
     fn new(cfg: &Gpt2Config, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            c_attn: Conv1D::new(cfg.n_embd, 3 * cfg.n_embd, vb.pp("c_attn"))?,
-            c_proj: Conv1D::new(cfg.n_embd, cfg.n_embd, vb.pp("c_proj"))?,
+            c_attn: conv1d(cfg.n_embd, 3 * cfg.n_embd, vb.pp("c_attn"))?,
+            c_proj: conv1d(cfg.n_embd, cfg.n_embd, vb.pp("c_proj"))?,
             num_heads: cfg.n_head,
             scale: attention_scale(cfg, layer_idx),
         })
@@ -120,9 +120,9 @@ impl Gpt2SelfAttention {
 // transformers modeling_gpt2.py: GPT2Attention (is_cross_attention = True)
 #[derive(Debug, Clone)]
 struct Gpt2CrossAttention {
-    q_attn: Conv1D,
-    c_attn: Conv1D,
-    c_proj: Conv1D,
+    q_attn: Linear,
+    c_attn: Linear,
+    c_proj: Linear,
     num_heads: usize,
     scale: f64,
 }
@@ -130,9 +130,9 @@ struct Gpt2CrossAttention {
 impl Gpt2CrossAttention {
     fn new(cfg: &Gpt2Config, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            q_attn: Conv1D::new(cfg.n_embd, cfg.n_embd, vb.pp("q_attn"))?,
-            c_attn: Conv1D::new(cfg.n_embd, 2 * cfg.n_embd, vb.pp("c_attn"))?,
-            c_proj: Conv1D::new(cfg.n_embd, cfg.n_embd, vb.pp("c_proj"))?,
+            q_attn: conv1d(cfg.n_embd, cfg.n_embd, vb.pp("q_attn"))?,
+            c_attn: conv1d(cfg.n_embd, 2 * cfg.n_embd, vb.pp("c_attn"))?,
+            c_proj: conv1d(cfg.n_embd, cfg.n_embd, vb.pp("c_proj"))?,
             num_heads: cfg.n_head,
             scale: attention_scale(cfg, layer_idx),
         })
@@ -167,8 +167,8 @@ fn attention_scale(cfg: &Gpt2Config, layer_idx: usize) -> f64 {
 // transformers modeling_gpt2.py: GPT2MLP
 #[derive(Debug, Clone)]
 struct Gpt2Mlp {
-    c_fc: Conv1D,
-    c_proj: Conv1D,
+    c_fc: Linear,
+    c_proj: Linear,
     act: Activation,
 }
 
@@ -176,8 +176,8 @@ impl Gpt2Mlp {
     fn new(cfg: &Gpt2Config, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.n_inner.unwrap_or(4 * cfg.n_embd);
         Ok(Self {
-            c_fc: Conv1D::new(cfg.n_embd, inner, vb.pp("c_fc"))?,
-            c_proj: Conv1D::new(inner, cfg.n_embd, vb.pp("c_proj"))?,
+            c_fc: conv1d(cfg.n_embd, inner, vb.pp("c_fc"))?,
+            c_proj: conv1d(inner, cfg.n_embd, vb.pp("c_proj"))?,
             act: cfg.activation_function,
         })
     }
@@ -312,7 +312,7 @@ impl Gpt2LMHeadModel {
     }
 
     /// The cross-attention key/value projections packed for the WASM GEMM kernel (they only
-    /// ever see the encoder's many rows; `Conv1D::pack`, nothing natively). Returns how many.
+    /// ever see the encoder's many rows; `Linear::pack`: nothing natively). Returns how many.
     pub fn pack_cross_attention(&mut self) -> Result<usize> {
         let mut n = 0;
         for block in &mut self.h {

@@ -257,23 +257,6 @@ pub struct LoraUpdate {
     pub scale: f64,
 }
 
-/// A weight `[out, in]` in a block format. q8_0 is ours: multiplied by few rows with our kernel
-/// (`super::q8`) and dequantized for the GEMM when many rows come (prefill, where f32 GEMM
-/// beats a quantized matmul). q4_0 goes through candle's quantized matmul (its input rows
-/// quantized to 8 bits on the fly).
-#[derive(Debug, Clone)]
-enum QuantizedWeight {
-    Q8(Q8Matrix),
-    Candle(QMatMul),
-}
-
-#[derive(Debug, Clone)]
-struct Quantized {
-    weight: QuantizedWeight,
-    out_dim: usize,
-    in_dim: usize,
-}
-
 /// ggml's q8_0 of row-major weights whose rows are whole blocks of 32: per block, scale =
 /// max |w| / 127 and q = round(w / scale). Load-time quantization and the `quantize` command
 /// (`crate::quantize`) both use this, so a quantized file holds what quantizing at load gives.
@@ -297,11 +280,6 @@ pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
 pub const Q8_0_SUFFIX: &str = ".q8_0";
 pub const Q8_0_SCALES_SUFFIX: &str = ".q8_0_scales";
 
-/// The f32 matrix `[out_dim, in_dim]` that q8_0 blocks hold.
-fn dequantize_q8_0(m: &Q8Matrix) -> Result<Tensor> {
-    Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)
-}
-
 /// `qs` `[out, in]` and `scales` `[out, in / 32]` (row-major, as in a file) in our layout.
 fn q8_matrix(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result<Q8Matrix> {
     Q8Matrix::from_rows(qs, scales, out_dim, in_dim).ok_or_else(|| {
@@ -314,13 +292,8 @@ fn q8_matrix(qs: &[i8], scales: &[f32], out_dim: usize, in_dim: usize) -> Result
     })
 }
 
-/// What a quantized layer keeps where its f32 weight was.
-fn no_weight() -> Result<Tensor> {
-    Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
-}
-
 /// The q8_0 matrix `name` of `vb` (`[out_dim, in_dim]`), when the checkpoint stores it so.
-fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Option<Quantized>> {
+fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Option<Weight>> {
     let q_name = format!("{name}{Q8_0_SUFFIX}");
     if !vb.contains_tensor(&q_name) {
         return Ok(None);
@@ -333,88 +306,183 @@ fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Resu
     // The file's I8 bytes arrive as U8 (candle has no i8): the same bits.
     let qs: Vec<i8> = qs.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
     let scales = scales.flatten_all()?.to_vec1::<f32>()?;
-    let weight = QuantizedWeight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?);
-    Ok(Some(Quantized { weight, out_dim, in_dim }))
+    Ok(Some(Weight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?)))
 }
 
-/// `weight` `[out, in]` in `dtype`, or `None` when a row is not a whole number of blocks.
-fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Quantized>> {
-    let (out_dim, in_dim) = weight.dims2()?;
-    if in_dim % dtype.block_size() != 0 {
-        return Ok(None);
+/// A layer's weight in the form its kernels read; each variant multiplies few rows (decoding)
+/// and many (the encoder, prefill). `Linear` only chooses the variant, at load or when a model
+/// is quantized or packed.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// f32 `[out, in]`, as `nn.Linear` stores it.
+    F32(Tensor),
+    /// f32 `[in, out]`, as GPT-2's `Conv1D` stores it.
+    F32InOut(Tensor),
+    /// q8_0 blocks: our matrix–vector kernel (`super::q8`) for few rows; many rows (prefill)
+    /// dequantize for the GEMM, where f32 beats a quantized matmul.
+    Q8(Q8Matrix),
+    /// Another ggml block format (q4_0), through candle's quantized matmul (its input rows
+    /// quantized to 8 bits on the fly).
+    Ggml { matmul: QMatMul, out_dim: usize, in_dim: usize },
+    /// f32 laid out for our WASM GEMM kernel (`super::packed`): layers that only ever see many
+    /// rows (the encoder side).
+    Packed(PackedWeight),
+}
+
+impl Weight {
+    /// (out, in)
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Weight::F32(w) => w.dims2()?,
+            Weight::F32InOut(w) => {
+                let (inp, out) = w.dims2()?;
+                (out, inp)
+            }
+            Weight::Q8(m) => m.dims(),
+            Weight::Ggml { out_dim, in_dim, .. } => (*out_dim, *in_dim),
+            Weight::Packed(p) => p.dims(),
+        })
     }
-    let weight = match dtype {
-        GgmlDType::Q8_0 => {
-            let (qs, scales) = q8_0_blocks(&weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
-            QuantizedWeight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?)
+
+    /// The f32 matrix `[out, in]` this weight holds (a copy where it is not f32 `[out, in]`).
+    fn out_in_f32(&self) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.dims()?;
+        match self {
+            Weight::F32(w) => Ok(w.clone()),
+            Weight::F32InOut(w) => w.t()?.contiguous(),
+            Weight::Q8(m) => Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu),
+            Weight::Ggml { .. } => candle_core::bail!("linear: a {out_dim}x{in_dim} ggml-quantized weight has no f32 copy"),
+            Weight::Packed(p) => Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu),
         }
-        _ => QuantizedWeight::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight.contiguous()?, dtype)?)?),
-    };
-    Ok(Some(Quantized { weight, out_dim, in_dim }))
+    }
+
+    /// The weight packed for our WASM GEMM, where it can be (f32, q8_0).
+    fn packed(&self) -> Result<Option<PackedWeight>> {
+        let (out_dim, in_dim) = self.dims()?;
+        match self {
+            Weight::F32(w) => with_f32(&w.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim)),
+            Weight::F32InOut(w) => with_f32(&w.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim)),
+            Weight::Q8(m) => Ok(PackedWeight::pack(&m.dequantize(), out_dim, in_dim)),
+            Weight::Ggml { .. } | Weight::Packed(_) => Ok(None),
+        }
+    }
+
+    /// y = x·Wᵀ (+ b) over the last dimension of `xs`.
+    fn forward(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Weight::F32(w) => f32_forward(w, false, xs, bias),
+            Weight::F32InOut(w) => f32_forward(w, true, xs, bias),
+            Weight::Q8(m) => q8_forward(m, xs, bias),
+            Weight::Ggml { matmul, .. } => add_bias(matmul.forward(&xs.contiguous()?)?, bias),
+            Weight::Packed(p) => packed_forward(p, xs, bias, None),
+        }
+    }
 }
 
-fn quantized_forward(q: &Quantized, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let ys = match &q.weight {
-        QuantizedWeight::Candle(matmul) => matmul.forward(&xs.contiguous()?)?,
-        QuantizedWeight::Q8(m) => match few_rows(xs)? {
-            Some(rows) => {
-                let xq = with_f32(&xs.contiguous()?, |x| m.quantize_rows(x))?.ok_or_else(|| {
-                    candle_core::Error::Msg(format!("linear: input has {} features, weight expects {}", xs.dim(D::Minus1).unwrap_or(0), q.in_dim))
-                })?;
-                let y = by_output_features(q.out_dim, q.in_dim, rows, |r| m.matvec(&xq, r));
-                Tensor::from_vec(y, out_shape(xs, q.out_dim), &Device::Cpu)?
-            }
-            None => {
-                // Many rows: dequantize and use the GEMM.
-                if let Some(ys) = packed_for_this_call(xs, || Ok(pack_q8_0(q)), bias)? {
-                    return Ok(ys);
-                }
-                gemm_rows(xs, &dequantize_q8_0(m)?.t()?)?
-            }
-        },
-    };
+fn add_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => ys.broadcast_add(b),
         None => Ok(ys),
     }
 }
 
-/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
+/// An f32 weight, `[out, in]` or (`in_out`) `[in, out]`: the matrix–vector kernels for few
+/// rows; for many, our packed GEMM for this call where it pays (WASM), else candle's GEMM.
+fn f32_forward(w: &Tensor, in_out: bool, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let training = super::tracks_grad(&[xs, w]) || bias.is_some_and(|b| super::tracks_grad(&[b]));
+    if let Some(rows) = few_rows(xs)?.filter(|_| w.is_contiguous() && !training) {
+        return if in_out { matvec_in_out(xs, w, bias, rows) } else { matvec_out_in(xs, w, bias, rows) };
+    }
+    if !training {
+        let weight = if in_out { Weight::F32InOut(w.clone()) } else { Weight::F32(w.clone()) };
+        if let Some(ys) = packed_for_this_call(xs, || weight.packed(), bias)? {
+            return Ok(ys);
+        }
+    }
+    // candle's GEMM takes the weight as `[in, out]`.
+    let w_in_out = if in_out { w.clone() } else { w.t()? };
+    let ys = if crate::parallel::threads() > 1 && !training {
+        gemm_rows(xs, &w_in_out)?
+    } else {
+        let d_in = xs.dim(D::Minus1)?;
+        xs.reshape(((), d_in))?.matmul(&w_in_out)?.reshape(out_shape(xs, w_in_out.dim(1)?))?
+    };
+    add_bias(ys, bias)
+}
+
+fn q8_forward(m: &Q8Matrix, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = m.dims();
+    let ys = match few_rows(xs)? {
+        Some(rows) => {
+            let xq = with_f32(&xs.contiguous()?, |x| m.quantize_rows(x))?.ok_or_else(|| {
+                candle_core::Error::Msg(format!("linear: input has {} features, weight expects {in_dim}", xs.dim(D::Minus1).unwrap_or(0)))
+            })?;
+            let y = by_output_features(out_dim, in_dim, rows, |r| m.matvec(&xq, r));
+            Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)?
+        }
+        None => {
+            if let Some(ys) = packed_for_this_call(xs, || Ok(PackedWeight::pack(&m.dequantize(), out_dim, in_dim)), bias)? {
+                return Ok(ys);
+            }
+            let w = Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu)?;
+            gemm_rows(xs, &w.t()?)?
+        }
+    };
+    add_bias(ys, bias)
+}
+
+/// `weight` `[out, in]` in `dtype`, or `None` when a row is not a whole number of blocks.
+fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Weight>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    if in_dim % dtype.block_size() != 0 {
+        return Ok(None);
+    }
+    Ok(Some(match dtype {
+        GgmlDType::Q8_0 => {
+            let (qs, scales) = q8_0_blocks(&weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+            Weight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?)
+        }
+        _ => Weight::Ggml { matmul: QMatMul::from_qtensor(QTensor::quantize(&weight.contiguous()?, dtype)?)?, out_dim, in_dim },
+    }))
+}
+
+/// `nn.Linear` (weight `[out, in]`, optional bias `[out]`) and GPT-2's `Conv1D` (weight `[in,
+/// out]`): y = x·Wᵀ + b, whatever form the weight is held in.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     lora: Option<LoraUpdate>,
-    quantized: Option<Quantized>,
-    packed: Option<PackedWeight>,
 }
 
 impl Linear {
+    /// From an f32 weight `[out, in]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None, quantized: None, packed: None }
+        Self { weight: Weight::F32(weight), bias, lora: None }
     }
 
-    /// Lays the f32 weight out for our WASM GEMM kernel (`super::packed`), in place of the
-    /// tensor: for layers that only multiply many rows at once (the encoder side). Returns
-    /// false, changing nothing, where that kernel is not the faster one (natively), or the
-    /// weight is quantized, packed already or has a LoRA update attached.
+    /// Lays the weight out for our WASM GEMM kernel (`super::packed`): for layers that only
+    /// multiply many rows at once (the encoder side). Returns false, changing nothing, where
+    /// that kernel is not the faster one (natively), or the weight cannot be packed (packed
+    /// already, q4_0) or has a LoRA update attached.
     pub fn pack(&mut self) -> Result<bool> {
-        if !packed::FASTER_THAN_GEMM || self.lora.is_some() || self.packed.is_some() {
+        if !packed::FASTER_THAN_GEMM || self.lora.is_some() {
             return Ok(false);
         }
-        pack_in_place(&mut self.weight, &mut self.quantized, &mut self.packed, pack_out_in)
+        let Some(p) = self.weight.packed()? else { return Ok(false) };
+        self.weight = Weight::Packed(p);
+        Ok(true)
     }
 
-    /// Swaps the f32 weight for a `dtype` copy (it is dropped, unless something else — a tied
-    /// embedding — holds it). Returns false, changing nothing, when the rows are not a whole
-    /// number of blocks or a LoRA update is attached.
+    /// Swaps the weight for a `dtype` copy (the f32 one is dropped, unless something else — a
+    /// tied embedding — holds it). Returns false, changing nothing, when it is quantized
+    /// already, the rows are not a whole number of blocks or a LoRA update is attached.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<bool> {
-        if self.lora.is_some() || self.quantized.is_some() {
+        if self.lora.is_some() || matches!(self.weight, Weight::Q8(_) | Weight::Ggml { .. }) {
             return Ok(false);
         }
-        let Some(q) = quantize_out_in(&self.weight, dtype)? else { return Ok(false) };
-        self.weight = no_weight()?;
-        self.quantized = Some(q);
+        let Some(q) = quantize_out_in(&self.weight.out_in_f32()?, dtype)? else { return Ok(false) };
+        self.weight = q;
         Ok(true)
     }
 
@@ -422,18 +490,20 @@ impl Linear {
     /// layers that only ever see many rows (the encoder), whose GEMM is faster in f32. Returns
     /// whether anything changed.
     pub fn dequantize(&mut self) -> Result<bool> {
-        let Some(Quantized { weight: QuantizedWeight::Q8(m), .. }) = &self.quantized else { return Ok(false) };
-        self.weight = dequantize_q8_0(m)?;
-        self.quantized = None;
+        if !matches!(self.weight, Weight::Q8(_)) {
+            return Ok(false);
+        }
+        self.weight = Weight::F32(self.weight.out_in_f32()?);
         Ok(true)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The f32 weight `[out, in]` (a copy where it is held otherwise).
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        self.weight.out_in_f32()
     }
 
     pub fn is_packed(&self) -> bool {
-        self.packed.is_some()
+        matches!(self.weight, Weight::Packed(_))
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -442,14 +512,7 @@ impl Linear {
 
     /// Dimensions (in, out).
     pub fn dims(&self) -> Result<(usize, usize)> {
-        if let Some(q) = &self.quantized {
-            return Ok((q.in_dim, q.out_dim));
-        }
-        if let Some(p) = &self.packed {
-            let (out, inp) = p.dims();
-            return Ok((inp, out));
-        }
-        let (out, inp) = self.weight.dims2()?;
+        let (out, inp) = self.weight.dims()?;
         Ok((inp, out))
     }
 
@@ -457,67 +520,57 @@ impl Linear {
         self.lora = lora;
     }
 
+    pub fn lora(&self) -> Option<&LoraUpdate> {
+        self.lora.as_ref()
+    }
+
     /// `act` of `self.forward(xs)`. On a packed weight the activation runs over each part of
     /// the output as the GEMM leaves it in cache (`PackedWeight::matmul_then`).
     pub fn forward_activated(&self, xs: &Tensor, act: &Activation) -> Result<Tensor> {
-        if let (Some(p), Some(f)) = (&self.packed, super::activation::in_place(act, xs)) {
+        if let (Weight::Packed(p), Some(f)) = (&self.weight, super::activation::in_place(act, xs)) {
             return packed_forward(p, xs, self.bias.as_ref(), Some(&f));
         }
         super::activation::forward_in_place(act, self.forward(xs)?)
-    }
-
-    pub fn lora(&self) -> Option<&LoraUpdate> {
-        self.lora.as_ref()
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(q) = &self.quantized {
-            return quantized_forward(q, xs, self.bias.as_ref());
-        }
-        if let Some(p) = &self.packed {
-            return packed_forward(p, xs, self.bias.as_ref(), None);
-        }
-        if let Some(lora) = &self.lora {
-            let base = Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)?;
-            let low = Linear::new(lora.a.clone(), None).forward(xs)?;
-            return base + (Linear::new(lora.b.clone(), None).forward(&low)? * lora.scale)?;
-        }
-        if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight])) {
-            return matvec_out_in(xs, &self.weight, self.bias.as_ref(), rows);
-        }
-        if !super::tracks_grad(&[xs, &self.weight]) {
-            if let Some(ys) = packed_for_this_call(xs, || pack_out_in(&self.weight), self.bias.as_ref())? {
-                return Ok(ys);
+        let ys = self.weight.forward(xs, self.bias.as_ref())?;
+        match &self.lora {
+            Some(lora) => {
+                let low = Weight::F32(lora.a.clone()).forward(xs, None)?;
+                ys + (Weight::F32(lora.b.clone()).forward(&low, None)? * lora.scale)?
             }
-        }
-        let ys = if crate::parallel::threads() > 1 && !super::tracks_grad(&[xs, &self.weight]) {
-            gemm_rows(xs, &self.weight.t()?)?
-        } else {
-            let w = match xs.rank() {
-                3 => self.weight.broadcast_left(xs.dim(0)?)?.t()?,
-                _ => self.weight.t()?,
-            };
-            xs.matmul(&w)?
-        };
-        match &self.bias {
-            Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
         }
     }
 }
 
+/// A `Linear` whose f32 weight `weight` is `[out, in]`, or a q8_0 one where the checkpoint
+/// stores it so.
 pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
-    if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
-        return Ok(Linear { weight: no_weight()?, bias, lora: None, quantized: Some(q), packed: None });
-    }
-    Ok(Linear::new(vb.get((d_out, d_in), "weight")?, bias))
+    let weight = match load_q8_0(&vb, "weight", d_out, d_in)? {
+        Some(q) => q,
+        None => Weight::F32(vb.get((d_out, d_in), "weight")?),
+    };
+    Ok(Linear { weight, bias, lora: None })
 }
 
 pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
     linear_b(d_in, d_out, true, vb)
+}
+
+/// HF GPT-2's `Conv1D`: y = x·W + b with W stored `[in, out]` (q8_0 files store it `[out,
+/// in]`, as every quantized weight).
+pub fn conv1d(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
+    let bias = Some(vb.get(d_out, "bias")?);
+    let weight = match load_q8_0(&vb, "weight", d_out, d_in)? {
+        Some(q) => q,
+        None => Weight::F32InOut(vb.get((d_in, d_out), "weight")?),
+    };
+    Ok(Linear { weight, bias, lora: None })
 }
 
 /// Rows from which a GEMM in WASM packs its weight for the call (prefill of a decoder, whose
@@ -535,46 +588,6 @@ fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<Packed
     match pack()? {
         Some(p) => packed_forward(&p, xs, b, None).map(Some),
         None => Ok(None),
-    }
-}
-
-/// An f32 `[out, in]` weight (`nn.Linear`) packed.
-fn pack_out_in(weight: &Tensor) -> Result<Option<PackedWeight>> {
-    let (out_dim, in_dim) = weight.dims2()?;
-    with_f32(&weight.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim))
-}
-
-/// An f32 `[in, out]` weight (GPT-2's `Conv1D`) packed.
-fn pack_in_out(weight: &Tensor) -> Result<Option<PackedWeight>> {
-    let (in_dim, out_dim) = weight.dims2()?;
-    with_f32(&weight.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim))
-}
-
-/// `Linear::pack` and `Conv1D::pack` once their checks pass: the q8_0 blocks, or else the f32
-/// weight (laid out as `pack_f32` reads it), packed in place of both. Returns whether it was.
-fn pack_in_place(
-    weight: &mut Tensor,
-    quantized: &mut Option<Quantized>,
-    packed: &mut Option<PackedWeight>,
-    pack_f32: fn(&Tensor) -> Result<Option<PackedWeight>>,
-) -> Result<bool> {
-    let p = match quantized {
-        Some(q) => pack_q8_0(q),
-        None => pack_f32(weight)?,
-    };
-    let Some(p) = p else { return Ok(false) };
-    *weight = no_weight()?;
-    *quantized = None;
-    *packed = Some(p);
-    Ok(true)
-}
-
-/// A quantized weight packed straight from its q8_0 blocks (a quantized checkpoint's encoder,
-/// prefill: no f32 tensor in between). None for other block formats.
-fn pack_q8_0(q: &Quantized) -> Option<PackedWeight> {
-    match &q.weight {
-        QuantizedWeight::Q8(m) => PackedWeight::pack(&m.dequantize(), q.out_dim, q.in_dim),
-        QuantizedWeight::Candle(_) => None,
     }
 }
 
@@ -601,79 +614,6 @@ fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Optio
     Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
 }
 
-/// HF GPT-2 `Conv1D`: y = x·W + b with W stored `[in, out]`.
-#[derive(Debug, Clone)]
-pub struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-    quantized: Option<Quantized>,
-    packed: Option<PackedWeight>,
-}
-
-impl Conv1D {
-    pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        let bias = vb.get(d_out, "bias")?;
-        if let Some(q) = load_q8_0(&vb, "weight", d_out, d_in)? {
-            return Ok(Self { weight: no_weight()?, bias, quantized: Some(q), packed: None });
-        }
-        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias, quantized: None, packed: None })
-    }
-
-    /// As [`Linear::pack`]: for a projection of many rows only (GPT-2's cross-attention keys
-    /// and values, computed once per image).
-    pub fn pack(&mut self) -> Result<bool> {
-        if !packed::FASTER_THAN_GEMM || self.packed.is_some() {
-            return Ok(false);
-        }
-        pack_in_place(&mut self.weight, &mut self.quantized, &mut self.packed, pack_in_out)
-    }
-
-    /// As [`Linear::quantize`]; the weight is transposed to `[out, in]` first (blocks run along
-    /// the input dimension).
-    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<bool> {
-        if self.quantized.is_some() {
-            return Ok(false);
-        }
-        let out_in = match &self.packed {
-            Some(p) => {
-                let (out_dim, in_dim) = p.dims();
-                Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu)?
-            }
-            None => self.weight.t()?,
-        };
-        let Some(q) = quantize_out_in(&out_in, dtype)? else { return Ok(false) };
-        self.weight = no_weight()?;
-        self.packed = None;
-        self.quantized = Some(q);
-        Ok(true)
-    }
-}
-
-impl Module for Conv1D {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(q) = &self.quantized {
-            return quantized_forward(q, xs, Some(&self.bias));
-        }
-        if let Some(p) = &self.packed {
-            return packed_forward(p, xs, Some(&self.bias), None);
-        }
-        if let Some(rows) = few_rows(xs)?.filter(|_| self.weight.is_contiguous() && !super::tracks_grad(&[xs, &self.weight, &self.bias])) {
-            return matvec_in_out(xs, &self.weight, Some(&self.bias), rows);
-        }
-        if !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
-            if let Some(ys) = packed_for_this_call(xs, || pack_in_out(&self.weight), Some(&self.bias))? {
-                return Ok(ys);
-            }
-        }
-        if crate::parallel::threads() > 1 && !super::tracks_grad(&[xs, &self.weight, &self.bias]) {
-            return gemm_rows(xs, &self.weight)?.broadcast_add(&self.bias);
-        }
-        let (b, t, d_in) = xs.dims3()?;
-        let ys = xs.reshape((b * t, d_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
-        ys.reshape((b, t, ()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,7 +631,7 @@ mod tests {
             assert!(diff < 1e-4, "linear {d_in}x{d_out}: {diff}");
 
             let wt = w.t()?.contiguous()?;
-            let conv = Conv1D { weight: wt, bias: b.clone(), quantized: None, packed: None };
+            let conv = Linear { weight: Weight::F32InOut(wt), bias: Some(b.clone()), lora: None };
             let fast = conv.forward(&x)?;
             let diff = (fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "conv1d {d_in}x{d_out}: {diff}");
@@ -707,7 +647,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1., d_out, &dev)?;
             let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
             let linear = Linear::new(w.clone(), Some(b.clone()));
-            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b.clone(), quantized: None, packed: None };
+            let conv = Linear { weight: Weight::F32InOut(w.t()?.contiguous()?), bias: Some(b.clone()), lora: None };
             let mut q8 = Linear::new(w.clone(), Some(b));
             assert!(q8.quantize(GgmlDType::Q8_0)?);
             for (name, layer) in [("linear", &linear as &dyn Module), ("conv1d", &conv), ("q8_0", &q8)] {
@@ -734,7 +674,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1., d_out, &dev)?;
             let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
             let linear = Linear::new(w.clone(), Some(b.clone()));
-            let conv = Conv1D { weight: w.t()?.contiguous()?, bias: b, quantized: None, packed: None };
+            let conv = Linear { weight: Weight::F32InOut(w.t()?.contiguous()?), bias: Some(b), lora: None };
             for layer in [&linear as &dyn Module, &conv] {
                 let batch = layer.forward(&xs)?.to_vec3::<f32>()?;
                 for (m, got) in batch.iter().enumerate() {
