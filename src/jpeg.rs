@@ -369,8 +369,12 @@ impl Decoder {
             self.components.push(Component { id: b[0], h, v, table: b[2] as usize, ..Default::default() });
         }
         let (hmax, vmax) = self.max_sampling();
-        if self.components.iter().any(|c| hmax % c.h != 0 || vmax % c.v != 0) {
-            return Ok(false);
+        // libjpeg's upsampler refuses these too (JERR_FRACT_SAMPLE_NOTIMPL): PIL cannot open them.
+        if let Some(c) = self.components.iter().find(|c| hmax % c.h != 0 || vmax % c.v != 0) {
+            return Err(format!(
+                "unsupported sampling factors ({}x{} against {hmax}x{vmax}: fractional sampling, which libjpeg does not implement)",
+                c.h, c.v
+            ));
         }
         let (mcus_w, mcus_h) = (ceil_div(width, 8 * hmax), ceil_div(height, 8 * vmax));
         let mut bytes = width as u64 * height as u64 * 3;
@@ -485,6 +489,10 @@ impl Decoder {
         let (hmax, vmax) = self.max_sampling();
         // A scan of one component goes block by block over that component's real extent; an
         // interleaved scan goes MCU by MCU, each MCU holding h×v blocks of every component.
+        // libjpeg refuses an interleaved scan of more than 10 blocks per MCU (JERR_BAD_MCU_SIZE).
+        if n > 1 && members.iter().map(|&(c, ..)| self.components[c].h * self.components[c].v).sum::<usize>() > 10 {
+            return Err("corrupt file (sampling factors too large for an interleaved scan)".into());
+        }
         let (units_w, units) = if n == 1 {
             let comp = &self.components[members[0].0];
             let w = ceil_div(comp.width, 8);
