@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/models/relaxed_module.rs");
     println!("cargo:rerun-if-changed=src/models/packed_kernel.rs");
     println!("cargo:rerun-if-changed=src/models/q8_kernel.rs");
+    println!("cargo:rerun-if-changed=src/models/int8_kernel.rs");
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let features = env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
     if arch != "wasm32" || !features.split(',').any(|f| f == "simd128") {

@@ -7,16 +7,18 @@ import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { startServer } from '../www/serve.mjs';
 
-// `node bench/browser.mjs memory BYTES REPEATS` prints the streaming-read GB/s instead.
+// `node bench/browser.mjs memory BYTES REPEATS` prints the streaming-read GB/s instead;
+// `node bench/browser.mjs gemm ROWS IN OUT REPEATS` one encoder GEMM, f32 and 8-bit.
 const [configPath, promptTokens = '8', tokens = '20', repeats = '3', images = '1', beams = '1', weights = 'f32', tiles = '1'] = process.argv.slice(2);
 const memoryMode = configPath === 'memory';
+const gemmMode = configPath === 'gemm';
 // THREADS=n: the threaded build (pkg/threads/) with a pool of n workers.
 const threads = Number(process.env.THREADS ?? 1);
 // THREADED_BUILD=1: pkg/threads/ even for one thread (what the threaded build costs by itself).
 const threadedBuild = Boolean(process.env.THREADED_BUILD);
 // RELAXED_SIMD=0: the encoder's simd128 GEMM kernel even where the browser has relaxed SIMD.
 const relaxedSimd = process.env.RELAXED_SIMD !== '0';
-const config = memoryMode ? '' : readFileSync(configPath, 'utf8');
+const config = memoryMode || gemmMode ? '' : readFileSync(configPath, 'utf8');
 const server = await startServer(0);
 const profile = await mkdtemp(join(tmpdir(), 'wasmcap-bench-'));
 const context = await chromium.launchPersistentContext(profile, {
@@ -36,9 +38,9 @@ try {
     await cdp.send('Profiler.setSamplingInterval', { interval: 200 });
     await cdp.send('Profiler.start');
   }
-  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads, threadedBuild, relaxedSimd, tiles]) => {
-    const call = memoryMode ? 'benchMemory' : 'benchModel';
-    const args = memoryMode ? [promptTokens, tokens] : [config, promptTokens, tokens, repeats, images, beams, weights, tiles];
+  const result = await page.evaluate(async ([config, promptTokens, tokens, repeats, memoryMode, images, beams, weights, threads, threadedBuild, relaxedSimd, tiles, gemmMode, gemmShape]) => {
+    const call = memoryMode ? 'benchMemory' : gemmMode ? 'benchGemm' : 'benchModel';
+    const args = memoryMode ? [promptTokens, tokens] : gemmMode ? gemmShape : [config, promptTokens, tokens, repeats, images, beams, weights, tiles];
     let reply;
     if (threads > 1 || threadedBuild) {
       const worker = new Worker('/bench/worker.js', { type: 'module' });
@@ -53,8 +55,10 @@ try {
     }
     if (reply.error) throw new Error(reply.error);
     if (memoryMode) return reply.result;
+    if (gemmMode) return { ...JSON.parse(reply.result), threads };
     return { ...reply.result, threads, userAgent: navigator.userAgent, crossOriginIsolated: self.crossOriginIsolated };
-  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads, threadedBuild, relaxedSimd, Number(tiles)]);
+  }, [config, Number(promptTokens), Number(tokens), Number(repeats), memoryMode, Number(images), Number(beams), weights, threads, threadedBuild, relaxedSimd, Number(tiles), gemmMode,
+    process.argv.slice(3, 7).map(Number)]);
   if (cdp) printProfile((await cdp.send('Profiler.stop')).profile);
   console.log(JSON.stringify(result));
 } finally {

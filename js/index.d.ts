@@ -76,7 +76,7 @@ export interface LoadOptions {
   adapter?: string | URL | FileMap;
   /** Where the worker script lives, if a bundler did not keep it next to this module. */
   workerUrl?: string | URL;
-  /** Quantize the decoder's matrices after loading (rows not a multiple of 32 stay f32). */
+  /** Quantize the decoder's matrices after loading (rows not a multiple of 32 stay f32), and multiply the encoder side in 8 bits. */
   quantize?: 'q8_0' | 'q4_0';
   /**
    * Threads to run on. Default: the cores (up to 8) when the page is crossOriginIsolated (the

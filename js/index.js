@@ -677,7 +677,8 @@ export class Captioner {
    * replace what is cached; false: neither read nor write it), `signal`, `adapter`
    * (a PEFT LoRA folder's URL or file map), `workerUrl` (override where the worker script lives),
    * `quantize` (`'q8_0'` or `'q4_0'`: the decoder's matrices quantized after loading — a quarter
-   * or an eighth of the bytes read per token, captions close to f32's), `threads` (default: up to
+   * or an eighth of the bytes read per token, captions close to f32's — and the encoder side
+   * multiplied in 8 bits), `threads` (default: up to
    * 8 — the cores — on a crossOriginIsolated page, where the threaded build loads; 1 elsewhere,
    * the single-threaded build; more than 1 on a page that is not isolated rejects).
    */

@@ -155,12 +155,10 @@ pub trait Architecture: Send + Sync {
     /// Quantizes the decoder's matrices (q8_0, q4_0); returns (quantized, kept) counts.
     fn quantize_decoder(&mut self, dtype: GgmlDType) -> candle_core::Result<(usize, usize)>;
 
-    /// Packs the matrices that multiply many rows at once (the encoder side) for the platform's
-    /// GEMM (WASM; nothing natively). Returns how many.
-    fn pack_encoder(&mut self) -> candle_core::Result<usize>;
-
-    /// Expands q8_0 encoder-side matrices of a quantized checkpoint to f32. Returns how many.
-    fn dequantize_encoder(&mut self) -> candle_core::Result<usize>;
+    /// The matrices that only ever multiply an image's many rows — the vision tower, the
+    /// projector, a decoder's cross-attention keys and values: the captioner lays them out for
+    /// the encoder's GEMM (f32, packed in WASM; or 8-bit in a quantized model).
+    fn encoder_side_linears(&mut self) -> Vec<&mut Linear>;
 
     /// The input layout of [`Architecture::input_ids`] for an image of `tiles` tiles with
     /// `text_positions` stand-in ids for the text (no tokenizer): what the bench feeds a model
@@ -190,6 +188,30 @@ pub trait Architecture: Send + Sync {
 
     /// The concrete model, for callers that need its own API (tests, tools).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// After loading, unquantized: in WASM the encoder side's matrices packed for our GEMM kernel
+/// (a q8_0 file's straight from its blocks); natively, where candle's GEMM is the faster, q8_0
+/// ones back to f32. Returns how many were packed.
+pub fn pack_encoder_side(model: &mut dyn Architecture) -> candle_core::Result<usize> {
+    let mut packed = 0;
+    for linear in model.encoder_side_linears() {
+        if linear.pack()? {
+            packed += 1;
+        } else {
+            linear.dequantize()?;
+        }
+    }
+    Ok(packed)
+}
+
+/// A quantized model's encoder side in 8 bits (`Linear::to_int8`). Returns how many.
+pub fn int8_encoder_side(model: &mut dyn Architecture) -> candle_core::Result<usize> {
+    let mut n = 0;
+    for linear in model.encoder_side_linears() {
+        n += usize::from(linear.to_int8()?);
+    }
+    Ok(n)
 }
 
 /// Rows that decode together (the images of a batch, the beams of a search).

@@ -183,6 +183,38 @@ pub fn memory_read_gbps(bytes: usize, repeats: usize) -> f64 {
     (n * 4) as f64 / median(times) / 1e6
 }
 
+/// One encoder GEMM, y = x·Wᵀ for x `[rows, in_dim]`, W `[out_dim, in_dim]`, in each of the
+/// encoder's weight forms (f32 packed for our kernel in WASM, else candle's GEMM; 8-bit): the
+/// median ms of `repeats` and the GFLOP/s (2·rows·in·out per product), as JSON. One thread
+/// unless the pool has more.
+pub fn gemm_report(rows: usize, in_dim: usize, out_dim: usize, repeats: usize) -> Result<serde_json::Value> {
+    use crate::models::linear::Linear;
+    use candle_core::Module;
+    let noise = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.618 + seed) * 12.9898).sin()).collect() };
+    let w = Tensor::from_vec(noise(out_dim * in_dim, 1.0), (out_dim, in_dim), &Device::Cpu)?;
+    let x = Tensor::from_vec(noise(rows * in_dim, 2.0), (1, rows, in_dim), &Device::Cpu)?;
+    let mut f32_layer = Linear::new(w.clone(), None);
+    f32_layer.pack()?;
+    let mut int8_layer = Linear::new(w, None);
+    int8_layer.to_int8()?;
+    let flop = 2.0 * (rows * in_dim * out_dim) as f64;
+    let mut report = serde_json::Map::new();
+    for (name, layer) in [("f32", &f32_layer), ("int8", &int8_layer)] {
+        let times = (0..repeats.max(1))
+            .map(|_| {
+                let start = now_ms();
+                std::hint::black_box(layer.forward(&x)?);
+                Ok(now_ms() - start)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        let ms = median(times);
+        report.insert(name.into(), serde_json::json!({ "ms": ms, "gflops": flop / ms / 1e6 }));
+    }
+    report.insert("shape".into(), serde_json::json!([rows, in_dim, out_dim]));
+    report.insert("kernel".into(), crate::models::packed::kernel_name().into());
+    Ok(report.into())
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
@@ -243,8 +275,10 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     let mut model = build(vb)?;
     if let Some(dtype) = shape.quantize {
         model.quantize_decoder(dtype)?;
+        crate::architecture::int8_encoder_side(model.as_mut())?;
+    } else {
+        crate::architecture::pack_encoder_side(model.as_mut())?;
     }
-    model.pack_encoder()?;
     let build_ms = now_ms() - t0;
     let generation = crate::loading::GenerationDefaults::resolve(None, &config, family.decoder_section)?;
     let tiles = shape.tiles.max(1);

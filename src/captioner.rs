@@ -212,12 +212,9 @@ impl Captioner {
         captioner.prompt_ids(None)?;
         if q8_0 {
             captioner.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0)?;
-        }
-        // In WASM the encoder side is packed for our GEMM kernel, a q8_0 checkpoint's straight
-        // from its blocks; what is not packed (natively: all of it) goes back to f32.
-        captioner.model.pack_encoder()?;
-        if q8_0 {
-            captioner.model.dequantize_encoder()?;
+            captioner.quantize_encoder()?;
+        } else {
+            architecture::pack_encoder_side(captioner.model.as_mut())?;
         }
         Ok(captioner)
     }
@@ -251,11 +248,18 @@ impl Captioner {
 
     /// Quantizes the decoder's projections and LM head to `dtype` (q8_0, q4_0) in place, where
     /// a row is a whole number of 32-weight blocks; the rest stays f32. Decoding then reads about
-    /// a quarter (q8_0) or an eighth (q4_0) of the bytes per token; the encoder stays f32 (it is
-    /// compute-bound, and GEMM is fast there; prefill dequantizes q8_0 blocks for the GEMM too).
-    /// Returns (quantized, kept) matrix counts.
+    /// a quarter (q8_0) or an eighth (q4_0) of the bytes per token (prefill dequantizes q8_0
+    /// blocks for the f32 GEMM). The encoder side is `quantize_encoder`'s. Returns (quantized,
+    /// kept) matrix counts.
     pub fn quantize_decoder(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
         Ok(self.model.quantize_decoder(dtype)?)
+    }
+
+    /// The encoder side's matrices (`Architecture::encoder_side_linears`) to 8 bits, multiplied
+    /// in 8 bits (`models::int8`): a quarter of f32's bytes, and in WASM with relaxed SIMD ~2×
+    /// faster. What `quantize` options do along with the decoder. Returns how many.
+    pub fn quantize_encoder(&mut self) -> Result<usize> {
+        Ok(architecture::int8_encoder_side(self.model.as_mut())?)
     }
 
     /// Options as `generation_config.json` sets them (sampling and logits processors; the
@@ -737,8 +741,7 @@ fn load_weights(
 
 /// Whether a checkpoint holds q8_0 matrices (written by `crate::quantize`): then its decoder runs
 /// in q8_0 throughout (the LM head — tied to the embedding, which the file keeps in f16 — is
-/// quantized once loaded), and the encoder side is expanded to f32 once (it multiplies many rows
-/// at a time, where the f32 GEMM is faster): the file is a smaller download, not a smaller encoder.
+/// quantized once loaded), and its encoder side in 8 bits (`Captioner::quantize_encoder`).
 fn is_q8_0_checkpoint(tensors: &std::collections::HashMap<String, Tensor>) -> bool {
     tensors.keys().any(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX))
 }

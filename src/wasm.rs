@@ -345,13 +345,16 @@ impl WasmCaptioner {
         })
     }
 
-    /// Quantizes the decoder's matrices in place: `"q8_0"` or `"q4_0"` (rows that are not a
-    /// multiple of 32 stay f32). Returns how many matrices were quantized.
+    /// Quantizes the decoder's matrices in place, `"q8_0"` or `"q4_0"` (rows that are not a
+    /// multiple of 32 stay f32), and the encoder side's to 8 bits, multiplied in 8 bits.
+    /// Returns how many decoder matrices were quantized.
     pub fn quantize(&mut self, format: &str) -> Result<usize, JsError> {
         let dtype = crate::captioner::decoder_format(format)
             .ok_or_else(|| JsError::new(&format!("quantize: unknown weight format {format:?} (q8_0 or q4_0)")))?;
         self.run = None;
-        Ok(self.inner.quantize_decoder(dtype).map_err(js_error)?.0)
+        let decoder = self.inner.quantize_decoder(dtype).map_err(js_error)?.0;
+        self.inner.quantize_encoder().map_err(js_error)?;
+        Ok(decoder)
     }
 
     /// Drops the caption in progress.
@@ -582,6 +585,13 @@ pub fn bert_tokenizer_json(vocab: &[u8], tokenizer_config: Option<Vec<u8>>, spec
 #[wasm_bindgen(js_name = benchMemory)]
 pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
     crate::bench::memory_read_gbps(bytes, repeats)
+}
+
+/// Benchmark: one encoder-sized GEMM in f32 (packed) and in 8 bits, as JSON (see
+/// `bench::gemm_report`).
+#[wasm_bindgen(js_name = benchGemm)]
+pub fn bench_gemm(rows: usize, in_dim: usize, out_dim: usize, repeats: usize) -> Result<String, JsError> {
+    Ok(crate::bench::gemm_report(rows, in_dim, out_dim, repeats).map_err(js_error)?.to_string())
 }
 
 /// The threaded build's pool (wasm-bindgen-rayon): `await initThreadPool(n)` from a worker of a

@@ -99,6 +99,25 @@ fn logits_error(f32_model: &Captioner, q: &Captioner, pixels: &candle_core::Tens
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread
 }
 
+/// `q` against `f32_model` over IMAGES: how many greedy captions are equal and the worst
+/// first-step logits error (`logits_error`); the shapes samples must keep their captions.
+fn against_f32(name: &str, f32_model: &Captioner, q: &Captioner) -> (usize, f32) {
+    let (mut agree, mut worst) = (0, 0f32);
+    for (image, bytes) in IMAGES {
+        let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
+        let err = logits_error(f32_model, q, &pixels);
+        assert!(err > 0.0, "{name}: the quantized path was not used");
+        worst = worst.max(err);
+        let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
+        let same = ids(f32_model) == ids(q);
+        agree += usize::from(same);
+        if image.starts_with("shapes") {
+            assert!(same, "{name} {image}: the caption changed");
+        }
+    }
+    (agree, worst)
+}
+
 #[test]
 fn quantized_decoders_stay_close_to_f32() {
     use candle_core::quantized::GgmlDType;
@@ -108,22 +127,38 @@ fn quantized_decoders_stay_close_to_f32() {
             let mut q = Captioner::from_files(files.clone()).unwrap();
             let (done, kept) = q.quantize_decoder(dtype).unwrap();
             assert!(done > 0, "{name}: nothing quantized ({kept} kept)");
-            let (mut agree, mut worst) = (0, 0f32);
-            for (image, bytes) in IMAGES {
-                let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
-                let err = logits_error(&f32_model, &q, &pixels);
-                assert!(err > 0.0, "{name} {dtype:?}: the quantized path was not used");
-                worst = worst.max(err);
-                let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
-                let same = ids(&f32_model) == ids(&q);
-                agree += usize::from(same);
-                if image.starts_with("shapes") {
-                    assert!(same, "{name} {dtype:?} {image}: the caption changed");
-                }
-            }
+            let (agree, worst) = against_f32(&format!("{name} {dtype:?}"), &f32_model, &q);
             eprintln!("{name} {dtype:?}: {done} matrices quantized, {kept} kept; logits max |Δ| / std = {worst:.4}; greedy captions equal to f32: {agree}/{}", IMAGES.len());
             assert!(worst < max_rel_error, "{name} {dtype:?}: logits error {worst} ≥ {max_rel_error}");
         }
+    }
+}
+
+/// The encoder side in 8 bits (`Captioner::quantize_encoder`, what a quantized model runs)
+/// against f32: encoder states and first-step logits move by a small fraction of their spread
+/// (printed), and the shapes samples keep their captions.
+#[test]
+fn an_8_bit_encoder_stays_close_to_f32() {
+    for (name, files, _) in [embedded!("shapes-cross-attention"), embedded!("shapes-prefix")] {
+        let f32_model = Captioner::from_files(files.clone()).unwrap();
+        let mut q = Captioner::from_files(files.clone()).unwrap();
+        let n = q.quantize_encoder().unwrap();
+        assert!(n > 0, "{name}: nothing in 8 bits");
+        let mut worst_states = 0f32;
+        for (_, bytes) in IMAGES {
+            let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
+            let a = f32_model.model().encode(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = q.model().encode(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mean = a.iter().sum::<f32>() / a.len() as f32;
+            let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+            worst_states = worst_states.max(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread);
+        }
+        let (agree, worst_logits) = against_f32(&format!("{name} 8-bit encoder"), &f32_model, &q);
+        eprintln!(
+            "{name} 8-bit encoder ({n} matrices): encoder states max |Δ| / std = {worst_states:.4}, first-step logits {worst_logits:.4}; greedy captions equal to f32: {agree}/{}",
+            IMAGES.len()
+        );
+        assert!(worst_logits < 0.1, "{name}: logits error {worst_logits}");
     }
 }
 
@@ -140,17 +175,7 @@ fn quantized_checkpoints_load_as_they_are() {
         let ratio = bytes.len() as f64 / files.weights.len() as f64;
         let f32_model = Captioner::from_files(files.clone()).unwrap();
         let q = Captioner::from_files(ModelFiles { weights: &bytes, ..files.clone() }).unwrap();
-        let (mut agree, mut worst) = (0, 0f32);
-        for (image, bytes) in IMAGES {
-            let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
-            worst = worst.max(logits_error(&f32_model, &q, &pixels));
-            let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
-            let same = ids(&f32_model) == ids(&q);
-            agree += usize::from(same);
-            if image.starts_with("shapes") {
-                assert!(same, "{name} {image}: the caption changed");
-            }
-        }
+        let (agree, worst) = against_f32(&format!("{name} quantized file"), &f32_model, &q);
         eprintln!(
             "{name} quantized file: {} → {} bytes ({:.1} %), {} q8_0 matrices, {} kept f32; logits max |Δ| / std = {worst:.4}; greedy captions equal to f32: {agree}/{}",
             files.weights.len(),
@@ -161,7 +186,9 @@ fn quantized_checkpoints_load_as_they_are() {
             IMAGES.len()
         );
         assert!(ratio < 0.4, "{name}: the quantized file is {:.0} % of f32", 100.0 * ratio);
-        assert!(worst > 0.0 && worst < 0.05, "{name}: logits error {worst}");
+        // The bound of `an_8_bit_encoder_stays_close_to_f32`: a quantized file runs its encoder
+        // side in 8 bits (7-bit inputs), most of this error.
+        assert!(worst < 0.1, "{name}: logits error {worst}");
         let again = wasmcap::quantize::quantize_checkpoint(&config, &bytes).unwrap_err().to_string();
         assert!(again.contains("q8_0 already"), "{again}");
     }

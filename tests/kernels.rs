@@ -82,6 +82,34 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
     Ok(())
 }
 
+/// The 8-bit encoder GEMM (`Linear::to_int8`): the relaxed-SIMD and simd128 kernels give the
+/// same bits (exact integer sums), on rows split over tiles and passes, with and without a
+/// fused activation; and both stay within 8-bit error of the f32 product.
+#[test]
+fn int8_layers_give_the_same_bits_on_every_kernel_and_stay_near_f32() -> Result<()> {
+    for (rows, d_in, d_out) in [(64, 96, 50), (5, 36, 13), (7, 1100, 24), (196, 64, 30)] {
+        let (w, b, x) = (values(&[d_out, d_in], 21), values(&[d_out], 22), values(&[1, rows, d_in], 23));
+        let want = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+        let mut layer = Linear::new(w.clone(), Some(b.clone()));
+        assert!(layer.to_int8()? && layer.is_int8());
+        let mut outputs = vec![];
+        for relaxed in [true, false] {
+            packed::allow_relaxed_simd(relaxed);
+            let ys = layer.forward(&x)?;
+            // Each output within 1 % of Σ|w·x| (7-bit inputs, 8-bit weights).
+            let scale = x.abs()?.broadcast_matmul(&w.abs()?.t()?)?;
+            let excess = ((ys.clone() - &want)?.abs()? - (scale * 0.01)?)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(excess <= 0.0, "{rows}×{d_in}→{d_out} [{}]: {excess} beyond 1 %", packed::kernel_name());
+            let gelu = layer.forward_activated(&x, &Activation::GeluPytorchTanh)?;
+            check("int8, then GELU", &gelu, &ys.apply(&Activation::GeluPytorchTanh)?, 1e-5);
+            outputs.push((ys.flatten_all()?.to_vec1::<f32>()?, gelu.flatten_all()?.to_vec1::<f32>()?));
+        }
+        assert_eq!(outputs[0], outputs[1], "{rows}×{d_in}→{d_out}: relaxed SIMD and simd128 differ");
+    }
+    packed::allow_relaxed_simd(true);
+    Ok(())
+}
+
 /// softmax(q·kᵀ·scale + mask)·v with candle's plain ops.
 fn formula(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;

@@ -114,6 +114,8 @@ mod cli {
                 let Some(dtype) = args.quantize.as_deref().and_then(wasmcap::captioner::decoder_format) else { return Ok(c) };
                 let (done, kept) = c.quantize_decoder(dtype)?;
                 eprintln!("quantized {done} decoder matrices to {dtype:?} ({kept} kept in f32: rows not a multiple of 32)");
+                let encoder = c.quantize_encoder()?;
+                eprintln!("quantized {encoder} encoder-side matrices to 8 bits (multiplied in 8 bits)");
                 Ok(c)
             });
         let captioner = match loaded {

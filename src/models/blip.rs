@@ -472,12 +472,8 @@ impl Architecture for Blip {
         Ok(done)
     }
 
-    fn pack_encoder(&mut self) -> Result<usize> {
-        self.vision.linears_mut().map(|l| l.pack().map(usize::from)).sum()
-    }
-
-    fn dequantize_encoder(&mut self) -> Result<usize> {
-        self.vision.linears_mut().map(|l| l.dequantize().map(usize::from)).sum()
+    fn encoder_side_linears(&mut self) -> Vec<&mut Linear> {
+        self.vision.linears_mut().collect()
     }
 
     fn synthetic_input_ids(&self, _: &GenerationDefaults, _: usize, _: usize) -> Vec<u32> {

@@ -311,16 +311,9 @@ impl Gpt2LMHeadModel {
         Ok(done)
     }
 
-    /// The cross-attention key/value projections packed for the WASM GEMM kernel (they only
-    /// ever see the encoder's many rows; `Linear::pack`: nothing natively). Returns how many.
-    pub fn pack_cross_attention(&mut self) -> Result<usize> {
-        let mut n = 0;
-        for block in &mut self.h {
-            if let Some((_, cross)) = &mut block.cross {
-                n += usize::from(cross.c_attn.pack()?);
-            }
-        }
-        Ok(n)
+    /// The cross-attention key/value projections: they only ever see the encoder's many rows.
+    pub fn cross_attention_kv_linears(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.h.iter_mut().filter_map(|block| block.cross.as_mut().map(|(_, cross)| &mut cross.c_attn))
     }
 
     pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {

@@ -240,12 +240,10 @@ impl Architecture for Idefics3 {
         self.text_model.quantize(dtype)
     }
 
-    fn pack_encoder(&mut self) -> Result<usize> {
-        Ok(self.vision_model.pack()? + usize::from(self.modality_projection.pack()?))
-    }
-
-    fn dequantize_encoder(&mut self) -> Result<usize> {
-        Ok(self.vision_model.dequantize()? + usize::from(self.modality_projection.dequantize()?))
+    fn encoder_side_linears(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<_> = self.vision_model.linears_mut().collect();
+        linears.push(&mut self.modality_projection);
+        linears
     }
 
     /// The image positions of `tiles` tiles, then `text_positions` ids spread over the vocabulary.

@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Storage, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 
+use super::int8::Int8Weight;
 use super::packed::{self, PackedWeight};
 use super::q8::{self, Q8Matrix};
 
@@ -327,6 +328,9 @@ enum Weight {
     /// f32 laid out for our WASM GEMM kernel (`super::packed`): layers that only ever see many
     /// rows (the encoder side).
     Packed(PackedWeight),
+    /// i8 per output feature, multiplied in 8 bits (`super::int8`): the encoder side of a
+    /// quantized model.
+    Int8(Int8Weight),
 }
 
 impl Weight {
@@ -341,6 +345,7 @@ impl Weight {
             Weight::Q8(m) => m.dims(),
             Weight::Ggml { out_dim, in_dim, .. } => (*out_dim, *in_dim),
             Weight::Packed(p) => p.dims(),
+            Weight::Int8(m) => m.dims(),
         })
     }
 
@@ -353,6 +358,7 @@ impl Weight {
             Weight::Q8(m) => Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu),
             Weight::Ggml { .. } => candle_core::bail!("linear: a {out_dim}x{in_dim} ggml-quantized weight has no f32 copy"),
             Weight::Packed(p) => Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu),
+            Weight::Int8(m) => Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu),
         }
     }
 
@@ -363,7 +369,7 @@ impl Weight {
             Weight::F32(w) => with_f32(&w.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim)),
             Weight::F32InOut(w) => with_f32(&w.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim)),
             Weight::Q8(m) => Ok(PackedWeight::pack(&m.dequantize(), out_dim, in_dim)),
-            Weight::Ggml { .. } | Weight::Packed(_) => Ok(None),
+            Weight::Ggml { .. } | Weight::Packed(_) | Weight::Int8(_) => Ok(None),
         }
     }
 
@@ -375,8 +381,13 @@ impl Weight {
             Weight::Q8(m) => q8_forward(m, xs, bias),
             Weight::Ggml { matmul, .. } => add_bias(matmul.forward(&xs.contiguous()?)?, bias),
             Weight::Packed(p) => packed_forward(p, xs, bias, None),
+            Weight::Int8(m) => int8_forward(m, xs, bias, None),
         }
     }
+}
+
+fn int8_forward(m: &Int8Weight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
+    by_rows(m.dims(), xs, b, then, |x, b, then| m.matmul_then(x, b, then))
 }
 
 fn add_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -486,6 +497,25 @@ impl Linear {
         Ok(true)
     }
 
+    /// Swaps the weight for an 8-bit one multiplied in 8 bits (`super::int8`): for layers that
+    /// only multiply many rows (the encoder side of a quantized model). From f32 or q8_0 (its
+    /// values requantized per output feature). Returns false, changing nothing, where it is
+    /// 8-bit already, q4_0, or has a LoRA update attached.
+    pub fn to_int8(&mut self) -> Result<bool> {
+        if self.lora.is_some() || matches!(self.weight, Weight::Int8(_) | Weight::Ggml { .. }) {
+            return Ok(false);
+        }
+        let (out_dim, in_dim) = self.weight.dims()?;
+        let w = self.weight.out_in_f32()?;
+        let Some(m) = with_f32(&w.contiguous()?, |w| Int8Weight::quantize(w, out_dim, in_dim))? else { return Ok(false) };
+        self.weight = Weight::Int8(m);
+        Ok(true)
+    }
+
+    pub fn is_int8(&self) -> bool {
+        matches!(self.weight, Weight::Int8(_))
+    }
+
     /// Back to an f32 weight (the values the q8_0 blocks hold) where the weight is q8_0: for
     /// layers that only ever see many rows (the encoder), whose GEMM is faster in f32. Returns
     /// whether anything changed.
@@ -527,8 +557,10 @@ impl Linear {
     /// `act` of `self.forward(xs)`. On a packed weight the activation runs over each part of
     /// the output as the GEMM leaves it in cache (`PackedWeight::matmul_then`).
     pub fn forward_activated(&self, xs: &Tensor, act: &Activation) -> Result<Tensor> {
-        if let (Weight::Packed(p), Some(f)) = (&self.weight, super::activation::in_place(act, xs)) {
-            return packed_forward(p, xs, self.bias.as_ref(), Some(&f));
+        match (&self.weight, super::activation::in_place(act, xs)) {
+            (Weight::Packed(p), Some(f)) => return packed_forward(p, xs, self.bias.as_ref(), Some(&f)),
+            (Weight::Int8(m), Some(f)) => return int8_forward(m, xs, self.bias.as_ref(), Some(&f)),
+            _ => {}
         }
         super::activation::forward_in_place(act, self.forward(xs)?)
     }
@@ -591,10 +623,23 @@ fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<Packed
     }
 }
 
-/// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads; `then` as
-/// `PackedWeight::matmul_then`.
-fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Option<&(dyn Fn(&mut [f32]) + Sync)>) -> Result<Tensor> {
-    let (out_dim, in_dim) = p.dims();
+/// An output activation run in place (`PackedWeight::matmul_then`).
+type Then<'a> = Option<&'a (dyn Fn(&mut [f32]) + Sync)>;
+
+/// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads.
+fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
+    by_rows(p.dims(), xs, b, then, |x, b, then| p.matmul_then(x, b, then))
+}
+
+/// y = x·Wᵀ (+ b) by `matmul` (x `[rows, in]` → `[rows, out]`, None on lengths that disagree)
+/// on `xs`' rows, split over the threads.
+fn by_rows(
+    (out_dim, in_dim): (usize, usize),
+    xs: &Tensor,
+    b: Option<&Tensor>,
+    then: Then,
+    matmul: impl Fn(&[f32], Option<&[f32]>, Option<&dyn Fn(&mut [f32])>) -> Option<Vec<f32>> + Sync,
+) -> Result<Tensor> {
     let d = xs.dim(D::Minus1)?;
     if d != in_dim {
         candle_core::bail!("linear: input has {d} features, weight expects {in_dim}");
@@ -603,7 +648,7 @@ fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Optio
     // The input read where it lies (no copy of a 196 × 3072 activation per layer).
     let mut parts = with_f32(&xs.contiguous()?, |x| {
         crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
-            p.matmul_then(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then.map(|f| f as &dyn Fn(&mut [f32])))
+            matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then.map(|f| f as &dyn Fn(&mut [f32])))
                 .ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
         })
     })??;
@@ -648,14 +693,16 @@ mod tests {
             let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
             let linear = Linear::new(w.clone(), Some(b.clone()));
             let conv = Linear { weight: Weight::F32InOut(w.t()?.contiguous()?), bias: Some(b.clone()), lora: None };
-            let mut q8 = Linear::new(w.clone(), Some(b));
+            let mut q8 = Linear::new(w.clone(), Some(b.clone()));
             assert!(q8.quantize(GgmlDType::Q8_0)?);
-            for (name, layer) in [("linear", &linear as &dyn Module), ("conv1d", &conv), ("q8_0", &q8)] {
+            let mut int8 = Linear::new(w.clone(), Some(b));
+            assert!(int8.to_int8()?);
+            for (name, layer) in [("linear", &linear as &dyn Module), ("conv1d", &conv), ("q8_0", &q8), ("int8", &int8)] {
                 let one = layer.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
                 let two = crate::parallel::with_threads(2, || layer.forward(&xs))?.flatten_all()?.to_vec1::<f32>()?;
                 // Few rows (decoding) split the output features: the same bits. Many rows (40:
                 // the GEMM) split the rows, which the GEMM may block differently: close.
-                if rows <= FAST_ROWS {
+                if rows <= FAST_ROWS || name == "int8" {
                     assert_eq!(one, two, "{name} {d_in}x{d_out}, {rows} rows");
                 } else {
                     let diff = one.iter().zip(&two).fold(0f32, |m, (a, b)| m.max((a - b).abs()));

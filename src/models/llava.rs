@@ -154,22 +154,6 @@ impl Llava {
         &self.language_model
     }
 
-    /// The tower and projector back to f32 where a quantized checkpoint stored q8_0 (see
-    /// `VisionEncoderDecoder::dequantize_encoder`).
-    pub fn dequantize_vision(&mut self) -> Result<usize> {
-        let p = &mut self.multi_modal_projector;
-        let projector = usize::from(p.linear_1.dequantize()?) + usize::from(p.linear_2.dequantize()?);
-        Ok(self.vision_tower.dequantize()? + projector)
-    }
-
-    /// The tower's and projector's f32 matrices packed for the WASM GEMM kernel
-    /// (`Linear::pack`; nothing natively). Returns how many.
-    pub fn pack_vision(&mut self) -> Result<usize> {
-        let p = &mut self.multi_modal_projector;
-        let projector = usize::from(p.linear_1.pack()?) + usize::from(p.linear_2.pack()?);
-        Ok(self.vision_tower.pack()? + projector)
-    }
-
     /// Image embeddings [B, num_patches, text hidden] for pixel values [B, 3, H, W].
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.project(&self.vision_features(pixel_values)?)
@@ -367,12 +351,11 @@ impl Architecture for Llava {
         self.language_model.quantize(dtype)
     }
 
-    fn pack_encoder(&mut self) -> Result<usize> {
-        self.pack_vision()
-    }
-
-    fn dequantize_encoder(&mut self) -> Result<usize> {
-        self.dequantize_vision()
+    fn encoder_side_linears(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<_> = self.vision_tower.linears_mut().collect();
+        let p = &mut self.multi_modal_projector;
+        linears.extend([&mut p.linear_1, &mut p.linear_2]);
+        linears
     }
 
     /// The image positions, then `text_positions` ids spread over the vocabulary (never the image

@@ -2,11 +2,12 @@
 //! tensor names of `model.safetensors`.
 
 pub mod activation;
-pub mod blip;
 pub mod attention;
+pub mod blip;
 pub mod encoder_layer;
 pub mod gpt2;
 pub mod idefics3;
+pub mod int8;
 pub mod linear;
 pub mod llama;
 pub mod llava;

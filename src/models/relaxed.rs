@@ -15,6 +15,7 @@ use wasm_bindgen::prelude::*;
 extern "C" {
     fn wasmcap_relaxed_kernel_init(memory: JsValue, bytes: &[u8]) -> bool;
     fn wasmcap_relaxed_kernel_gemm(a: u32, rows: u32, in_dim: u32, lda: u32, panels: u32, n_panels: u32, bias: u32, c: u32, ldc: u32);
+    fn wasmcap_relaxed_kernel_int8_gemm(a: u32, rows: u32, in_dim: u32, lda: u32, panels: u32, n_panels: u32, c: u32, ldc: u32);
     fn wasmcap_relaxed_kernel_q8_matvec(qs: u32, scales: u32, sums: u32, x: u32, blocks: u32, groups: u32, out: u32);
 }
 
@@ -45,4 +46,9 @@ pub unsafe fn gemm(
 /// SAFETY: as `relaxed_module.rs`' `q8_matvec`.
 pub unsafe fn q8_matvec(qs: *const i8, scales: *const f32, sums: *const i16, x: *const u8, blocks: usize, groups: usize, out: *mut f32) {
     wasmcap_relaxed_kernel_q8_matvec(qs as u32, scales as u32, sums as u32, x as u32, blocks as u32, groups as u32, out as u32)
+}
+
+/// SAFETY: as `int8_kernel.rs`' `gemm`; wasm32 pointers and sizes fit u32.
+pub unsafe fn int8_gemm((a, rows, in_dim, lda, panels, n_panels, c, ldc): (*const u8, usize, usize, usize, *const i8, usize, *mut i32, usize)) {
+    wasmcap_relaxed_kernel_int8_gemm(a as u32, rows as u32, in_dim as u32, lda as u32, panels as u32, n_panels as u32, c as u32, ldc as u32)
 }

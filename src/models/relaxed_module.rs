@@ -1,9 +1,10 @@
 //! The relaxed-SIMD side module (`relaxed.rs`): not part of the crate, but compiled by
 //! `build.rs` on its own (no_std, `+relaxed-simd`, importing the main module's memory) into a
 //! ~3 KB WASM module that the browser compiles only where it validates. It holds the very loops
-//! of `packed_kernel.rs`, with a fused multiply-add, and q8_0 decoding's with the i8 dot
-//! product (sharing `q8_kernel.rs` with `q8.rs`). It must not use a stack: it has none of its
-//! own (`-z stack-size=0` makes any use trap instead of writing over the main module).
+//! of `packed_kernel.rs`, with a fused multiply-add, q8_0 decoding's with the i8 dot product
+//! (sharing `q8_kernel.rs` with `q8.rs`) and the 8-bit encoder GEMM's (`int8_kernel.rs`). It
+//! must not use a stack: it has none of its own (`-z stack-size=0` makes any use trap instead of
+//! writing over the main module).
 #![no_std]
 
 use core::arch::wasm32::*;
@@ -49,6 +50,46 @@ mod kernel {
 #[no_mangle]
 pub unsafe extern "C" fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: usize, panels: *const f32, n_panels: usize, bias: *const f32, c: *mut f32, ldc: usize) {
     kernel::gemm(a, rows, in_dim, lda, panels, n_panels, bias, c, ldc)
+}
+
+mod int8 {
+    use super::*;
+    type W = V;
+
+    #[inline(always)]
+    unsafe fn load_i32(p: *const i32) -> V {
+        v128_load(p as *const v128)
+    }
+
+    #[inline(always)]
+    unsafe fn store_i32(p: *mut i32, v: V) {
+        v128_store(p as *mut v128, v)
+    }
+
+    #[inline(always)]
+    unsafe fn weights(p: *const i8) -> W {
+        v128_load(p as *const v128)
+    }
+
+    /// The 4 input bytes at `p` in every lane.
+    #[inline(always)]
+    unsafe fn inputs(p: *const u8) -> V {
+        v128_load32_splat(p as *const u32)
+    }
+
+    /// Each lane: its 4 weight bytes times the 4 inputs (0..=127, the i7 operand), summed.
+    #[inline(always)]
+    fn dot(w: W, x: V, acc: V) -> V {
+        i32x4_relaxed_dot_i8x16_i7x16_add(w, x, acc)
+    }
+
+    include!("int8_kernel.rs");
+}
+
+/// `int8_kernel.rs`' `gemm`, exported. SAFETY: as there.
+#[no_mangle]
+pub unsafe extern "C" fn int8_gemm(a: *const u8, rows: usize, in_dim: usize, lda: usize, panels: *const i8, n_panels: usize, c: *mut i32, ldc: usize) {
+    int8::gemm(a, rows, in_dim, lda, panels, n_panels, c, ldc)
 }
 
 mod q8 {

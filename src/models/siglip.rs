@@ -149,18 +149,7 @@ impl SiglipVisionTransformer {
         &self.config
     }
 
-    /// Expands q8_0 matrices (from a quantized checkpoint) to f32: see `Linear::dequantize`.
-    /// Returns how many.
-    pub fn dequantize(&mut self) -> Result<usize> {
-        self.linears_mut().map(|l| l.dequantize().map(usize::from)).sum()
-    }
-
-    /// Packs the f32 matrices for the WASM GEMM kernel: see `Linear::pack`. Returns how many.
-    pub fn pack(&mut self) -> Result<usize> {
-        self.linears_mut().map(|l| l.pack().map(usize::from)).sum()
-    }
-
-    /// How many matrices are packed (`pack`).
+    /// How many matrices are packed for the WASM GEMM kernel (`Linear::pack`).
     pub fn packed_matrices(&self) -> usize {
         self.linears().filter(|l| l.is_packed()).count()
     }

@@ -188,26 +188,6 @@ impl VisionEncoderDecoder {
         self.encoder.linears().into_iter().filter(|l| l.is_packed()).count()
     }
 
-    /// The encoder side (tower and `enc_to_dec_proj`) back to f32 where a quantized checkpoint
-    /// stored q8_0: it only multiplies many rows at once, which the f32 GEMM does faster.
-    pub fn dequantize_encoder(&mut self) -> Result<usize> {
-        self.encoder_linears_mut().into_iter().map(|l| l.dequantize().map(usize::from)).sum()
-    }
-
-    /// The f32 matrices that only multiply the image's many rows — the encoder, `enc_to_dec_proj`
-    /// and the decoder's cross-attention keys/values — packed for the WASM GEMM kernel
-    /// (`Linear::pack`; nothing natively). Returns how many.
-    pub fn pack_encoder(&mut self) -> Result<usize> {
-        let encoder: usize = self.encoder_linears_mut().into_iter().map(|l| l.pack().map(usize::from)).sum::<Result<usize>>()?;
-        Ok(encoder + self.decoder.pack_cross_attention()?)
-    }
-
-    fn encoder_linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut linears = self.encoder.linears_mut();
-        linears.extend(self.enc_to_dec_proj.as_mut());
-        linears
-    }
-
     pub fn decoder_mut(&mut self) -> &mut Gpt2LMHeadModel {
         &mut self.decoder
     }
@@ -324,12 +304,12 @@ impl Architecture for VisionEncoderDecoder {
         self.decoder.quantize(dtype)
     }
 
-    fn pack_encoder(&mut self) -> Result<usize> {
-        VisionEncoderDecoder::pack_encoder(self)
-    }
-
-    fn dequantize_encoder(&mut self) -> Result<usize> {
-        VisionEncoderDecoder::dequantize_encoder(self)
+    /// The encoder, `enc_to_dec_proj` and the decoder's cross-attention keys/values.
+    fn encoder_side_linears(&mut self) -> Vec<&mut Linear> {
+        let mut linears = self.encoder.linears_mut();
+        linears.extend(self.enc_to_dec_proj.as_mut());
+        linears.extend(self.decoder.cross_attention_kv_linears());
+        linears
     }
 
     fn synthetic_input_ids(&self, generation: &GenerationDefaults, _: usize, _: usize) -> Vec<u32> {
