@@ -119,9 +119,12 @@ impl Int8Weight {
         let xq = quantize_rows(x, rows, in_dim, kp);
         let n_panels = out_dim.div_ceil(NR);
         let ldc = n_panels * NR;
-        let mut sums = vec![0i32; rows * ldc];
-        // SAFETY: xq.q holds rows × kp bytes (kp a multiple of 4, each 0..=127), the panels
-        // n_panels × kp × 12 and `sums` rows × ldc (`quantize`, `quantize_rows`).
+        // Not zeroed first: the kernel writes every element (its first pass over the inputs
+        // stores, later ones add), and zeroing is a pass over the output for nothing.
+        let mut sums: Vec<i32> = Vec::with_capacity(rows * ldc);
+        // SAFETY: xq.q holds rows × kp bytes (kp a multiple of 4 and > 0, each 0..=127), the
+        // panels n_panels × kp × 12 and `sums` room for rows × ldc (`quantize`,
+        // `quantize_rows`); `gemm` writes all rows × ldc of them, so the length can cover them.
         unsafe {
             let args = (xq.q.as_ptr(), rows, kp, kp, self.panels.as_ptr(), n_panels, sums.as_mut_ptr(), ldc);
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -134,17 +137,24 @@ impl Int8Weight {
             if !done {
                 kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
             }
+            sums.set_len(rows * ldc);
         }
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = vec![0f32; out_dim];
+                &zeros
+            }
+        };
+        let (scales, weight_sums) = (&self.scales[..out_dim], &self.sums[..out_dim]);
         let mut y = vec![0f32; rows * out_dim];
         for (r, (yr, sr)) in y.chunks_exact_mut(out_dim).zip(sums.chunks_exact(ldc)).enumerate() {
             let (step, min) = (xq.step[r], xq.min[r]);
-            for (o, (y, &s)) in yr.iter_mut().zip(sr).enumerate() {
-                // Σ w·x ≈ scale · (step · Σ q·qx + min · Σ q), in this order everywhere.
-                let v = self.scales[o] * (step * s as f32 + min * self.sums[o]);
-                *y = match bias {
-                    Some(b) => v + b[o],
-                    None => v,
-                };
+            // Σ w·x ≈ scale · (step · Σ q·qx + min · Σ q) + b, in this order everywhere; one
+            // straight loop over the outputs, which LLVM vectorizes.
+            for ((((y, &s), &scale), &ws), &b) in yr.iter_mut().zip(&sr[..out_dim]).zip(scales).zip(weight_sums).zip(bias) {
+                *y = scale * (step * s as f32 + min * ws) + b;
             }
             if let Some(then) = then {
                 then(yr);
