@@ -607,6 +607,9 @@ export class Captioner {
     this._disposed = false;
     this._restart = restart;
     this._ready = Promise.resolve();
+    // Calls reach the worker in the order they were made (their images are read concurrently,
+    // a small file can be ready before a large one): each is sent once the one before was.
+    this._sent = Promise.resolve();
     this._attach(worker);
   }
 
@@ -754,7 +757,9 @@ export class Captioner {
     signal?.addEventListener('abort', onAbort, { once: true });
     run.result.finally(() => signal?.removeEventListener('abort', onAbort)).catch(() => {});
     this._runs.set(id, run);
-    Promise.all(images.map((image) => imageMessage(image, signal))).then(async (messages) => {
+    const prepared = Promise.all(images.map((image) => imageMessage(image, signal)));
+    prepared.catch(() => {}); // its failure is this call's, handled below when its turn comes
+    const turn = this._sent.then(() => prepared).then(async (messages) => {
       const close = () => messages.forEach(([msg]) => msg.bitmap?.close());
       try {
         await this._ready; // a restart after a trap, if one is under way
@@ -768,7 +773,8 @@ export class Captioner {
       else this._worker.postMessage({ type: 'caption', run: id, image: messages[0][0], options: wasmOptions }, transfer);
       sent = true;
       run._sent = true;
-    }).catch((e) => { this._runs.delete(id); run._reject(e); });
+    });
+    this._sent = turn.catch((e) => { this._runs.delete(id); run._reject(e); });
     return run;
   }
 

@@ -104,10 +104,13 @@ test('captionMany and numReturnSequences as in the browser; abort stops a captio
 });
 
 test('captions asked for while another runs wait their turn: each streams whole, in order, with transformers\' ids', async () => {
-  const names = ['astronaut.png', 'chelsea.jpg', 'astronaut.png'];
+  // The second call's image is bytes already in memory, ready before the first's file is read:
+  // it still goes second.
+  const names = ['chelsea.jpg', 'astronaut.png', 'astronaut.png'];
+  const inputs = [image(names[0]), readFileSync(image(names[1])), image(names[2])];
   const order = [];
   const runs = names.map((name, i) => {
-    const run = captioner.caption(image(name), greedy);
+    const run = captioner.caption(inputs[i], greedy);
     return (async () => {
       const ids = [];
       for await (const t of run) { ids.push(t.id); order.push(i); }
