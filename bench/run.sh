@@ -10,7 +10,9 @@
 #   transformers.js has no BLIP: compare with the ViT-GPT2 rows)
 #   SmolVLM-256M-shaped Idefics3 (512 px tiles; a 4 × 4 split image + its global tile = 17 tiles of
 #   64 positions + PROMPT: ~1100 prefill positions; the encoder timed on one tile)
-# Prints a table; quote it with the machine load (printed too).
+# Then the encoder's GEMM alone in Chromium, f32 (packed) against 8-bit (models::int8), on
+# SigLIP-B's three shapes, 1 and 2 threads.
+# Prints tables; quote them with the machine load (printed too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS=${TOKENS:-20}
@@ -25,6 +27,11 @@ cargo build --release --example bench
 READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
+# The encoder's GEMM in Chromium, f32 (packed) against 8-bit, SigLIP-B's three shapes.
+gemms=()
+for shape in "196 768 768" "196 768 3072" "196 3072 768"; do
+  for threads in 1 2; do gemms+=("$(THREADS=$threads node bench/browser.mjs gemm $shape 5)"); done
+done
 rows=()
 for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json bench/configs/blip-base.json; do
   name=$(basename "$config" .json)
@@ -50,6 +57,13 @@ for weights in f32 q8_0; do
   rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+node -e '
+console.log("| GEMM (Chromium) | threads | kernel | f32 ms | f32 GFLOP/s | 8-bit ms | 8-bit GFLOP/s |");
+console.log("|---|---|---|---|---|---|---|");
+for (const a of process.argv.slice(1)) {
+  const r = JSON.parse(a);
+  console.log(`| ${r.shape.join(" × ")} | ${r.threads} | ${r.kernel} | ${r.f32.ms.toFixed(1)} | ${r.f32.gflops.toFixed(0)} | ${r.int8.ms.toFixed(1)} | ${r.int8.gflops.toFixed(0)} |`);
+}' "${gemms[@]}"
 for wasm in pkg/wasmcap_bg.wasm pkg/threads/wasmcap_bg.wasm; do
   echo "$wasm: $(stat -c %s "$wasm") bytes, $(gzip -9 -c "$wasm" | wc -c) gzipped"
 done
