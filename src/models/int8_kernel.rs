@@ -6,8 +6,9 @@
 
 /// Output features per panel: three vectors of four.
 pub const NR: usize = 12;
-/// Rows per micro-tile: 9 sums + 3 weight vectors + 1 input in registers (V8 has 15 free).
-const MR: usize = 3;
+/// Rows per micro-tile: 6 sums + 3 weight vectors + 2 inputs + a product + the ones vector of the
+/// relaxed kernel's widening stay within x64's 16 registers (3 rows spilled two sums a step).
+const MR: usize = 2;
 /// Input features per pass over a panel (a multiple of 4): 1024 × 12 bytes stay in L1 while
 /// the rows pass. |Σ| ≤ 127 · 127 · in_dim never leaves i32 for in_dim < 133 000.
 const KC: usize = 1024;
