@@ -2,8 +2,8 @@
 //! output feature, each input row quantized on the fly to 7 bits over its own range, the
 //! products summed as exact integers and scaled back to f32 once per output.
 //!
-//! Why this shape: relaxed SIMD's `i32x4.relaxed_dot_i8x16_i7x16_add_s` multiplies 16 byte
-//! pairs into four sums in one instruction where the CPU has VNNI (three elsewhere), against
+//! Why this shape: relaxed SIMD's i8 dot product (`i16x8.relaxed_dot_i8x16_i7x16_s`, then a
+//! widening dot with ones: 3 x64 instructions per 16 products, see `relaxed_module.rs`) against
 //! four products per f32 multiply-add; its second operand must stay within 0..=127 for the
 //! result to be the same on every CPU, hence inputs of 7 bits, asymmetric (x ≈ min + s·q, q in
 //! 0..=127) so a skewed row (after GELU) uses all 128 levels. One scale per output (not per
@@ -67,6 +67,11 @@ fn quantize_rows(x: &[f32], rows: usize, in_dim: usize, k_padded: usize) -> Quan
     out
 }
 
+/// Where weight (o, k) lies in the panels: panel o / 12, then per 4 inputs each output's 4.
+fn panel_index(o: usize, k: usize, k_padded: usize) -> usize {
+    ((o / NR) * k_padded + k / 4 * 4) * NR + (o % NR) * 4 + k % 4
+}
+
 impl Int8Weight {
     /// `w` `[out_dim, in_dim]` row-major, per output: scale = max |w| / 127, q = round(w /
     /// scale). None when the lengths disagree or a dimension is 0.
@@ -82,11 +87,10 @@ impl Int8Weight {
             let amax = row.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let (p, j) = (o / NR, o % NR);
             let mut sum = 0i32;
             for (k, &v) in row.iter().enumerate() {
                 let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                panels[(p * k_padded + k / 4 * 4) * NR + j * 4 + k % 4] = q;
+                panels[panel_index(o, k, k_padded)] = q;
                 sum += q as i32;
             }
             scales[o] = scale;
@@ -102,10 +106,7 @@ impl Int8Weight {
 
     /// The weight it holds, `[out, in]` row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
-        let (kp, scales) = (self.k_padded, &self.scales);
-        (0..self.out_dim)
-            .flat_map(|o| (0..self.in_dim).map(move |k| self.panels[((o / NR) * kp + k / 4 * 4) * NR + (o % NR) * 4 + k % 4] as f32 * scales[o]))
-            .collect()
+        (0..self.out_dim).flat_map(|o| (0..self.in_dim).map(move |k| self.panels[panel_index(o, k, self.k_padded)] as f32 * self.scales[o])).collect()
     }
 
     /// y = x·Wᵀ (+ b) for `x` `[rows, in]`: `[rows, out]`, with `then` run over each row of the

@@ -431,13 +431,8 @@ fn q8_forward(m: &Q8Matrix, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
             let y = by_output_features(out_dim, in_dim, rows, |r| m.matvec(&xq, r));
             Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)?
         }
-        None => {
-            if let Some(ys) = packed_for_this_call(xs, || Ok(PackedWeight::pack(&m.dequantize(), out_dim, in_dim)), bias)? {
-                return Ok(ys);
-            }
-            let w = Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu)?;
-            gemm_rows(xs, &w.t()?)?
-        }
+        // Many rows (prefill): the f32 path on the values the blocks hold.
+        None => return f32_forward(&Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu)?, false, xs, bias),
     };
     add_bias(ys, bias)
 }
