@@ -27,7 +27,40 @@ const helper = snippets + helpers[0];
 const source = readFileSync(helper, 'utf8');
 if (!source.includes("import('../../..')")) throw new Error(`${helper}: the main-module import changed; update js/assemble.mjs`);
 writeFileSync(helper, "import * as mainModule from '../../../wasmcap.js';\n" + source.replace("import('../../..')", 'Promise.resolve(mainModule)'));
+// The name section (function names for stack traces, 0.6 MB of 7.5) is not what a page should
+// download before its first caption: a panic still reports its message.
+for (const f of ['wasmcap_bg.wasm', 'threads/wasmcap_bg.wasm']) writeFileSync(pkg + f, withoutNameSection(readFileSync(pkg + f)));
 // fail here, not in npm pack, if one is missing
 for (const f of out.files) if (!f.endsWith('/')) readFileSync(pkg + f);
 for (const f of ['threads/wasmcap.js', 'threads/wasmcap_bg.wasm']) readFileSync(pkg + f);
 console.error(`pkg/: npm package ${out.name}@${out.version}`);
+
+/** `wasm` without its custom section "name"; every other section as it was. */
+function withoutNameSection(wasm) {
+  const uleb = (at) => {
+    let value = 0, shift = 0, byte;
+    do {
+      byte = wasm[at.pos++];
+      value += (byte & 0x7f) * 2 ** shift;
+      shift += 7;
+    } while (byte & 0x80);
+    return value;
+  };
+  const kept = [wasm.subarray(0, 8)];
+  const at = { pos: 8 };
+  while (at.pos < wasm.length) {
+    const start = at.pos;
+    const id = wasm[at.pos++];
+    const size = uleb(at);
+    const end = at.pos + size;
+    if (end > wasm.length) throw new Error(`a section runs past the end of the .wasm (${end} > ${wasm.length})`);
+    let name = null;
+    if (id === 0) {
+      const len = uleb(at);
+      name = wasm.subarray(at.pos, at.pos + len).toString('utf8');
+    }
+    if (name !== 'name') kept.push(wasm.subarray(start, end));
+    at.pos = end;
+  }
+  return Buffer.concat(kept);
+}
