@@ -21,7 +21,7 @@ PROMPT=${PROMPT:-8}
 [ -d node_modules/playwright-core ] || npm ci --no-audit --no-fund
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)  cores: $(nproc)" >&2
 cargo build --release --example bench
-./build.sh build >&2
+WASMCAP_FEATURES=bench ./build.sh build >&2
 # Streaming-read speed over a buffer the size of the SmolLM-135M decoder (538 MB, larger than
 # any cache): weights read per step / this = the least a decode step can take.
 READ_BYTES=538060032

@@ -582,6 +582,7 @@ pub fn bert_tokenizer_json(vocab: &[u8], tokenizer_config: Option<Vec<u8>>, spec
 
 /// Benchmark: streaming-read speed of WASM memory in GB/s over a buffer of `bytes` (see
 /// `bench::memory_read_gbps`), the floor under a decode step's time.
+#[cfg(feature = "bench")]
 #[wasm_bindgen(js_name = benchMemory)]
 pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
     crate::bench::memory_read_gbps(bytes, repeats)
@@ -589,6 +590,7 @@ pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
 
 /// Benchmark: one encoder-sized GEMM in f32 (packed) and in 8 bits, as JSON (see
 /// `bench::gemm_report`).
+#[cfg(feature = "bench")]
 #[wasm_bindgen(js_name = benchGemm)]
 pub fn bench_gemm(rows: usize, in_dim: usize, out_dim: usize, repeats: usize) -> Result<String, JsError> {
     Ok(crate::bench::gemm_report(rows, in_dim, out_dim, repeats).map_err(js_error)?.to_string())
@@ -643,6 +645,7 @@ pub fn set_threads(n: usize) -> Result<usize, JsError> {
 /// `new_tokens` tokens (after `prompt_tokens` text positions in a prefix model). Returns medians
 /// (see `bench::BenchReport`) plus the size of WASM memory, which never shrinks: the peak.
 
+#[cfg(feature = "bench")]
 #[wasm_bindgen(js_name = benchModel)]
 pub fn bench_model(
     config_json: &str,
