@@ -132,7 +132,7 @@ impl SimpleBackend for RandomWeights {
 
     /// Every f32 tensor (a q8_0 checkpoint's tensors are not made up).
     fn contains_tensor(&self, name: &str) -> bool {
-        !name.ends_with(crate::models::linear::Q8_0_SUFFIX)
+        !name.ends_with(crate::models::linear::Q8_0_SUFFIX) && !name.ends_with(crate::models::linear::STORED_16BIT)
     }
 }
 

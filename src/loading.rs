@@ -246,15 +246,23 @@ impl ByteSource for &[u8] {
     }
 }
 
-/// Every tensor of a safetensors buffer, as f32 on the CPU, keyed by `rename(name)`.
-/// f16 and bf16 checkpoints are upcast: the maths runs in f32. I8 tensors (the q8_0 matrices
-/// `crate::quantize` writes) keep their bytes, as U8: candle has no i8.
+/// Every tensor of a safetensors buffer on the CPU, keyed by `rename(name)`, f16 and bf16
+/// widened to f32 (references, adapters, training state: what is computed with as it is). I8
+/// tensors (the q8_0 matrices `crate::quantize` writes) keep their bytes, as U8: candle has no i8.
 pub fn load_safetensors(file: &str, bytes: &[u8], rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
-    load_safetensors_from(file, &bytes, rename)
+    let mut tensors = load_safetensors_from(file, &bytes, rename)?;
+    for t in tensors.values_mut() {
+        if crate::models::half::Half::of(t.dtype()).is_some() {
+            *t = t.to_dtype(DType::F32).map_err(|e| Error::Safetensors { file: file.to_string(), reason: e.to_string() })?;
+        }
+    }
+    Ok(tensors)
 }
 
-/// [`load_safetensors`] from any [`ByteSource`]: the header first, then one tensor at a time,
-/// each read straight into its storage (f32) or converted from a buffer of its own bytes.
+/// The tensors of a safetensors file from any [`ByteSource`] (a model's checkpoint): the header
+/// first, then one tensor at a time, each read straight into its storage (f32) or made from a
+/// buffer of its own bytes. f16 and bf16 stay as stored (a model keeps its 16-bit matrices
+/// 16-bit and widens the rest as it builds, see [`build_model`]).
 pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
     let err = |reason: String| Error::Safetensors { file: file.to_string(), reason };
     let len = src.len();
@@ -279,8 +287,8 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
     for (name, info) in metadata.tensors() {
         let (dtype, to) = match info.dtype {
             safetensors::Dtype::F32 => (DType::F32, DType::F32),
-            safetensors::Dtype::F16 => (DType::F16, DType::F32),
-            safetensors::Dtype::BF16 => (DType::BF16, DType::F32),
+            safetensors::Dtype::F16 => (DType::F16, DType::F16),
+            safetensors::Dtype::BF16 => (DType::BF16, DType::BF16),
             safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => (DType::U8, DType::U8),
             other => {
                 return Err(err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported")));
@@ -428,9 +436,52 @@ pub fn llava_key(name: &str) -> String {
 }
 
 /// Builds a model from loaded tensors, reporting a missing tensor or a wrong shape by name.
+/// Tensors come out f32, widened from 16 bits where stored so, but for the matrices a model
+/// asks for as stored (`models::linear::STORED_16BIT`): those stay f16 / bf16.
 pub fn build_model<M>(file: &str, tensors: HashMap<String, Tensor>, build: impl FnOnce(VarBuilder) -> candle_core::Result<M>) -> Result<M> {
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_backend(Box::new(Checkpoint(tensors)), DType::F32, Device::Cpu);
     build(vb).map_err(|e| from_candle_weights(file, e))
+}
+
+/// A loaded checkpoint as a `VarBuilder` backend: `name` in the dtype asked for; `name` +
+/// `STORED_16BIT` as the file has it, for a tensor stored in 16 bits (and only then: it is not
+/// there otherwise).
+struct Checkpoint(HashMap<String, Tensor>);
+
+impl Checkpoint {
+    fn find(&self, name: &str) -> candle_core::Result<Tensor> {
+        let stored = |base: &str| self.0.get(base).filter(|t| crate::models::half::Half::of(t.dtype()).is_some());
+        let tensor = match name.strip_suffix(crate::models::linear::STORED_16BIT) {
+            Some(base) => stored(base).cloned(),
+            None => self.0.get(name).cloned(),
+        };
+        tensor.ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Checkpoint {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            let name = name.strip_suffix(crate::models::linear::STORED_16BIT).unwrap_or(name);
+            return Err(
+                candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: tensor.shape().clone() }.bt()
+            );
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.find(name)?.to_device(dev)?;
+        if name.ends_with(crate::models::linear::STORED_16BIT) {
+            return Ok(tensor);
+        }
+        tensor.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
 }
 
 /// `generation_config.json` fields we honour, with the fallbacks transformers applies when the

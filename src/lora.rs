@@ -169,8 +169,10 @@ pub fn merge(base: &mut HashMap<String, Tensor>, adapter: AdapterFiles<'_>, rena
         if b.dims() != [out_dim, r] {
             return Err(shape_err("lora_B", &b, vec![out_dim, r]));
         }
-        let delta = (b.matmul(&a)? * cfg.scale(r, alpha))?;
-        let updated = (w + delta)?;
+        // In f32, whatever the files store: a 16-bit base merges as in a float32 model.
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let delta = (f32(&b)?.matmul(&f32(&a)?)? * cfg.scale(r, alpha))?;
+        let updated = (f32(w)? + delta)?;
         base.insert(key, updated);
         merged.push(module);
     }

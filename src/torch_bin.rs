@@ -23,8 +23,9 @@ pub fn is_zip(src: &dyn ByteSource) -> bool {
     magic == *b"PK\x03\x04"
 }
 
-/// Every tensor of a torch zip checkpoint, as f32 on the CPU (f16 / bf16 upcast; integer and
-/// bool buffers such as GPT-2's `attn.bias` mask keep their type), keyed by `rename(name)`.
+/// Every tensor of a torch zip checkpoint on the CPU, keyed by `rename(name)`: f32, f16 and bf16
+/// as stored (f64 narrowed to f32; integer and bool buffers such as GPT-2's `attn.bias` mask keep
+/// their type).
 pub fn load(file: &str, src: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
     let err = |reason: String| Error::TorchCheckpoint { file: file.to_string(), reason };
     let mut archive = zip::ZipArchive::new(Reader { src, pos: 0 }).map_err(|e| err(format!("not a torch zip checkpoint: {e}")))?;
@@ -193,7 +194,7 @@ impl TensorRef {
         };
         let tensor = Tensor::from_raw_buffer(&bytes, self.storage.dtype, &self.shape, &Device::Cpu).map_err(|e| e.to_string())?;
         match self.storage.dtype {
-            DType::F16 | DType::BF16 | DType::F64 => tensor.to_dtype(DType::F32).map_err(|e| e.to_string()),
+            DType::F64 => tensor.to_dtype(DType::F32).map_err(|e| e.to_string()),
             _ => Ok(tensor),
         }
     }

@@ -193,3 +193,66 @@ fn quantized_checkpoints_load_as_they_are() {
         assert!(again.contains("q8_0 already"), "{again}");
     }
 }
+
+/// `weights` with every f32 tensor narrowed to `dtype` (f16 / bf16), and the f32 file of the
+/// values that holds.
+fn sixteen_bit_copies(weights: &[u8], dtype: safetensors::Dtype) -> (Vec<u8>, Vec<u8>) {
+    let file = safetensors::SafeTensors::deserialize(weights).unwrap();
+    let (mut narrow, mut wide) = (Vec::new(), Vec::new());
+    for (name, view) in file.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            narrow.push((name.clone(), view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            wide.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            continue;
+        }
+        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let (bits, back): (Vec<u16>, Vec<f32>) = match dtype {
+            safetensors::Dtype::F16 => values.map(|v| half::f16::from_f32(v)).map(|h| (h.to_bits(), h.to_f32())).unzip(),
+            _ => values.map(|v| half::bf16::from_f32(v)).map(|h| (h.to_bits(), h.to_f32())).unzip(),
+        };
+        narrow.push((name.clone(), dtype, view.shape().to_vec(), bits.iter().flat_map(|b| b.to_le_bytes()).collect()));
+        wide.push((name, safetensors::Dtype::F32, view.shape().to_vec(), back.iter().flat_map(|v| v.to_le_bytes()).collect()));
+    }
+    let write = |tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]| {
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            tensors.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        safetensors::tensor::serialize(views, None).unwrap()
+    };
+    (write(&narrow), write(&wide))
+}
+
+/// f16 and bf16 checkpoints run in 16 bits (the matrices and token embeddings stay as stored;
+/// kernels widen them) with the numbers of an f32 model of the same values: first-step logits
+/// within float rounding, the same greedy captions. A q8_0 decoder and an 8-bit encoder on top
+/// of a 16-bit file work as on f32.
+#[test]
+fn sixteen_bit_checkpoints_run_as_their_f32_values() {
+    for (name, files, _) in [embedded!("shapes-cross-attention"), embedded!("shapes-prefix")] {
+        for dtype in [safetensors::Dtype::F16, safetensors::Dtype::BF16] {
+            let (narrow, wide) = sixteen_bit_copies(files.weights, dtype);
+            assert!(narrow.len() < wide.len() * 6 / 10, "{name} {dtype:?}: {} vs {} bytes", narrow.len(), wide.len());
+            let f32_model = Captioner::from_files(ModelFiles { weights: &wide, ..files.clone() }).unwrap();
+            let half_model = Captioner::from_files(ModelFiles { weights: &narrow, ..files.clone() }).unwrap();
+            let mut worst = 0f32;
+            for (image, bytes) in IMAGES {
+                let pixels = f32_model.pixel_values_from_bytes(bytes).unwrap();
+                worst = worst.max(logits_error(&f32_model, &half_model, &pixels));
+                let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
+                assert_eq!(ids(&half_model), ids(&f32_model), "{name} {dtype:?} {image}");
+            }
+            eprintln!("{name} {dtype:?}: first-step logits max |Δ| / std against f32 of the same values = {worst:.2e}");
+            assert!(worst < 1e-4, "{name} {dtype:?}: {worst}");
+
+            let mut q = Captioner::from_files(ModelFiles { weights: &narrow, ..files.clone() }).unwrap();
+            assert!(q.quantize_decoder(candle_core::quantized::GgmlDType::Q8_0).unwrap().0 > 0);
+            assert!(q.quantize_encoder().unwrap() > 0);
+            let (agree, worst) = against_f32(&format!("{name} {dtype:?} + 8 bits"), &f32_model, &q);
+            eprintln!(
+                "{name} {dtype:?}, q8_0 decoder + 8-bit encoder: logits max |Δ| / std = {worst:.4}; greedy captions equal: {agree}/{}",
+                IMAGES.len()
+            );
+            // Both 8-bit errors at once (each alone is bounded above: 0.03 and 0.1).
+            assert!(worst < 0.25, "{name} {dtype:?} + 8 bits: logits error {worst}");
+        }
+    }
+}

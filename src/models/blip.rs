@@ -11,12 +11,13 @@ use std::any::Any;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{conv2d, embedding, Activation, Conv2d, Conv2dConfig, Embedding, VarBuilder};
+use candle_nn::{conv2d, Activation, Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family, PromptInputs};
 use crate::loading::GenerationDefaults;
 
 use super::attention;
+use super::embedding::{embedding, Embedding};
 use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape};
 use super::linear::{linear_b, Linear};
 use super::norm::{layer_norm, LayerNorm};
@@ -305,11 +306,12 @@ impl Blip {
         let p = vb.pp("text_decoder.cls.predictions");
         // transformers 5 reads the decoder's own bias; 4.x files keep it as `predictions.bias`
         // (tied to it), and a tied head has no `decoder.weight`.
-        let weight = match p.get((v, h), "decoder.weight") {
-            Ok(w) => w,
-            Err(_) => word_embeddings.embeddings().clone(),
-        };
         let bias = p.get(v, "decoder.bias").or_else(|_| p.get(v, "bias"))?;
+        let decoder = match p.contains_tensor("decoder.weight") {
+            true => linear_b(h, v, false, p.pp("decoder"))?,
+            false => Linear::tied(&word_embeddings),
+        }
+        .with_bias(Some(bias));
         Ok(Self {
             vision: VisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
             word_embeddings,
@@ -318,7 +320,7 @@ impl Blip {
             layers,
             transform: linear_b(h, h, true, p.pp("transform.dense"))?,
             transform_norm: layer_norm(h, t.layer_norm_eps, p.pp("transform.LayerNorm"))?,
-            decoder: Linear::new(weight, Some(bias)),
+            decoder,
             config: cfg.clone(),
         })
     }

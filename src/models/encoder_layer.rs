@@ -103,11 +103,7 @@ impl EncoderLayer {
         let (q, k, v) = match names.fused_qkv {
             Some(name) => {
                 let fused = linear_b(d, 3 * d, shape.qkv_bias, vb.pp(name))?;
-                let part = |i: usize| -> Result<Linear> {
-                    let bias = fused.bias().map(|b| b.narrow(0, i * d, d)).transpose()?;
-                    Ok(Linear::new(fused.weight_f32()?.narrow(0, i * d, d)?.contiguous()?, bias))
-                };
-                (part(0)?, part(1)?, part(2)?)
+                (fused.rows(0, d)?, fused.rows(d, d)?, fused.rows(2 * d, d)?)
             }
             None => {
                 let qkv = |name: &str| linear_b(d, d, shape.qkv_bias, vb.pp(name));

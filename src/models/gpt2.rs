@@ -8,9 +8,10 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{embedding, Activation, Embedding, VarBuilder};
+use candle_nn::{Activation, VarBuilder};
 
 use super::attention;
+use super::embedding::{embedding, Embedding};
 use super::linear::{conv1d, linear_b, Linear};
 use super::norm::{layer_norm, LayerNorm};
 
@@ -280,11 +281,7 @@ impl Gpt2LMHeadModel {
         let h = (0..cfg.n_layer).map(|i| Gpt2Block::new(cfg, i, vb_t.pp("h").pp(i))).collect::<Result<Vec<_>>>()?;
         let ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, vb_t.pp("ln_f"))?;
         // A tied lm_head is not written to the checkpoint; transformers reuses wte.
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(wte.embeddings().clone(), None)
-        } else {
-            linear_b(cfg.n_embd, cfg.vocab_size, false, vb.pp("lm_head"))?
-        };
+        let lm_head = if cfg.tie_word_embeddings { Linear::tied(&wte) } else { linear_b(cfg.n_embd, cfg.vocab_size, false, vb.pp("lm_head"))? };
         Ok(Self { wte, wpe, h, ln_f, lm_head, config: cfg.clone() })
     }
 

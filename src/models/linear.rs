@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Storage, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 
+use super::half::{self, Half};
 use super::int8::Int8Weight;
 use super::packed::{self, PackedWeight};
 use super::q8::{self, Q8Matrix};
@@ -319,6 +320,9 @@ enum Weight {
     F32(Tensor),
     /// f32 `[in, out]`, as GPT-2's `Conv1D` stores it.
     F32InOut(Tensor),
+    /// f16 or bf16 `[out, in]` as the checkpoint stores it (a `Conv1D`'s transposed at load),
+    /// widened block by block inside the kernels.
+    Half(Tensor),
     /// q8_0 blocks: our matrix–vector kernel (`super::q8`) for few rows; many rows (prefill)
     /// dequantize for the GEMM, where f32 beats a quantized matmul.
     Q8(Q8Matrix),
@@ -342,6 +346,7 @@ impl Weight {
                 let (inp, out) = w.dims2()?;
                 (out, inp)
             }
+            Weight::Half(w) => w.dims2()?,
             Weight::Q8(m) => m.dims(),
             Weight::Ggml { out_dim, in_dim, .. } => (*out_dim, *in_dim),
             Weight::Packed(p) => p.dims(),
@@ -355,6 +360,7 @@ impl Weight {
         match self {
             Weight::F32(w) => Ok(w.clone()),
             Weight::F32InOut(w) => w.t()?.contiguous(),
+            Weight::Half(w) => w.to_dtype(candle_core::DType::F32),
             Weight::Q8(m) => Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu),
             Weight::Ggml { .. } => candle_core::bail!("linear: a {out_dim}x{in_dim} ggml-quantized weight has no f32 copy"),
             Weight::Packed(p) => Tensor::from_vec(p.unpack(), (out_dim, in_dim), &Device::Cpu),
@@ -362,10 +368,11 @@ impl Weight {
         }
     }
 
-    /// The weight packed for our WASM GEMM, where it can be (f32, q8_0).
+    /// The weight packed for our WASM GEMM, where it can be (f32, 16-bit — kept 16-bit —, q8_0).
     fn packed(&self) -> Result<Option<PackedWeight>> {
         let (out_dim, in_dim) = self.dims()?;
         match self {
+            Weight::Half(w) => half::with_bits(&w.contiguous()?, |w, kind| PackedWeight::pack_half(w, kind, out_dim, in_dim)),
             Weight::F32(w) => with_f32(&w.contiguous()?, |w| PackedWeight::pack(w, out_dim, in_dim)),
             Weight::F32InOut(w) => with_f32(&w.contiguous()?, |w| PackedWeight::pack_in_out(w, in_dim, out_dim)),
             Weight::Q8(m) => Ok(PackedWeight::pack(&m.dequantize(), out_dim, in_dim)),
@@ -378,12 +385,70 @@ impl Weight {
         match self {
             Weight::F32(w) => f32_forward(w, false, xs, bias),
             Weight::F32InOut(w) => f32_forward(w, true, xs, bias),
+            Weight::Half(w) => self.half_forward(w, xs, bias),
             Weight::Q8(m) => q8_forward(m, xs, bias),
             Weight::Ggml { matmul, .. } => add_bias(matmul.forward(&xs.contiguous()?)?, bias),
             Weight::Packed(p) => packed_forward(p, xs, bias, None),
             Weight::Int8(m) => int8_forward(m, xs, bias, None),
         }
     }
+}
+
+impl Weight {
+    /// A 16-bit weight: few rows through the matrix–vector kernel on rows widened a block at a
+    /// time; many through our packed GEMM with the weight packed 16-bit for this call (WASM),
+    /// else candle's on an f32 copy.
+    fn half_forward(&self, w: &Tensor, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(rows) = few_rows(xs)? {
+            return matvec_half(xs, w, bias, rows);
+        }
+        if let Some(ys) = packed_for_this_call(xs, || self.packed(), bias)? {
+            return Ok(ys);
+        }
+        f32_forward(&w.to_dtype(candle_core::DType::F32)?, false, xs, bias)
+    }
+}
+
+/// Floats of widened weight rows a matrix–vector block works on: they stay in L1 while every
+/// input row passes over them.
+const WIDE_BLOCK: usize = 8192;
+
+/// [`matmul_rows`] on a 16-bit `[out, in]` weight: each block of rows widened, then multiplied
+/// by the f32 kernel, in the groups of 4 it forms from the start — the bits of the f32 weight.
+fn half_matmul_rows(w: &[u16], kind: Half, x: &[f32], in_dim: usize, rows: usize) -> Vec<f32> {
+    if in_dim == 0 {
+        return Vec::new();
+    }
+    let out_dim = w.len() / in_dim;
+    let block = (WIDE_BLOCK / in_dim / 4).max(1) * 4;
+    let mut wide = vec![0f32; block.min(out_dim) * in_dim];
+    let mut y = vec![0f32; rows * out_dim];
+    for (b, rows_w) in w.chunks(block * in_dim).enumerate() {
+        let wide = &mut wide[..rows_w.len()];
+        kind.widen(rows_w, wide);
+        let n = rows_w.len() / in_dim;
+        let part = matmul_rows(wide, x, in_dim, rows);
+        for (m, src) in part.chunks_exact(n).enumerate() {
+            y[m * out_dim + b * block..m * out_dim + b * block + n].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+/// y = W·x (+ b) for each of a few rows x, with W 16-bit `[out, in]`.
+fn matvec_half(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let x = xs.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    if x.len() != rows * in_dim {
+        candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
+    }
+    let mut y = half::with_bits(&w.contiguous()?, |w, kind| {
+        by_output_features(out_dim, in_dim, rows, |r| half_matmul_rows(&w[r.start * in_dim..r.end * in_dim], kind, &x, in_dim, rows))
+    })?;
+    if let Some(b) = b {
+        with_f32(b, |b| y.chunks_exact_mut(out_dim).for_each(|y| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi)))?;
+    }
+    Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
 }
 
 fn int8_forward(m: &Int8Weight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
@@ -467,6 +532,27 @@ impl Linear {
         Self { weight: Weight::F32(weight), bias, lora: None }
     }
 
+    /// An LM head tied to `embedding`'s table (no bias), in the form the table is held: 16-bit
+    /// where the checkpoint stores it so, sharing its memory.
+    pub fn tied(embedding: &super::embedding::Embedding) -> Self {
+        let table = embedding.embeddings().clone();
+        let weight = if embedding.is_16bit() { Weight::Half(table) } else { Weight::F32(table) };
+        Self { weight, bias: None, lora: None }
+    }
+
+    pub fn with_bias(self, bias: Option<Tensor>) -> Self {
+        Self { bias, ..self }
+    }
+
+    /// Whether the weight is held in 16 bits (as the checkpoint stored it).
+    pub fn is_16bit(&self) -> bool {
+        match &self.weight {
+            Weight::Half(_) => true,
+            Weight::Packed(p) => p.is_half(),
+            _ => false,
+        }
+    }
+
     /// Lays the weight out for our WASM GEMM kernel (`super::packed`): for layers that only
     /// multiply many rows at once (the encoder side). Returns false, changing nothing, where
     /// that kernel is not the faster one (natively), or the weight cannot be packed (packed
@@ -522,6 +608,17 @@ impl Linear {
         Ok(true)
     }
 
+    /// Output features `start..start + len` (a fused projection's part), 16-bit where the weight
+    /// is, else f32.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Linear> {
+        let bias = self.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
+        let weight = match &self.weight {
+            Weight::Half(w) => Weight::Half(w.narrow(0, start, len)?.contiguous()?),
+            other => Weight::F32(other.out_in_f32()?.narrow(0, start, len)?.contiguous()?),
+        };
+        Ok(Linear { weight, bias, lora: None })
+    }
+
     /// The f32 weight `[out, in]` (a copy where it is held otherwise).
     pub fn weight_f32(&self) -> Result<Tensor> {
         self.weight.out_in_f32()
@@ -574,13 +671,30 @@ impl Module for Linear {
     }
 }
 
-/// A `Linear` whose f32 weight `weight` is `[out, in]`, or a q8_0 one where the checkpoint
-/// stores it so.
+/// Appended to a tensor's name, asks a `VarBuilder` for it as the checkpoint stores it, where
+/// that is f16 or bf16 (`crate::loading::build_model`'s backend; no other backend has such
+/// names, so training and random weights get f32 as before).
+pub const STORED_16BIT: &str = "#16bit";
+
+/// `name` of `vb` (`shape`) in the 16 bits the checkpoint stores it in, if it does.
+pub(super) fn stored_16bit(vb: &VarBuilder, name: &str, shape: (usize, usize)) -> Result<Option<Tensor>> {
+    let key = format!("{name}{STORED_16BIT}");
+    if !vb.contains_tensor(&key) {
+        return Ok(None);
+    }
+    vb.get(shape, &key).map(Some)
+}
+
+/// A `Linear` whose weight `weight` is `[out, in]`: q8_0 or 16-bit where the checkpoint stores
+/// it so, else f32.
 pub fn linear_b(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let bias = if bias { Some(vb.get(d_out, "bias")?) } else { None };
     let weight = match load_q8_0(&vb, "weight", d_out, d_in)? {
         Some(q) => q,
-        None => Weight::F32(vb.get((d_out, d_in), "weight")?),
+        None => match stored_16bit(&vb, "weight", (d_out, d_in))? {
+            Some(w) => Weight::Half(w),
+            None => Weight::F32(vb.get((d_out, d_in), "weight")?),
+        },
     };
     Ok(Linear { weight, bias, lora: None })
 }
@@ -595,7 +709,11 @@ pub fn conv1d(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
     let bias = Some(vb.get(d_out, "bias")?);
     let weight = match load_q8_0(&vb, "weight", d_out, d_in)? {
         Some(q) => q,
-        None => Weight::F32InOut(vb.get((d_in, d_out), "weight")?),
+        None => match stored_16bit(&vb, "weight", (d_in, d_out))? {
+            // `[out, in]`, as the 16-bit kernels read it (one transposed copy at load).
+            Some(w) => Weight::Half(w.t()?.contiguous()?),
+            None => Weight::F32InOut(vb.get((d_in, d_out), "weight")?),
+        },
     };
     Ok(Linear { weight, bias, lora: None })
 }
@@ -703,6 +821,34 @@ mod tests {
                     let diff = one.iter().zip(&two).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                     assert!(diff < 1e-4, "{name} {d_in}x{d_out}, {rows} rows: {diff}");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A 16-bit weight multiplies as the f32 weight of its values: the same bits for few rows
+    /// (decoding: the same f32 kernel on rows widened a block at a time, here over several
+    /// blocks), close for many (natively candle's GEMM on the widened copy).
+    #[test]
+    fn a_16_bit_weight_multiplies_as_its_f32_values() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+            for (d_in, d_out, rows) in [(37, 5, 1), (64, 600, 3), (576, 49, 2), (96, 13, 40)] {
+                let w16 = Tensor::randn(0f32, 1., (d_out, d_in), &dev)?.to_dtype(dtype)?;
+                let b = Tensor::randn(0f32, 1., d_out, &dev)?;
+                let xs = Tensor::randn(0f32, 1., (rows, 1, d_in), &dev)?;
+                let half = Linear { weight: Weight::Half(w16.clone()), bias: Some(b.clone()), lora: None };
+                let wide = Linear::new(w16.to_dtype(candle_core::DType::F32)?, Some(b));
+                assert!(half.is_16bit() && !wide.is_16bit());
+                let (got, want) = (half.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?, wide.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?);
+                if rows <= FAST_ROWS {
+                    assert_eq!(got, want, "{dtype:?} {d_in}x{d_out}, {rows} rows");
+                } else {
+                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff < 1e-4, "{dtype:?} {d_in}x{d_out}, {rows} rows: {diff}");
+                }
+                let two = crate::parallel::with_threads(2, || half.forward(&xs))?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(got, two, "{dtype:?} {d_in}x{d_out}, {rows} rows, 2 threads");
             }
         }
         Ok(())

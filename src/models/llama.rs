@@ -5,9 +5,10 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{embedding, Activation, Embedding, VarBuilder};
+use candle_nn::{Activation, VarBuilder};
 
 use super::attention;
+use super::embedding::{embedding, Embedding};
 use super::linear::{linear_b, Linear};
 use super::norm::{rms_norm, RmsNorm};
 
@@ -289,11 +290,8 @@ impl Llama {
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers).map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i))).collect::<Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
-        } else {
-            linear_b(cfg.hidden_size, cfg.vocab_size, false, lm_head_vb)?
-        };
+        let lm_head =
+            if cfg.tie_word_embeddings { Linear::tied(&embed_tokens) } else { linear_b(cfg.hidden_size, cfg.vocab_size, false, lm_head_vb)? };
         let rope = RotaryEmbedding::new(cfg, vb.device())?;
         Ok(Self { embed_tokens, layers, norm, lm_head, rope, config: cfg.clone() })
     }

@@ -4,8 +4,10 @@
 pub mod activation;
 pub mod attention;
 pub mod blip;
+pub mod embedding;
 pub mod encoder_layer;
 pub mod gpt2;
+pub mod half;
 pub mod idefics3;
 pub mod int8;
 pub mod linear;

@@ -91,15 +91,35 @@ mod kernel {
     include!("packed_kernel.rs");
 }
 
+use super::half::Half;
 use kernel::NR;
 
 /// A `[out, in]` weight (`nn.Linear`) in panels of 12 output features, each `[in][12]`, the
-/// last zero-padded.
+/// last zero-padded: f32, or the 16-bit values of a checkpoint (widened a panel at a time).
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
-    panels: Vec<f32>,
+    panels: Panels,
     out_dim: usize,
     in_dim: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Panels {
+    F32(Vec<f32>),
+    Half(Vec<u16>, Half),
+}
+
+/// `w`'s `[out_dim, in_dim]` rows, `ldw` apart, in panels of NR (`rows_fit` checked).
+fn panel_layout<T: Copy + Default>(w: &[T], out_dim: usize, in_dim: usize, ldw: usize) -> Vec<T> {
+    let mut panels = vec![T::default(); out_dim.div_ceil(NR) * in_dim * NR];
+    for o in 0..out_dim {
+        let (p, j) = (o / NR, o % NR);
+        let panel = &mut panels[p * in_dim * NR..(p + 1) * in_dim * NR];
+        for (k, &v) in w[o * ldw..o * ldw + in_dim].iter().enumerate() {
+            panel[k * NR + j] = v;
+        }
+    }
+    panels
 }
 
 impl PackedWeight {
@@ -114,15 +134,16 @@ impl PackedWeight {
         if in_dim == 0 || !rows_fit(w.len(), out_dim, in_dim, ldw) {
             return None;
         }
-        let mut panels = vec![0f32; out_dim.div_ceil(NR) * in_dim * NR];
-        for o in 0..out_dim {
-            let (p, j) = (o / NR, o % NR);
-            let panel = &mut panels[p * in_dim * NR..(p + 1) * in_dim * NR];
-            for (k, &v) in w[o * ldw..o * ldw + in_dim].iter().enumerate() {
-                panel[k * NR + j] = v;
-            }
+        Some(Self { panels: Panels::F32(panel_layout(w, out_dim, in_dim, ldw)), out_dim, in_dim })
+    }
+
+    /// `w` is `[out_dim, in_dim]` row-major 16-bit floats, kept 16-bit: each panel is widened to
+    /// f32 as the GEMM reaches it, so the products are those of the f32 values.
+    pub fn pack_half(w: &[u16], kind: Half, out_dim: usize, in_dim: usize) -> Option<Self> {
+        if in_dim == 0 || w.len() != out_dim * in_dim {
+            return None;
         }
-        Some(Self { panels, out_dim, in_dim })
+        Some(Self { panels: Panels::Half(panel_layout(w, out_dim, in_dim, in_dim), kind), out_dim, in_dim })
     }
 
     /// `w` is `[in_dim, out_dim]` row-major (HF GPT-2 `Conv1D`).
@@ -141,13 +162,28 @@ impl PackedWeight {
                 panels[((o / NR) * in_dim + k) * NR + o % NR] = v;
             }
         }
-        Some(Self { panels, out_dim, in_dim })
+        Some(Self { panels: Panels::F32(panels), out_dim, in_dim })
+    }
+
+    /// Whether the weight is held in 16 bits.
+    pub fn is_half(&self) -> bool {
+        matches!(self.panels, Panels::Half(..))
     }
 
     /// The weight back as `[out_dim, in_dim]` row-major.
     pub fn unpack(&self) -> Vec<f32> {
         let (out_dim, in_dim) = (self.out_dim, self.in_dim);
-        (0..out_dim).flat_map(|o| (0..in_dim).map(move |k| self.panels[((o / NR) * in_dim + k) * NR + o % NR])).collect()
+        let wide;
+        let panels = match &self.panels {
+            Panels::F32(p) => p,
+            Panels::Half(h, kind) => {
+                let mut w = vec![0f32; h.len()];
+                kind.widen(h, &mut w);
+                wide = w;
+                &wide
+            }
+        };
+        (0..out_dim).flat_map(|o| (0..in_dim).map(move |k| panels[((o / NR) * in_dim + k) * NR + o % NR])).collect()
     }
 
     /// (out, in)
@@ -199,38 +235,50 @@ impl PackedWeight {
         // starts from the bias), and zeroing is a pass over the output for nothing.
         let mut y: Vec<f32> = Vec::with_capacity(rows * ldc);
         let step = if then.is_some() { THEN_PANELS } else { n_panels };
+        // A 16-bit weight's panels are widened here, one pass of the kernel's width at a time.
+        let mut wide = match &self.panels {
+            Panels::F32(_) => Vec::new(),
+            Panels::Half(..) => vec![0f32; kernel::KC.min(in_dim) * NR],
+        };
         let mut p0 = 0;
         while p0 < n_panels {
             let np = step.min(n_panels - p0);
             // SAFETY: x holds rows rows of in_dim floats lda apart (`rows_fit`), the panels
-            // n_panels × in_dim × 12 (`pack_rows`), the bias n_panels × 12 floats and y has room
-            // for rows rows of ldc = n_panels × 12; panels p0..p0 + np of each are in bounds.
-            // `gemm` writes all of their outputs (every row tile, remainder rows included, of
-            // every panel; in_dim > 0, as packing refuses 0), so `then` reads written floats, and
-            // once every step has run, y's length can cover them all.
+            // n_panels × in_dim × 12 (`panel_layout`), the bias n_panels × 12 floats and y has
+            // room for rows rows of ldc = n_panels × 12; panels p0..p0 + np of each are in
+            // bounds, and `wide` holds a pass of one panel (kc ≤ KC inputs × 12). The kernel
+            // writes all of their outputs (every row tile, remainder rows included, of every
+            // panel; in_dim > 0, as packing refuses 0), so `then` reads written floats, and once
+            // every step has run, y's length can cover them all.
             unsafe {
-                let args = (
-                    x.as_ptr(),
-                    rows,
-                    in_dim,
-                    lda,
-                    self.panels.as_ptr().add(p0 * in_dim * NR),
-                    np,
-                    bias_padded.as_ptr().add(p0 * NR),
-                    y.as_mut_ptr().add(p0 * NR),
-                    ldc,
-                );
-                #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-                let done = if super::relaxed::ready() {
-                    super::relaxed::gemm(args);
-                    true
-                } else {
-                    false
-                };
-                #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-                let done = false;
-                if !done {
-                    kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8);
+                match &self.panels {
+                    Panels::F32(panels) => run_kernel((
+                        x.as_ptr(),
+                        rows,
+                        in_dim,
+                        lda,
+                        panels.as_ptr().add(p0 * in_dim * NR),
+                        np,
+                        bias_padded.as_ptr().add(p0 * NR),
+                        y.as_mut_ptr().add(p0 * NR),
+                        ldc,
+                    )),
+                    // Pass by pass as the f32 kernel goes (each output's sums start from the bias,
+                    // are stored after a pass and resumed by the next: stores of f32 are exact),
+                    // so the bits are those of the f32 panels.
+                    Panels::Half(halves, kind) => {
+                        let mut k0 = 0;
+                        while k0 < in_dim {
+                            let kc = kernel::KC.min(in_dim - k0);
+                            for p in p0..p0 + np {
+                                let start = (p * in_dim + k0) * NR;
+                                kind.widen(&halves[start..start + kc * NR], &mut wide[..kc * NR]);
+                                let bias = if k0 == 0 { bias_padded.as_ptr().add(p * NR) } else { core::ptr::null() };
+                                run_kernel((x.as_ptr().add(k0), rows, kc, lda, wide.as_ptr(), 1, bias, y.as_mut_ptr().add(p * NR), ldc));
+                            }
+                            k0 += kc;
+                        }
+                    }
                 }
                 if let Some(then) = then {
                     for r in 0..rows {
@@ -244,6 +292,19 @@ impl PackedWeight {
         unsafe { y.set_len(rows * ldc) };
         Some(y)
     }
+}
+
+/// The packed kernel on these arguments (`kernel::gemm`'s): the relaxed-SIMD one where the
+/// browser has it.
+///
+/// SAFETY: as `kernel::gemm`; a null bias resumes the sums the output holds.
+unsafe fn run_kernel(args: (*const f32, usize, usize, usize, *const f32, usize, *const f32, *mut f32, usize)) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if super::relaxed::ready() {
+        super::relaxed::gemm(args);
+        return;
+    }
+    kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8);
 }
 
 /// Panels a `then` pass follows: 16 × 12 features of SigLIP-B's 196 rows are 150 KB, in L2.
@@ -374,6 +435,34 @@ mod tests {
         let got = packed.matmul_then(&x, Some(&b), Some(&then)).expect("lengths agree");
         assert_eq!(got, want);
         assert_eq!(seen.into_inner(), rows * packed.padded_out());
+    }
+
+    /// 16-bit panels give the bits of the f32 panels of their values, over passes longer than
+    /// one (1100 inputs) and with `then`.
+    #[test]
+    fn half_panels_multiply_as_their_f32_values() {
+        for kind in [Half::F16, Half::Bf16] {
+            for (rows, out_dim, in_dim) in [(1, 1, 1), (4, 13, 33), (7, 30, 1100), (20, 200, 64)] {
+                let bits: Vec<u16> = noise(out_dim * in_dim, 12)
+                    .iter()
+                    .map(|v| match kind {
+                        Half::F16 => half::f16::from_f32(*v).to_bits(),
+                        Half::Bf16 => half::bf16::from_f32(*v).to_bits(),
+                    })
+                    .collect();
+                let mut w = vec![0f32; bits.len()];
+                kind.widen(&bits, &mut w);
+                let (x, b) = (noise(rows * in_dim, 13), noise(out_dim, 14));
+                let wide = PackedWeight::pack(&w, out_dim, in_dim).expect("lengths agree");
+                let narrow = PackedWeight::pack_half(&bits, kind, out_dim, in_dim).expect("lengths agree");
+                assert!(narrow.is_half() && !wide.is_half());
+                assert_eq!(narrow.unpack(), w);
+                assert_eq!(narrow.matmul(&x, Some(&b)), wide.matmul(&x, Some(&b)), "{kind:?} {rows}×{in_dim} · {in_dim}→{out_dim}");
+                let then = |v: &mut [f32]| v.iter_mut().for_each(|y| *y = y.max(0.0));
+                assert_eq!(narrow.matmul_then(&x, None, Some(&then)), wide.matmul_then(&x, None, Some(&then)));
+            }
+        }
+        assert!(PackedWeight::pack_half(&[0; 6], Half::F16, 2, 4).is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ const MR: usize = 3;
 /// since Ice Lake and Zen 5) while the rows pass. Passes beyond the first read back the output
 /// the one before wrote: at 512, SigLIP-B's fc1 (768 inputs) took two, and its 196 × 3072
 /// output, more than L2 holds, went to L3 and back (fc1 226 → 211 ms per encode at 768).
-const KC: usize = 768;
+pub const KC: usize = 768;
 
 /// `M` rows × 12 features of the output, over `kc` input features. The accumulators start at
 /// `bias[0..12]`, or, when `bias` is null, at what an earlier pass left in the output.
