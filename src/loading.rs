@@ -302,12 +302,15 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
         if end > data_len {
             return Err(truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
         }
-        let tensor = if dtype == DType::F32 && cfg!(target_endian = "little") {
-            let mut values = zeroed::<f32>(count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            // SAFETY: the bytes of `values` (4 per f32, any bit pattern a valid f32) are written
-            // as the file's little-endian f32s, on a little-endian target.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * 4) };
-            src.read(data_start + start, bytes);
+        let little = cfg!(target_endian = "little");
+        let tensor = if dtype == DType::F32 && little {
+            let values = read_values::<f32>(src, data_start + start, count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
+        } else if dtype == DType::F16 && little {
+            let values = read_values::<half::f16>(src, data_start + start, count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
+        } else if dtype == DType::BF16 && little {
+            let values = read_values::<half::bf16>(src, data_start + start, count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
             Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
         } else {
             let mut bytes = zeroed::<u8>(end - start).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
@@ -318,6 +321,24 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
         tensors.insert(rename(&name), tensor);
     }
     Ok(tensors)
+}
+
+/// Float values for which every bit pattern is a value: their bytes can be read straight into
+/// a tensor's storage (no second buffer the size of the tensor).
+trait PlainFloat: Clone + Default {}
+impl PlainFloat for f32 {}
+impl PlainFloat for half::f16 {}
+impl PlainFloat for half::bf16 {}
+
+/// `count` little-endian values of `T` from `start` of `src`, read in place (little-endian targets).
+fn read_values<T: PlainFloat>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
+    let mut values = zeroed::<T>(count)?;
+    // SAFETY: `values` holds count × size_of::<T>() initialised bytes, and any bit pattern is a
+    // valid T (`PlainFloat`); they are written as the file's little-endian values, on a
+    // little-endian target.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * std::mem::size_of::<T>()) };
+    src.read(start, bytes);
+    Ok(values)
 }
 
 /// `n` zeroed values, or an error when memory runs out (in WASM a failed allocation would trap the
