@@ -10,6 +10,9 @@
 #   transformers.js has no BLIP: compare with the ViT-GPT2 rows)
 #   SmolVLM-256M-shaped Idefics3 (512 px tiles; a 4 × 4 split image + its global tile = 17 tiles of
 #   64 positions + PROMPT: ~1100 prefill positions; the encoder timed on one tile)
+# f16: the matrices and token embeddings held 16-bit (a 16-bit checkpoint), widened in the kernels;
+# q8_0: the decoder in q8_0 and the encoder side in 8 bits (a quantized checkpoint). A last table
+# puts fp32, f16 and q8_0 side by side per model (Chromium, greedy, one image).
 # Then the encoder's GEMM alone in Chromium, f32 (packed) against 8-bit (models::int8), on
 # SigLIP-B's three shapes, 1 and 2 threads.
 # Prints tables; quote them with the machine load (printed too).
@@ -36,13 +39,13 @@ rows=()
 for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json bench/configs/blip-base.json; do
   name=$(basename "$config" .json)
   rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
-  for shape in "1 1 f32" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
+  for shape in "1 1 f32" "1 1 f16" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
     set -- $shape
     rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
     rows+=("$name|chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
   # The threaded build (pkg/threads/, what the JS shim loads on crossOriginIsolated pages).
-  for shape in "1 1 f32" "1 1 q8_0"; do
+  for shape in "1 1 f32" "1 1 f16" "1 1 q8_0"; do
     set -- $shape
     rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
@@ -51,7 +54,7 @@ done
 config=bench/configs/smolvlm-256m.json
 name=$(basename "$config" .json)
 rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 f32 17)")
-for weights in f32 q8_0; do
+for weights in f32 f16 q8_0; do
   rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
   rows+=("$name|chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
   rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
@@ -83,5 +86,29 @@ for (let i = 0; i < args.length; i += 3) {
   const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.tiles > 1 ? ` of ${r.tiles} tiles (encoder ms: one tile)` : "") + (r.quantized ? `, decoder ${r.quantized}` : "");
   const [config, where] = args[i].split("|");
   console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
+}
+' "${rows[@]}"
+node -e '
+const args = process.argv.slice(1);
+const f = (x, d = 0) => Number(x).toFixed(d);
+const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M", "smolvlm-256m": "SmolVLM-256M (17 tiles; encoder: one)", "blip-base": "BLIP-base" };
+const cells = {};
+for (let i = 0; i < args.length; i += 3) {
+  const [config, where] = args[i].split("|");
+  const r = JSON.parse(args[i + 2]);
+  if (!where.startsWith("chromium") || r.beams > 1 || r.images > 1) continue;
+  const dtype = r.quantized ?? "f32";
+  if (!["f32", "f16", "q8_0"].includes(dtype)) continue;
+  ((cells[config] ??= {})[where] ??= {})[dtype] = r;
+}
+const dtypes = ["f32", "f16", "q8_0"];
+const col = (title) => dtypes.map((d) => `${title} ${d === "q8_0" ? "q8" : d === "f32" ? "fp32" : d}`).join(" | ");
+console.log(`| model | where | ${col("encoder ms")} | ${col("first token ms")} | ${col("tokens/s")} | ${col("peak MiB")} |`);
+console.log("|---|---|" + "---|".repeat(12));
+for (const [config, wheres] of Object.entries(cells)) {
+  for (const [where, byType] of Object.entries(wheres)) {
+    const get = (key, d = 0, scale = 1) => dtypes.map((t) => (byType[t] ? f(byType[t][key] * scale, d) : "–")).join(" | ");
+    console.log(`| ${names[config] ?? config} | ${where} | ${get("encoderMs")} | ${get("firstTokenMs")} | ${get("tokensPerS", 1)} | ${get("peakMemoryBytes", 0, 1 / 2 ** 20)} |`);
+  }
 }
 ' "${rows[@]}"

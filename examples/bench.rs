@@ -1,5 +1,5 @@
 //! Native half of `./build.sh bench`:
-//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS] [f32|q8_0|q4_0] [TILES]`
+//! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS] [f32|f16|bf16|q8_0|q4_0] [TILES]`
 //! prints one JSON line (medians, plus peak resident memory from /proc).
 //! `cargo run --release --example bench -- memory BYTES [REPEATS]` prints the streaming-read
 //! speed in GB/s over a buffer of BYTES.
@@ -16,8 +16,11 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let (prompt_tokens, tokens, repeats) = (arg(2, 8), arg(3, 20), arg(4, 3));
-    let quantize = args.get(7).and_then(|name| wasmcap::captioner::decoder_format(name));
-    let shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1), quantize, tiles: arg(8, 1) };
+    let mut shape = wasmcap::bench::BenchShape { images: arg(5, 1), beams: arg(6, 1), tiles: arg(8, 1), ..Default::default() };
+    if let Some(weights) = args.get(7).filter(|w| !shape.set_weights(w)) {
+        eprintln!("unknown weights {weights} (f32, f16, bf16, q8_0, q4_0)");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = std::fs::read_to_string(path)
         .map_err(|e| wasmcap::Error::Io { path: path.clone(), source: e })
         .and_then(|json| wasmcap::bench::bench_model_shaped(&json, prompt_tokens, tokens, repeats, shape));

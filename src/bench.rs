@@ -33,7 +33,8 @@ pub struct BenchReport {
     /// every row's token.
     pub images: usize,
     pub beams: usize,
-    /// The decoder's weight format when not f32 (`q8_0`, `q4_0`).
+    /// The decoder's weight format when not f32 (`q8_0`, `q4_0`; `f16`, `bf16`: every matrix and
+    /// the token embeddings held 16-bit, as from a 16-bit checkpoint).
     pub quantized: Option<String>,
     /// Tiles per image; `encoder_ms` is for one tile of each image.
     pub tiles: usize,
@@ -47,8 +48,12 @@ pub struct BenchReport {
 pub struct BenchShape {
     pub images: usize,
     pub beams: usize,
-    /// Decoder matrices quantized to this format (the encoder stays f32).
+    /// Decoder matrices quantized to this format, the encoder side in 8 bits: what a quantized
+    /// checkpoint runs.
     pub quantize: Option<candle_core::quantized::GgmlDType>,
+    /// Matrices and token embeddings held in this 16-bit dtype (F16 / BF16), as a 16-bit
+    /// checkpoint's are.
+    pub sixteen_bit: Option<DType>,
     /// Tiles per image (a split SmolVLM image: rows × cols + 1). One tile per image goes through
     /// the encoder (the timing is per tile: tiles are independent), its features stand for every
     /// tile in the prefill, which covers all their positions.
@@ -57,7 +62,23 @@ pub struct BenchShape {
 
 impl Default for BenchShape {
     fn default() -> Self {
-        Self { images: 1, beams: 1, quantize: None, tiles: 1 }
+        Self { images: 1, beams: 1, quantize: None, sixteen_bit: None, tiles: 1 }
+    }
+}
+
+impl BenchShape {
+    /// The weights as `name` says: `f32`, `f16`, `bf16`, `q8_0` or `q4_0`; false for another name.
+    pub fn set_weights(&mut self, name: &str) -> bool {
+        (self.quantize, self.sixteen_bit) = match name {
+            "f32" => (None, None),
+            "f16" => (None, Some(DType::F16)),
+            "bf16" => (None, Some(DType::BF16)),
+            other => match crate::captioner::decoder_format(other) {
+                Some(q) => (Some(q), None),
+                None => return false,
+            },
+        };
+        true
     }
 }
 
@@ -101,16 +122,19 @@ fn parse(config_json: &str) -> Result<serde_json::Value> {
 /// wasm memory) maps to one shared zero page, so reading it costs nothing and decode would be
 /// timed without reading the weights from RAM.
 /// Also records every tensor it makes, so the bench can say how many bytes one decode step reads.
+/// With `sixteen_bit`, it offers every matrix as stored in that dtype (`linear::STORED_16BIT`).
 #[derive(Clone, Default)]
 struct RandomWeights {
-    made: std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>,
+    /// (name, elements, bytes per element)
+    made: std::sync::Arc<std::sync::Mutex<Vec<(String, usize, usize)>>>,
+    sixteen_bit: Option<DType>,
 }
 
 impl RandomWeights {
-    /// Bytes of the f32 tensors whose name passes `read_per_step`.
+    /// Bytes of the tensors whose name passes `read_per_step`.
     fn bytes(&self, read_per_step: impl Fn(&str) -> bool) -> usize {
         let made = self.made.lock().map(|m| m.clone()).unwrap_or_default();
-        made.iter().filter(|(name, _)| read_per_step(name)).map(|(_, n)| 4 * n).sum()
+        made.iter().filter(|(name, _, _)| read_per_step(name)).map(|(_, n, size)| size * n).sum()
     }
 }
 
@@ -120,8 +144,12 @@ impl SimpleBackend for RandomWeights {
             Init::Const(c) => c,
             _ => 0.0,
         };
+        let (name, dtype) = match (name.strip_suffix(crate::models::linear::STORED_16BIT), self.sixteen_bit) {
+            (Some(base), Some(sixteen)) => (base, sixteen),
+            _ => (name, dtype),
+        };
         if let Ok(mut made) = self.made.lock() {
-            made.push((name.to_string(), s.elem_count()));
+            made.push((name.to_string(), s.elem_count(), dtype.size_in_bytes()));
         }
         Tensor::randn(mean as f32, 0.02f32, s, dev)?.to_dtype(dtype)
     }
@@ -130,14 +158,15 @@ impl SimpleBackend for RandomWeights {
         candle_core::bail!("random weights have no shape for {name}")
     }
 
-    /// Every f32 tensor (a q8_0 checkpoint's tensors are not made up).
+    /// Every f32 tensor (a q8_0 checkpoint's tensors are not made up), and with `sixteen_bit`
+    /// every 16-bit one asked for.
     fn contains_tensor(&self, name: &str) -> bool {
-        !name.ends_with(crate::models::linear::Q8_0_SUFFIX) && !name.ends_with(crate::models::linear::STORED_16BIT)
+        !name.ends_with(crate::models::linear::Q8_0_SUFFIX) && (self.sixteen_bit.is_some() || !name.ends_with(crate::models::linear::STORED_16BIT))
     }
 }
 
-fn random_varbuilder() -> (RandomWeights, VarBuilder<'static>) {
-    let weights = RandomWeights::default();
+fn random_varbuilder(sixteen_bit: Option<DType>) -> (RandomWeights, VarBuilder<'static>) {
+    let weights = RandomWeights { sixteen_bit, ..Default::default() };
     (weights.clone(), VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu))
 }
 
@@ -183,23 +212,39 @@ pub fn memory_read_gbps(bytes: usize, repeats: usize) -> f64 {
     (n * 4) as f64 / median(times) / 1e6
 }
 
-/// One encoder GEMM, y = x·Wᵀ for x `[rows, in_dim]`, W `[out_dim, in_dim]`, in each of the
-/// encoder's weight forms (f32 packed for our kernel in WASM, else candle's GEMM; 8-bit): the
-/// median ms of `repeats` and the GFLOP/s (2·rows·in·out per product), as JSON. One thread
-/// unless the pool has more.
+/// One product y = x·Wᵀ for x `[rows, in_dim]`, W `[out_dim, in_dim]`, in each form a weight
+/// takes: for many rows (the encoder) f32 and f16/bf16 packed for our kernel in WASM (else
+/// candle's GEMM) and 8-bit; for a few (decoding) f32, f16/bf16 and q8_0 through the
+/// matrix–vector kernels. The median ms of `repeats` and the GFLOP/s (2·rows·in·out per
+/// product), as JSON. One thread unless the pool has more.
 pub fn gemm_report(rows: usize, in_dim: usize, out_dim: usize, repeats: usize) -> Result<serde_json::Value> {
     use crate::models::linear::Linear;
     use candle_core::Module;
     let noise = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.618 + seed) * 12.9898).sin()).collect() };
     let w = Tensor::from_vec(noise(out_dim * in_dim, 1.0), (out_dim, in_dim), &Device::Cpu)?;
     let x = Tensor::from_vec(noise(rows * in_dim, 2.0), (1, rows, in_dim), &Device::Cpu)?;
-    let mut f32_layer = Linear::new(w.clone(), None);
-    f32_layer.pack()?;
-    let mut int8_layer = Linear::new(w, None);
-    int8_layer.to_int8()?;
+    // Few rows (decoding): the matrix–vector kernels of each form a decoder weight takes; many
+    // (the encoder): the packed GEMM in f32 and 16 bits against the 8-bit one.
+    let decoding = rows <= 32;
+    let mut layers = vec![];
+    for name in ["f32", "f16", "bf16", if decoding { "q8_0" } else { "int8" }] {
+        let mut layer = Linear::new(w.clone(), None);
+        match name {
+            "f16" => layer.to_16bit(DType::F16)?,
+            "bf16" => layer.to_16bit(DType::BF16)?,
+            "q8_0" => layer.quantize(candle_core::quantized::GgmlDType::Q8_0)?,
+            "int8" => layer.to_int8()?,
+            _ => true,
+        };
+        if !decoding {
+            layer.pack()?;
+        }
+        layers.push((name, layer));
+    }
     let flop = 2.0 * (rows * in_dim * out_dim) as f64;
     let mut report = serde_json::Map::new();
-    for (name, layer) in [("f32", &f32_layer), ("int8", &int8_layer)] {
+    for (name, layer) in &layers {
+        let name = *name;
         let times = (0..repeats.max(1))
             .map(|_| {
                 let start = now_ms();
@@ -253,7 +298,7 @@ fn summarize(
         decode_weight_bytes: quantized_bytes(decode_weight_bytes, shape.quantize),
         images: shape.images.max(1),
         beams: shape.beams.max(1),
-        quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()),
+        quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()).or(shape.sixteen_bit.map(|d| format!("{d:?}").to_lowercase())),
         tiles: shape.tiles.max(1),
         encoder_kernel: crate::models::packed::kernel_name().to_string(),
     }
@@ -271,7 +316,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     let t0 = now_ms();
     let family = crate::architecture::family_of(&config).map_err(|e| Error::config("bench config", e))?;
     let build = (family.config)(&config).map_err(|e| Error::config("bench config", e))?;
-    let (weights, vb) = random_varbuilder();
+    let (weights, vb) = random_varbuilder(shape.sixteen_bit);
     let mut model = build(vb)?;
     if let Some(dtype) = shape.quantize {
         model.quantize_decoder(dtype)?;

@@ -657,14 +657,11 @@ pub fn bench_model(
     quantize: Option<String>,
     tiles: Option<usize>,
 ) -> Result<JsValue, JsError> {
-    let quantize = match quantize.as_deref() {
-        None | Some("f32") => None,
-        Some(other) => Some(
-            crate::captioner::decoder_format(other)
-                .ok_or_else(|| JsError::new(&format!("benchModel: unknown weight format {other} (f32, q8_0, q4_0)")))?,
-        ),
-    };
-    let shape = crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), quantize, tiles: tiles.unwrap_or(1) };
+    let mut shape =
+        crate::bench::BenchShape { images: images.unwrap_or(1), beams: beams.unwrap_or(1), tiles: tiles.unwrap_or(1), ..Default::default() };
+    if let Some(other) = quantize.filter(|w| !shape.set_weights(w)) {
+        return Err(JsError::new(&format!("benchModel: unknown weight format {other} (f32, f16, bf16, q8_0, q4_0)")));
+    }
     let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;
     let value = to_js(&report)?;
     js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes()))

@@ -24,8 +24,22 @@ impl Half {
     /// vectorises it (simd128 in WASM, where nothing converts f16 in hardware).
     #[inline]
     pub fn widen(self, src: &[u16], dst: &mut [f32]) {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        let (src, dst) = {
+            let done = simd::widen(self, src, dst);
+            (&src[done..], &mut dst[done..])
+        };
         match self {
             Half::Bf16 => dst.iter_mut().zip(src).for_each(|(d, &h)| *d = f32::from_bits((h as u32) << 16)),
+            // Natively the half crate's conversion, F16C where the CPU has it (checked at run time).
+            #[cfg(not(target_arch = "wasm32"))]
+            Half::F16 => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let n = src.len().min(dst.len());
+                let src: &[half::f16] = src[..n].reinterpret_cast();
+                src.convert_to_f32_slice(&mut dst[..n]);
+            }
+            #[cfg(target_arch = "wasm32")]
             Half::F16 => dst.iter_mut().zip(src).for_each(|(d, &h)| *d = f16_to_f32(h)),
         }
     }
@@ -41,6 +55,103 @@ pub fn f16_to_f32(h: u16) -> f32 {
     let scaled = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
     let bits = if magnitude >= 0x7c00 { 0x7f80_0000 | ((magnitude & 0x3ff) << 13) } else { scaled.to_bits() };
     f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub use simd::Widen;
+
+/// The same widening, 8 values at a time in simd128 (LLVM leaves the scalar loops above mostly
+/// scalar in WASM).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd {
+    use super::Half;
+    use core::arch::wasm32::*;
+
+    /// Widens the first multiple of 8 of `src` into `dst`; returns how many.
+    #[inline]
+    pub fn widen(kind: Half, src: &[u16], dst: &mut [f32]) -> usize {
+        let n = src.len().min(dst.len()) / 8 * 8;
+        let c = F16Constants::new();
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 8 <= n <= both lengths; wasm loads and stores need no alignment.
+            unsafe {
+                let h = v128_load(src.as_ptr().add(i) as *const v128);
+                let (lo, hi) = match kind {
+                    Half::Bf16 => (i32x4_shl(u32x4_extend_low_u16x8(h), 16), i32x4_shl(u32x4_extend_high_u16x8(h), 16)),
+                    Half::F16 => (f16x4(u32x4_extend_low_u16x8(h), &c), f16x4(u32x4_extend_high_u16x8(h), &c)),
+                };
+                v128_store(dst.as_mut_ptr().add(i) as *mut v128, lo);
+                v128_store(dst.as_mut_ptr().add(i + 4) as *mut v128, hi);
+            }
+            i += 8;
+        }
+        n
+    }
+
+    /// Widens 4 values at a time in registers (the matrix–vector kernels' loads).
+    pub struct Widen {
+        kind: Half,
+        c: F16Constants,
+    }
+
+    impl Widen {
+        pub fn new(kind: Half) -> Self {
+            Self { kind, c: F16Constants::new() }
+        }
+
+        /// The 4 values at `p`, widened. SAFETY: `p..p + 4` in bounds.
+        #[inline(always)]
+        pub unsafe fn four(&self, p: *const u16) -> v128 {
+            let h = u32x4_extend_low_u16x8(v128_load64_zero(p as *const u64));
+            match self.kind {
+                Half::Bf16 => i32x4_shl(h, 16),
+                Half::F16 => f16x4(h, &self.c),
+            }
+        }
+
+        #[inline(always)]
+        pub fn one(&self, h: u16) -> f32 {
+            match self.kind {
+                Half::Bf16 => f32::from_bits((h as u32) << 16),
+                Half::F16 => super::f16_to_f32(h),
+            }
+        }
+    }
+
+    struct F16Constants {
+        sign: v128,
+        scale: v128,
+        special: v128,
+        all_ones: v128,
+    }
+
+    impl F16Constants {
+        // Through `black_box`, so that they are values in registers: V8 builds a constant vector
+        // again at each use, inside the loop.
+        #[inline(always)]
+        fn new() -> Self {
+            Self {
+                sign: u32x4_splat(core::hint::black_box(0x8000_0000)),
+                scale: f32x4_splat(core::hint::black_box(f32::from_bits(0x7780_0000))),
+                special: u32x4_splat(core::hint::black_box(0x0f80_0000)),
+                all_ones: u32x4_splat(core::hint::black_box(0x7f80_0000)),
+            }
+        }
+    }
+
+    /// `super::f16_to_f32` on four values (their bits in the low halves of the lanes), the same
+    /// way: exponent and mantissa shifted into f32's places and scaled by 2^112, exponent 31
+    /// (infinities, NaNs) made f32's 255.
+    #[inline(always)]
+    fn f16x4(h: v128, c: &F16Constants) -> v128 {
+        let x = i32x4_shl(h, 16);
+        let sign = v128_and(x, c.sign);
+        let shifted = u32x4_shr(v128_xor(x, sign), 3);
+        let scaled = f32x4_mul(shifted, c.scale);
+        let bits = v128_bitselect(v128_or(shifted, c.all_ones), scaled, u32x4_ge(shifted, c.special));
+        v128_or(bits, sign)
+    }
 }
 
 /// Runs `f` on the bits of a contiguous 16-bit CPU tensor without copying them.

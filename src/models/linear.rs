@@ -84,7 +84,23 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
 /// captions decodes to the very numbers one-by-one decoding gives — while each block of W is
 /// read from memory once for all rows (it stays in L1 while the rows pass over it).
 fn matmul_rows(w: &[f32], x: &[f32], in_dim: usize, rows: usize) -> Vec<f32> {
-    let out_dim = w.len() / in_dim.max(1);
+    matmul_rows_with(w, x, in_dim, rows, dot, dot4)
+}
+
+/// [`matmul_rows`] for weights of any element type, with its `dot` and (simd128) `dot4`.
+#[cfg_attr(not(all(target_arch = "wasm32", target_feature = "simd128")), allow(unused_variables))]
+fn matmul_rows_with<T>(
+    w: &[T],
+    x: &[f32],
+    in_dim: usize,
+    rows: usize,
+    dot: impl Fn(&[T], &[f32]) -> f32,
+    dot4: impl Fn([&[T]; 4], &[f32]) -> [f32; 4],
+) -> Vec<f32> {
+    if in_dim == 0 {
+        return vec![0f32; rows * w.len()];
+    }
+    let out_dim = w.len() / in_dim;
     let mut y = vec![0f32; rows * out_dim];
     let xs: Vec<&[f32]> = x.chunks_exact(in_dim).take(rows).collect();
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -98,7 +114,7 @@ fn matmul_rows(w: &[f32], x: &[f32], in_dim: usize, rows: usize) -> Vec<f32> {
                 y[m * out_dim + 4 * q..m * out_dim + 4 * q + 4].copy_from_slice(&dot4([r0, r1, r2, r3], xm));
             }
         }
-        out_dim - quads.remainder().len() / in_dim.max(1)
+        out_dim - quads.remainder().len() / in_dim
     };
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     let first_single = 0;
@@ -108,6 +124,61 @@ fn matmul_rows(w: &[f32], x: &[f32], in_dim: usize, rows: usize) -> Vec<f32> {
         }
     }
     y
+}
+
+/// `dot4` where there is no simd128 (never called: `matmul_rows_with` takes single rows there).
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    rows.map(|r| dot(r, x))
+}
+
+/// [`dot`] on a 16-bit row, each 4 weights widened in registers (`half::Widen`): the bits of
+/// `dot` on the widened row.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn dot_half(widen: &half::Widen, a: &[u16], b: &[f32]) -> f32 {
+    use core::arch::wasm32::*;
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(&x, y)| widen.one(x) * y).sum();
+    let mut acc = [f32x4_splat(0.0); 4];
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: each chunk holds LANES = 16 values, so offsets 4k..4k+4 are in bounds;
+            // wasm loads need no alignment.
+            let (x, y) = unsafe { (widen.four(ca.as_ptr().add(4 * k)), v128_load(cb.as_ptr().add(4 * k) as *const v128)) };
+            *acc = f32x4_add(*acc, f32x4_mul(x, y));
+        }
+    }
+    let sum = f32x4_add(f32x4_add(acc[0], acc[1]), f32x4_add(acc[2], acc[3]));
+    f32x4_extract_lane::<0>(sum) + f32x4_extract_lane::<1>(sum) + f32x4_extract_lane::<2>(sum) + f32x4_extract_lane::<3>(sum) + tail
+}
+
+/// [`dot4`] on 16-bit rows, widened in registers: the bits of `dot4` on the widened rows.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn dot4_half(widen: &half::Widen, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+    use core::arch::wasm32::*;
+    let len = rows.iter().map(|r| r.len()).fold(x.len(), usize::min);
+    let body = len - len % 4;
+    let mut acc = [f32x4_splat(0.0); 4];
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 4 <= body <= the length of x and of every row; wasm loads need no alignment.
+        unsafe {
+            let xv = v128_load(x.as_ptr().add(i) as *const v128);
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                *acc = f32x4_add(*acc, f32x4_mul(widen.four(row.as_ptr().add(i)), xv));
+            }
+        }
+        i += 4;
+    }
+    let mut out = [0f32; 4];
+    for (k, (o, row)) in out.iter_mut().zip(rows).enumerate() {
+        let a = acc[k];
+        *o = f32x4_extract_lane::<0>(a) + f32x4_extract_lane::<1>(a) + f32x4_extract_lane::<2>(a) + f32x4_extract_lane::<3>(a);
+        *o += row[body..len].iter().zip(&x[body..len]).map(|(&w, v)| widen.one(w) * v).sum::<f32>();
+    }
+    out
 }
 
 /// y += s·x
@@ -409,17 +480,21 @@ impl Weight {
     }
 }
 
-/// Floats of widened weight rows a matrix–vector block works on: they stay in L1 while every
-/// input row passes over them.
-const WIDE_BLOCK: usize = 8192;
-
-/// [`matmul_rows`] on a 16-bit `[out, in]` weight: each block of rows widened, then multiplied
-/// by the f32 kernel, in the groups of 4 it forms from the start — the bits of the f32 weight.
+/// [`matmul_rows`] on a 16-bit `[out, in]` weight: the bits of the f32 weight. In WASM, bf16
+/// weights are widened 4 at a time in registers (a shift); f16 ones (9 operations per 4: more
+/// than the registers of a fused loop hold) a block of rows at a time into L1, as natively, then
+/// multiplied by the f32 kernel (F16C's conversion natively, where the CPU has it).
 fn half_matmul_rows(w: &[u16], kind: Half, x: &[f32], in_dim: usize, rows: usize) -> Vec<f32> {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if kind == Half::Bf16 {
+        let widen = half::Widen::new(kind);
+        return matmul_rows_with(w, x, in_dim, rows, |r, x| dot_half(&widen, r, x), |r, x| dot4_half(&widen, r, x));
+    }
     if in_dim == 0 {
         return Vec::new();
     }
     let out_dim = w.len() / in_dim;
+    // Whole groups of 4 rows, as `matmul_rows` forms them from the start of the weight.
     let block = (WIDE_BLOCK / in_dim / 4).max(1) * 4;
     let mut wide = vec![0f32; block.min(out_dim) * in_dim];
     let mut y = vec![0f32; rows * out_dim];
@@ -434,6 +509,10 @@ fn half_matmul_rows(w: &[u16], kind: Half, x: &[f32], in_dim: usize, rows: usize
     }
     y
 }
+
+/// Floats of widened weight rows a block works on: they stay in L1 while every input row
+/// passes over them.
+const WIDE_BLOCK: usize = 8192;
 
 /// y = W·x (+ b) for each of a few rows x, with W 16-bit `[out, in]`.
 fn matvec_half(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
@@ -542,6 +621,17 @@ impl Linear {
 
     pub fn with_bias(self, bias: Option<Tensor>) -> Self {
         Self { bias, ..self }
+    }
+
+    /// Swaps an f32 weight for its `dtype` (F16 / BF16) values, held 16-bit: what a 16-bit
+    /// checkpoint loads as (benchmarks). Returns false, changing nothing, for any other weight.
+    pub fn to_16bit(&mut self, dtype: candle_core::DType) -> Result<bool> {
+        let Weight::F32(w) = &self.weight else { return Ok(false) };
+        if Half::of(dtype).is_none() || self.lora.is_some() {
+            return Ok(false);
+        }
+        self.weight = Weight::Half(w.to_dtype(dtype)?);
+        Ok(true)
     }
 
     /// Whether the weight is held in 16 bits (as the checkpoint stored it).
