@@ -122,12 +122,15 @@ fn parse(config_json: &str) -> Result<serde_json::Value> {
 /// wasm memory) maps to one shared zero page, so reading it costs nothing and decode would be
 /// timed without reading the weights from RAM.
 /// Also records every tensor it makes, so the bench can say how many bytes one decode step reads.
-/// With `sixteen_bit`, it offers every matrix as stored in that dtype (`linear::STORED_16BIT`).
+/// With `sixteen_bit`, it offers every matrix as stored in that dtype (`linear::STORED_16BIT`);
+/// with `q8_0`, what `crate::quantize` writes: linear matrices in q8_0 (random blocks), token
+/// embeddings in f16 — so that memory is what loading such a file takes, never the f32 model.
 #[derive(Clone, Default)]
 struct RandomWeights {
     /// (name, elements, bytes per element)
     made: std::sync::Arc<std::sync::Mutex<Vec<(String, usize, usize)>>>,
     sixteen_bit: Option<DType>,
+    q8_0: bool,
 }
 
 impl RandomWeights {
@@ -144,13 +147,33 @@ impl SimpleBackend for RandomWeights {
             Init::Const(c) => c,
             _ => 0.0,
         };
-        let (name, dtype) = match (name.strip_suffix(crate::models::linear::STORED_16BIT), self.sixteen_bit) {
-            (Some(base), Some(sixteen)) => (base, sixteen),
-            _ => (name, dtype),
+        use crate::models::linear::{Q8_0_SCALES_SUFFIX, Q8_0_SUFFIX, STORED_16BIT};
+        let record = |name: &str, bytes: usize| {
+            if let Ok(mut made) = self.made.lock() {
+                // A q8_0 model's bytes are estimated from f32's (`quantized_bytes`).
+                made.push((name.to_string(), s.elem_count(), if self.q8_0 { 4 } else { bytes }));
+            }
         };
-        if let Ok(mut made) = self.made.lock() {
-            made.push((name.to_string(), s.elem_count(), dtype.size_in_bytes()));
+        if let Some(base) = name.strip_suffix(Q8_0_SUFFIX) {
+            record(base, 1);
+            // Pseudo-random bytes, never zeros (see above); values of |q| ≤ 127 as q8_0 keeps.
+            let mut x = 0x9e37_79b9u32;
+            let qs: Vec<u8> = (0..s.elem_count())
+                .map(|_| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((x >> 24) as i8).max(-127) as u8
+                })
+                .collect();
+            return Tensor::from_vec(qs, s, dev);
         }
+        if name.ends_with(Q8_0_SCALES_SUFFIX) {
+            return Tensor::rand(1e-4f32, 2e-4f32, s, dev);
+        }
+        let (name, dtype) = match name.strip_suffix(STORED_16BIT) {
+            Some(base) => (base, self.sixteen_bit.unwrap_or(DType::F16)),
+            None => (name, dtype),
+        };
+        record(name, dtype.size_in_bytes());
         Tensor::randn(mean as f32, 0.02f32, s, dev)?.to_dtype(dtype)
     }
 
@@ -158,15 +181,20 @@ impl SimpleBackend for RandomWeights {
         candle_core::bail!("random weights have no shape for {name}")
     }
 
-    /// Every f32 tensor (a q8_0 checkpoint's tensors are not made up), and with `sixteen_bit`
-    /// every 16-bit one asked for.
+    /// Every f32 tensor; with `sixteen_bit` every 16-bit one asked for; with `q8_0` every q8_0
+    /// matrix and 16-bit token embeddings (a linear weight that is q8_0 is not asked for in 16
+    /// bits).
     fn contains_tensor(&self, name: &str) -> bool {
-        !name.ends_with(crate::models::linear::Q8_0_SUFFIX) && (self.sixteen_bit.is_some() || !name.ends_with(crate::models::linear::STORED_16BIT))
+        use crate::models::linear::{Q8_0_SUFFIX, STORED_16BIT};
+        if name.ends_with(Q8_0_SUFFIX) {
+            return self.q8_0;
+        }
+        !name.ends_with(STORED_16BIT) || self.sixteen_bit.is_some() || self.q8_0
     }
 }
 
-fn random_varbuilder(sixteen_bit: Option<DType>) -> (RandomWeights, VarBuilder<'static>) {
-    let weights = RandomWeights { sixteen_bit, ..Default::default() };
+fn random_varbuilder(sixteen_bit: Option<DType>, q8_0: bool) -> (RandomWeights, VarBuilder<'static>) {
+    let weights = RandomWeights { sixteen_bit, q8_0, ..Default::default() };
     (weights.clone(), VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu))
 }
 
@@ -316,7 +344,8 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     let t0 = now_ms();
     let family = crate::architecture::family_of(&config).map_err(|e| Error::config("bench config", e))?;
     let build = (family.config)(&config).map_err(|e| Error::config("bench config", e))?;
-    let (weights, vb) = random_varbuilder(shape.sixteen_bit);
+    let q8_0 = shape.quantize == Some(candle_core::quantized::GgmlDType::Q8_0);
+    let (weights, vb) = random_varbuilder(shape.sixteen_bit, q8_0);
     let mut model = build(vb)?;
     if let Some(dtype) = shape.quantize {
         model.quantize_decoder(dtype)?;

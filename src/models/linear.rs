@@ -596,6 +596,28 @@ fn quantize_out_in(weight: &Tensor, dtype: GgmlDType) -> Result<Option<Weight>> 
     }))
 }
 
+/// A 16-bit `[out, in]` weight in q8_0, a row widened at a time (a tied vocabulary is the
+/// largest matrix: its f32 copy would double what the model holds), or `None` when a row is not
+/// a whole number of blocks.
+fn half_to_q8_0(w: &Tensor) -> Result<Option<Weight>> {
+    let (out_dim, in_dim) = w.dims2()?;
+    if in_dim == 0 || in_dim % q8::BLOCK != 0 {
+        return Ok(None);
+    }
+    let (qs, scales) = half::with_bits(&w.contiguous()?, |bits, kind| {
+        let (mut qs, mut scales) = (Vec::with_capacity(bits.len()), Vec::with_capacity(bits.len() / q8::BLOCK));
+        let mut row = vec![0f32; in_dim];
+        for r in bits.chunks_exact(in_dim) {
+            kind.widen(r, &mut row);
+            let (q, s) = q8_0_blocks(&row);
+            qs.extend(q);
+            scales.extend(s);
+        }
+        (qs, scales)
+    })?;
+    Ok(Some(Weight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?)))
+}
+
 /// `nn.Linear` (weight `[out, in]`, optional bias `[out]`) and GPT-2's `Conv1D` (weight `[in,
 /// out]`): y = x·Wᵀ + b, whatever form the weight is held in.
 #[derive(Debug, Clone)]
@@ -662,6 +684,15 @@ impl Linear {
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<bool> {
         if self.lora.is_some() || matches!(self.weight, Weight::Q8(_) | Weight::Ggml { .. }) {
             return Ok(false);
+        }
+        if let (Weight::Half(w), GgmlDType::Q8_0) = (&self.weight, dtype) {
+            return Ok(match half_to_q8_0(w)? {
+                Some(q) => {
+                    self.weight = q;
+                    true
+                }
+                None => false,
+            });
         }
         let Some(q) = quantize_out_in(&self.weight.out_in_f32()?, dtype)? else { return Ok(false) };
         self.weight = q;
@@ -939,6 +970,12 @@ mod tests {
                 }
                 let two = crate::parallel::with_threads(2, || half.forward(&xs))?.flatten_all()?.to_vec1::<f32>()?;
                 assert_eq!(got, two, "{dtype:?} {d_in}x{d_out}, {rows} rows, 2 threads");
+                // q8_0 from the 16-bit weight (a row at a time) is q8_0 from its f32 values.
+                let (mut half_q, mut wide_q) = (half.clone(), wide.clone());
+                assert_eq!(half_q.quantize(GgmlDType::Q8_0)?, d_in % 32 == 0);
+                if wide_q.quantize(GgmlDType::Q8_0)? {
+                    assert_eq!(half_q.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?, wide_q.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?);
+                }
             }
         }
         Ok(())
