@@ -99,11 +99,13 @@ mod simd {
         pub fn new(kind: Half) -> Self {
             Self { kind, c: F16Constants::new() }
         }
+    }
 
-        /// The 4 values at `p`, widened. SAFETY: `p..p + 4` in bounds.
+    impl crate::models::linear::Lanes<u16> for Widen {
         #[inline(always)]
-        pub unsafe fn four(&self, p: *const u16) -> v128 {
-            let h = u32x4_extend_low_u16x8(v128_load64_zero(p as *const u64));
+        unsafe fn four(&self, p: *const u16) -> v128 {
+            // SAFETY: `p..p + 4` in bounds, as the caller promises; wasm needs no alignment.
+            let h = u32x4_extend_low_u16x8(unsafe { v128_load64_zero(p as *const u64) });
             match self.kind {
                 Half::Bf16 => i32x4_shl(h, 16),
                 Half::F16 => f16x4(h, &self.c),
@@ -111,7 +113,7 @@ mod simd {
         }
 
         #[inline(always)]
-        pub fn one(&self, h: u16) -> f32 {
+        fn one(&self, h: u16) -> f32 {
             match self.kind {
                 Half::Bf16 => f32::from_bits((h as u32) << 16),
                 Half::F16 => super::f16_to_f32(h),

@@ -29,21 +29,55 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Weights the simd128 dot products read as f32 lanes, 4 at a time: f32 as they are, 16-bit
+/// ones widened in registers (`half::Widen`).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub(super) trait Lanes<T: Copy> {
+    /// The 4 weights at `p` as f32. SAFETY: `p..p + 4` in bounds.
+    unsafe fn four(&self, p: *const T) -> core::arch::wasm32::v128;
+    fn one(&self, w: T) -> f32;
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+struct F32Lanes;
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+impl Lanes<f32> for F32Lanes {
+    #[inline(always)]
+    unsafe fn four(&self, p: *const f32) -> core::arch::wasm32::v128 {
+        // SAFETY: as the caller promises; wasm loads need no alignment.
+        unsafe { core::arch::wasm32::v128_load(p as *const core::arch::wasm32::v128) }
+    }
+
+    #[inline(always)]
+    fn one(&self, w: f32) -> f32 {
+        w
+    }
+}
+
 /// Σ a[i]·b[i] with four f32x4 accumulators: LLVM does not vectorise the portable loop for
 /// simd128 as well as it does for AVX.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(&F32Lanes, a, b)
+}
+
+/// [`dot`] on weights of any element type: the same sums in the same order, so a 16-bit row
+/// gives the bits of its widened row.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+fn dot_lanes<T: Copy>(lanes: &impl Lanes<T>, a: &[T], b: &[f32]) -> f32 {
     use core::arch::wasm32::*;
     let len = a.len().min(b.len());
     let (a, b) = (&a[..len], &b[..len]);
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(&x, y)| lanes.one(x) * y).sum();
     let mut acc = [f32x4_splat(0.0); 4];
     for (ca, cb) in a_chunks.zip(b_chunks) {
         for (k, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: each chunk holds LANES = 16 floats, so offsets 4k..4k+4 are in bounds;
+            // SAFETY: each chunk holds LANES = 16 values, so offsets 4k..4k+4 are in bounds;
             // wasm loads need no alignment.
-            let (x, y) = unsafe { (v128_load(ca.as_ptr().add(4 * k) as *const v128), v128_load(cb.as_ptr().add(4 * k) as *const v128)) };
+            let (x, y) = unsafe { (lanes.four(ca.as_ptr().add(4 * k)), v128_load(cb.as_ptr().add(4 * k) as *const v128)) };
             *acc = f32x4_add(*acc, f32x4_mul(x, y));
         }
     }
@@ -55,6 +89,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// and `x` is read a quarter as often as with four separate dots.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    dot4_lanes(&F32Lanes, rows, x)
+}
+
+/// [`dot4`] on weights of any element type (see [`dot_lanes`]).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+fn dot4_lanes<T: Copy>(lanes: &impl Lanes<T>, rows: [&[T]; 4], x: &[f32]) -> [f32; 4] {
     use core::arch::wasm32::*;
     let len = rows.iter().map(|r| r.len()).fold(x.len(), usize::min);
     let body = len - len % 4;
@@ -65,7 +106,7 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
         unsafe {
             let xv = v128_load(x.as_ptr().add(i) as *const v128);
             for (acc, row) in acc.iter_mut().zip(rows) {
-                *acc = f32x4_add(*acc, f32x4_mul(v128_load(row.as_ptr().add(i) as *const v128), xv));
+                *acc = f32x4_add(*acc, f32x4_mul(lanes.four(row.as_ptr().add(i)), xv));
             }
         }
         i += 4;
@@ -74,7 +115,7 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     for (k, (o, row)) in out.iter_mut().zip(rows).enumerate() {
         let a = acc[k];
         *o = f32x4_extract_lane::<0>(a) + f32x4_extract_lane::<1>(a) + f32x4_extract_lane::<2>(a) + f32x4_extract_lane::<3>(a);
-        *o += row[body..len].iter().zip(&x[body..len]).map(|(w, v)| w * v).sum::<f32>();
+        *o += row[body..len].iter().zip(&x[body..len]).map(|(&w, v)| lanes.one(w) * v).sum::<f32>();
     }
     out
 }
@@ -130,55 +171,6 @@ fn matmul_rows_with<T>(
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
 fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     rows.map(|r| dot(r, x))
-}
-
-/// [`dot`] on a 16-bit row, each 4 weights widened in registers (`half::Widen`): the bits of
-/// `dot` on the widened row.
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-fn dot_half(widen: &half::Widen, a: &[u16], b: &[f32]) -> f32 {
-    use core::arch::wasm32::*;
-    let len = a.len().min(b.len());
-    let (a, b) = (&a[..len], &b[..len]);
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(&x, y)| widen.one(x) * y).sum();
-    let mut acc = [f32x4_splat(0.0); 4];
-    for (ca, cb) in a_chunks.zip(b_chunks) {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: each chunk holds LANES = 16 values, so offsets 4k..4k+4 are in bounds;
-            // wasm loads need no alignment.
-            let (x, y) = unsafe { (widen.four(ca.as_ptr().add(4 * k)), v128_load(cb.as_ptr().add(4 * k) as *const v128)) };
-            *acc = f32x4_add(*acc, f32x4_mul(x, y));
-        }
-    }
-    let sum = f32x4_add(f32x4_add(acc[0], acc[1]), f32x4_add(acc[2], acc[3]));
-    f32x4_extract_lane::<0>(sum) + f32x4_extract_lane::<1>(sum) + f32x4_extract_lane::<2>(sum) + f32x4_extract_lane::<3>(sum) + tail
-}
-
-/// [`dot4`] on 16-bit rows, widened in registers: the bits of `dot4` on the widened rows.
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-fn dot4_half(widen: &half::Widen, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
-    use core::arch::wasm32::*;
-    let len = rows.iter().map(|r| r.len()).fold(x.len(), usize::min);
-    let body = len - len % 4;
-    let mut acc = [f32x4_splat(0.0); 4];
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 4 <= body <= the length of x and of every row; wasm loads need no alignment.
-        unsafe {
-            let xv = v128_load(x.as_ptr().add(i) as *const v128);
-            for (acc, row) in acc.iter_mut().zip(rows) {
-                *acc = f32x4_add(*acc, f32x4_mul(widen.four(row.as_ptr().add(i)), xv));
-            }
-        }
-        i += 4;
-    }
-    let mut out = [0f32; 4];
-    for (k, (o, row)) in out.iter_mut().zip(rows).enumerate() {
-        let a = acc[k];
-        *o = f32x4_extract_lane::<0>(a) + f32x4_extract_lane::<1>(a) + f32x4_extract_lane::<2>(a) + f32x4_extract_lane::<3>(a);
-        *o += row[body..len].iter().zip(&x[body..len]).map(|(&w, v)| widen.one(w) * v).sum::<f32>();
-    }
-    out
 }
 
 /// y += s·x
@@ -488,7 +480,7 @@ fn half_matmul_rows(w: &[u16], kind: Half, x: &[f32], in_dim: usize, rows: usize
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     if kind == Half::Bf16 {
         let widen = half::Widen::new(kind);
-        return matmul_rows_with(w, x, in_dim, rows, |r, x| dot_half(&widen, r, x), |r, x| dot4_half(&widen, r, x));
+        return matmul_rows_with(w, x, in_dim, rows, |r, x| dot_lanes(&widen, r, x), |r, x| dot4_lanes(&widen, r, x));
     }
     if in_dim == 0 {
         return Vec::new();
