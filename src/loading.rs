@@ -325,13 +325,13 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
 
 /// Float values for which every bit pattern is a value: their bytes can be read straight into
 /// a tensor's storage (no second buffer the size of the tensor).
-trait PlainFloat: Clone + Default {}
+pub(crate) trait PlainFloat: Clone + Default {}
 impl PlainFloat for f32 {}
 impl PlainFloat for half::f16 {}
 impl PlainFloat for half::bf16 {}
 
 /// `count` little-endian values of `T` from `start` of `src`, read in place (little-endian targets).
-fn read_values<T: PlainFloat>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
+pub(crate) fn read_values<T: PlainFloat>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
     let mut values = zeroed::<T>(count)?;
     // SAFETY: `values` holds count × size_of::<T>() initialised bytes, and any bit pattern is a
     // valid T (`PlainFloat`); they are written as the file's little-endian values, on a
