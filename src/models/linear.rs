@@ -523,7 +523,7 @@ fn matvec_half(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Resu
 }
 
 fn int8_forward(m: &Int8Weight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
-    by_rows(m.dims(), xs, b, then, |x, b, then| m.matmul_then(x, b, then))
+    by_rows(m.dims(), xs, b, then, true, |x, b, then| m.matmul_then(x, b, then.map(|f| f as &dyn Fn(&mut [f32]))))
 }
 
 fn add_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -852,19 +852,21 @@ fn packed_for_this_call(xs: &Tensor, pack: impl FnOnce() -> Result<Option<Packed
 /// An output activation run in place (`PackedWeight::matmul_then`).
 type Then<'a> = Option<&'a (dyn Fn(&mut [f32]) + Sync)>;
 
-/// y = x·Wᵀ (+ b) on a packed weight, the rows split over the threads.
+/// y = x·Wᵀ (+ b) on a packed weight, the output panels split over the threads
+/// (`PackedWeight::matmul_then`).
 fn packed_forward(p: &PackedWeight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
-    by_rows(p.dims(), xs, b, then, |x, b, then| p.matmul_then(x, b, then))
+    by_rows(p.dims(), xs, b, then, false, |x, b, then| p.matmul_then(x, b, then))
 }
 
 /// y = x·Wᵀ (+ b) by `matmul` (x `[rows, in]` → `[rows, out]`, None on lengths that disagree)
-/// on `xs`' rows, split over the threads.
+/// on `xs`' rows, split over the threads where `split_rows`.
 fn by_rows(
     (out_dim, in_dim): (usize, usize),
     xs: &Tensor,
     b: Option<&Tensor>,
     then: Then,
-    matmul: impl Fn(&[f32], Option<&[f32]>, Option<&dyn Fn(&mut [f32])>) -> Option<Vec<f32>> + Sync,
+    split_rows: bool,
+    matmul: impl Fn(&[f32], Option<&[f32]>, Then) -> Option<Vec<f32>> + Sync,
 ) -> Result<Tensor> {
     let d = xs.dim(D::Minus1)?;
     if d != in_dim {
@@ -873,10 +875,15 @@ fn by_rows(
     let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
     // The input read where it lies (no copy of a 196 × 3072 activation per layer).
     let mut parts = with_f32(&xs.contiguous()?, |x| {
-        crate::parallel::map_parts(x.len() / in_dim.max(1), MIN_GEMM_ROWS, |rows| {
-            matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then.map(|f| f as &dyn Fn(&mut [f32])))
+        let part = |rows: std::ops::Range<usize>| {
+            matmul(&x[rows.start * in_dim..rows.end * in_dim], b.as_deref(), then)
                 .ok_or_else(|| candle_core::Error::Msg(format!("linear: bias of {:?} features for {out_dim}", b.as_ref().map(Vec::len))))
-        })
+        };
+        let rows = x.len() / in_dim.max(1);
+        match split_rows {
+            true => crate::parallel::map_parts(rows, MIN_GEMM_ROWS, part),
+            false => part(0..rows).map(|y| vec![y]),
+        }
     })??;
     let y = match parts.len() {
         1 => parts.pop().unwrap_or_default(),

@@ -200,12 +200,32 @@ impl PackedWeight {
     /// kernel wrote them and while they are still in cache (an activation: SigLIP-B's fc1
     /// output is 2.4 MB, more than L2 holds, and a pass of its own over it reads it back from
     /// L3).
-    pub fn matmul_then(&self, x: &[f32], bias: Option<&[f32]>, then: Option<&dyn Fn(&mut [f32])>) -> Option<Vec<f32>> {
+    ///
+    /// On several threads each takes a share of the panels for all rows (so each weight is read
+    /// by one thread; split by rows, every thread streamed all of it), then the shares are put
+    /// side by side: every output is the same sum, so the bits are those of one thread.
+    pub fn matmul_then(&self, x: &[f32], bias: Option<&[f32]>, then: Option<&(dyn Fn(&mut [f32]) + Sync)>) -> Option<Vec<f32>> {
         if x.len() % self.in_dim != 0 {
             return None;
         }
-        let y = self.gemm(x, x.len() / self.in_dim, self.in_dim, bias, then)?;
-        Some(compact(y, self.padded_out(), self.out_dim))
+        let rows = x.len() / self.in_dim;
+        let n_panels = self.out_dim.div_ceil(NR);
+        let parts = crate::parallel::ranges(n_panels, crate::parallel::threads(), MIN_THREAD_PANELS, 1);
+        if parts.len() < 2 {
+            let y = self.gemm(x, rows, self.in_dim, bias, then, 0..n_panels)?;
+            return Some(compact(y, self.padded_out(), self.out_dim));
+        }
+        let shares = crate::parallel::map(parts.len(), |i| self.gemm(x, rows, self.in_dim, bias, then, parts[i].clone()));
+        let mut y = vec![0f32; rows * self.out_dim];
+        for (part, share) in parts.iter().zip(shares) {
+            let share = share?;
+            let width = part.len() * NR;
+            let (start, end) = (part.start * NR, (part.end * NR).min(self.out_dim));
+            for (r, row) in share.chunks_exact(width).enumerate() {
+                y[r * self.out_dim + start..r * self.out_dim + end].copy_from_slice(&row[..end - start]);
+            }
+        }
+        Some(y)
     }
 
     /// Output features rounded up to whole panels: the row length of `matmul_padded`'s result.
@@ -217,36 +237,47 @@ impl PackedWeight {
     /// features past `out` 0 (zero weights, zero bias). None when x is too short for the rows or
     /// the bias's length disagrees.
     pub fn matmul_padded(&self, x: &[f32], rows: usize, lda: usize, bias: Option<&[f32]>) -> Option<Vec<f32>> {
-        self.gemm(x, rows, lda, bias, None)
+        self.gemm(x, rows, lda, bias, None, 0..self.out_dim.div_ceil(NR))
     }
 
-    fn gemm(&self, x: &[f32], rows: usize, lda: usize, bias: Option<&[f32]>, then: Option<&dyn Fn(&mut [f32])>) -> Option<Vec<f32>> {
+    /// The output panels `part` of y = x·Wᵀ (+ b): `[rows, part.len() × 12]`.
+    fn gemm(
+        &self,
+        x: &[f32],
+        rows: usize,
+        lda: usize,
+        bias: Option<&[f32]>,
+        then: Option<&(dyn Fn(&mut [f32]) + Sync)>,
+        part: std::ops::Range<usize>,
+    ) -> Option<Vec<f32>> {
         let (out_dim, in_dim) = (self.out_dim, self.in_dim);
-        if !rows_fit(x.len(), rows, in_dim, lda) || bias.is_some_and(|b| b.len() != out_dim) {
+        let n_panels = out_dim.div_ceil(NR);
+        if !rows_fit(x.len(), rows, in_dim, lda) || bias.is_some_and(|b| b.len() != out_dim) || part.start > part.end || part.end > n_panels {
             return None;
         }
-        let n_panels = out_dim.div_ceil(NR);
-        let ldc = n_panels * NR;
-        let mut bias_padded = vec![0f32; ldc];
+        let mut bias_padded = vec![0f32; n_panels * NR];
         if let Some(b) = bias {
             bias_padded[..out_dim].copy_from_slice(b);
         }
+        // y holds the part's panels only: panel p is at column (p - first) × 12.
+        let (first, ldc) = (part.start, part.len() * NR);
         // Not zeroed first: the kernel writes every element (its first pass over the inputs
         // starts from the bias), and zeroing is a pass over the output for nothing.
         let mut y: Vec<f32> = Vec::with_capacity(rows * ldc);
-        let step = if then.is_some() { THEN_PANELS } else { n_panels };
+        let step = if then.is_some() { THEN_PANELS } else { part.len() };
         // A 16-bit weight's panels are widened here, one pass of the kernel's width at a time.
         let mut wide = match &self.panels {
             Panels::F32(_) => Vec::new(),
             Panels::Half(..) => vec![0f32; kernel::KC.min(in_dim) * NR],
         };
-        let mut p0 = 0;
-        while p0 < n_panels {
-            let np = step.min(n_panels - p0);
+        let mut p0 = part.start;
+        while p0 < part.end {
+            let np = step.min(part.end - p0);
             // SAFETY: x holds rows rows of in_dim floats lda apart (`rows_fit`), the panels
             // n_panels × in_dim × 12 (`panel_layout`), the bias n_panels × 12 floats and y has
-            // room for rows rows of ldc = n_panels × 12; panels p0..p0 + np of each are in
-            // bounds, and `wide` holds a pass of one panel (kc ≤ KC inputs × 12). The kernel
+            // room for rows rows of ldc = part.len() × 12; panels p0..p0 + np ⊆ part of the
+            // weight and bias are in bounds, and at column (p0 - first) × 12 of y, and `wide`
+            // holds a pass of one panel (kc ≤ KC inputs × 12). The kernel
             // writes all of their outputs (every row tile, remainder rows included, of every
             // panel; in_dim > 0, as packing refuses 0), so `then` reads written floats, and once
             // every step has run, y's length can cover them all.
@@ -260,7 +291,7 @@ impl PackedWeight {
                         panels.as_ptr().add(p0 * in_dim * NR),
                         np,
                         bias_padded.as_ptr().add(p0 * NR),
-                        y.as_mut_ptr().add(p0 * NR),
+                        y.as_mut_ptr().add((p0 - first) * NR),
                         ldc,
                     )),
                     // Pass by pass as the f32 kernel goes (each output's sums start from the bias,
@@ -274,7 +305,7 @@ impl PackedWeight {
                                 let start = (p * in_dim + k0) * NR;
                                 kind.widen(&halves[start..start + kc * NR], &mut wide[..kc * NR]);
                                 let bias = if k0 == 0 { bias_padded.as_ptr().add(p * NR) } else { core::ptr::null() };
-                                run_kernel((x.as_ptr().add(k0), rows, kc, lda, wide.as_ptr(), 1, bias, y.as_mut_ptr().add(p * NR), ldc));
+                                run_kernel((x.as_ptr().add(k0), rows, kc, lda, wide.as_ptr(), 1, bias, y.as_mut_ptr().add((p - first) * NR), ldc));
                             }
                             k0 += kc;
                         }
@@ -282,7 +313,7 @@ impl PackedWeight {
                 }
                 if let Some(then) = then {
                     for r in 0..rows {
-                        then(std::slice::from_raw_parts_mut(y.as_mut_ptr().add(r * ldc + p0 * NR), np * NR));
+                        then(std::slice::from_raw_parts_mut(y.as_mut_ptr().add(r * ldc + (p0 - first) * NR), np * NR));
                     }
                 }
             }
@@ -306,6 +337,10 @@ unsafe fn run_kernel(args: (*const f32, usize, usize, usize, *const f32, usize, 
     }
     kernel::gemm(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8);
 }
+
+/// Panels a thread takes at least (of 64 for SigLIP-B's 768 outputs): fewer are not worth a
+/// thread's wake-up.
+const MIN_THREAD_PANELS: usize = 4;
 
 /// Panels a `then` pass follows: 16 × 12 features of SigLIP-B's 196 rows are 150 KB, in L2.
 const THEN_PANELS: usize = 16;
@@ -463,6 +498,24 @@ mod tests {
             }
         }
         assert!(PackedWeight::pack_half(&[0; 6], Half::F16, 2, 4).is_none());
+    }
+
+    /// On two threads each takes a share of the panels: the bits of one thread, with `then`
+    /// and 16-bit panels too, for outputs that are not whole panels.
+    #[test]
+    fn threads_split_the_panels_and_give_the_bits_of_one() {
+        let (rows, out_dim, in_dim) = (9, 200, 40);
+        let w = noise(out_dim * in_dim, 15);
+        let bits: Vec<u16> = w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+        let (x, b) = (noise(rows * in_dim, 16), noise(out_dim, 17));
+        let then = |v: &mut [f32]| v.iter_mut().for_each(|y| *y = y.max(0.0));
+        for packed in [PackedWeight::pack(&w, out_dim, in_dim), PackedWeight::pack_half(&bits, Half::Bf16, out_dim, in_dim)] {
+            let packed = packed.expect("lengths agree");
+            let one = packed.matmul_then(&x, Some(&b), Some(&then)).expect("lengths agree");
+            let two = crate::parallel::with_threads(2, || packed.matmul_then(&x, Some(&b), Some(&then))).expect("lengths agree");
+            assert_eq!(one.len(), rows * out_dim);
+            assert_eq!(one, two);
+        }
     }
 
     #[test]
