@@ -114,6 +114,8 @@ run_tests() {
   log "browser tests (headless Chromium)"
   # Arguments after the first `--` go to cargo, after the second to the test runner.
   wasm-pack test --headless --chrome --release -- -- --nocapture
+  # The benchmark exports are out of the shipped build: check that they still compile.
+  cargo check --lib --target wasm32-unknown-unknown --features bench
   build_pkg
   log "Node.js tests (the npm package under node --test)"
   node --test tests/node/*.test.mjs
