@@ -285,11 +285,11 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
     let data_len = len - data_start;
     let mut tensors = HashMap::new();
     for (name, info) in metadata.tensors() {
-        let (dtype, to) = match info.dtype {
-            safetensors::Dtype::F32 => (DType::F32, DType::F32),
-            safetensors::Dtype::F16 => (DType::F16, DType::F16),
-            safetensors::Dtype::BF16 => (DType::BF16, DType::BF16),
-            safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => (DType::U8, DType::U8),
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => DType::U8,
             other => {
                 return Err(err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported")));
             }
@@ -302,20 +302,12 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
         if end > data_len {
             return Err(truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
         }
-        let little = cfg!(target_endian = "little");
-        let tensor = if dtype == DType::F32 && little {
-            let values = read_values::<f32>(src, data_start + start, count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
-        } else if dtype == DType::F16 && little {
-            let values = read_values::<half::f16>(src, data_start + start, count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
-        } else if dtype == DType::BF16 && little {
-            let values = read_values::<half::bf16>(src, data_start + start, count).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            Tensor::from_vec(values, info.shape.as_slice(), &Device::Cpu)
-        } else {
-            let mut bytes = zeroed::<u8>(end - start).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            src.read(data_start + start, &mut bytes);
-            Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu).and_then(|t| t.to_dtype(to))
+        let tensor = match read_float_tensor(src, data_start + start, count, dtype, &info.shape) {
+            Some(tensor) => tensor,
+            None => zeroed::<u8>(end - start).and_then(|mut bytes| {
+                src.read(data_start + start, &mut bytes);
+                Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu).map_err(|e| e.to_string())
+            }),
         }
         .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
         tensors.insert(rename(&name), tensor);
@@ -323,15 +315,37 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
     Ok(tensors)
 }
 
+/// A tensor of `count` little-endian f32, f16 or bf16 values (`dtype`) at `start` of `src`, read
+/// straight into its storage (no second buffer the size of the tensor); `None` for another
+/// dtype, or on a big-endian target, which read through a buffer of bytes.
+pub(crate) fn read_float_tensor(
+    src: &dyn ByteSource,
+    start: usize,
+    count: usize,
+    dtype: DType,
+    shape: &[usize],
+) -> Option<std::result::Result<Tensor, String>> {
+    if !cfg!(target_endian = "little") {
+        return None;
+    }
+    let tensor = |values: std::result::Result<Tensor, candle_core::Error>| values.map_err(|e| e.to_string());
+    Some(match dtype {
+        DType::F32 => read_values::<f32>(src, start, count).and_then(|v| tensor(Tensor::from_vec(v, shape, &Device::Cpu))),
+        DType::F16 => read_values::<half::f16>(src, start, count).and_then(|v| tensor(Tensor::from_vec(v, shape, &Device::Cpu))),
+        DType::BF16 => read_values::<half::bf16>(src, start, count).and_then(|v| tensor(Tensor::from_vec(v, shape, &Device::Cpu))),
+        _ => return None,
+    })
+}
+
 /// Float values for which every bit pattern is a value: their bytes can be read straight into
-/// a tensor's storage (no second buffer the size of the tensor).
-pub(crate) trait PlainFloat: Clone + Default {}
+/// a tensor's storage.
+trait PlainFloat: Clone + Default {}
 impl PlainFloat for f32 {}
 impl PlainFloat for half::f16 {}
 impl PlainFloat for half::bf16 {}
 
 /// `count` little-endian values of `T` from `start` of `src`, read in place (little-endian targets).
-pub(crate) fn read_values<T: PlainFloat>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
+fn read_values<T: PlainFloat>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
     let mut values = zeroed::<T>(count)?;
     // SAFETY: `values` holds count × size_of::<T>() initialised bytes, and any bit pattern is a
     // valid T (`PlainFloat`); they are written as the file's little-endian values, on a

@@ -170,17 +170,9 @@ impl TensorRef {
             ok
         };
         let at = start as usize + self.offset * elem;
-        if contiguous && cfg!(target_endian = "little") {
-            // Floats straight into the tensor's storage (no second buffer of its size).
-            let shape = self.shape.as_slice();
-            let made = match self.storage.dtype {
-                DType::F32 => Some(Tensor::from_vec(crate::loading::read_values::<f32>(src, at, count)?, shape, &Device::Cpu)),
-                DType::F16 => Some(Tensor::from_vec(crate::loading::read_values::<half::f16>(src, at, count)?, shape, &Device::Cpu)),
-                DType::BF16 => Some(Tensor::from_vec(crate::loading::read_values::<half::bf16>(src, at, count)?, shape, &Device::Cpu)),
-                _ => None,
-            };
-            if let Some(tensor) = made {
-                return tensor.map_err(|e| e.to_string());
+        if contiguous {
+            if let Some(tensor) = crate::loading::read_float_tensor(src, at, count, self.storage.dtype, &self.shape) {
+                return tensor;
             }
         }
         let bytes = if contiguous {

@@ -588,8 +588,8 @@ pub fn bench_memory(bytes: usize, repeats: usize) -> f64 {
     crate::bench::memory_read_gbps(bytes, repeats)
 }
 
-/// Benchmark: one encoder-sized GEMM in f32 (packed) and in 8 bits, as JSON (see
-/// `bench::gemm_report`).
+/// Benchmark: one product in each form a weight takes (f32, f16, bf16 and 8-bit; packed for many
+/// rows, the matrix–vector kernels for a few), as JSON (see `bench::gemm_report`).
 #[cfg(feature = "bench")]
 #[wasm_bindgen(js_name = benchGemm)]
 pub fn bench_gemm(rows: usize, in_dim: usize, out_dim: usize, repeats: usize) -> Result<String, JsError> {

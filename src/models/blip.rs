@@ -307,11 +307,8 @@ impl Blip {
         // transformers 5 reads the decoder's own bias; 4.x files keep it as `predictions.bias`
         // (tied to it), and a tied head has no `decoder.weight`.
         let bias = p.get(v, "decoder.bias").or_else(|_| p.get(v, "bias"))?;
-        let decoder = match p.contains_tensor("decoder.weight") {
-            true => linear_b(h, v, false, p.pp("decoder"))?,
-            false => Linear::tied(&word_embeddings),
-        }
-        .with_bias(Some(bias));
+        let decoder = if p.contains_tensor("decoder.weight") { linear_b(h, v, false, p.pp("decoder"))? } else { Linear::tied(&word_embeddings) };
+        let decoder = decoder.with_bias(Some(bias));
         Ok(Self {
             vision: VisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
             word_embeddings,

@@ -273,14 +273,20 @@ fn gemm_rows(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     crate::parallel::split_along(&x2, 0, MIN_GEMM_ROWS, |x| x.matmul(w))?.reshape(out_shape(xs, out_dim))
 }
 
-/// y = W·x (+ b) for each of a few rows x, with W stored `[out, in]` (`nn.Linear`).
+/// y = W·x (+ b) for each of a few rows x, with W stored `[out, in]` (`nn.Linear`), f32 or
+/// 16-bit.
 fn matvec_out_in(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let x = xs.flatten_all()?.to_vec1::<f32>()?;
     if x.len() != rows * in_dim {
         candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
     }
-    let mut y = with_f32(w, |w| by_output_features(out_dim, in_dim, rows, |r| matmul_rows(&w[r.start * in_dim..r.end * in_dim], &x, in_dim, rows)))?;
+    let mut y = match Half::of(w.dtype()) {
+        Some(_) => half::with_bits(&w.contiguous()?, |w, kind| {
+            by_output_features(out_dim, in_dim, rows, |r| half_matmul_rows(&w[r.start * in_dim..r.end * in_dim], kind, &x, in_dim, rows))
+        })?,
+        None => with_f32(w, |w| by_output_features(out_dim, in_dim, rows, |r| matmul_rows(&w[r.start * in_dim..r.end * in_dim], &x, in_dim, rows)))?,
+    };
     if let Some(b) = b {
         with_f32(b, |b| y.chunks_exact_mut(out_dim).for_each(|y| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi)))?;
     }
@@ -455,15 +461,13 @@ impl Weight {
             Weight::Int8(m) => int8_forward(m, xs, bias, None),
         }
     }
-}
 
-impl Weight {
     /// A 16-bit weight: few rows through the matrix–vector kernel on rows widened a block at a
     /// time; many through our packed GEMM with the weight packed 16-bit for this call (WASM),
     /// else candle's on an f32 copy.
     fn half_forward(&self, w: &Tensor, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         if let Some(rows) = few_rows(xs)? {
-            return matvec_half(xs, w, bias, rows);
+            return matvec_out_in(xs, w, bias, rows);
         }
         if let Some(ys) = packed_for_this_call(xs, || self.packed(), bias)? {
             return Ok(ys);
@@ -505,22 +509,6 @@ fn half_matmul_rows(w: &[u16], kind: Half, x: &[f32], in_dim: usize, rows: usize
 /// Floats of widened weight rows a block works on: they stay in L1 while every input row
 /// passes over them.
 const WIDE_BLOCK: usize = 8192;
-
-/// y = W·x (+ b) for each of a few rows x, with W 16-bit `[out, in]`.
-fn matvec_half(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: usize) -> Result<Tensor> {
-    let (out_dim, in_dim) = w.dims2()?;
-    let x = xs.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-    if x.len() != rows * in_dim {
-        candle_core::bail!("linear: input has {} features, weight expects {in_dim}", x.len() / rows.max(1));
-    }
-    let mut y = half::with_bits(&w.contiguous()?, |w, kind| {
-        by_output_features(out_dim, in_dim, rows, |r| half_matmul_rows(&w[r.start * in_dim..r.end * in_dim], kind, &x, in_dim, rows))
-    })?;
-    if let Some(b) = b {
-        with_f32(b, |b| y.chunks_exact_mut(out_dim).for_each(|y| y.iter_mut().zip(b).for_each(|(yi, bi)| *yi += bi)))?;
-    }
-    Tensor::from_vec(y, out_shape(xs, out_dim), &Device::Cpu)
-}
 
 fn int8_forward(m: &Int8Weight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
     by_rows(m.dims(), xs, b, then, true, |x, b, then| m.matmul_then(x, b, then.map(|f| f as &dyn Fn(&mut [f32]))))
