@@ -1,7 +1,7 @@
 // Endurance of the JS package in headless Chromium: 200 load / caption / abort / dispose cycles
 // (the model from the Cache API after the first), then 1000 captions on one instance; the page's JS
-// heap (after a forced GC, through CDP) and the instance's WASM memory may grow ≤ 5 % after the
-// first ten. Prints the figures. Run by `./build.sh test-pages` after pkg/ is built.
+// heap (after a forced GC, through CDP) and the WASM memory may grow ≤ 5 % after the first ten.
+// Prints the figures. Run by `./build.sh test-pages` after pkg/ is built.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer } from '../../www/serve.mjs';
@@ -47,9 +47,13 @@ async function heap() {
 const MiB = (n) => `${(n / 2 ** 20).toFixed(2)} MiB`;
 
 test('200 load / caption / abort / dispose cycles: JS heap and WASM memory flat after the first ten', async () => {
+  // Each cycle's instance is a fresh worker: a leak that outlived dispose() would raise every later
+  // instance's memory, so the medians are compared. One instance's peak is not always the same
+  // (measured: 4 fresh instances in 200 at 340 pages right after load, the others at 322; the
+  // tokenizer's hash maps are seeded at random per instance, and with them the allocation order).
   const cycles = (n) => page.evaluate(async ([model, image, n]) => {
     const { Captioner } = await import('/pkg/index.js');
-    let wasm = 0;
+    const wasm = [];
     for (let i = 0; i < n; i++) {
       const c = await Captioner.fromPretrained(model);
       const run = c.caption(image, { numBeams: 1, maxNewTokens: 20 });
@@ -61,19 +65,21 @@ test('200 load / caption / abort / dispose cycles: JS heap and WASM memory flat 
       await run.result.catch((e) => { if (e.name !== 'AbortError') throw e; });
       const done = await c.caption(image, { numBeams: 1, maxNewTokens: 20 }).result;
       if (done.tokenIds.length !== 20) throw new Error(`cycle ${i}: ${done.tokenIds.length} tokens`);
-      wasm = Math.max(wasm, c.memoryBytes);
+      wasm.push(c.memoryBytes);
       c.dispose();
     }
     return wasm;
   }, [`${base}/${MODEL}/`, `${base}/${IMAGE}`, n]);
+  const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
   const t0 = Date.now();
-  const wasm10 = await cycles(10);
+  const first = await cycles(10);
   const heap10 = await heap();
-  const wasm200 = await cycles(190);
+  const rest = await cycles(190);
   const heap200 = await heap();
-  console.log(`200 cycles in ${((Date.now() - t0) / 1000).toFixed(1)} s: JS heap ${MiB(heap10)} after 10, ${MiB(heap200)} after 200 (${((heap200 / heap10 - 1) * 100).toFixed(1)} %); WASM memory per instance ${MiB(wasm10)} → ${MiB(wasm200)}`);
+  const [wasm10, wasmLast] = [median(first), median(rest.slice(-50))];
+  console.log(`200 cycles in ${((Date.now() - t0) / 1000).toFixed(1)} s: JS heap ${MiB(heap10)} after 10, ${MiB(heap200)} after 200 (${((heap200 / heap10 - 1) * 100).toFixed(1)} %); WASM memory per instance, median ${MiB(wasm10)} of the first 10 → ${MiB(wasmLast)} of the last 50 (all 200: ${MiB(Math.min(...first, ...rest))} to ${MiB(Math.max(...first, ...rest))})`);
   assert.ok(heap200 <= heap10 * 1.05, `JS heap grew from ${heap10} to ${heap200}`);
-  assert.ok(wasm200 <= wasm10 * 1.05, `WASM memory grew from ${wasm10} to ${wasm200}`);
+  assert.ok(wasmLast <= wasm10 * 1.05, `WASM memory per instance grew from ${wasm10} (median of the first 10) to ${wasmLast} (median of the last 50)`);
 });
 
 test('1000 captions on one instance: JS heap and WASM memory flat after the first ten', async () => {
