@@ -81,8 +81,9 @@ export async function clearCache(baseUrl) {
 export const env = {
   remoteHost: 'https://huggingface.co/',
   remotePathTemplate: '{model}/resolve/{revision}/',
-  // A file larger than this is read in pieces of this size, handed to WASM as they are: never
-  // one JS buffer (browsers cap an ArrayBuffer at 2–4 GB, Node.js a Buffer at 2 GB).
+  // The weights stream into WASM chunk by chunk (each tensor made as its bytes arrive); a File's
+  // are read in chunks of at most this many bytes (and of at most 4 MiB), never as one buffer
+  // (browsers cap an ArrayBuffer at 2–4 GB, Node.js a Buffer at 2 GB).
   maxPieceBytes: 256 * 1024 * 1024,
   // How long the threaded build's pool may take to start before the single-threaded build is used
   // instead (a page whose worker scripts lack the COEP header never starts it).
@@ -94,6 +95,9 @@ function pieceBytes() {
   if (!Number.isInteger(n) || n < 1) throw new Error(`env.maxPieceBytes must be a positive integer, not ${n}`);
   return n;
 }
+
+// The most bytes of a File held in JS at once while its weights stream into WASM.
+const STREAM_CHUNK = 4 * 1024 * 1024;
 
 // Collects a stream's chunks into pieces of at most `limit` bytes each (the last one shorter).
 function pieceCollector(limit) {
@@ -222,30 +226,33 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
         if (html) throw new Error(`${name}: ${url} answered with an HTML page, not the file (is the folder URL right?)`);
         throw new Error(`${name}: HTTP ${res.status} ${res.statusText} from ${url}`);
       }
-      const body = bodyOf(res, false);
-      const read = body.read;
-      body.read = async (onChunk) => {
-        const pieces = await read(onChunk);
-        if (cache) {
-          // A Blob of the pieces: the browser stores it without one buffer of the whole file.
-          const blob = new Blob(pieces);
-          const headers = { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream', 'Content-Length': String(blob.size) };
-          const etag = res.headers.get('ETag');
-          const modified = res.headers.get('Last-Modified');
-          if (etag) headers[ETAG_HEADER] = etag;
-          else if (modified) headers[MODIFIED_HEADER] = modified;
-          // Stored only once the whole file is here: a dropped download leaves nothing cached.
-          await cache.put(url, new Response(blob, { headers }));
-        }
-        return pieces;
-      };
+      const headers = { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream' };
+      const length = res.headers.get('Content-Length');
+      if (length) headers['Content-Length'] = length;
+      const etag = res.headers.get('ETag');
+      const modified = res.headers.get('Last-Modified');
+      if (etag) headers[ETAG_HEADER] = etag;
+      else if (modified) headers[MODIFIED_HEADER] = modified;
+      if (!cache || !res.body) return bodyOf(res, false);
+      // One branch into the Cache API as it arrives (stored only once the whole file is in: a
+      // dropped download leaves nothing cached), the other to whoever reads the body.
+      const [mine, cached] = res.body.tee();
+      const stored = cache.put(url, new Response(cached, { headers }));
+      stored.catch(() => {});
+      const body = bodyOf(new Response(mine, { headers: res.headers }), false);
+      const [read, stream] = [body.read, body.stream];
+      body.read = async (onChunk) => { const pieces = await read(onChunk); await stored; return pieces; };
+      body.stream = async (onChunk, push) => { await stream(onChunk, push); await stored; };
+      body.shared = true;
       return body;
     },
   };
 }
 
 // A file body: `read(onChunk)` gives its bytes as an array of ArrayBuffer pieces (one, unless
-// the file is larger than env.maxPieceBytes).
+// the file is larger than env.maxPieceBytes); `stream(onChunk, push)` hands them to `push` chunk by
+// chunk as they arrive (awaiting it: the consumer paces the download). `shared`: its chunks are
+// also another reader's (a teed stream), so a consumer must copy rather than take them.
 function bodyOf(res, cached) {
   const length = Number(res.headers.get('Content-Length'));
   return {
@@ -267,6 +274,25 @@ function bodyOf(res, cached) {
         onChunk(value.byteLength);
       }
       return pieces.finish();
+    },
+    async stream(onChunk, push) {
+      if (!res.body) {
+        const buf = await res.arrayBuffer();
+        onChunk(buf.byteLength);
+        return push(new Uint8Array(buf));
+      }
+      const reader = res.body.getReader();
+      try {
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          onChunk(value.byteLength);
+          await push(value);
+        }
+      } catch (e) {
+        reader.cancel(e).catch(() => {});
+        throw e;
+      }
     },
   };
 }
@@ -294,6 +320,15 @@ function blobEntry(key, name, required, map) {
           }
           return pieces;
         },
+        async stream(onChunk, push) {
+          const limit = Math.min(pieceBytes(), STREAM_CHUNK);
+          for (let at = 0; at < blob.size; at += limit) {
+            const buf = await blob.slice(at, Math.min(blob.size, at + limit)).arrayBuffer();
+            onChunk(buf.byteLength);
+            await push(new Uint8Array(buf));
+          }
+        },
+        exact: true,
       };
     },
   };
@@ -336,18 +371,30 @@ async function openWeights(source, entriesFor, signal) {
   const bytes = joined(await weights.body.read(() => {}));
   throwIfAborted(signal);
   const names = shardNames(name, new TextDecoder().decode(bytes));
-  weights.body = { cached: weights.body.cached, size: bytes.byteLength, read: async (onChunk) => { onChunk(bytes.byteLength); return [bytes]; } };
+  weights.body = {
+    cached: weights.body.cached,
+    size: bytes.byteLength,
+    exact: true,
+    read: async (onChunk) => { onChunk(bytes.byteLength); return [bytes]; },
+    stream: async (onChunk, push) => { onChunk(bytes.byteLength); await push(new Uint8Array(bytes.slice(0))); },
+  };
   weights.shards = { names, entries: entriesFor(source, names.map((n, i) => [`shard${i}`, n, true])) };
   return weights;
 }
 
-/** @internal For tests: the files fromPretrained hands the worker. */
-export function _loadFiles(source, adapter, options) {
-  return loadFiles(source, adapter, options);
+/** @internal For tests: the small files fromPretrained hands the worker; the weights go to `sink`. */
+export function _loadFiles(source, adapter, options, sink) {
+  return loadFiles(source, adapter, options, sink);
 }
 
-async function loadFiles(source, adapter, options) {
-  const { onProgress, cache: useCache = true, signal } = options;
+// The model's files: the small ones returned (`files`), the weight file and any shards streamed
+// into `sink` (`weights(name)` once, then per file `open(name, size)` and `push(name, chunk)`,
+// awaited, chunks of one file in order).
+async function loadFiles(source, adapter, options, sink) {
+  const { onProgress, cache: useCache = true } = options;
+  // Aborted too when the weights are refused mid-stream, so that no download goes on into the cache.
+  const stop = new AbortController();
+  const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
   const cache = useCache && cacheAvailable() ? await caches.open(CACHE_NAME) : null;
   const reload = useCache === 'reload';
   const entriesFor = (src, list) => {
@@ -410,25 +457,39 @@ async function loadFiles(source, adapter, options) {
       fileDone: done, cached: e.body.cached, loaded, total, fraction,
     });
   };
-  const files = { weightsName: weights.entry.name, shardNames: weights.shards?.names ?? [] };
-  await Promise.all(present.map(async (e) => {
-    emit(e, false);
-    const pieces = await e.body.read((n) => {
-      perFile.set(e.name, perFile.get(e.name) + n);
-      loaded += n;
+  // If the model then fails to load, these entries are dropped so a fixed file is fetched again.
+  const forget = cache ? () => Promise.all(entries.filter((e) => e.remote).map((e) => cache.delete(e.url))) : async () => {};
+  const files = {};
+  await sink.weights(weights.entry.name);
+  const streamed = (e) => e.key === 'weights' || e.key.startsWith('shard');
+  for (const e of present) if (streamed(e)) await sink.open(e.name, e.body.exact ? e.body.size : undefined);
+  try {
+    await Promise.all(present.map(async (e) => {
       emit(e, false);
-    });
-    // The weights and shards stay in pieces (WASM reads them by range); the rest are small.
-    files[e.key] = e.key === 'weights' || e.key.startsWith('shard') ? pieces : joined(pieces);
-    throwIfAborted(signal);
-    emit(e, true);
-  }));
+      const onChunk = (n) => {
+        perFile.set(e.name, perFile.get(e.name) + n);
+        loaded += n;
+        emit(e, false);
+      };
+      if (streamed(e)) {
+        // A teed chunk is the Cache API's too: the sink gets a copy it may take.
+        await e.body.stream(onChunk, (chunk) => sink.push(e.name, e.body.shared ? chunk.slice() : chunk));
+      } else {
+        files[e.key] = joined(await e.body.read(onChunk));
+      }
+      throwIfAborted(options.signal);
+      emit(e, true);
+    }));
+  } catch (e) {
+    stop.abort(e);
+    // A file refused mid-stream is not kept (the next load fetches it again).
+    if (e.name !== 'AbortError') await forget().catch(() => {});
+    throw e;
+  }
   // Every byte is in: 100 %, whatever the servers declared.
   total = loaded;
   fraction = 1;
   onProgress?.({ file: null, url: null, fileLoaded: 0, fileTotal: 0, fileDone: true, cached: false, loaded, total, fraction, done: true });
-  // If the model then fails to load, these entries are dropped so a fixed file is fetched again.
-  const forget = cache ? () => Promise.all(entries.filter((e) => e.remote).map((e) => cache.delete(e.url))) : async () => {};
   return { files, forget };
 }
 
@@ -541,11 +602,12 @@ function defaultThreads() {
   return Math.max(1, Math.min(8, globalThis.navigator?.hardwareConcurrency ?? 1));
 }
 
+// Bytes sent to the worker and not yet in WASM memory, past which the download waits.
+const IN_FLIGHT_BYTES = 16 * 1024 * 1024;
+
 /** A worker with the model loaded: { worker, defaults, threads, memoryBytes }. */
 async function startWorker(source, options) {
   const { signal, threads } = options;
-  throwIfAborted(signal);
-  const { files, forget } = await loadFiles(source, options.adapter, options);
   throwIfAborted(signal);
   // Written out literally so bundlers (Vite, webpack) find and emit the worker and its wasm.
   const worker = options.workerUrl
@@ -553,28 +615,66 @@ async function startWorker(source, options) {
     : platform.createWorker
       ? platform.createWorker()
       : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'wasmcap' });
-  let loaded;
+  // The worker's answers: 'consumed' (chunks in WASM memory: the download may go on), then
+  // 'loaded'; 'error' (a refused chunk, a failed start or load) ends it all.
+  let failure = null;
+  let loaded = null;
+  let settle = null;
+  let inFlight = 0;
+  let waiting = [];
+  const wake = () => { const w = waiting; waiting = []; for (const f of w) f(); };
+  const fail = (error) => { failure ??= error; wake(); settle?.(); };
+  const onAbort = () => fail(abortError(signal));
+  signal?.addEventListener('abort', onAbort, { once: true });
+  worker.onmessage = ({ data }) => {
+    if (data.type === 'consumed') {
+      inFlight -= data.bytes;
+      if (inFlight <= IN_FLIGHT_BYTES) wake();
+    } else if (data.type === 'loaded') {
+      loaded = data;
+      settle?.();
+    } else if (data.type === 'error') fail(new Error(data.message));
+  };
+  worker.onerror = (e) => {
+    e.preventDefault?.();
+    fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
+  };
+  const check = () => { if (failure) throw failure; };
+  const sink = {
+    async weights(name) {
+      check();
+      worker.postMessage({ type: 'weights', name, threads, threadStartMs: env.threadStartMs });
+    },
+    async open(file, size) {
+      check();
+      worker.postMessage({ type: 'open', file, size });
+    },
+    async push(file, chunk) {
+      check();
+      // Taken, not copied, where the chunk is a whole buffer of its own.
+      const own = chunk.byteOffset === 0 && chunk.byteLength === chunk.buffer.byteLength;
+      const bytes = own ? chunk : chunk.slice();
+      inFlight += bytes.byteLength;
+      worker.postMessage({ type: 'chunk', file, chunk: bytes }, [bytes.buffer]);
+      while (inFlight > IN_FLIGHT_BYTES && !failure) await new Promise((ok) => waiting.push(ok));
+      check();
+    },
+  };
+  let forget = async () => {};
   try {
-    await new Promise((ok, fail) => {
-      const onAbort = () => fail(abortError(signal));
-      signal?.addEventListener('abort', onAbort, { once: true });
-      worker.onmessage = ({ data }) => {
-        signal?.removeEventListener('abort', onAbort);
-        if (data.type === 'loaded') { loaded = data; ok(); }
-        else fail(new Error(data.message));
-      };
-      worker.onerror = (e) => {
-        signal?.removeEventListener('abort', onAbort);
-        e.preventDefault?.();
-        fail(new Error(`wasmcap worker failed to start: ${e.message ?? 'could not load worker.js'}`));
-      };
-      const transfer = Object.values(files).flat().filter((b) => b instanceof ArrayBuffer);
-      worker.postMessage({ type: 'load', files, quantize: options.quantize, threads, threadStartMs: env.threadStartMs }, transfer);
-    });
+    const got = await loadFiles(source, options.adapter, options, sink);
+    forget = got.forget;
+    check();
+    const done = new Promise((ok) => { settle = ok; });
+    worker.postMessage({ type: 'load', files: got.files, quantize: options.quantize }, Object.values(got.files).filter((b) => b instanceof ArrayBuffer));
+    if (!loaded && !failure) await done;
+    check();
   } catch (e) {
     worker.terminate();
     if (e.name !== 'AbortError') await forget().catch(() => {});
     throw e;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
   }
   worker.onmessage = null;
   worker.onerror = null;

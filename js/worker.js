@@ -1,7 +1,10 @@
 // wasmcap's module Web Worker: owns the WASM instance and the WasmCaptioner. It only converts
 // messages to calls of the wasm-bindgen API (src/wasm.rs) and back; no model logic lives here.
 //
-// main → worker: { type: 'load', files, quantize, threads, threadStartMs }
+// main → worker: { type: 'weights', name, threads, threadStartMs } (starts the WASM build and a
+//                  WasmWeights), { type: 'open', file, size }, { type: 'chunk', file, chunk }*
+//                  → { type: 'consumed', bytes } per chunk (once it is in WASM memory) | { type: 'error' }
+//                { type: 'load', files, quantize } (the small files; the weights were streamed)
 //                  → { type: 'loaded', defaults, threads, memoryBytes, threadsFallback } | { type: 'error' }
 //                { type: 'caption', run, image, options }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
@@ -187,32 +190,72 @@ async function captionMany({ run, images, options }) {
   }
 }
 
+// The weights as they stream in, and the loading messages in the order they came (starting
+// the WASM build is asynchronous).
+let weights = null;
+let refused = null;
+let loading = Promise.resolve();
+
+function load({ files: f, quantize }) {
+  const mod = wasm.mod;
+  const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
+  captioner?.free();
+  captioner = null;
+  if (refused) throw new Error(refused);
+  const tokenizer = f.tokenizer !== undefined ? u8(f.tokenizer)
+    : f.gpt2Vocab !== undefined && f.gpt2Merges !== undefined
+      ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
+      : mod.bertTokenizerJson(u8(f.bertVocab), u8(f.tokenizerConfig), u8(f.specialTokensMap));
+  const [templateName, template] = f.chatTemplateJinja !== undefined ? ['chat_template.jinja', f.chatTemplateJinja]
+    : f.chatTemplateJson !== undefined ? ['chat_template.json', f.chatTemplateJson] : [undefined, undefined];
+  // The constructor takes the weights (their tensors move into the model).
+  const streamed = weights;
+  weights = null;
+  captioner = new mod.WasmCaptioner(u8(f.config), streamed, tokenizer, u8(f.preprocessor),
+    u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), templateName, u8(template));
+  if (quantize) captioner.quantize(quantize);
+  postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads: wasm.threads, memoryBytes: mod.memoryBytes(), threadsFallback: wasm.fallback });
+}
+
+function loadingStep(data) {
+  switch (data.type) {
+    case 'weights':
+      return (async () => {
+        const { mod } = await startWasm(data.threads ?? 1, data.threadStartMs);
+        weights?.free();
+        refused = null;
+        weights = new mod.WasmWeights(data.name);
+      })();
+    case 'open':
+      if (!refused) weights.open(data.file, data.size);
+      return;
+    case 'chunk':
+      if (!refused) {
+        try {
+          weights.push(data.file, new Uint8Array(data.chunk.buffer, data.chunk.byteOffset, data.chunk.byteLength));
+        } catch (e) {
+          refused = message(e);
+          postMessage({ type: 'error', message: refused });
+        }
+      }
+      postMessage({ type: 'consumed', bytes: data.chunk.byteLength });
+      return;
+    case 'load':
+      return load(data);
+  }
+}
+
 self.onmessage = async ({ data }) => {
   switch (data.type) {
+    case 'weights':
+    case 'open':
+    case 'chunk':
     case 'load':
-      try {
-        const { mod, threads, fallback } = await startWasm(data.threads ?? 1, data.threadStartMs);
-        const f = data.files;
-        const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
-        // The weights and shards: arrays of pieces (a big file is never one buffer).
-        const pieces = (list) => list.map((b) => new Uint8Array(b));
-        captioner?.free();
-        captioner = null;
-        const tokenizer = f.tokenizer !== undefined ? u8(f.tokenizer)
-          : f.gpt2Vocab !== undefined && f.gpt2Merges !== undefined
-            ? mod.gpt2TokenizerJson(u8(f.gpt2Vocab), u8(f.gpt2Merges), u8(f.tokenizerConfig), u8(f.specialTokensMap))
-            : mod.bertTokenizerJson(u8(f.bertVocab), u8(f.tokenizerConfig), u8(f.specialTokensMap));
-        const shardNames = f.shardNames ?? [];
-        const [templateName, template] = f.chatTemplateJinja !== undefined ? ['chat_template.jinja', f.chatTemplateJinja]
-          : f.chatTemplateJson !== undefined ? ['chat_template.json', f.chatTemplateJson] : [undefined, undefined];
-        captioner = new mod.WasmCaptioner(u8(f.config), pieces(f.weights), tokenizer, u8(f.preprocessor),
-          u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), f.weightsName, shardNames,
-          shardNames.map((_, i) => pieces(f[`shard${i}`])), templateName, u8(template));
-        if (data.quantize) captioner.quantize(data.quantize);
-        postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads, memoryBytes: mod.memoryBytes(), threadsFallback: fallback });
-      } catch (e) {
-        postMessage({ type: 'error', message: message(e) });
-      }
+      loading = loading.then(() => loadingStep(data)).catch((e) => {
+        // Reported once; later steps of this load are dropped.
+        if (!refused) postMessage({ type: 'error', message: message(e) });
+        refused ??= message(e);
+      });
       break;
     case 'caption':
       // One caption at a time; later ones wait their turn.

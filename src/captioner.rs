@@ -1,6 +1,8 @@
 //! The whole path in one place: files → model; image → pixel values → encoder states →
 //! tokens, one at a time so callers (the CLI, WASM, the JS worker) can stream them.
 
+use std::collections::HashMap;
+
 use candle_core::{IndexOp, Tensor};
 
 use crate::architecture::{self, Architecture, DecodeState, PromptInputs};
@@ -194,11 +196,17 @@ impl Captioner {
     /// checkpoint's shards from `shards`, by the names its index uses): in WASM the downloaded
     /// files stay in their JS buffers and only the tensors are made in WASM memory.
     pub fn from_files_reading(files: ModelFiles<'_>, weights: &dyn loading::ByteSource, shards: &[(&str, &dyn loading::ByteSource)]) -> Result<Self> {
+        Self::from_files_with(files, |rename| files.tensors(weights, shards, rename))
+    }
+
+    /// [`Captioner::from_files`] with the checkpoint's tensors from `tensors` (given the family's
+    /// renaming): in WASM, the tensors made as the weights streamed in (`files.weights` unread).
+    pub fn from_files_with(files: ModelFiles<'_>, tensors: impl FnOnce(fn(&str) -> String) -> Result<HashMap<String, Tensor>>) -> Result<Self> {
         let config = loading::parse_json(loading::CONFIG, files.config)?;
         let generation = files.generation.map(|bytes| loading::parse_json(loading::GENERATION, bytes)).transpose()?;
         let family = architecture::family_of(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
         let build = (family.config)(&config).map_err(|reason| Error::config(loading::CONFIG, reason))?;
-        let tensors = load_weights(&files, weights, shards, family.rename)?;
+        let tensors = with_adapter(&files, tensors(family.rename)?, family.rename)?;
         let q8_0 = is_q8_0_checkpoint(&tensors);
         let model = loading::build_model(files.weights_name, tensors, build)?;
         let generation = GenerationDefaults::resolve(generation.as_ref(), &config, family.decoder_section)?;
@@ -720,13 +728,7 @@ impl Captioner {
 }
 
 /// The model's tensors with the adapter (if any) merged in.
-fn load_weights(
-    files: &ModelFiles<'_>,
-    weights: &dyn loading::ByteSource,
-    shards: &[(&str, &dyn loading::ByteSource)],
-    rename: fn(&str) -> String,
-) -> Result<std::collections::HashMap<String, Tensor>> {
-    let mut tensors = files.tensors(weights, shards, rename)?;
+fn with_adapter(files: &ModelFiles<'_>, mut tensors: HashMap<String, Tensor>, rename: fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
     if let Some(adapter) = files.adapter {
         if let Some(name) = tensors.keys().find(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX)) {
             return Err(Error::Safetensors {
@@ -742,7 +744,7 @@ fn load_weights(
 /// Whether a checkpoint holds q8_0 matrices (written by `crate::quantize`): then its decoder runs
 /// in q8_0 throughout (the LM head — tied to the embedding, which the file keeps in f16 — is
 /// quantized once loaded), and its encoder side in 8 bits (`Captioner::quantize_encoder`).
-fn is_q8_0_checkpoint(tensors: &std::collections::HashMap<String, Tensor>) -> bool {
+fn is_q8_0_checkpoint(tensors: &HashMap<String, Tensor>) -> bool {
     tensors.keys().any(|k| k.ends_with(crate::models::linear::Q8_0_SUFFIX))
 }
 

@@ -260,59 +260,279 @@ pub fn load_safetensors(file: &str, bytes: &[u8], rename: impl Fn(&str) -> Strin
 }
 
 /// The tensors of a safetensors file from any [`ByteSource`] (a model's checkpoint): the header
-/// first, then one tensor at a time, each read straight into its storage (f32) or made from a
-/// buffer of its own bytes. f16 and bf16 stay as stored (a model keeps its 16-bit matrices
-/// 16-bit and widens the rest as it builds, see [`build_model`]).
+/// first, then one tensor at a time, each read straight into its storage. f16 and bf16 stay as
+/// stored (a model keeps its 16-bit matrices 16-bit and widens the rest as it builds, see
+/// [`build_model`]).
 pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
-    let err = |reason: String| Error::Safetensors { file: file.to_string(), reason };
-    let len = src.len();
-    let truncated = |what: &str| err(format!("the file is truncated or not safetensors ({len} bytes): {what}"));
-    if len < 8 {
-        return Err(truncated("no header length"));
+    let mut stream = SafetensorsStream::new(file, Some(src.len()));
+    while let Some((at, into)) = stream.next_span()? {
+        if at + into.len() > src.len() {
+            // Only the 8 bytes of the header's length are asked for unchecked: `finish` says so.
+            break;
+        }
+        src.read(at, into);
+        let n = into.len();
+        stream.filled(n)?;
     }
-    let mut n = [0u8; 8];
-    src.read(0, &mut n);
-    let header_len = u64::from_le_bytes(n);
-    // safetensors' own limit on the header (100 MB).
-    if header_len > 100_000_000 || header_len > (len - 8) as u64 {
-        return Err(truncated(&format!("a header of {header_len} bytes")));
+    Ok(stream.finish()?.into_iter().map(|(name, t)| (rename(&name), t)).collect())
+}
+
+/// A safetensors file read front to back as its bytes arrive (in WASM, `fetch`'s chunks): the
+/// header, then each tensor straight into its own storage, made when its first byte arrives —
+/// never a buffer of the file, so loading needs the model's memory and no more.
+pub struct SafetensorsStream {
+    file: String,
+    /// The file's length when known beforehand (a `Content-Length`): ranges past it are refused
+    /// before anything is allocated for them.
+    len: Option<usize>,
+    /// Bytes taken so far.
+    at: usize,
+    /// The 8-byte header length, then the header; `head_filled` of it taken.
+    head: Vec<u8>,
+    head_filled: usize,
+    parsed: bool,
+    /// Tensors not begun, the next one (lowest offset) last.
+    pending: Vec<Entry>,
+    filling: Option<(Entry, Storage, usize)>,
+    done: HashMap<String, Tensor>,
+}
+
+struct Entry {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// File offsets.
+    start: usize,
+    end: usize,
+}
+
+/// A tensor's storage as its bytes are written into it.
+enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+    Bytes(Vec<u8>),
+}
+
+impl Storage {
+    fn new(dtype: DType, bytes: usize) -> std::result::Result<Storage, String> {
+        // Little-endian targets read the file's values in place; others go through bytes.
+        Ok(match dtype {
+            DType::F32 if cfg!(target_endian = "little") => Storage::F32(zeroed(bytes / 4)?),
+            DType::F16 if cfg!(target_endian = "little") => Storage::F16(zeroed(bytes / 2)?),
+            DType::BF16 if cfg!(target_endian = "little") => Storage::Bf16(zeroed(bytes / 2)?),
+            _ => Storage::Bytes(zeroed(bytes)?),
+        })
     }
-    let mut header = vec![0u8; header_len as usize];
-    src.read(8, &mut header);
-    let header = std::str::from_utf8(&header).map_err(|e| err(format!("the header is not UTF-8: {e}")))?;
-    let metadata: safetensors::tensor::Metadata = serde_json::from_str(header).map_err(|e| err(format!("invalid header: {e}")))?;
-    let data_start = 8 + header_len as usize;
-    let data_len = len - data_start;
-    let mut tensors = HashMap::new();
-    for (name, info) in metadata.tensors() {
-        let dtype = match info.dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => DType::U8,
-            other => {
-                return Err(err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported")));
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        fn view<T: PlainFloat>(v: &mut [T]) -> &mut [u8] {
+            // SAFETY: the slice's initialised values as bytes; any bit pattern is a valid T
+            // (`PlainFloat`), so whatever is written there leaves valid values.
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+        }
+        match self {
+            Storage::F32(v) => view(v),
+            Storage::F16(v) => view(v),
+            Storage::Bf16(v) => view(v),
+            Storage::Bytes(v) => v,
+        }
+    }
+
+    fn into_tensor(self, dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
+        match self {
+            Storage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            Storage::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            Storage::Bf16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            Storage::Bytes(v) => Tensor::from_raw_buffer(&v, dtype, shape, &Device::Cpu),
+        }
+    }
+}
+
+impl SafetensorsStream {
+    /// `len`: the file's length, if known.
+    pub fn new(file: &str, len: Option<usize>) -> Self {
+        SafetensorsStream {
+            file: file.to_string(),
+            len,
+            at: 0,
+            head: vec![0; 8],
+            head_filled: 0,
+            parsed: false,
+            pending: Vec::new(),
+            filling: None,
+            done: HashMap::new(),
+        }
+    }
+
+    fn err(&self, reason: String) -> Error {
+        Error::Safetensors { file: self.file.clone(), reason }
+    }
+
+    fn truncated(&self, what: &str) -> Error {
+        let len = match self.len {
+            Some(len) => format!("{len} bytes"),
+            None => format!("{} bytes so far", self.at),
+        };
+        self.err(format!("the file is truncated or not safetensors ({len}): {what}"))
+    }
+
+    /// Takes the next bytes of the file: `copy(from, into)` fills `into` with the chunk's bytes
+    /// from `from` on (the chunk holds `len` bytes). Bytes past the last tensor are ignored.
+    pub fn push(&mut self, len: usize, mut copy: impl FnMut(usize, &mut [u8])) -> Result<()> {
+        let mut from = 0;
+        while from < len {
+            let here = self.at;
+            let Some((at, into)) = self.next_span()? else {
+                self.at += len - from;
+                return Ok(());
+            };
+            if at > here {
+                // Between tensors.
+                let skip = (at - here).min(len - from);
+                self.at += skip;
+                from += skip;
+                continue;
             }
-        };
-        let (start, end) = info.data_offsets;
-        let count = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let Some(count) = count.filter(|c| start <= end && c.checked_mul(dtype.size_in_bytes()) == Some(end - start)) else {
-            return Err(err(format!("tensor `{name}`: offsets {start}..{end} do not hold shape {:?} of {:?}", info.shape, info.dtype)));
-        };
-        if end > data_len {
-            return Err(truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
+            let n = into.len().min(len - from);
+            copy(from, &mut into[..n]);
+            from += n;
+            self.filled(n)?;
         }
-        let tensor = match read_float_tensor(src, data_start + start, count, dtype, &info.shape) {
-            Some(tensor) => tensor,
-            None => zeroed::<u8>(end - start).and_then(|mut bytes| {
-                src.read(data_start + start, &mut bytes);
-                Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu).map_err(|e| e.to_string())
-            }),
-        }
-        .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-        tensors.insert(rename(&name), tensor);
+        Ok(())
     }
-    Ok(tensors)
+
+    /// Where the next wanted bytes go: their file offset and the memory they fill (the header,
+    /// or the rest of the tensor being read); `None` once every tensor is complete.
+    pub fn next_span(&mut self) -> Result<Option<(usize, &mut [u8])>> {
+        if !self.parsed {
+            return Ok(Some((self.head_filled, &mut self.head[self.head_filled..])));
+        }
+        if self.filling.is_none() {
+            let Some(entry) = self.pending.pop() else { return Ok(None) };
+            let storage = Storage::new(entry.dtype, entry.end - entry.start).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
+            self.filling = Some((entry, storage, 0));
+            if self.complete_tensor()? {
+                return self.next_span();
+            }
+        }
+        let Some((entry, storage, filled)) = self.filling.as_mut() else { return Ok(None) };
+        Ok(Some((entry.start + *filled, &mut storage.bytes_mut()[*filled..])))
+    }
+
+    /// The first `n` bytes of [`Self::next_span`]'s memory are written.
+    pub fn filled(&mut self, n: usize) -> Result<()> {
+        if !self.parsed {
+            self.head_filled += n;
+            self.at = self.head_filled;
+            if self.head_filled == 8 {
+                let header_len = u64::from_le_bytes([
+                    self.head[0],
+                    self.head[1],
+                    self.head[2],
+                    self.head[3],
+                    self.head[4],
+                    self.head[5],
+                    self.head[6],
+                    self.head[7],
+                ]);
+                // safetensors' own limit on the header (100 MB).
+                let room = self.len.map_or(u64::MAX, |len| len.saturating_sub(8) as u64);
+                if header_len > 100_000_000 || header_len > room {
+                    return Err(self.truncated(&format!("a header of {header_len} bytes")));
+                }
+                self.head.resize(8 + header_len as usize, 0);
+            }
+            if self.head_filled == self.head.len() && self.head_filled >= 8 {
+                self.parse_header()?;
+            }
+            return Ok(());
+        }
+        if let Some((entry, _, filled)) = self.filling.as_mut() {
+            *filled += n;
+            self.at = entry.start + *filled;
+            self.complete_tensor()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the tensor being read once all its bytes are in; whether it did.
+    fn complete_tensor(&mut self) -> Result<bool> {
+        let complete = matches!(&self.filling, Some((entry, _, filled)) if entry.start + filled == entry.end);
+        if !complete {
+            return Ok(false);
+        }
+        let Some((entry, storage, _)) = self.filling.take() else { return Ok(false) };
+        let tensor = storage.into_tensor(entry.dtype, &entry.shape).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
+        self.done.insert(entry.name, tensor);
+        Ok(true)
+    }
+
+    fn parse_header(&mut self) -> Result<()> {
+        let header = std::str::from_utf8(&self.head[8..]).map_err(|e| self.err(format!("the header is not UTF-8: {e}")))?;
+        let metadata: safetensors::tensor::Metadata = serde_json::from_str(header).map_err(|e| self.err(format!("invalid header: {e}")))?;
+        let data_start = self.head.len();
+        let data_len = self.len.map(|len| len - data_start);
+        let mut entries = Vec::new();
+        for (name, info) in metadata.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::I8 if name.ends_with(crate::models::linear::Q8_0_SUFFIX) => DType::U8,
+                other => {
+                    return Err(
+                        self.err(format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 weights (and I8 q8_0 blocks) are supported"))
+                    );
+                }
+            };
+            let (start, end) = info.data_offsets;
+            let count = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if !count.is_some_and(|c| start <= end && c.checked_mul(dtype.size_in_bytes()) == Some(end - start)) {
+                return Err(self.err(format!("tensor `{name}`: offsets {start}..{end} do not hold shape {:?} of {:?}", info.shape, info.dtype)));
+            }
+            if let (Some(data_len), Some(len)) = (data_len, self.len) {
+                if end > data_len {
+                    return Err(self.truncated(&format!("tensor `{name}` ends at byte {} of {len}", data_start + end)));
+                }
+            }
+            let (Some(start), Some(end)) = (data_start.checked_add(start), data_start.checked_add(end)) else {
+                return Err(self.truncated(&format!("tensor `{name}`: offsets past what this platform can address")));
+            };
+            entries.push(Entry { name, dtype, shape: info.shape.clone(), start, end });
+        }
+        // Read front to back: by offset (the header's validation saw that they tile the data).
+        entries.sort_by_key(|e| std::cmp::Reverse(e.start));
+        self.pending = entries;
+        self.parsed = true;
+        Ok(())
+    }
+
+    /// Every tensor, by its name in the file, once the file has ended; a file that ended early is
+    /// an error naming what is missing.
+    pub fn finish(mut self) -> Result<HashMap<String, Tensor>> {
+        if !self.parsed {
+            return Err(if self.head_filled < 8 {
+                self.truncated("no header length")
+            } else {
+                self.truncated(&format!("a header of {} bytes", self.head.len() - 8))
+            });
+        }
+        // Zero-sized tensors that no byte came after.
+        while self.filling.is_none() && self.pending.last().is_some_and(|e| e.start == e.end) {
+            if let Some(entry) = self.pending.pop() {
+                let empty = Storage::new(entry.dtype, 0).map_err(|e| self.err(e))?;
+                let tensor = empty.into_tensor(entry.dtype, &entry.shape).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
+                self.done.insert(entry.name, tensor);
+            }
+        }
+        let unread = self.filling.as_ref().map(|(e, _, _)| e).or(self.pending.last());
+        if let Some(entry) = unread {
+            let len = self.len.map_or(String::new(), |len| format!(" of {len}"));
+            return Err(self.truncated(&format!("tensor `{}` ends at byte {}{len}", entry.name, entry.end)));
+        }
+        Ok(self.done)
+    }
 }
 
 /// A tensor of `count` little-endian f32, f16 or bf16 values (`dtype`) at `start` of `src`, read
@@ -420,17 +640,27 @@ pub fn load_sharded(
     shards: &[(&str, &dyn ByteSource)],
     rename: impl Fn(&str) -> String,
 ) -> Result<HashMap<String, Tensor>> {
+    let load = |shard: &str| {
+        let src = shards.iter().find(|(name, _)| *name == shard).map(|(_, src)| *src);
+        src.map(|src| load_checkpoint_file(shard, src, |n| n.to_string())).transpose()
+    };
+    load_sharded_with(index_file, index, load, rename)
+}
+
+/// [`load_sharded`] with each shard's tensors (by their stored names) from `load`, `None` for a
+/// shard that is not there.
+pub fn load_sharded_with(
+    index_file: &str,
+    index: &[u8],
+    mut load: impl FnMut(&str) -> Result<Option<HashMap<String, Tensor>>>,
+    rename: impl Fn(&str) -> String,
+) -> Result<HashMap<String, Tensor>> {
     let map = weight_map(index_file, index)?;
     let mut out = HashMap::new();
     for shard in unique_shards(&map) {
         let expected: Vec<&String> = map.iter().filter(|(_, s)| *s == shard).map(|(t, _)| t).collect();
         let first = expected.first().map(|t| t.as_str()).unwrap_or_default();
-        let src = shards
-            .iter()
-            .find(|(name, _)| *name == shard)
-            .map(|(_, src)| *src)
-            .ok_or_else(|| Error::MissingFile(format!("{shard} (the shard {index_file} names for `{first}`)")))?;
-        let mut tensors = load_checkpoint_file(&shard, src, |n| n.to_string())?;
+        let mut tensors = load(&shard)?.ok_or_else(|| Error::MissingFile(format!("{shard} (the shard {index_file} names for `{first}`)")))?;
         for tensor in expected {
             if !tensors.contains_key(tensor.as_str()) {
                 return Err(Error::MissingTensor { file: format!("{shard} (as {index_file} says)"), name: tensor.clone() });

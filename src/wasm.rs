@@ -20,24 +20,17 @@ struct JsBytes {
 }
 
 impl JsBytes {
-    fn new(name: &str, value: &JsValue) -> Result<JsBytes, JsError> {
-        let arrays: Vec<js_sys::Uint8Array> = if let Some(one) = value.dyn_ref::<js_sys::Uint8Array>() {
-            vec![one.clone()]
-        } else if let Some(list) = value.dyn_ref::<js_sys::Array>() {
-            list.iter()
-                .map(|v| v.dyn_into().map_err(|_| JsError::new(&format!("{name}: every piece must be a Uint8Array"))))
-                .collect::<Result<_, _>>()?
-        } else {
-            return Err(JsError::new(&format!("{name}: expected a Uint8Array or an array of Uint8Array pieces")));
-        };
-        let mut len = 0usize;
-        let mut pieces = Vec::with_capacity(arrays.len());
-        for a in arrays {
-            let start = len;
-            len = len.checked_add(a.length() as usize).ok_or_else(|| JsError::new(&format!("{name}: larger than this platform can address")))?;
-            pieces.push((start, a));
-        }
-        Ok(JsBytes { pieces, len })
+    fn empty() -> JsBytes {
+        JsBytes { pieces: Vec::new(), len: 0 }
+    }
+
+    /// Keeps `chunk` (the JS memory, not a copy) as the next piece.
+    fn push(&mut self, name: &str, chunk: &js_sys::Uint8Array) -> Result<(), JsError> {
+        let start = self.len;
+        self.len =
+            start.checked_add(chunk.length() as usize).ok_or_else(|| JsError::new(&format!("{name}: larger than this platform can address")))?;
+        self.pieces.push((start, chunk.clone()));
+        Ok(())
     }
 
     fn to_vec(&self) -> Vec<u8> {
@@ -66,6 +59,131 @@ impl crate::loading::ByteSource for JsBytes {
             done += n;
             pos += n;
         }
+    }
+}
+
+/// A checkpoint as JS receives it, chunk by chunk (`push`): a safetensors file becomes tensors
+/// as its bytes arrive (`loading::SafetensorsStream`: each tensor straight into its storage), so
+/// neither the file nor a copy of it is ever held. A torch zip (`pytorch_model.bin`, its directory
+/// at the end) and an index are kept as the JS chunks they came in and read by range once complete.
+#[wasm_bindgen]
+pub struct WasmWeights {
+    name: &'static str,
+    files: Vec<(String, Incoming)>,
+    /// The first failure: later chunks are dropped and the captioner's constructor reports it.
+    failed: Option<String>,
+}
+
+enum Incoming {
+    /// Under 4 bytes so far: whether it is a zip is not known yet.
+    Start(JsBytes, Option<usize>),
+    Stream(crate::loading::SafetensorsStream),
+    Kept(JsBytes),
+}
+
+#[wasm_bindgen]
+impl WasmWeights {
+    /// The checkpoint whose weights are `weights_name` (default `model.safetensors`; also
+    /// `pytorch_model.bin`, or a `*.index.json` whose shards come as files of their own).
+    #[wasm_bindgen(constructor)]
+    pub fn new(weights_name: Option<String>) -> Result<WasmWeights, JsError> {
+        let name = weights_name.as_deref().unwrap_or(crate::loading::WEIGHTS);
+        let known = crate::loading::WEIGHT_FILES.iter().find(|&&n| n == name).copied();
+        let name = known.ok_or_else(|| JsError::new(&format!("weights must be one of {}, not {name}", crate::loading::WEIGHT_FILES.join(", "))))?;
+        Ok(WasmWeights { name, files: Vec::new(), failed: None })
+    }
+
+    /// Starts a file: the weights file, or a shard by the name its index gives it; `size`, its
+    /// length when known (a `File`'s), against which a header's ranges are checked.
+    pub fn open(&mut self, file: String, size: Option<f64>) -> Result<(), JsError> {
+        if self.files.iter().any(|(name, _)| *name == file) {
+            return Err(JsError::new(&format!("{file}: opened twice")));
+        }
+        let size = size.filter(|s| s.is_finite() && *s >= 0.0 && *s <= usize::MAX as f64).map(|s| s as usize);
+        // An index is small JSON, and a `.bin` that is not a zip gets the error that says so.
+        let incoming = if file.ends_with(".json") || file.ends_with(".bin") {
+            Incoming::Kept(JsBytes::empty())
+        } else {
+            Incoming::Start(JsBytes::empty(), size)
+        };
+        self.files.push((file, incoming));
+        Ok(())
+    }
+
+    /// The next chunk of `file` (opened): a file's chunks in order, files in any interleaving.
+    pub fn push(&mut self, file: &str, chunk: &js_sys::Uint8Array) -> Result<(), JsError> {
+        if let Some(failed) = &self.failed {
+            return Err(JsError::new(failed));
+        }
+        let result = self.take_chunk(file, chunk);
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result.map_err(|e| JsError::new(&e))
+    }
+}
+
+impl WasmWeights {
+    fn take_chunk(&mut self, file: &str, chunk: &js_sys::Uint8Array) -> Result<(), String> {
+        let Some((_, incoming)) = self.files.iter_mut().find(|(name, _)| name == file) else {
+            return Err(format!("{file}: a chunk of a file not opened"));
+        };
+        match incoming {
+            Incoming::Start(bytes, size) => {
+                bytes.push(file, chunk).map_err(|_| format!("{file}: larger than this platform can address"))?;
+                if crate::loading::ByteSource::len(bytes) < 4 {
+                    return Ok(());
+                }
+                let bytes = std::mem::replace(bytes, JsBytes::empty());
+                *incoming = if crate::torch_bin::is_zip(&bytes) {
+                    Incoming::Kept(bytes)
+                } else {
+                    let mut stream = crate::loading::SafetensorsStream::new(file, *size);
+                    for (_, piece) in &bytes.pieces {
+                        stream.push(piece.length() as usize, |from, into| copy_from(piece, from, into)).map_err(|e| e.to_string())?;
+                    }
+                    Incoming::Stream(stream)
+                };
+                Ok(())
+            }
+            Incoming::Stream(stream) => stream.push(chunk.length() as usize, |from, into| copy_from(chunk, from, into)).map_err(|e| e.to_string()),
+            Incoming::Kept(bytes) => bytes.push(file, chunk).map_err(|_| format!("{file}: larger than this platform can address")),
+        }
+    }
+
+    /// The tensors of the whole checkpoint, keyed by `rename(name)`, once every file has ended.
+    fn tensors(mut self, rename: fn(&str) -> String) -> crate::Result<std::collections::HashMap<String, candle_core::Tensor>> {
+        if let Some(failed) = self.failed.take() {
+            return Err(crate::Error::Safetensors { file: self.name.to_string(), reason: failed });
+        }
+        let name = self.name;
+        if name.ends_with(".index.json") {
+            let index = match self.take(name) {
+                Some(Incoming::Kept(bytes)) => bytes.to_vec(),
+                _ => return Err(crate::Error::MissingFile(name.to_string())),
+            };
+            return crate::loading::load_sharded_with(name, &index, |shard| self.take(shard).map(|f| file_tensors(shard, f)).transpose(), rename);
+        }
+        let file = self.take(name).ok_or_else(|| crate::Error::MissingFile(name.to_string()))?;
+        Ok(file_tensors(name, file)?.into_iter().map(|(n, t)| (rename(&n), t)).collect())
+    }
+
+    fn take(&mut self, file: &str) -> Option<Incoming> {
+        let at = self.files.iter().position(|(name, _)| name == file)?;
+        Some(self.files.swap_remove(at).1)
+    }
+}
+
+/// `into.len()` bytes of `chunk` from `from` on, into WASM memory.
+fn copy_from(chunk: &js_sys::Uint8Array, from: usize, into: &mut [u8]) {
+    chunk.subarray(from as u32, (from + into.len()) as u32).copy_to(into);
+}
+
+/// A file's tensors by their stored names, once it has ended.
+fn file_tensors(name: &str, file: Incoming) -> crate::Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    match file {
+        Incoming::Start(bytes, _) | Incoming::Kept(bytes) => crate::loading::load_checkpoint_file(name, &bytes, |n| n.to_string()),
+        Incoming::Stream(stream) => stream.finish(),
     }
 }
 
@@ -169,29 +287,21 @@ pub struct WasmCaptioner {
 
 #[wasm_bindgen]
 impl WasmCaptioner {
-    /// Builds a captioner from the bytes of the model folder's files; `adapter_config` and
-    /// `adapter_weights` (a PEFT LoRA folder's two files) are merged in when both are given.
-    ///
-    /// `weights` is the file `weights_name` names (default `model.safetensors`; also
-    /// `pytorch_model.bin`, or a `*.index.json` whose shards are `shards`, named by
-    /// `shard_names`). The weights stay in JS memory: tensors are read from them one by one (peak
-    /// WASM memory ≈ the loaded model, not model + files). The weights and each shard are a
-    /// `Uint8Array` or an array of them: a file's pieces in order. `chat_template` is the file
-    /// `chat_template_name` names (`chat_template.jinja` or `chat_template.json`), if the folder
-    /// has one.
+    /// Builds a captioner from the bytes of the model folder's files and its weights, streamed
+    /// into `weights` (`WasmWeights`: the weight file, or an index and its shards);
+    /// `adapter_config` and `adapter_weights` (a PEFT LoRA folder's two files) are merged in when
+    /// both are given. `chat_template` is the file `chat_template_name` names
+    /// (`chat_template.jinja` or `chat_template.json`), if the folder has one.
     #[wasm_bindgen(constructor)]
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &[u8],
-        weights: &JsValue,
+        weights: WasmWeights,
         tokenizer: &[u8],
         preprocessor: &[u8],
         generation: Option<Vec<u8>>,
         adapter_config: Option<Vec<u8>>,
         adapter_weights: Option<Vec<u8>>,
-        weights_name: Option<String>,
-        shard_names: Option<Vec<String>>,
-        shards: Option<js_sys::Array>,
         chat_template_name: Option<String>,
         chat_template: Option<Vec<u8>>,
     ) -> Result<WasmCaptioner, JsError> {
@@ -210,25 +320,10 @@ impl WasmCaptioner {
             (None, None) => None,
             _ => return Err(JsError::new("a LoRA adapter needs both adapter_config.json and adapter_model.safetensors")),
         };
-        let weights_name = weights_name.as_deref().unwrap_or(crate::loading::WEIGHTS);
-        let known = crate::loading::WEIGHT_FILES.iter().find(|&&n| n == weights_name).copied();
-        let weights_name =
-            known.ok_or_else(|| JsError::new(&format!("weights must be one of {}, not {weights_name}", crate::loading::WEIGHT_FILES.join(", "))))?;
-        let weights = JsBytes::new(weights_name, weights)?;
-        // The index is small and parsed here; the shards stay in JS.
-        let index = if weights_name.ends_with(".index.json") { weights.to_vec() } else { Vec::new() };
-        let shard_names = shard_names.unwrap_or_default();
-        let shards: Vec<JsValue> = shards.map(|list| list.iter().collect()).unwrap_or_default();
-        if shards.len() != shard_names.len() {
-            return Err(JsError::new(&format!("{} shard names for {} shards", shard_names.len(), shards.len())));
-        }
-        let readers: Vec<JsBytes> = shard_names.iter().zip(&shards).map(|(name, v)| JsBytes::new(name, v)).collect::<Result<_, _>>()?;
-        let sources: Vec<(&str, &dyn crate::loading::ByteSource)> =
-            shard_names.iter().zip(&readers).map(|(name, r)| (name.as_str(), r as &dyn crate::loading::ByteSource)).collect();
         let files = ModelFiles {
             config,
-            weights: &index,
-            weights_name,
+            weights: &[],
+            weights_name: weights.name,
             shards: &[],
             tokenizer,
             preprocessor,
@@ -236,7 +331,7 @@ impl WasmCaptioner {
             chat_template,
             adapter,
         };
-        let inner = Captioner::from_files_reading(files, &weights, &sources).map_err(js_error)?;
+        let inner = Captioner::from_files_with(files, |rename| weights.tensors(rename)).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None, encoding: None })
     }
 

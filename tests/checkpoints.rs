@@ -216,3 +216,61 @@ fn a_folder_loads_whichever_weights_it_has_safetensors_first() {
     assert_eq!(max_abs_diff(&logits(&Captioner::from_dir(&dir, None).unwrap()), &logits(&reference)), 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A safetensors file as it streams in (`SafetensorsStream`: what WASM does with `fetch`'s
+/// chunks): in chunks of any size, its length known or not, the tensors are those of the whole
+/// file, bit for bit; cut short anywhere it is an error naming the file, never a panic; a header
+/// whose tensors overlap is refused before any byte of them is read.
+#[test]
+fn a_safetensors_file_streamed_in_chunks_gives_the_tensors_of_the_whole_file() {
+    use wasmcap::loading::SafetensorsStream;
+    let fx = vit_gpt2();
+    let bytes = fx.weights;
+    let want = wasmcap::loading::load_safetensors_from(WEIGHTS, &bytes, |n| n.to_string()).unwrap();
+    let stream = |data: &[u8], chunk: usize, len: Option<usize>| -> wasmcap::Result<HashMap<String, Tensor>> {
+        let mut s = SafetensorsStream::new(WEIGHTS, len);
+        for piece in data.chunks(chunk) {
+            s.push(piece.len(), |from, into| into.copy_from_slice(&piece[from..from + into.len()]))?;
+        }
+        s.finish()
+    };
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for chunk in [1, 7, 4093, 65536, bytes.len()] {
+        for len in [None, Some(bytes.len())] {
+            let got = stream(bytes, chunk, len).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (name, t) in &want {
+                assert_eq!((got[name].dtype(), got[name].dims()), (t.dtype(), t.dims()), "{name}");
+                assert_eq!(bits(&got[name]), bits(t), "{name}, chunks of {chunk}");
+            }
+        }
+    }
+    for cut in [0, 5, 8, 100, bytes.len() / 3, bytes.len() - 1] {
+        let e = stream(&bytes[..cut], 4093, None).err().unwrap();
+        assert!(matches!(&e, Error::Safetensors { file, reason } if file == WEIGHTS && reason.contains("truncated")), "{cut}: {e}");
+        // With the length known, a header reaching past it is refused before any tensor is made.
+        if cut > 8 {
+            let e = stream(&bytes[..cut], 4093, Some(cut)).err().unwrap();
+            assert!(matches!(&e, Error::Safetensors { file, .. } if file == WEIGHTS), "{cut}: {e}");
+        }
+    }
+    // Two tensors over the same bytes.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let names: Vec<String> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
+    let (a, b) = (&names[0], &names[1]);
+    let (sa, sb) = (header[a]["data_offsets"][0].as_u64().unwrap(), header[b]["data_offsets"][0].as_u64().unwrap());
+    let (first, second) = if sa < sb { (a.clone(), b.clone()) } else { (b.clone(), a.clone()) };
+    let start = header[&first]["data_offsets"][0].clone();
+    header[&second]["data_offsets"][0] = start;
+    header[&second]["data_offsets"][1] = header[&first]["data_offsets"][1].clone();
+    header[&second]["shape"] = header[&first]["shape"].clone();
+    header[&second]["dtype"] = header[&first]["dtype"].clone();
+    let text = header.to_string();
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(text.as_bytes());
+    file.extend_from_slice(&bytes[8 + header_len..]);
+    let e = stream(&file[..8 + text.len()], 4093, None).err().unwrap();
+    assert!(matches!(&e, Error::Safetensors { file, reason } if file == WEIGHTS && reason.contains("offset")), "{e}");
+}

@@ -8,7 +8,7 @@ use common::{checkpoint, edit_safetensors, fixtures, image};
 use js_sys::Uint8Array;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_test::*;
-use wasmcap::wasm::WasmCaptioner;
+use wasmcap::wasm::{WasmCaptioner, WasmWeights};
 
 wasm_bindgen_test_configure!(run_in_browser);
 
@@ -28,21 +28,50 @@ fn ids_of(result: &JsValue) -> Vec<u32> {
     js_sys::Array::from(&ids).iter().map(|v| v.as_f64().unwrap() as u32).collect()
 }
 
+/// The weights as the JS shim streams them: `name` (None: `model.safetensors`) and a sharded
+/// checkpoint's shards, each cut into chunks by `cut`, the files' chunks interleaved. A chunk that
+/// fails is kept as the failure the constructor reports, as in the shim.
+fn streamed(name: Option<&str>, bytes: &[u8], shards: &[(&str, &[u8])], cut: &dyn Fn(&[u8]) -> Vec<Uint8Array>) -> WasmWeights {
+    let mut weights = WasmWeights::new(name.map(str::to_string)).unwrap_or_else(|_| panic!("{name:?}"));
+    let first = name.unwrap_or("model.safetensors");
+    let mut files: Vec<(&str, Vec<Uint8Array>)> = vec![(first, cut(bytes))];
+    files.extend(shards.iter().map(|(n, b)| (*n, cut(b))));
+    for (file, _) in &files {
+        weights.open(file.to_string(), None).unwrap();
+    }
+    for i in 0..files.iter().map(|(_, c)| c.len()).max().unwrap_or(0) {
+        for (file, chunks) in &files {
+            if let Some(chunk) = chunks.get(i) {
+                let _ = weights.push(file, chunk);
+            }
+        }
+    }
+    weights
+}
+
+/// A file in one chunk.
+fn one(bytes: &[u8]) -> Vec<Uint8Array> {
+    vec![Uint8Array::from(bytes)]
+}
+
+/// Chunks of uneven sizes (an empty one among them): tensors straddle the seams.
+fn uneven(bytes: &[u8]) -> Vec<Uint8Array> {
+    let (mut out, mut at, mut i) = (Vec::new(), 0, 0);
+    while at < bytes.len() {
+        let n = [1, 0, 4093, 65536, 7, 100_003][i % 6].min(bytes.len() - at);
+        out.push(Uint8Array::from(&bytes[at..at + n]));
+        at += n;
+        i += 1;
+    }
+    out
+}
+
+fn whole(bytes: &[u8]) -> WasmWeights {
+    streamed(None, bytes, &[], &one)
+}
+
 fn new_captioner(fx: &common::Fixture, weights: &[u8]) -> Result<WasmCaptioner, wasm_bindgen::JsError> {
-    WasmCaptioner::new(
-        fx.config,
-        &Uint8Array::from(weights),
-        &fx.tokenizer,
-        fx.preprocessor,
-        Some(fx.generation.to_vec()),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    WasmCaptioner::new(fx.config, whole(weights), &fx.tokenizer, fx.preprocessor, Some(fx.generation.to_vec()), None, None, None, None)
 }
 
 #[wasm_bindgen_test]
@@ -54,17 +83,9 @@ fn load_errors_are_js_errors_naming_the_tensor() {
     assert!(msg.contains("model.safetensors") && msg.contains(name), "{msg}");
     let msg = message(new_captioner(fx, &fx.weights[..1000]).err().unwrap());
     assert!(msg.contains("model.safetensors"), "{msg}");
-    let msg = message(
-        WasmCaptioner::new(b"[]", &Uint8Array::from(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None, None, None, None, None, None)
-            .err()
-            .unwrap(),
-    );
+    let msg = message(WasmCaptioner::new(b"[]", whole(fx.weights), &fx.tokenizer, fx.preprocessor, None, None, None, None, None).err().unwrap());
     assert!(msg.contains("config.json"), "{msg}");
-    let msg = message(
-        WasmCaptioner::new(fx.config, &Uint8Array::from(fx.weights), b"{}", fx.preprocessor, None, None, None, None, None, None, None, None)
-            .err()
-            .unwrap(),
-    );
+    let msg = message(WasmCaptioner::new(fx.config, whole(fx.weights), b"{}", fx.preprocessor, None, None, None, None, None).err().unwrap());
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
 
@@ -131,14 +152,11 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
     let msg = message(
         WasmCaptioner::new(
             case.config,
-            &Uint8Array::from(case.weights),
+            whole(case.weights),
             case.tokenizer,
             case.preprocessor,
             None,
             Some(adapter_config.to_vec()),
-            None,
-            None,
-            None,
             None,
             None,
             None,
@@ -149,15 +167,12 @@ fn prefix_model_with_adapter_bytes_and_a_prompt() {
     assert!(msg.contains("adapter"), "{msg}");
     let mut c = WasmCaptioner::new(
         case.config,
-        &Uint8Array::from(case.weights),
+        whole(case.weights),
         case.tokenizer,
         case.preprocessor,
         Some(case.generation.to_vec()),
         Some(adapter_config.to_vec()),
         Some(adapter_weights.to_vec()),
-        None,
-        None,
-        None,
         None,
         None,
     )
@@ -247,13 +262,10 @@ fn generation_config_defaults_apply_unless_options_say_otherwise() {
     generation["max_new_tokens"] = 7.into();
     let mut configured = WasmCaptioner::new(
         fx.config,
-        &Uint8Array::from(fx.weights),
+        whole(fx.weights),
         &fx.tokenizer,
         fx.preprocessor,
         Some(generation.to_string().into_bytes()),
-        None,
-        None,
-        None,
         None,
         None,
         None,
@@ -313,13 +325,10 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
     let new = || {
         WasmCaptioner::new(
             model_file!("config.json"),
-            &Uint8Array::from(model_file!("model.safetensors")),
+            whole(model_file!("model.safetensors")),
             model_file!("tokenizer.json"),
             model_file!("preprocessor_config.json"),
             Some(model_file!("generation_config.json").to_vec()),
-            None,
-            None,
-            None,
             None,
             None,
             None,
@@ -337,102 +346,39 @@ fn quantize_q8_keeps_the_embedded_models_captions() {
     assert_eq!(ids_of(&a), ids_of(&b));
 }
 
-/// The checkpoint formats through the constructor JS calls: `pytorch_model.bin` and a sharded
-/// index whose shards stay JS arrays give the captions of `model.safetensors`; a missing shard is
-/// a JS error naming it.
+/// The checkpoint formats through the constructor JS calls, streamed in one chunk a file and in
+/// uneven chunks (tensors straddling the seams, files interleaved): `pytorch_model.bin` and a
+/// sharded index give the captions of `model.safetensors`; a missing shard, a chunk of a file not
+/// opened, an unknown weights name and a file that ends early are JS errors naming them.
 #[wasm_bindgen_test]
-fn bin_and_sharded_weights_load_through_the_js_constructor() {
+fn streamed_weights_of_every_format_load_as_the_whole_file() {
     let fx = common::vit_gpt2();
-    let build = |weights: &[u8], name: Option<&str>, shards: &[(&str, &[u8])]| {
-        let names: Vec<String> = shards.iter().map(|(n, _)| n.to_string()).collect();
-        let arrays = js_sys::Array::new();
-        for (_, bytes) in shards {
-            arrays.push(&Uint8Array::from(*bytes));
-        }
-        WasmCaptioner::new(
-            fx.config,
-            &Uint8Array::from(weights),
-            &fx.tokenizer,
-            fx.preprocessor,
-            None,
-            None,
-            None,
-            name.map(str::to_string),
-            Some(names),
-            Some(arrays),
-            None,
-            None,
-        )
-    };
+    let build = |weights: WasmWeights| WasmCaptioner::new(fx.config, weights, &fx.tokenizer, fx.preprocessor, None, None, None, None, None);
     let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
-    let want = caption(&mut build(fx.weights, None, &[]).unwrap());
+    let want = caption(&mut build(whole(fx.weights)).unwrap());
     let bin = checkpoint("bin-f32/pytorch_model.bin");
-    for name in [Some("pytorch_model.bin"), None] {
-        assert_eq!(caption(&mut build(bin, name, &[]).unwrap()), want, "{name:?}");
+    let shards = [
+        ("model-00001-of-00003.safetensors", checkpoint("sharded-safetensors/model-00001-of-00003.safetensors")),
+        ("model-00002-of-00003.safetensors", checkpoint("sharded-safetensors/model-00002-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", checkpoint("sharded-safetensors/model-00003-of-00003.safetensors")),
+    ];
+    let index = checkpoint("sharded-safetensors/model.safetensors.index.json");
+    let index_name = Some("model.safetensors.index.json");
+    for cut in [&one as &dyn Fn(&[u8]) -> Vec<Uint8Array>, &uneven] {
+        assert_eq!(caption(&mut build(streamed(None, fx.weights, &[], cut)).unwrap()), want);
+        // A zip under either name.
+        for name in [Some("pytorch_model.bin"), None] {
+            assert_eq!(caption(&mut build(streamed(name, bin, &[], cut)).unwrap()), want, "{name:?}");
+        }
+        assert_eq!(caption(&mut build(streamed(index_name, index, &shards, cut)).unwrap()), want);
+        let msg = message(build(streamed(index_name, index, &shards[..2], cut)).err().unwrap());
+        assert!(msg.contains("model-00003-of-00003.safetensors"), "{msg}");
+        let msg = message(build(streamed(None, &fx.weights[..fx.weights.len() - 3], &[], cut)).err().unwrap());
+        assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
     }
-    let shards = [
-        ("model-00001-of-00003.safetensors", checkpoint("sharded-safetensors/model-00001-of-00003.safetensors")),
-        ("model-00002-of-00003.safetensors", checkpoint("sharded-safetensors/model-00002-of-00003.safetensors")),
-        ("model-00003-of-00003.safetensors", checkpoint("sharded-safetensors/model-00003-of-00003.safetensors")),
-    ];
-    let index = checkpoint("sharded-safetensors/model.safetensors.index.json");
-    assert_eq!(caption(&mut build(index, Some("model.safetensors.index.json"), &shards).unwrap()), want);
-    let msg = message(build(index, Some("model.safetensors.index.json"), &shards[..2]).err().unwrap());
-    assert!(msg.contains("model-00003-of-00003.safetensors"), "{msg}");
-    let msg = message(build(index, Some("weights.pt"), &[]).err().unwrap());
+    let msg = message(WasmWeights::new(Some("weights.pt".into())).err().unwrap());
     assert!(msg.contains("weights.pt"), "{msg}");
-}
-
-/// A file too big for one `ArrayBuffer` comes from JS in pieces (`env.maxPieceBytes`): the
-/// weights and each shard as arrays of `Uint8Array`s of uneven sizes — tensors straddle the
-/// seams, one piece is empty — load as the whole file does; anything else is an error naming it.
-#[wasm_bindgen_test]
-fn weights_in_pieces_load_as_the_whole_file() {
-    let fx = common::vit_gpt2();
-    let pieces = |bytes: &[u8]| -> JsValue {
-        let list = js_sys::Array::new();
-        let (mut at, mut i) = (0, 0);
-        while at < bytes.len() {
-            let n = [1, 0, 4093, 65536, 7, 100_003][i % 6].min(bytes.len() - at);
-            list.push(&Uint8Array::from(&bytes[at..at + n]));
-            at += n;
-            i += 1;
-        }
-        list.into()
-    };
-    let build = |weights: JsValue, name: &str, shards: &[(&str, &[u8])]| {
-        let arrays = js_sys::Array::new();
-        for (_, bytes) in shards {
-            arrays.push(&pieces(bytes));
-        }
-        let names = shards.iter().map(|(n, _)| n.to_string()).collect();
-        WasmCaptioner::new(
-            fx.config,
-            &weights,
-            &fx.tokenizer,
-            fx.preprocessor,
-            None,
-            None,
-            None,
-            Some(name.into()),
-            Some(names),
-            Some(arrays),
-            None,
-            None,
-        )
-    };
-    let caption = |c: &mut WasmCaptioner| ids_of(&c.caption(image("chelsea.jpg"), options(8)).unwrap());
-    let want = caption(&mut build(Uint8Array::from(fx.weights).into(), "model.safetensors", &[]).unwrap());
-    assert_eq!(caption(&mut build(pieces(fx.weights), "model.safetensors", &[]).unwrap()), want);
-    let bin = checkpoint("bin-f32/pytorch_model.bin");
-    assert_eq!(caption(&mut build(pieces(bin), "pytorch_model.bin", &[]).unwrap()), want);
-    let shards = [
-        ("model-00001-of-00003.safetensors", checkpoint("sharded-safetensors/model-00001-of-00003.safetensors")),
-        ("model-00002-of-00003.safetensors", checkpoint("sharded-safetensors/model-00002-of-00003.safetensors")),
-        ("model-00003-of-00003.safetensors", checkpoint("sharded-safetensors/model-00003-of-00003.safetensors")),
-    ];
-    let index = checkpoint("sharded-safetensors/model.safetensors.index.json");
-    assert_eq!(caption(&mut build(pieces(index), "model.safetensors.index.json", &shards).unwrap()), want);
-    let msg = message(build(JsValue::from_str("weights"), "model.safetensors", &[]).err().unwrap());
-    assert!(msg.contains("model.safetensors") && msg.contains("Uint8Array"), "{msg}");
+    let mut weights = WasmWeights::new(None).unwrap();
+    let msg = message(weights.push("model.safetensors", &Uint8Array::from(&fx.weights[..10])).err().unwrap());
+    assert!(msg.contains("model.safetensors") && msg.contains("not opened"), "{msg}");
 }

@@ -124,7 +124,7 @@ test('pytorch_model.bin and sharded checkpoints load from a folder URL: the shar
   assert.match(error, /model-0000\d-of-00003\.safetensors/);
 });
 
-test('with env.maxPieceBytes below the file sizes, the weights arrive in pieces, go to the Cache API as a Blob and load again from it', async () => {
+test('with env.maxPieceBytes below the file sizes, the weights stream into WASM and the Cache API, and load again from it', async () => {
   const want = reference.images['astronaut.png'].greedy_ids.slice(0, 8);
   const r = await page.evaluate(async ({ model, image }) => {
     const { Captioner, env, clearCache } = await import('/pkg/index.js');

@@ -190,7 +190,7 @@ test('a hub id downloads into the hub cache under HF_HOME, which a later load re
   assert.deepEqual(JSON.parse(out.toString().split('\n')[0]).token_ids, want);
 });
 
-test('a file larger than env.maxPieceBytes reaches WASM in pieces, never one buffer, and captions the same', async () => {
+test('the weights stream into WASM in chunks of at most env.maxPieceBytes, never one buffer, and caption the same', async () => {
   const { _loadFiles } = await import(join(root, 'pkg/index.js'));
   const { openAsBlob } = await import('node:fs');
   const saved = env.maxPieceBytes;
@@ -199,11 +199,16 @@ test('a file larger than env.maxPieceBytes reaches WASM in pieces, never one buf
   try {
     const files = new Map();
     for (const f of readdirSync(MODEL)) files.set(f, await openAsBlob(join(MODEL, f)));
-    const { files: loaded } = await _loadFiles(files, undefined, { cache: false });
+    const sent = [];
+    const sink = { weights: async (name) => sent.push(['weights', name]), open: async (name) => sent.push(['open', name]), push: async (name, chunk) => sent.push([name, chunk]) };
+    const { files: loaded } = await _loadFiles(files, undefined, { cache: false }, sink);
     const whole = readFileSync(join(MODEL, 'model.safetensors'));
-    assert.ok(Array.isArray(loaded.weights) && loaded.weights.length === Math.ceil(whole.length / 4099), `${loaded.weights.length} pieces`);
-    assert.ok(loaded.weights.every((p) => p instanceof ArrayBuffer && p.byteLength <= 4099));
-    assert.ok(Buffer.concat(loaded.weights.map((p) => new Uint8Array(p))).equals(whole));
+    assert.deepEqual(sent.slice(0, 2), [['weights', 'model.safetensors'], ['open', 'model.safetensors']]);
+    const chunks = sent.slice(2).filter(([name]) => name === 'model.safetensors').map(([, c]) => c);
+    assert.equal(chunks.length, Math.ceil(whole.length / 4099), `${chunks.length} chunks`);
+    assert.ok(chunks.every((c) => c instanceof Uint8Array && c.byteLength <= 4099));
+    assert.ok(Buffer.concat(chunks).equals(whole));
+    assert.ok(!('weights' in loaded), 'the weights are streamed, not among the files handed over');
     // From a folder (Blob slices), and a sharded f16 .bin checkpoint from a hub.
     const c = await Captioner.fromPretrained(MODEL);
     assert.deepEqual((await c.caption(image('astronaut.png'), greedy).result).tokenIds, want);
