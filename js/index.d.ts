@@ -50,8 +50,8 @@ export type FileMap = Map<string, Blob> | Record<string, Blob> | FileList | File
 
 /**
  * Where hub ids are fetched from, as transformers.js' `env`: `${remoteHost}${remotePathTemplate}`,
- * `{model}` and `{revision}` filled in. `maxPieceBytes` (default 256 MiB): a weight file larger
- * than this is read and handed to WASM in pieces of this size, never joined into one buffer.
+ * `{model}` and `{revision}` filled in. `maxPieceBytes` (default 256 MiB): the weights stream into
+ * WASM through buffers of at most this many bytes (and at most 2 MiB), never one buffer a file.
  * `threadStartMs` (default 20000): how long the threaded build's pool may take to start before
  * the single-threaded build runs instead (`captioner.threadsFallback` says so).
  */

@@ -96,8 +96,58 @@ function pieceBytes() {
   return n;
 }
 
-// The most bytes of a File held in JS at once while its weights stream into WASM.
-const STREAM_CHUNK = 4 * 1024 * 1024;
+// The size of the buffers the weights stream through into WASM (and of at most env.maxPieceBytes).
+const STREAM_CHUNK = 2 * 1024 * 1024;
+
+// A weight file's bytes into `sink` (see loadFiles), a buffer at a time: each buffer is filled
+// from `readable` (a byte stream read into it where the runtime allows, so no chunk is allocated
+// per read), handed over, and comes back from the worker to be filled again — the JS memory of a
+// load is the sink's few buffers, whatever the file's size, and leaves nothing to collect.
+async function pump(readable, name, onChunk, sink) {
+  const size = Math.min(pieceBytes(), STREAM_CHUNK);
+  let reader, byob = true;
+  try {
+    reader = readable.getReader({ mode: 'byob' });
+  } catch {
+    reader = readable.getReader();
+    byob = false;
+  }
+  let buffer = await sink.buffer(size);
+  let filled = 0;
+  let rest = null; // a default reader's chunk not yet copied
+  try {
+    for (;;) {
+      let n;
+      if (byob) {
+        const { done, value } = await reader.read(new Uint8Array(buffer, filled));
+        if (value) buffer = value.buffer; // the read took the buffer over and gives it back
+        if (done) break;
+        n = value.byteLength;
+      } else {
+        if (!rest?.byteLength) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          rest = value;
+        }
+        n = Math.min(rest.byteLength, size - filled);
+        new Uint8Array(buffer, filled, n).set(rest.subarray(0, n));
+        rest = rest.subarray(n);
+      }
+      filled += n;
+      onChunk(n);
+      if (filled === size) {
+        await sink.push(name, new Uint8Array(buffer, 0, filled));
+        buffer = await sink.buffer(size);
+        filled = 0;
+      }
+    }
+    if (filled) await sink.push(name, new Uint8Array(buffer, 0, filled));
+    else sink.release(buffer);
+  } catch (e) {
+    reader.cancel(e).catch(() => {});
+    throw e;
+  }
+}
 
 // Collects a stream's chunks into pieces of at most `limit` bytes each (the last one shorter).
 function pieceCollector(limit) {
@@ -242,17 +292,15 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
       const body = bodyOf(new Response(mine, { headers: res.headers }), false);
       const [read, stream] = [body.read, body.stream];
       body.read = async (onChunk) => { const pieces = await read(onChunk); await stored; return pieces; };
-      body.stream = async (onChunk, push) => { await stream(onChunk, push); await stored; };
-      body.shared = true;
+      body.stream = async (...args) => { await stream(...args); await stored; };
       return body;
     },
   };
 }
 
 // A file body: `read(onChunk)` gives its bytes as an array of ArrayBuffer pieces (one, unless
-// the file is larger than env.maxPieceBytes); `stream(onChunk, push)` hands them to `push` chunk by
-// chunk as they arrive (awaiting it: the consumer paces the download). `shared`: its chunks are
-// also another reader's (a teed stream), so a consumer must copy rather than take them.
+// the file is larger than env.maxPieceBytes); `stream(name, onChunk, sink)` hands them to the
+// sink as they arrive (`pump`: the sink paces the download).
 function bodyOf(res, cached) {
   const length = Number(res.headers.get('Content-Length'));
   return {
@@ -275,24 +323,8 @@ function bodyOf(res, cached) {
       }
       return pieces.finish();
     },
-    async stream(onChunk, push) {
-      if (!res.body) {
-        const buf = await res.arrayBuffer();
-        onChunk(buf.byteLength);
-        return push(new Uint8Array(buf));
-      }
-      const reader = res.body.getReader();
-      try {
-        for (;;) {
-          const { done, value } = await reader.read();
-          if (done) break;
-          onChunk(value.byteLength);
-          await push(value);
-        }
-      } catch (e) {
-        reader.cancel(e).catch(() => {});
-        throw e;
-      }
+    async stream(name, onChunk, sink) {
+      return pump(res.body ?? new Blob([]).stream(), name, onChunk, sink);
     },
   };
 }
@@ -320,13 +352,8 @@ function blobEntry(key, name, required, map) {
           }
           return pieces;
         },
-        async stream(onChunk, push) {
-          const limit = Math.min(pieceBytes(), STREAM_CHUNK);
-          for (let at = 0; at < blob.size; at += limit) {
-            const buf = await blob.slice(at, Math.min(blob.size, at + limit)).arrayBuffer();
-            onChunk(buf.byteLength);
-            await push(new Uint8Array(buf));
-          }
+        async stream(name, onChunk, sink) {
+          return pump(blob.stream(), name, onChunk, sink);
         },
         exact: true,
       };
@@ -376,7 +403,7 @@ async function openWeights(source, entriesFor, signal) {
     size: bytes.byteLength,
     exact: true,
     read: async (onChunk) => { onChunk(bytes.byteLength); return [bytes]; },
-    stream: async (onChunk, push) => { onChunk(bytes.byteLength); await push(new Uint8Array(bytes.slice(0))); },
+    stream: async (name, onChunk, sink) => pump(new Blob([bytes]).stream(), name, onChunk, sink),
   };
   weights.shards = { names, entries: entriesFor(source, names.map((n, i) => [`shard${i}`, n, true])) };
   return weights;
@@ -388,8 +415,9 @@ export function _loadFiles(source, adapter, options, sink) {
 }
 
 // The model's files: the small ones returned (`files`), the weight file and any shards streamed
-// into `sink` (`weights(name)` once, then per file `open(name, size)` and `push(name, chunk)`,
-// awaited, chunks of one file in order).
+// into `sink`: `weights(name)` once, `open(name, size)` per file, then its chunks in order, each
+// in a buffer from `buffer(bytes)` handed over with `push(name, view)` (or given back unused with
+// `release(buffer)`); all awaited.
 async function loadFiles(source, adapter, options, sink) {
   const { onProgress, cache: useCache = true } = options;
   // Aborted too when the weights are refused mid-stream, so that no download goes on into the cache.
@@ -472,8 +500,7 @@ async function loadFiles(source, adapter, options, sink) {
         emit(e, false);
       };
       if (streamed(e)) {
-        // A teed chunk is the Cache API's too: the sink gets a copy it may take.
-        await e.body.stream(onChunk, (chunk) => sink.push(e.name, e.body.shared ? chunk.slice() : chunk));
+        await e.body.stream(e.name, onChunk, sink);
       } else {
         files[e.key] = joined(await e.body.read(onChunk));
       }
@@ -602,8 +629,9 @@ function defaultThreads() {
   return Math.max(1, Math.min(8, globalThis.navigator?.hardwareConcurrency ?? 1));
 }
 
-// Bytes sent to the worker and not yet in WASM memory, past which the download waits.
-const IN_FLIGHT_BYTES = 16 * 1024 * 1024;
+// The buffers a load streams the weights through (STREAM_CHUNK bytes each): while all are with
+// the worker, the download waits.
+const STREAM_BUFFERS = 8;
 
 /** A worker with the model loaded: { worker, defaults, threads, memoryBytes }. */
 async function startWorker(source, options) {
@@ -620,7 +648,9 @@ async function startWorker(source, options) {
   let failure = null;
   let loaded = null;
   let settle = null;
-  let inFlight = 0;
+  // Buffers free to fill, and how many exist.
+  const free = [];
+  let buffers = 0;
   let waiting = [];
   const wake = () => { const w = waiting; waiting = []; for (const f of w) f(); };
   const fail = (error) => { failure ??= error; wake(); settle?.(); };
@@ -628,8 +658,8 @@ async function startWorker(source, options) {
   signal?.addEventListener('abort', onAbort, { once: true });
   worker.onmessage = ({ data }) => {
     if (data.type === 'consumed') {
-      inFlight -= data.bytes;
-      if (inFlight <= IN_FLIGHT_BYTES) wake();
+      free.push(data.buffer);
+      wake();
     } else if (data.type === 'loaded') {
       loaded = data;
       settle?.();
@@ -649,15 +679,26 @@ async function startWorker(source, options) {
       check();
       worker.postMessage({ type: 'open', file, size });
     },
-    async push(file, chunk) {
+    async buffer(bytes) {
+      for (;;) {
+        check();
+        const buffer = free.pop();
+        if (buffer?.byteLength === bytes) return buffer;
+        if (buffer) buffers -= 1; // another size (env.maxPieceBytes changed): dropped
+        if (buffers < STREAM_BUFFERS) {
+          buffers += 1;
+          return new ArrayBuffer(bytes);
+        }
+        await new Promise((ok) => waiting.push(ok));
+      }
+    },
+    release(buffer) {
+      free.push(buffer);
+      wake();
+    },
+    async push(file, view) {
       check();
-      // Taken, not copied, where the chunk is a whole buffer of its own.
-      const own = chunk.byteOffset === 0 && chunk.byteLength === chunk.buffer.byteLength;
-      const bytes = own ? chunk : chunk.slice();
-      inFlight += bytes.byteLength;
-      worker.postMessage({ type: 'chunk', file, chunk: bytes }, [bytes.buffer]);
-      while (inFlight > IN_FLIGHT_BYTES && !failure) await new Promise((ok) => waiting.push(ok));
-      check();
+      worker.postMessage({ type: 'chunk', file, chunk: view }, [view.buffer]);
     },
   };
   let forget = async () => {};

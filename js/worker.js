@@ -3,7 +3,8 @@
 //
 // main → worker: { type: 'weights', name, threads, threadStartMs } (starts the WASM build and a
 //                  WasmWeights), { type: 'open', file, size }, { type: 'chunk', file, chunk }*
-//                  → { type: 'consumed', bytes } per chunk (once it is in WASM memory) | { type: 'error' }
+//                  → { type: 'consumed', buffer } per chunk (its buffer back, once the bytes are in WASM
+//                    memory) | { type: 'error' }
 //                { type: 'load', files, quantize } (the small files; the weights were streamed)
 //                  → { type: 'loaded', defaults, threads, memoryBytes, threadsFallback } | { type: 'error' }
 //                { type: 'caption', run, image, options }
@@ -238,7 +239,8 @@ function loadingStep(data) {
           postMessage({ type: 'error', message: refused });
         }
       }
-      postMessage({ type: 'consumed', bytes: data.chunk.byteLength });
+      // The buffer goes back to be filled again.
+      postMessage({ type: 'consumed', buffer: data.chunk.buffer }, [data.chunk.buffer]);
       return;
     case 'load':
       return load(data);

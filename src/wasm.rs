@@ -24,12 +24,13 @@ impl JsBytes {
         JsBytes { pieces: Vec::new(), len: 0 }
     }
 
-    /// Keeps `chunk` (the JS memory, not a copy) as the next piece.
+    /// Keeps a copy of `chunk` as the next piece, in JS memory (the chunk's buffer goes back to be
+    /// filled again).
     fn push(&mut self, name: &str, chunk: &js_sys::Uint8Array) -> Result<(), JsError> {
         let start = self.len;
         self.len =
             start.checked_add(chunk.length() as usize).ok_or_else(|| JsError::new(&format!("{name}: larger than this platform can address")))?;
-        self.pieces.push((start, chunk.clone()));
+        self.pieces.push((start, js_sys::Uint8Array::new(chunk)));
         Ok(())
     }
 

@@ -200,7 +200,13 @@ test('the weights stream into WASM in chunks of at most env.maxPieceBytes, never
     const files = new Map();
     for (const f of readdirSync(MODEL)) files.set(f, await openAsBlob(join(MODEL, f)));
     const sent = [];
-    const sink = { weights: async (name) => sent.push(['weights', name]), open: async (name) => sent.push(['open', name]), push: async (name, chunk) => sent.push([name, chunk]) };
+    const sink = {
+      weights: async (name) => sent.push(['weights', name]),
+      open: async (name) => sent.push(['open', name]),
+      buffer: async (bytes) => new ArrayBuffer(bytes),
+      release() {},
+      push: async (name, chunk) => sent.push([name, chunk]),
+    };
     const { files: loaded } = await _loadFiles(files, undefined, { cache: false }, sink);
     const whole = readFileSync(join(MODEL, 'model.safetensors'));
     assert.deepEqual(sent.slice(0, 2), [['weights', 'model.safetensors'], ['open', 'model.safetensors']]);
