@@ -73,7 +73,9 @@ async function onRequest(req, res, headers) {
   }
   res.writeHead(200, { ...headers, 'Content-Type': types[extname(path)] ?? 'application/octet-stream', 'Content-Length': st.size });
   if (req.method === 'HEAD') res.end();
-  else createReadStream(path).pipe(res);
+  // Read 1 MiB at a time: with 64 KiB reads this server, sharing the 2 cores, was the load's
+  // bottleneck for both sides (a 957 MB fetch alone took 2.4–3.0 s; 1.5–1.8 s so).
+  else createReadStream(path, { highWaterMark: 1 << 20 }).pipe(res);
   return true;
 }
 

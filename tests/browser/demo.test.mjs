@@ -26,10 +26,15 @@ async function onRequest(req, res, headers) {
     res.end(body);
     return true;
   }
-  const m = req.url.match(/^\/corrupt-model\/([\w.]+)$/);
+  const m = req.url.match(/^\/(corrupt|bad-header)-model\/([\w.]+)$/);
   if (!m) return false;
-  let body = readFileSync(join(root, MODEL, m[1]));
-  if (m[1] === 'model.safetensors') body = body.subarray(0, 1000);
+  let body = readFileSync(join(root, MODEL, m[2]));
+  // Cut short (found once the file has ended), or a header that is not JSON before 8 MiB more
+  // (refused as it streams in: the download stops).
+  if (m[2] === 'model.safetensors' && m[1] === 'corrupt') body = body.subarray(0, 1000);
+  if (m[2] === 'model.safetensors' && m[1] === 'bad-header') {
+    body = Buffer.concat([Buffer.from([16, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('this is not json'), Buffer.alloc(8 << 20)]);
+  }
   res.writeHead(200, { ...headers, 'Content-Length': body.length });
   res.end(body);
   return true;
@@ -247,9 +252,16 @@ test('demo: a bad URL and a corrupt model show an error; the page still works', 
   assert.ok(await page.locator('#error').isVisible());
   const message = await text('#error');
   assert.match(message, /safetensors/i, message);
-  const cachedCorrupt = await page.evaluate(async () =>
-    (await (await caches.open('wasmcap-models-v1')).keys()).map((r) => r.url).filter((u) => u.includes('/corrupt-model/')));
-  assert.deepEqual(cachedCorrupt, [], 'files of a model that failed to load are not kept in the cache');
+  const cached = () => page.evaluate(async () =>
+    (await (await caches.open('wasmcap-models-v1')).keys()).map((r) => r.url).filter((u) => /\/(corrupt|bad-header)-model\//.test(u)));
+  assert.deepEqual(await cached(), [], 'files of a model that failed to load are not kept in the cache');
+  await page.fill('#model-url', `${base}/bad-header-model/`);
+  await page.click('#load');
+  await waitState(['error', 'ready']);
+  assert.equal(await state(), 'error');
+  const refused = await text('#error');
+  assert.match(refused, /model\.safetensors.*header/is, refused);
+  assert.deepEqual(await cached(), [], 'nor those of one refused mid-stream');
   await page.screenshot({ path: join(artifacts, 'demo-error.png'), fullPage: true });
 
   // A file that is not an image.
