@@ -339,10 +339,23 @@ pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
         let amax = block.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        qs.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+        qs.extend(block.iter().map(|v| round_half_away(v * inv).clamp(-127.0, 127.0) as i8));
         scales.push(scale);
     }
     (qs, scales)
+}
+
+/// `f32::round` (halves away from zero, as ggml's `roundf`), exactly, from WASM instructions:
+/// `round` itself is a library call per value there (quantizing a vocabulary at load spent most
+/// of its time in it). The fraction `x - trunc(x)` is exact for every finite `x`.
+#[inline]
+pub fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 /// How a q8_0 matrix is stored in `model.safetensors` (written by `crate::quantize`): next to
@@ -374,10 +387,12 @@ fn load_q8_0(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Resu
     }
     let qs = vb.get_with_hints_dtype((out_dim, in_dim), &q_name, Default::default(), candle_core::DType::U8)?;
     let scales = vb.get((out_dim, in_dim / q8::BLOCK), &format!("{name}{Q8_0_SCALES_SUFFIX}"))?;
-    // The file's I8 bytes arrive as U8 (candle has no i8): the same bits.
-    let qs: Vec<i8> = qs.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|b| b as i8).collect();
+    // The file's I8 bytes arrive as U8 (candle has no i8): the same bits, read as i8 in place.
+    let qs = qs.flatten_all()?.to_vec1::<u8>()?;
+    // SAFETY: u8 and i8 have the same size and alignment, and every bit pattern is valid for both.
+    let qs: &[i8] = unsafe { std::slice::from_raw_parts(qs.as_ptr() as *const i8, qs.len()) };
     let scales = scales.flatten_all()?.to_vec1::<f32>()?;
-    Ok(Some(Weight::Q8(q8_matrix(&qs, &scales, out_dim, in_dim)?)))
+    Ok(Some(Weight::Q8(q8_matrix(qs, &scales, out_dim, in_dim)?)))
 }
 
 /// A layer's weight in the form its kernels read; each variant multiplies few rows (decoding)
@@ -883,6 +898,25 @@ fn by_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `round_half_away` is `f32::round` bit for bit: at and next to every half in ±130 (the
+    /// range q8_0 rounds in), and over the whole range of magnitudes.
+    #[test]
+    fn round_half_away_is_f32_round() {
+        let mut xs = vec![0.0f32, -0.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, 8388608.5, 4194304.5];
+        for i in -260..=260 {
+            let half = i as f32 / 2.0;
+            xs.extend([half, f32::from_bits(half.to_bits() + 1), f32::from_bits(half.to_bits().wrapping_sub(1))]);
+        }
+        let mut bits = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            xs.push(f32::from_bits(bits));
+        }
+        for x in xs.into_iter().filter(|x| !x.is_nan()) {
+            assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x:e}");
+        }
+    }
 
     #[test]
     fn fast_paths_equal_the_general_matmul() -> Result<()> {
