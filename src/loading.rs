@@ -3,6 +3,7 @@
 //! The same bytes come from disk natively and from `fetch` in the browser.
 
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -270,8 +271,8 @@ pub fn load_safetensors_from(file: &str, src: &dyn ByteSource, rename: impl Fn(&
             // Only the 8 bytes of the header's length are asked for unchecked: `finish` says so.
             break;
         }
-        src.read(at, into);
         let n = into.len();
+        src.read(at, zero_filled(into));
         stream.filled(n)?;
     }
     Ok(stream.finish()?.into_iter().map(|(name, t)| (rename(&name), t)).collect())
@@ -306,7 +307,9 @@ struct Entry {
     end: usize,
 }
 
-/// A tensor's storage as its bytes are written into it.
+/// A tensor's storage as its bytes are written into it: allocated, not zeroed (a pass over the
+/// whole model for nothing; in WASM ~15 % of streaming it in), and made a tensor once every
+/// byte is written.
 enum Storage {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
@@ -314,39 +317,71 @@ enum Storage {
     Bytes(Vec<u8>),
 }
 
+/// Room for `n` values, uninitialised; an error when memory runs out (see [`zeroed`]).
+fn room<T>(n: usize) -> std::result::Result<Vec<T>, String> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| format!("out of memory: {n} values of {} bytes do not fit", std::mem::size_of::<T>()))?;
+    Ok(v)
+}
+
 impl Storage {
     fn new(dtype: DType, bytes: usize) -> std::result::Result<Storage, String> {
         // Little-endian targets read the file's values in place; others go through bytes.
         Ok(match dtype {
-            DType::F32 if cfg!(target_endian = "little") => Storage::F32(zeroed(bytes / 4)?),
-            DType::F16 if cfg!(target_endian = "little") => Storage::F16(zeroed(bytes / 2)?),
-            DType::BF16 if cfg!(target_endian = "little") => Storage::Bf16(zeroed(bytes / 2)?),
-            _ => Storage::Bytes(zeroed(bytes)?),
+            DType::F32 if cfg!(target_endian = "little") => Storage::F32(room(bytes / 4)?),
+            DType::F16 if cfg!(target_endian = "little") => Storage::F16(room(bytes / 2)?),
+            DType::BF16 if cfg!(target_endian = "little") => Storage::Bf16(room(bytes / 2)?),
+            _ => Storage::Bytes(room(bytes)?),
         })
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        fn view<T: PlainFloat>(v: &mut [T]) -> &mut [u8] {
-            // SAFETY: the slice's initialised values as bytes; any bit pattern is a valid T
-            // (`PlainFloat`), so whatever is written there leaves valid values.
-            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+    /// All of its memory, as bytes to write.
+    fn bytes_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        fn view<T>(v: &mut Vec<T>) -> &mut [MaybeUninit<u8>] {
+            let spare = v.spare_capacity_mut();
+            // SAFETY: the same memory as bytes; MaybeUninit<u8> asks nothing of what it holds.
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut MaybeUninit<u8>, std::mem::size_of_val(spare)) }
         }
         match self {
             Storage::F32(v) => view(v),
             Storage::F16(v) => view(v),
             Storage::Bf16(v) => view(v),
-            Storage::Bytes(v) => v,
+            Storage::Bytes(v) => view(v),
         }
     }
 
+    /// The tensor, once all of [`Self::bytes_mut`] has been written.
     fn into_tensor(self, dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
+        fn full<T: PlainValue>(mut v: Vec<T>) -> Vec<T> {
+            // SAFETY: every byte of the capacity was written (the stream counts them), and any
+            // bit pattern is a valid T.
+            unsafe { v.set_len(v.capacity()) };
+            v
+        }
         match self {
-            Storage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
-            Storage::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
-            Storage::Bf16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
-            Storage::Bytes(v) => Tensor::from_raw_buffer(&v, dtype, shape, &Device::Cpu),
+            Storage::F32(v) => Tensor::from_vec(full(v), shape, &Device::Cpu),
+            Storage::F16(v) => Tensor::from_vec(full(v), shape, &Device::Cpu),
+            Storage::Bf16(v) => Tensor::from_vec(full(v), shape, &Device::Cpu),
+            Storage::Bytes(v) => Tensor::from_raw_buffer(&full(v), dtype, shape, &Device::Cpu),
         }
     }
+}
+
+/// `from` (as long as `into`) written into `into`: the bytes, now initialised.
+pub fn write_bytes<'a>(into: &'a mut [MaybeUninit<u8>], from: &[u8]) -> &'a mut [u8] {
+    for (i, b) in into.iter_mut().zip(from) {
+        i.write(*b);
+    }
+    let n = into.len().min(from.len());
+    // SAFETY: the first n bytes were just written.
+    unsafe { std::slice::from_raw_parts_mut(into.as_mut_ptr() as *mut u8, n) }
+}
+
+/// `into` zeroed: bytes for a reader that fills a `&mut [u8]`.
+fn zero_filled(into: &mut [MaybeUninit<u8>]) -> &mut [u8] {
+    into.fill(MaybeUninit::new(0));
+    // SAFETY: every byte was just written.
+    unsafe { std::slice::from_raw_parts_mut(into.as_mut_ptr() as *mut u8, into.len()) }
 }
 
 impl SafetensorsStream {
@@ -377,9 +412,10 @@ impl SafetensorsStream {
         self.err(format!("the file is truncated or not safetensors ({len}): {what}"))
     }
 
-    /// Takes the next bytes of the file: `copy(from, into)` fills `into` with the chunk's bytes
-    /// from `from` on (the chunk holds `len` bytes). Bytes past the last tensor are ignored.
-    pub fn push(&mut self, len: usize, mut copy: impl FnMut(usize, &mut [u8])) -> Result<()> {
+    /// Takes the next bytes of the file: `copy(from, into)` writes the chunk's bytes from `from`
+    /// on into all of `into` and returns it, written (the chunk holds `len` bytes). Bytes past
+    /// the last tensor are ignored.
+    pub fn push(&mut self, len: usize, mut copy: impl for<'a> FnMut(usize, &'a mut [MaybeUninit<u8>]) -> &'a mut [u8]) -> Result<()> {
         let mut from = 0;
         while from < len {
             let here = self.at;
@@ -395,7 +431,12 @@ impl SafetensorsStream {
                 continue;
             }
             let n = into.len().min(len - from);
-            copy(from, &mut into[..n]);
+            let into = &mut into[..n];
+            let at = into.as_ptr() as usize;
+            let written = copy(from, into);
+            if written.as_ptr() as usize != at || written.len() != n {
+                return Err(self.err("a chunk was not copied where it was asked for".into()));
+            }
             from += n;
             self.filled(n)?;
         }
@@ -404,9 +445,12 @@ impl SafetensorsStream {
 
     /// Where the next wanted bytes go: their file offset and the memory they fill (the header,
     /// or the rest of the tensor being read); `None` once every tensor is complete.
-    pub fn next_span(&mut self) -> Result<Option<(usize, &mut [u8])>> {
+    fn next_span(&mut self) -> Result<Option<(usize, &mut [MaybeUninit<u8>])>> {
         if !self.parsed {
-            return Ok(Some((self.head_filled, &mut self.head[self.head_filled..])));
+            let head = &mut self.head[self.head_filled..];
+            // SAFETY: initialised bytes seen as bytes to write; only bytes are written there.
+            let head = unsafe { std::slice::from_raw_parts_mut(head.as_mut_ptr() as *mut MaybeUninit<u8>, head.len()) };
+            return Ok(Some((self.head_filled, head)));
         }
         if self.filling.is_none() {
             let Some(entry) = self.pending.pop() else { return Ok(None) };
@@ -421,7 +465,7 @@ impl SafetensorsStream {
     }
 
     /// The first `n` bytes of [`Self::next_span`]'s memory are written.
-    pub fn filled(&mut self, n: usize) -> Result<()> {
+    fn filled(&mut self, n: usize) -> Result<()> {
         if !self.parsed {
             self.head_filled += n;
             self.at = self.head_filled;
@@ -559,16 +603,17 @@ pub(crate) fn read_float_tensor(
 
 /// Float values for which every bit pattern is a value: their bytes can be read straight into
 /// a tensor's storage.
-trait PlainFloat: Clone + Default {}
-impl PlainFloat for f32 {}
-impl PlainFloat for half::f16 {}
-impl PlainFloat for half::bf16 {}
+trait PlainValue: Clone + Default {}
+impl PlainValue for f32 {}
+impl PlainValue for half::f16 {}
+impl PlainValue for half::bf16 {}
+impl PlainValue for u8 {}
 
 /// `count` little-endian values of `T` from `start` of `src`, read in place (little-endian targets).
-fn read_values<T: PlainFloat>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
+fn read_values<T: PlainValue>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
     let mut values = zeroed::<T>(count)?;
     // SAFETY: `values` holds count × size_of::<T>() initialised bytes, and any bit pattern is a
-    // valid T (`PlainFloat`); they are written as the file's little-endian values, on a
+    // valid T (`PlainValue`); they are written as the file's little-endian values, on a
     // little-endian target.
     let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * std::mem::size_of::<T>()) };
     src.read(start, bytes);

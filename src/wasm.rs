@@ -176,8 +176,8 @@ impl WasmWeights {
 }
 
 /// `into.len()` bytes of `chunk` from `from` on, into WASM memory.
-fn copy_from(chunk: &js_sys::Uint8Array, from: usize, into: &mut [u8]) {
-    chunk.subarray(from as u32, (from + into.len()) as u32).copy_to(into);
+fn copy_from<'a>(chunk: &js_sys::Uint8Array, from: usize, into: &'a mut [std::mem::MaybeUninit<u8>]) -> &'a mut [u8] {
+    chunk.subarray(from as u32, (from + into.len()) as u32).copy_to_uninit(into)
 }
 
 /// A file's tensors by their stored names, once it has ended.
