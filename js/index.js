@@ -81,9 +81,9 @@ export async function clearCache(baseUrl) {
 export const env = {
   remoteHost: 'https://huggingface.co/',
   remotePathTemplate: '{model}/resolve/{revision}/',
-  // The weights stream into WASM chunk by chunk (each tensor made as its bytes arrive); a File's
-  // are read in chunks of at most this many bytes (and of at most 4 MiB), never as one buffer
-  // (browsers cap an ArrayBuffer at 2–4 GB, Node.js a Buffer at 2 GB).
+  // The weights stream into WASM through buffers of at most this many bytes (and of at most
+  // 2 MiB; each tensor made as its bytes arrive), never one buffer a file (browsers cap an
+  // ArrayBuffer at 2–4 GB, Node.js a Buffer at 2 GB); small files larger than this come in pieces.
   maxPieceBytes: 256 * 1024 * 1024,
   // How long the threaded build's pool may take to start before the single-threaded build is used
   // instead (a page whose worker scripts lack the COEP header never starts it).
@@ -276,6 +276,7 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
         if (html) throw new Error(`${name}: ${url} answered with an HTML page, not the file (is the folder URL right?)`);
         throw new Error(`${name}: HTTP ${res.status} ${res.statusText} from ${url}`);
       }
+      if (!cache || !res.body) return bodyOf(res, false);
       const headers = { 'Content-Type': res.headers.get('Content-Type') ?? 'application/octet-stream' };
       const length = res.headers.get('Content-Length');
       if (length) headers['Content-Length'] = length;
@@ -283,7 +284,6 @@ function urlEntry(key, name, required, base, cache, reload, signal, fetchFn = gl
       const modified = res.headers.get('Last-Modified');
       if (etag) headers[ETAG_HEADER] = etag;
       else if (modified) headers[MODIFIED_HEADER] = modified;
-      if (!cache || !res.body) return bodyOf(res, false);
       // One branch into the Cache API as it arrives (stored only once the whole file is in: a
       // dropped download leaves nothing cached), the other to whoever reads the body.
       const [mine, cached] = res.body.tee();

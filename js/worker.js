@@ -231,16 +231,12 @@ function loadingStep(data) {
       if (!refused) weights.open(data.file, data.size);
       return;
     case 'chunk':
-      if (!refused) {
-        try {
-          weights.push(data.file, new Uint8Array(data.chunk.buffer, data.chunk.byteOffset, data.chunk.byteLength));
-        } catch (e) {
-          refused = message(e);
-          postMessage({ type: 'error', message: refused });
-        }
+      try {
+        if (!refused) weights.push(data.file, new Uint8Array(data.chunk.buffer, data.chunk.byteOffset, data.chunk.byteLength));
+      } finally {
+        // The buffer goes back to be filled again (a refused chunk's too).
+        postMessage({ type: 'consumed', buffer: data.chunk.buffer }, [data.chunk.buffer]);
       }
-      // The buffer goes back to be filled again.
-      postMessage({ type: 'consumed', buffer: data.chunk.buffer }, [data.chunk.buffer]);
       return;
     case 'load':
       return load(data);

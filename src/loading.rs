@@ -350,19 +350,20 @@ impl Storage {
         }
     }
 
-    /// The tensor, once all of [`Self::bytes_mut`] has been written.
-    fn into_tensor(self, dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
-        fn full<T: PlainValue>(mut v: Vec<T>) -> Vec<T> {
-            // SAFETY: every byte of the capacity was written (the stream counts them), and any
-            // bit pattern is a valid T.
-            unsafe { v.set_len(v.capacity()) };
+    /// The tensor, once the first `bytes` of [`Self::bytes_mut`] (all it was made for) are written.
+    fn into_tensor(self, bytes: usize, dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
+        fn full<T: PlainValue>(mut v: Vec<T>, bytes: usize) -> Vec<T> {
+            let n = (bytes / std::mem::size_of::<T>()).min(v.capacity());
+            // SAFETY: the first `bytes` were written (the caller counts them), within the
+            // capacity, and any bit pattern is a valid T.
+            unsafe { v.set_len(n) };
             v
         }
         match self {
-            Storage::F32(v) => Tensor::from_vec(full(v), shape, &Device::Cpu),
-            Storage::F16(v) => Tensor::from_vec(full(v), shape, &Device::Cpu),
-            Storage::Bf16(v) => Tensor::from_vec(full(v), shape, &Device::Cpu),
-            Storage::Bytes(v) => Tensor::from_raw_buffer(&full(v), dtype, shape, &Device::Cpu),
+            Storage::F32(v) => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
+            Storage::F16(v) => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
+            Storage::Bf16(v) => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
+            Storage::Bytes(v) => Tensor::from_raw_buffer(&full(v, bytes), dtype, shape, &Device::Cpu),
         }
     }
 }
@@ -456,12 +457,9 @@ impl SafetensorsStream {
             let Some(entry) = self.pending.pop() else { return Ok(None) };
             let storage = Storage::new(entry.dtype, entry.end - entry.start).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
             self.filling = Some((entry, storage, 0));
-            if self.complete_tensor()? {
-                return self.next_span();
-            }
         }
         let Some((entry, storage, filled)) = self.filling.as_mut() else { return Ok(None) };
-        Ok(Some((entry.start + *filled, &mut storage.bytes_mut()[*filled..])))
+        Ok(Some((entry.start + *filled, &mut storage.bytes_mut()[*filled..entry.end - entry.start])))
     }
 
     /// The first `n` bytes of [`Self::next_span`]'s memory are written.
@@ -500,16 +498,21 @@ impl SafetensorsStream {
         Ok(())
     }
 
-    /// Makes the tensor being read once all its bytes are in; whether it did.
-    fn complete_tensor(&mut self) -> Result<bool> {
+    /// Makes the tensor being read once all its bytes are in.
+    fn complete_tensor(&mut self) -> Result<()> {
         let complete = matches!(&self.filling, Some((entry, _, filled)) if entry.start + filled == entry.end);
-        if !complete {
-            return Ok(false);
+        if let Some((entry, storage, _)) = self.filling.take_if(|_| complete) {
+            self.make(entry, storage)?;
         }
-        let Some((entry, storage, _)) = self.filling.take() else { return Ok(false) };
-        let tensor = storage.into_tensor(entry.dtype, &entry.shape).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
+        Ok(())
+    }
+
+    /// `entry`'s tensor from its written storage, kept by name.
+    fn make(&mut self, entry: Entry, storage: Storage) -> Result<()> {
+        let tensor =
+            storage.into_tensor(entry.end - entry.start, entry.dtype, &entry.shape).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
         self.done.insert(entry.name, tensor);
-        Ok(true)
+        Ok(())
     }
 
     fn parse_header(&mut self) -> Result<()> {
@@ -543,7 +546,14 @@ impl SafetensorsStream {
             let (Some(start), Some(end)) = (data_start.checked_add(start), data_start.checked_add(end)) else {
                 return Err(self.truncated(&format!("tensor `{name}`: offsets past what this platform can address")));
             };
-            entries.push(Entry { name, dtype, shape: info.shape.clone(), start, end });
+            let entry = Entry { name, dtype, shape: info.shape.clone(), start, end };
+            if start == end {
+                // No byte to wait for.
+                let empty = Storage::new(dtype, 0).map_err(|e| self.err(e))?;
+                self.make(entry, empty)?;
+            } else {
+                entries.push(entry);
+            }
         }
         // Read front to back: by offset (the header's validation saw that they tile the data).
         entries.sort_by_key(|e| std::cmp::Reverse(e.start));
@@ -554,21 +564,13 @@ impl SafetensorsStream {
 
     /// Every tensor, by its name in the file, once the file has ended; a file that ended early is
     /// an error naming what is missing.
-    pub fn finish(mut self) -> Result<HashMap<String, Tensor>> {
+    pub fn finish(self) -> Result<HashMap<String, Tensor>> {
         if !self.parsed {
             return Err(if self.head_filled < 8 {
                 self.truncated("no header length")
             } else {
                 self.truncated(&format!("a header of {} bytes", self.head.len() - 8))
             });
-        }
-        // Zero-sized tensors that no byte came after.
-        while self.filling.is_none() && self.pending.last().is_some_and(|e| e.start == e.end) {
-            if let Some(entry) = self.pending.pop() {
-                let empty = Storage::new(entry.dtype, 0).map_err(|e| self.err(e))?;
-                let tensor = empty.into_tensor(entry.dtype, &entry.shape).map_err(|e| self.err(format!("tensor `{}`: {e}", entry.name)))?;
-                self.done.insert(entry.name, tensor);
-            }
         }
         let unread = self.filling.as_ref().map(|(e, _, _)| e).or(self.pending.last());
         if let Some(entry) = unread {
@@ -589,36 +591,23 @@ pub(crate) fn read_float_tensor(
     dtype: DType,
     shape: &[usize],
 ) -> Option<std::result::Result<Tensor, String>> {
-    if !cfg!(target_endian = "little") {
+    if !cfg!(target_endian = "little") || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return None;
     }
-    let tensor = |values: std::result::Result<Tensor, candle_core::Error>| values.map_err(|e| e.to_string());
-    Some(match dtype {
-        DType::F32 => read_values::<f32>(src, start, count).and_then(|v| tensor(Tensor::from_vec(v, shape, &Device::Cpu))),
-        DType::F16 => read_values::<half::f16>(src, start, count).and_then(|v| tensor(Tensor::from_vec(v, shape, &Device::Cpu))),
-        DType::BF16 => read_values::<half::bf16>(src, start, count).and_then(|v| tensor(Tensor::from_vec(v, shape, &Device::Cpu))),
-        _ => return None,
-    })
+    let bytes = count.checked_mul(dtype.size_in_bytes())?;
+    Some(Storage::new(dtype, bytes).and_then(|mut storage| {
+        src.read(start, zero_filled(&mut storage.bytes_mut()[..bytes]));
+        storage.into_tensor(bytes, dtype, shape).map_err(|e| e.to_string())
+    }))
 }
 
-/// Float values for which every bit pattern is a value: their bytes can be read straight into
-/// a tensor's storage.
-trait PlainValue: Clone + Default {}
+/// Values for which every bit pattern is a value: their bytes can be written straight into a
+/// tensor's storage.
+trait PlainValue {}
 impl PlainValue for f32 {}
 impl PlainValue for half::f16 {}
 impl PlainValue for half::bf16 {}
 impl PlainValue for u8 {}
-
-/// `count` little-endian values of `T` from `start` of `src`, read in place (little-endian targets).
-fn read_values<T: PlainValue>(src: &dyn ByteSource, start: usize, count: usize) -> std::result::Result<Vec<T>, String> {
-    let mut values = zeroed::<T>(count)?;
-    // SAFETY: `values` holds count × size_of::<T>() initialised bytes, and any bit pattern is a
-    // valid T (`PlainValue`); they are written as the file's little-endian values, on a
-    // little-endian target.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, count * std::mem::size_of::<T>()) };
-    src.read(start, bytes);
-    Ok(values)
-}
 
 /// `n` zeroed values, or an error when memory runs out (in WASM a failed allocation would trap the
 /// instance: a model too large for its 4 GiB is an error that says so instead).
