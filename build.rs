@@ -8,7 +8,6 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=src/models/relaxed_module.rs");
     println!("cargo:rerun-if-changed=src/models/packed_kernel.rs");
-    println!("cargo:rerun-if-changed=src/models/q8_kernel.rs");
     println!("cargo:rerun-if-changed=src/models/int8_kernel.rs");
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let features = env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();

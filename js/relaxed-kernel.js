@@ -18,10 +18,6 @@ export function wasmcap_relaxed_kernel_gemm(a, rows, inDim, lda, panels, nPanels
   kernel.gemm(a, rows, inDim, lda, panels, nPanels, bias, c, ldc);
 }
 
-export function wasmcap_relaxed_kernel_q8_matvec(qs, scales, sums, x, blocks, groups, out) {
-  kernel.q8_matvec(qs, scales, sums, x, blocks, groups, out);
-}
-
 export function wasmcap_relaxed_kernel_int8_gemm(a, rows, inDim, lda, panels, nPanels, c, ldc) {
   kernel.int8_gemm(a, rows, inDim, lda, panels, nPanels, c, ldc);
 }

@@ -176,8 +176,8 @@ fn activations_match_candles() -> Result<()> {
     Ok(())
 }
 
-/// The decoder's q8_0 matrix–vector kernels (`models::q8`: grouped layout; in WASM the simd128
-/// and the relaxed-SIMD one) against their definition: per block the integer sum of q·x14
+/// The decoder's q8_0 matrix–vector kernel (`models::q8`: grouped layout; simd128 in WASM)
+/// against its definition: per block the integer sum of q·x14
 /// times the block's scale, summed block after block, times the row's scale. The same bits
 /// natively and in WASM, for a matrix whose last group of four rows is short, output ranges cut
 /// at group boundaries and weights of -128 (none of ours, but a file may hold them).
@@ -192,8 +192,7 @@ fn q8_matvec_matches_its_definition() {
         assert_eq!(*w, qs[i] as f32 * scales[i / BLOCK], "dequantized weight {i}");
     }
     let xs = values(&[2 * in_dim], 5).to_vec1::<f32>().expect("f32");
-    for (relaxed, outputs) in [true, false].into_iter().flat_map(|r| [0..out_dim, 4..10, 0..4, 8..12].map(|o| (r, o))) {
-        packed::allow_relaxed_simd(relaxed);
+    for outputs in [0..out_dim, 4..10, 0..4, 8..12] {
         let rows = m.quantize_rows(&xs).expect("whole rows");
         let y = m.matvec(&rows, outputs.clone());
         let width = outputs.end.min(out_dim) - outputs.start;
@@ -208,11 +207,10 @@ fn q8_matvec_matches_its_definition() {
                     let sum: i32 = (b * BLOCK..(b + 1) * BLOCK).map(|i| qs[j * in_dim + i] as i32 * x16[i]).sum();
                     acc += sum as f32 * scales[j * in_dim / BLOCK + b];
                 }
-                assert_eq!(y[r * width + j - outputs.start], acc * scale, "row {r}, output {j}, outputs {outputs:?}, {}", packed::kernel_name());
+                assert_eq!(y[r * width + j - outputs.start], acc * scale, "row {r}, output {j}, outputs {outputs:?}");
             }
         }
     }
-    packed::allow_relaxed_simd(true);
     assert!(Q8Matrix::from_rows(&qs, &scales, out_dim, 48).is_none());
     assert!(m.quantize_rows(&xs[..in_dim + 1]).is_none());
 }

@@ -367,7 +367,7 @@ pub fn kernel_name() -> &'static str {
     "portable"
 }
 
-/// Lets packed weights and q8_0 decoding use the relaxed-SIMD kernels where the browser has
+/// Lets packed weights and 8-bit encoder weights use the relaxed-SIMD kernels where the browser has
 /// them (the default), or keeps them on the simd128 ones: to compare the two.
 pub fn allow_relaxed_simd(allow: bool) {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]

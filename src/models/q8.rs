@@ -5,13 +5,14 @@
 //!   and the four sums of a block leave as one vector (one scale load, one convert, one multiply);
 //! - with simd128, the i8 → i16 widening is two shifts (even bytes, odd bytes) instead of
 //!   `extend_high`, which V8 lowers to a shuffle plus a widening; the input row is stored with
-//!   its even and odd lanes of every 16 apart to match;
-//! - with relaxed SIMD (`relaxed_module.rs`), the i8 dot product multiplies the bytes as they
-//!   are (one instruction per 16 where the CPU has VNNI), on the input split into 7-bit halves.
+//!   its even and odd lanes of every 16 apart to match.
 //!
-//! The input is quantized to 14 bits so that the split is exact. A block's sum is an exact
-//! integer, so the order of its products does not matter: the scalar loop (native builds), the
-//! simd128 and the relaxed-SIMD loops give the same bits.
+//! Relaxed SIMD's i8 dot product is not used here: without AVX-VNNI, V8 lowers it to two
+//! multiplies and the 7-bit operand needs the input split in two, so it took 14.5–15.5 ms a
+//! SmolLM-135M token against 11.4–12.3 for the shifts (Chromium 156, AMD EPYC with AVX-512).
+//!
+//! A block's sum is an exact integer, so the order of its products does not matter: the scalar
+//! loop (native builds) and the simd128 loop give the same bits.
 
 use std::sync::Arc;
 
@@ -21,35 +22,27 @@ pub const BLOCK: usize = 32;
 const GROUP: usize = 4;
 
 /// A q8_0 matrix `[out_dim, in_dim]`: for each group of four output rows and each block of 32
-/// inputs, the four rows' 32 values one after another (`qs`), their four scales (`scales`) and
-/// the four sums of their values (`sums`, which the relaxed-SIMD kernel needs). A last group
-/// short of four rows is padded with zero rows.
+/// inputs, the four rows' 32 values one after another (`qs`) and their four scales (`scales`).
+/// A last group short of four rows is padded with zero rows.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     qs: Arc<Vec<i8>>,
     scales: Arc<Vec<f32>>,
-    sums: Arc<Vec<i16>>,
     out_dim: usize,
     in_dim: usize,
 }
 
 /// An input row quantized for `Q8Matrix::matvec`: 14-bit integers with one scale (|error| ≤
-/// max|x| / 16382, far below q8's own), in the layouts of both kernels — each thread of the
-/// threaded build takes the one it has, and both give the same bits.
+/// max|x| / 16382, far below q8's own).
 pub struct QuantizedRow {
-    /// For the shifts kernel: each 16 values reordered evens then odds.
+    /// Each 16 values reordered evens then odds, as the shifts kernel widens the weights.
     lanes: Vec<i16>,
-    /// For the relaxed-SIMD kernel (WASM only): per block, the high then the low 7 bits of
-    /// each value + 8192 (never negative, as the i7 operand must be).
-    #[cfg_attr(not(all(target_arch = "wasm32", target_feature = "simd128")), allow(dead_code))]
-    bytes: Vec<u8>,
     scale: f32,
 }
 
-/// The largest magnitude of a quantized input: 14 bits, so that input + 8192 splits into two
-/// 7-bit halves.
+/// The largest magnitude of a quantized input (14 bits: what the results have always been
+/// computed with, kept so that they stay the same bits).
 const X_MAX: f32 = 8191.0;
-const X_OFFSET: i32 = 8192;
 
 impl Q8Matrix {
     /// From row-major blocks (`qs` `[out, in]`, `scales` `[out, in / 32]`: the layout of ggml,
@@ -71,9 +64,7 @@ impl Q8Matrix {
                 grouped_scales[(g * blocks + b) * GROUP + k] = scales[row * blocks + b];
             }
         }
-        // |Σ| ≤ 32 · 128: fits i16.
-        let sums = grouped.chunks_exact(BLOCK).map(|q| q.iter().map(|&q| q as i16).sum()).collect();
-        Some(Self { qs: Arc::new(grouped), scales: Arc::new(grouped_scales), sums: Arc::new(sums), out_dim, in_dim })
+        Some(Self { qs: Arc::new(grouped), scales: Arc::new(grouped_scales), out_dim, in_dim })
     }
 
     /// `(out_dim, in_dim)`
@@ -129,15 +120,7 @@ impl Q8Matrix {
         if g1 * GROUP * self.in_dim > self.qs.len() || out.len() < groups * GROUP || x.lanes.len() != self.in_dim {
             return;
         }
-        let (qs, scales, sums) = (&self.qs[g0 * GROUP * self.in_dim..], &self.scales[g0 * GROUP * blocks..], &self.sums[g0 * GROUP * blocks..]);
-        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        if x.bytes.len() == 2 * self.in_dim && super::relaxed::ready() {
-            // SAFETY: the checks above: qs, scales and sums hold `groups` groups from g0, x has
-            // 64 bytes per block and out 4 floats per group.
-            unsafe { super::relaxed::q8_matvec(qs.as_ptr(), scales.as_ptr(), sums.as_ptr(), x.bytes.as_ptr(), blocks, groups, out.as_mut_ptr()) };
-            return;
-        }
-        let _ = sums;
+        let (qs, scales) = (&self.qs[g0 * GROUP * self.in_dim..], &self.scales[g0 * GROUP * blocks..]);
         for g in (0..groups).map(|i| stream_order(i, groups)) {
             let at = g * GROUP * self.in_dim;
             out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&group_dot(
@@ -170,20 +153,7 @@ fn quantize_row(x: &[f32]) -> QuantizedRow {
             lanes[8 + p] = q[2 * p + 1];
         }
     }
-    let bytes = if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
-        let mut bytes = vec![0u8; 2 * x.len()];
-        for (bytes, q) in bytes.chunks_exact_mut(2 * BLOCK).zip(q.chunks_exact(BLOCK)) {
-            for (i, &q) in q.iter().enumerate() {
-                let v = (q as i32 + X_OFFSET) as u32;
-                bytes[i] = (v >> 7) as u8;
-                bytes[BLOCK + i] = (v & 127) as u8;
-            }
-        }
-        bytes
-    } else {
-        Vec::new()
-    };
-    QuantizedRow { lanes, bytes, scale }
+    QuantizedRow { lanes, scale }
 }
 
 /// The four rows of one group against `x`: per block, the exact integer sum of its products
@@ -209,7 +179,39 @@ fn group_dot(qs: &[i8], scales: &[f32], x: &[i16]) -> [f32; GROUP] {
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod kernel {
     use core::arch::wasm32::*;
-    include!("q8_kernel.rs");
+
+    /// [Σ a, Σ b, Σ c, Σ d] of four i32x4 vectors.
+    #[inline(always)]
+    fn horizontal_sums([a, b, c, d]: [v128; 4]) -> v128 {
+        let ab = i32x4_add(i32x4_shuffle::<0, 4, 1, 5>(a, b), i32x4_shuffle::<2, 6, 3, 7>(a, b));
+        let cd = i32x4_add(i32x4_shuffle::<0, 4, 1, 5>(c, d), i32x4_shuffle::<2, 6, 3, 7>(c, d));
+        i32x4_add(i64x2_shuffle::<0, 2>(ab, cd), i64x2_shuffle::<1, 3>(ab, cd))
+    }
+
+    /// The four rows of a group: Σ over blocks b, in order, of f32(`sums(b)`) · scales[4b..4b + 4],
+    /// `sums(b)` being each row's exact Σ q·x over block b. SAFETY: scales[..4 · blocks] in bounds.
+    #[inline(always)]
+    unsafe fn group_results(blocks: usize, scales: *const f32, sums: impl Fn(usize) -> v128) -> v128 {
+        let mut acc = f32x4_splat(0.0);
+        for b in 0..blocks {
+            acc = f32x4_add(acc, f32x4_mul(f32x4_convert_i32x4(sums(b)), v128_load(scales.add(4 * b) as *const v128)));
+        }
+        acc
+    }
+
+    /// The `i`-th group to compute of `groups`: the first and the second half alternate (0, h, 1,
+    /// h + 1, …). Two streams from memory overlap with the arithmetic better than one: a SmolLM
+    /// token's matrices took 17.1 ms instead of 20.0 in a microbenchmark (Chromium, this machine;
+    /// four streams gained nothing more).
+    #[inline(always)]
+    pub fn stream_order(i: usize, groups: usize) -> usize {
+        let half = groups.div_ceil(2);
+        if i % 2 == 0 {
+            i / 2
+        } else {
+            half + i / 2
+        }
+    }
 
     /// `group_dot` with simd128's i16 dot product.
     pub fn group_dot(qs: &[i8], scales: &[f32], x: &[i16]) -> [f32; 4] {
