@@ -189,14 +189,7 @@ pub use crate::models::llava::prefix_prompt_text;
 
 impl Captioner {
     pub fn from_files(files: ModelFiles<'_>) -> Result<Self> {
-        Self::from_files_reading(files, &files.weights, &[])
-    }
-
-    /// [`Captioner::from_files`] with the weight file read from `weights` by range (and a sharded
-    /// checkpoint's shards from `shards`, by the names its index uses): in WASM the downloaded
-    /// files stay in their JS buffers and only the tensors are made in WASM memory.
-    pub fn from_files_reading(files: ModelFiles<'_>, weights: &dyn loading::ByteSource, shards: &[(&str, &dyn loading::ByteSource)]) -> Result<Self> {
-        Self::from_files_with(files, |rename| files.tensors(weights, shards, rename))
+        Self::from_files_with(files, |rename| files.tensors(rename))
     }
 
     /// [`Captioner::from_files`] with the checkpoint's tensors from `tensors` (given the family's

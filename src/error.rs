@@ -20,6 +20,11 @@ pub enum Error {
     #[error("{file}: invalid configuration: {reason}")]
     Config { file: String, reason: String },
 
+    /// A file streamed in out of order: a chunk of a file not opened, one opened twice, one
+    /// past what the platform addresses, or a chunk after the checkpoint refused one.
+    #[error("{file}: {reason}")]
+    Stream { file: String, reason: String },
+
     #[error("missing file `{0}`")]
     MissingFile(String),
 

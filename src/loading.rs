@@ -153,20 +153,9 @@ pub fn load_weights(
 }
 
 impl ModelFiles<'_> {
-    /// The model's tensors, keyed by `rename(name)`: the single weight file read from `file`, or
-    /// the shards of the index in `weights` read from `shards` (given: in WASM, the JS buffers
-    /// they were downloaded into; empty: `self.shards`).
-    pub fn tensors(
-        &self,
-        file: &dyn ByteSource,
-        shards: &[(&str, &dyn ByteSource)],
-        rename: impl Fn(&str) -> String,
-    ) -> Result<HashMap<String, Tensor>> {
-        match (self.weights_name.ends_with(".index.json"), shards.is_empty()) {
-            (false, _) => load_checkpoint_file(self.weights_name, file, rename),
-            (true, false) => load_sharded(self.weights_name, self.weights, shards, rename),
-            (true, true) => load_weights(self.weights_name, self.weights, self.shards, rename),
-        }
+    /// The model's tensors, keyed by `rename(name)`: the weight file, or the shards of the index.
+    pub fn tensors(&self, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+        load_weights(self.weights_name, self.weights, self.shards, rename)
     }
 }
 
@@ -578,6 +567,178 @@ impl SafetensorsStream {
             return Err(self.truncated(&format!("tensor `{}` ends at byte {}{len}", entry.name, entry.end)));
         }
         Ok(self.done)
+    }
+}
+
+/// A chunk of a file as it arrives: bytes in memory natively, a JS `Uint8Array` in WASM (copied
+/// into WASM memory only where a tensor's bytes go).
+pub trait Chunk {
+    fn len(&self) -> usize;
+    /// Writes the chunk's bytes from `from` on into all of `into` and returns them, written.
+    fn copy_to<'a>(&self, from: usize, into: &'a mut [MaybeUninit<u8>]) -> &'a mut [u8];
+}
+
+impl Chunk for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn copy_to<'a>(&self, from: usize, into: &'a mut [MaybeUninit<u8>]) -> &'a mut [u8] {
+        write_bytes(into, &self[from..from + into.len()])
+    }
+}
+
+/// A file kept as the chunks it came in, read by range once complete: a torch zip (its directory
+/// is at the end) or an index. In WASM the chunks stay in JS memory.
+pub trait KeptChunks: ByteSource + Default {
+    type Chunk: Chunk + ?Sized;
+    /// Keeps a copy of `chunk` after the ones before (the caller reuses the chunk); false when
+    /// the file would be longer than this platform addresses.
+    fn keep(&mut self, chunk: &Self::Chunk) -> bool;
+}
+
+impl KeptChunks for Vec<u8> {
+    type Chunk = [u8];
+
+    fn keep(&mut self, chunk: &[u8]) -> bool {
+        self.try_reserve(chunk.len()).is_ok() && {
+            self.extend_from_slice(chunk);
+            true
+        }
+    }
+}
+
+impl ByteSource for Vec<u8> {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn read(&self, start: usize, out: &mut [u8]) {
+        out.copy_from_slice(&self[start..start + out.len()]);
+    }
+}
+
+/// A checkpoint taken in as its files arrive (`open`, then `push` each chunk; the chunks of
+/// several files may interleave): the weight file, or an index and its shards. A safetensors
+/// file becomes tensors as its bytes arrive ([`SafetensorsStream`]), so neither the file nor a
+/// copy of it is ever held; a torch zip and an index are kept as their chunks ([`KeptChunks`]).
+/// The first refused chunk fails the whole checkpoint.
+pub struct StreamedCheckpoint<K: KeptChunks> {
+    name: &'static str,
+    files: Vec<(String, Incoming<K>)>,
+    /// What the first refused chunk was told: every later call is refused with it.
+    failed: Option<String>,
+}
+
+enum Incoming<K> {
+    /// Under 4 bytes so far (whether it is a zip is not known yet), and the file's length if known.
+    Start(K, Option<usize>),
+    Stream(SafetensorsStream),
+    Kept(K),
+}
+
+impl<K: KeptChunks> StreamedCheckpoint<K> {
+    /// The checkpoint whose weights are `weights_name` (one of [`WEIGHT_FILES`]; default
+    /// `model.safetensors`).
+    pub fn new(weights_name: Option<&str>) -> Result<Self> {
+        let name = weights_name.unwrap_or(WEIGHTS);
+        let known = WEIGHT_FILES.iter().find(|&&n| n == name).copied();
+        let name = known.ok_or_else(|| Error::MissingFile(format!("{name}: the weights are one of {}", WEIGHT_FILES.join(", "))))?;
+        Ok(StreamedCheckpoint { name, files: Vec::new(), failed: None })
+    }
+
+    /// Which of [`WEIGHT_FILES`] the weights are.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Starts a file: the weights file, or a shard by the name its index gives it; `size`, its
+    /// length when known beforehand, against which a header's ranges are checked.
+    pub fn open(&mut self, file: &str, size: Option<usize>) -> Result<()> {
+        if self.files.iter().any(|(name, _)| name == file) {
+            return Err(Error::Stream { file: file.to_string(), reason: "opened twice".into() });
+        }
+        // An index is small JSON, and a `.bin` that is not a zip gets the error that says so.
+        let incoming =
+            if file.ends_with(".json") || file.ends_with(".bin") { Incoming::Kept(K::default()) } else { Incoming::Start(K::default(), size) };
+        self.files.push((file.to_string(), incoming));
+        Ok(())
+    }
+
+    /// The next chunk of `file` (opened): each file's chunks in order.
+    pub fn push(&mut self, file: &str, chunk: &K::Chunk) -> Result<()> {
+        self.refused_earlier(file)?;
+        self.take(file, chunk).inspect_err(|e| self.failed = Some(e.to_string()))
+    }
+
+    fn refused_earlier(&self, file: &str) -> Result<()> {
+        match &self.failed {
+            Some(failed) => Err(Error::Stream { file: file.to_string(), reason: format!("an earlier chunk was refused: {failed}") }),
+            None => Ok(()),
+        }
+    }
+
+    fn take(&mut self, file: &str, chunk: &K::Chunk) -> Result<()> {
+        let too_long = || Error::Stream { file: file.to_string(), reason: "larger than this platform can address".into() };
+        let Some((_, incoming)) = self.files.iter_mut().find(|(name, _)| name == file) else {
+            return Err(Error::Stream { file: file.to_string(), reason: "a chunk of a file not opened".into() });
+        };
+        match incoming {
+            Incoming::Start(kept, size) => {
+                if !kept.keep(chunk) {
+                    return Err(too_long());
+                }
+                if kept.len() < 4 {
+                    return Ok(());
+                }
+                let kept = std::mem::take(kept);
+                *incoming = if crate::torch_bin::is_zip(&kept) {
+                    Incoming::Kept(kept)
+                } else {
+                    // The chunks kept are read back: the bytes of the first few chunks.
+                    let mut stream = SafetensorsStream::new(file, *size);
+                    let mut bytes = vec![0; kept.len()];
+                    kept.read(0, &mut bytes);
+                    stream.push(bytes.len(), |from, into| bytes.as_slice().copy_to(from, into))?;
+                    Incoming::Stream(stream)
+                };
+                Ok(())
+            }
+            Incoming::Stream(stream) => stream.push(chunk.len(), |from, into| chunk.copy_to(from, into)),
+            Incoming::Kept(kept) => kept.keep(chunk).then_some(()).ok_or_else(too_long),
+        }
+    }
+
+    /// The tensors of the whole checkpoint, keyed by `rename(name)`, once every file has ended.
+    pub fn tensors(mut self, rename: impl Fn(&str) -> String) -> Result<HashMap<String, Tensor>> {
+        let name = self.name;
+        self.refused_earlier(name)?;
+        if name.ends_with(".index.json") {
+            let index = match self.remove(name) {
+                Some(Incoming::Kept(kept)) => kept,
+                _ => return Err(Error::MissingFile(name.to_string())),
+            };
+            let mut index_bytes = vec![0; index.len()];
+            index.read(0, &mut index_bytes);
+            return load_sharded_with(name, &index_bytes, |shard| self.remove(shard).map(|f| f.tensors(shard)).transpose(), rename);
+        }
+        let file = self.remove(name).ok_or_else(|| Error::MissingFile(name.to_string()))?;
+        Ok(file.tensors(name)?.into_iter().map(|(n, t)| (rename(&n), t)).collect())
+    }
+
+    fn remove(&mut self, file: &str) -> Option<Incoming<K>> {
+        let at = self.files.iter().position(|(name, _)| name == file)?;
+        Some(self.files.swap_remove(at).1)
+    }
+}
+
+impl<K: KeptChunks> Incoming<K> {
+    /// The file's tensors by their stored names, once it has ended.
+    fn tensors(self, name: &str) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Incoming::Start(kept, _) | Incoming::Kept(kept) => load_checkpoint_file(name, &kept, |n| n.to_string()),
+            Incoming::Stream(stream) => stream.finish(),
+        }
     }
 }
 

@@ -10,34 +10,25 @@ use crate::generation::{GenerationOptions, Plan};
 use crate::loading::ModelFiles;
 use crate::lora::AdapterFiles;
 
-/// A file's bytes as JS holds them: one `Uint8Array`, or an array of them in order (a file too
-/// big for one `ArrayBuffer` arrives in pieces and is never joined). Read by range
+/// A file's bytes as JS holds them: the chunks it arrived in, each a `Uint8Array` of its own
+/// (a file too big for one `ArrayBuffer` is never joined). Read by range
 /// (`crate::loading::ByteSource`): only what is asked for is copied into WASM memory.
+#[derive(Default)]
 struct JsBytes {
     /// Each piece with the file offset it starts at.
     pieces: Vec<(usize, js_sys::Uint8Array)>,
     len: usize,
 }
 
-impl JsBytes {
-    fn empty() -> JsBytes {
-        JsBytes { pieces: Vec::new(), len: 0 }
-    }
+impl crate::loading::KeptChunks for JsBytes {
+    type Chunk = js_sys::Uint8Array;
 
-    /// Keeps a copy of `chunk` as the next piece, in JS memory (the chunk's buffer goes back to be
-    /// filled again).
-    fn push(&mut self, name: &str, chunk: &js_sys::Uint8Array) -> Result<(), JsError> {
-        let start = self.len;
-        self.len =
-            start.checked_add(chunk.length() as usize).ok_or_else(|| JsError::new(&format!("{name}: larger than this platform can address")))?;
-        self.pieces.push((start, js_sys::Uint8Array::new(chunk)));
-        Ok(())
-    }
-
-    fn to_vec(&self) -> Vec<u8> {
-        let mut out = vec![0; self.len];
-        crate::loading::ByteSource::read(self, 0, &mut out);
-        out
+    /// A copy, in JS memory: the chunk's buffer goes back to be filled again.
+    fn keep(&mut self, chunk: &js_sys::Uint8Array) -> bool {
+        let Some(len) = self.len.checked_add(chunk.length() as usize) else { return false };
+        self.pieces.push((self.len, js_sys::Uint8Array::new(chunk)));
+        self.len = len;
+        true
     }
 }
 
@@ -63,24 +54,21 @@ impl crate::loading::ByteSource for JsBytes {
     }
 }
 
-/// A checkpoint as JS receives it, chunk by chunk (`push`): a safetensors file becomes tensors
-/// as its bytes arrive (`loading::SafetensorsStream`: each tensor straight into its storage), so
-/// neither the file nor a copy of it is ever held. A torch zip (`pytorch_model.bin`, its directory
-/// at the end) and an index are kept as the JS chunks they came in and read by range once complete.
-#[wasm_bindgen]
-pub struct WasmWeights {
-    name: &'static str,
-    files: Vec<(String, Incoming)>,
-    /// The first failure: later chunks are dropped and the captioner's constructor reports it.
-    failed: Option<String>,
+impl crate::loading::Chunk for js_sys::Uint8Array {
+    fn len(&self) -> usize {
+        self.length() as usize
+    }
+
+    fn copy_to<'a>(&self, from: usize, into: &'a mut [std::mem::MaybeUninit<u8>]) -> &'a mut [u8] {
+        self.subarray(from as u32, (from + into.len()) as u32).copy_to_uninit(into)
+    }
 }
 
-enum Incoming {
-    /// Under 4 bytes so far: whether it is a zip is not known yet.
-    Start(JsBytes, Option<usize>),
-    Stream(crate::loading::SafetensorsStream),
-    Kept(JsBytes),
-}
+/// A checkpoint as JS receives it, chunk by chunk (`crate::loading::StreamedCheckpoint`): each
+/// safetensors tensor straight into its storage as its bytes arrive; a torch zip and an index
+/// kept in JS memory until complete.
+#[wasm_bindgen]
+pub struct WasmWeights(crate::loading::StreamedCheckpoint<JsBytes>);
 
 #[wasm_bindgen]
 impl WasmWeights {
@@ -88,103 +76,19 @@ impl WasmWeights {
     /// `pytorch_model.bin`, or a `*.index.json` whose shards come as files of their own).
     #[wasm_bindgen(constructor)]
     pub fn new(weights_name: Option<String>) -> Result<WasmWeights, JsError> {
-        let name = weights_name.as_deref().unwrap_or(crate::loading::WEIGHTS);
-        let known = crate::loading::WEIGHT_FILES.iter().find(|&&n| n == name).copied();
-        let name = known.ok_or_else(|| JsError::new(&format!("weights must be one of {}, not {name}", crate::loading::WEIGHT_FILES.join(", "))))?;
-        Ok(WasmWeights { name, files: Vec::new(), failed: None })
+        crate::loading::StreamedCheckpoint::new(weights_name.as_deref()).map(WasmWeights).map_err(js_error)
     }
 
     /// Starts a file: the weights file, or a shard by the name its index gives it; `size`, its
     /// length when known (a `File`'s), against which a header's ranges are checked.
     pub fn open(&mut self, file: String, size: Option<f64>) -> Result<(), JsError> {
-        if self.files.iter().any(|(name, _)| *name == file) {
-            return Err(JsError::new(&format!("{file}: opened twice")));
-        }
         let size = size.filter(|s| s.is_finite() && *s >= 0.0 && *s <= usize::MAX as f64).map(|s| s as usize);
-        // An index is small JSON, and a `.bin` that is not a zip gets the error that says so.
-        let incoming = if file.ends_with(".json") || file.ends_with(".bin") {
-            Incoming::Kept(JsBytes::empty())
-        } else {
-            Incoming::Start(JsBytes::empty(), size)
-        };
-        self.files.push((file, incoming));
-        Ok(())
+        self.0.open(&file, size).map_err(js_error)
     }
 
     /// The next chunk of `file` (opened): a file's chunks in order, files in any interleaving.
     pub fn push(&mut self, file: &str, chunk: &js_sys::Uint8Array) -> Result<(), JsError> {
-        if let Some(failed) = &self.failed {
-            return Err(JsError::new(failed));
-        }
-        let result = self.take_chunk(file, chunk);
-        if let Err(e) = &result {
-            self.failed = Some(e.clone());
-        }
-        result.map_err(|e| JsError::new(&e))
-    }
-}
-
-impl WasmWeights {
-    fn take_chunk(&mut self, file: &str, chunk: &js_sys::Uint8Array) -> Result<(), String> {
-        let Some((_, incoming)) = self.files.iter_mut().find(|(name, _)| name == file) else {
-            return Err(format!("{file}: a chunk of a file not opened"));
-        };
-        match incoming {
-            Incoming::Start(bytes, size) => {
-                bytes.push(file, chunk).map_err(|_| format!("{file}: larger than this platform can address"))?;
-                if crate::loading::ByteSource::len(bytes) < 4 {
-                    return Ok(());
-                }
-                let bytes = std::mem::replace(bytes, JsBytes::empty());
-                *incoming = if crate::torch_bin::is_zip(&bytes) {
-                    Incoming::Kept(bytes)
-                } else {
-                    let mut stream = crate::loading::SafetensorsStream::new(file, *size);
-                    for (_, piece) in &bytes.pieces {
-                        stream.push(piece.length() as usize, |from, into| copy_from(piece, from, into)).map_err(|e| e.to_string())?;
-                    }
-                    Incoming::Stream(stream)
-                };
-                Ok(())
-            }
-            Incoming::Stream(stream) => stream.push(chunk.length() as usize, |from, into| copy_from(chunk, from, into)).map_err(|e| e.to_string()),
-            Incoming::Kept(bytes) => bytes.push(file, chunk).map_err(|_| format!("{file}: larger than this platform can address")),
-        }
-    }
-
-    /// The tensors of the whole checkpoint, keyed by `rename(name)`, once every file has ended.
-    fn tensors(mut self, rename: fn(&str) -> String) -> crate::Result<std::collections::HashMap<String, candle_core::Tensor>> {
-        if let Some(failed) = self.failed.take() {
-            return Err(crate::Error::Safetensors { file: self.name.to_string(), reason: failed });
-        }
-        let name = self.name;
-        if name.ends_with(".index.json") {
-            let index = match self.take(name) {
-                Some(Incoming::Kept(bytes)) => bytes.to_vec(),
-                _ => return Err(crate::Error::MissingFile(name.to_string())),
-            };
-            return crate::loading::load_sharded_with(name, &index, |shard| self.take(shard).map(|f| file_tensors(shard, f)).transpose(), rename);
-        }
-        let file = self.take(name).ok_or_else(|| crate::Error::MissingFile(name.to_string()))?;
-        Ok(file_tensors(name, file)?.into_iter().map(|(n, t)| (rename(&n), t)).collect())
-    }
-
-    fn take(&mut self, file: &str) -> Option<Incoming> {
-        let at = self.files.iter().position(|(name, _)| name == file)?;
-        Some(self.files.swap_remove(at).1)
-    }
-}
-
-/// `into.len()` bytes of `chunk` from `from` on, into WASM memory.
-fn copy_from<'a>(chunk: &js_sys::Uint8Array, from: usize, into: &'a mut [std::mem::MaybeUninit<u8>]) -> &'a mut [u8] {
-    chunk.subarray(from as u32, (from + into.len()) as u32).copy_to_uninit(into)
-}
-
-/// A file's tensors by their stored names, once it has ended.
-fn file_tensors(name: &str, file: Incoming) -> crate::Result<std::collections::HashMap<String, candle_core::Tensor>> {
-    match file {
-        Incoming::Start(bytes, _) | Incoming::Kept(bytes) => crate::loading::load_checkpoint_file(name, &bytes, |n| n.to_string()),
-        Incoming::Stream(stream) => stream.finish(),
+        self.0.push(file, chunk).map_err(js_error)
     }
 }
 
@@ -324,7 +228,7 @@ impl WasmCaptioner {
         let files = ModelFiles {
             config,
             weights: &[],
-            weights_name: weights.name,
+            weights_name: weights.0.name(),
             shards: &[],
             tokenizer,
             preprocessor,
@@ -332,7 +236,7 @@ impl WasmCaptioner {
             chat_template,
             adapter,
         };
-        let inner = Captioner::from_files_with(files, |rename| weights.tensors(rename)).map_err(js_error)?;
+        let inner = Captioner::from_files_with(files, |rename| weights.0.tensors(rename)).map_err(js_error)?;
         Ok(WasmCaptioner { inner, run: None, encoding: None })
     }
 

@@ -49,7 +49,7 @@ fn single_shard() -> (&'static [u8], Vec<(String, Vec<u8>)>) {
 }
 
 fn tensors(files: &ModelFiles<'_>) -> wasmcap::Result<HashMap<String, Tensor>> {
-    files.tensors(&files.weights, &[], |n| n.to_string())
+    files.tensors(|n| n.to_string())
 }
 
 fn rounded(t: &Tensor, dtype: DType) -> Vec<f32> {
@@ -273,4 +273,99 @@ fn a_safetensors_file_streamed_in_chunks_gives_the_tensors_of_the_whole_file() {
     file.extend_from_slice(&bytes[8 + header_len..]);
     let e = stream(&file[..8 + text.len()], 4093, None).err().unwrap();
     assert!(matches!(&e, Error::Safetensors { file, reason } if file == WEIGHTS && reason.contains("offset")), "{e}");
+}
+
+/// A checkpoint streamed in as the JS shim does it (`loading::StreamedCheckpoint`, here over
+/// chunks in memory): every format, files cut into uneven chunks (an empty one among them) and
+/// interleaved, gives the tensors of the whole files bit for bit; a refused chunk fails the
+/// checkpoint for good, and misuse is an error that names the file.
+#[test]
+fn a_checkpoint_streamed_file_by_file_in_chunks_gives_the_tensors_of_the_whole_files() {
+    use wasmcap::loading::StreamedCheckpoint;
+    let fx = vit_gpt2();
+    let uneven = |bytes: &[u8]| {
+        let (mut out, mut at, mut i) = (Vec::new(), 0, 0);
+        while at < bytes.len() {
+            let n = [1usize, 0, 4093, 65536, 2, 100_003][i % 6].min(bytes.len() - at);
+            out.push(bytes[at..at + n].to_vec());
+            at += n;
+            i += 1;
+        }
+        out
+    };
+    let whole = |bytes: &[u8]| vec![bytes.to_vec()];
+    let streamed = |name: &str, files: &[(&str, &[u8])], cut: &dyn Fn(&[u8]) -> Vec<Vec<u8>>| {
+        let mut checkpoint = StreamedCheckpoint::<Vec<u8>>::new(Some(name)).unwrap();
+        let chunks: Vec<(&str, Vec<Vec<u8>>)> = files.iter().map(|(n, b)| (*n, cut(b))).collect();
+        for (file, _) in &chunks {
+            checkpoint.open(file, None).unwrap();
+        }
+        for i in 0..chunks.iter().map(|(_, c)| c.len()).max().unwrap_or(0) {
+            for (file, chunks) in &chunks {
+                if let Some(chunk) = chunks.get(i) {
+                    checkpoint.push(file, chunk)?;
+                }
+            }
+        }
+        checkpoint.tensors(|n| n.to_string())
+    };
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let same = |label: &str, got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>| {
+        assert_eq!(got.len(), want.len(), "{label}");
+        for (name, t) in want {
+            assert_eq!((got[name].dtype(), got[name].dims(), bits(&got[name])), (t.dtype(), t.dims(), bits(t)), "{label}: {name}");
+        }
+    };
+    let (index, shards) = sharded_safetensors();
+    let (bin_index, bin_shards) = sharded_bin();
+    let shard_files = |shards: &[(String, Vec<u8>)]| shards.iter().map(|(n, b)| (n.clone(), b.clone())).collect::<Vec<_>>();
+    let cases: [(&str, &str, &[u8], Vec<(String, Vec<u8>)>); 5] = [
+        ("safetensors", WEIGHTS, fx.weights, vec![]),
+        ("bin", BIN_WEIGHTS, checkpoint(BIN_F16), vec![]),
+        ("a zip named model.safetensors", WEIGHTS, checkpoint(BIN_BF16), vec![]),
+        ("sharded safetensors", WEIGHTS_INDEX, index, shard_files(&shards)),
+        ("sharded bin", BIN_WEIGHTS_INDEX, bin_index, shard_files(&bin_shards)),
+    ];
+    for (label, name, weights, shards) in &cases {
+        let files = ModelFiles { weights, weights_name: name, shards, ..fx.files() };
+        let want = tensors(&files).unwrap();
+        let mut all: Vec<(&str, &[u8])> = vec![(*name, *weights)];
+        all.extend(shards.iter().map(|(n, b)| (n.as_str(), b.as_slice())));
+        for cut in [&whole as &dyn Fn(&[u8]) -> Vec<Vec<u8>>, &uneven] {
+            same(label, &streamed(name, &all, cut).unwrap(), &want);
+        }
+        if !shards.is_empty() {
+            let e = streamed(name, &all[..all.len() - 1], &uneven).err().unwrap();
+            assert!(matches!(&e, Error::MissingFile(f) if f.contains(&shards[shards.len() - 1].0)), "{label}: {e}");
+        }
+    }
+    let e = streamed(WEIGHTS, &[(WEIGHTS, &fx.weights[..fx.weights.len() - 3])], &uneven).err().unwrap();
+    assert!(matches!(&e, Error::Safetensors { file, reason } if file == WEIGHTS && reason.contains("truncated")), "{e}");
+    let e = streamed(BIN_WEIGHTS, &[(BIN_WEIGHTS, fx.weights)], &uneven).err().unwrap();
+    assert!(matches!(&e, Error::TorchCheckpoint { file, reason } if file == BIN_WEIGHTS && reason.contains("not a zip")), "{e}");
+
+    // A header that is not JSON is refused as its chunk arrives, and so is every later chunk.
+    let mut broken = fx.weights.to_vec();
+    broken[8] = b'!';
+    let mut checkpoint = StreamedCheckpoint::<Vec<u8>>::new(None).unwrap();
+    checkpoint.open(WEIGHTS, None).unwrap();
+    let first = checkpoint.push(WEIGHTS, &broken[..1 << 16]).err().unwrap();
+    assert!(matches!(&first, Error::Safetensors { file, .. } if file == WEIGHTS), "{first}");
+    let later = checkpoint.push(WEIGHTS, &broken[1 << 16..]).err().unwrap();
+    assert!(later.to_string().contains("refused") && later.to_string().contains(&first.to_string()), "{later}");
+    let e = checkpoint.tensors(|n| n.to_string()).err().unwrap();
+    assert!(e.to_string().contains(&first.to_string()), "{e}");
+
+    let e = StreamedCheckpoint::<Vec<u8>>::new(Some("weights.pt")).err().unwrap();
+    assert!(e.to_string().contains("weights.pt") && e.to_string().contains(WEIGHTS), "{e}");
+    let mut checkpoint = StreamedCheckpoint::<Vec<u8>>::new(None).unwrap();
+    let e = checkpoint.push(WEIGHTS, &fx.weights[..10]).err().unwrap();
+    assert!(matches!(&e, Error::Stream { file, reason } if file == WEIGHTS && reason.contains("not opened")), "{e}");
+    let mut checkpoint = StreamedCheckpoint::<Vec<u8>>::new(None).unwrap();
+    checkpoint.open(WEIGHTS, None).unwrap();
+    let e = checkpoint.open(WEIGHTS, None).err().unwrap();
+    assert!(matches!(&e, Error::Stream { file, reason } if file == WEIGHTS && reason.contains("twice")), "{e}");
+    let e = StreamedCheckpoint::<Vec<u8>>::new(None).unwrap().tensors(|n| n.to_string()).err().unwrap();
+    assert!(matches!(&e, Error::MissingFile(f) if f == WEIGHTS), "{e}");
 }

@@ -266,7 +266,7 @@ impl TrainModel {
                 let config = parse_json(CONFIG, &files.config)?;
                 let family = family_of(&config).map_err(|e| Error::config(CONFIG, e))?;
                 let borrowed = files.borrow();
-                let tensors = borrowed.tensors(&borrowed.weights, &[], family.rename)?;
+                let tensors = borrowed.tensors(family.rename)?;
                 let tokenizer = match options.tokenizer.clone() {
                     Some(t) => t,
                     None => tokenizers::Tokenizer::from_bytes(&files.tokenizer).map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.display())))?,
