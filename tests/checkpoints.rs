@@ -369,3 +369,44 @@ fn a_checkpoint_streamed_file_by_file_in_chunks_gives_the_tensors_of_the_whole_f
     let e = StreamedCheckpoint::<Vec<u8>>::new(None).unwrap().tensors(|n| n.to_string()).err().unwrap();
     assert!(matches!(&e, Error::MissingFile(f) if f == WEIGHTS), "{e}");
 }
+
+/// The `quantize` command on a ViT-GPT2 checkpoint: ViT's matrices (`query`, `key`, `value`,
+/// `attention.output.dense`, `intermediate.dense`, `output.dense`) become q8_0 with GPT-2's, so
+/// the encoder is not shipped in f32; the file loads as it is, first-step logits close to f32's.
+#[test]
+fn a_quantized_vit_gpt2_file_holds_its_encoder_in_8_bits() {
+    let fx = vit_gpt2();
+    let config: serde_json::Value = serde_json::from_slice(fx.config).unwrap();
+    let (bytes, report) = wasmcap::quantize::quantize_checkpoint(&config, fx.weights).unwrap();
+    let layers = config["encoder"]["num_hidden_layers"].as_u64().unwrap();
+    for layer in 0..layers {
+        for module in [
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ] {
+            let name = format!("encoder.encoder.layer.{layer}.{module}.weight");
+            assert!(report.q8_0.contains(&name), "{name} not quantized: {report:?}");
+        }
+    }
+    assert!(report.kept_f32.is_empty(), "{report:?}");
+    let f32_model = Captioner::from_files(fx.files()).unwrap();
+    let q = Captioner::from_files(ModelFiles { weights: &bytes, ..fx.files() }).unwrap();
+    let pixels = f32_model.pixel_values_from_bytes(image("chelsea.jpg")).unwrap();
+    let logits = |m: &Captioner| m.first_step_logits(&pixels, &CaptionOptions::default()).unwrap().to_vec1::<f32>().unwrap();
+    let (a, b) = (logits(&f32_model), logits(&q));
+    let mean = a.iter().sum::<f32>() / a.len() as f32;
+    let spread = (a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / spread;
+    let ids = |m: &Captioner| m.caption(&pixels, &CaptionOptions::default(), |_| {}).unwrap().token_ids;
+    eprintln!(
+        "ViT-GPT2 quantized file: {} → {} bytes; logits max |Δ| / std = {worst:.4}; greedy ids equal to f32: {}",
+        fx.weights.len(),
+        bytes.len(),
+        ids(&f32_model) == ids(&q)
+    );
+    assert!(worst > 0.0 && worst < 0.1, "logits error {worst}");
+}
