@@ -74,17 +74,22 @@ impl Q8Matrix {
 
     /// The f32 matrix `[out, in]` the blocks hold (row-major).
     pub fn dequantize(&self) -> Vec<f32> {
-        let blocks = self.in_dim / BLOCK;
         let mut w = vec![0f32; self.out_dim * self.in_dim];
         for (row, w) in w.chunks_exact_mut(self.in_dim.max(1)).enumerate() {
-            let (g, k) = (row / GROUP, row % GROUP);
-            for (b, w) in w.chunks_exact_mut(BLOCK).enumerate() {
-                let at = (g * blocks + b) * GROUP + k;
-                let s = self.scales[at];
-                w.iter_mut().zip(&self.qs[at * BLOCK..(at + 1) * BLOCK]).for_each(|(w, &q)| *w = q as f32 * s);
-            }
+            self.dequantize_row(row, w);
         }
         w
+    }
+
+    /// Row `row` (< out_dim) of [`Q8Matrix::dequantize`] into `out` (`in_dim` long).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let blocks = self.in_dim / BLOCK;
+        let (g, k) = (row / GROUP, row % GROUP);
+        for (b, w) in out.chunks_exact_mut(BLOCK).enumerate().take(blocks) {
+            let at = (g * blocks + b) * GROUP + k;
+            let s = self.scales[at];
+            w.iter_mut().zip(&self.qs[at * BLOCK..(at + 1) * BLOCK]).for_each(|(w, &q)| *w = q as f32 * s);
+        }
     }
 
     /// `xs` (rows of `in_dim` values) quantized for `matvec`; None when `xs` is not whole rows.
