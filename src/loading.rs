@@ -352,6 +352,9 @@ impl Storage {
             Storage::F32(v) => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
             Storage::F16(v) => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
             Storage::Bf16(v) => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
+            // Bytes are U8 as they are (q8_0 matrices, masks): no copy. Wider integers, rare,
+            // are read from the bytes.
+            Storage::Bytes(v) if dtype == DType::U8 => Tensor::from_vec(full(v, bytes), shape, &Device::Cpu),
             Storage::Bytes(v) => Tensor::from_raw_buffer(&full(v, bytes), dtype, shape, &Device::Cpu),
         }
     }
