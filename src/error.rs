@@ -20,8 +20,9 @@ pub enum Error {
     #[error("{file}: invalid configuration: {reason}")]
     Config { file: String, reason: String },
 
-    /// A file streamed in out of order: a chunk of a file not opened, one opened twice, one
-    /// past what the platform addresses, or a chunk after the checkpoint refused one.
+    /// A streamed checkpoint (`loading::StreamedCheckpoint`) refusing a call: weights that are
+    /// not a weights file, a file opened twice, a chunk of a file not opened or past what the
+    /// platform addresses, or any chunk after one was refused.
     #[error("{file}: {reason}")]
     Stream { file: String, reason: String },
 

@@ -604,10 +604,11 @@ impl KeptChunks for Vec<u8> {
     type Chunk = [u8];
 
     fn keep(&mut self, chunk: &[u8]) -> bool {
-        self.try_reserve(chunk.len()).is_ok() && {
-            self.extend_from_slice(chunk);
-            true
+        if self.try_reserve(chunk.len()).is_err() {
+            return false;
         }
+        self.extend_from_slice(chunk);
+        true
     }
 }
 
@@ -646,7 +647,8 @@ impl<K: KeptChunks> StreamedCheckpoint<K> {
     pub fn new(weights_name: Option<&str>) -> Result<Self> {
         let name = weights_name.unwrap_or(WEIGHTS);
         let known = WEIGHT_FILES.iter().find(|&&n| n == name).copied();
-        let name = known.ok_or_else(|| Error::MissingFile(format!("{name}: the weights are one of {}", WEIGHT_FILES.join(", "))))?;
+        let name = known
+            .ok_or_else(|| Error::Stream { file: name.to_string(), reason: format!("not a weights file: one of {}", WEIGHT_FILES.join(", ")) })?;
         Ok(StreamedCheckpoint { name, files: Vec::new(), failed: None })
     }
 
