@@ -618,8 +618,15 @@ impl ByteSource for Vec<u8> {
     }
 
     fn read(&self, start: usize, out: &mut [u8]) {
-        out.copy_from_slice(&self[start..start + out.len()]);
+        self.as_slice().read(start, out)
     }
+}
+
+/// All of `src`'s bytes (a small file kept as chunks: an index, a header's first bytes).
+fn read_all(src: &dyn ByteSource) -> Vec<u8> {
+    let mut bytes = vec![0; src.len()];
+    src.read(0, &mut bytes);
+    bytes
 }
 
 /// A checkpoint taken in as its files arrive (`open`, then `push` each chunk; the chunks of
@@ -702,8 +709,7 @@ impl<K: KeptChunks> StreamedCheckpoint<K> {
                 } else {
                     // The chunks kept are read back: the bytes of the first few chunks.
                     let mut stream = SafetensorsStream::new(file, *size);
-                    let mut bytes = vec![0; kept.len()];
-                    kept.read(0, &mut bytes);
+                    let bytes = read_all(&kept);
                     stream.push(bytes.len(), |from, into| bytes.as_slice().copy_to(from, into))?;
                     Incoming::Stream(stream)
                 };
@@ -723,9 +729,7 @@ impl<K: KeptChunks> StreamedCheckpoint<K> {
                 Some(Incoming::Kept(kept)) => kept,
                 _ => return Err(Error::MissingFile(name.to_string())),
             };
-            let mut index_bytes = vec![0; index.len()];
-            index.read(0, &mut index_bytes);
-            return load_sharded_with(name, &index_bytes, |shard| self.remove(shard).map(|f| f.tensors(shard)).transpose(), rename);
+            return load_sharded_with(name, &read_all(&index), |shard| self.remove(shard).map(|f| f.tensors(shard)).transpose(), rename);
         }
         let file = self.remove(name).ok_or_else(|| Error::MissingFile(name.to_string()))?;
         Ok(file.tensors(name)?.into_iter().map(|(n, t)| (rename(&n), t)).collect())

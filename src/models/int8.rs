@@ -67,21 +67,6 @@ fn quantize_rows(x: &[f32], rows: usize, in_dim: usize, k_padded: usize) -> Quan
     out
 }
 
-/// max |x| (0 for none; NaN never wins), in eight independent lanes so that it vectorizes: the
-/// same value as one running comparison, since max is exact.
-pub(crate) fn max_abs(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (m, v) in lanes.iter_mut().zip(c) {
-            let a = v.abs();
-            *m = if a > *m { a } else { *m };
-        }
-    }
-    lanes.iter().copied().chain(rest.iter().map(|v| v.abs())).fold(0f32, |m, a| if a > m { a } else { m })
-}
-
 /// Where weight (o, k) lies in the panels: panel o / 12, then per 4 inputs each output's 4.
 fn panel_index(o: usize, k: usize, k_padded: usize) -> usize {
     ((o / NR) * k_padded + k / 4 * 4) * NR + (o % NR) * 4 + k % 4
@@ -94,12 +79,12 @@ impl Int8Weight {
         if w.len() != out_dim.checked_mul(in_dim)? {
             return None;
         }
-        Self::quantize_rows(out_dim, in_dim, |o, row| row.copy_from_slice(&w[o * in_dim..(o + 1) * in_dim]))
+        Self::quantize_each_row(out_dim, in_dim, |o, row| row.copy_from_slice(&w[o * in_dim..(o + 1) * in_dim]))
     }
 
     /// [`Int8Weight::quantize`] of the matrix whose row `o` `row(o, buffer)` writes: a q8_0
     /// matrix becomes 8-bit one row of f32 at a time, never as a whole f32 copy.
-    pub fn quantize_rows(out_dim: usize, in_dim: usize, mut row: impl FnMut(usize, &mut [f32])) -> Option<Self> {
+    pub fn quantize_each_row(out_dim: usize, in_dim: usize, mut row: impl FnMut(usize, &mut [f32])) -> Option<Self> {
         if in_dim == 0 || out_dim == 0 {
             return None;
         }
@@ -110,7 +95,7 @@ impl Int8Weight {
         let (mut values, mut q) = (vec![0f32; in_dim], vec![0i8; k_padded]);
         for o in 0..out_dim {
             row(o, &mut values);
-            let amax = max_abs(&values);
+            let amax = super::max_abs(&values);
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             // The row quantized in one straight loop (vectorized), then placed 4 bytes at a time:

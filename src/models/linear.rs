@@ -338,7 +338,7 @@ pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
     // Straight loops over a block that vectorize (through i32, which WASM converts four at a
     // time): a GPT-2 vocabulary took ~0.2 s of a q8 load one value at a time.
     for (q, block) in qs.chunks_exact_mut(q8::BLOCK).zip(w.chunks_exact(q8::BLOCK)) {
-        let scale = super::int8::max_abs(block) / 127.0;
+        let scale = super::max_abs(block) / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         q.iter_mut().zip(block).for_each(|(q, v)| *q = round_half_away(v * inv).clamp(-127.0, 127.0) as i32 as i8);
         scales.push(scale);
@@ -705,7 +705,7 @@ impl Linear {
         }
         let (out_dim, in_dim) = self.weight.dims()?;
         let m = match &self.weight {
-            Weight::Q8(q) => Int8Weight::quantize_rows(out_dim, in_dim, |o, row| q.dequantize_row(o, row)),
+            Weight::Q8(q) => Int8Weight::quantize_each_row(out_dim, in_dim, |o, row| q.dequantize_row(o, row)),
             weight => with_f32(&weight.out_in_f32()?.contiguous()?, |w| Int8Weight::quantize(w, out_dim, in_dim))?,
         };
         let Some(m) = m else { return Ok(false) };

@@ -137,17 +137,10 @@ impl Q8Matrix {
     }
 }
 
-/// Round-half-even to 14 bits with one scale, in both kernels' layouts. (Plain comparisons and
-/// `round_ties_even`: `f32::max` and `round` are library calls in WASM.)
+/// Round-half-even to 14 bits with one scale, in the kernel's layout (`round_ties_even`:
+/// `round` is a library call in WASM).
 fn quantize_row(x: &[f32]) -> QuantizedRow {
-    let amax = x.iter().fold(0f32, |m, v| {
-        let a = v.abs();
-        if a > m {
-            a
-        } else {
-            m
-        }
-    });
+    let amax = super::max_abs(x);
     let scale = amax / X_MAX;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let q: Vec<i16> = x.iter().map(|v| (v * inv).round_ties_even() as i16).collect();
