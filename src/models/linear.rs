@@ -247,8 +247,10 @@ fn out_shape(xs: &Tensor, out_dim: usize) -> Vec<usize> {
 /// of 4, the f32 kernel's row groups), so the result is the same bits whatever the threads.
 fn by_output_features(out_dim: usize, in_dim: usize, rows: usize, part: impl Fn(std::ops::Range<usize>) -> Vec<f32> + Sync + Send) -> Vec<f32> {
     // Waking the pool costs ~0.1-0.2 ms in a browser (Atomics.wait/notify), far more than a
-    // decoder projection takes: only matrices of millions of multiply-adds a part (the LM head) split.
-    let ranges = crate::parallel::ranges(out_dim, crate::parallel::threads(), (1 << 21) / in_dim.max(1), 4);
+    // decoder projection takes: without an awake crew only matrices of millions of multiply-adds
+    // a part (the LM head) split; with one, a part need only outweigh a handoff (~1 µs).
+    let min_macs = if crate::parallel::crew_awake() { 1 << 15 } else { 1 << 21 };
+    let ranges = crate::parallel::ranges(out_dim, crate::parallel::threads(), min_macs / in_dim.max(1), 4);
     if ranges.len() < 2 {
         return part(0..out_dim);
     }
@@ -994,6 +996,8 @@ mod tests {
             for (name, layer) in [("linear", &linear as &dyn Module), ("conv1d", &conv), ("q8_0", &q8), ("int8", &int8)] {
                 let one = layer.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
                 let two = crate::parallel::with_threads(2, || layer.forward(&xs))?.flatten_all()?.to_vec1::<f32>()?;
+                let crew = crate::parallel::with_threads(2, || crate::parallel::with_crew(|| layer.forward(&xs)))?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(two, crew, "{name} {d_in}x{d_out}, {rows} rows, a crew");
                 // Few rows (decoding) split the output features: the same bits. Many rows (40:
                 // the GEMM) split the rows, which the GEMM may block differently: close.
                 if rows <= FAST_ROWS || name == "int8" {
