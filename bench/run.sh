@@ -61,11 +61,11 @@ for weights in f32 f16 q8_0; do
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 node -e '
-console.log("| GEMM (Chromium) | threads | kernel | f32 ms | f32 GFLOP/s | 8-bit ms | 8-bit GFLOP/s |");
-console.log("|---|---|---|---|---|---|---|");
+console.log("| GEMM (Chromium) | threads | f32 kernel | f32 ms | f32 GFLOP/s | 8-bit kernel | 8-bit ms | 8-bit GFLOP/s |");
+console.log("|---|---|---|---|---|---|---|---|");
 for (const a of process.argv.slice(1)) {
   const r = JSON.parse(a);
-  console.log(`| ${r.shape.join(" × ")} | ${r.threads} | ${r.kernel} | ${r.f32.ms.toFixed(1)} | ${r.f32.gflops.toFixed(0)} | ${r.int8.ms.toFixed(1)} | ${r.int8.gflops.toFixed(0)} |`);
+  console.log(`| ${r.shape.join(" × ")} | ${r.threads} | ${r.kernel} | ${r.f32.ms.toFixed(1)} | ${r.f32.gflops.toFixed(0)} | ${r.int8Kernel} | ${r.int8.ms.toFixed(1)} | ${r.int8.gflops.toFixed(0)} |`);
 }' "${gemms[@]}"
 for wasm in pkg/wasmcap_bg.wasm pkg/threads/wasmcap_bg.wasm; do
   echo "$wasm: $(stat -c %s "$wasm") bytes, $(gzip -9 -c "$wasm" | wc -c) gzipped"

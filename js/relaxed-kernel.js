@@ -18,6 +18,6 @@ export function wasmcap_relaxed_kernel_gemm(a, rows, inDim, lda, panels, nPanels
   kernel.gemm(a, rows, inDim, lda, panels, nPanels, bias, c, ldc);
 }
 
-export function wasmcap_relaxed_kernel_int8_gemm(a, rows, inDim, lda, panels, nPanels, c, ldc) {
-  kernel.int8_gemm(a, rows, inDim, lda, panels, nPanels, c, ldc);
+export function wasmcap_relaxed_kernel_int8_gemm(fused, a, rows, inDim, lda, panels, nPanels, c, ldc) {
+  kernel.int8_gemm(fused, a, rows, inDim, lda, panels, nPanels, c, ldc);
 }

@@ -285,6 +285,7 @@ pub fn gemm_report(rows: usize, in_dim: usize, out_dim: usize, repeats: usize) -
     }
     report.insert("shape".into(), serde_json::json!([rows, in_dim, out_dim]));
     report.insert("kernel".into(), crate::models::packed::kernel_name().into());
+    report.insert("int8Kernel".into(), crate::models::packed::int8_kernel_name().into());
     Ok(report.into())
 }
 
@@ -370,7 +371,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
             conditioning = conditioning.index_select(&crate::models::attention::row_index(&rows, &Device::Cpu)?, 0)?;
         }
         let mut state = model.start(conditioning, &ids)?;
-        let mut next = argmax_rows(&model.next_logits(state.as_mut())?)?;
+        let mut next = argmax_rows(&crate::parallel::with_crew(|| model.next_logits(state.as_mut()))?)?;
         if let Some(rows) = shape.expand() {
             state = state.select(&rows)?;
             next = rows.iter().map(|&r| next[r]).collect();
@@ -378,7 +379,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
         let first = now_ms() - start;
         for _ in 1..new_tokens {
             state.feed(next);
-            next = argmax_rows(&model.next_logits(state.as_mut())?)?;
+            next = argmax_rows(&crate::parallel::with_crew(|| model.next_logits(state.as_mut()))?)?;
             if let Some(rows) = shape.reorder() {
                 state = state.select(&rows)?;
                 next = rows.iter().map(|&r| next[r]).collect();

@@ -82,7 +82,7 @@ fn linear_layers_of_many_rows_match_plain_matmul() -> Result<()> {
     Ok(())
 }
 
-/// The 8-bit encoder GEMM (`Linear::to_int8`): the relaxed-SIMD and simd128 kernels give the
+/// The 8-bit encoder GEMM (`Linear::to_int8`): the relaxed-SIMD (both dot products) and simd128 kernels give the
 /// same bits (exact integer sums), on rows split over tiles and passes, with and without a
 /// fused activation; and both stay within 8-bit error of the f32 product.
 #[test]
@@ -93,8 +93,10 @@ fn int8_layers_give_the_same_bits_on_every_kernel_and_stay_near_f32() -> Result<
         let mut layer = Linear::new(w.clone(), Some(b.clone()));
         assert!(layer.to_int8()? && layer.is_int8());
         let mut outputs = vec![];
-        for relaxed in [true, false] {
+        // Relaxed SIMD with either spelling of its i8 dot product, then simd128.
+        for (relaxed, fused) in [(true, Some(true)), (true, Some(false)), (false, None)] {
             packed::allow_relaxed_simd(relaxed);
+            packed::choose_int8_dot(fused);
             let ys = layer.forward(&x)?;
             // Each output within 1 % of Σ|w·x| (7-bit inputs, 8-bit weights).
             let scale = x.abs()?.broadcast_matmul(&w.abs()?.t()?)?;
@@ -104,9 +106,11 @@ fn int8_layers_give_the_same_bits_on_every_kernel_and_stay_near_f32() -> Result<
             check("int8, then GELU", &gelu, &ys.apply(&Activation::GeluPytorchTanh)?, 1e-5);
             outputs.push((ys.flatten_all()?.to_vec1::<f32>()?, gelu.flatten_all()?.to_vec1::<f32>()?));
         }
-        assert_eq!(outputs[0], outputs[1], "{rows}×{d_in}→{d_out}: relaxed SIMD and simd128 differ");
+        assert_eq!(outputs[0], outputs[1], "{rows}×{d_in}→{d_out}: relaxed SIMD's two dot products differ");
+        assert_eq!(outputs[0], outputs[2], "{rows}×{d_in}→{d_out}: relaxed SIMD and simd128 differ");
     }
     packed::allow_relaxed_simd(true);
+    packed::choose_int8_dot(None);
     Ok(())
 }
 

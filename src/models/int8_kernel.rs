@@ -1,14 +1,12 @@
 // The int8 GEMM loops of `int8.rs`, included into the crate (`int8::kernel`: simd128 in WASM,
 // plain integers natively) and into the relaxed-SIMD side module (`relaxed_module.rs`), each
 // with its own `V` (four i32 sums), `W` (16 weight bytes made ready for `dot`), `X` (4 input
-// bytes made ready), `zero`, `load_i32`, `store_i32`, `weights`, `inputs` and `dot` in scope.
+// bytes made ready), `zero`, `load_i32`, `store_i32`, `weights`, `inputs`, `dot` and `MR` (rows
+// per micro-tile, at most 4: the tail's rows take the smaller tiles) in scope.
 // Every sum is an exact integer, so all of them give the same bits.
 
 /// Output features per panel: three vectors of four.
 pub const NR: usize = 12;
-/// Rows per micro-tile: 6 sums + 3 weight vectors + 2 inputs + a product + the ones vector of the
-/// relaxed kernel's widening stay within x64's 16 registers (3 rows spilled two sums a step).
-const MR: usize = 2;
 /// Input features per pass over a panel (a multiple of 4): 1024 × 12 bytes stay in L1 while
 /// the rows pass. |Σ| ≤ 127 · 127 · in_dim never leaves i32 for in_dim < 133 000.
 const KC: usize = 1024;
@@ -67,6 +65,7 @@ pub unsafe fn gemm(a: *const u8, rows: usize, in_dim: usize, lda: usize, panels:
             }
             let (a, c) = (a.add(i * lda + k0), c.add(i * ldc + p * NR));
             match rows - i {
+                3 => tile::<3>(kc, a, lda, b, c, ldc, k0 > 0),
                 2 => tile::<2>(kc, a, lda, b, c, ldc, k0 > 0),
                 1 => tile::<1>(kc, a, lda, b, c, ldc, k0 > 0),
                 _ => {}

@@ -376,6 +376,28 @@ pub fn allow_relaxed_simd(allow: bool) {
     let _ = allow;
 }
 
+/// Which relaxed-SIMD i8 dot product the 8-bit GEMM takes: `Some(true)` the fused one,
+/// `Some(false)` the two-dot spelling, `None` the faster on this machine (timed at first use).
+pub fn choose_int8_dot(fused: Option<bool>) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    super::relaxed::choose_int8_dot(fused);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    let _ = fused;
+}
+
+/// The 8-bit GEMM's kernel on this thread: "relaxed-simd, fused i8 dot" (one instruction with
+/// AVX-VNNI), "relaxed-simd, two dots", "simd128" or "portable".
+pub fn int8_kernel_name() -> &'static str {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return match super::relaxed::ready() {
+        true if super::relaxed::fused_dot() => "relaxed-simd, fused i8 dot",
+        true => "relaxed-simd, two dots",
+        false => "simd128",
+    };
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    "portable"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
