@@ -105,6 +105,8 @@ mod crew {
         /// ticket << 32 | parts << 16 | next
         state: AtomicU64,
         done: AtomicUsize,
+        /// The caller is inside `run` (read by the caller only: a part it runs may split again).
+        running: AtomicBool,
         /// Written by the caller only while no part of a job is claimed or running.
         job: UnsafeCell<Option<Job>>,
         panicked: Mutex<Option<Box<dyn std::any::Any + Send>>>,
@@ -133,6 +135,7 @@ mod crew {
             stop: AtomicBool::new(false),
             state: AtomicU64::new(0),
             done: AtomicUsize::new(0),
+            running: AtomicBool::new(false),
             job: UnsafeCell::new(None),
             panicked: Mutex::new(None),
         });
@@ -161,6 +164,11 @@ mod crew {
         }
         // SAFETY: the pointer is set only while `with_crew`'s Arc lives on this thread's stack.
         let crew = unsafe { &*crew };
+        // A part of a job that splits again (a GEMM inside a split over rows) runs its parts
+        // itself: the crew holds one job at a time, and the outer split already feeds it.
+        if crew.running.load(Relaxed) {
+            return Some((0..n).map(f).collect());
+        }
         let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
         crew.run(n, &|i| {
             let out = f(i);
@@ -174,6 +182,7 @@ mod crew {
 
     impl Crew {
         fn run(&self, parts: usize, job: &(dyn Fn(usize) + Sync)) {
+            self.running.store(true, Relaxed);
             // SAFETY: only the lifetime is erased; `run` returns after every part is done, and
             // the pointer is dereferenced only by holders of a claimed part.
             let job: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(job) };
@@ -186,6 +195,7 @@ mod crew {
             while self.done.load(Acquire) < parts {
                 spin_loop();
             }
+            self.running.store(false, Relaxed);
         }
 
         /// The next unclaimed part of the current job, claimed.
@@ -309,8 +319,13 @@ mod tests {
                             assert_eq!((0..1000u64).into_par_iter().sum::<u64>(), 499500);
                         }
                     }
-                    // Nested: a crew inside a crew is the outer one.
+                    // Nested: a crew inside a crew is the outer one, and a part that splits
+                    // again runs its own parts.
                     with_crew(|| assert_eq!(map(3, |i| i), vec![0, 1, 2]));
+                    for _ in 0..200 {
+                        let nested = map(4, |i| map(5, |j| 10 * i + j));
+                        assert_eq!(nested, (0..4).map(|i| (0..5).map(|j| 10 * i + j).collect::<Vec<_>>()).collect::<Vec<_>>());
+                    }
                 });
                 assert!(!crew_awake());
             });
