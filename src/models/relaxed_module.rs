@@ -52,30 +52,36 @@ pub unsafe extern "C" fn gemm(a: *const f32, rows: usize, in_dim: usize, lda: us
     kernel::gemm(a, rows, in_dim, lda, panels, n_panels, bias, c, ldc)
 }
 
-mod int8 {
+/// What both spellings of the int8 kernel load and store with.
+mod int8_io {
     use super::*;
-    type W = V;
+    pub type W = V;
 
     #[inline(always)]
-    unsafe fn load_i32(p: *const i32) -> V {
+    pub unsafe fn load_i32(p: *const i32) -> V {
         v128_load(p as *const v128)
     }
 
     #[inline(always)]
-    unsafe fn store_i32(p: *mut i32, v: V) {
+    pub unsafe fn store_i32(p: *mut i32, v: V) {
         v128_store(p as *mut v128, v)
     }
 
     #[inline(always)]
-    unsafe fn weights(p: *const i8) -> W {
+    pub unsafe fn weights(p: *const i8) -> W {
         v128_load(p as *const v128)
     }
 
     /// The 4 input bytes at `p` in every lane.
     #[inline(always)]
-    unsafe fn inputs(p: *const u8) -> V {
+    pub unsafe fn inputs(p: *const u8) -> V {
         v128_load32_splat(p as *const u32)
     }
+}
+
+mod int8 {
+    use super::int8_io::*;
+    use super::*;
 
     /// Each lane: its 4 weight bytes times the 4 inputs (0..=127, the i7 operand), summed.
     /// Spelled as the i16 dot then a dot with ones, not as `relaxed_dot_i8x16_i7x16_add`: on
@@ -95,28 +101,8 @@ mod int8 {
 /// The same loops with `relaxed_dot_i8x16_i7x16_add`: one `vpdpbusd` where the CPU has
 /// AVX-VNNI (V8 emits it only for the VEX form), 5 instructions where it has not.
 mod int8_fused {
+    use super::int8_io::*;
     use super::*;
-    type W = V;
-
-    #[inline(always)]
-    unsafe fn load_i32(p: *const i32) -> V {
-        v128_load(p as *const v128)
-    }
-
-    #[inline(always)]
-    unsafe fn store_i32(p: *mut i32, v: V) {
-        v128_store(p as *mut v128, v)
-    }
-
-    #[inline(always)]
-    unsafe fn weights(p: *const i8) -> W {
-        v128_load(p as *const v128)
-    }
-
-    #[inline(always)]
-    unsafe fn inputs(p: *const u8) -> V {
-        v128_load32_splat(p as *const u32)
-    }
 
     #[inline(always)]
     fn dot(w: W, x: V, acc: V) -> V {
