@@ -214,6 +214,13 @@ pub fn int8_encoder_side(model: &mut dyn Architecture) -> candle_core::Result<us
     Ok(n)
 }
 
+/// [`Architecture::next_logits`] with the threads kept awake for the step
+/// (`parallel::with_crew`): a step is hundreds of small matrix–vector products. Every surface
+/// (the captioner, the bench) decodes through this.
+pub fn step_logits(model: &dyn Architecture, state: &mut dyn DecodeState) -> candle_core::Result<Tensor> {
+    crate::parallel::with_crew(|| model.next_logits(state))
+}
+
 /// Rows that decode together (the images of a batch, the beams of a search).
 pub trait DecodeState: Any + Send {
     /// The state of rows `rows` (in that order, repeats allowed), sharing no cache storage.

@@ -371,7 +371,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
             conditioning = conditioning.index_select(&crate::models::attention::row_index(&rows, &Device::Cpu)?, 0)?;
         }
         let mut state = model.start(conditioning, &ids)?;
-        let mut next = argmax_rows(&crate::parallel::with_crew(|| model.next_logits(state.as_mut()))?)?;
+        let mut next = argmax_rows(&crate::architecture::step_logits(model.as_ref(), state.as_mut())?)?;
         if let Some(rows) = shape.expand() {
             state = state.select(&rows)?;
             next = rows.iter().map(|&r| next[r]).collect();
@@ -379,7 +379,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
         let first = now_ms() - start;
         for _ in 1..new_tokens {
             state.feed(next);
-            next = argmax_rows(&crate::parallel::with_crew(|| model.next_logits(state.as_mut()))?)?;
+            next = argmax_rows(&crate::architecture::step_logits(model.as_ref(), state.as_mut())?)?;
             if let Some(rows) = shape.reorder() {
                 state = state.select(&rows)?;
                 next = rows.iter().map(|&r| next[r]).collect();

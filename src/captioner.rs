@@ -478,8 +478,7 @@ impl Captioner {
 
     /// Logits [B, vocab] of every row's next position.
     fn state_logits(&self, state: &mut Box<dyn DecodeState>) -> Result<Tensor> {
-        // A step is hundreds of small matrix–vector products: the crew shares them out.
-        Ok(crate::parallel::with_crew(|| self.model.next_logits(state.as_mut()))?)
+        Ok(crate::architecture::step_logits(self.model.as_ref(), state.as_mut())?)
     }
 
     /// Beam search as transformers' `generate(num_beams=…)`: the `num_return_sequences` best

@@ -128,7 +128,8 @@ mod crew {
     }
 
     pub(super) fn with_crew<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
-        if awake() || rayon::current_thread_index().is_some() {
+        // A crew inside a crew is the outer one (`threads` is 1 on the pool's threads).
+        if awake() {
             return f();
         }
         let crew = Arc::new(Crew {
