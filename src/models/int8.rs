@@ -38,31 +38,12 @@ struct QuantizedRows {
     min: Vec<f32>,
 }
 
-/// A comparison fold (`f32::min`/`max` are library calls in WASM) in 8 independent lanes, so
-/// that it vectorizes; NaN never wins.
-fn range(x: &[f32]) -> (f32, f32) {
-    let (mut lo, mut hi) = ([0f32; 8], [0f32; 8]);
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for ((lo, hi), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
-            *lo = if v < *lo { v } else { *lo };
-            *hi = if v > *hi { v } else { *hi };
-        }
-    }
-    lo.iter()
-        .zip(&hi)
-        .map(|(&l, &h)| (l, h))
-        .chain(rest.iter().map(|&v| (v, v)))
-        .fold((0f32, 0f32), |(lo, hi), (l, h)| (if l < lo { l } else { lo }, if h > hi { h } else { hi }))
-}
-
 /// `rows` rows of `in_dim` values, each to 0..=127 over [min(0, row), max(0, row)] (a
 /// constant row still has a range), `k_padded` bytes a row (the padding's weights are 0).
 fn quantize_rows(x: &[f32], rows: usize, in_dim: usize, k_padded: usize) -> QuantizedRows {
     let mut out = QuantizedRows { q: vec![0u8; rows * k_padded], step: Vec::with_capacity(rows), min: Vec::with_capacity(rows) };
     for (xr, qr) in x.chunks_exact(in_dim).zip(out.q.chunks_exact_mut(k_padded)) {
-        let (lo, hi) = range(xr);
+        let (lo, hi) = super::range(xr);
         let step = (hi - lo) / X_LEVELS;
         let inv = if step > 0.0 { 1.0 / step } else { 0.0 };
         // Through i32 (saturating; NaN is 0), clamped as integers: one straight loop that
