@@ -4,13 +4,14 @@
 //! What changes, by tensor name: the matrices of every `nn.Linear` (SigLIP's and ViT's attention
 //! and MLP, the projector, Llama's projections, an untied LM head) and of GPT-2's `Conv1D`s become q8_0
 //! (`crate::models::linear::q8_0_blocks`, stored as `<name>.q8_0` + `<name>.q8_0_scales`, see
-//! there) when their rows are whole blocks of 32; the token embeddings (`wte`, `embed_tokens`,
+//! there) when their rows are whole blocks of 32 — those of the encoder side with one scale per
+//! row, as they will run in 8 bits (`encoder_side`); the token embeddings (`wte`, `embed_tokens`,
 //! tied to the LM head, which is quantized from them at load) become f16; everything else (norms,
 //! biases, position embeddings, the patch convolution) is copied unchanged.
 
 use std::collections::HashMap;
 
-use crate::models::linear::{q8_0_blocks, Q8_0_SCALES_SUFFIX, Q8_0_SUFFIX};
+use crate::models::linear::{per_output_q8_0_blocks, q8_0_blocks, Q8_0_SCALES_SUFFIX, Q8_0_SUFFIX};
 use crate::{Error, Result};
 
 /// Modules that are `nn.Linear` (weight `[out, in]`) in the architectures we load: SigLIP's,
@@ -81,6 +82,17 @@ fn plan(name: &str, shape: &[usize], dtype: safetensors::Dtype, gpt2_decoder: bo
     Plan::Copy
 }
 
+/// Matrices the loaded model multiplies in 8 bits per output feature (the vision tower, the
+/// projectors, cross-attention's keys and values: `Architecture::encoder_side_linears`) rather
+/// than as q8_0: their blocks carry the row's scale (`per_output_q8_0_blocks`), so they are
+/// rounded once. By name, as the rest of this file decides: the model is not built here.
+fn encoder_side(model_type: &str, name: &str) -> bool {
+    match model_type {
+        "vision-encoder-decoder" => name.starts_with("encoder.") || name.starts_with("enc_to_dec_proj.") || name.contains(".crossattention.c_attn."),
+        _ => name.contains("vision_tower.") || name.contains("multi_modal_projector."),
+    }
+}
+
 fn weights_error(reason: String) -> Error {
     Error::Safetensors { file: crate::loading::WEIGHTS.to_string(), reason }
 }
@@ -133,7 +145,7 @@ pub fn quantize_checkpoint(config: &serde_json::Value, weights: &[u8]) -> Result
                     let t = candle_core::Tensor::from_vec(w, (in_dim, out_dim), &candle_core::Device::Cpu)?;
                     w = t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 }
-                let (qs, scales) = q8_0_blocks(&w);
+                let (qs, scales) = if encoder_side(model_type, name) { per_output_q8_0_blocks(&w, in_dim) } else { q8_0_blocks(&w) };
                 let base = name.to_string();
                 out.push((format!("{base}{Q8_0_SUFFIX}"), safetensors::Dtype::I8, vec![out_dim, in_dim], qs.into_iter().map(|q| q as u8).collect()));
                 let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();

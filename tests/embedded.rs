@@ -194,6 +194,27 @@ fn quantized_checkpoints_load_as_they_are() {
     }
 }
 
+/// A quantized file's encoder side is rounded once: its encoder runs as the f32 file's does once
+/// quantized to 8 bits at load (the same integers, the same scales, the same states bit for bit),
+/// not as the 8-bit copy of q8_0's values.
+#[test]
+fn a_quantized_file_rounds_the_encoder_side_once() {
+    for (name, files, _) in [embedded!("shapes-cross-attention"), embedded!("shapes-prefix")] {
+        let config: serde_json::Value = serde_json::from_slice(files.config).unwrap();
+        let (bytes, _) = wasmcap::quantize::quantize_checkpoint(&config, files.weights).unwrap();
+        let from_file = Captioner::from_files(ModelFiles { weights: &bytes, ..files.clone() }).unwrap();
+        let mut at_load = Captioner::from_files(files.clone()).unwrap();
+        assert!(at_load.quantize_encoder().unwrap() > 0);
+        for (image, bytes) in IMAGES {
+            let pixels = at_load.pixel_values_from_bytes(bytes).unwrap();
+            let a = at_load.model().encode(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = from_file.model().encode(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(differ, 0, "{name} {image}: {differ} of {} encoder states differ", a.len());
+        }
+    }
+}
+
 /// `weights` with every f32 tensor narrowed to `dtype` (f16 / bf16), and the f32 file of the
 /// values that holds.
 fn sixteen_bit_copies(weights: &[u8], dtype: safetensors::Dtype) -> (Vec<u8>, Vec<u8>) {

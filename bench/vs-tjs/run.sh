@@ -44,10 +44,10 @@ if [ ! -f pkg/index.js ] || [ ! -f pkg/wasmcap_bg.wasm ]; then
   log "pkg/ missing: building it"
   bash build.sh build
 fi
-if [ ! -f "$DATA/model-q8/model.safetensors" ] || [ "$DATA/model/model.safetensors" -nt "$DATA/model-q8/model.safetensors" ]; then
-  log "quantizing the model ahead of time (the quantize binary) into $DATA/model-q8"
-  cargo run -q --release --bin quantize -- --model "$DATA/model" --out "$DATA/model-q8"
-fi
+# Every run (a few seconds): the file must be what this checkout's quantize writes.
+log "quantizing the model ahead of time (the quantize binary) into $DATA/model-q8"
+rm -rf "$DATA/model-q8"
+cargo run -q --release --bin quantize -- --model "$DATA/model" --out "$DATA/model-q8"
 log "pkg/wasmcap_bg.wasm built $(date -r pkg/wasmcap_bg.wasm '+%F %T')"
 exec node "$HERE/driver.mjs" --data "$DATA" --tokens "${TOKENS:-20}" --repeats "${REPEATS:-3}" \
   --threads "${THREADS:-1,2}" --dtypes "${DTYPES:-fp32,q8}" --ours-threads "${OURS_THREADS:-auto}" \

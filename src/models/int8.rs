@@ -57,6 +57,18 @@ fn quantize_rows(x: &[f32], rows: usize, in_dim: usize, k_padded: usize) -> Quan
     out
 }
 
+/// One output's weights to i8 in `q`: scale = max |w| / 127, q = round(w / scale), ties to even.
+/// Returns the scale. (The `quantize` command writes encoder-side matrices with these values, so
+/// that they are rounded once.)
+pub fn quantize_row(values: &[f32], q: &mut [i8]) -> f32 {
+    let scale = super::max_abs(values) / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    // One straight loop (vectorized), through i32, which WASM converts four at a time; the value
+    // is whole and within ±127, so the same number.
+    q.iter_mut().zip(values).for_each(|(q, &v)| *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as i8);
+    scale
+}
+
 /// Where weight (o, k) lies in the panels: panel o / 12, then per 4 inputs each output's 4.
 fn panel_index(o: usize, k: usize, k_padded: usize) -> usize {
     ((o / NR) * k_padded + k / 4 * 4) * NR + (o % NR) * 4 + k % 4
@@ -69,12 +81,11 @@ impl Int8Weight {
         if w.len() != out_dim.checked_mul(in_dim)? {
             return None;
         }
-        Self::quantize_each_row(out_dim, in_dim, |o, row| row.copy_from_slice(&w[o * in_dim..(o + 1) * in_dim]))
+        Self::from_rows(out_dim, in_dim, |o, q| quantize_row(&w[o * in_dim..(o + 1) * in_dim], q))
     }
 
-    /// [`Int8Weight::quantize`] of the matrix whose row `o` `row(o, buffer)` writes: a q8_0
-    /// matrix becomes 8-bit one row of f32 at a time, never as a whole f32 copy.
-    pub fn quantize_each_row(out_dim: usize, in_dim: usize, mut row: impl FnMut(usize, &mut [f32])) -> Option<Self> {
+    /// The matrix whose row `o` `row(o, q)` writes as i8 (`in_dim` of them), returning its scale.
+    pub fn from_rows(out_dim: usize, in_dim: usize, mut row: impl FnMut(usize, &mut [i8]) -> f32) -> Option<Self> {
         if in_dim == 0 || out_dim == 0 {
             return None;
         }
@@ -82,25 +93,17 @@ impl Int8Weight {
         let n_panels = out_dim.div_ceil(NR);
         let mut panels = vec![0i8; n_panels.checked_mul(NR * k_padded)?];
         let (mut scales, mut sums) = (vec![0f32; n_panels * NR], vec![0f32; n_panels * NR]);
-        let (mut values, mut q) = (vec![0f32; in_dim], vec![0i8; k_padded]);
+        let mut q = vec![0i8; k_padded];
         for o in 0..out_dim {
-            row(o, &mut values);
-            let amax = super::max_abs(&values);
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            // The row quantized in one straight loop (vectorized), then placed 4 bytes at a time:
-            // an index per value made this the slowest step of loading a q8 ViT (~0.4 s).
-            // (Through i32, which WASM converts four at a time; the value is whole and within
-            // ±127, so the same number.)
-            q.iter_mut().zip(&values).for_each(|(q, &v)| *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as i8);
-            let sum: i32 = q.iter().map(|&q| q as i32).sum();
+            scales[o] = row(o, &mut q[..in_dim]);
+            sums[o] = q.iter().map(|&q| q as i32).sum::<i32>() as f32;
+            // Placed 4 bytes at a time: an index per value made this the slowest step of
+            // loading a q8 ViT (~0.4 s).
             let first = panel_index(o, 0, k_padded);
             for (k4, q) in q.chunks_exact(4).enumerate() {
                 let at = first + k4 * 4 * NR;
                 panels[at..at + 4].copy_from_slice(q);
             }
-            scales[o] = scale;
-            sums[o] = sum as f32;
         }
         Some(Self { panels, scales, sums, out_dim, in_dim, k_padded })
     }

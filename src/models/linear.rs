@@ -348,6 +348,20 @@ pub fn q8_0_blocks(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
     (qs, scales)
 }
 
+/// q8_0 blocks (as [`q8_0_blocks`]) of a matrix that will run in 8 bits per output feature
+/// (the encoder side): each row rounded once, as [`Int8Weight`] rounds it, and every block of the
+/// row given the row's scale. The file stays q8_0 for every reader; ours takes such a row as it
+/// is (`Linear::to_int8`) instead of rounding q8_0's values a second time.
+pub fn per_output_q8_0_blocks(w: &[f32], in_dim: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut qs = vec![0i8; w.len()];
+    let mut scales = Vec::with_capacity(w.len() / q8::BLOCK);
+    for (q, row) in qs.chunks_exact_mut(in_dim).zip(w.chunks_exact(in_dim)) {
+        let scale = super::int8::quantize_row(row, q);
+        scales.extend(std::iter::repeat_n(scale, in_dim / q8::BLOCK));
+    }
+    (qs, scales)
+}
+
 /// `f32::round` (halves away from zero, as ggml's `roundf`), exactly, from WASM instructions:
 /// `round` itself is a library call per value there (quantizing a vocabulary at load spent most
 /// of its time in it). The fraction `x - trunc(x)` is exact for every finite `x`.
@@ -699,15 +713,26 @@ impl Linear {
 
     /// Swaps the weight for an 8-bit one multiplied in 8 bits (`super::int8`): for layers that
     /// only multiply many rows (the encoder side of a quantized model). From f32 or q8_0 (its
-    /// values requantized per output feature). Returns false, changing nothing, where it is
-    /// 8-bit already, q4_0, or has a LoRA update attached.
+    /// values requantized per output feature, row by row, unless a row has one scale already).
+    /// Returns false, changing nothing, where it is 8-bit already, q4_0, or has a LoRA update
+    /// attached.
     pub fn to_int8(&mut self) -> Result<bool> {
         if self.lora.is_some() || matches!(self.weight, Weight::Int8(_) | Weight::Ggml { .. }) {
             return Ok(false);
         }
         let (out_dim, in_dim) = self.weight.dims()?;
         let m = match &self.weight {
-            Weight::Q8(q) => Int8Weight::quantize_each_row(out_dim, in_dim, |o, row| q.dequantize_row(o, row)),
+            Weight::Q8(q) => {
+                // A row that the `quantize` command wrote with one scale is per-output i8 already:
+                // taken as it is, so its values are rounded once, from f32.
+                let mut values = vec![0f32; in_dim];
+                Int8Weight::from_rows(out_dim, in_dim, |o, row| {
+                    q.row_with_one_scale(o, row).unwrap_or_else(|| {
+                        q.dequantize_row(o, &mut values);
+                        super::int8::quantize_row(&values, row)
+                    })
+                })
+            }
             weight => with_f32(&weight.out_in_f32()?.contiguous()?, |w| Int8Weight::quantize(w, out_dim, in_dim))?,
         };
         let Some(m) = m else { return Ok(false) };

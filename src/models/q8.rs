@@ -92,6 +92,23 @@ impl Q8Matrix {
         }
     }
 
+    /// Row `row`'s values into `out` (`in_dim` long) and their scale, when every block of the
+    /// row has the same one (a matrix the `quantize` command wrote per output feature); None,
+    /// writing nothing, otherwise.
+    pub fn row_with_one_scale(&self, row: usize, out: &mut [i8]) -> Option<f32> {
+        let blocks = self.in_dim / BLOCK;
+        let (g, k) = (row / GROUP, row % GROUP);
+        let at = |b: usize| (g * blocks + b) * GROUP + k;
+        let scale = self.scales[at(0)];
+        if (1..blocks).any(|b| self.scales[at(b)].to_bits() != scale.to_bits()) {
+            return None;
+        }
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate().take(blocks) {
+            out.copy_from_slice(&self.qs[at(b) * BLOCK..(at(b) + 1) * BLOCK]);
+        }
+        Some(scale)
+    }
+
     /// `xs` (rows of `in_dim` values) quantized for `matvec`; None when `xs` is not whole rows.
     pub fn quantize_rows(&self, xs: &[f32]) -> Option<Vec<QuantizedRow>> {
         if self.in_dim == 0 || xs.len() % self.in_dim != 0 {
