@@ -40,6 +40,9 @@ pub struct BenchReport {
     pub tiles: usize,
     /// The encoder's GEMM kernel (`models::packed::kernel_name`).
     pub encoder_kernel: String,
+    /// A quantized model's 8-bit GEMM kernel (`models::packed::int8_kernel_name`): on several
+    /// threads, the spelling the calibration chose there.
+    pub int8_kernel: Option<String>,
 }
 
 /// How a benchmark decodes: `images` captions in one batch, `beams` rows each (beam search:
@@ -330,6 +333,7 @@ fn summarize(
         quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()).or(shape.sixteen_bit.map(|d| format!("{d:?}").to_lowercase())),
         tiles: shape.tiles.max(1),
         encoder_kernel: crate::models::packed::kernel_name().to_string(),
+        int8_kernel: shape.quantize.map(|_| crate::models::packed::int8_kernel_name().to_string()),
     }
 }
 
