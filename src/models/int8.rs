@@ -11,8 +11,8 @@
 //! no extra registers. The input's offset comes back through each output's Σ q.
 //!
 //! The kernel (`int8_kernel.rs`) runs with relaxed SIMD where the browser has it, else with
-//! simd128's i16 dot product, natively on plain integers: the sums are exact, so all three give
-//! the same bits, and so does any split over the threads.
+//! simd128's i16 dot product, natively with SSE2's on x86-64 (plain integers elsewhere): the
+//! sums are exact, so all of them give the same bits, and so does any split over the threads.
 
 /// A `[out, in]` weight as i8, one scale per output feature, in panels of 12 outputs
 /// (`[in / 4][12][4]` each; inputs padded to a multiple of 4, outputs to 12, with zeros).
@@ -222,7 +222,63 @@ mod kernel {
     include!("int8_kernel.rs");
 }
 
-#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+/// x86-64 natively: simd128's loops in SSE2 (part of every x86-64 CPU, so no detection).
+/// The scalar spelling below took a SigLIP-B encoder 4.6 s against 0.6 s in f32.
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use core::arch::x86_64::*;
+    type V = __m128i;
+    /// The 16 weight bytes as two i16x8 halves.
+    type W = (__m128i, __m128i);
+
+    #[inline(always)]
+    fn zero() -> V {
+        // SAFETY: SSE2 is part of x86-64.
+        unsafe { _mm_setzero_si128() }
+    }
+
+    /// SAFETY (loads, stores): 16 bytes at `p` in bounds (unaligned access).
+    #[inline(always)]
+    unsafe fn load_i32(p: *const i32) -> V {
+        _mm_loadu_si128(p as *const __m128i)
+    }
+
+    #[inline(always)]
+    unsafe fn store_i32(p: *mut i32, v: V) {
+        _mm_storeu_si128(p as *mut __m128i, v)
+    }
+
+    /// Sign-extended to i16 by pairing each byte with itself and shifting arithmetically.
+    #[inline(always)]
+    unsafe fn weights(p: *const i8) -> W {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        (_mm_srai_epi16::<8>(_mm_unpacklo_epi8(v, v)), _mm_srai_epi16::<8>(_mm_unpackhi_epi8(v, v)))
+    }
+
+    /// The 4 input bytes at `p`, twice, as i16x8. SAFETY: 4 bytes at `p` in bounds.
+    #[inline(always)]
+    unsafe fn inputs(p: *const u8) -> V {
+        _mm_unpacklo_epi8(_mm_set1_epi32(core::ptr::read_unaligned(p as *const i32)), _mm_setzero_si128())
+    }
+
+    /// Each output's 4 products summed: `pmaddwd` gives pairs, added pairwise.
+    #[inline(always)]
+    fn dot(w: W, x: V, acc: V) -> V {
+        // SAFETY: SSE2 is part of x86-64.
+        unsafe {
+            let (lo, hi) = (_mm_castsi128_ps(_mm_madd_epi16(w.0, x)), _mm_castsi128_ps(_mm_madd_epi16(w.1, x)));
+            let even = _mm_castps_si128(_mm_shuffle_ps::<0b10_00_10_00>(lo, hi));
+            let odd = _mm_castps_si128(_mm_shuffle_ps::<0b11_01_11_01>(lo, hi));
+            _mm_add_epi32(acc, _mm_add_epi32(even, odd))
+        }
+    }
+
+    /// As simd128's: 16 SIMD registers.
+    const MR: usize = 2;
+    include!("int8_kernel.rs");
+}
+
+#[cfg(not(any(target_arch = "x86_64", all(target_arch = "wasm32", target_feature = "simd128"))))]
 mod kernel {
     type V = [i32; 4];
     type W = [i8; 16];
