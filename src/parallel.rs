@@ -39,6 +39,18 @@ pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
     out
 }
 
+/// `f()` with our own splits over every core natively, where the count otherwise stays 1 (candle
+/// spreads its own kernels, not ours): for a kernel of ours that stands in for one of candle's
+/// (the int8 GEMM). Elsewhere, on a pool thread or under [`with_threads`], `f()` as it is. As
+/// `with_threads`, no minimum part size.
+pub fn on_all_cores<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(not(target_arch = "wasm32"))]
+    if SCOPED.with(|s| s.get()).is_none() && rayon::current_thread_index().is_none() {
+        return with_threads(rayon::current_num_threads(), f);
+    }
+    f()
+}
+
 /// Sets the number of parts; more than 1 needs a build with threads (and, in WASM, the pool
 /// started by `initThreadPool`). Returns the number now in effect.
 pub fn set_threads(n: usize) -> std::result::Result<usize, String> {

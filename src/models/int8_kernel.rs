@@ -1,5 +1,5 @@
 // The int8 GEMM loops of `int8.rs`, included into the crate (`int8::kernel`: simd128 in WASM,
-// plain integers natively) and into the relaxed-SIMD side module (`relaxed_module.rs`), each
+// SSE2 on x86-64, plain integers elsewhere) and into the relaxed-SIMD side module (`relaxed_module.rs`), each
 // with its own `V` (four i32 sums), `W` (16 weight bytes made ready for `dot`), `X` (4 input
 // bytes made ready), `zero`, `load_i32`, `store_i32`, `weights`, `inputs`, `dot` and `MR` (rows
 // per micro-tile, at most 4: the tail's rows take the smaller tiles) in scope.

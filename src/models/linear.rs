@@ -543,14 +543,8 @@ fn half_matmul_rows(w: &[u16], kind: Half, x: &[f32], in_dim: usize, rows: usize
 const WIDE_BLOCK: usize = 8192;
 
 fn int8_forward(m: &Int8Weight, xs: &Tensor, b: Option<&Tensor>, then: Then) -> Result<Tensor> {
-    let gemm = || by_rows(m.dims(), xs, b, then, true, |x, b, then| m.matmul_then(x, b, then.map(|f| f as &dyn Fn(&mut [f32]))));
-    // Natively our split count stays 1 (candle spreads its own kernels over the cores), so this
-    // kernel of ours spreads its rows over rayon's threads itself: exact sums, the same bits.
-    #[cfg(not(target_arch = "wasm32"))]
-    if crate::parallel::threads() == 1 && rayon::current_thread_index().is_none() {
-        return crate::parallel::with_threads(rayon::current_num_threads(), gemm);
-    }
-    gemm()
+    // Natively too its rows go over the cores (candle's GEMM would): exact sums, the same bits.
+    crate::parallel::on_all_cores(|| by_rows(m.dims(), xs, b, then, true, |x, b, then| m.matmul_then(x, b, then.map(|f| f as &dyn Fn(&mut [f32])))))
 }
 
 fn add_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {

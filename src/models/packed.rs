@@ -386,7 +386,7 @@ pub fn choose_int8_dot(fused: Option<bool>) {
 }
 
 /// The 8-bit GEMM's kernel on this thread: "relaxed-simd, fused i8 dot" (one instruction with
-/// AVX-VNNI), "relaxed-simd, two dots", "simd128" or "portable".
+/// AVX-VNNI), "relaxed-simd, two dots", "simd128", natively "sse2" (x86-64) or "portable".
 pub fn int8_kernel_name() -> &'static str {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     return match super::relaxed::ready() {
@@ -394,7 +394,9 @@ pub fn int8_kernel_name() -> &'static str {
         true => "relaxed-simd, two dots",
         false => "simd128",
     };
-    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    #[cfg(target_arch = "x86_64")]
+    return "sse2";
+    #[cfg(not(any(target_arch = "x86_64", all(target_arch = "wasm32", target_feature = "simd128"))))]
     "portable"
 }
 
