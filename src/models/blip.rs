@@ -11,14 +11,14 @@ use std::any::Any;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{conv2d, Activation, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Activation, VarBuilder};
 
 use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family, PromptInputs};
 use crate::loading::GenerationDefaults;
 
 use super::attention;
 use super::embedding::{embedding, Embedding};
-use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape};
+use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::{linear_b, Linear};
 use super::norm::{layer_norm, LayerNorm};
 
@@ -141,7 +141,7 @@ impl BlipConfig {
 #[derive(Debug, Clone)]
 struct VisionEmbeddings {
     class_embedding: Tensor,
-    patch_embedding: Conv2d,
+    patch_embedding: PatchEmbedding,
     position_embedding: Tensor,
 }
 
@@ -170,10 +170,9 @@ impl VisionModel {
         let d = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let patches = (cfg.image_size / cfg.patch_size).pow(2);
-        let conv = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
         let embeddings = VisionEmbeddings {
             class_embedding: e.get((1, 1, d), "class_embedding")?,
-            patch_embedding: conv2d(3, d, cfg.patch_size, conv, e.pp("patch_embedding"))?,
+            patch_embedding: PatchEmbedding::new(3, d, cfg.patch_size, e.pp("patch_embedding"))?,
             position_embedding: e.get((1, patches + 1, d), "position_embedding")?,
         };
         let shape = LayerShape {
@@ -191,7 +190,7 @@ impl VisionModel {
 
     fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let e = &self.embeddings;
-        let patches = e.patch_embedding.forward(pixel_values)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = e.patch_embedding.forward(pixel_values)?;
         let (b, _, d) = patches.dims3()?;
         let mut xs = Tensor::cat(&[&e.class_embedding.broadcast_as((b, 1, d))?, &patches], 1)?.broadcast_add(&e.position_embedding)?;
         for layer in &self.layers {

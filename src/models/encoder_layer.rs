@@ -1,7 +1,7 @@
 //! The pre-norm transformer layer that vision towers share (SigLIP's `SiglipEncoderLayer`, ViT's
 //! `ViTLayer`): x + attn(norm1(x)), then x + mlp(norm2(x)). The maths is the same; only the
 //! checkpoint names differ, so each tower passes its names ([`LayerNames`]) and the layer is
-//! written once.
+//! written once. So is the patch embedding they start with ([`PatchEmbedding`]).
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
@@ -20,6 +20,50 @@ pub fn check_tower_sizes(hidden_size: usize, num_attention_heads: usize, image_s
         return Err(format!("image_size {image_size} is not a multiple of patch_size {patch_size}"));
     }
     Ok(())
+}
+
+/// The patch embedding of a tower (SigLIP's `patch_embedding`, ViT's
+/// `patch_embeddings.projection`, BLIP's): an `nn.Conv2d` whose stride is its kernel, so each
+/// output is one patch's C·p·p pixels times the kernel — a matrix product over the patches,
+/// which our GEMM splits over the threads, where candle's convolution ran on one (in WASM, 12 ms
+/// of a 2-thread 190 ms q8 SigLIP-B encoder).
+#[derive(Debug, Clone)]
+pub struct PatchEmbedding {
+    /// The kernel `[hidden, C, p, p]` as `[hidden, C·p·p]`.
+    proj: Linear,
+    channels: usize,
+    patch: usize,
+}
+
+impl PatchEmbedding {
+    /// `weight` `[hidden, channels, patch, patch]` and `bias` `[hidden]` of `vb`, as the
+    /// checkpoint's convolution stores them.
+    pub fn new(channels: usize, hidden: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((hidden, channels, patch, patch), "weight")?;
+        let mut proj = Linear::new(weight.reshape((hidden, channels * patch * patch))?, Some(vb.get(hidden, "bias")?));
+        // Laid out for our GEMM now (in WASM; natively nothing changes) and kept in f32 in a
+        // quantized model too: the encoder side's 8-bit GEMM takes 7-bit inputs, fewer levels
+        // than the 8-bit image the pixels come from.
+        proj.pack()?;
+        Ok(Self { proj, channels, patch })
+    }
+
+    /// [B, C, H, W] → [B, (H / p)·(W / p), hidden], patches in row-major order (the
+    /// convolution's output flattened, as the towers read it).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let ((b, c, h, w), p) = (pixel_values.dims4()?, self.patch);
+        if c != self.channels || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
+            candle_core::bail!(
+                "patch embedding: pixel values {:?}, expected [B, {}, H, W] with H and W multiples of {p}",
+                pixel_values.dims(),
+                self.channels
+            );
+        }
+        let (rows, cols) = (h / p, w / p);
+        // Each patch's pixels in the kernel's order (channel, row, column): one copy of the image.
+        let patches = pixel_values.reshape((b, c, rows, p, cols, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, rows * cols, c * p * p))?;
+        self.proj.forward(&patches)
+    }
 }
 
 /// Where a tower keeps each part of a layer, relative to the layer's prefix.
@@ -58,19 +102,18 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    /// Keys and values of every token: [B, H, T, d] each.
-    fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = attention::split_heads_view(&self.k.forward(xs)?, self.num_heads)?;
-        let v = attention::split_heads_view(&self.v.forward(xs)?, self.num_heads)?;
-        Ok((k, v))
+    /// Queries, keys and values of the tokens `xs`: [B, T, H·d] each (heads split once every
+    /// token's are joined: rows join with one copy, head views would copy value by value).
+    fn projections(&self, xs: &Tensor) -> Result<[Tensor; 3]> {
+        Ok([self.q.forward(xs)?, self.k.forward(xs)?, self.v.forward(xs)?])
     }
 
-    /// The output for the tokens `xs` (all of them, or a slice of them), attending to `k`, `v`.
-    fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let q = attention::split_heads_view(&self.q.forward(xs)?, self.num_heads)?;
+    /// Every token's mixed values, [B, T, H·d], from all tokens' projections.
+    fn mix(&self, [q, k, v]: [&Tensor; 3]) -> Result<Tensor> {
+        let [q, k, v] = [q, k, v].map(|t| attention::split_heads_view(t, self.num_heads));
+        let q = q?;
         let head_dim = q.dim(D::Minus1)?;
-        let out = attention::scaled_dot_product(&q, k, v, 1.0 / (head_dim as f64).sqrt(), None)?;
-        self.out.forward(&attention::merge_heads(&out)?)
+        attention::merge_heads(&attention::scaled_dot_product(&q, &k?, &v?, 1.0 / (head_dim as f64).sqrt(), None)?)
     }
 }
 
@@ -136,25 +179,24 @@ impl EncoderLayer {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         use crate::parallel;
         // All but attention's mixing is per token, so the tokens are split over the threads
-        // (crate::parallel; one part — all tokens — without threads): the norm and the keys and
-        // values first, then, with every token's keys and values at hand, the rest of the layer.
+        // (crate::parallel; one part — all tokens — without threads): the norm and the
+        // projections, then — every token's at hand — the mixing split by heads (each head's
+        // keys packed once, for all of its queries: split by tokens, each part packed them all
+        // and the mixing cost a third more on two threads), then the rest of the layer.
         let tokens = xs.dim(1)?;
         let parts = parallel::map_parts(tokens, MIN_TOKENS_PER_THREAD, |r| {
-            let normed = self.norm1.forward(&xs.narrow(1, r.start, r.len())?)?;
-            let (k, v) = self.attn.keys_values(&normed)?;
-            Ok((normed, k, v))
+            self.attn.projections(&self.norm1.forward(&xs.narrow(1, r.start, r.len())?)?)
         })?;
-        let (mut normed, mut k, mut v) = (vec![], vec![], vec![]);
-        for (n, kp, vp) in parts {
-            normed.push(n);
-            k.push(kp);
-            v.push(vp);
+        let mut qkv = [vec![], vec![], vec![]];
+        for part in parts {
+            for (all, p) in qkv.iter_mut().zip(part) {
+                all.push(p);
+            }
         }
-        // keys and values are [B, H, T, d]: tokens on dimension 2.
-        let (normed, k, v) = (parallel::cat(normed, 1)?, parallel::cat(k, 2)?, parallel::cat(v, 2)?);
+        let [q, k, v] = qkv.map(|parts| parallel::cat(parts, 1));
+        let mixed = self.attn.mix([&q?, &k?, &v?])?;
         parallel::concat_parts(tokens, 1, MIN_TOKENS_PER_THREAD, |r| {
-            let (xs, normed) = (xs.narrow(1, r.start, r.len())?, normed.narrow(1, r.start, r.len())?);
-            let xs = (xs + self.attn.forward(&normed, &k, &v)?)?;
+            let xs = (xs.narrow(1, r.start, r.len())? + self.attn.out.forward(&mixed.narrow(1, r.start, r.len())?)?)?;
             &xs + self.mlp.forward(&self.norm2.forward(&xs)?)?
         })
     }

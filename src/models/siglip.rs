@@ -7,9 +7,9 @@
 //! loaded.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Activation, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Activation, VarBuilder};
 
-use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape};
+use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::Linear;
 use super::norm::{layer_norm, LayerNorm};
 use super::vision_encoder_decoder;
@@ -81,23 +81,21 @@ impl SiglipVisionConfig {
 // transformers modeling_siglip.py: SiglipVisionEmbeddings
 #[derive(Debug, Clone)]
 struct SiglipVisionEmbeddings {
-    patch_embedding: Conv2d,
+    patch_embedding: PatchEmbedding,
     /// `[positions, hidden]`, f32: added whole to every image.
     position_embedding: Tensor,
 }
 
 impl SiglipVisionEmbeddings {
     fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        let conv_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
-        let patch_embedding = conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, conv_cfg, vb.pp("patch_embedding"))?;
+        let patch_embedding = PatchEmbedding::new(cfg.num_channels, cfg.hidden_size, cfg.patch_size, vb.pp("patch_embedding"))?;
         let position_embedding = vb.pp("position_embedding").get((cfg.num_patches(), cfg.hidden_size), "weight")?;
         Ok(Self { patch_embedding, position_embedding })
     }
 
     /// [B, C, H, W] → [B, num_patches, hidden]
     fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let patches = self.patch_embedding.forward(pixel_values)?.flatten_from(2)?.transpose(1, 2)?;
-        patches.broadcast_add(&self.position_embedding)
+        self.patch_embedding.forward(pixel_values)?.broadcast_add(&self.position_embedding)
     }
 }
 

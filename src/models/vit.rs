@@ -7,9 +7,9 @@
 //! token) feeds nothing a captioner reads, so it is not loaded, whether the file has it or not.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Activation, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Activation, VarBuilder};
 
-use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape};
+use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::Linear;
 use super::norm::{layer_norm, LayerNorm};
 use super::vision_encoder_decoder;
@@ -85,23 +85,22 @@ impl ViTConfig {
 struct ViTEmbeddings {
     cls_token: Tensor,
     position_embeddings: Tensor,
-    projection: Conv2d,
+    projection: PatchEmbedding,
 }
 
 impl ViTEmbeddings {
     fn new(cfg: &ViTConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
-        let conv_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
         Ok(Self {
             cls_token: vb.get((1, 1, d), "cls_token")?,
             position_embeddings: vb.get((1, cfg.num_patches() + 1, d), "position_embeddings")?,
-            projection: conv2d(cfg.num_channels, d, cfg.patch_size, conv_cfg, vb.pp("patch_embeddings").pp("projection"))?,
+            projection: PatchEmbedding::new(cfg.num_channels, d, cfg.patch_size, vb.pp("patch_embeddings").pp("projection"))?,
         })
     }
 
     /// [B, C, H, W] → [B, 1 + num_patches, hidden]: CLS first.
     fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let patches = self.projection.forward(pixel_values)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = self.projection.forward(pixel_values)?;
         let (b, _, d) = patches.dims3()?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)
