@@ -158,7 +158,7 @@ fn an_8_bit_encoder_stays_close_to_f32() {
             "{name} 8-bit encoder ({n} matrices): encoder states max |Δ| / std = {worst_states:.4}, first-step logits {worst_logits:.4}; greedy captions equal to f32: {agree}/{}",
             IMAGES.len()
         );
-        assert!(worst_logits < 0.125, "{name}: logits error {worst_logits}");
+        assert!(worst_logits < 0.1, "{name}: logits error {worst_logits}");
     }
 }
 
