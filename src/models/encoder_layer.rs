@@ -110,10 +110,10 @@ impl SelfAttention {
 
     /// Every token's mixed values, [B, T, H·d], from all tokens' projections.
     fn mix(&self, [q, k, v]: [&Tensor; 3]) -> Result<Tensor> {
-        let [q, k, v] = [q, k, v].map(|t| attention::split_heads_view(t, self.num_heads));
-        let q = q?;
-        let head_dim = q.dim(D::Minus1)?;
-        attention::merge_heads(&attention::scaled_dot_product(&q, &k?, &v?, 1.0 / (head_dim as f64).sqrt(), None)?)
+        let heads = |t| attention::split_heads_view(t, self.num_heads);
+        let q = heads(q)?;
+        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        attention::merge_heads(&attention::scaled_dot_product(&q, &heads(k)?, &heads(v)?, scale, None)?)
     }
 }
 
