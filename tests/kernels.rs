@@ -184,7 +184,8 @@ fn activations_match_candles() -> Result<()> {
 /// against its definition: per block the integer sum of q·x14
 /// times the block's scale, summed block after block, times the row's scale. The same bits
 /// natively and in WASM, for a matrix whose last group of four rows is short, output ranges cut
-/// at group boundaries and weights of -128 (none of ours, but a file may hold them).
+/// at group boundaries, weights of -128 (none of ours, but a file may hold them) and inputs that
+/// round half to even or are NaN.
 #[test]
 fn q8_matvec_matches_its_definition() {
     use wasmcap::models::q8::{Q8Matrix, BLOCK};
@@ -195,12 +196,18 @@ fn q8_matvec_matches_its_definition() {
     for (i, w) in m.dequantize().iter().enumerate() {
         assert_eq!(*w, qs[i] as f32 * scales[i / BLOCK], "dequantized weight {i}");
     }
-    let xs = values(&[2 * in_dim], 5).to_vec1::<f32>().expect("f32");
+    let mut xs = values(&[2 * in_dim], 5).to_vec1::<f32>().expect("f32");
+    // A third row on a scale of 1: halves (ties go to even, both signs) and a NaN (→ 0).
+    xs.extend((0..in_dim).map(|i| match i {
+        0 => 8191.0,
+        5 => f32::NAN,
+        _ => i as f32 * 0.5 - 16.0,
+    }));
     for outputs in [0..out_dim, 4..10, 0..4, 8..12] {
         let rows = m.quantize_rows(&xs).expect("whole rows");
         let y = m.matvec(&rows, outputs.clone());
         let width = outputs.end.min(out_dim) - outputs.start;
-        assert_eq!(y.len(), 2 * width);
+        assert_eq!(y.len(), 3 * width);
         for (r, x) in xs.chunks_exact(in_dim).enumerate() {
             let scale = x.iter().fold(0f32, |a, v| a.max(v.abs())) / 8191.0;
             let inv = 1.0 / scale;

@@ -160,15 +160,40 @@ fn quantize_row(x: &[f32]) -> QuantizedRow {
     let amax = super::max_abs(x);
     let scale = amax / X_MAX;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let q: Vec<i16> = x.iter().map(|v| (v * inv).round_ties_even() as i16).collect();
     let mut lanes = vec![0i16; x.len()];
-    for (lanes, q) in lanes.chunks_exact_mut(16).zip(q.chunks_exact(16)) {
-        for p in 0..8 {
-            lanes[p] = q[2 * p];
-            lanes[8 + p] = q[2 * p + 1];
-        }
+    for (lanes, x) in lanes.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+        quantize_16(x, inv, lanes);
     }
     QuantizedRow { lanes, scale }
+}
+
+/// 16 values times `inv`, rounded half to even, evens then odds. (`as` saturates and sends NaN
+/// to 0, as the SIMD conversion does.)
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16]) {
+    for p in 0..8 {
+        lanes[p] = (x[2 * p] * inv).round_ties_even() as i16;
+        lanes[8 + p] = (x[2 * p + 1] * inv).round_ties_even() as i16;
+    }
+}
+
+/// The same four lanes at a time (a decoding step quantizes ~150 k inputs: 0.33 ms of a
+/// SmolLM-135M token one by one). `nearest` rounds half to even; the products stay within
+/// ±8191, so the saturating narrowings change nothing but NaN (→ 0).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16]) {
+    use core::arch::wasm32::*;
+    if x.len() < 16 || lanes.len() < 16 {
+        return;
+    }
+    let inv = f32x4_splat(inv);
+    // SAFETY: both slices hold 16 elements (checked above); wasm loads need no alignment.
+    unsafe {
+        let q = [0, 4, 8, 12].map(|o| i32x4_trunc_sat_f32x4(f32x4_nearest(f32x4_mul(v128_load(x.as_ptr().add(o) as *const v128), inv))));
+        let (a, b) = (i16x8_narrow_i32x4(q[0], q[1]), i16x8_narrow_i32x4(q[2], q[3]));
+        v128_store(lanes.as_mut_ptr() as *mut v128, i16x8_shuffle::<0, 2, 4, 6, 8, 10, 12, 14>(a, b));
+        v128_store(lanes.as_mut_ptr().add(8) as *mut v128, i16x8_shuffle::<1, 3, 5, 7, 9, 11, 13, 15>(a, b));
+    }
 }
 
 /// The four rows of one group against `x`: per block, the exact integer sum of its products
