@@ -26,10 +26,14 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)  cores: $(nproc)" >&2
 cargo build --release --example bench
 WASMCAP_FEATURES=bench ./build.sh build >&2
 # Streaming-read speed over a buffer the size of the SmolLM-135M decoder (538 MB, larger than
-# any cache): weights read per step / this = the least a decode step can take.
+# any cache; the 300 MiB L3 this host reports holds less than 150 MB of it for us: 10 GB/s there
+# against 23 at 32 MB): bytes read per step / this = the least a decode step can take. Measured
+# on as many threads as the rows it is the floor of.
 READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
+gbps_native_all=$(cargo run -q --release --example bench -- memory $READ_BYTES 5)
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
+gbps_wasm2=$(THREADS=2 node bench/browser.mjs memory $READ_BYTES 5)
 # The encoder's GEMM in Chromium, f32 (packed) against 8-bit, SigLIP-B's three shapes.
 gemms=()
 for shape in "196 768 768" "196 768 3072" "196 3072 768"; do
@@ -38,7 +42,7 @@ done
 rows=()
 for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json bench/configs/blip-base.json; do
   name=$(basename "$config" .json)
-  rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
+  rows+=("$name|native (all cores)" "$gbps_native_all" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
   for shape in "1 1 f32" "1 1 f16" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
     set -- $shape
     rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
@@ -47,17 +51,17 @@ for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.js
   # The threaded build (pkg/threads/, what the JS shim loads on crossOriginIsolated pages).
   for shape in "1 1 f32" "1 1 f16" "1 1 q8_0"; do
     set -- $shape
-    rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
+    rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm2" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
   done
 done
 # SmolVLM-256M: one image split 4 × 4 (17 tiles), f32 and q8_0, natively, in Chromium on 1 and 2 threads.
 config=bench/configs/smolvlm-256m.json
 name=$(basename "$config" .json)
-rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 f32 17)")
+rows+=("$name|native (all cores)" "$gbps_native_all" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 f32 17)")
 for weights in f32 f16 q8_0; do
   rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
   rows+=("$name|chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
-  rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
+  rows+=("$name|chromium wasm (2 threads)" "$gbps_wasm2" "$(THREADS=2 node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 node -e '
@@ -76,16 +80,20 @@ const f = (x, d = 0) => Number(x).toFixed(d);
 const names = { "siglip-base-gpt2": "SigLIP-B/16 + GPT-2", "vit-base-gpt2": "ViT-B/16 + GPT-2", "siglip-base-smollm-135m": "SigLIP-B/16 + SmolLM-135M", "smolvlm-256m": "SmolVLM-256M (Idefics3)", "blip-base": "BLIP-base (no transformers.js)" };
 const prefix = args.filter((_, i) => i % 3 === 2).map((a) => JSON.parse(a)).find((r) => r.modelType === "llava");
 console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (prefix ? prefix.prefillPositions - 196 : "?") + " text positions");
-console.log("read floor = weights one decode step reads / streaming-read speed of one thread there (" + f(args[1], 1) + " GB/s native, " + f(args[args.length - 2], 1) + " GB/s wasm)");
+const speeds = {};
+for (let i = 0; i < args.length; i += 3) speeds[args[i].split("|")[1]] = f(args[i + 1], 1);
+console.log("read floor = bytes one decode step reads / streaming-read speed on the threads of the row (GB/s: " + Object.entries(speeds).map(([w, s]) => w + " " + s).join(", ") + "); weights alone, and weights + the cached keys/values the step reads (self-attention positions so far, cross-attention image positions; mean over the steps); % = floor / ms/step");
 console.log("decoding: images × beams rows per step; ms/step is one step of all rows, tokens/s counts the tokens of all rows; encoder ms is for all images");
-console.log("| model | where | decoding | encoder ms | prefill ms | first token ms | ms/step | tokens/s | weights read/step MB | read floor ms/step | peak memory MiB |");
-console.log("|---|---|---|---|---|---|---|---|---|---|---|");
+console.log("| model | where | decoding | encoder ms | prefill ms | first token ms | ms/step | tokens/s | weights read/step MB | KV cache read/step MB | read floor ms/step: weights (%) | weights + KV (%) | peak memory MiB |");
+console.log("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 for (let i = 0; i < args.length; i += 3) {
   const r = JSON.parse(args[i + 2]);
   const floor = r.decodeWeightBytes / (Number(args[i + 1]) * 1e6);
+  const floorKv = (r.decodeWeightBytes + r.decodeCacheBytes) / (Number(args[i + 1]) * 1e6);
+  const pct = (x) => `${f(x, 1)} (${f((100 * x) / r.msPerToken)} %)`;
   const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.tiles > 1 ? ` of ${r.tiles} tiles (encoder ms: one tile)` : "") + (r.quantized ? `, decoder ${r.quantized}` : "");
   const [config, where] = args[i].split("|");
-  console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(floor, 1)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
+  console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(r.decodeCacheBytes / 1e6, 1)} | ${pct(floor)} | ${pct(floorKv)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
 }
 ' "${rows[@]}"
 node -e '

@@ -28,8 +28,9 @@ const source = readFileSync(helper, 'utf8');
 if (!source.includes("import('../../..')")) throw new Error(`${helper}: the main-module import changed; update js/assemble.mjs`);
 writeFileSync(helper, "import * as mainModule from '../../../wasmcap.js';\n" + source.replace("import('../../..')", 'Promise.resolve(mainModule)'));
 // The name section (function names for stack traces, 0.6 MB of 7.5) is not what a page should
-// download before its first caption: a panic still reports its message.
-for (const f of ['wasmcap_bg.wasm', 'threads/wasmcap_bg.wasm']) writeFileSync(pkg + f, withoutNameSection(readFileSync(pkg + f)));
+// download before its first caption: a panic still reports its message. KEEP_NAMES=1 keeps it,
+// for bench/browser.mjs's PROFILE=1 (Rust names instead of wasm-function[N]).
+if (!process.env.KEEP_NAMES) for (const f of ['wasmcap_bg.wasm', 'threads/wasmcap_bg.wasm']) writeFileSync(pkg + f, withoutNameSection(readFileSync(pkg + f)));
 // fail here, not in npm pack, if one is missing
 for (const f of out.files) if (!f.endsWith('/')) readFileSync(pkg + f);
 for (const f of ['threads/wasmcap.js', 'threads/wasmcap_bg.wasm']) readFileSync(pkg + f);

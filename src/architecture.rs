@@ -227,6 +227,10 @@ pub trait DecodeState: Any + Send {
     fn select(&self, rows: &[usize]) -> candle_core::Result<Box<dyn DecodeState>>;
     /// The token each row feeds next.
     fn feed(&mut self, tokens: Vec<u32>);
+    /// Bytes of cached keys and values the next step reads (self-attention's positions so far,
+    /// cross-attention's image positions): the part of a step's reads the weights leave out,
+    /// for the bench's read floor.
+    fn cache_bytes(&self) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 

@@ -28,6 +28,10 @@ pub struct BenchReport {
     /// Bytes of weights one decode step reads (every decoder matrix once, the LM head once; not
     /// what is only read for the image, like GPT-2's cross-attention keys/values).
     pub decode_weight_bytes: usize,
+    /// Bytes of cached keys and values one decode step reads, averaged over the steps (self-
+    /// attention's positions so far, cross-attention's image positions): what the read floor of
+    /// the weights alone leaves out.
+    pub decode_cache_bytes: usize,
     /// Images through the encoder together, and decode rows per image (beams): a decode step
     /// advances `images × beams` sequences; `ms_per_token` is per step, `tokens_per_s` counts
     /// every row's token.
@@ -228,15 +232,19 @@ fn stream_sum(xs: &[f32]) -> f32 {
 }
 
 /// Streaming-read speed: the bytes/s of a sum over a fresh buffer of `bytes` (written first, so
-/// it is real memory, not the shared zero page); median of `repeats`. A decode step that reads
-/// its weights once cannot take less than (weights read per step) / this.
+/// it is real memory, not the shared zero page), split over the `parallel::threads()` a decode
+/// step splits over; median of `repeats`. A decode step that reads its weights once cannot take
+/// less than (weights read per step) / this.
 pub fn memory_read_gbps(bytes: usize, repeats: usize) -> f64 {
     let n = bytes / 4;
     let buffer: Vec<f32> = (0..n).map(|i| (i % 251) as f32 * 1e-3).collect();
+    let parts = crate::parallel::threads().max(1);
+    let part = n.div_ceil(parts).max(1);
     let times: Vec<f64> = (0..repeats.max(1))
         .map(|_| {
             let start = now_ms();
-            std::hint::black_box(stream_sum(std::hint::black_box(&buffer)));
+            let sums = crate::parallel::map(parts, |i| stream_sum(std::hint::black_box(&buffer[(i * part).min(n)..((i + 1) * part).min(n)])));
+            std::hint::black_box(sums);
             now_ms() - start
         })
         .collect();
@@ -312,6 +320,7 @@ fn summarize(
     runs: Vec<Timing>,
     new_tokens: usize,
     decode_weight_bytes: usize,
+    decode_cache_bytes: usize,
     shape: BenchShape,
 ) -> BenchReport {
     let per_token: Vec<f64> = runs.iter().filter(|_| new_tokens > 1).map(|r| (r.end - r.first) / (new_tokens - 1) as f64).collect();
@@ -328,6 +337,7 @@ fn summarize(
         new_tokens,
         repeats: runs.len(),
         decode_weight_bytes: quantized_bytes(decode_weight_bytes, shape.quantize),
+        decode_cache_bytes,
         images: shape.images.max(1),
         beams: shape.beams.max(1),
         quantized: shape.quantize.map(|d| format!("{d:?}").to_lowercase()).or(shape.sixteen_bit.map(|d| format!("{d:?}").to_lowercase())),
@@ -365,6 +375,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     let [channels, height, width] = model.image_shape();
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), channels, height, width), &Device::Cpu)?;
     let mut runs = vec![];
+    let (mut cache_bytes, mut steps) = (0usize, 0usize);
     for _ in 0..repeats.max(1) {
         let start = now_ms();
         let mut conditioning = model.encode(&pixels)?;
@@ -383,6 +394,8 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
         let first = now_ms() - start;
         for _ in 1..new_tokens {
             state.feed(next);
+            cache_bytes += state.cache_bytes();
+            steps += 1;
             next = argmax_rows(&crate::architecture::step_logits(model.as_ref(), state.as_mut())?)?;
             if let Some(rows) = shape.reorder() {
                 state = state.select(&rows)?;
@@ -395,7 +408,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     }
     let read = weights.bytes(|name| model.decode_step_reads(name));
     let prefill_positions = if ids.len() > 1 { ids.len() } else { 0 };
-    Ok(summarize(family.model_type, build_ms, prefill_positions, runs, new_tokens, read, shape))
+    Ok(summarize(family.model_type, build_ms, prefill_positions, runs, new_tokens, read, cache_bytes / steps.max(1), shape))
 }
 
 /// The argmax of each row of logits [B, vocab].

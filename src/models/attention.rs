@@ -287,6 +287,12 @@ pub fn append_kv(cache: Option<&mut candle_nn::kv_cache::KvCache>, k: &Tensor, v
     }
 }
 
+/// Bytes held by the positions cached so far in `caches` (keys and values).
+pub fn cached_bytes(caches: &[candle_nn::kv_cache::KvCache]) -> usize {
+    let bytes = |t: Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes());
+    caches.iter().map(|c| bytes(c.k()) + bytes(c.v())).sum()
+}
+
 /// Additive causal mask for `t` new positions that follow `past` cached ones: [t, past + t].
 pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();

@@ -383,6 +383,10 @@ impl DecodeState for BlipState {
     fn feed(&mut self, tokens: Vec<u32>) {
         self.next = tokens.into_iter().map(|t| vec![t]).collect();
     }
+    fn cache_bytes(&self) -> usize {
+        let cross: usize = self.cache.cross.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
+        super::attention::cached_bytes(&self.cache.self_attn) + cross
+    }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }

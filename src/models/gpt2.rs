@@ -237,6 +237,13 @@ pub struct Gpt2Cache {
 }
 
 impl Gpt2Cache {
+    /// Bytes of the self-attention keys and values cached so far and of the image's
+    /// cross-attention ones.
+    pub fn bytes(&self) -> usize {
+        let cross = self.cross_attn.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum::<usize>();
+        attention::cached_bytes(&self.self_attn) + cross
+    }
+
     /// The cache of batch rows `rows` (in that order, repeats allowed); the self-attention
     /// caches share no storage with `self`.
     pub fn select(&self, rows: &[usize]) -> Result<Self> {

@@ -268,6 +268,11 @@ impl LlamaCache {
         Ok(Self { layers: self.layers.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<Vec<_>>>()? })
     }
 
+    /// Bytes of the keys and values cached so far.
+    pub fn bytes(&self) -> usize {
+        attention::cached_bytes(&self.layers)
+    }
+
     pub fn seq_len(&self) -> usize {
         self.layers.first().map(|c| c.current_seq_len()).unwrap_or(0)
     }

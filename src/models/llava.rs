@@ -308,6 +308,9 @@ impl DecodeState for PrefixState {
     fn feed(&mut self, tokens: Vec<u32>) {
         self.last = tokens;
     }
+    fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }

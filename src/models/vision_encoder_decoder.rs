@@ -251,6 +251,9 @@ impl DecodeState for CrossAttentionState {
     fn feed(&mut self, tokens: Vec<u32>) {
         self.next_input = tokens;
     }
+    fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
