@@ -21,3 +21,7 @@ export function wasmcap_relaxed_kernel_gemm(a, rows, inDim, lda, panels, nPanels
 export function wasmcap_relaxed_kernel_int8_gemm(fused, a, rows, inDim, lda, panels, nPanels, c, ldc) {
   kernel.int8_gemm(fused, a, rows, inDim, lda, panels, nPanels, c, ldc);
 }
+
+export function wasmcap_relaxed_kernel_q8_groups(qs, scales, x, blocks, groups, out) {
+  kernel.q8_groups(qs, scales, x, blocks, groups, out);
+}

@@ -180,7 +180,7 @@ fn activations_match_candles() -> Result<()> {
     Ok(())
 }
 
-/// The decoder's q8_0 matrix–vector kernel (`models::q8`: grouped layout; simd128 in WASM)
+/// The decoder's q8_0 matrix–vector kernels (`models::q8`: grouped layout; relaxed SIMD and simd128 in WASM)
 /// against its definition: per block the integer sum of q·x14
 /// times the block's scale, summed block after block, times the row's scale. The same bits
 /// natively and in WASM, for a matrix whose last group of four rows is short, output ranges cut
@@ -203,7 +203,13 @@ fn q8_matvec_matches_its_definition() {
         5 => f32::NAN,
         _ => i as f32 * 0.5 - 16.0,
     }));
-    for outputs in [0..out_dim, 4..10, 0..4, 8..12] {
+    // In WASM: the relaxed-SIMD kernel (7-bit halves, either spelling of the i8 dot), then simd128's shifts.
+    for ((relaxed, fused), outputs) in [(true, Some(true)), (true, Some(false)), (false, None)]
+        .into_iter()
+        .flat_map(|k| [0..out_dim, 4..10, 0..4, 8..12].map(|o| (k, o)))
+    {
+        packed::allow_relaxed_simd(relaxed);
+        packed::choose_int8_dot(fused);
         let rows = m.quantize_rows(&xs).expect("whole rows");
         let y = m.matvec(&rows, outputs.clone());
         let width = outputs.end.min(out_dim) - outputs.start;
@@ -218,10 +224,12 @@ fn q8_matvec_matches_its_definition() {
                     let sum: i32 = (b * BLOCK..(b + 1) * BLOCK).map(|i| qs[j * in_dim + i] as i32 * x16[i]).sum();
                     acc += sum as f32 * scales[j * in_dim / BLOCK + b];
                 }
-                assert_eq!(y[r * width + j - outputs.start], acc * scale, "row {r}, output {j}, outputs {outputs:?}");
+                assert_eq!(y[r * width + j - outputs.start], acc * scale, "row {r}, output {j}, outputs {outputs:?} [{}]", packed::int8_kernel_name());
             }
         }
     }
+    packed::allow_relaxed_simd(true);
+    packed::choose_int8_dot(None);
     assert!(Q8Matrix::from_rows(&qs, &scales, out_dim, 48).is_none());
     assert!(m.quantize_rows(&xs[..in_dim + 1]).is_none());
 }

@@ -7,9 +7,12 @@
 //!   `extend_high`, which V8 lowers to a shuffle plus a widening; the input row is stored with
 //!   its even and odd lanes of every 16 apart to match.
 //!
-//! Relaxed SIMD's i8 dot product is not used here: without AVX-VNNI, V8 lowers it to two
-//! multiplies and the 7-bit operand needs the input split in two, so it took 14.5–15.5 ms a
-//! SmolLM-135M token against 11.4–12.3 for the shifts (Chromium 156, AMD EPYC with AVX-512).
+//! Where relaxed SIMD's i8 dot product is one instruction (`vpdpbusd`: AVX-VNNI, which the
+//! encoder's 8-bit GEMM detects by timing both spellings), the side module's kernel takes the
+//! input as two 7-bit halves instead (`relaxed_module.rs`' `q8_groups`: 6–8 % less time a
+//! SmolLM-135M or GPT-2 token, Chromium 156 on a Xeon with AVX-VNNI, alternated builds).
+//! Without AVX-VNNI, V8 lowers the dot to two multiplies, and the halves took 14.5–15.5 ms a
+//! SmolLM-135M token against 11.4–12.3 for the shifts (AMD EPYC with AVX-512).
 //!
 //! A block's sum is an exact integer, so the order of its products does not matter: the scalar
 //! loop (native builds) and the simd128 loop give the same bits.
@@ -37,6 +40,10 @@ pub struct Q8Matrix {
 pub struct QuantizedRow {
     /// Each 16 values reordered evens then odds, as the shifts kernel widens the weights.
     lanes: Vec<i16>,
+    /// For the relaxed-SIMD kernel (empty where it is not used): per block of 32, the high then
+    /// the low 7 bits of each value + 8192, in order.
+    #[cfg_attr(not(all(target_arch = "wasm32", target_feature = "simd128")), allow(dead_code))]
+    halves: Vec<u8>,
     scale: f32,
 }
 
@@ -114,7 +121,8 @@ impl Q8Matrix {
         if self.in_dim == 0 || xs.len() % self.in_dim != 0 {
             return None;
         }
-        Some(xs.chunks_exact(self.in_dim).map(quantize_row).collect())
+        let halves = relaxed_kernel();
+        Some(xs.chunks_exact(self.in_dim).map(|x| quantize_row(x, halves)).collect())
     }
 
     /// W·x for each row of `xs` and the output features `outputs` (starting at a multiple of
@@ -143,6 +151,13 @@ impl Q8Matrix {
             return;
         }
         let (qs, scales) = (&self.qs[g0 * GROUP * self.in_dim..], &self.scales[g0 * GROUP * blocks..]);
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if x.halves.len() == blocks * 2 * BLOCK && super::relaxed::ready() {
+            // SAFETY: g1 ≤ the matrix's groups (checked above), so qs and scales from g0 hold
+            // `groups` groups of `blocks` blocks; x.halves holds 64 bytes a block; out ≥ 4 · groups.
+            unsafe { super::relaxed::q8_groups(qs.as_ptr(), scales.as_ptr(), x.halves.as_ptr(), blocks, groups, out.as_mut_ptr()) };
+            return;
+        }
         for g in (0..groups).map(|i| stream_order(i, groups)) {
             let at = g * GROUP * self.in_dim;
             out[g * GROUP..(g + 1) * GROUP].copy_from_slice(&group_dot(
@@ -156,24 +171,37 @@ impl Q8Matrix {
 
 /// Round-half-even to 14 bits with one scale, in the kernel's layout (`round_ties_even`:
 /// `round` is a library call in WASM).
-fn quantize_row(x: &[f32]) -> QuantizedRow {
+fn quantize_row(x: &[f32], with_halves: bool) -> QuantizedRow {
     let amax = super::max_abs(x);
     let scale = amax / X_MAX;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let mut lanes = vec![0i16; x.len()];
-    for (lanes, x) in lanes.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-        quantize_16(x, inv, lanes);
+    let mut halves = vec![0u8; if with_halves { 2 * x.len() } else { 0 }];
+    for (c, (lanes, x)) in lanes.chunks_exact_mut(16).zip(x.chunks_exact(16)).enumerate() {
+        // Chunk c is half c % 2 of block c / 2: its high bytes at 64 · (c / 2) + 16 · (c % 2),
+        // its low bytes 32 further.
+        let at = 64 * (c / 2) + 16 * (c % 2);
+        let halves = halves.get_mut(at..at + 48).map(|h| h.split_at_mut(32)).map(|(hi, lo)| (&mut hi[..16], &mut lo[..16]));
+        quantize_16(x, inv, lanes, halves);
     }
-    QuantizedRow { lanes, scale }
+    QuantizedRow { lanes, halves, scale }
 }
 
-/// 16 values times `inv`, rounded half to even, evens then odds. (`as` saturates and sends NaN
-/// to 0, as the SIMD conversion does.)
+/// 16 values times `inv`, rounded half to even, into `lanes` evens then odds, and where asked
+/// the high and the low 7 bits of each + 8192. (`as` saturates and sends NaN to 0, as the
+/// SIMD conversion does.)
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16]) {
+fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16], halves: Option<(&mut [u8], &mut [u8])>) {
+    let q: [i16; 16] = std::array::from_fn(|i| (x[i] * inv).round_ties_even() as i16);
     for p in 0..8 {
-        lanes[p] = (x[2 * p] * inv).round_ties_even() as i16;
-        lanes[8 + p] = (x[2 * p + 1] * inv).round_ties_even() as i16;
+        lanes[p] = q[2 * p];
+        lanes[8 + p] = q[2 * p + 1];
+    }
+    if let Some((hi, lo)) = halves {
+        for ((hi, lo), &q) in hi.iter_mut().zip(lo.iter_mut()).zip(&q) {
+            let u = (q as i32 + 8192).clamp(0, 16383);
+            (*hi, *lo) = ((u >> 7) as u8, (u & 127) as u8);
+        }
     }
 }
 
@@ -181,19 +209,44 @@ fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16]) {
 /// SmolLM-135M token one by one). `nearest` rounds half to even; the products stay within
 /// ±8191, so the saturating narrowings change nothing but NaN (→ 0).
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16]) {
+fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16], halves: Option<(&mut [u8], &mut [u8])>) {
     use core::arch::wasm32::*;
     if x.len() < 16 || lanes.len() < 16 {
         return;
     }
     let inv = f32x4_splat(inv);
     // SAFETY: both slices hold 16 elements (checked above); wasm loads need no alignment.
-    unsafe {
+    let (a, b) = unsafe {
         let q = [0, 4, 8, 12].map(|o| i32x4_trunc_sat_f32x4(f32x4_nearest(f32x4_mul(v128_load(x.as_ptr().add(o) as *const v128), inv))));
         let (a, b) = (i16x8_narrow_i32x4(q[0], q[1]), i16x8_narrow_i32x4(q[2], q[3]));
         v128_store(lanes.as_mut_ptr() as *mut v128, i16x8_shuffle::<0, 2, 4, 6, 8, 10, 12, 14>(a, b));
         v128_store(lanes.as_mut_ptr().add(8) as *mut v128, i16x8_shuffle::<1, 3, 5, 7, 9, 11, 13, 15>(a, b));
+        (a, b)
+    };
+    if let Some((hi, lo)) = halves {
+        if hi.len() < 16 || lo.len() < 16 {
+            return;
+        }
+        // |q| ≤ 8191 here, so q + 8192 is 1..=16383 and both halves 0..=127.
+        let (ua, ub) = (i16x8_add(a, i16x8_splat(8192)), i16x8_add(b, i16x8_splat(8192)));
+        let low = i16x8_splat(127);
+        // SAFETY: both hold 16 bytes (checked above).
+        unsafe {
+            v128_store(hi.as_mut_ptr() as *mut v128, u8x16_narrow_i16x8(u16x8_shr(ua, 7), u16x8_shr(ub, 7)));
+            v128_store(lo.as_mut_ptr() as *mut v128, u8x16_narrow_i16x8(v128_and(ua, low), v128_and(ub, low)));
+        }
     }
+}
+
+/// Whether `Q8Matrix::matvec` runs the relaxed-SIMD kernel here: where the side module runs and
+/// its fused i8 dot product is the faster spelling (AVX-VNNI: one instruction; elsewhere V8's
+/// two multiplies lose to the shifts, 14.5–15.5 against 11.4–12.3 ms a SmolLM-135M token on
+/// an AMD EPYC without it).
+fn relaxed_kernel() -> bool {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return super::relaxed::ready() && super::relaxed::fused_dot();
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    false
 }
 
 /// The four rows of one group against `x`: per block, the exact integer sum of its products

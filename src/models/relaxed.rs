@@ -1,5 +1,6 @@
 //! The kernels with relaxed SIMD, where the browser has it: fused multiply-add for the packed
-//! GEMM (`packed.rs`) and the i8 dot product for the 8-bit encoder GEMM (`int8.rs`). They live in a WASM
+//! GEMM (`packed.rs`) and the i8 dot product for the 8-bit encoder GEMM (`int8.rs`) and the
+//! q8_0 decode kernel (`q8.rs`). They live in a WASM
 //! module of their own (`relaxed_module.rs`, built by `build.rs`, ~3 KB), because a module that
 //! uses one relaxed instruction fails to compile as a whole where relaxed SIMD is missing. It
 //! shares this module's memory; each thread instantiates it once (`js/relaxed-kernel.js`).
@@ -16,6 +17,7 @@ extern "C" {
     fn wasmcap_relaxed_kernel_init(memory: JsValue, bytes: &[u8]) -> bool;
     fn wasmcap_relaxed_kernel_gemm(a: u32, rows: u32, in_dim: u32, lda: u32, panels: u32, n_panels: u32, bias: u32, c: u32, ldc: u32);
     fn wasmcap_relaxed_kernel_int8_gemm(fused: u32, a: u32, rows: u32, in_dim: u32, lda: u32, panels: u32, n_panels: u32, c: u32, ldc: u32);
+    fn wasmcap_relaxed_kernel_q8_groups(qs: u32, scales: u32, x: u32, blocks: u32, groups: u32, out: u32);
 }
 
 static MODULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relaxed_module.wasm"));
@@ -63,6 +65,11 @@ unsafe fn int8_gemm_as(
         c as u32,
         ldc as u32,
     )
+}
+
+/// SAFETY: as `relaxed_module.rs`' `q8_groups`; wasm32 pointers and sizes fit u32.
+pub unsafe fn q8_groups(qs: *const i8, scales: *const f32, x: *const u8, blocks: usize, groups: usize, out: *mut f32) {
+    wasmcap_relaxed_kernel_q8_groups(qs as u32, scales as u32, x as u32, blocks as u32, groups as u32, out as u32)
 }
 
 /// 0: not measured yet; 1: the i16 dot then a dot with ones; 2: the fused i8 dot.
