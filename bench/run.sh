@@ -31,7 +31,7 @@ WASMCAP_FEATURES=bench ./build.sh build >&2
 # on as many threads as the rows it is the floor of.
 READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
-gbps_native_all=$(cargo run -q --release --example bench -- memory $READ_BYTES 5)
+
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
 gbps_wasm2=$(THREADS=2 node bench/browser.mjs memory $READ_BYTES 5)
 # The encoder's GEMM in Chromium, f32 (packed) against 8-bit, SigLIP-B's three shapes.
@@ -42,7 +42,7 @@ done
 rows=()
 for config in bench/configs/siglip-base-gpt2.json bench/configs/vit-base-gpt2.json bench/configs/siglip-base-smollm-135m.json bench/configs/blip-base.json; do
   name=$(basename "$config" .json)
-  rows+=("$name|native (all cores)" "$gbps_native_all" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
+  rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS")")
   for shape in "1 1 f32" "1 1 f16" "1 1 q8_0" "1 1 q4_0" "1 4 f32" "8 1 f32"; do
     set -- $shape
     rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" "$1" "$2" "$3")")
@@ -57,7 +57,7 @@ done
 # SmolVLM-256M: one image split 4 × 4 (17 tiles), f32 and q8_0, natively, in Chromium on 1 and 2 threads.
 config=bench/configs/smolvlm-256m.json
 name=$(basename "$config" .json)
-rows+=("$name|native (all cores)" "$gbps_native_all" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 f32 17)")
+rows+=("$name|native (all cores)" "$gbps_native" "$(cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 f32 17)")
 for weights in f32 f16 q8_0; do
   rows+=("$name|native (1 thread)" "$gbps_native" "$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
   rows+=("$name|chromium wasm (1 thread)" "$gbps_wasm" "$(node bench/browser.mjs "$config" "$PROMPT" "$TOKENS" "$REPEATS" 1 1 "$weights" 17)")
