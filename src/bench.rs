@@ -398,7 +398,8 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     let [channels, height, width] = model.image_shape();
     let pixels = Tensor::randn(0f32, 1f32, (shape.images.max(1), channels, height, width), &Device::Cpu)?;
     let mut runs = vec![];
-    let (mut cache_bytes, mut steps) = (0usize, 0usize);
+    // u64: a batch's caches over all steps pass 4 GB, usize's limit in WASM.
+    let (mut cache_bytes, mut steps) = (0u64, 0u64);
     for _ in 0..repeats.max(1) {
         let start = now_ms();
         let mut conditioning = model.encode(&pixels)?;
@@ -417,7 +418,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
         let first = now_ms() - start;
         for _ in 1..new_tokens {
             state.feed(next);
-            cache_bytes += state.cache_bytes();
+            cache_bytes += state.cache_bytes() as u64;
             steps += 1;
             next = argmax_rows(&crate::architecture::step_logits(model.as_ref(), state.as_mut())?)?;
             if let Some(rows) = shape.reorder() {
@@ -431,7 +432,7 @@ pub fn bench_model_shaped(config_json: &str, prompt_tokens: usize, new_tokens: u
     }
     let read = weights.bytes(|name| model.decode_step_reads(name));
     let prefill_positions = if ids.len() > 1 { ids.len() } else { 0 };
-    Ok(summarize(family.model_type, build_ms, prefill_positions, runs, new_tokens, read, cache_bytes / steps.max(1), shape))
+    Ok(summarize(family.model_type, build_ms, prefill_positions, runs, new_tokens, read, (cache_bytes / steps.max(1)) as usize, shape))
 }
 
 /// The argmax of each row of logits [B, vocab].
