@@ -31,7 +31,6 @@ WASMCAP_FEATURES=bench ./build.sh build >&2
 # on as many threads as the rows it is the floor of.
 READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
-
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
 gbps_wasm2=$(THREADS=2 node bench/browser.mjs memory $READ_BYTES 5)
 # The encoder's GEMM in Chromium, f32 (packed) against 8-bit, SigLIP-B's three shapes.

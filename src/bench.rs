@@ -256,8 +256,8 @@ fn streams_sum(xs: &[f32]) -> f32 {
 
 /// Streaming-read speed: the bytes/s of a sum over a fresh buffer of `bytes` (written first, so
 /// it is real memory, not the shared zero page), split over the `parallel::threads()` a decode
-/// step splits over, each thread reading [`STREAMS`] streams; median of `repeats`. A decode step that reads its weights once cannot take
-/// less than (weights read per step) / this.
+/// step splits over, each thread reading [`STREAMS`] streams; median of `repeats`. A decode step
+/// cannot take less than the bytes it reads / this.
 pub fn memory_read_gbps(bytes: usize, repeats: usize) -> f64 {
     let n = bytes / 4;
     let buffer: Vec<f32> = (0..n).map(|i| (i % 251) as f32 * 1e-3).collect();

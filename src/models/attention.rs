@@ -287,10 +287,12 @@ pub fn append_kv(cache: Option<&mut candle_nn::kv_cache::KvCache>, k: &Tensor, v
     }
 }
 
-/// Bytes held by the positions cached so far in `caches` (keys and values).
-pub fn cached_bytes(caches: &[candle_nn::kv_cache::KvCache]) -> usize {
-    let bytes = |t: Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes());
-    caches.iter().map(|c| bytes(c.k()) + bytes(c.v())).sum()
+/// Bytes of the keys and values a decoding step attends over: the positions cached so far in
+/// `caches` and the cross-attention pairs `cross` (an image's positions).
+pub fn cached_bytes(caches: &[candle_nn::kv_cache::KvCache], cross: &[(Tensor, Tensor)]) -> usize {
+    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let cached = |t: Result<Option<Tensor>>| t.ok().flatten().map_or(0, |t| bytes(&t));
+    caches.iter().map(|c| cached(c.k()) + cached(c.v())).sum::<usize>() + cross.iter().map(|(k, v)| bytes(k) + bytes(v)).sum::<usize>()
 }
 
 /// Additive causal mask for `t` new positions that follow `past` cached ones: [t, past + t].

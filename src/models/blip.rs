@@ -384,8 +384,7 @@ impl DecodeState for BlipState {
         self.next = tokens.into_iter().map(|t| vec![t]).collect();
     }
     fn cache_bytes(&self) -> usize {
-        let cross: usize = self.cache.cross.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum();
-        super::attention::cached_bytes(&self.cache.self_attn) + cross
+        super::attention::cached_bytes(&self.cache.self_attn, &self.cache.cross)
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

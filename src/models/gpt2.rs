@@ -240,8 +240,7 @@ impl Gpt2Cache {
     /// Bytes of the self-attention keys and values cached so far and of the image's
     /// cross-attention ones.
     pub fn bytes(&self) -> usize {
-        let cross = self.cross_attn.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum::<usize>();
-        attention::cached_bytes(&self.self_attn) + cross
+        attention::cached_bytes(&self.self_attn, self.cross_attn.as_deref().unwrap_or_default())
     }
 
     /// The cache of batch rows `rows` (in that order, repeats allowed); the self-attention

@@ -270,7 +270,7 @@ impl LlamaCache {
 
     /// Bytes of the keys and values cached so far.
     pub fn bytes(&self) -> usize {
-        attention::cached_bytes(&self.layers)
+        attention::cached_bytes(&self.layers, &[])
     }
 
     pub fn seq_len(&self) -> usize {

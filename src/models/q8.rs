@@ -187,21 +187,15 @@ fn quantize_row(x: &[f32], with_halves: bool) -> QuantizedRow {
     QuantizedRow { lanes, halves, scale }
 }
 
-/// 16 values times `inv`, rounded half to even, into `lanes` evens then odds, and where asked
-/// the high and the low 7 bits of each + 8192. (`as` saturates and sends NaN to 0, as the
-/// SIMD conversion does.)
+/// 16 values times `inv`, rounded half to even, into `lanes` evens then odds. (`as` saturates
+/// and sends NaN to 0, as the SIMD conversion does.) Natively no kernel takes the 7-bit halves
+/// (`relaxed_kernel()` is false), so none are asked for.
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16], halves: Option<(&mut [u8], &mut [u8])>) {
+fn quantize_16(x: &[f32], inv: f32, lanes: &mut [i16], _halves: Option<(&mut [u8], &mut [u8])>) {
     let q: [i16; 16] = std::array::from_fn(|i| (x[i] * inv).round_ties_even() as i16);
     for p in 0..8 {
         lanes[p] = q[2 * p];
         lanes[8 + p] = q[2 * p + 1];
-    }
-    if let Some((hi, lo)) = halves {
-        for ((hi, lo), &q) in hi.iter_mut().zip(lo.iter_mut()).zip(&q) {
-            let u = (q as i32 + 8192).clamp(0, 16383);
-            (*hi, *lo) = ((u >> 7) as u8, (u & 127) as u8);
-        }
     }
 }
 
