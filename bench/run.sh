@@ -26,9 +26,11 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)  cores: $(nproc)" >&2
 cargo build --release --example bench
 WASMCAP_FEATURES=bench ./build.sh build >&2
 # Streaming-read speed over a buffer the size of the SmolLM-135M decoder (538 MB, larger than
-# any cache; the 300 MiB L3 this host reports holds less than 150 MB of it for us: 10 GB/s there
-# against 23 at 32 MB): bytes read per step / this = the least a decode step can take. Measured
-# on as many threads as the rows it is the floor of.
+# any cache), the fastest of 5: bytes read per step / this = the least a decode step can take
+# from memory. Measured on as many threads as the rows it is the floor of, and held against the
+# cold steps (each starting with the caches emptied): the 300 MiB L3 this host reports, shared
+# with other guests, holds much of a 150 MB q8_0 decoder some minutes and little others, which
+# moves warm steps by half, and no laptop or phone holds it at all.
 READ_BYTES=538060032
 gbps_native=$(RAYON_NUM_THREADS=1 cargo run -q --release --example bench -- memory $READ_BYTES 5)
 gbps_wasm=$(node bench/browser.mjs memory $READ_BYTES 5)
@@ -81,18 +83,18 @@ const prefix = args.filter((_, i) => i % 3 === 2).map((a) => JSON.parse(a)).find
 console.log("fp32, random weights, median of " + JSON.parse(args[2]).repeats + "; prefix prompt = 196 image + " + (prefix ? prefix.prefillPositions - 196 : "?") + " text positions");
 const speeds = {};
 for (let i = 0; i < args.length; i += 3) speeds[args[i].split("|")[1]] = f(args[i + 1], 1);
-console.log("read floor = bytes one decode step reads / streaming-read speed on the threads of the row (GB/s: " + Object.entries(speeds).map(([w, s]) => w + " " + s).join(", ") + "); weights alone, and weights + the cached keys/values the step reads (self-attention positions so far, cross-attention image positions; mean over the steps); % = floor / ms/step");
+console.log("read floor = bytes one decode step reads / streaming-read speed from memory on the threads of the row (GB/s: " + Object.entries(speeds).map(([w, s]) => w + " " + s).join(", ") + "); weights alone, and weights + the cached keys/values the step reads (self-attention positions so far, cross-attention image positions; mean over the steps); % = floor / cold ms/step (a step begun with the caches emptied: the model read from memory, as where it does not fit the cache)");
 console.log("decoding: images × beams rows per step; ms/step is one step of all rows, tokens/s counts the tokens of all rows; encoder ms is for all images");
-console.log("| model | where | decoding | encoder ms | prefill ms | first token ms | ms/step | tokens/s | weights read/step MB | KV cache read/step MB | read floor ms/step: weights (%) | weights + KV (%) | peak memory MiB |");
-console.log("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+console.log("| model | where | decoding | encoder ms | prefill ms | first token ms | ms/step | cold ms/step | tokens/s | weights read/step MB | KV cache read/step MB | read floor ms/step: weights (%) | weights + KV (%) | peak memory MiB |");
+console.log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
 for (let i = 0; i < args.length; i += 3) {
   const r = JSON.parse(args[i + 2]);
   const floor = r.decodeWeightBytes / (Number(args[i + 1]) * 1e6);
   const floorKv = (r.decodeWeightBytes + r.decodeCacheBytes) / (Number(args[i + 1]) * 1e6);
-  const pct = (x) => `${f(x, 1)} (${f((100 * x) / r.msPerToken)} %)`;
+  const pct = (x) => `${f(x, 1)} (${f((100 * x) / r.coldMsPerToken)} %)`;
   const decoding = (r.beams > 1 ? `beam ${r.beams}` : r.images > 1 ? `batch ${r.images}` : "greedy, 1 image") + (r.tiles > 1 ? ` of ${r.tiles} tiles (encoder ms: one tile)` : "") + (r.quantized ? `, decoder ${r.quantized}` : "");
   const [config, where] = args[i].split("|");
-  console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(r.decodeCacheBytes / 1e6, 1)} | ${pct(floor)} | ${pct(floorKv)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
+  console.log(`| ${names[config] ?? config} | ${where} | ${decoding} | ${f(r.encoderMs)} | ${f(r.prefillMs)} | ${f(r.firstTokenMs)} | ${f(r.msPerToken, 1)} | ${f(r.coldMsPerToken, 1)} | ${f(r.tokensPerS, 1)} | ${f(r.decodeWeightBytes / 1e6)} | ${f(r.decodeCacheBytes / 1e6, 1)} | ${pct(floor)} | ${pct(floorKv)} | ${f(r.peakMemoryBytes / 2 ** 20)} |`);
 }
 ' "${rows[@]}"
 node -e '

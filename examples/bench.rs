@@ -1,6 +1,6 @@
 //! Native half of `./build.sh bench`:
 //! `cargo run --release --example bench -- CONFIG.json [PROMPT_TOKENS] [NEW_TOKENS] [REPEATS] [IMAGES] [BEAMS] [f32|f16|bf16|q8_0|q4_0] [TILES]`
-//! prints one JSON line (medians, plus peak resident memory from /proc).
+//! prints one JSON line (`bench::BenchReport`).
 //! `cargo run --release --example bench -- memory BYTES [REPEATS]` prints the streaming-read
 //! speed in GB/s over a buffer of BYTES.
 
@@ -27,7 +27,6 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(report) => {
             let mut line = serde_json::to_value(&report).unwrap_or_default();
-            line["peakMemoryBytes"] = serde_json::json!(peak_rss_bytes());
             line["threads"] = serde_json::json!(candle_core::utils::get_num_threads());
             println!("{line}");
             std::process::ExitCode::SUCCESS
@@ -37,12 +36,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }

@@ -643,7 +643,7 @@ pub fn set_threads(n: usize) -> Result<usize, JsError> {
 
 /// Benchmark: the model `config_json` describes, with random weights; `repeats` captions of
 /// `new_tokens` tokens (after `prompt_tokens` text positions in a prefix model). Returns medians
-/// (see `bench::BenchReport`) plus the size of WASM memory, which never shrinks: the peak.
+/// (see `bench::BenchReport`).
 
 #[cfg(feature = "bench")]
 #[wasm_bindgen(js_name = benchModel)]
@@ -663,8 +663,5 @@ pub fn bench_model(
         return Err(JsError::new(&format!("benchModel: unknown weight format {other} (f32, f16, bf16, q8_0, q4_0)")));
     }
     let report = crate::bench::bench_model_shaped(config_json, prompt_tokens, new_tokens, repeats, shape).map_err(js_error)?;
-    let value = to_js(&report)?;
-    js_sys::Reflect::set(&value, &"peakMemoryBytes".into(), &JsValue::from_f64(memory_bytes()))
-        .map_err(|_| JsError::new("could not set peakMemoryBytes"))?;
-    Ok(value)
+    to_js(&report)
 }
