@@ -136,22 +136,26 @@ pub unsafe extern "C" fn int8_gemm(
     }
 }
 
+/// Groups `q8_groups` takes side by side.
+const WAYS: usize = 8;
+
 /// The decoder's q8_0 matrix–vector product (`q8.rs`) with the fused i8 dot: for each of
 /// `groups` groups of four rows, out[4g..4g + 4] = Σ over blocks b, in order, of
 /// f32(block sum) · scales[4b..4b + 4]. The input comes as 7-bit halves of x + 8192 (x the
 /// 14-bit input): per block 32 high then 32 low bytes, so a block's sum is
 /// 128 · (Σ w·hi − 64 · Σ w) + Σ w·lo = Σ w·x exactly, the sum the simd128 kernel takes: the
 /// same bits. Six dot products a row and block (the 64s give 64 · Σ w) against the simd128
-/// kernel's four dot products, six shifts and three adds. Two groups, one from each half of
-/// the range, go block by block side by side, so that both streams from memory have loads in
-/// flight together: 18.1–18.9 → 15.0–15.6 ms a SmolLM-135M or GPT-2 token (Chromium, one
-/// thread, alternated builds) against alternating whole groups between the halves as the
-/// simd128 kernel does (one stream was 8 % slower than that, four 2 %).
+/// kernel's four dot products, six shifts and three adds. [`WAYS`] groups, one from each of as
+/// many stripes of the range, go block by block side by side, so that as many streams from
+/// memory have loads in flight together. Chromium, one thread, alternated builds, SmolLM-135M
+/// q8_0 steps begun with the caches emptied (the bench's cold pass): two side by side
+/// 14.8–15.3 ms, eight 13.5–14.1 (in an earlier sitting with a lighter emptying: four 13.3–14.0,
+/// six 13.1–13.4, eight 13.0–13.3). (Alternating whole groups, as the simd128 kernel does, was 18–19 ms a warm step
+/// where two side by side took 15.0–15.6.)
 /// SAFETY: qs holds groups × blocks × 128 bytes, scales groups × blocks × 4, x blocks × 64,
 /// out groups × 4.
 #[no_mangle]
 pub unsafe extern "C" fn q8_groups(qs: *const i8, scales: *const f32, x: *const u8, blocks: usize, groups: usize, out: *mut f32) {
-    let half = groups.div_ceil(2);
     let sixty_fours = i8x16_splat(64);
     // Block b of the group at qg / sg against the input: the four rows' f32 contributions.
     let block = |qg: *const i8, sg: *const f32, b: usize| {
@@ -175,24 +179,27 @@ pub unsafe extern "C" fn q8_groups(qs: *const i8, scales: *const f32, x: *const 
         f32x4_mul(f32x4_convert_i32x4(sums), v128_load(sg.add(4 * b) as *const v128))
     };
     let at = |g: usize| (qs.add(g * blocks * 128), scales.add(g * blocks * 4));
-    for first in 0..half {
-        let second = half + first;
-        let (q1, s1) = at(first);
-        let mut acc1 = f32x4_splat(0.0);
-        if second < groups {
-            // One group from each half block by block: both streams' loads in flight at once.
-            let (q2, s2) = at(second);
-            let mut acc2 = f32x4_splat(0.0);
-            for b in 0..blocks {
-                acc1 = f32x4_add(acc1, block(q1, s1, b));
-                acc2 = f32x4_add(acc2, block(q2, s2, b));
+    // Stripe k of the first WAYS · part groups is k · part .. (k + 1) · part; the groups past
+    // them go alone.
+    let part = groups / WAYS;
+    macro_rules! side_by_side {
+        ($first:ident, $blocks:ident: $($k:literal $acc:ident),*) => {
+            $(let mut $acc = zero();)*
+            for b in 0..$blocks {
+                $(let (q, s) = at($first + $k * part); $acc = f32x4_add($acc, block(q, s, b));)*
             }
-            v128_store(out.add(4 * second) as *mut v128, acc2);
-        } else {
-            for b in 0..blocks {
-                acc1 = f32x4_add(acc1, block(q1, s1, b));
-            }
+            $(v128_store(out.add(4 * ($first + $k * part)) as *mut v128, $acc);)*
+        };
+    }
+    for first in 0..part {
+        side_by_side!(first, blocks: 0 a0, 1 a1, 2 a2, 3 a3, 4 a4, 5 a5, 6 a6, 7 a7);
+    }
+    for g in WAYS * part..groups {
+        let (q1, s1) = at(g);
+        let mut acc = zero();
+        for b in 0..blocks {
+            acc = f32x4_add(acc, block(q1, s1, b));
         }
-        v128_store(out.add(4 * first) as *mut v128, acc1);
+        v128_store(out.add(4 * g) as *mut v128, acc);
     }
 }
