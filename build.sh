@@ -41,6 +41,10 @@ setup() {
   command -v wasm-opt >/dev/null || apt_missing+=(binaryen)
   # Node.js ≥ 20: the JS package's tests, the page tests' driver and the test hub (tests/hub-server.mjs).
   command -v node >/dev/null || apt_missing+=(nodejs npm)
+  # A Vulkan driver for the GPU backend's native tests where the machine has no GPU: Mesa's
+  # lavapipe (the CPU as a Vulkan device), and the Vulkan loader.
+  ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || apt_missing+=(libvulkan1)
+  ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 || apt_missing+=(mesa-vulkan-drivers)
   if [ ${#apt_missing[@]} -gt 0 ]; then
     log "installing ${apt_missing[*]} (apt)"
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -109,11 +113,13 @@ build_pkg() {
 
 run_tests() {
   setup
+  # With the GPU backend (feature `webgpu`): tests/gpu.rs runs its kernels on Vulkan natively
+  # (lavapipe without a GPU) and on WebGPU in Chromium (SwiftShader: webdriver.json's flags).
   log "native tests"
-  cargo test --all-targets
+  cargo test --all-targets --features webgpu
   log "browser tests (headless Chromium)"
   # Arguments after the first `--` go to cargo, after the second to the test runner.
-  wasm-pack test --headless --chrome --release -- -- --nocapture
+  wasm-pack test --headless --chrome --release --features webgpu -- -- --nocapture
   # The benchmark exports are out of the shipped build: check that they still compile.
   cargo check --lib --target wasm32-unknown-unknown --features bench
   build_pkg

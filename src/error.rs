@@ -35,6 +35,10 @@ pub enum Error {
     #[error("image: {0}")]
     Image(String),
 
+    /// The GPU backend (`gpu`): no adapter, a limit the device lacks, a lost device.
+    #[error("GPU: {0}")]
+    Gpu(String),
+
     #[error("tokenizer.json: {0}")]
     Tokenizer(String),
 

@@ -12,6 +12,8 @@ pub mod chat;
 pub mod error;
 pub mod fuzzing;
 pub mod generation;
+#[cfg(feature = "webgpu")]
+pub mod gpu;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod jpeg;

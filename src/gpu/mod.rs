@@ -1,0 +1,224 @@
+//! The GPU backend's device layer, on `wgpu`: WebGPU in the browser, Vulkan / Metal / DX12
+//! natively (the same WGSL kernels on both). A [`Gpu`] holds the device and the compiled
+//! kernels; [`GpuTensor`]s live in its memory, uploaded once, and only what generation needs is
+//! read back. The first kernel is the one the encoders spend ~90 % of their time in, `Linear`'s
+//! product; the models' other operations follow it here.
+//!
+//! Every failure is an [`Error::Gpu`]: no adapter, a buffer past the device's limits, shapes
+//! that do not fit, a validation error or a lost device (reported by the next read, never a
+//! panic: wgpu's default handler for those panics).
+
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+
+fn gpu_error(message: impl Into<String>) -> Error {
+    Error::Gpu(message.into())
+}
+
+/// A device, its queue and the compiled kernels.
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    linear: wgpu::ComputePipeline,
+    /// Bound where a kernel's optional input is absent (WebGPU binds every slot).
+    empty: wgpu::Buffer,
+    /// The first uncaptured error or device loss, reported by the next read.
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+/// f32 values in GPU memory, row-major with this shape.
+pub struct GpuTensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+}
+
+impl GpuTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl Gpu {
+    /// The adapter the platform prefers for performance (WebGPU's `navigator.gpu` in a
+    /// browser), with every limit it has: a model's largest matrix (GPT-2's 154 MB token
+    /// embeddings) is past WebGPU's default 128 MiB binding.
+    pub async fn new() -> Result<Self> {
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+        descriptor.backends = wgpu::Backends::PRIMARY;
+        let instance = wgpu::Instance::new(descriptor);
+        let options = wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() };
+        let adapter = instance.request_adapter(&options).await.map_err(|e| gpu_error(format!("no GPU adapter ({e})")))?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wasmcap"),
+                required_limits: limits,
+                memory_hints: wgpu::MemoryHints::Performance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| gpu_error(format!("{}: no device ({e})", info.name)))?;
+        let failure = Arc::new(Mutex::new(None::<String>));
+        let record = {
+            let failure = failure.clone();
+            move |message: String| {
+                if let Ok(mut slot) = failure.lock() {
+                    slot.get_or_insert(message);
+                }
+            }
+        };
+        let on_error = record.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| on_error(e.to_string())));
+        device.set_device_lost_callback(move |reason, message| record(format!("device lost ({reason:?}): {message}")));
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("linear"),
+            source: wgpu::ShaderSource::Wgsl(include_str!("linear.wgsl").into()),
+        });
+        let linear = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("linear"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let empty = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("empty"),
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Self { device, queue, info, linear, empty, failure })
+    }
+
+    /// The adapter's name and backend, e.g. "NVIDIA H100 (Vulkan)".
+    pub fn adapter(&self) -> String {
+        format!("{} ({:?})", self.info.name, self.info.backend)
+    }
+
+    /// `data` (row-major, `shape`) copied into GPU memory.
+    pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| gpu_error(format!("shape {shape:?} overflows")))?;
+        if len != data.len() {
+            return Err(gpu_error(format!("upload: {} values for shape {shape:?} ({len})", data.len())));
+        }
+        let bytes = self.check_size(len, "upload")?;
+        // WebGPU has no empty buffers: a tensor of no values keeps 4 bytes.
+        let buffer = if data.is_empty() {
+            self.storage(bytes)
+        } else {
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            })
+        };
+        Ok(GpuTensor { buffer, shape: shape.to_vec() })
+    }
+
+    /// y = x·wᵀ + b over x's last dimension: x [.., k], w [n, k], b [n] → y [.., n].
+    pub fn linear(&self, x: &GpuTensor, w: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
+        let (Some((&k, batch)), [n, wk]) = (x.shape.split_last(), w.shape.as_slice()) else {
+            return Err(gpu_error(format!("linear: x {:?}, weight {:?} (expected [.., k] and [n, k])", x.shape, w.shape)));
+        };
+        let n = *n;
+        if *wk != k || b.is_some_and(|b| b.shape != [n]) {
+            return Err(gpu_error(format!("linear: x {:?}, weight {:?}, bias {:?}", x.shape, w.shape, b.map(|b| b.shape.clone()))));
+        }
+        let m: usize = batch.iter().product();
+        let shape: Vec<usize> = batch.iter().copied().chain([n]).collect();
+        let y = GpuTensor { buffer: self.storage(self.check_size(m * n, "linear")?), shape };
+        if m == 0 || n == 0 {
+            return Ok(y);
+        }
+        let groups = (n.div_ceil(64), m.div_ceil(64));
+        let max = self.device.limits().max_compute_workgroups_per_dimension as usize;
+        if groups.0 > max || groups.1 > max {
+            return Err(gpu_error(format!("linear: {m} × {n} outputs need {groups:?} workgroups, the device allows {max} a dimension")));
+        }
+        let dims = [m, n, k, b.is_some() as usize].map(|v| v as u32);
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("dims"),
+            contents: bytemuck::cast_slice(&dims),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let buffers = [&x.buffer, &w.buffer, b.map_or(&self.empty, |b| &b.buffer), &y.buffer, &uniform];
+        let entries: Vec<wgpu::BindGroupEntry> =
+            buffers.iter().enumerate().map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() }).collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &self.linear.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.linear);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups.0 as u32, groups.1 as u32, 1);
+        }
+        self.queue.submit([encoder.finish()]);
+        Ok(y)
+    }
+
+    /// A tensor's values, read back: waits for the work queued before it.
+    pub async fn read(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        let bytes = (t.len().max(1) * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = futures_channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |mapped| {
+            let _ = sender.send(mapped);
+        });
+        // Natively the callback runs from a poll; in the browser, from its event loop.
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu_error(format!("read: {e}")))?;
+        let mapped = receiver.await.map_err(|_| gpu_error("read: the device dropped the request"));
+        if let Some(failure) = self.failure.lock().ok().and_then(|f| f.clone()) {
+            return Err(gpu_error(failure));
+        }
+        mapped?.map_err(|e| gpu_error(format!("read: {e}")))?;
+        let view = staging.slice(..).get_mapped_range().map_err(|e| gpu_error(format!("read: {e}")))?;
+        let values = view.chunks_exact(4).take(t.len()).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(values)
+    }
+
+    /// Bytes of `len` f32 values (at least 4: WebGPU has no empty buffers), if the device can
+    /// hold and bind them.
+    fn check_size(&self, len: usize, what: &str) -> Result<u64> {
+        let limits = self.device.limits();
+        let bytes = len.checked_mul(4).map(|b| b.max(4) as u64);
+        match bytes {
+            Some(b) if b <= limits.max_buffer_size && b <= limits.max_storage_buffer_binding_size as u64 => Ok(b),
+            _ => Err(gpu_error(format!(
+                "{what}: {len} values are past the device's buffers ({} bytes, {} a binding)",
+                limits.max_buffer_size, limits.max_storage_buffer_binding_size
+            ))),
+        }
+    }
+
+    fn storage(&self, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+}
