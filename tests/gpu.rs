@@ -25,6 +25,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 async fn linear_matches_its_definition() {
     let gpu = Gpu::new().await.expect("a GPU adapter (natively: Mesa's lavapipe, which ./build.sh test installs)");
+    println!("GPU adapter: {}", gpu.adapter());
     // Tiles whole and cut at every edge, k past and short of a 16-wide slice, batch dimensions,
     // with and without a bias.
     for (batch, k, n, bias) in
