@@ -118,8 +118,21 @@ run_tests() {
   log "native tests"
   cargo test --all-targets --features webgpu
   log "browser tests (headless Chromium)"
-  # Arguments after the first `--` go to cargo, after the second to the test runner.
-  wasm-pack test --headless --chrome --release --features webgpu -- -- --nocapture
+  # Arguments after the first `--` go to cargo, after the second to the test runner (wasm-pack
+  # passes an option it does not know, and all after it, to cargo as they are: `--features`
+  # before the first `--` left the runner a `--` it read as a filter, and every suite said "no
+  # tests to run!" and passed).
+  local log_file="${CARGO_TARGET_DIR:-target}/browser-tests.log"
+  wasm-pack test --headless --chrome --release -- --features webgpu -- --nocapture 2>&1 | tee "$log_file"
+  # A suite that ran nothing exits 0: every test file not gated to native code must have run in
+  # Chromium, or this fails rather than pass without the browser.
+  local expected ran
+  expected=$(grep -L '^#!\[cfg(not(target_arch = "wasm32"))\]' tests/*.rs | wc -l)
+  ran=$(grep -c "Running headless tests in Chrome" "$log_file" || true)
+  if [ "$ran" -lt "$expected" ]; then
+    echo "browser tests: $ran suites ran in Chromium, $expected expected (see $log_file)" >&2
+    return 1
+  fi
   # The benchmark exports are out of the shipped build: check that they still compile.
   cargo check --lib --target wasm32-unknown-unknown --features bench
   build_pkg

@@ -1,0 +1,27 @@
+"""PyTorch's side of bench/gpu.sh: F.linear on CUDA for SigLIP-B/16-224's three matrix shapes,
+fp32 with TF32 off (the honest fp32 reference), the same inputs and repeats as
+examples/gpu_bench.rs; JSON lines of ms and GFLOP/s."""
+import json
+import sys
+
+import torch
+
+repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+dev = torch.device("cuda")
+for rows, in_dim, out_dim in [(196, 768, 768), (196, 768, 3072), (196, 3072, 768)]:
+    x = torch.randn(rows, in_dim, device=dev)
+    w = torch.randn(out_dim, in_dim, device=dev)
+    b = torch.randn(out_dim, device=dev)
+    torch.nn.functional.linear(x, w, b)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        y = torch.nn.functional.linear(x, w, b)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / repeats
+    flop = 2.0 * rows * in_dim * out_dim
+    print(json.dumps({"adapter": torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)", "shape": [rows, in_dim, out_dim], "ms": ms, "gflops": flop / ms / 1e6}))

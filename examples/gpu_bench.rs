@@ -1,0 +1,43 @@
+//! The GPU backend's kernels alone, timed: `cargo run --release --features webgpu --example
+//! gpu_bench [REPEATS]` prints, for SigLIP-B/16-224's three matrix shapes, the ms and GFLOP/s of
+//! `Linear`'s product on the adapter the platform gives (queued `REPEATS` times, then one
+//! read-back), as JSON lines. bench/gpu.sh runs it beside PyTorch on the GPU machine.
+
+// Native only: in the browser the same kernels run through the package.
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() -> std::process::ExitCode {
+    let repeats = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(50usize).max(1);
+    match pollster::block_on(run(repeats)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+async fn run(repeats: usize) -> wasmcap::Result<()> {
+    let gpu = wasmcap::gpu::Gpu::new().await?;
+    let noise = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.618 + seed) * 12.9898).sin()).collect() };
+    for (rows, in_dim, out_dim) in [(196, 768, 768), (196, 768, 3072), (196, 3072, 768)] {
+        let x = gpu.upload(&noise(rows * in_dim, 1.0), &[rows, in_dim])?;
+        let w = gpu.upload(&noise(out_dim * in_dim, 2.0), &[out_dim, in_dim])?;
+        let b = gpu.upload(&noise(out_dim, 3.0), &[out_dim])?;
+        // Warm-up: pipelines, allocations.
+        gpu.read(&gpu.linear(&x, &w, Some(&b))?).await?;
+        let start = std::time::Instant::now();
+        let mut y = gpu.linear(&x, &w, Some(&b))?;
+        for _ in 1..repeats {
+            y = gpu.linear(&x, &w, Some(&b))?;
+        }
+        gpu.read(&y).await?;
+        let ms = start.elapsed().as_secs_f64() * 1e3 / repeats as f64;
+        let flop = 2.0 * (rows * in_dim * out_dim) as f64;
+        println!("{}", serde_json::json!({ "adapter": gpu.adapter(), "shape": [rows, in_dim, out_dim], "ms": ms, "gflops": flop / ms / 1e6 }));
+    }
+    Ok(())
+}
