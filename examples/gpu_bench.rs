@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
 #[cfg(not(target_arch = "wasm32"))]
 async fn run(repeats: usize) -> wasmcap::Result<()> {
     let gpu = wasmcap::gpu::Gpu::new().await?;
-    let noise = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.618 + seed) * 12.9898).sin()).collect() };
+    use wasmcap::bench::noise;
     for (rows, in_dim, out_dim) in [(196, 768, 768), (196, 768, 3072), (196, 3072, 768)] {
         let x = gpu.upload(&noise(rows * in_dim, 1.0), &[rows, in_dim])?;
         let w = gpu.upload(&noise(out_dim * in_dim, 2.0), &[out_dim, in_dim])?;

@@ -172,7 +172,7 @@ impl Gpu {
 
     /// A tensor's values, read back: waits for the work queued before it.
     pub async fn read(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        let bytes = (t.len().max(1) * 4) as u64;
+        let bytes = t.buffer.size();
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read"),
             size: bytes,

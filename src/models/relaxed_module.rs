@@ -149,9 +149,9 @@ const WAYS: usize = 8;
 /// many stripes of the range, go block by block side by side, so that as many streams from
 /// memory have loads in flight together. Chromium, one thread, alternated builds, SmolLM-135M
 /// q8_0 steps begun with the caches emptied (the bench's cold pass): two side by side
-/// 14.8–15.3 ms, eight 13.5–14.1 (in an earlier sitting with a lighter emptying: four 13.3–14.0,
-/// six 13.1–13.4, eight 13.0–13.3). (Alternating whole groups, as the simd128 kernel does, was 18–19 ms a warm step
-/// where two side by side took 15.0–15.6.)
+/// 14.8–15.3 ms, eight 13.5–14.1 (in an earlier sitting with a lighter emptying: four
+/// 13.3–14.0, six 13.1–13.4, eight 13.0–13.3). Alternating whole groups, as the simd128 kernel
+/// does, was 18–19 ms a warm step where two side by side took 15.0–15.6.
 /// SAFETY: qs holds groups × blocks × 128 bytes, scales groups × blocks × 4, x blocks × 64,
 /// out groups × 4.
 #[no_mangle]
