@@ -153,6 +153,10 @@ fn attention_of_many_queries_matches_the_formula() -> Result<()> {
 fn attention_of_few_queries_on_a_cache_window_matches_the_formula() -> Result<()> {
     for (b, h, kv, tq, tk, d, masked) in
         [(1, 6, 2, 1, 37, 8, false), (2, 4, 4, 1, 5, 8, false), (2, 3, 1, 4, 12, 8, true), (1, 9, 3, 1, 39, 64, false), (2, 2, 1, 2, 7, 6, true)]
+            .into_iter()
+            // Runs of shared heads: 4 per key/value head, and 5 (a run of 4, then 1) with
+            // rows of 16 and 32 (WASM: two or four f32x4 per output row).
+            .chain([(1, 8, 2, 1, 33, 32, false), (2, 10, 2, 3, 21, 16, true), (2, 2, 1, 1, 40, 48, false)])
     {
         let q = values(&[b, h, tq, d], 7);
         // A cache of 50 positions of which the first tk are filled: a strided view.
@@ -225,7 +229,12 @@ fn q8_matvec_matches_its_definition() {
                     let sum: i32 = (b * BLOCK..(b + 1) * BLOCK).map(|i| qs[j * in_dim + i] as i32 * x16[i]).sum();
                     acc += sum as f32 * scales[j * in_dim / BLOCK + b];
                 }
-                assert_eq!(y[r * width + j - outputs.start], acc * scale, "row {r}, output {j}, outputs {outputs:?} [{}]", packed::int8_kernel_name());
+                assert_eq!(
+                    y[r * width + j - outputs.start],
+                    acc * scale,
+                    "row {r}, output {j}, outputs {outputs:?} [{}]",
+                    packed::int8_kernel_name()
+                );
             }
         }
     }
