@@ -4,6 +4,8 @@
 //! not a skip.
 #![cfg(feature = "webgpu")]
 
+use candle_core::{Device, Tensor};
+use candle_nn::Activation;
 use wasmcap::gpu::Gpu;
 use wasmcap::Error;
 
@@ -76,6 +78,103 @@ async fn bad_shapes_are_errors_that_name_them() {
     assert!(gpu.read(&y).await.expect("read").is_empty());
 }
 
+/// Largest |a − b| over two equally long slices.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn cpu(data: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).expect("length matches")
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32")
+}
+
+/// Norms, residual adds and the layers' activations against candle's CPU ops.
+async fn elementwise_kernels_match_candles() {
+    let gpu = Gpu::new().await.expect("a GPU adapter");
+    // Rows of 5 (most of the workgroup idle), 768 (three strides of 256), 1000.
+    for (rows, n) in [(3, 5), (70, 768), (2, 1000)] {
+        let x: Vec<f32> = values(rows * n, 11).iter().enumerate().map(|(i, v)| v * 3.0 + (i % 7) as f32).collect();
+        let (w, b) = (values(n, 12), values(n, 13));
+        let [xg, wg, bg] = [(&x, vec![rows, n]), (&w, vec![n]), (&b, vec![n])].map(|(v, s)| gpu.upload(v, &s).expect("upload"));
+        let got = gpu.read(&gpu.layer_norm(&xg, &wg, &bg, 1e-6).expect("layer norm")).await.expect("read");
+        let want = flat(&candle_nn::ops::layer_norm(&cpu(&x, &[rows, n]), &cpu(&w, &[n]), &cpu(&b, &[n]), 1e-6).expect("candle"));
+        assert!(max_diff(&got, &want) < 1e-4, "layer norm {rows} × {n}: {}", max_diff(&got, &want));
+        let got = gpu.read(&gpu.rms_norm(&xg, &wg, 1e-5).expect("rms norm")).await.expect("read");
+        let want = flat(&candle_nn::ops::rms_norm(&cpu(&x, &[rows, n]), &cpu(&w, &[n]), 1e-5).expect("candle"));
+        assert!(max_diff(&got, &want) < 1e-4, "rms norm {rows} × {n}: {}", max_diff(&got, &want));
+    }
+    // A residual, and a [T, D] table added to each of B images.
+    let (a, b) = (values(2 * 3 * 4, 14), values(3 * 4, 15));
+    let (ag, bg) = (gpu.upload(&a, &[2, 3, 4]).expect("upload"), gpu.upload(&b, &[3, 4]).expect("upload"));
+    let got = gpu.read(&gpu.add(&ag, &bg).expect("add")).await.expect("read");
+    assert_eq!(got, flat(&cpu(&a, &[2, 3, 4]).broadcast_add(&cpu(&b, &[3, 4])).expect("candle")));
+    let got = gpu.read(&gpu.add(&ag, &ag).expect("add")).await.expect("read");
+    assert_eq!(got, a.iter().map(|v| v + v).collect::<Vec<_>>());
+    match gpu.add(&bg, &ag) {
+        Err(Error::Gpu(message)) => assert!(message.contains("[3, 4]") && message.contains("[2, 3, 4]"), "{message}"),
+        other => panic!("[3, 4] + [2, 3, 4]: {:?}", other.map(|t| t.shape().to_vec())),
+    }
+    // Activations on a product whose outputs reach ±60 (exp and tanh past their easy range).
+    let (k, n) = (16, 40);
+    let x: Vec<f32> = values(5 * k, 16).iter().map(|v| v * 4.0).collect();
+    let w = values(n * k, 17);
+    let (xg, wg) = (gpu.upload(&x, &[5, k]).expect("upload"), gpu.upload(&w, &[n, k]).expect("upload"));
+    let product = cpu(&x, &[5, k]).matmul(&cpu(&w, &[n, k]).t().expect("t")).expect("matmul");
+    for act in [Activation::GeluPytorchTanh, Activation::Gelu, Activation::Silu, Activation::Relu, Activation::Sigmoid] {
+        let got = gpu.read(&gpu.linear_activated(&xg, &wg, None, Some(&act)).expect("linear")).await.expect("read");
+        let want = flat(&product.apply(&act).expect("candle"));
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{act:?}: relative error {worst}");
+    }
+}
+
+/// softmax(q·kᵀ·scale + mask)·v with candle's plain ops, heads repeated for grouped queries.
+fn attention_formula(q: &Tensor, k: &Tensor, v: &Tensor, (h, kv): (usize, usize), scale: f64, past: Option<usize>) -> Tensor {
+    let (b, tq, hd) = q.dims3().expect("3 dims");
+    let (tk, d) = (k.dim(1).expect("dim"), hd / h);
+    let heads = |t: &Tensor, n: usize, len: usize| t.reshape((b, len, n, d)).and_then(|t| t.transpose(1, 2)).expect("heads");
+    let repeat = |t: Tensor| t.unsqueeze(2).and_then(|t| t.expand((b, kv, h / kv, tk, d))).and_then(|t| t.reshape((b, h, tk, d))).expect("repeat");
+    let (q, k, v) = (heads(q, h, tq).contiguous().expect("c"), repeat(heads(k, kv, tk)), repeat(heads(v, kv, tk)));
+    let mut scores = (q.matmul(&k.t().expect("t")).expect("matmul") * scale).expect("scale");
+    if let Some(past) = past {
+        let mask: Vec<f32> = (0..tq).flat_map(|i| (0..tk).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        scores = scores.broadcast_add(&cpu(&mask, &[tq, tk])).expect("mask");
+    }
+    let out = candle_nn::ops::softmax_last_dim(&scores).and_then(|p| p.matmul(&v)).expect("values");
+    out.transpose(1, 2).and_then(|t| t.reshape((b, tq, hd))).expect("merge")
+}
+
+async fn attention_matches_the_formula() {
+    let gpu = Gpu::new().await.expect("a GPU adapter");
+    // An encoder's (all keys, 12 heads of 64), grouped queries (SmolLM's 9 over 3) prefilled
+    // causally and then one decoding step over a longer cache, odd head sizes.
+    for (b, tq, tk, h, kv, d, past) in [
+        (2, 17, 17, 12, 12, 64, None),
+        (1, 7, 7, 9, 3, 64, Some(0)),
+        (2, 1, 30, 9, 3, 64, Some(29)),
+        (1, 5, 9, 4, 2, 13, Some(4)),
+        (3, 4, 6, 2, 1, 8, None),
+    ] {
+        let q: Vec<f32> = values(b * tq * h * d, 21).iter().map(|v| v * 2.0).collect();
+        let (k, v) = (values(b * tk * kv * d, 22), values(b * tk * kv * d, 23));
+        let [qg, kg, vg] = [(&q, [b, tq, h * d]), (&k, [b, tk, kv * d]), (&v, [b, tk, kv * d])].map(|(x, s)| gpu.upload(x, &s).expect("upload"));
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = gpu.read(&gpu.attention(&qg, &kg, &vg, (h, kv), scale as f32, past).expect("attention")).await.expect("read");
+        let want = flat(&attention_formula(&cpu(&q, &[b, tq, h * d]), &cpu(&k, &[b, tk, kv * d]), &cpu(&v, &[b, tk, kv * d]), (h, kv), scale, past));
+        assert!(max_diff(&got, &want) < 1e-5, "b {b} tq {tq} tk {tk} h {h} kv {kv} d {d} past {past:?}: {}", max_diff(&got, &want));
+    }
+    let q = gpu.upload(&values(2 * 12, 24), &[1, 2, 12]).expect("upload");
+    let k = gpu.upload(&values(3 * 8, 25), &[1, 3, 8]).expect("upload");
+    match gpu.attention(&q, &k, &k, (3, 2), 1.0, None) {
+        Err(Error::Gpu(message)) => assert!(message.contains("[1, 2, 12]") && message.contains("[1, 3, 8]"), "{message}"),
+        other => panic!("3 query heads over 2: {:?}", other.map(|t| t.shape().to_vec())),
+    }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 #[test]
 fn linear_matches_its_definition_natively() {
@@ -86,6 +185,30 @@ fn linear_matches_its_definition_natively() {
 #[test]
 fn bad_shapes_are_errors_natively() {
     pollster::block_on(bad_shapes_are_errors_that_name_them());
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn elementwise_kernels_match_candles_natively() {
+    pollster::block_on(elementwise_kernels_match_candles());
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn attention_matches_the_formula_natively() {
+    pollster::block_on(attention_matches_the_formula());
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn elementwise_kernels_match_candles_in_the_browser() {
+    elementwise_kernels_match_candles().await;
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn attention_matches_the_formula_in_the_browser() {
+    attention_matches_the_formula().await;
 }
 
 #[cfg(target_arch = "wasm32")]

@@ -1,5 +1,5 @@
-// y = x·wᵀ (+ b): x [m, k], w [n, k] (a PyTorch Linear's weight as stored), y [m, n], all
-// row-major f32. One workgroup of 16 × 16 invocations computes a 64 × 64 tile of y, each
+// y = act(x·wᵀ (+ b)): x [m, k], w [n, k] (a PyTorch Linear's weight as stored), y [m, n], all
+// row-major f32; act as in activation.wgsl (0: none). One workgroup of 16 × 16 invocations computes a 64 × 64 tile of y, each
 // invocation 4 × 4 of it; x's and w's 64 × 16 slices along k pass through workgroup memory, so
 // each element read from the buffers serves 64 products. The sum over k runs in ascending order.
 
@@ -8,6 +8,7 @@ struct Dims {
   n: u32,
   k: u32,
   has_bias: u32,
+  act: u32,
 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -72,7 +73,7 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) l
         if (dims.has_bias != 0u) {
           v += b[c];
         }
-        y[r * dims.n + c] = v;
+        y[r * dims.n + c] = activate(v, dims.act);
       }
     }
   }

@@ -10,6 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use candle_nn::Activation;
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
@@ -24,6 +25,9 @@ pub struct Gpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     linear: wgpu::ComputePipeline,
+    norm: wgpu::ComputePipeline,
+    add: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
     /// Bound where a kernel's optional input is absent (WebGPU binds every slot).
     empty: wgpu::Buffer,
     /// The first uncaptured error or device loss, reported by the next read.
@@ -79,25 +83,30 @@ impl Gpu {
         let on_error = record.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| on_error(e.to_string())));
         device.set_device_lost_callback(move |reason, message| record(format!("device lost ({reason:?}): {message}")));
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("linear"),
-            source: wgpu::ShaderSource::Wgsl(include_str!("linear.wgsl").into()),
-        });
-        let linear = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("linear"),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let kernel = |label: &str, source: &str| {
+            let module =
+                device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let activation = include_str!("activation.wgsl");
+        let linear = kernel("linear", &format!("{activation}\n{}", include_str!("linear.wgsl")));
+        let norm = kernel("norm", include_str!("norm.wgsl"));
+        let add = kernel("add", include_str!("add.wgsl"));
+        let attention = kernel("attention", include_str!("attention.wgsl"));
         let empty = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("empty"),
             size: 4,
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        Ok(Self { device, queue, info, linear, empty, failure })
+        Ok(Self { device, queue, info, linear, norm, add, attention, empty, failure })
     }
 
     /// The adapter's name and backend, e.g. "NVIDIA H100 (Vulkan)".
@@ -127,6 +136,11 @@ impl Gpu {
 
     /// y = x·wᵀ + b over x's last dimension: x [.., k], w [n, k], b [n] → y [.., n].
     pub fn linear(&self, x: &GpuTensor, w: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
+        self.linear_activated(x, w, b, None)
+    }
+
+    /// `act` of `linear(x, w, b)`, applied as the product is written.
+    pub fn linear_activated(&self, x: &GpuTensor, w: &GpuTensor, b: Option<&GpuTensor>, act: Option<&Activation>) -> Result<GpuTensor> {
         let (Some((&k, batch)), [n, wk]) = (x.shape.split_last(), w.shape.as_slice()) else {
             return Err(gpu_error(format!("linear: x {:?}, weight {:?} (expected [.., k] and [n, k])", x.shape, w.shape)));
         };
@@ -134,9 +148,10 @@ impl Gpu {
         if *wk != k || b.is_some_and(|b| b.shape != [n]) {
             return Err(gpu_error(format!("linear: x {:?}, weight {:?}, bias {:?}", x.shape, w.shape, b.map(|b| b.shape.clone()))));
         }
+        let act = activation_code(act)?;
         let m: usize = batch.iter().product();
         let shape: Vec<usize> = batch.iter().copied().chain([n]).collect();
-        let y = GpuTensor { buffer: self.storage(self.check_size(m * n, "linear")?), shape };
+        let y = self.output(shape, "linear")?;
         if m == 0 || n == 0 {
             return Ok(y);
         }
@@ -145,29 +160,134 @@ impl Gpu {
         if groups.0 > max || groups.1 > max {
             return Err(gpu_error(format!("linear: {m} × {n} outputs need {groups:?} workgroups, the device allows {max} a dimension")));
         }
-        let dims = [m, n, k, b.is_some() as usize].map(|v| v as u32);
+        let params = [m, n, k, b.is_some() as usize, act as usize].map(|v| v as u32);
+        self.dispatch(
+            &self.linear,
+            &[&x.buffer, &w.buffer, b.map_or(&self.empty, |b| &b.buffer), &y.buffer],
+            &params,
+            [groups.0 as u32, groups.1 as u32],
+        );
+        Ok(y)
+    }
+
+    /// LayerNorm over the last dimension: (x − mean) / √(var + eps) · weight + bias.
+    pub fn layer_norm(&self, x: &GpuTensor, weight: &GpuTensor, bias: &GpuTensor, eps: f32) -> Result<GpuTensor> {
+        self.norm(x, weight, Some(bias), eps)
+    }
+
+    /// RMSNorm over the last dimension: x / √(mean(x²) + eps) · weight.
+    pub fn rms_norm(&self, x: &GpuTensor, weight: &GpuTensor, eps: f32) -> Result<GpuTensor> {
+        self.norm(x, weight, None, eps)
+    }
+
+    fn norm(&self, x: &GpuTensor, weight: &GpuTensor, bias: Option<&GpuTensor>, eps: f32) -> Result<GpuTensor> {
+        let n = x.shape.last().copied().unwrap_or(0);
+        if n == 0 || weight.shape != [n] || bias.is_some_and(|b| b.shape != [n]) {
+            return Err(gpu_error(format!("norm: x {:?}, weight {:?}, bias {:?}", x.shape, weight.shape, bias.map(|b| b.shape.clone()))));
+        }
+        let rows = x.len() / n;
+        let y = self.output(x.shape.clone(), "norm")?;
+        let [gx, gy] = self.grid(rows, "norm")?;
+        let params = [rows as u32, n as u32, eps.to_bits(), bias.is_none() as u32, gx];
+        self.dispatch(&self.norm, &[&x.buffer, &weight.buffer, bias.map_or(&self.empty, |b| &b.buffer), &y.buffer], &params, [gx, gy]);
+        Ok(y)
+    }
+
+    /// a + b, b repeated over a's leading dimensions: b's shape is a trailing part of a's
+    /// (a residual: the same shape; position embeddings [T, D] for images [B, T, D]).
+    pub fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        if b.shape.len() > a.shape.len() || !a.shape.ends_with(&b.shape) {
+            return Err(gpu_error(format!("add: {:?} + {:?} (the second must be a trailing part of the first)", a.shape, b.shape)));
+        }
+        let y = self.output(a.shape.clone(), "add")?;
+        if a.len() == 0 {
+            return Ok(y);
+        }
+        let [gx, gy] = self.grid(a.len().div_ceil(256), "add")?;
+        self.dispatch(&self.add, &[&a.buffer, &b.buffer, &y.buffer], &[a.len() as u32, b.len().max(1) as u32, gx * 256], [gx, gy]);
+        Ok(y)
+    }
+
+    /// softmax(q·kᵀ·scale)·v per head: q [B, Tq, H·d], k and v [B, Tk, KV·d] (projections'
+    /// outputs, heads side by side; query head h reads key/value head h / (H / KV)) → [B, Tq,
+    /// H·d]. With `causal_past` = Some(p), query i sees keys 0..=p + i (p positions cached
+    /// before these queries).
+    pub fn attention(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        heads: (usize, usize),
+        scale: f32,
+        causal_past: Option<usize>,
+    ) -> Result<GpuTensor> {
+        let (h, kv) = heads;
+        let bad = || gpu_error(format!("attention: q {:?}, k {:?}, v {:?} with {h} query and {kv} key/value heads", q.shape, k.shape, v.shape));
+        let (&[b, tq, hd], &[kb, tk, kvd]) = (q.shape.as_slice(), k.shape.as_slice()) else { return Err(bad()) };
+        if h == 0 || kv == 0 || h % kv != 0 || hd % h != 0 || kb != b || v.shape != k.shape || kvd != hd / h * kv || tk == 0 {
+            return Err(bad());
+        }
+        let d = hd / h;
+        if d > 256 {
+            return Err(gpu_error(format!("attention: heads of {d} values, the kernel holds 256")));
+        }
+        let y = self.output(q.shape.clone(), "attention")?;
+        if b * tq == 0 {
+            return Ok(y);
+        }
+        let [gx, gy] = self.grid((b * h * tq).div_ceil(64), "attention")?;
+        let params = [b, tq, tk, h, kv, d].map(|v| v as u32);
+        let params = [&params[..], &[scale.to_bits(), causal_past.is_some() as u32, causal_past.unwrap_or(0) as u32, gx * 64]].concat();
+        self.dispatch(&self.attention, &[&q.buffer, &k.buffer, &v.buffer, &y.buffer], &params, [gx, gy]);
+        Ok(y)
+    }
+
+    /// A fresh tensor of `shape` for a kernel to write.
+    fn output(&self, shape: Vec<usize>, what: &str) -> Result<GpuTensor> {
+        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| gpu_error(format!("{what}: shape {shape:?} overflows")))?;
+        Ok(GpuTensor { buffer: self.storage(self.check_size(len, what)?), shape })
+    }
+
+    /// `groups` workgroups as a grid: the first dimension up to the device's limit, rows of it
+    /// in the second.
+    fn grid(&self, groups: usize, what: &str) -> Result<[u32; 2]> {
+        let max = self.device.limits().max_compute_workgroups_per_dimension as usize;
+        let x = groups.clamp(1, max.max(1));
+        let y = groups.div_ceil(x);
+        if y > max {
+            return Err(gpu_error(format!("{what}: {groups} workgroups, past the device's {max} × {max}")));
+        }
+        Ok([x as u32, y.max(1) as u32])
+    }
+
+    /// Queues `pipeline` over `groups` with `buffers` bound in order and `params` (u32s, f32s
+    /// as their bits) as the uniform after them.
+    fn dispatch(&self, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], groups: [u32; 2]) {
+        // Uniform buffers are read in 16-byte rows.
+        let mut padded = params.to_vec();
+        padded.resize(params.len().div_ceil(4).max(1) * 4, 0);
         let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("dims"),
-            contents: bytemuck::cast_slice(&dims),
+            label: Some("params"),
+            contents: bytemuck::cast_slice(&padded),
             usage: wgpu::BufferUsages::UNIFORM,
         });
-        let buffers = [&x.buffer, &w.buffer, b.map_or(&self.empty, |b| &b.buffer), &y.buffer, &uniform];
-        let entries: Vec<wgpu::BindGroupEntry> =
-            buffers.iter().enumerate().map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() }).collect();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &self.linear.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .copied()
+            .chain([&uniform])
+            .enumerate()
+            .map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() })
+            .collect();
+        let bind_group =
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries });
         let mut encoder = self.device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&self.linear);
+            pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups.0 as u32, groups.1 as u32, 1);
+            pass.dispatch_workgroups(groups[0], groups[1], 1);
         }
         self.queue.submit([encoder.finish()]);
-        Ok(y)
     }
 
     /// A tensor's values, read back: waits for the work queued before it.
@@ -221,4 +341,17 @@ impl Gpu {
             mapped_at_creation: false,
         })
     }
+}
+
+/// The code activation.wgsl's `activate` takes for `act`.
+fn activation_code(act: Option<&Activation>) -> Result<u32> {
+    Ok(match act {
+        None => 0,
+        Some(Activation::GeluPytorchTanh | Activation::NewGelu) => 1,
+        Some(Activation::Gelu) => 2,
+        Some(Activation::Silu | Activation::Swish) => 3,
+        Some(Activation::Relu) => 4,
+        Some(Activation::Sigmoid) => 5,
+        Some(other) => return Err(gpu_error(format!("activation {other:?} has no GPU kernel yet"))),
+    })
 }
