@@ -4,9 +4,13 @@
 //! not a skip.
 #![cfg(feature = "webgpu")]
 
-use candle_core::{Device, Tensor};
-use candle_nn::Activation;
-use wasmcap::gpu::Gpu;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Activation, Init, VarBuilder};
+use wasmcap::gpu::{Gpu, GpuTensor};
+use wasmcap::models::blip::{BlipVisionConfig, BlipVisionModel};
+use wasmcap::models::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
+use wasmcap::models::vit::{ViTConfig, ViTModel};
 use wasmcap::Error;
 
 #[cfg(target_arch = "wasm32")]
@@ -175,6 +179,74 @@ async fn attention_matches_the_formula() {
     }
 }
 
+/// Weights for any name: seeded by the name, around the init's constant (norm gains near 1,
+/// biases near 0), so that no term of a layer can go missing unnoticed.
+struct Seeded;
+
+impl SimpleBackend for Seeded {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let base = match h {
+            Init::Const(c) => c as f32,
+            _ => 0.0,
+        };
+        let seed = name.bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+        let v: Vec<f32> = values(s.elem_count(), seed).iter().map(|x| base + 0.3 * x).collect();
+        Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape for {name}")
+    }
+
+    /// f32 tensors only (not a q8_0 or 16-bit form of a weight).
+    fn contains_tensor(&self, name: &str) -> bool {
+        use wasmcap::models::linear::{Q8_0_SCALES_SUFFIX, Q8_0_SUFFIX, STORED_16BIT};
+        ![Q8_0_SUFFIX, Q8_0_SCALES_SUFFIX, STORED_16BIT].iter().any(|suffix| name.ends_with(suffix))
+    }
+}
+
+/// The GPU's states against the CPU model's, from the same pixels.
+async fn same_states(gpu: &Gpu, what: &str, got: GpuTensor, want: Tensor) {
+    assert_eq!(got.shape(), want.dims(), "{what}");
+    let (got, want) = (gpu.read(&got).await.expect("read"), flat(&want));
+    let spread = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
+    assert!(spread > 0.5, "{what}: states too small to compare: {spread}");
+    assert!(max_diff(&got, &want) < 1e-4, "{what}: max |Δ| {} (values up to {spread})", max_diff(&got, &want));
+}
+
+/// Each vision tower (patch embedding, class token and position embeddings, layers, final
+/// norm) uploaded to the GPU gives the states its CPU model gives: SigLIP, ViT (query, key and
+/// value without biases here) and BLIP's (one fused qkv matrix, erf GELU).
+async fn vision_towers_on_the_gpu_match_the_cpu() {
+    let gpu = Gpu::new().await.expect("a GPU adapter");
+    let vb = || VarBuilder::from_backend(Box::new(Seeded), DType::F32, Device::Cpu);
+    let pixels = cpu(&values(2 * 3 * 32 * 32, 31), &[2, 3, 32, 32]);
+    let sizes = serde_json::json!({
+        "hidden_size": 64, "intermediate_size": 136, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 32, "patch_size": 8, "layer_norm_eps": 1e-6
+    });
+    let with = |extra: serde_json::Value| {
+        let mut config = sizes.clone();
+        config.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        config
+    };
+
+    let config: SiglipVisionConfig = serde_json::from_value(with(serde_json::json!({ "hidden_act": "gelu_pytorch_tanh" }))).expect("config");
+    let tower = SiglipVisionTransformer::new(&config, vb()).expect("tower");
+    let on_gpu = tower.to_backend(&gpu).expect("upload");
+    same_states(&gpu, "SigLIP", on_gpu.forward_on(&gpu, &pixels).expect("GPU forward"), tower.forward(&pixels).expect("CPU forward")).await;
+
+    let config: ViTConfig = serde_json::from_value(with(serde_json::json!({ "hidden_act": "gelu", "qkv_bias": false }))).expect("config");
+    let tower = ViTModel::new(&config, vb()).expect("tower");
+    let on_gpu = tower.to_backend(&gpu).expect("upload");
+    same_states(&gpu, "ViT", on_gpu.forward_on(&gpu, &pixels).expect("GPU forward"), tower.forward(&pixels).expect("CPU forward")).await;
+
+    let config: BlipVisionConfig = serde_json::from_value(with(serde_json::json!({ "hidden_act": "gelu" }))).expect("config");
+    let tower = BlipVisionModel::new(&config, vb()).expect("tower");
+    let on_gpu = tower.to_backend(&gpu).expect("upload");
+    same_states(&gpu, "BLIP vision", on_gpu.forward_on(&gpu, &pixels).expect("GPU forward"), tower.forward(&pixels).expect("CPU forward")).await;
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 #[test]
 fn linear_matches_its_definition_natively() {
@@ -209,6 +281,18 @@ async fn elementwise_kernels_match_candles_in_the_browser() {
 #[wasm_bindgen_test::wasm_bindgen_test]
 async fn attention_matches_the_formula_in_the_browser() {
     attention_matches_the_formula().await;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn vision_towers_on_the_gpu_match_the_cpu_natively() {
+    pollster::block_on(vision_towers_on_the_gpu_match_the_cpu());
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn vision_towers_on_the_gpu_match_the_cpu_in_the_browser() {
+    vision_towers_on_the_gpu_match_the_cpu().await;
 }
 
 #[cfg(target_arch = "wasm32")]

@@ -15,6 +15,9 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 
+mod backend;
+pub use backend::{GpuLayerNorm, GpuLinear};
+
 fn gpu_error(message: impl Into<String>) -> Error {
     Error::Gpu(message.into())
 }
@@ -34,7 +37,8 @@ pub struct Gpu {
     failure: Arc<Mutex<Option<String>>>,
 }
 
-/// f32 values in GPU memory, row-major with this shape.
+/// f32 values in GPU memory, row-major with this shape (a handle: clones share the buffer).
+#[derive(Debug, Clone)]
 pub struct GpuTensor {
     buffer: wgpu::Buffer,
     shape: Vec<usize>,
@@ -196,7 +200,9 @@ impl Gpu {
     /// a + b, b repeated over a's leading dimensions: b's shape is a trailing part of a's
     /// (a residual: the same shape; position embeddings [T, D] for images [B, T, D]).
     pub fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
-        if b.shape.len() > a.shape.len() || !a.shape.ends_with(&b.shape) {
+        // Leading 1s broadcast too: [1, T, D] over [B, T, D].
+        let b_shape = &b.shape[b.shape.iter().take_while(|&&d| d == 1).count()..];
+        if b_shape.len() > a.shape.len() || !a.shape.ends_with(b_shape) {
             return Err(gpu_error(format!("add: {:?} + {:?} (the second must be a trailing part of the first)", a.shape, b.shape)));
         }
         let y = self.output(a.shape.clone(), "add")?;
@@ -205,6 +211,38 @@ impl Gpu {
         }
         let [gx, gy] = self.grid(a.len().div_ceil(256), "add")?;
         self.dispatch(&self.add, &[&a.buffer, &b.buffer, &y.buffer], &[a.len() as u32, b.len().max(1) as u32, gx * 256], [gx, gy]);
+        Ok(y)
+    }
+
+    /// Parts [1 or B, Tᵢ, D] joined along dimension 1 → [B, ΣTᵢ, D], a part of one row
+    /// repeated for every row of the batch (a class token before each image's patches).
+    pub fn cat_tokens(&self, parts: &[&GpuTensor]) -> Result<GpuTensor> {
+        let bad =
+            || gpu_error(format!("cat_tokens: {:?} (expected [1 or B, T, D] of one D)", parts.iter().map(|p| p.shape.clone()).collect::<Vec<_>>()));
+        let dims = parts.iter().map(|p| match p.shape.as_slice() {
+            &[b, t, d] => Some((b, t, d)),
+            _ => None,
+        });
+        let dims = dims.collect::<Option<Vec<_>>>().ok_or_else(bad)?;
+        let batch = dims.iter().map(|p| p.0).max().unwrap_or(1);
+        let d = dims.first().map_or(0, |p| p.2);
+        if dims.iter().any(|&(b, _, pd)| (b != 1 && b != batch) || pd != d) {
+            return Err(bad());
+        }
+        let tokens: usize = dims.iter().map(|p| p.1).sum();
+        let y = self.output(vec![batch, tokens, d], "cat_tokens")?;
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        for bi in 0..batch {
+            let mut at = bi * tokens * d;
+            for (part, &(b, t, _)) in parts.iter().zip(&dims) {
+                let from = if b == 1 { 0 } else { bi * t * d };
+                if t * d > 0 {
+                    encoder.copy_buffer_to_buffer(&part.buffer, 4 * from as u64, &y.buffer, 4 * at as u64, 4 * (t * d) as u64);
+                }
+                at += t * d;
+            }
+        }
+        self.queue.submit([encoder.finish()]);
         Ok(y)
     }
 

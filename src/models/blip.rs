@@ -17,8 +17,9 @@ use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family, 
 use crate::loading::GenerationDefaults;
 
 use super::attention;
+use super::backend::{Backend, Cpu};
 use super::embedding::{embedding, Embedding};
-use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
+use super::encoder_layer::{ClassTokenEmbeddings, EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::{linear_b, Linear};
 use super::norm::{layer_norm, LayerNorm};
 
@@ -137,14 +138,6 @@ impl BlipConfig {
     }
 }
 
-// transformers modeling_blip.py: BlipVisionEmbeddings (positions as trained).
-#[derive(Debug, Clone)]
-struct VisionEmbeddings {
-    class_embedding: Tensor,
-    patch_embedding: PatchEmbedding,
-    position_embedding: Tensor,
-}
-
 const VISION_LAYER: LayerNames = LayerNames {
     fused_qkv: Some("self_attn.qkv"),
     norm1: "layer_norm1",
@@ -157,24 +150,25 @@ const VISION_LAYER: LayerNames = LayerNames {
     fc2: "mlp.fc2",
 };
 
-/// transformers modeling_blip.py: BlipVisionModel → `last_hidden_state` (class token first).
+/// transformers modeling_blip.py: BlipVisionModel → `last_hidden_state` (class token first;
+/// BlipVisionEmbeddings' positions as trained).
 #[derive(Debug, Clone)]
-struct VisionModel {
-    embeddings: VisionEmbeddings,
-    layers: Vec<EncoderLayer>,
-    post_layernorm: LayerNorm,
+pub struct BlipVisionModel<B: Backend = Cpu> {
+    embeddings: ClassTokenEmbeddings<B>,
+    layers: Vec<EncoderLayer<B>>,
+    post_layernorm: B::LayerNorm,
 }
 
-impl VisionModel {
-    fn new(cfg: &BlipVisionConfig, vb: VarBuilder) -> Result<Self> {
+impl BlipVisionModel {
+    pub fn new(cfg: &BlipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let patches = (cfg.image_size / cfg.patch_size).pow(2);
-        let embeddings = VisionEmbeddings {
-            class_embedding: e.get((1, 1, d), "class_embedding")?,
-            patch_embedding: PatchEmbedding::new(3, d, cfg.patch_size, e.pp("patch_embedding"))?,
-            position_embedding: e.get((1, patches + 1, d), "position_embedding")?,
-        };
+        let embeddings = ClassTokenEmbeddings::new(
+            e.get((1, 1, d), "class_embedding")?,
+            e.get((1, patches + 1, d), "position_embedding")?,
+            PatchEmbedding::new(3, d, cfg.patch_size, e.pp("patch_embedding"))?,
+        );
         let shape = LayerShape {
             hidden_size: d,
             intermediate_size: cfg.intermediate_size,
@@ -188,19 +182,32 @@ impl VisionModel {
         Ok(Self { embeddings, layers, post_layernorm: layer_norm(d, cfg.layer_norm_eps, vb.pp("post_layernorm"))? })
     }
 
-    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let e = &self.embeddings;
-        let patches = e.patch_embedding.forward(pixel_values)?;
-        let (b, _, d) = patches.dims3()?;
-        let mut xs = Tensor::cat(&[&e.class_embedding.broadcast_as((b, 1, d))?, &patches], 1)?.broadcast_add(&e.position_embedding)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs)?;
-        }
-        self.post_layernorm.forward(&xs)
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.forward_on(&Cpu, pixel_values)
     }
 
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers.iter_mut().flat_map(EncoderLayer::linears_mut)
+    }
+
+    /// The vision model with its weights where `be` computes (uploaded once).
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<BlipVisionModel<B>, B::Error> {
+        Ok(BlipVisionModel {
+            embeddings: self.embeddings.to_backend(be)?,
+            layers: self.layers.iter().map(|l| l.to_backend(be)).collect::<std::result::Result<_, _>>()?,
+            post_layernorm: be.layer_norm_from(&self.post_layernorm)?,
+        })
+    }
+}
+
+impl<B: Backend> BlipVisionModel<B> {
+    /// `forward` on `be`: the pixels are on the CPU, the states where `be` computes.
+    pub fn forward_on(&self, be: &B, pixel_values: &Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        let mut xs = self.embeddings.forward_on(be, pixel_values)?;
+        for layer in &self.layers {
+            xs = layer.forward_on(be, &xs)?;
+        }
+        be.layer_norm(&xs, &self.post_layernorm)
     }
 }
 
@@ -271,7 +278,7 @@ impl BlipCache {
 
 #[derive(Debug, Clone)]
 pub struct Blip {
-    vision: VisionModel,
+    vision: BlipVisionModel,
     word_embeddings: Embedding,
     position_embeddings: Embedding,
     embeddings_norm: LayerNorm,
@@ -309,7 +316,7 @@ impl Blip {
         let decoder = if p.contains_tensor("decoder.weight") { linear_b(h, v, false, p.pp("decoder"))? } else { Linear::tied(&word_embeddings) };
         let decoder = decoder.with_bias(Some(bias));
         Ok(Self {
-            vision: VisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
+            vision: BlipVisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
             word_embeddings,
             position_embeddings: embedding(t.max_position_embeddings, h, e.pp("position_embeddings"))?,
             embeddings_norm: layer_norm(h, t.layer_norm_eps, e.pp("LayerNorm"))?,
@@ -319,6 +326,11 @@ impl Blip {
             decoder,
             config: cfg.clone(),
         })
+    }
+
+    /// The vision model (what `to_backend` moves to the GPU).
+    pub fn vision(&self) -> &BlipVisionModel {
+        &self.vision
     }
 
     /// The image states [B, 1 + patches, vision hidden] (`vision_model(...)[0]`).

@@ -3,12 +3,12 @@
 //! checkpoint names differ, so each tower passes its names ([`LayerNames`]) and the layer is
 //! written once. So is the patch embedding they start with ([`PatchEmbedding`]).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use super::attention;
+use super::backend::{Backend, Cpu};
 use super::linear::{linear_b, Linear};
-use super::norm::{layer_norm, LayerNorm};
+use super::norm::layer_norm;
 
 /// The size checks every patch-embedding tower's config needs before anything is built: whole
 /// heads, and an image cut into whole patches.
@@ -28,9 +28,9 @@ pub fn check_tower_sizes(hidden_size: usize, num_attention_heads: usize, image_s
 /// which our GEMM splits over the threads, where candle's convolution ran on one (in WASM, 12 ms
 /// of a 2-thread 190 ms q8 SigLIP-B encoder).
 #[derive(Debug, Clone)]
-pub struct PatchEmbedding {
+pub struct PatchEmbedding<B: Backend = Cpu> {
     /// The kernel `[hidden, C, p, p]` as `[hidden, C·p·p]`.
-    proj: Linear,
+    proj: B::Linear,
     channels: usize,
     patch: usize,
 }
@@ -51,18 +51,65 @@ impl PatchEmbedding {
     /// [B, C, H, W] → [B, (H / p)·(W / p), hidden], patches in row-major order (the
     /// convolution's output flattened, as the towers read it).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.forward_on(&Cpu, pixel_values)
+    }
+
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<PatchEmbedding<B>, B::Error> {
+        Ok(PatchEmbedding { proj: be.linear_from(&self.proj)?, channels: self.channels, patch: self.patch })
+    }
+}
+
+impl<B: Backend> PatchEmbedding<B> {
+    /// `forward` on `be`: the pixels (on the CPU, where the image was decoded) are cut into
+    /// patches there, then multiplied where the backend computes.
+    pub fn forward_on(&self, be: &B, pixel_values: &Tensor) -> std::result::Result<B::Tensor, B::Error> {
         let ((b, c, h, w), p) = (pixel_values.dims4()?, self.patch);
         if c != self.channels || !h.is_multiple_of(p) || !w.is_multiple_of(p) {
-            candle_core::bail!(
+            return Err(candle_core::Error::Msg(format!(
                 "patch embedding: pixel values {:?}, expected [B, {}, H, W] with H and W multiples of {p}",
                 pixel_values.dims(),
                 self.channels
-            );
+            ))
+            .into());
         }
         let (rows, cols) = (h / p, w / p);
         // Each patch's pixels in the kernel's order (channel, row, column): one copy of the image.
         let patches = pixel_values.reshape((b, c, rows, p, cols, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, rows * cols, c * p * p))?;
-        self.proj.forward(&patches)
+        be.linear(&be.tensor_from(&patches)?, &self.proj, None)
+    }
+}
+
+/// The embeddings of a tower that reads a class token before the patches (ViT's, BLIP's):
+/// [class; patch embeddings] + position embeddings, positions as trained (pixel values of the
+/// image size the checkpoint was trained on).
+#[derive(Debug, Clone)]
+pub struct ClassTokenEmbeddings<B: Backend = Cpu> {
+    /// [1, 1, hidden]
+    class: B::Tensor,
+    /// [1, 1 + patches, hidden]
+    positions: B::Tensor,
+    patches: PatchEmbedding<B>,
+}
+
+impl ClassTokenEmbeddings {
+    pub fn new(class: Tensor, positions: Tensor, patches: PatchEmbedding) -> Self {
+        Self { class, positions, patches }
+    }
+
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<ClassTokenEmbeddings<B>, B::Error> {
+        Ok(ClassTokenEmbeddings {
+            class: be.tensor_from(&self.class)?,
+            positions: be.tensor_from(&self.positions)?,
+            patches: self.patches.to_backend(be)?,
+        })
+    }
+}
+
+impl<B: Backend> ClassTokenEmbeddings<B> {
+    /// [B, C, H, W] → [B, 1 + patches, hidden], the class token first.
+    pub fn forward_on(&self, be: &B, pixel_values: &Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        let patches = self.patches.forward_on(be, pixel_values)?;
+        be.add(&be.cat_tokens(&[&self.class, &patches])?, &self.positions)
     }
 }
 
@@ -93,51 +140,27 @@ pub struct LayerShape {
 }
 
 #[derive(Debug, Clone)]
-struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+struct SelfAttention<B: Backend> {
+    q: B::Linear,
+    k: B::Linear,
+    v: B::Linear,
+    out: B::Linear,
     num_heads: usize,
 }
 
-impl SelfAttention {
-    /// Queries, keys and values of the tokens `xs`: [B, T, H·d] each (heads split once every
-    /// token's are joined: rows join with one copy, head views would copy value by value).
-    fn projections(&self, xs: &Tensor) -> Result<[Tensor; 3]> {
-        Ok([self.q.forward(xs)?, self.k.forward(xs)?, self.v.forward(xs)?])
-    }
-
-    /// Every token's mixed values, [B, T, H·d], from all tokens' projections.
-    fn mix(&self, [q, k, v]: [&Tensor; 3]) -> Result<Tensor> {
-        let heads = |t| attention::split_heads_view(t, self.num_heads);
-        let q = heads(q)?;
-        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-        attention::merge_heads(&attention::scaled_dot_product(&q, &heads(k)?, &heads(v)?, scale, None)?)
-    }
-}
-
 #[derive(Debug, Clone)]
-struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+struct Mlp<B: Backend> {
+    fc1: B::Linear,
+    fc2: B::Linear,
     act: Activation,
 }
 
-impl Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward_activated(xs, &self.act)?)
-    }
-}
-
-const MIN_TOKENS_PER_THREAD: usize = 16;
-
 #[derive(Debug, Clone)]
-pub struct EncoderLayer {
-    norm1: LayerNorm,
-    attn: SelfAttention,
-    norm2: LayerNorm,
-    mlp: Mlp,
+pub struct EncoderLayer<B: Backend = Cpu> {
+    norm1: B::LayerNorm,
+    attn: SelfAttention<B>,
+    norm2: B::LayerNorm,
+    mlp: Mlp<B>,
 }
 
 impl EncoderLayer {
@@ -177,27 +200,46 @@ impl EncoderLayer {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        use crate::parallel;
-        // All but attention's mixing is per token, so the tokens are split over the threads
-        // (crate::parallel; one part — all tokens — without threads): the norm and the
-        // projections, then — every token's at hand — the mixing split by heads (each head's
-        // keys packed once, for all of its queries: split by tokens, each part packed them all
-        // and the mixing cost a third more on two threads), then the rest of the layer.
-        let tokens = xs.dim(1)?;
-        let parts = parallel::map_parts(tokens, MIN_TOKENS_PER_THREAD, |r| {
-            self.attn.projections(&self.norm1.forward(&xs.narrow(1, r.start, r.len())?)?)
-        })?;
-        let mut qkv = [vec![], vec![], vec![]];
-        for part in parts {
-            for (all, p) in qkv.iter_mut().zip(part) {
-                all.push(p);
-            }
-        }
-        let [q, k, v] = qkv.map(|parts| parallel::cat(parts, 1));
-        let mixed = self.attn.mix([&q?, &k?, &v?])?;
-        parallel::concat_parts(tokens, 1, MIN_TOKENS_PER_THREAD, |r| {
-            let xs = (xs.narrow(1, r.start, r.len())? + self.attn.out.forward(&mixed.narrow(1, r.start, r.len())?)?)?;
-            &xs + self.mlp.forward(&self.norm2.forward(&xs)?)?
+        self.forward_on(&Cpu, xs)
+    }
+
+    /// The layer with its weights where `be` computes.
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<EncoderLayer<B>, B::Error> {
+        let (a, m) = (&self.attn, &self.mlp);
+        Ok(EncoderLayer {
+            norm1: be.layer_norm_from(&self.norm1)?,
+            attn: SelfAttention {
+                q: be.linear_from(&a.q)?,
+                k: be.linear_from(&a.k)?,
+                v: be.linear_from(&a.v)?,
+                out: be.linear_from(&a.out)?,
+                num_heads: a.num_heads,
+            },
+            norm2: be.layer_norm_from(&self.norm2)?,
+            mlp: Mlp { fc1: be.linear_from(&m.fc1)?, fc2: be.linear_from(&m.fc2)?, act: m.act },
         })
+    }
+}
+
+impl<B: Backend> EncoderLayer<B> {
+    /// x + attn(norm1(x)), then x + mlp(norm2(x)), on `be`.
+    pub fn forward_on(&self, be: &B, xs: &B::Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        // All but attention's mixing is per token, so on the CPU the tokens are split over the
+        // threads (`by_tokens`): the norm and the projections, then — every token's at hand —
+        // the mixing split by heads (each head's keys packed once, for all of its queries:
+        // split by tokens, each part packed them all and the mixing cost a third more on two
+        // threads), then the rest of the layer.
+        let (a, m) = (&self.attn, &self.mlp);
+        let [q, k, v] = be.by_tokens(&[xs], |part| {
+            let xs = be.layer_norm(part[0], &self.norm1)?;
+            Ok([be.linear(&xs, &a.q, None)?, be.linear(&xs, &a.k, None)?, be.linear(&xs, &a.v, None)?])
+        })?;
+        let mixed = be.self_attention(&q, &k, &v, a.num_heads)?;
+        let [out] = be.by_tokens(&[xs, &mixed], |part| {
+            let xs = be.add(part[0], &be.linear(part[1], &a.out, None)?)?;
+            let hidden = be.linear(&be.layer_norm(&xs, &self.norm2)?, &m.fc1, Some(&m.act))?;
+            Ok([be.add(&xs, &be.linear(&hidden, &m.fc2, None)?)?])
+        })?;
+        Ok(out)
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod backend;
 pub mod blip;
 pub mod embedding;
 pub mod encoder_layer;

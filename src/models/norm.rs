@@ -14,6 +14,13 @@ pub struct LayerNorm {
     eps: f32,
 }
 
+impl LayerNorm {
+    /// (weight, bias, eps), for a backend that holds them its own way.
+    pub fn parts(&self) -> (&Tensor, &Tensor, f32) {
+        (&self.weight, &self.bias, self.eps)
+    }
+}
+
 pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm {
         weight: vb.get_with_hints(size, "weight", Init::Const(1.))?,

@@ -6,12 +6,13 @@
 //! The attention-pooling `head.*` is not used by a captioner (it reads every patch) and is not
 //! loaded.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
+use super::backend::{Backend, Cpu};
 use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::Linear;
-use super::norm::{layer_norm, LayerNorm};
+use super::norm::layer_norm;
 use super::vision_encoder_decoder;
 
 /// `SiglipVisionConfig` as in the `encoder` / `vision_config` section of `config.json`.
@@ -80,22 +81,24 @@ impl SiglipVisionConfig {
 
 // transformers modeling_siglip.py: SiglipVisionEmbeddings
 #[derive(Debug, Clone)]
-struct SiglipVisionEmbeddings {
-    patch_embedding: PatchEmbedding,
+struct SiglipVisionEmbeddings<B: Backend> {
+    patch_embedding: PatchEmbedding<B>,
     /// `[positions, hidden]`, f32: added whole to every image.
-    position_embedding: Tensor,
+    position_embedding: B::Tensor,
 }
 
-impl SiglipVisionEmbeddings {
+impl SiglipVisionEmbeddings<Cpu> {
     fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let patch_embedding = PatchEmbedding::new(cfg.num_channels, cfg.hidden_size, cfg.patch_size, vb.pp("patch_embedding"))?;
         let position_embedding = vb.pp("position_embedding").get((cfg.num_patches(), cfg.hidden_size), "weight")?;
         Ok(Self { patch_embedding, position_embedding })
     }
+}
 
+impl<B: Backend> SiglipVisionEmbeddings<B> {
     /// [B, C, H, W] → [B, num_patches, hidden]
-    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.patch_embedding.forward(pixel_values)?.broadcast_add(&self.position_embedding)
+    fn forward(&self, be: &B, pixel_values: &Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        be.add(&self.patch_embedding.forward_on(be, pixel_values)?, &self.position_embedding)
     }
 }
 
@@ -127,10 +130,10 @@ impl SiglipVisionConfig {
 
 // transformers modeling_siglip.py: SiglipVisionTransformer (without the pooling head)
 #[derive(Debug, Clone)]
-pub struct SiglipVisionTransformer {
-    embeddings: SiglipVisionEmbeddings,
-    layers: Vec<EncoderLayer>,
-    post_layernorm: LayerNorm,
+pub struct SiglipVisionTransformer<B: Backend = Cpu> {
+    embeddings: SiglipVisionEmbeddings<B>,
+    layers: Vec<EncoderLayer<B>>,
+    post_layernorm: B::LayerNorm,
     config: SiglipVisionConfig,
 }
 
@@ -142,10 +145,6 @@ impl SiglipVisionTransformer {
         let layers = (0..cfg.num_hidden_layers).map(|i| EncoderLayer::new(&shape, &LAYER_NAMES, vb_layers.pp(i))).collect::<Result<Vec<_>>>()?;
         let post_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
         Ok(Self { embeddings, layers, post_layernorm, config: cfg.clone() })
-    }
-
-    pub fn config(&self) -> &SiglipVisionConfig {
-        &self.config
     }
 
     /// How many matrices are packed for the WASM GEMM kernel (`Linear::pack`).
@@ -164,19 +163,48 @@ impl SiglipVisionTransformer {
     /// `hidden_states[index]` as transformers returns them with `output_hidden_states`: 0 is
     /// the embeddings, i the output of layer i — without `post_layernorm`.
     pub fn hidden_state(&self, pixel_values: &Tensor, index: usize) -> Result<Tensor> {
-        if index > self.layers.len() {
-            candle_core::bail!("hidden state {index} requested from a tower of {} layers", self.layers.len());
-        }
-        let mut xs = self.embeddings.forward(pixel_values)?;
-        for layer in &self.layers[..index] {
-            xs = layer.forward(&xs)?;
-        }
-        Ok(xs)
+        self.hidden_state_on(&Cpu, pixel_values, index)
     }
 
     /// `last_hidden_state`: [B, num_patches, hidden], after `post_layernorm`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.post_layernorm.forward(&self.hidden_state(pixel_values, self.layers.len())?)
+        self.forward_on(&Cpu, pixel_values)
+    }
+
+    /// The tower with its weights where `be` computes (uploaded once).
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<SiglipVisionTransformer<B>, B::Error> {
+        Ok(SiglipVisionTransformer {
+            embeddings: SiglipVisionEmbeddings {
+                patch_embedding: self.embeddings.patch_embedding.to_backend(be)?,
+                position_embedding: be.tensor_from(&self.embeddings.position_embedding)?,
+            },
+            layers: self.layers.iter().map(|l| l.to_backend(be)).collect::<std::result::Result<_, _>>()?,
+            post_layernorm: be.layer_norm_from(&self.post_layernorm)?,
+            config: self.config.clone(),
+        })
+    }
+}
+
+impl<B: Backend> SiglipVisionTransformer<B> {
+    pub fn config(&self) -> &SiglipVisionConfig {
+        &self.config
+    }
+
+    /// `hidden_state` on `be`.
+    pub fn hidden_state_on(&self, be: &B, pixel_values: &Tensor, index: usize) -> std::result::Result<B::Tensor, B::Error> {
+        if index > self.layers.len() {
+            return Err(candle_core::Error::Msg(format!("hidden state {index} requested from a tower of {} layers", self.layers.len())).into());
+        }
+        let mut xs = self.embeddings.forward(be, pixel_values)?;
+        for layer in &self.layers[..index] {
+            xs = layer.forward_on(be, &xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// `forward` on `be`: the pixels are on the CPU, the states where `be` computes.
+    pub fn forward_on(&self, be: &B, pixel_values: &Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        be.layer_norm(&self.hidden_state_on(be, pixel_values, self.layers.len())?, &self.post_layernorm)
     }
 }
 

@@ -6,12 +6,13 @@
 //! the CLS token then every patch, after `layernorm`. The pooler (`pooler.dense`, tanh of the CLS
 //! token) feeds nothing a captioner reads, so it is not loaded, whether the file has it or not.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use super::encoder_layer::{EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
+use super::backend::{Backend, Cpu};
+use super::encoder_layer::{ClassTokenEmbeddings, EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::Linear;
-use super::norm::{layer_norm, LayerNorm};
+use super::norm::layer_norm;
 use super::vision_encoder_decoder;
 
 /// `ViTConfig`, as the `encoder` section of a VisionEncoderDecoder's `config.json`.
@@ -81,30 +82,13 @@ impl ViTConfig {
 
 // transformers modeling_vit.py: ViTEmbeddings (ViTPatchEmbeddings, no mask token, positions as
 // trained: pixel values must be image_size × image_size)
-#[derive(Debug, Clone)]
-struct ViTEmbeddings {
-    cls_token: Tensor,
-    position_embeddings: Tensor,
-    projection: PatchEmbedding,
-}
-
-impl ViTEmbeddings {
-    fn new(cfg: &ViTConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            cls_token: vb.get((1, 1, d), "cls_token")?,
-            position_embeddings: vb.get((1, cfg.num_patches() + 1, d), "position_embeddings")?,
-            projection: PatchEmbedding::new(cfg.num_channels, d, cfg.patch_size, vb.pp("patch_embeddings").pp("projection"))?,
-        })
-    }
-
-    /// [B, C, H, W] → [B, 1 + num_patches, hidden]: CLS first.
-    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let patches = self.projection.forward(pixel_values)?;
-        let (b, _, d) = patches.dims3()?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
-        Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)
-    }
+fn embeddings(cfg: &ViTConfig, vb: VarBuilder) -> Result<ClassTokenEmbeddings> {
+    let d = cfg.hidden_size;
+    Ok(ClassTokenEmbeddings::new(
+        vb.get((1, 1, d), "cls_token")?,
+        vb.get((1, cfg.num_patches() + 1, d), "position_embeddings")?,
+        PatchEmbedding::new(cfg.num_channels, d, cfg.patch_size, vb.pp("patch_embeddings").pp("projection"))?,
+    ))
 }
 
 // transformers modeling_vit.py: ViTLayer (ViTSelfAttention + ViTSelfOutput, ViTIntermediate +
@@ -123,16 +107,16 @@ const LAYER_NAMES: LayerNames = LayerNames {
 
 // transformers modeling_vit.py: ViTModel (without the pooler)
 #[derive(Debug, Clone)]
-pub struct ViTModel {
-    embeddings: ViTEmbeddings,
-    layers: Vec<EncoderLayer>,
-    layernorm: LayerNorm,
+pub struct ViTModel<B: Backend = Cpu> {
+    embeddings: ClassTokenEmbeddings<B>,
+    layers: Vec<EncoderLayer<B>>,
+    layernorm: B::LayerNorm,
     config: ViTConfig,
 }
 
 impl ViTModel {
     pub fn new(cfg: &ViTConfig, vb: VarBuilder) -> Result<Self> {
-        let embeddings = ViTEmbeddings::new(cfg, vb.pp("embeddings"))?;
+        let embeddings = embeddings(cfg, vb.pp("embeddings"))?;
         let shape = LayerShape {
             hidden_size: cfg.hidden_size,
             intermediate_size: cfg.intermediate_size,
@@ -147,10 +131,6 @@ impl ViTModel {
         Ok(Self { embeddings, layers, layernorm, config: cfg.clone() })
     }
 
-    pub fn config(&self) -> &ViTConfig {
-        &self.config
-    }
-
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.layers.iter().flat_map(EncoderLayer::linears)
     }
@@ -161,11 +141,32 @@ impl ViTModel {
 
     /// `last_hidden_state`: [B, 1 + num_patches, hidden], after `layernorm`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let mut xs = self.embeddings.forward(pixel_values)?;
+        self.forward_on(&Cpu, pixel_values)
+    }
+
+    /// The model with its weights where `be` computes (uploaded once).
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<ViTModel<B>, B::Error> {
+        Ok(ViTModel {
+            embeddings: self.embeddings.to_backend(be)?,
+            layers: self.layers.iter().map(|l| l.to_backend(be)).collect::<std::result::Result<_, _>>()?,
+            layernorm: be.layer_norm_from(&self.layernorm)?,
+            config: self.config.clone(),
+        })
+    }
+}
+
+impl<B: Backend> ViTModel<B> {
+    pub fn config(&self) -> &ViTConfig {
+        &self.config
+    }
+
+    /// `forward` on `be`: the pixels are on the CPU, the states where `be` computes.
+    pub fn forward_on(&self, be: &B, pixel_values: &Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        let mut xs = self.embeddings.forward_on(be, pixel_values)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs)?;
+            xs = layer.forward_on(be, &xs)?;
         }
-        self.layernorm.forward(&xs)
+        be.layer_norm(&xs, &self.layernorm)
     }
 }
 
