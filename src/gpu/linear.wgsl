@@ -1,7 +1,14 @@
 // y = act(x·wᵀ (+ b)): x [m, k], w [n, k] (a PyTorch Linear's weight as stored), y [m, n], all
-// row-major f32; act as in activation.wgsl (0: none). One workgroup of 16 × 16 invocations computes a 64 × 64 tile of y, each
-// invocation 4 × 4 of it; x's and w's 64 × 16 slices along k pass through workgroup memory, so
-// each element read from the buffers serves 64 products. The sum over k runs in ascending order.
+// row-major f32; act as in activation.wgsl (0: none).
+//
+// An encoder's products have few rows (196 patches) and 768-3072 columns: 64 × 64 tiles made
+// 48-192 workgroups for an H100's 132 SMs, each a long serial walk along k. So a workgroup takes
+// a 32 × 32 tile (4 × 4 outputs an invocation) and its 256 invocations split each 32-wide slice of
+// k four ways, summing the four partial tiles through workgroup memory at the end: 4× the
+// workgroups and a quarter of the serial walk, with no second pass. The next slice is read into
+// registers while the current one is multiplied; x's and w's slices are stored transposed
+// ([k][row]) so each invocation reads its 4 rows and 4 columns as one vec4 each. Workgroup memory
+// is 12 KiB and workgroups 256 invocations: within WebGPU's defaults (16 KiB, 256).
 
 struct Dims {
   m: u32,
@@ -17,63 +24,175 @@ struct Dims {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> dims: Dims;
 
-const TILE: u32 = 64u;
-const KT: u32 = 16u;
+// Rows and columns of y a workgroup computes (linear_activated's grid assumes 32 × 32), the
+// slices of k its invocations share out, and the k each slice takes a step.
+const BM: u32 = 32u;
+const BN: u32 = 32u;
+const KS: u32 = 4u;
+const BK: u32 = 8u;
+const KT: u32 = KS * BK;
+const TX: u32 = BN / 4u;
+const TY: u32 = BM / 4u;
+const WG: u32 = TX * TY * KS;
+// Quads (4 consecutive k of one row) each invocation loads a step.
+const LX: u32 = (BM * KT / 4u + WG - 1u) / WG;
+const LW: u32 = (BN * KT / 4u + WG - 1u) / WG;
 
-// [k within the slice][row or column within the tile]: the inner loop reads 4 consecutive.
-var<workgroup> xs: array<array<f32, 64>, 16>;
-var<workgroup> ws: array<array<f32, 64>, 16>;
+var<workgroup> xs: array<vec4<f32>, KT * BM / 4u>;
+var<workgroup> ws: array<vec4<f32>, KT * BN / 4u>;
+// One k-slice's partial tile at a time, added into slice 0's.
+const PART: u32 = BM * BN / 4u;
+var<workgroup> part: array<vec4<f32>, PART>;
 
-@compute @workgroup_size(16, 16)
-fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>) {
-  let row0 = group.y * TILE;
-  let col0 = group.x * TILE;
-  let t = local.y * 16u + local.x;
-  var acc: array<array<f32, 4>, 4>;
-  for (var k0 = 0u; k0 < dims.k; k0 += KT) {
-    // 64 × 16 elements of each, 4 per invocation; consecutive invocations read consecutive k.
-    for (var i = 0u; i < 4u; i++) {
-      let e = t + i * 256u;
-      let r = e / KT;
-      let kk = e % KT;
-      let gk = k0 + kk;
-      var xv = 0.0;
-      if (row0 + r < dims.m && gk < dims.k) {
-        xv = x[(row0 + r) * dims.k + gk];
-      }
-      xs[kk][r] = xv;
-      var wv = 0.0;
-      if (col0 + r < dims.n && gk < dims.k) {
-        wv = w[(col0 + r) * dims.k + gk];
-      }
-      ws[kk][r] = wv;
-    }
-    workgroupBarrier();
-    for (var kk = 0u; kk < KT; kk++) {
-      var a: array<f32, 4>;
-      var c: array<f32, 4>;
-      for (var i = 0u; i < 4u; i++) {
-        a[i] = xs[kk][local.y * 4u + i];
-        c[i] = ws[kk][local.x * 4u + i];
-      }
-      for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-          acc[i][j] += a[i] * c[j];
-        }
-      }
-    }
-    workgroupBarrier();
+// x[r, gk..gk + 4], zeros past the matrix's edges.
+fn quad_x(r: u32, gk: u32) -> vec4<f32> {
+  let m = dims.m;
+  let k = dims.k;
+  if (r >= m) {
+    return vec4(0.0);
   }
-  for (var i = 0u; i < 4u; i++) {
-    let r = row0 + local.y * 4u + i;
+  let i = r * k + gk;
+  if (gk + 3u < k) {
+    return vec4(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
+  }
+  var v = vec4(0.0);
+  for (var j = 0u; j < 4u; j++) {
+    if (gk + j < k) {
+      v[j] = x[i + j];
+    }
+  }
+  return v;
+}
+
+// w[r, gk..gk + 4], likewise.
+fn quad_w(r: u32, gk: u32) -> vec4<f32> {
+  let n = dims.n;
+  let k = dims.k;
+  if (r >= n) {
+    return vec4(0.0);
+  }
+  let i = r * k + gk;
+  if (gk + 3u < k) {
+    return vec4(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
+  }
+  var v = vec4(0.0);
+  for (var j = 0u; j < 4u; j++) {
+    if (gk + j < k) {
+      v[j] = w[i + j];
+    }
+  }
+  return v;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+  let row0 = group.y * BM;
+  let col0 = group.x * BN;
+  let tx = t % TX;
+  let ty = (t / TX) % TY;
+  let s = t / (TX * TY);
+  let k = dims.k;
+  var xr: array<vec4<f32>, LX>;
+  var wr: array<vec4<f32>, LW>;
+  for (var i = 0u; i < LX; i++) {
+    let q = t + i * WG;
+    xr[i] = quad_x(row0 + q % BM, 4u * (q / BM));
+  }
+  for (var i = 0u; i < LW; i++) {
+    let q = t + i * WG;
+    wr[i] = quad_w(col0 + q % BN, 4u * (q / BN));
+  }
+  var acc0 = vec4(0.0);
+  var acc1 = vec4(0.0);
+  var acc2 = vec4(0.0);
+  var acc3 = vec4(0.0);
+  for (var k0 = 0u; k0 < k; k0 += KT) {
+    // Row fastest across invocations: the transposed stores hit consecutive banks.
+    workgroupBarrier();
+    for (var i = 0u; i < LX; i++) {
+      let q = t + i * WG;
+      if (q < BM * KT / 4u) {
+        let r = q % BM;
+        let e = 4u * (q / BM);
+        let v = xr[i];
+        xs[e * (BM / 4u) + r / 4u][r % 4u] = v.x;
+        xs[(e + 1u) * (BM / 4u) + r / 4u][r % 4u] = v.y;
+        xs[(e + 2u) * (BM / 4u) + r / 4u][r % 4u] = v.z;
+        xs[(e + 3u) * (BM / 4u) + r / 4u][r % 4u] = v.w;
+      }
+    }
+    for (var i = 0u; i < LW; i++) {
+      let q = t + i * WG;
+      if (q < BN * KT / 4u) {
+        let r = q % BN;
+        let e = 4u * (q / BN);
+        let v = wr[i];
+        ws[e * (BN / 4u) + r / 4u][r % 4u] = v.x;
+        ws[(e + 1u) * (BN / 4u) + r / 4u][r % 4u] = v.y;
+        ws[(e + 2u) * (BN / 4u) + r / 4u][r % 4u] = v.z;
+        ws[(e + 3u) * (BN / 4u) + r / 4u][r % 4u] = v.w;
+      }
+    }
+    workgroupBarrier();
+    let next = k0 + KT;
+    if (next < k) {
+      for (var i = 0u; i < LX; i++) {
+        let q = t + i * WG;
+        xr[i] = quad_x(row0 + q % BM, next + 4u * (q / BM));
+      }
+      for (var i = 0u; i < LW; i++) {
+        let q = t + i * WG;
+        wr[i] = quad_w(col0 + q % BN, next + 4u * (q / BN));
+      }
+    }
+    for (var kk = 0u; kk < BK; kk++) {
+      let e = s * BK + kk;
+      let a = xs[e * TY + ty];
+      let c = ws[e * TX + tx];
+      acc0 = fma(vec4(a.x), c, acc0);
+      acc1 = fma(vec4(a.y), c, acc1);
+      acc2 = fma(vec4(a.z), c, acc2);
+      acc3 = fma(vec4(a.w), c, acc3);
+    }
+  }
+  for (var r = 1u; r < KS; r++) {
+    workgroupBarrier();
+    let p = ty * 4u * TX + tx;
+    if (s == r) {
+      part[p] = acc0;
+      part[p + TX] = acc1;
+      part[p + 2u * TX] = acc2;
+      part[p + 3u * TX] = acc3;
+    }
+    workgroupBarrier();
+    if (s == 0u) {
+      acc0 += part[p];
+      acc1 += part[p + TX];
+      acc2 += part[p + 2u * TX];
+      acc3 += part[p + 3u * TX];
+    }
+  }
+  if (s != 0u) {
+    return;
+  }
+  let c = col0 + tx * 4u;
+  var bias = vec4(0.0);
+  if (dims.has_bias != 0u) {
     for (var j = 0u; j < 4u; j++) {
-      let c = col0 + local.x * 4u + j;
-      if (r < dims.m && c < dims.n) {
-        var v = acc[i][j];
-        if (dims.has_bias != 0u) {
-          v += b[c];
+      if (c + j < dims.n) {
+        bias[j] = b[c + j];
+      }
+    }
+  }
+  let accs = array(acc0, acc1, acc2, acc3);
+  for (var i = 0u; i < 4u; i++) {
+    let r = row0 + ty * 4u + i;
+    if (r < dims.m) {
+      let v = accs[i] + bias;
+      for (var j = 0u; j < 4u; j++) {
+        if (c + j < dims.n) {
+          y[r * dims.n + c + j] = activate(v[j], dims.act);
         }
-        y[r * dims.n + c] = activate(v, dims.act);
       }
     }
   }

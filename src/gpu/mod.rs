@@ -159,7 +159,8 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(y);
         }
-        let groups = (n.div_ceil(64), m.div_ceil(64));
+        // linear.wgsl's tile: 32 × 32 outputs a workgroup.
+        let groups = (n.div_ceil(32), m.div_ceil(32));
         let max = self.device.limits().max_compute_workgroups_per_dimension as usize;
         if groups.0 > max || groups.1 > max {
             return Err(gpu_error(format!("linear: {m} × {n} outputs need {groups:?} workgroups, the device allows {max} a dimension")));
