@@ -1,6 +1,6 @@
 """PyTorch's side of bench/gpu.sh: F.linear on CUDA for SigLIP-B/16-224's three matrix shapes,
-fp32 with TF32 off (the honest fp32 reference), the same inputs and repeats as
-examples/gpu_bench.rs; JSON lines of ms and GFLOP/s."""
+then the whole vision tower; fp32 with TF32 off (the honest fp32 reference), the same inputs and
+repeats as examples/gpu_bench.rs; JSON lines of ms (and GFLOP/s)."""
 import json
 import sys
 
@@ -25,3 +25,22 @@ for rows, in_dim, out_dim in [(196, 768, 768), (196, 768, 3072), (196, 3072, 768
     ms = start.elapsed_time(end) / repeats
     flop = 2.0 * rows * in_dim * out_dim
     print(json.dumps({"adapter": torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)", "shape": [rows, in_dim, out_dim], "ms": ms, "gflops": flop / ms / 1e6}))
+
+# SigLIP-B/16-224's vision tower (transformers' SiglipVisionModel, random weights: the time does
+# not depend on them), one image: forward, then the states copied to the host as ours are read
+# back.
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+model = SiglipVisionModel(SiglipVisionConfig()).to(dev).eval()
+pixels = torch.randn(1, 3, 224, 224, device=dev)
+with torch.no_grad():
+    for _ in range(3):
+        model(pixel_values=pixels).last_hidden_state.cpu()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        states = model(pixel_values=pixels).last_hidden_state.cpu()
+    end.record()
+    torch.cuda.synchronize()
+print(json.dumps({"adapter": torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)", "encoder": "siglip-base-patch16-224", "ms": start.elapsed_time(end) / repeats}))

@@ -1,7 +1,8 @@
 //! The GPU backend's kernels alone, timed: `cargo run --release --features webgpu --example
 //! gpu_bench [REPEATS]` prints, for SigLIP-B/16-224's three matrix shapes, the ms and GFLOP/s of
 //! `Linear`'s product on the adapter the platform gives (queued `REPEATS` times, then one
-//! read-back), as JSON lines. bench/gpu.sh runs it beside PyTorch on the GPU machine.
+//! read-back), then the ms of the whole SigLIP-B tower on one image (forward and read-back), as
+//! JSON lines. bench/gpu.sh runs it beside PyTorch on the GPU machine.
 
 // Native only: in the browser the same kernels run through the package.
 #[cfg(target_arch = "wasm32")]
@@ -39,5 +40,20 @@ async fn run(repeats: usize) -> wasmcap::Result<()> {
         let flop = 2.0 * (rows * in_dim * out_dim) as f64;
         println!("{}", serde_json::json!({ "adapter": gpu.adapter(), "shape": [rows, in_dim, out_dim], "ms": ms, "gflops": flop / ms / 1e6 }));
     }
+    // SigLIP-B/16-224's whole vision tower (the models' code on the GPU backend), one image:
+    // forward, then the states read back, as an encoder is used. Zero weights: the time does not
+    // depend on them.
+    use candle_core::{DType, Device, Tensor};
+    let config: wasmcap::models::siglip::SiglipVisionConfig = serde_json::from_str("{}").map_err(|e| wasmcap::Error::Compute(e.to_string()))?;
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let tower = wasmcap::models::siglip::SiglipVisionTransformer::new(&config, vb)?.to_backend(&gpu)?;
+    let pixels = Tensor::from_vec(noise(3 * 224 * 224, 4.0), (1, 3, 224, 224), &Device::Cpu)?;
+    gpu.read(&tower.forward_on(&gpu, &pixels)?).await?;
+    let start = std::time::Instant::now();
+    for _ in 0..repeats.min(50) {
+        gpu.read(&tower.forward_on(&gpu, &pixels)?).await?;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3 / repeats.min(50) as f64;
+    println!("{}", serde_json::json!({ "adapter": gpu.adapter(), "encoder": "siglip-base-patch16-224", "ms": ms }));
     Ok(())
 }
