@@ -18,8 +18,8 @@ struct Dims {
   act: u32,
 }
 
-@group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> w: array<f32>;
+// x and w (bindings 0 and 1) and their loaders `quad_x` / `quad_w` come from
+// linear_loads.wgsl (any k) or linear_loads_vec4.wgsl (k a multiple of 4: one vec4 a load).
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> dims: Dims;
@@ -43,46 +43,6 @@ var<workgroup> ws: array<vec4<f32>, KT * BN / 4u>;
 // One k-slice's partial tile at a time, added into slice 0's.
 const PART: u32 = BM * BN / 4u;
 var<workgroup> part: array<vec4<f32>, PART>;
-
-// x[r, gk..gk + 4], zeros past the matrix's edges.
-fn quad_x(r: u32, gk: u32) -> vec4<f32> {
-  let m = dims.m;
-  let k = dims.k;
-  if (r >= m) {
-    return vec4(0.0);
-  }
-  let i = r * k + gk;
-  if (gk + 3u < k) {
-    return vec4(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
-  }
-  var v = vec4(0.0);
-  for (var j = 0u; j < 4u; j++) {
-    if (gk + j < k) {
-      v[j] = x[i + j];
-    }
-  }
-  return v;
-}
-
-// w[r, gk..gk + 4], likewise.
-fn quad_w(r: u32, gk: u32) -> vec4<f32> {
-  let n = dims.n;
-  let k = dims.k;
-  if (r >= n) {
-    return vec4(0.0);
-  }
-  let i = r * k + gk;
-  if (gk + 3u < k) {
-    return vec4(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
-  }
-  var v = vec4(0.0);
-  for (var j = 0u; j < 4u; j++) {
-    if (gk + j < k) {
-      v[j] = w[i + j];
-    }
-  }
-  return v;
-}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) t: u32) {

@@ -28,6 +28,8 @@ pub struct Gpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     linear: wgpu::ComputePipeline,
+    /// `linear` for k a multiple of 4 (vec4 loads).
+    linear_vec4: wgpu::ComputePipeline,
     norm: wgpu::ComputePipeline,
     add: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
@@ -100,7 +102,9 @@ impl Gpu {
             })
         };
         let activation = include_str!("activation.wgsl");
-        let linear = kernel("linear", &format!("{activation}\n{}", include_str!("linear.wgsl")));
+        let linear_with = |loads: &str| format!("{activation}\n{}\n{loads}", include_str!("linear.wgsl"));
+        let linear = kernel("linear", &linear_with(include_str!("linear_loads.wgsl")));
+        let linear_vec4 = kernel("linear_vec4", &linear_with(include_str!("linear_loads_vec4.wgsl")));
         let norm = kernel("norm", include_str!("norm.wgsl"));
         let add = kernel("add", include_str!("add.wgsl"));
         let attention = kernel("attention", include_str!("attention.wgsl"));
@@ -110,7 +114,7 @@ impl Gpu {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        Ok(Self { device, queue, info, linear, norm, add, attention, empty, failure })
+        Ok(Self { device, queue, info, linear, linear_vec4, norm, add, attention, empty, failure })
     }
 
     /// The adapter's name and backend, e.g. "NVIDIA H100 (Vulkan)".
@@ -167,7 +171,7 @@ impl Gpu {
         }
         let params = [m, n, k, b.is_some() as usize, act as usize].map(|v| v as u32);
         self.dispatch(
-            &self.linear,
+            if k.is_multiple_of(4) { &self.linear_vec4 } else { &self.linear },
             &[&x.buffer, &w.buffer, b.map_or(&self.empty, |b| &b.buffer), &y.buffer],
             &params,
             [groups.0 as u32, groups.1 as u32],
