@@ -124,7 +124,7 @@ impl Gpu {
 
     /// `data` (row-major, `shape`) copied into GPU memory.
     pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
-        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| gpu_error(format!("shape {shape:?} overflows")))?;
+        let len = elements(shape, "upload")?;
         if len != data.len() {
             return Err(gpu_error(format!("upload: {} values for shape {shape:?} ({len})", data.len())));
         }
@@ -287,7 +287,7 @@ impl Gpu {
 
     /// A fresh tensor of `shape` for a kernel to write.
     fn output(&self, shape: Vec<usize>, what: &str) -> Result<GpuTensor> {
-        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| gpu_error(format!("{what}: shape {shape:?} overflows")))?;
+        let len = elements(&shape, what)?;
         Ok(GpuTensor { buffer: self.storage(self.check_size(len, what)?), shape })
     }
 
@@ -384,6 +384,11 @@ impl Gpu {
             mapped_at_creation: false,
         })
     }
+}
+
+/// Values a tensor of `shape` holds, unless the product overflows.
+fn elements(shape: &[usize], what: &str) -> Result<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| gpu_error(format!("{what}: shape {shape:?} overflows")))
 }
 
 /// The code activation.wgsl's `activate` takes for `act`.
