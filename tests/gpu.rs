@@ -155,9 +155,12 @@ fn attention_formula(q: &Tensor, k: &Tensor, v: &Tensor, (h, kv): (usize, usize)
 async fn attention_matches_the_formula() {
     let gpu = Gpu::new().await.expect("a GPU adapter");
     // An encoder's (all keys, 12 heads of 64), grouped queries (SmolLM's 9 over 3) prefilled
-    // causally and then one decoding step over a longer cache, odd head sizes.
+    // causally and then one decoding step over a longer cache, odd head sizes; caches past the
+    // kernel's 256-key chunk and heads past its 64 columns an invocation.
     for (b, tq, tk, h, kv, d, past) in [
         (2, 17, 17, 12, 12, 64, None),
+        (1, 2, 600, 2, 1, 160, Some(598)),
+        (1, 3, 300, 2, 2, 256, None),
         (1, 7, 7, 9, 3, 64, Some(0)),
         (2, 1, 30, 9, 3, 64, Some(29)),
         (1, 5, 9, 4, 2, 13, Some(4)),

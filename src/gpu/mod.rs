@@ -8,6 +8,7 @@
 //! that do not fit, a validation error or a lost device (reported by the next read, never a
 //! panic: wgpu's default handler for those panics).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_nn::Activation;
@@ -37,12 +38,80 @@ pub struct Gpu {
     empty: wgpu::Buffer,
     /// The first uncaptured error or device loss, reported by the next read.
     failure: Arc<Mutex<Option<String>>>,
+    /// Kernels queued since the last submit.
+    pending: Mutex<Option<Pending>>,
+    /// Kernels' output buffers no tensor holds any more.
+    pool: Arc<Mutex<Pool>>,
+}
+
+/// One command encoder for every kernel between two reads: a submit (and a compute pass) per
+/// kernel cost more than the products themselves on a fast GPU.
+struct Pending {
+    /// Declared first: dropped (ending the pass) before the encoder it records into.
+    pass: Option<wgpu::ComputePass<'static>>,
+    encoder: wgpu::CommandEncoder,
+    dispatches: usize,
+}
+
+/// Submitted every this many kernels, so that the GPU starts on a long forward while the rest
+/// is recorded.
+const DISPATCHES_PER_SUBMIT: usize = 48;
+
+/// Output buffers by size class, reused instead of allocated (and zero-filled by wgpu) per
+/// kernel. The queue runs in order, so a kernel handed a buffer back writes it only after every
+/// kernel queued to read its old contents.
+#[derive(Debug, Default)]
+struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    idle_bytes: u64,
+}
+
+/// Idle buffers past this many bytes are freed, not kept.
+const POOL_IDLE_BYTES: u64 = 256 << 20;
+
+impl Pool {
+    fn take(&mut self, bytes: u64) -> Option<wgpu::Buffer> {
+        let buffer = self.free.get_mut(&bytes)?.pop()?;
+        self.idle_bytes -= bytes;
+        Some(buffer)
+    }
+
+    fn give(&mut self, buffer: wgpu::Buffer) {
+        let bytes = buffer.size();
+        if self.idle_bytes + bytes <= POOL_IDLE_BYTES {
+            self.idle_bytes += bytes;
+            self.free.entry(bytes).or_default().push(buffer);
+        }
+    }
+}
+
+/// Buffer sizes in steps of an eighth of their power of two: a decoder's caches grow a token at
+/// a time, and each length would otherwise be a size of its own. At most 12.5 % more.
+fn size_class(bytes: u64) -> u64 {
+    let step = ((1u64 << (63 - bytes.max(1).leading_zeros())) / 8).max(256);
+    bytes.div_ceil(step) * step
+}
+
+/// A tensor's buffer; a kernel's output goes back to its pool when the last tensor sharing it
+/// is dropped.
+#[derive(Debug)]
+struct Storage {
+    buffer: wgpu::Buffer,
+    pool: Option<Arc<Mutex<Pool>>>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(mut pool) = self.pool.as_ref().and_then(|p| p.lock().ok()) {
+            pool.give(self.buffer.clone());
+        }
+    }
 }
 
 /// f32 values in GPU memory, row-major with this shape (a handle: clones share the buffer).
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
-    buffer: wgpu::Buffer,
+    storage: Arc<Storage>,
     shape: Vec<usize>,
 }
 
@@ -53,6 +122,10 @@ impl GpuTensor {
 
     fn len(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    fn buffer(&self) -> &wgpu::Buffer {
+        &self.storage.buffer
     }
 }
 
@@ -114,7 +187,20 @@ impl Gpu {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        Ok(Self { device, queue, info, linear, linear_vec4, norm, add, attention, empty, failure })
+        Ok(Self {
+            device,
+            queue,
+            info,
+            linear,
+            linear_vec4,
+            norm,
+            add,
+            attention,
+            empty,
+            failure,
+            pending: Mutex::new(None),
+            pool: Arc::new(Mutex::new(Pool::default())),
+        })
     }
 
     /// The adapter's name and backend, e.g. "NVIDIA H100 (Vulkan)".
@@ -139,7 +225,7 @@ impl Gpu {
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             })
         };
-        Ok(GpuTensor { buffer, shape: shape.to_vec() })
+        Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: None }), shape: shape.to_vec() })
     }
 
     /// y = x·wᵀ + b over x's last dimension: x [.., k], w [n, k], b [n] → y [.., n].
@@ -172,10 +258,10 @@ impl Gpu {
         let params = [m, n, k, b.is_some() as usize, act as usize].map(|v| v as u32);
         self.dispatch(
             if k.is_multiple_of(4) { &self.linear_vec4 } else { &self.linear },
-            &[&x.buffer, &w.buffer, b.map_or(&self.empty, |b| &b.buffer), &y.buffer],
+            &[x.buffer(), w.buffer(), b.map_or(&self.empty, |b| b.buffer()), y.buffer()],
             &params,
             [groups.0 as u32, groups.1 as u32],
-        );
+        )?;
         Ok(y)
     }
 
@@ -198,7 +284,7 @@ impl Gpu {
         let y = self.output(x.shape.clone(), "norm")?;
         let [gx, gy] = self.grid(rows, "norm")?;
         let params = [rows as u32, n as u32, eps.to_bits(), bias.is_none() as u32, gx];
-        self.dispatch(&self.norm, &[&x.buffer, &weight.buffer, bias.map_or(&self.empty, |b| &b.buffer), &y.buffer], &params, [gx, gy]);
+        self.dispatch(&self.norm, &[x.buffer(), weight.buffer(), bias.map_or(&self.empty, |b| b.buffer()), y.buffer()], &params, [gx, gy])?;
         Ok(y)
     }
 
@@ -215,7 +301,7 @@ impl Gpu {
             return Ok(y);
         }
         let [gx, gy] = self.grid(a.len().div_ceil(256), "add")?;
-        self.dispatch(&self.add, &[&a.buffer, &b.buffer, &y.buffer], &[a.len() as u32, b.len().max(1) as u32, gx * 256], [gx, gy]);
+        self.dispatch(&self.add, &[a.buffer(), b.buffer(), y.buffer()], &[a.len() as u32, b.len().max(1) as u32, gx * 256], [gx, gy])?;
         Ok(y)
     }
 
@@ -236,18 +322,20 @@ impl Gpu {
         }
         let tokens: usize = dims.iter().map(|p| p.1).sum();
         let y = self.output(vec![batch, tokens, d], "cat_tokens")?;
-        let mut encoder = self.device.create_command_encoder(&Default::default());
-        for bi in 0..batch {
-            let mut at = bi * tokens * d;
-            for (part, &(b, t, _)) in parts.iter().zip(&dims) {
-                let from = if b == 1 { 0 } else { bi * t * d };
-                if t * d > 0 {
-                    encoder.copy_buffer_to_buffer(&part.buffer, 4 * from as u64, &y.buffer, 4 * at as u64, 4 * (t * d) as u64);
+        self.record(|p| {
+            // Copies are recorded outside compute passes.
+            p.pass = None;
+            for bi in 0..batch {
+                let mut at = bi * tokens * d;
+                for (part, &(b, t, _)) in parts.iter().zip(&dims) {
+                    let from = if b == 1 { 0 } else { bi * t * d };
+                    if t * d > 0 {
+                        p.encoder.copy_buffer_to_buffer(part.buffer(), 4 * from as u64, y.buffer(), 4 * at as u64, 4 * (t * d) as u64);
+                    }
+                    at += t * d;
                 }
-                at += t * d;
             }
-        }
-        self.queue.submit([encoder.finish()]);
+        })?;
         Ok(y)
     }
 
@@ -278,17 +366,42 @@ impl Gpu {
         if b * tq == 0 {
             return Ok(y);
         }
-        let [gx, gy] = self.grid((b * h * tq).div_ceil(64), "attention")?;
+        // attention.wgsl: a workgroup per (batch, query, head).
+        let [gx, gy] = self.grid(b * tq * h, "attention")?;
         let params = [b, tq, tk, h, kv, d].map(|v| v as u32);
-        let params = [&params[..], &[scale.to_bits(), causal_past.is_some() as u32, causal_past.unwrap_or(0) as u32, gx * 64]].concat();
-        self.dispatch(&self.attention, &[&q.buffer, &k.buffer, &v.buffer, &y.buffer], &params, [gx, gy]);
+        let params = [&params[..], &[scale.to_bits(), causal_past.is_some() as u32, causal_past.unwrap_or(0) as u32, gx]].concat();
+        self.dispatch(&self.attention, &[q.buffer(), k.buffer(), v.buffer(), y.buffer()], &params, [gx, gy])?;
         Ok(y)
     }
 
-    /// A fresh tensor of `shape` for a kernel to write.
+    /// A tensor of `shape` for a kernel to write (its old contents, if any, are garbage).
     fn output(&self, shape: Vec<usize>, what: &str) -> Result<GpuTensor> {
         let len = elements(&shape, what)?;
-        Ok(GpuTensor { buffer: self.storage(self.check_size(len, what)?), shape })
+        let bytes = self.check_size(len, what)?;
+        let limits = self.device.limits();
+        let class = size_class(bytes);
+        let bytes = if class <= limits.max_buffer_size && class <= limits.max_storage_buffer_binding_size as u64 { class } else { bytes };
+        let reused = self.pool.lock().ok().and_then(|mut pool| pool.take(bytes));
+        let buffer = reused.unwrap_or_else(|| self.storage(bytes));
+        Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: Some(self.pool.clone()) }), shape })
+    }
+
+    /// `f` of the command encoder the kernels are queued in.
+    fn record<R>(&self, f: impl FnOnce(&mut Pending) -> R) -> Result<R> {
+        let mut pending = self.pending.lock().map_err(|_| gpu_error("a thread panicked while queueing GPU work"))?;
+        let p =
+            pending.get_or_insert_with(|| Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0 });
+        Ok(f(p))
+    }
+
+    /// Hands the queued kernels to the GPU, with `last` recorded after them.
+    fn submit(&self, last: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        let taken = self.pending.lock().map_err(|_| gpu_error("a thread panicked while queueing GPU work"))?.take();
+        let mut p = taken.unwrap_or_else(|| Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0 });
+        p.pass = None;
+        last(&mut p.encoder);
+        self.queue.submit([p.encoder.finish()]);
+        Ok(())
     }
 
     /// `groups` workgroups as a grid: the first dimension up to the device's limit, rows of it
@@ -305,7 +418,7 @@ impl Gpu {
 
     /// Queues `pipeline` over `groups` with `buffers` bound in order and `params` (u32s, f32s
     /// as their bits) as the uniform after them.
-    fn dispatch(&self, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], groups: [u32; 2]) {
+    fn dispatch(&self, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], groups: [u32; 2]) -> Result<()> {
         // Uniform buffers are read in 16-byte rows.
         let mut padded = params.to_vec();
         padded.resize(params.len().div_ceil(4).max(1) * 4, 0);
@@ -323,28 +436,31 @@ impl Gpu {
             .collect();
         let bind_group =
             self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries });
-        let mut encoder = self.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
+        let queued = self.record(|p| {
+            let pass = p.pass.get_or_insert_with(|| p.encoder.begin_compute_pass(&Default::default()).forget_lifetime());
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], 1);
+            p.dispatches += 1;
+            p.dispatches
+        })?;
+        if queued >= DISPATCHES_PER_SUBMIT {
+            self.submit(|_| ())?;
         }
-        self.queue.submit([encoder.finish()]);
+        Ok(())
     }
 
     /// A tensor's values, read back: waits for the work queued before it.
     pub async fn read(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        let bytes = t.buffer.size();
+        // A pooled buffer may be longer than its tensor.
+        let bytes = (4 * t.len()).max(4) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read"),
             size: bytes,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut encoder = self.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, bytes);
-        self.queue.submit([encoder.finish()]);
+        self.submit(|encoder| encoder.copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes))?;
         let (sender, receiver) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |mapped| {
             let _ = sender.send(mapped);
