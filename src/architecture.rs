@@ -134,6 +134,10 @@ pub trait Architecture: Send + Sync {
     /// Logits [rows, vocab] of every row's next position; advances the state by what it was fed.
     fn next_logits(&self, state: &mut dyn DecodeState) -> candle_core::Result<Tensor>;
 
+    /// The encoder side (what [`Architecture::encode`] runs) uploaded to `gpu`.
+    #[cfg(feature = "webgpu")]
+    fn gpu_encoder(&self, gpu: &crate::gpu::Gpu) -> Result<crate::gpu::GpuEncoder>;
+
     /// The ids that end a caption when the family's `generate()` overrides the files' EOS
     /// (BLIP stops at `sep_token_id`); `None`: `generation_config.json`'s.
     fn eos_token_ids(&self) -> Option<Vec<u32>> {

@@ -22,6 +22,9 @@ pub struct Captioner {
     chat_template: Option<ChatTemplate>,
     preprocessor: PreprocessorConfig,
     generation: GenerationDefaults,
+    /// The encoder side on a GPU, once [`Captioner::use_gpu`] put it there.
+    #[cfg(feature = "webgpu")]
+    gpu: Option<(std::sync::Arc<crate::gpu::Gpu>, crate::gpu::GpuEncoder)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -183,6 +186,18 @@ impl EncodeRun {
     pub fn is_encoded(&self) -> bool {
         self.next >= self.tiles()
     }
+
+    /// The pixels of up to `tiles` more tiles (at least one while any are left).
+    fn next_tiles(&self, tiles: usize) -> Result<Option<Tensor>> {
+        let n = tiles.max(1).min(self.tiles() - self.next);
+        Ok(if n == 0 { None } else { Some(self.pixels.values().narrow(0, self.next, n)?) })
+    }
+
+    /// The encoder's output for the tiles `next_tiles` gave.
+    fn push_encoded(&mut self, pixels: &Tensor, states: Tensor) {
+        self.next += pixels.dims().first().copied().unwrap_or(0);
+        self.encoded.push(states);
+    }
 }
 
 pub use crate::models::llava::prefix_prompt_text;
@@ -207,7 +222,15 @@ impl Captioner {
         let preprocessor = PreprocessorConfig::from_json(files.preprocessor)?;
         let chat_template = files.chat_template.map(|(file, bytes)| ChatTemplate::from_file(file, bytes)).transpose()?;
         let tokenizer = CaptionTokenizer::from_bytes(files.tokenizer)?;
-        let mut captioner = Self { model, tokenizer, chat_template, preprocessor, generation };
+        let mut captioner = Self {
+            model,
+            tokenizer,
+            chat_template,
+            preprocessor,
+            generation,
+            #[cfg(feature = "webgpu")]
+            gpu: None,
+        };
         // A model that cannot start decoding (no start token, an image token missing from the
         // vocabulary) is refused now rather than at its first caption.
         captioner.prompt_ids(None)?;
@@ -312,7 +335,34 @@ impl Captioner {
     /// hidden state (cross-attention) or the projected image embeddings (prefix).
     pub fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.check_pixels(pixel_values)?;
+        self.encode_now(pixel_values)
+    }
+
+    /// The encoder's output, on the GPU when one is in use and can be waited for (natively; in
+    /// the browser the synchronous calls keep the CPU's encoder and
+    /// [`Captioner::encode_step_async`] takes the GPU's).
+    fn encode_now(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        #[cfg(all(feature = "webgpu", not(target_arch = "wasm32")))]
+        if let Some((gpu, encoder)) = &self.gpu {
+            return gpu.read_tensor_now(&encoder(gpu, pixel_values)?);
+        }
         Ok(self.model.encode(pixel_values)?)
+    }
+
+    /// From now on the encoder side runs on `gpu` (its weights uploaded now, once); the decoder
+    /// stays on the CPU. Natively every call encodes there; in the browser
+    /// [`Captioner::encode_step_async`] does.
+    #[cfg(feature = "webgpu")]
+    pub fn use_gpu(&mut self, gpu: std::sync::Arc<crate::gpu::Gpu>) -> Result<()> {
+        let encoder = self.model.gpu_encoder(&gpu)?;
+        self.gpu = Some((gpu, encoder));
+        Ok(())
+    }
+
+    /// The GPU the encoder runs on, if any.
+    #[cfg(feature = "webgpu")]
+    pub fn gpu(&self) -> Option<&crate::gpu::Gpu> {
+        self.gpu.as_ref().map(|(gpu, _)| gpu.as_ref())
     }
 
     /// The decoder's input before generation for an image of one tile: the start token, or
@@ -422,10 +472,25 @@ impl Captioner {
     /// Encodes up to `tiles` more tiles of `run` (at least one, while any are left), as one
     /// batch; returns how many are encoded so far.
     pub fn encode_step(&self, run: &mut EncodeRun, tiles: usize) -> Result<usize> {
-        let n = tiles.max(1).min(run.tiles() - run.next);
-        if n > 0 {
-            run.encoded.push(self.model.encode(&run.pixels.values().narrow(0, run.next, n)?)?);
-            run.next += n;
+        if let Some(pixels) = run.next_tiles(tiles)? {
+            let states = self.encode_now(&pixels)?;
+            run.push_encoded(&pixels, states);
+        }
+        Ok(run.next)
+    }
+
+    /// [`Captioner::encode_step`] that waits for the GPU without blocking (the browser's
+    /// WebGPU reads complete from its event loop); without a GPU, the same as `encode_step`.
+    pub async fn encode_step_async(&self, run: &mut EncodeRun, tiles: usize) -> Result<usize> {
+        if let Some(pixels) = run.next_tiles(tiles)? {
+            #[cfg(feature = "webgpu")]
+            if let Some((gpu, encoder)) = &self.gpu {
+                let states = gpu.read_tensor(&encoder(gpu, &pixels)?).await?;
+                run.push_encoded(&pixels, states);
+                return Ok(run.next);
+            }
+            let states = self.model.encode(&pixels)?;
+            run.push_encoded(&pixels, states);
         }
         Ok(run.next)
     }
@@ -472,8 +537,14 @@ impl Captioner {
 
     /// Logits [vocab] of the first generated position — what the fidelity tests compare.
     pub fn first_step_logits(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions) -> Result<Tensor> {
-        let mut run = self.start(pixel_values, &CaptionOptions { max_new_tokens: Some(1), ..options.clone() })?;
-        Ok(self.state_logits(&mut run.state)?.i(0)?)
+        let run = self.start(pixel_values, &CaptionOptions { max_new_tokens: Some(1), ..options.clone() })?;
+        Ok(self.first_step_logits_of(run)?.i(0)?)
+    }
+
+    /// Logits [B, vocab] of a started run's first generated position (e.g. one encoded with
+    /// [`Captioner::encode_step_async`]); the run is spent.
+    pub fn first_step_logits_of(&self, mut run: CaptionRun) -> Result<Tensor> {
+        self.state_logits(&mut run.state)
     }
 
     /// Logits [B, vocab] of every row's next position.

@@ -4,6 +4,10 @@
 //! not a skip.
 #![cfg(feature = "webgpu")]
 
+mod common;
+
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Activation, Init, VarBuilder};
@@ -308,4 +312,181 @@ async fn linear_matches_its_definition_in_the_browser() {
 #[wasm_bindgen_test::wasm_bindgen_test]
 async fn bad_shapes_are_errors_in_the_browser() {
     bad_shapes_are_errors_that_name_them().await;
+}
+
+/// The encoder side of a captioner on the GPU, through the step-by-step encoding the JS worker
+/// awaits (`encode_step_async`), against 🤗 transformers' fixtures: first-step logits within
+/// the CPU paths' tolerance (`scale`: in units of that, e.g. the logits' std), greedy and beam
+/// ids identical.
+struct Check<'a> {
+    label: String,
+    pixels: wasmcap::preprocess::Pixels,
+    options: wasmcap::CaptionOptions,
+    logits: Option<(&'a Tensor, f32)>,
+    greedy: Option<Vec<u32>>,
+    beam: Option<(wasmcap::BeamOptions, Vec<u32>)>,
+}
+
+async fn encoded(c: &wasmcap::Captioner, pixels: &wasmcap::preprocess::Pixels, options: &wasmcap::CaptionOptions) -> wasmcap::CaptionRun {
+    let mut run = c.start_encoding(pixels, options).expect("start encoding");
+    while !run.is_encoded() {
+        c.encode_step_async(&mut run, 4).await.expect("encode on the GPU");
+    }
+    c.finish_encoding(run).expect("finish encoding")
+}
+
+async fn check_on_gpu(gpu: &Gpu, c: &wasmcap::Captioner, check: Check<'_>) {
+    let Check { label, pixels, options, logits, greedy, beam } = check;
+    let before = gpu.kernels_queued();
+    if let Some((want, scale)) = logits {
+        let first = wasmcap::CaptionOptions { max_new_tokens: Some(1), ..options.clone() };
+        let got = c.first_step_logits_of(encoded(c, &pixels, &first).await).expect("logits");
+        let diff = common::max_abs_diff(&got.flatten_all().unwrap(), &want.flatten_all().unwrap());
+        common::report(&format!("{label} first-step logits max-abs, encoder on the GPU"), diff);
+        assert!(diff / scale <= common::STATE_TOL, "{label}: first-step logits differ by {diff} (scale {scale})");
+    }
+    if let Some(want) = greedy {
+        let mut run = encoded(c, &pixels, &options).await;
+        while c.next_token(&mut run).expect("next token").is_some() {}
+        assert_eq!(c.finish(&run).token_ids, want, "{label}: greedy ids, encoder on the GPU");
+    }
+    if let Some((beams, want)) = beam {
+        let best = c.beam_search_run(encoded(c, &pixels, &options).await, &beams, |_, _| {}).expect("beam search");
+        assert_eq!(best[0][0].token_ids, want, "{label}: {} beams, encoder on the GPU", beams.num_beams);
+    }
+    assert!(gpu.kernels_queued() > before, "{label}: nothing ran on the GPU");
+}
+
+fn on_gpu(gpu: &Arc<Gpu>, files: wasmcap::loading::ModelFiles<'_>) -> wasmcap::Captioner {
+    let mut c = wasmcap::Captioner::from_files(files).expect("captioner");
+    c.use_gpu(gpu.clone()).expect("the encoder side uploads");
+    c
+}
+
+async fn captioners_encode_on_the_gpu_as_transformers() {
+    use common::{ids, image, PHOTOS, PREFIX_PROMPTS};
+    use wasmcap::preprocess::Pixels;
+    use wasmcap::CaptionOptions;
+    let gpu = Arc::new(Gpu::new().await.expect("a GPU adapter"));
+    let whole = |t: &Tensor| Pixels::whole(t.clone());
+
+    // SigLIP / ViT + GPT-2 (VisionEncoderDecoder).
+    for fx in common::fixtures() {
+        let c = on_gpu(&gpu, fx.files());
+        let tensors = fx.reference_tensors();
+        for name in PHOTOS {
+            let greedy = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() };
+            let ours = c.pixel_values_from_bytes(image(name)).unwrap();
+            let beam = (fx.name == "tiny-vit-gpt2").then(|| (c.default_beam_options(), ids(&fx.reference()["images"][name]["default_ids"])));
+            let label = format!("{} {name}", fx.name);
+            let logits = Some((&tensors[&format!("logits.{name}")], 1.0));
+            check_on_gpu(
+                &gpu,
+                &c,
+                Check {
+                    label: label.clone(),
+                    pixels: whole(&tensors[&format!("pixel_values.{name}")]),
+                    options: CaptionOptions::default(),
+                    logits,
+                    greedy: None,
+                    beam: None,
+                },
+            )
+            .await;
+            check_on_gpu(
+                &gpu,
+                &c,
+                Check { label: label.clone(), pixels: ours.clone(), options: greedy, logits: None, greedy: Some(fx.greedy_ids(name)), beam: None },
+            )
+            .await;
+            // generate()'s defaults: nlpconnect's generation_config.json asks for 4 beams.
+            if beam.is_some() {
+                check_on_gpu(&gpu, &c, Check { label, pixels: ours, options: c.default_options(), logits: None, greedy: None, beam }).await;
+            }
+        }
+    }
+
+    // SigLIP + projector + Llama (Llava), LoRA merged ahead and at load.
+    for case in common::prefix_cases() {
+        let c = on_gpu(&gpu, case.files());
+        let tensors = case.reference_tensors();
+        for name in PHOTOS {
+            let pixels = whole(&tensors[&format!("pixel_values.{name}")]);
+            for (key, prompt) in PREFIX_PROMPTS {
+                let want = case.greedy_ids(name, key);
+                let options = CaptionOptions { prompt: prompt.map(str::to_string), max_new_tokens: Some(want.len()), ..Default::default() };
+                let logits = Some((&tensors[&format!("logits.{name}.{key}")], 1.0));
+                let label = format!("{} {name} {key}", case.name);
+                check_on_gpu(&gpu, &c, Check { label, pixels: pixels.clone(), options, logits, greedy: Some(want), beam: None }).await;
+            }
+        }
+    }
+
+    // BLIP's vision model + BERT decoder: its fixture's logits compared in units of their std.
+    let fx = common::blip();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let c = on_gpu(&gpu, fx.files());
+    let beams = wasmcap::BeamOptions { num_beams: reference["num_beams"].as_u64().unwrap() as usize, ..Default::default() };
+    for name in PHOTOS {
+        for key in ["noprompt", "prompt"] {
+            let want = &reference["images"][name][key];
+            let options = CaptionOptions {
+                prompt: reference["prompts"][key].as_str().map(str::to_string),
+                max_new_tokens: Some(reference["max_new_tokens"].as_u64().unwrap() as usize),
+                ..Default::default()
+            };
+            let logits = &tensors[&format!("logits.{name}.{key}")];
+            let std = logits.var(0).unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+            let prompt_len = want["decoder_input_ids"].as_array().unwrap().len();
+            let beam = (beams.clone(), ids(&want["beam_sequence"])[prompt_len..].to_vec());
+            let pixels = whole(&tensors[&format!("pixel_values.{name}")]);
+            let check = Check {
+                label: format!("blip {name} {key}"),
+                pixels,
+                options,
+                logits: Some((logits, std)),
+                greedy: Some(ids(&want["greedy_ids"])),
+                beam: Some(beam),
+            };
+            check_on_gpu(&gpu, &c, check).await;
+        }
+    }
+
+    // SmolVLM (Idefics3): tiles of a split image and the whole one, the connector's pixel
+    // shuffle on the GPU.
+    let fx = common::smolvlm();
+    let (reference, tensors) = (fx.reference(), fx.reference_tensors());
+    let beams = wasmcap::BeamOptions { num_beams: reference["num_beams"].as_u64().unwrap() as usize, ..Default::default() };
+    for mode in ["split", "unsplit"] {
+        let mut preprocessor: serde_json::Value = serde_json::from_slice(fx.preprocessor).unwrap();
+        preprocessor["do_image_splitting"] = (mode == "split").into();
+        let bytes = serde_json::to_vec(&preprocessor).unwrap();
+        let c = on_gpu(&gpu, fx.files(Some(&bytes)));
+        for name in ["astronaut.png", "chelsea.jpg", "chelsea_portrait.png"] {
+            let want = &reference["images"][name][mode];
+            let grids = c.pixel_values_from_bytes(image(name)).unwrap().grids().to_vec();
+            let pixels = Pixels::tiled(tensors[&format!("pixel_values.{name}.{mode}")].clone(), grids).unwrap();
+            let options = CaptionOptions {
+                prompt: Some(reference["prompt"].as_str().unwrap().to_string()),
+                max_new_tokens: Some(reference["max_new_tokens"].as_u64().unwrap() as usize),
+                ..Default::default()
+            };
+            let logits = Some((&tensors[&format!("logits.{name}.{mode}")], 1.0));
+            let beam = Some((beams.clone(), ids(&want["beam_ids"])));
+            let check = Check { label: format!("idefics3 {name} {mode}"), pixels, options, logits, greedy: Some(ids(&want["greedy_ids"])), beam };
+            check_on_gpu(&gpu, &c, check).await;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn captioners_encode_on_the_gpu_as_transformers_natively() {
+    pollster::block_on(captioners_encode_on_the_gpu_as_transformers());
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn captioners_encode_on_the_gpu_as_transformers_in_the_browser() {
+    captioners_encode_on_the_gpu_as_transformers().await;
 }

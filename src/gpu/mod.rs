@@ -34,6 +34,7 @@ pub struct Gpu {
     norm: wgpu::ComputePipeline,
     add: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    gather: wgpu::ComputePipeline,
     /// Bound where a kernel's optional input is absent (WebGPU binds every slot).
     empty: wgpu::Buffer,
     /// The first uncaptured error or device loss, reported by the next read.
@@ -42,6 +43,8 @@ pub struct Gpu {
     pending: Mutex<Option<Pending>>,
     /// Kernels' output buffers no tensor holds any more.
     pool: Arc<Mutex<Pool>>,
+    /// Kernels queued so far.
+    dispatched: std::sync::atomic::AtomicU64,
 }
 
 /// One command encoder for every kernel between two reads: a submit (and a compute pass) per
@@ -127,7 +130,19 @@ impl GpuTensor {
     fn buffer(&self) -> &wgpu::Buffer {
         &self.storage.buffer
     }
+
+    /// The same values (the same buffer) as `shape`, of as many values.
+    pub fn reshape(&self, shape: &[usize]) -> Result<GpuTensor> {
+        if elements(shape, "reshape")? != self.len() {
+            return Err(gpu_error(format!("reshape: {:?} into {shape:?}", self.shape)));
+        }
+        Ok(GpuTensor { storage: self.storage.clone(), shape: shape.to_vec() })
+    }
 }
+
+/// A model's encoder side uploaded to a GPU (`Architecture::gpu_encoder`): pixel values [B, C,
+/// H, W] on the CPU → what the family's `Architecture::encode` gives, queued on the GPU.
+pub type GpuEncoder = Box<dyn Fn(&Gpu, &candle_core::Tensor) -> Result<GpuTensor> + Send + Sync>;
 
 impl Gpu {
     /// The adapter the platform prefers for performance (WebGPU's `navigator.gpu` in a
@@ -181,6 +196,7 @@ impl Gpu {
         let norm = kernel("norm", include_str!("norm.wgsl"));
         let add = kernel("add", include_str!("add.wgsl"));
         let attention = kernel("attention", include_str!("attention.wgsl"));
+        let gather = kernel("gather", include_str!("gather.wgsl"));
         let empty = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("empty"),
             size: 4,
@@ -196,11 +212,18 @@ impl Gpu {
             norm,
             add,
             attention,
+            gather,
             empty,
             failure,
             pending: Mutex::new(None),
             pool: Arc::new(Mutex::new(Pool::default())),
+            dispatched: Default::default(),
         })
+    }
+
+    /// Kernels queued since the device was opened (what shows that work ran here).
+    pub fn kernels_queued(&self) -> u64 {
+        self.dispatched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The adapter's name and backend, e.g. "NVIDIA H100 (Vulkan)".
@@ -374,6 +397,49 @@ impl Gpu {
         Ok(y)
     }
 
+    /// The rows of `x` (its last dimension a row) in the order `rows` gives → [rows.len(),
+    /// width].
+    pub fn gather_rows(&self, x: &GpuTensor, rows: &[u32]) -> Result<GpuTensor> {
+        let width = x.shape.last().copied().unwrap_or(0);
+        let available = x.len().checked_div(width).unwrap_or(0);
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= available) {
+            return Err(gpu_error(format!("gather_rows: row {bad} of {:?} ({available} rows)", x.shape)));
+        }
+        let y = self.output(vec![rows.len(), width], "gather_rows")?;
+        if rows.is_empty() || width == 0 {
+            return Ok(y);
+        }
+        let index = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("rows"),
+            contents: bytemuck::cast_slice(rows),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let [gx, gy] = self.grid(rows.len(), "gather_rows")?;
+        self.dispatch(&self.gather, &[x.buffer(), &index, y.buffer()], &[rows.len() as u32, width as u32, gx], [gx, gy])?;
+        Ok(y)
+    }
+
+    /// A tensor's values, read back as a CPU tensor of its shape.
+    pub async fn read_tensor(&self, t: &GpuTensor) -> Result<candle_core::Tensor> {
+        let values = self.read(t).await?;
+        Ok(candle_core::Tensor::from_vec(values, t.shape.as_slice(), &candle_core::Device::Cpu)?)
+    }
+
+    /// [`Gpu::read_tensor`], waited for: natively the read completes within its poll of the
+    /// device (a browser's completes from its event loop: there, await `read_tensor`).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_tensor_now(&self, t: &GpuTensor) -> Result<candle_core::Tensor> {
+        use std::future::Future;
+        let mut read = std::pin::pin!(self.read_tensor(t));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(values) = read.as_mut().poll(&mut cx) {
+                return values;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// A tensor of `shape` for a kernel to write (its old contents, if any, are garbage).
     fn output(&self, shape: Vec<usize>, what: &str) -> Result<GpuTensor> {
         let len = elements(&shape, what)?;
@@ -444,6 +510,7 @@ impl Gpu {
             p.dispatches += 1;
             p.dispatches
         })?;
+        self.dispatched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if queued >= DISPATCHES_PER_SUBMIT {
             self.submit(|_| ())?;
         }

@@ -413,6 +413,12 @@ impl Architecture for Blip {
         self.image_embeds(pixel_values)
     }
 
+    #[cfg(feature = "webgpu")]
+    fn gpu_encoder(&self, gpu: &crate::gpu::Gpu) -> crate::Result<crate::gpu::GpuEncoder> {
+        let vision = self.vision.to_backend(gpu)?;
+        Ok(Box::new(move |gpu, pixel_values| vision.forward_on(gpu, pixel_values)))
+    }
+
     /// No prompt: the BOS token. A prompt: its ids as the tokenizer makes them, BOS in place of
     /// the first (`[CLS]`) and the last (`[SEP]`) dropped — what `generate()` feeds the decoder.
     fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {

@@ -185,6 +185,26 @@ impl Architecture for Idefics3 {
         self.image_features(pixel_values)
     }
 
+    /// The connector's pixel shuffle as a gather of the tower's rows, in the order
+    /// [`pixel_shuffle`] puts them (the same function, on the rows' indices).
+    #[cfg(feature = "webgpu")]
+    fn gpu_encoder(&self, gpu: &crate::gpu::Gpu) -> crate::Result<crate::gpu::GpuEncoder> {
+        use super::backend::Backend;
+        let (tower, projection) = (self.vision_model.to_backend(gpu)?, gpu.linear_from(&self.modality_projection)?);
+        let scale = self.config.scale_factor;
+        Ok(Box::new(move |gpu, pixel_values| {
+            let states = tower.forward_on(gpu, pixel_values)?;
+            let &[b, seq, d] = states.shape() else {
+                return Err(crate::Error::Gpu(format!("pixel shuffle of states {:?}", states.shape())));
+            };
+            let positions = Tensor::arange(0u32, seq as u32, &candle_core::Device::Cpu)?.reshape((1, seq, 1))?;
+            let order = pixel_shuffle(&positions, scale)?.flatten_all()?.to_vec1::<u32>()?;
+            let rows: Vec<u32> = (0..b as u32).flat_map(|i| order.iter().map(move |&r| i * seq as u32 + r)).collect();
+            let shuffled = gpu.gather_rows(&states, &rows)?.reshape(&[b, seq / (scale * scale), d * scale * scale])?;
+            Backend::linear(gpu, &shuffled, &projection, None)
+        }))
+    }
+
     /// The user's turn (the image, then the prompt) — or the caller's `messages` — through the
     /// folder's chat template with the assistant's turn opened (no template: `<image>` and the
     /// prompt, as raw processor text), its `<image>` expanded for the grid, tokenized.

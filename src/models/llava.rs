@@ -7,7 +7,7 @@
 use std::any::Any;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::architecture::{
@@ -17,6 +17,7 @@ use crate::architecture::{
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
 
+use super::backend::{Backend, Cpu};
 use super::linear::{linear_b, Linear};
 use super::llama::{Llama, LlamaCache, LlamaConfig};
 use super::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
@@ -102,10 +103,10 @@ impl LlavaConfig {
 
 // transformers modeling_llava.py: LlavaMultiModalProjector
 #[derive(Debug, Clone)]
-struct LlavaMultiModalProjector {
-    linear_1: Linear,
+struct LlavaMultiModalProjector<B: Backend = Cpu> {
+    linear_1: B::Linear,
     act: Activation,
-    linear_2: Linear,
+    linear_2: B::Linear,
 }
 
 impl LlavaMultiModalProjector {
@@ -119,7 +120,18 @@ impl LlavaMultiModalProjector {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward_activated(xs, &self.act)?)
+        self.forward_on(&Cpu, xs)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<LlavaMultiModalProjector<B>, B::Error> {
+        Ok(LlavaMultiModalProjector { linear_1: be.linear_from(&self.linear_1)?, act: self.act, linear_2: be.linear_from(&self.linear_2)? })
+    }
+}
+
+impl<B: Backend> LlavaMultiModalProjector<B> {
+    fn forward_on(&self, be: &B, xs: &B::Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        be.linear(&be.linear(xs, &self.linear_1, Some(&self.act))?, &self.linear_2, None)
     }
 }
 
@@ -324,6 +336,13 @@ impl Architecture for Llava {
 
     fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.image_features(pixel_values)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn gpu_encoder(&self, gpu: &crate::gpu::Gpu) -> crate::Result<crate::gpu::GpuEncoder> {
+        let (tower, projector) = (self.vision_tower.to_backend(gpu)?, self.multi_modal_projector.to_backend(gpu)?);
+        let layer = self.config.feature_layer_index();
+        Ok(Box::new(move |gpu, pixel_values| projector.forward_on(gpu, &tower.hidden_state_on(gpu, pixel_values, layer)?)))
     }
 
     /// The ids `LlavaProcessor` makes of `"<image>" + prompt`.

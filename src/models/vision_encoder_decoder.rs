@@ -32,6 +32,9 @@ pub trait ImageEncoder: std::fmt::Debug + Send + Sync {
     fn linears(&self) -> Vec<&Linear>;
     fn linears_mut(&mut self) -> Vec<&mut Linear>;
     fn clone_box(&self) -> Box<dyn ImageEncoder>;
+    /// The encoder uploaded to `gpu`: `forward` there.
+    #[cfg(feature = "webgpu")]
+    fn to_gpu(&self, gpu: &crate::gpu::Gpu) -> crate::Result<crate::gpu::GpuEncoder>;
 }
 
 impl Clone for Box<dyn ImageEncoder> {
@@ -65,6 +68,11 @@ macro_rules! image_encoder {
             }
             fn clone_box(&self) -> Box<dyn $crate::models::vision_encoder_decoder::ImageEncoder> {
                 Box::new(self.clone())
+            }
+            #[cfg(feature = "webgpu")]
+            fn to_gpu(&self, gpu: &$crate::gpu::Gpu) -> $crate::Result<$crate::gpu::GpuEncoder> {
+                let on_gpu = <$model>::to_backend(self, gpu)?;
+                Ok(Box::new(move |gpu, pixel_values| on_gpu.forward_on(gpu, pixel_values)))
             }
         }
 
@@ -267,6 +275,11 @@ impl Architecture for VisionEncoderDecoder {
 
     fn encode(&self, pixel_values: &Tensor) -> Result<Tensor> {
         VisionEncoderDecoder::encode(self, pixel_values)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn gpu_encoder(&self, gpu: &crate::gpu::Gpu) -> crate::Result<crate::gpu::GpuEncoder> {
+        self.encoder.to_gpu(gpu)
     }
 
     fn input_ids(&self, inputs: &PromptInputs<'_>) -> crate::Result<Vec<u32>> {
