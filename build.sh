@@ -97,7 +97,7 @@ build_threads() {
   # RUSTFLAGS replaces .cargo/config.toml's flags: simd128 and getrandom's backend are repeated.
   CARGO_TARGET_DIR="$target" \
   RUSTFLAGS="-C target-feature=+atomics,+bulk-memory,+simd128 -C link-arg=--shared-memory -C link-arg=--import-memory -C link-arg=--max-memory=4294967296 -C link-arg=--export=__wasm_init_tls -C link-arg=--export=__tls_size -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base --cfg getrandom_backend=\"wasm_js\"" \
-    cargo "+$NIGHTLY" build --lib --release --target wasm32-unknown-unknown --features "threads${WASMCAP_FEATURES:+,$WASMCAP_FEATURES}" -Z build-std=panic_abort,std
+    cargo "+$NIGHTLY" build --lib --release --target wasm32-unknown-unknown --features "threads,webgpu${WASMCAP_FEATURES:+,$WASMCAP_FEATURES}" -Z build-std=panic_abort,std
   rm -rf pkg/threads
   wasm-bindgen --target web --no-typescript --out-dir pkg/threads --out-name wasmcap "$target/wasm32-unknown-unknown/release/wasmcap.wasm"
 }
@@ -106,7 +106,8 @@ build_pkg() {
   setup
   log "building pkg/ (wasm32 + simd128, release)"
   # WASMCAP_FEATURES: extra crate features for both builds (`bench`: ./build.sh bench's exports).
-  wasm-pack build --target web --release --out-dir pkg ${WASMCAP_FEATURES:+-- --features "$WASMCAP_FEATURES"}
+  # `webgpu`: the GPU backend behind `device: 'webgpu'`.
+  wasm-pack build --target web --release --out-dir pkg -- --features "webgpu${WASMCAP_FEATURES:+,$WASMCAP_FEATURES}"
   build_threads
   node js/assemble.mjs
 }

@@ -84,6 +84,14 @@ export interface LoadOptions {
    * not isolated rejects.
    */
   threads?: number;
+  /**
+   * Where the model runs. 'wasm' (default): WASM SIMD on the CPU. 'webgpu': the encoder side
+   * (vision tower, projector, connector) on the GPU that WebGPU gives, its weights uploaded once at
+   * load; the decoder stays on WASM for now. No adapter, or one short of a limit the kernels need,
+   * rejects. 'auto': WebGPU when an adapter is available, else WASM (`deviceFallback` says why).
+   * `captionMany` encodes on WASM whichever device is chosen.
+   */
+  device?: 'wasm' | 'webgpu' | 'auto';
 }
 
 /** Pixels as RGBA, row by row (4 bytes per pixel). */
@@ -230,6 +238,12 @@ export declare class Captioner {
    * Cross-Origin-Embedder-Policy). null otherwise.
    */
   readonly threadsFallback: string | null;
+  /** The device the encoder side runs on: 'webgpu' or 'wasm' (see `LoadOptions.device`). */
+  readonly device: 'wasm' | 'webgpu';
+  /** The GPU adapter's name and backend when `device` is 'webgpu', else null. */
+  readonly adapter: string | null;
+  /** Why `device: 'auto'` chose 'wasm' (no WebGPU, no adapter), else null. */
+  readonly deviceFallback: string | null;
   /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
   readonly memoryBytes: number;
   /**

@@ -707,7 +707,7 @@ async function startWorker(source, options) {
     forget = got.forget;
     check();
     const done = new Promise((ok) => { settle = ok; });
-    worker.postMessage({ type: 'load', files: got.files, quantize: options.quantize }, Object.values(got.files).filter((b) => b instanceof ArrayBuffer));
+    worker.postMessage({ type: 'load', files: got.files, quantize: options.quantize, device: options.device ?? 'wasm' }, Object.values(got.files).filter((b) => b instanceof ArrayBuffer));
     if (!loaded && !failure) await done;
     check();
   } catch (e) {
@@ -720,7 +720,9 @@ async function startWorker(source, options) {
   worker.onmessage = null;
   worker.onerror = null;
   if (loaded.threadsFallback) console.warn(`wasmcap: ${loaded.threadsFallback}`);
-  return { worker, defaults: loaded.defaults, threads: loaded.threads, memoryBytes: loaded.memoryBytes, threadsFallback: loaded.threadsFallback };
+  if (loaded.deviceFallback) console.warn(`wasmcap: ${loaded.deviceFallback}`);
+  const { defaults, memoryBytes, threadsFallback, device, adapter, deviceFallback } = loaded;
+  return { worker, defaults, threads: loaded.threads, memoryBytes, threadsFallback, device, adapter, deviceFallback };
 }
 
 /** The error of a call during which the WASM instance trapped (`name`: 'WasmcapCrashError'). */
@@ -732,7 +734,13 @@ function crashError(message) {
 
 export class Captioner {
   /** Use `Captioner.fromPretrained`. */
-  constructor({ worker, defaults = {}, threads = 1, memoryBytes = 0, threadsFallback = null }, restart = null) {
+  constructor({ worker, defaults = {}, threads = 1, memoryBytes = 0, threadsFallback = null, device = 'wasm', adapter = null, deviceFallback = null }, restart = null) {
+    /** Where the encoder side runs: 'webgpu' or 'wasm'. */
+    this.device = device;
+    /** The GPU adapter when `device` is 'webgpu', else null. */
+    this.adapter = adapter ?? null;
+    /** Why `device: 'auto'` chose 'wasm', else null. */
+    this.deviceFallback = deviceFallback ?? null;
     /** The threads the model runs on (1: the single-threaded build). */
     this.threads = threads;
     /** Why fewer threads than asked run the model (the pool did not start), or null. */
@@ -829,6 +837,8 @@ export class Captioner {
   static async fromPretrained(source, options = {}) {
     const threads = options.threads ?? defaultThreads();
     if (!Number.isInteger(threads) || threads < 1) throw new Error(`threads must be a positive integer, not ${threads}`);
+    const device = options.device ?? 'wasm';
+    if (!['wasm', 'webgpu', 'auto'].includes(device)) throw new Error(`device must be 'wasm', 'webgpu' or 'auto', not ${JSON.stringify(device)}`);
     const started = await startWorker(source, { ...options, threads });
     // After a trap the model loads again from the same source (the Cache API, a File map), quietly.
     const { onProgress, signal, ...again } = options;

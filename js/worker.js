@@ -5,8 +5,8 @@
 //                  WasmWeights), { type: 'open', file, size }, { type: 'chunk', file, chunk }*
 //                  → { type: 'consumed', buffer } per chunk (its buffer back, once the bytes are in WASM
 //                    memory) | { type: 'error' }
-//                { type: 'load', files, quantize } (the small files; the weights were streamed)
-//                  → { type: 'loaded', defaults, threads, memoryBytes, threadsFallback } | { type: 'error' }
+//                { type: 'load', files, quantize, device } (the small files; the weights were streamed)
+//                  → { type: 'loaded', defaults, threads, memoryBytes, threadsFallback, device, adapter?, deviceFallback? } | { type: 'error' }
 //                { type: 'caption', run, image, options }
 //                  → { type: 'token', run, token }* (beam: provisional best hypotheses, then the
 //                    final one), then { type: 'done', run, result, memoryBytes } | { type: 'error', run, message }
@@ -116,7 +116,8 @@ async function encodeTiles(run, pixels, options) {
     captioner.startEncodingRgba(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), pixels.width, pixels.height, options);
   }
   for (;;) {
-    const progress = captioner.encodeStep(wasm?.threads ?? 1);
+    // The GPU takes every tile in one batch; the CPU as many as there are threads.
+    const progress = device === 'webgpu' ? await captioner.encodeStepAsync(64) : captioner.encodeStep(wasm?.threads ?? 1);
     postMessage({ type: 'encode', run, progress });
     if (progress.encoded >= progress.tiles) return true;
     await yieldToEvents();
@@ -197,7 +198,26 @@ let weights = null;
 let refused = null;
 let loading = Promise.resolve();
 
-function load({ files: f, quantize }) {
+// The device the encoder side runs on: 'webgpu' (an adapter found, the weights uploaded) or
+// 'wasm'; 'auto' falls back to WASM with the reason, 'webgpu' rejects.
+async function chooseDevice(device) {
+  if (device === 'wasm') return { device: 'wasm' };
+  let why;
+  if (typeof captioner.useGpu !== 'function') why = 'this build of wasmcap has no WebGPU backend';
+  else {
+    try {
+      return { device: 'webgpu', adapter: await captioner.useGpu() };
+    } catch (e) {
+      why = message(e);
+    }
+  }
+  if (device === 'webgpu') throw new Error(`device 'webgpu': ${why}`);
+  return { device: 'wasm', deviceFallback: `WebGPU unavailable (${why}): the model runs on WASM` };
+}
+
+let device = 'wasm';
+
+async function load({ files: f, quantize, device: wanted }) {
   const mod = wasm.mod;
   const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
   captioner?.free();
@@ -215,7 +235,9 @@ function load({ files: f, quantize }) {
   captioner = new mod.WasmCaptioner(u8(f.config), streamed, tokenizer, u8(f.preprocessor),
     u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), templateName, u8(template));
   if (quantize) captioner.quantize(quantize);
-  postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads: wasm.threads, memoryBytes: mod.memoryBytes(), threadsFallback: wasm.fallback });
+  const chosen = await chooseDevice(wanted ?? 'wasm');
+  device = chosen.device;
+  postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads: wasm.threads, memoryBytes: mod.memoryBytes(), threadsFallback: wasm.fallback, ...chosen });
 }
 
 function loadingStep(data) {

@@ -299,6 +299,40 @@ impl WasmCaptioner {
         to_js(&EncodeProgress { encoded, tiles: total })
     }
 
+    /// `encodeStep` that awaits the GPU where the encoder side runs there (`useGpu`): WebGPU's
+    /// reads complete from the event loop. Without a GPU, the same as `encodeStep`.
+    #[wasm_bindgen(js_name = encodeStepAsync)]
+    pub async fn encode_step_async(&mut self, tiles: usize) -> Result<JsValue, JsError> {
+        let Some(mut run) = self.encoding.take() else {
+            return Err(JsError::new("generation: no image being encoded; call startEncoding() first"));
+        };
+        let encoded = match self.inner.encode_step_async(&mut run, tiles).await {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                self.encoding = Some(run);
+                return Err(js_error(e));
+            }
+        };
+        let total = run.tiles();
+        if run.is_encoded() {
+            self.run = Some(self.inner.finish_encoding(run).map_err(js_error)?);
+        } else {
+            self.encoding = Some(run);
+        }
+        to_js(&EncodeProgress { encoded, tiles: total })
+    }
+
+    /// Moves the encoder side to the GPU that WebGPU gives (its weights uploaded now, once);
+    /// `encodeStepAsync` then encodes there. Returns the adapter's name and backend. No adapter,
+    /// or one short of a limit the kernels need, is an error (the caller falls back to WASM).
+    #[cfg(feature = "webgpu")]
+    #[wasm_bindgen(js_name = useGpu)]
+    pub async fn use_gpu(&mut self) -> Result<String, JsError> {
+        let gpu = std::sync::Arc::new(crate::gpu::Gpu::new().await.map_err(js_error)?);
+        self.inner.use_gpu(gpu.clone()).map_err(js_error)?;
+        Ok(gpu.adapter())
+    }
+
     /// Beam search over the image `startEncoding` … `encodeStep` encoded (options as
     /// `beamSearch`'s, the same ones the encoding started with); returns what `beamSearch` does.
     #[wasm_bindgen(js_name = beamSearchEncoded)]

@@ -16,7 +16,9 @@ export async function launch() {
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      // WebGPU on SwiftShader, a software adapter: `device: 'webgpu'` runs without a GPU.
+      '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader'],
   });
   await mkdir(artifacts, { recursive: true });
   return {

@@ -90,6 +90,32 @@ test('by default (generation_config.json: 4 beams, max_length 16) the caption is
   }
 });
 
+test('device webgpu: the encoder side on the GPU (SwiftShader here) captions as generate(), greedy and with the folder\'s 4 beams; auto picks it; a bad device is refused', async () => {
+  const r = await page.evaluate(async ({ model, image }) => {
+    const { Captioner } = await import('/pkg/index.js');
+    const out = {};
+    const c = await Captioner.fromPretrained(model, { cache: false, device: 'webgpu', threads: 1 });
+    out.device = c.device;
+    out.adapter = c.adapter;
+    out.greedy = (await c.caption(image, { numBeams: 1, maxNewTokens: 20 }).result).tokenIds;
+    out.byDefault = (await c.caption(image).result).tokenIds;
+    c.dispose();
+    const auto = await Captioner.fromPretrained(model, { cache: false, device: 'auto', threads: 1 });
+    out.auto = [auto.device, auto.deviceFallback];
+    auto.dispose();
+    out.bad = await Captioner.fromPretrained(model, { cache: false, device: 'gpu' }).then(() => 'loaded', (e) => e.message);
+    return out;
+  }, { model: `${base}/${MODEL}/`, image: `${base}/tests/fixtures/images/astronaut.png` });
+  const want = reference.images['astronaut.png'];
+  assert.equal(r.device, 'webgpu');
+  assert.ok(r.adapter, `an adapter is named: ${r.adapter}`);
+  console.log(`# WebGPU adapter: ${r.adapter}`);
+  assert.deepEqual(r.greedy, want.greedy_ids, 'greedy ids with the encoder on WebGPU');
+  assert.deepEqual(r.byDefault, want.default_ids, 'beam search with the encoder on WebGPU');
+  assert.deepEqual(r.auto, ['webgpu', null], 'auto chooses the adapter there is');
+  assert.match(r.bad, /device must be 'wasm', 'webgpu' or 'auto', not "gpu"/);
+});
+
 test('numReturnSequences 2 with the folder\'s 4 beams: generate(num_return_sequences=2)', async () => {
   const r = await page.evaluate(async (url) => window.captioner.caption(url, { numReturnSequences: 2 }).result,
     `${base}/tests/fixtures/images/astronaut.png`);
