@@ -52,6 +52,7 @@ async function load() {
     const progress = [];
     demo.progress = progress;
     const captioner = await Captioner.fromPretrained(source, {
+      device: $('device').value,
       signal: controller.signal,
       onProgress: (e) => {
         progress.push(e);
@@ -66,7 +67,8 @@ async function load() {
     demo.loads++;
     const cached = progress.filter((e) => e.file && e.fileDone).every((e) => e.cached);
     const name = typeof source === 'string' ? source : `${source.length} local files`;
-    $('status').textContent = `ready — ${name}${cached ? ' (from the cache)' : ''}`;
+    const where = captioner.device === 'webgpu' ? `WebGPU (${captioner.adapter})` : `WASM${captioner.deviceFallback ? ` — ${captioner.deviceFallback}` : ''}`;
+    $('status').textContent = `ready — ${name}${cached ? ' (from the cache)' : ''} · encoder on ${where}`;
     $('progress-text').textContent = `${mb(progress.at(-1)?.total ?? 0)} MB${cached ? ' from the Cache API' : ''}`;
     setState('ready');
   } catch (e) {
@@ -108,6 +110,9 @@ async function caption(image, previewSrc) {
     $('caption').dataset.resultIds = JSON.stringify(tokenIds);
     $('timings').textContent = `encoder ${t.encoderMs.toFixed(0)} ms · first token ${t.firstTokenMs.toFixed(0)} ms · ` +
       `${t.tokensPerS.toFixed(1)} tokens/s · ${tokenIds.length} tokens`;
+    // The last caption's timings on each device this page has used, side by side.
+    demo.timingsByDevice = { ...demo.timingsByDevice, [demo.captioner.device]: $('timings').textContent };
+    $('device-timings').textContent = Object.entries(demo.timingsByDevice).map(([d, text]) => `${d}: ${text}`).join(' | ');
     setState('done');
   } catch (e) {
     if (e.name === 'AbortError') {
@@ -123,6 +128,7 @@ async function caption(image, previewSrc) {
 
 $('default-model').textContent = DEFAULT_MODEL.pathname;
 $('load').onclick = load;
+$('device').onchange = load;
 $('model-url').onfocus = () => { document.querySelector('input[name=model][value=url]').checked = true; };
 $('model-url').onkeydown = (e) => { if (e.key === 'Enter') load(); };
 $('model-files').onchange = () => { document.querySelector('input[name=model][value=files]').checked = true; load(); };

@@ -149,6 +149,12 @@ impl Gpu {
     /// browser), with every limit it has: a model's largest matrix (GPT-2's 154 MB token
     /// embeddings) is past WebGPU's default 128 MiB binding.
     pub async fn new() -> Result<Self> {
+        // wgpu panics (a trap in WASM) making a WebGPU instance where the global scope is
+        // neither a window nor a dedicated worker, e.g. Node's worker_threads.
+        #[cfg(target_arch = "wasm32")]
+        if !wgpu::util::is_browser_webgpu_supported().await {
+            return Err(gpu_error("no WebGPU here (no navigator.gpu in this context, or it gives no adapter)"));
+        }
         let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
         descriptor.backends = wgpu::Backends::PRIMARY;
         let instance = wgpu::Instance::new(descriptor);
@@ -226,9 +232,11 @@ impl Gpu {
         self.dispatched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The adapter's name and backend, e.g. "NVIDIA H100 (Vulkan)".
+    /// The adapter's name, kind and backend, e.g. "NVIDIA H100 (DiscreteGpu, Vulkan)" (browsers
+    /// may keep the name to themselves).
     pub fn adapter(&self) -> String {
-        format!("{} ({:?})", self.info.name, self.info.backend)
+        let name = if self.info.name.is_empty() { "unnamed adapter" } else { &self.info.name };
+        format!("{name} ({:?}, {:?})", self.info.device_type, self.info.backend)
     }
 
     /// `data` (row-major, `shape`) copied into GPU memory.
@@ -567,6 +575,23 @@ impl Gpu {
             mapped_at_creation: false,
         })
     }
+}
+
+// SAFETY: only in the threaded WASM build (atomics), where wgpu's WebGPU handles are JS objects
+// of the worker that made them and so neither `Send` nor `Sync` (wgpu's
+// `fragile-send-sync-non-atomic-wasm` asserts the same for the single-threaded build). A `Gpu`
+// and everything made on it stay on the captioner's worker: the rayon pool's workers run only
+// the CPU backend's `by_tokens` parts, the GPU's `by_tokens` runs inline, and no GPU tensor,
+// buffer or encoder is handed to another thread. The bounds are the `Backend` trait's, which
+// the CPU backend needs for its threads.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+mod thread_bound {
+    unsafe impl Send for super::Gpu {}
+    unsafe impl Sync for super::Gpu {}
+    unsafe impl Send for super::Storage {}
+    unsafe impl Sync for super::Storage {}
+    unsafe impl Send for super::Pool {}
+    unsafe impl Send for super::Pending {}
 }
 
 /// Values a tensor of `shape` holds, unless the product overflows.

@@ -145,6 +145,19 @@ test('bad input is an error that says what: a missing image, a missing folder, t
   await assert.rejects(Captioner.fromPretrained(MODEL, { threads: 2 }), /single-threaded/);
 });
 
+test('device: Node has no WebGPU, so auto runs on WASM and says why, webgpu rejects saying why; neither traps', async () => {
+  const auto = await Captioner.fromPretrained(MODEL, { device: 'auto' });
+  assert.equal(auto.device, 'wasm');
+  assert.equal(auto.adapter, null);
+  assert.match(auto.deviceFallback, /WebGPU unavailable \(.*no WebGPU here.*\): the model runs on WASM/);
+  const ids = (await auto.caption(image('astronaut.png'), greedy).result).tokenIds;
+  assert.deepEqual(ids, reference.images['astronaut.png'].greedy_ids);
+  assert.equal(auto.restarts, 0, 'no trap');
+  auto.dispose();
+  await assert.rejects(Captioner.fromPretrained(MODEL, { device: 'webgpu' }), /device 'webgpu': .*no WebGPU here/);
+  assert.equal(captioner.device, 'wasm', 'the default device');
+});
+
 test('a hub id downloads into the hub cache under HF_HOME, which a later load reads without the network', async () => {
   const fixtures = join(root, 'tests/fixtures');
   const hub = await startHub({
