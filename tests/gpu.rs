@@ -84,6 +84,19 @@ async fn bad_shapes_are_errors_that_name_them() {
     let y = gpu.linear(&empty, &w, None).expect("linear of no rows");
     assert_eq!(y.shape(), &[0, 2]);
     assert!(gpu.read(&y).await.expect("read").is_empty());
+
+    // A device gone (destroyed here, as a lost one is): the next read is an error, not a hang
+    // or a panic.
+    let x = gpu.upload(&values(8, 8), &[2, 4]).expect("upload");
+    gpu.destroy();
+    let read = match gpu.linear(&x, &w, None) {
+        Ok(y) => gpu.read(&y).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match read {
+        Err(Error::Gpu(message)) => println!("after the device is gone: {message}"),
+        other => panic!("work on a destroyed device: {other:?}"),
+    }
 }
 
 /// Largest |a − b| over two equally long slices.

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_nn::Activation;
-use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 
@@ -227,6 +226,12 @@ impl Gpu {
         })
     }
 
+    /// Releases the device and its memory now, as a lost device would be: later work is an
+    /// error at the next read, never a hang.
+    pub fn destroy(&self) {
+        self.device.destroy();
+    }
+
     /// Kernels queued since the device was opened (what shows that work ran here).
     pub fn kernels_queued(&self) -> u64 {
         self.dispatched.load(std::sync::atomic::Ordering::Relaxed)
@@ -250,11 +255,11 @@ impl Gpu {
         let buffer = if data.is_empty() {
             self.storage(bytes)
         } else {
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(data),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            })
+            self.buffer_with(
+                "upload",
+                bytemuck::cast_slice(data),
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            )?
         };
         Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: None }), shape: shape.to_vec() })
     }
@@ -417,11 +422,7 @@ impl Gpu {
         if rows.is_empty() || width == 0 {
             return Ok(y);
         }
-        let index = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("rows"),
-            contents: bytemuck::cast_slice(rows),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
+        let index = self.buffer_with("gather_rows", bytemuck::cast_slice(rows), wgpu::BufferUsages::STORAGE)?;
         let [gx, gy] = self.grid(rows.len(), "gather_rows")?;
         self.dispatch(&self.gather, &[x.buffer(), &index, y.buffer()], &[rows.len() as u32, width as u32, gx], [gx, gy])?;
         Ok(y)
@@ -496,11 +497,7 @@ impl Gpu {
         // Uniform buffers are read in 16-byte rows.
         let mut padded = params.to_vec();
         padded.resize(params.len().div_ceil(4).max(1) * 4, 0);
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::cast_slice(&padded),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let uniform = self.buffer_with("params", bytemuck::cast_slice(&padded), wgpu::BufferUsages::UNIFORM)?;
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .copied()
@@ -565,6 +562,20 @@ impl Gpu {
                 limits.max_buffer_size, limits.max_storage_buffer_binding_size
             ))),
         }
+    }
+
+    /// A buffer holding `contents` (padded to 4 bytes). wgpu's `create_buffer_init` panics
+    /// where the device is lost; this is an error.
+    fn buffer_with(&self, what: &str, contents: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        let size = (contents.len() as u64).div_ceil(4).max(1) * 4;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(what), size, usage, mapped_at_creation: true });
+        {
+            let mut view =
+                buffer.get_mapped_range_mut(..).map_err(|e| gpu_error(format!("{what}: no buffer from the device (lost, or out of memory): {e}")))?;
+            view.slice(..contents.len()).copy_from_slice(contents);
+        }
+        buffer.unmap();
+        Ok(buffer)
     }
 
     fn storage(&self, bytes: u64) -> wgpu::Buffer {
