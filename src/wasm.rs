@@ -290,13 +290,7 @@ impl WasmCaptioner {
             return Err(JsError::new("generation: no image being encoded; call startEncoding() first"));
         };
         let encoded = self.inner.encode_step(run, tiles).map_err(js_error)?;
-        let total = run.tiles();
-        if run.is_encoded() {
-            if let Some(run) = self.encoding.take() {
-                self.run = Some(self.inner.finish_encoding(run).map_err(js_error)?);
-            }
-        }
-        to_js(&EncodeProgress { encoded, tiles: total })
+        self.encode_progress(encoded)
     }
 
     /// `encodeStep` that awaits the GPU where the encoder side runs there (`useGpu`): WebGPU's
@@ -306,20 +300,20 @@ impl WasmCaptioner {
         let Some(mut run) = self.encoding.take() else {
             return Err(JsError::new("generation: no image being encoded; call startEncoding() first"));
         };
-        let encoded = match self.inner.encode_step_async(&mut run, tiles).await {
-            Ok(encoded) => encoded,
-            Err(e) => {
-                self.encoding = Some(run);
-                return Err(js_error(e));
+        let encoded = self.inner.encode_step_async(&mut run, tiles).await;
+        self.encoding = Some(run);
+        self.encode_progress(encoded.map_err(js_error)?)
+    }
+
+    /// `{ encoded, tiles }` after an encoding step; the caption run once every tile is encoded.
+    fn encode_progress(&mut self, encoded: usize) -> Result<JsValue, JsError> {
+        let tiles = self.encoding.as_ref().map_or(0, |run| run.tiles());
+        if self.encoding.as_ref().is_some_and(|run| run.is_encoded()) {
+            if let Some(run) = self.encoding.take() {
+                self.run = Some(self.inner.finish_encoding(run).map_err(js_error)?);
             }
-        };
-        let total = run.tiles();
-        if run.is_encoded() {
-            self.run = Some(self.inner.finish_encoding(run).map_err(js_error)?);
-        } else {
-            self.encoding = Some(run);
         }
-        to_js(&EncodeProgress { encoded, tiles: total })
+        to_js(&EncodeProgress { encoded, tiles })
     }
 
     /// Moves the encoder side to the GPU that WebGPU gives (its weights uploaded now, once);

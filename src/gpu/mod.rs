@@ -250,17 +250,13 @@ impl Gpu {
         if len != data.len() {
             return Err(gpu_error(format!("upload: {} values for shape {shape:?} ({len})", data.len())));
         }
-        let bytes = self.check_size(len, "upload")?;
-        // WebGPU has no empty buffers: a tensor of no values keeps 4 bytes.
-        let buffer = if data.is_empty() {
-            self.storage(bytes)
-        } else {
-            self.buffer_with(
-                "upload",
-                bytemuck::cast_slice(data),
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            )?
-        };
+        self.check_size(len, "upload")?;
+        // buffer_with pads: WebGPU has no empty buffers, a tensor of no values keeps 4 bytes.
+        let buffer = self.buffer_with(
+            "upload",
+            bytemuck::cast_slice(data),
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        )?;
         Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: None }), shape: shape.to_vec() })
     }
 
@@ -453,9 +449,8 @@ impl Gpu {
     fn output(&self, shape: Vec<usize>, what: &str) -> Result<GpuTensor> {
         let len = elements(&shape, what)?;
         let bytes = self.check_size(len, what)?;
-        let limits = self.device.limits();
         let class = size_class(bytes);
-        let bytes = if class <= limits.max_buffer_size && class <= limits.max_storage_buffer_binding_size as u64 { class } else { bytes };
+        let bytes = if self.fits(class) { class } else { bytes };
         let reused = self.pool.lock().ok().and_then(|mut pool| pool.take(bytes));
         let buffer = reused.unwrap_or_else(|| self.storage(bytes));
         Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: Some(self.pool.clone()) }), shape })
@@ -463,16 +458,21 @@ impl Gpu {
 
     /// `f` of the command encoder the kernels are queued in.
     fn record<R>(&self, f: impl FnOnce(&mut Pending) -> R) -> Result<R> {
-        let mut pending = self.pending.lock().map_err(|_| gpu_error("a thread panicked while queueing GPU work"))?;
-        let p =
-            pending.get_or_insert_with(|| Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0 });
-        Ok(f(p))
+        Ok(f(self.pending()?.get_or_insert_with(|| self.new_pending())))
+    }
+
+    fn pending(&self) -> Result<std::sync::MutexGuard<'_, Option<Pending>>> {
+        self.pending.lock().map_err(|_| gpu_error("a thread panicked while queueing GPU work"))
+    }
+
+    fn new_pending(&self) -> Pending {
+        Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0 }
     }
 
     /// Hands the queued kernels to the GPU, with `last` recorded after them.
     fn submit(&self, last: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
-        let taken = self.pending.lock().map_err(|_| gpu_error("a thread panicked while queueing GPU work"))?.take();
-        let mut p = taken.unwrap_or_else(|| Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0 });
+        let taken = self.pending()?.take();
+        let mut p = taken.unwrap_or_else(|| self.new_pending());
         p.pass = None;
         last(&mut p.encoder);
         self.queue.submit([p.encoder.finish()]);
@@ -554,14 +554,19 @@ impl Gpu {
     /// hold and bind them.
     fn check_size(&self, len: usize, what: &str) -> Result<u64> {
         let limits = self.device.limits();
-        let bytes = len.checked_mul(4).map(|b| b.max(4) as u64);
-        match bytes {
-            Some(b) if b <= limits.max_buffer_size && b <= limits.max_storage_buffer_binding_size as u64 => Ok(b),
+        match len.checked_mul(4).map(|b| b.max(4) as u64) {
+            Some(b) if self.fits(b) => Ok(b),
             _ => Err(gpu_error(format!(
                 "{what}: {len} values are past the device's buffers ({} bytes, {} a binding)",
                 limits.max_buffer_size, limits.max_storage_buffer_binding_size
             ))),
         }
+    }
+
+    /// Whether a buffer of `bytes` can be made and bound whole.
+    fn fits(&self, bytes: u64) -> bool {
+        let limits = self.device.limits();
+        bytes <= limits.max_buffer_size && bytes <= limits.max_storage_buffer_binding_size as u64
     }
 
     /// A buffer holding `contents` (padded to 4 bytes). wgpu's `create_buffer_init` panics
