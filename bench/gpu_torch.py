@@ -44,3 +44,40 @@ with torch.no_grad():
     end.record()
     torch.cuda.synchronize()
 print(json.dumps({"adapter": torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)", "encoder": "siglip-base-patch16-224", "ms": start.elapsed_time(end) / repeats}))
+
+# Decoding, as ours: GPT-2 cross-attending to 196 image states, then SmolLM-135M after a
+# 64-position prefix; each step one token through the KV cache, its logits' argmax read back.
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+STEPS = 64
+
+
+def decode(model, first_ids, **extra):
+    with torch.no_grad():
+        out = model(input_ids=first_ids, use_cache=True, **extra)
+        past = out.past_key_values
+        ids = first_ids[:, -1:]
+        torch.cuda.synchronize()
+        import time
+
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
+            past = out.past_key_values
+            token = (int(out.logits[0, -1].argmax().item()) + 1) % 1000
+            ids = torch.tensor([[token]], device=dev)
+        return STEPS / (time.perf_counter() - start)
+
+
+gpt2 = GPT2LMHeadModel(GPT2Config(add_cross_attention=True)).to(dev).eval()
+states = torch.randn(1, 196, 768, device=dev)
+for _ in range(2):
+    tps = decode(gpt2, torch.zeros(1, 1, dtype=torch.long, device=dev), encoder_hidden_states=states)
+    print(json.dumps({"adapter": torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)", "decoder": "gpt2 (cross-attention, 196 states)", "tokens_per_s": tps}))
+smollm = LlamaForCausalLM(
+    LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
+).to(dev).eval()
+for _ in range(2):
+    tps = decode(smollm, torch.arange(64, device=dev).unsqueeze(0))
+    print(json.dumps({"adapter": torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)", "decoder": "smollm-135m (after 64 positions)", "tokens_per_s": tps}))

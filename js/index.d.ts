@@ -85,11 +85,12 @@ export interface LoadOptions {
    */
   threads?: number;
   /**
-   * Where the model runs. 'wasm' (default): WASM SIMD on the CPU. 'webgpu': the encoder side
-   * (vision tower, projector, connector) on the GPU that WebGPU gives, its weights uploaded once at
-   * load; the decoder stays on WASM for now. No adapter, or one short of a limit the kernels need,
-   * rejects. 'auto': WebGPU when an adapter is available, else WASM (`deviceFallback` says why).
-   * `captionMany` encodes on WASM whichever device is chosen.
+   * Where the model runs. 'wasm' (default): WASM SIMD on the CPU. 'webgpu': on the GPU that
+   * WebGPU gives, its weights uploaded once at load: the encoder side (vision tower, projector,
+   * connector) and the decoder with its KV caches (BLIP's decoder stays on WASM for now). No
+   * adapter, or one short of a limit the kernels need, rejects. 'auto': WebGPU when an adapter is
+   * available, else WASM (`deviceFallback` says why). `captionMany` runs on WASM whichever device
+   * is chosen.
    */
   device?: 'wasm' | 'webgpu' | 'auto';
 }
@@ -238,7 +239,7 @@ export declare class Captioner {
    * Cross-Origin-Embedder-Policy). null otherwise.
    */
   readonly threadsFallback: string | null;
-  /** The device the encoder side runs on: 'webgpu' or 'wasm' (see `LoadOptions.device`). */
+  /** The device the model runs on: 'webgpu' or 'wasm' (see `LoadOptions.device`). */
   readonly device: 'wasm' | 'webgpu';
   /** The GPU adapter's name and backend when `device` is 'webgpu', else null. */
   readonly adapter: string | null;

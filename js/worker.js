@@ -130,9 +130,11 @@ async function encodeTiles(run, pixels, options) {
 }
 
 // Beam search after the encoder is one call (no abort point inside; the best running hypothesis
-// after each step comes out as a provisional token event).
-function beamSearch({ run, options, t0 }) {
-  const sequences = captioner.beamSearchEncoded(options, (token) => postMessage({ type: 'token', run, token }));
+// after each step comes out as a provisional token event). On WebGPU each step awaits the GPU.
+async function beamSearch({ run, options, t0 }) {
+  const provisional = (token) => postMessage({ type: 'token', run, token });
+  const sequences =
+    device === 'webgpu' ? await captioner.beamSearchEncodedAsync(options, provisional) : captioner.beamSearchEncoded(options, provisional);
   const best = sequences[0];
   postMessage({ type: 'token', run, token: { provisional: false, text: best.text, tokenIds: best.tokenIds } });
   postMessage({
@@ -151,14 +153,14 @@ async function caption({ run, image, options }) {
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
     const t0 = performance.now();
     if (!(await encodeTiles(run, pixels, options))) return;
-    if (beam) return beamSearch({ run, options, t0 });
+    if (beam) return await beamSearch({ run, options, t0 });
     for (;;) {
       await yieldToEvents();
       if (aborted.has(run)) {
         captioner.abort();
         return postMessage({ type: 'aborted', run });
       }
-      const token = captioner.nextToken();
+      const token = device === 'webgpu' ? await captioner.nextTokenAsync() : captioner.nextToken();
       if (token === undefined) break;
       postMessage({ type: 'token', run, token });
     }

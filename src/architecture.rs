@@ -138,6 +138,13 @@ pub trait Architecture: Send + Sync {
     #[cfg(feature = "webgpu")]
     fn gpu_encoder(&self, gpu: &crate::gpu::Gpu) -> Result<crate::gpu::GpuEncoder>;
 
+    /// The decoder uploaded to `gpu`, its steps run there; `None`: this family decodes on the
+    /// CPU.
+    #[cfg(feature = "webgpu")]
+    fn gpu_decoder(&self, _gpu: &std::sync::Arc<crate::gpu::Gpu>) -> Result<Option<Box<dyn GpuDecoder>>> {
+        Ok(None)
+    }
+
     /// The ids that end a caption when the family's `generate()` overrides the files' EOS
     /// (BLIP stops at `sep_token_id`); `None`: `generation_config.json`'s.
     fn eos_token_ids(&self) -> Option<Vec<u32>> {
@@ -241,6 +248,16 @@ pub trait DecodeState: Any + Send {
 /// The state an [`Architecture`] made, as its own type.
 pub fn state_of<T: DecodeState>(state: &mut dyn DecodeState) -> candle_core::Result<&mut T> {
     state.as_any_mut().downcast_mut::<T>().ok_or_else(|| candle_core::Error::Msg("decoding state does not belong to this model".into()))
+}
+
+/// A family's decoder on a GPU ([`Architecture::gpu_decoder`]): [`Architecture::start`] and
+/// [`Architecture::next_logits`] with the weights and caches in GPU memory; the logits are
+/// queued there, for the caller to read (waiting natively, awaiting in a browser).
+#[cfg(feature = "webgpu")]
+pub trait GpuDecoder: Send + Sync {
+    fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>>;
+    /// Logits [rows, vocab] of every row's next position.
+    fn next_logits(&self, state: &mut dyn DecodeState) -> Result<crate::gpu::GpuTensor>;
 }
 
 /// The ids a trainer lays sequences out with.

@@ -25,6 +25,9 @@ pub struct Captioner {
     /// The encoder side on a GPU, once [`Captioner::use_gpu`] put it there.
     #[cfg(feature = "webgpu")]
     gpu: Option<(std::sync::Arc<crate::gpu::Gpu>, crate::gpu::GpuEncoder)>,
+    /// The decoder on that GPU, where the family has one and its steps can be waited for.
+    #[cfg(feature = "webgpu")]
+    gpu_decoder: Option<Box<dyn crate::architecture::GpuDecoder>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -127,6 +130,8 @@ struct RowRun {
 /// [`Captioner::start_many`]), decoded together; finished ones leave the batch.
 pub struct CaptionRun {
     state: Box<dyn DecodeState>,
+    /// `state` lives on the GPU (the captioner's GPU decoder made it).
+    on_gpu: bool,
     /// The caption of each row of `state`: the running ones, in state order.
     active: Vec<usize>,
     rows: Vec<RowRun>,
@@ -230,6 +235,8 @@ impl Captioner {
             generation,
             #[cfg(feature = "webgpu")]
             gpu: None,
+            #[cfg(feature = "webgpu")]
+            gpu_decoder: None,
         };
         // A model that cannot start decoding (no start token, an image token missing from the
         // vocabulary) is refused now rather than at its first caption.
@@ -349,14 +356,23 @@ impl Captioner {
         Ok(self.model.encode(pixel_values)?)
     }
 
-    /// From now on the encoder side runs on `gpu` (its weights uploaded now, once); the decoder
-    /// stays on the CPU. Natively every call encodes there; in the browser
-    /// [`Captioner::encode_step_async`] does.
+    /// From now on the encoder side runs on `gpu` (its weights uploaded now, once), and the
+    /// decoder too where the family has a GPU decoder (its caches in GPU memory, each step's
+    /// logits read back). Natively every call runs there; in a browser, whose GPU reads are
+    /// awaited, [`Captioner::encode_step_async`] encodes there and the runs of
+    /// [`Captioner::finish_encoding_awaited`] decode there.
     #[cfg(feature = "webgpu")]
     pub fn use_gpu(&mut self, gpu: std::sync::Arc<crate::gpu::Gpu>) -> Result<()> {
         let encoder = self.model.gpu_encoder(&gpu)?;
+        self.gpu_decoder = self.model.gpu_decoder(&gpu)?;
         self.gpu = Some((gpu, encoder));
         Ok(())
+    }
+
+    /// Whether the decoder runs on the GPU ([`Captioner::use_gpu`]).
+    #[cfg(feature = "webgpu")]
+    pub fn decodes_on_gpu(&self) -> bool {
+        self.gpu_decoder.is_some()
     }
 
     /// The GPU the encoder runs on, if any.
@@ -496,7 +512,22 @@ impl Captioner {
     }
 
     /// The caption run of an encoding (the tiles left, if any, encoded now as one batch).
-    pub fn finish_encoding(&self, mut run: EncodeRun) -> Result<CaptionRun> {
+    /// Natively it decodes on the GPU where the decoder is there ([`Captioner::use_gpu`]); in a
+    /// browser, whose GPU reads complete from its event loop, on the CPU, so that the
+    /// synchronous steps can run it: [`Captioner::finish_encoding_awaited`] gives a run for the
+    /// async steps there.
+    pub fn finish_encoding(&self, run: EncodeRun) -> Result<CaptionRun> {
+        self.finish_encoding_where(run, cfg!(not(target_arch = "wasm32")))
+    }
+
+    /// [`Captioner::finish_encoding`] for a caller that awaits the steps
+    /// ([`Captioner::step_async`], [`Captioner::beam_search_run_async`]): on the GPU where the
+    /// decoder is there, in a browser too.
+    pub fn finish_encoding_awaited(&self, run: EncodeRun) -> Result<CaptionRun> {
+        self.finish_encoding_where(run, true)
+    }
+
+    fn finish_encoding_where(&self, mut run: EncodeRun, gpu_allowed: bool) -> Result<CaptionRun> {
         if !run.is_encoded() {
             self.encode_step(&mut run, usize::MAX)?;
         }
@@ -509,7 +540,7 @@ impl Captioner {
         // cross-attention keys/values are decoder work and count toward the first token.
         let encoder_ms = now_ms() - started_ms;
         let n = pixels.len();
-        let state = self.model.start(conditioning, &prompt_ids)?;
+        let (state, on_gpu) = self.start_state(conditioning, &prompt_ids, gpu_allowed)?;
         let stream = TextStream::with_prefix(&self.tokenizer, &self.model.text_prefix(&prompt_ids))?;
         let seen = prompt_ids;
         let rows = (0..n)
@@ -525,6 +556,7 @@ impl Captioner {
             .collect();
         Ok(CaptionRun {
             state,
+            on_gpu,
             active: if max_new_tokens == 0 { vec![] } else { (0..n).collect() },
             rows,
             sampling: options.sampling.clone(),
@@ -543,12 +575,34 @@ impl Captioner {
 
     /// Logits [B, vocab] of a started run's first generated position (e.g. one encoded with
     /// [`Captioner::encode_step_async`]); the run is spent.
-    pub fn first_step_logits_of(&self, mut run: CaptionRun) -> Result<Tensor> {
-        self.state_logits(&mut run.state)
+    pub fn first_step_logits_of(&self, run: CaptionRun) -> Result<Tensor> {
+        ready(self.first_step_logits_of_async(run))
     }
 
-    /// Logits [B, vocab] of every row's next position.
-    fn state_logits(&self, state: &mut Box<dyn DecodeState>) -> Result<Tensor> {
+    /// [`Captioner::first_step_logits_of`], awaiting the GPU's read.
+    pub async fn first_step_logits_of_async(&self, mut run: CaptionRun) -> Result<Tensor> {
+        self.state_logits(&mut run.state, run.on_gpu).await
+    }
+
+    /// Decoding state for every row of `conditioning`, where the decoder runs (the GPU if
+    /// `gpu_allowed` and the decoder is there): the state and whether it is on the GPU.
+    #[allow(unused_variables)]
+    fn start_state(&self, conditioning: Tensor, prompt_ids: &[u32], gpu_allowed: bool) -> Result<(Box<dyn DecodeState>, bool)> {
+        #[cfg(feature = "webgpu")]
+        if let (Some(decoder), true) = (&self.gpu_decoder, gpu_allowed) {
+            return Ok((decoder.start(conditioning, prompt_ids)?, true));
+        }
+        Ok((self.model.start(conditioning, prompt_ids)?, false))
+    }
+
+    /// Logits [B, vocab] of every row's next position (`on_gpu`: the state is the GPU
+    /// decoder's, and the logits are read back from there).
+    #[allow(unused_variables)]
+    async fn state_logits(&self, state: &mut Box<dyn DecodeState>, on_gpu: bool) -> Result<Tensor> {
+        #[cfg(feature = "webgpu")]
+        if let (true, Some(decoder), Some((gpu, _))) = (on_gpu, &self.gpu_decoder, &self.gpu) {
+            return gpu.read_tensor(&decoder.next_logits(state.as_mut())?).await;
+        }
         Ok(crate::architecture::step_logits(self.model.as_ref(), state.as_mut())?)
     }
 
@@ -610,7 +664,13 @@ impl Captioner {
 
     /// Beam search from a started run (its images encoded, e.g. step by step with
     /// [`Captioner::encode_step`]): per image, the hypotheses of [`Captioner::beam_search_many`].
-    pub fn beam_search_run(
+    pub fn beam_search_run(&self, run: CaptionRun, beams: &BeamOptions, on_provisional: impl FnMut(usize, &[u32])) -> Result<Vec<Vec<Hypothesis>>> {
+        ready(self.beam_search_run_async(run, beams, on_provisional))
+    }
+
+    /// [`Captioner::beam_search_run`], awaiting the GPU's reads (a run of
+    /// [`Captioner::finish_encoding_awaited`] in a browser).
+    pub async fn beam_search_run_async(
         &self,
         mut run: CaptionRun,
         beams: &BeamOptions,
@@ -636,7 +696,8 @@ impl Captioner {
             Ok(lp)
         };
         // One forward per image; each image's beams start as copies of it.
-        let first = self.state_logits(&mut run.state)?;
+        let on_gpu = run.on_gpu;
+        let first = self.state_logits(&mut run.state, on_gpu).await?;
         let mut log_probs = (0..searches.len()).map(|i| Ok(vec![processed(first.i(i)?, &[])?; k])).collect::<Result<Vec<_>>>()?;
         let rows: Vec<usize> = (0..searches.len()).flat_map(|i| std::iter::repeat_n(i, k)).collect();
         let mut state = run.state.select(&rows)?;
@@ -663,7 +724,7 @@ impl Captioner {
             }
             state = state.select(&keep)?;
             state.feed(feed);
-            let logits = self.state_logits(&mut state)?;
+            let logits = self.state_logits(&mut state, on_gpu).await?;
             log_probs = still
                 .iter()
                 .enumerate()
@@ -680,10 +741,16 @@ impl Captioner {
     /// One step of every running caption of `run`: (caption index, its new token) for each;
     /// empty once all are done. Captions that finish leave the batch.
     pub fn step(&self, run: &mut CaptionRun) -> Result<Vec<(usize, TokenEvent)>> {
+        ready(self.step_async(run))
+    }
+
+    /// [`Captioner::step`], awaiting the GPU's read (a run of
+    /// [`Captioner::finish_encoding_awaited`] in a browser).
+    pub async fn step_async(&self, run: &mut CaptionRun) -> Result<Vec<(usize, TokenEvent)>> {
         if run.active.is_empty() {
             return Ok(vec![]);
         }
-        let logits = self.state_logits(&mut run.state)?;
+        let logits = self.state_logits(&mut run.state, run.on_gpu).await?;
         let mut events = Vec::with_capacity(run.active.len());
         let (mut keep, mut feed) = (Vec::new(), Vec::new());
         for (slot, &caption) in run.active.iter().enumerate() {
@@ -719,7 +786,12 @@ impl Captioner {
     /// Greedy (or sampled) step of a one-image run: the next token, or `None` once EOS was
     /// produced or the budget is spent.
     pub fn next_token(&self, run: &mut CaptionRun) -> Result<Option<TokenEvent>> {
-        Ok(self.step(run)?.into_iter().next().map(|(_, event)| event))
+        ready(self.next_token_async(run))
+    }
+
+    /// [`Captioner::next_token`], awaiting the GPU's read.
+    pub async fn next_token_async(&self, run: &mut CaptionRun) -> Result<Option<TokenEvent>> {
+        Ok(self.step_async(run).await?.into_iter().next().map(|(_, event)| event))
     }
 
     /// The finished caption of a one-image run (call once `next_token` returned `None`).
@@ -813,6 +885,19 @@ fn is_q8_0_checkpoint(tensors: &HashMap<String, Tensor>) -> bool {
 }
 
 /// Index of the largest logit; ties go to the lowest index, as `torch.argmax` does.
+/// The value of a future that needs no waiting: every CPU step, and natively the GPU's (a read
+/// completes within its poll of the device). A browser completes GPU reads from its event loop,
+/// which a synchronous call cannot wait for: that is an error, saying which calls await.
+pub(crate) fn ready<T, E: From<Error>>(future: impl std::future::Future<Output = std::result::Result<T, E>>) -> std::result::Result<T, E> {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => Err(E::from(Error::Gpu(
+            "this caption decodes on the GPU, whose reads the browser completes from its event loop: step it with the async calls (nextTokenAsync, beamSearchEncodedAsync)".into(),
+        ))),
+    }
+}
+
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     argmax_slice(&logits.to_vec1::<f32>()?)
 }

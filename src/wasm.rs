@@ -290,11 +290,13 @@ impl WasmCaptioner {
             return Err(JsError::new("generation: no image being encoded; call startEncoding() first"));
         };
         let encoded = self.inner.encode_step(run, tiles).map_err(js_error)?;
-        self.encode_progress(encoded)
+        self.encode_progress(encoded, false)
     }
 
     /// `encodeStep` that awaits the GPU where the encoder side runs there (`useGpu`): WebGPU's
-    /// reads complete from the event loop. Without a GPU, the same as `encodeStep`.
+    /// reads complete from the event loop. Without a GPU, the same as `encodeStep`. The caption
+    /// it prepares is for the awaited steps (`nextTokenAsync`, `beamSearchEncodedAsync`),
+    /// which decode on the GPU where the decoder is there.
     #[wasm_bindgen(js_name = encodeStepAsync)]
     pub async fn encode_step_async(&mut self, tiles: usize) -> Result<JsValue, JsError> {
         let Some(mut run) = self.encoding.take() else {
@@ -302,22 +304,25 @@ impl WasmCaptioner {
         };
         let encoded = self.inner.encode_step_async(&mut run, tiles).await;
         self.encoding = Some(run);
-        self.encode_progress(encoded.map_err(js_error)?)
+        self.encode_progress(encoded.map_err(js_error)?, true)
     }
 
-    /// `{ encoded, tiles }` after an encoding step; the caption run once every tile is encoded.
-    fn encode_progress(&mut self, encoded: usize) -> Result<JsValue, JsError> {
+    /// `{ encoded, tiles }` after an encoding step; the caption run once every tile is encoded
+    /// (`awaited`: for the async steps).
+    fn encode_progress(&mut self, encoded: usize, awaited: bool) -> Result<JsValue, JsError> {
         let tiles = self.encoding.as_ref().map_or(0, |run| run.tiles());
         if self.encoding.as_ref().is_some_and(|run| run.is_encoded()) {
             if let Some(run) = self.encoding.take() {
-                self.run = Some(self.inner.finish_encoding(run).map_err(js_error)?);
+                let run = if awaited { self.inner.finish_encoding_awaited(run) } else { self.inner.finish_encoding(run) };
+                self.run = Some(run.map_err(js_error)?);
             }
         }
         to_js(&EncodeProgress { encoded, tiles })
     }
 
-    /// Moves the encoder side to the GPU that WebGPU gives (its weights uploaded now, once);
-    /// `encodeStepAsync` then encodes there. Returns the adapter's name and backend. No adapter,
+    /// Moves the encoder side and the decoder (where the family has one for the GPU) to the GPU
+    /// that WebGPU gives, their weights uploaded now, once; `encodeStepAsync` then encodes there
+    /// and `nextTokenAsync` / `beamSearchEncodedAsync` decode there. Returns the adapter's name and backend. No adapter,
     /// or one short of a limit the kernels need, is an error (the caller falls back to WASM).
     #[cfg(feature = "webgpu")]
     #[wasm_bindgen(js_name = useGpu)]
@@ -331,6 +336,13 @@ impl WasmCaptioner {
     /// `beamSearch`'s, the same ones the encoding started with); returns what `beamSearch` does.
     #[wasm_bindgen(js_name = beamSearchEncoded)]
     pub fn beam_search_encoded(&mut self, options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
+        crate::captioner::ready(self.beam_search_encoded_async(options_js, on_provisional))
+    }
+
+    /// `beamSearchEncoded` over an image `encodeStepAsync` encoded, awaiting the GPU where the
+    /// decoder runs there.
+    #[wasm_bindgen(js_name = beamSearchEncodedAsync)]
+    pub async fn beam_search_encoded_async(&mut self, options_js: JsValue, on_provisional: Option<js_sys::Function>) -> Result<JsValue, JsError> {
         let plan = plan(options_js, &self.inner)?;
         let beams = plan.beams.unwrap_or_else(|| BeamOptions { num_beams: 1, ..self.inner.default_beam_options() });
         let Some(run) = self.run.take() else {
@@ -338,8 +350,9 @@ impl WasmCaptioner {
         };
         let mut callback = Callback::new(on_provisional);
         let options = plan.options;
-        let mut all =
-            self.inner.beam_search_run(run, &beams, |_, best| callback.call(|| self.provisional(&options, best), None)).map_err(js_error)?;
+        let this = &*self;
+        let all = this.inner.beam_search_run_async(run, &beams, |_, best| callback.call(|| this.provisional(&options, best), None)).await;
+        let mut all = all.map_err(js_error)?;
         callback.result()?;
         to_js(&self.hypotheses(&options, all.pop().unwrap_or_default())?)
     }
@@ -347,16 +360,25 @@ impl WasmCaptioner {
     /// The next token as `{ id, text, delta }`, or `undefined` when the caption is complete.
     #[wasm_bindgen(js_name = nextToken)]
     pub fn next_token(&mut self) -> Result<JsValue, JsError> {
-        let Some(run) = self.run.as_mut() else {
+        crate::captioner::ready(self.next_token_async())
+    }
+
+    /// `nextToken`, awaiting the GPU where the caption decodes there (`encodeStepAsync`'s).
+    #[wasm_bindgen(js_name = nextTokenAsync)]
+    pub async fn next_token_async(&mut self) -> Result<JsValue, JsError> {
+        let Some(mut run) = self.run.take() else {
             return Err(JsError::new("generation: no caption in progress; call start() first"));
         };
-        match self.inner.next_token(run) {
-            Ok(Some(event)) => to_js(&event),
-            Ok(None) => Ok(JsValue::UNDEFINED),
-            Err(e) => {
-                self.run = None;
-                Err(js_error(e))
+        match self.inner.next_token_async(&mut run).await {
+            Ok(Some(event)) => {
+                self.run = Some(run);
+                to_js(&event)
             }
+            Ok(None) => {
+                self.run = Some(run);
+                Ok(JsValue::UNDEFINED)
+            }
+            Err(e) => Err(js_error(e)),
         }
     }
 

@@ -327,10 +327,93 @@ async fn bad_shapes_are_errors_in_the_browser() {
     bad_shapes_are_errors_that_name_them().await;
 }
 
-/// The encoder side of a captioner on the GPU, through the step-by-step encoding the JS worker
-/// awaits (`encode_step_async`), against 🤗 transformers' fixtures: first-step logits within
-/// the CPU paths' tolerance (`scale`: in units of that, e.g. the logits' std), greedy and beam
-/// ids identical.
+/// GPT-2 (cross-attention) and Llama (grouped queries, rotary positions) decoding on the GPU
+/// against their CPU models, step by step: a prefill of several positions, then single steps
+/// past the cache's first capacity (256), rows reordered and repeated midway as a beam search
+/// does; every step's logits compared.
+async fn decoders_on_the_gpu_match_the_cpu() {
+    use wasmcap::models::backend::Cpu;
+    use wasmcap::models::gpt2::{Gpt2Config, Gpt2LMHeadModel};
+    use wasmcap::models::llama::{Llama, LlamaConfig};
+    let gpu = Gpu::new().await.expect("a GPU adapter");
+    let vb = || VarBuilder::from_backend(Box::new(Seeded), DType::F32, Device::Cpu);
+    let close = |what: String, got: Vec<f32>, want: Tensor| {
+        let want = flat(&want);
+        let spread = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        assert!(spread > 0.5, "{what}: logits too small to compare: {spread}");
+        assert!(max_diff(&got, &want) < 2e-4 * spread.max(1.0), "{what}: max |Δ| {} (logits up to {spread})", max_diff(&got, &want));
+    };
+    let ids = |rows: usize, t: usize, step: usize| (0..rows * t).map(|i| ((i * 37 + step * 11) % 90) as u32).collect::<Vec<_>>();
+
+    let config: Gpt2Config = serde_json::from_value(serde_json::json!({
+        "vocab_size": 90, "n_positions": 400, "n_embd": 64, "n_layer": 2, "n_head": 4, "add_cross_attention": true
+    }))
+    .expect("config");
+    let cpu_model = Gpt2LMHeadModel::new(&config, vb().pp("decoder")).expect("GPT-2");
+    let gpu_model = cpu_model.to_backend(&gpu).expect("upload");
+    let states = values(2 * 10 * 64, 41);
+    let cross = cpu_model.cross_attention_cache(&Cpu, &cpu(&states, &[2, 10, 64])).expect("cross K/V");
+    let mut cpu_cache = cpu_model.new_cache(&Cpu, Some(cross), 2);
+    let cross = gpu_model.cross_attention_cache(&gpu, &gpu.upload(&states, &[2, 10, 64]).expect("upload")).expect("cross K/V");
+    let mut gpu_cache = gpu_model.new_cache(&gpu, Some(cross), 2);
+    let mut rows = 2;
+    for step in 0..270 {
+        let t = if step == 0 { 3 } else { 1 };
+        if step == 100 {
+            // Beams: rows 1, 1 and 0 continue (each row still reads its own image).
+            cpu_cache = cpu_cache.select(&Cpu, &[1, 1, 0]).expect("select");
+            gpu_cache = gpu_cache.select(&gpu, &[1, 1, 0]).expect("select");
+            rows = 3;
+        }
+        let feed = ids(rows, t, step);
+        let want = cpu_model.next_logits(&Cpu, &feed, rows, &mut cpu_cache).expect("CPU step");
+        let got = gpu.read(&gpu_model.next_logits(&gpu, &feed, rows, &mut gpu_cache).expect("GPU step")).await.expect("read");
+        if step % 30 == 0 || step == 100 || step >= 255 {
+            close(format!("GPT-2 step {step}"), got, want);
+        }
+    }
+
+    let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": 90, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 600, "tie_word_embeddings": true
+    }))
+    .expect("config");
+    let cpu_model = Llama::new(&config, vb().pp("model"), vb().pp("lm_head")).expect("Llama");
+    let gpu_model = cpu_model.to_backend(&gpu).expect("upload");
+    let (mut cpu_cache, mut gpu_cache) = (cpu_model.new_cache(&Cpu), gpu_model.new_cache(&gpu));
+    let mut rows = 2;
+    for step in 0..30 {
+        // A prefill of 250 positions, then steps past 256.
+        let t = if step == 0 { 250 } else { 1 };
+        if step == 12 {
+            cpu_cache = cpu_cache.select(&Cpu, &[0, 0, 1]).expect("select");
+            gpu_cache = gpu_cache.select(&gpu, &[0, 0, 1]).expect("select");
+            rows = 3;
+        }
+        let feed = ids(rows, t, step);
+        let want = cpu_model.last_logits(&Cpu, &cpu_model.embed_on(&Cpu, &feed, rows).expect("embed"), t, &mut cpu_cache).expect("CPU step");
+        let embeds = gpu_model.embed_on(&gpu, &feed, rows).expect("embed");
+        let got = gpu.read(&gpu_model.last_logits(&gpu, &embeds, t, &mut gpu_cache).expect("GPU step")).await.expect("read");
+        close(format!("Llama step {step}"), got, want);
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn decoders_on_the_gpu_match_the_cpu_natively() {
+    pollster::block_on(decoders_on_the_gpu_match_the_cpu());
+}
+
+#[cfg(target_arch = "wasm32")]
+#[wasm_bindgen_test::wasm_bindgen_test]
+async fn decoders_on_the_gpu_match_the_cpu_in_the_browser() {
+    decoders_on_the_gpu_match_the_cpu().await;
+}
+
+/// A captioner on the GPU, through the step-by-step encoding and the decoding steps the JS
+/// worker awaits (`encode_step_async`, `next_token_async`, `beam_search_run_async`), against 🤗
+/// transformers' fixtures: first-step logits within the CPU paths' tolerance (`scale`: in units
+/// of that, e.g. the logits' std), greedy and beam ids identical.
 struct Check<'a> {
     label: String,
     pixels: wasmcap::preprocess::Pixels,
@@ -345,7 +428,7 @@ async fn encoded(c: &wasmcap::Captioner, pixels: &wasmcap::preprocess::Pixels, o
     while !run.is_encoded() {
         c.encode_step_async(&mut run, 4).await.expect("encode on the GPU");
     }
-    c.finish_encoding(run).expect("finish encoding")
+    c.finish_encoding_awaited(run).expect("finish encoding")
 }
 
 async fn check_on_gpu(gpu: &Gpu, c: &wasmcap::Captioner, check: Check<'_>) {
@@ -353,30 +436,33 @@ async fn check_on_gpu(gpu: &Gpu, c: &wasmcap::Captioner, check: Check<'_>) {
     let before = gpu.kernels_queued();
     if let Some((want, scale)) = logits {
         let first = wasmcap::CaptionOptions { max_new_tokens: Some(1), ..options.clone() };
-        let got = c.first_step_logits_of(encoded(c, &pixels, &first).await).expect("logits");
+        let got = c.first_step_logits_of_async(encoded(c, &pixels, &first).await).await.expect("logits");
         let diff = common::max_abs_diff(&got.flatten_all().unwrap(), &want.flatten_all().unwrap());
-        common::report(&format!("{label} first-step logits max-abs, encoder on the GPU"), diff);
+        common::report(&format!("{label} first-step logits max-abs, on the GPU"), diff);
         assert!(diff / scale <= common::STATE_TOL, "{label}: first-step logits differ by {diff} (scale {scale})");
     }
     if let Some(want) = greedy {
         let mut run = encoded(c, &pixels, &options).await;
-        while c.next_token(&mut run).expect("next token").is_some() {}
-        assert_eq!(c.finish(&run).token_ids, want, "{label}: greedy ids, encoder on the GPU");
+        while c.next_token_async(&mut run).await.expect("next token").is_some() {}
+        assert_eq!(c.finish(&run).token_ids, want, "{label}: greedy ids on the GPU");
     }
     if let Some((beams, want)) = beam {
-        let best = c.beam_search_run(encoded(c, &pixels, &options).await, &beams, |_, _| {}).expect("beam search");
-        assert_eq!(best[0][0].token_ids, want, "{label}: {} beams, encoder on the GPU", beams.num_beams);
+        let best = c.beam_search_run_async(encoded(c, &pixels, &options).await, &beams, |_, _| {}).await.expect("beam search");
+        assert_eq!(best[0][0].token_ids, want, "{label}: {} beams on the GPU", beams.num_beams);
     }
     assert!(gpu.kernels_queued() > before, "{label}: nothing ran on the GPU");
 }
 
-fn on_gpu(gpu: &Arc<Gpu>, files: wasmcap::loading::ModelFiles<'_>) -> wasmcap::Captioner {
+/// A captioner on the GPU, its decoder too but BLIP's (`decoder_on_gpu` false), which has none
+/// yet.
+fn on_gpu(gpu: &Arc<Gpu>, files: wasmcap::loading::ModelFiles<'_>, decoder_on_gpu: bool) -> wasmcap::Captioner {
     let mut c = wasmcap::Captioner::from_files(files).expect("captioner");
-    c.use_gpu(gpu.clone()).expect("the encoder side uploads");
+    c.use_gpu(gpu.clone()).expect("the model uploads");
+    assert_eq!(c.decodes_on_gpu(), decoder_on_gpu, "where the decoder runs");
     c
 }
 
-async fn captioners_encode_on_the_gpu_as_transformers() {
+async fn captioners_on_the_gpu_match_transformers() {
     use common::{ids, image, PHOTOS, PREFIX_PROMPTS};
     use wasmcap::preprocess::Pixels;
     use wasmcap::CaptionOptions;
@@ -385,7 +471,7 @@ async fn captioners_encode_on_the_gpu_as_transformers() {
 
     // SigLIP / ViT + GPT-2 (VisionEncoderDecoder).
     for fx in common::fixtures() {
-        let c = on_gpu(&gpu, fx.files());
+        let c = on_gpu(&gpu, fx.files(), true);
         let tensors = fx.reference_tensors();
         for name in PHOTOS {
             let greedy = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() };
@@ -421,7 +507,7 @@ async fn captioners_encode_on_the_gpu_as_transformers() {
 
     // SigLIP + projector + Llama (Llava), LoRA merged ahead and at load.
     for case in common::prefix_cases() {
-        let c = on_gpu(&gpu, case.files());
+        let c = on_gpu(&gpu, case.files(), true);
         let tensors = case.reference_tensors();
         for name in PHOTOS {
             let pixels = whole(&tensors[&format!("pixel_values.{name}")]);
@@ -438,7 +524,7 @@ async fn captioners_encode_on_the_gpu_as_transformers() {
     // BLIP's vision model + BERT decoder: its fixture's logits compared in units of their std.
     let fx = common::blip();
     let (reference, tensors) = (fx.reference(), fx.reference_tensors());
-    let c = on_gpu(&gpu, fx.files());
+    let c = on_gpu(&gpu, fx.files(), false);
     let beams = wasmcap::BeamOptions { num_beams: reference["num_beams"].as_u64().unwrap() as usize, ..Default::default() };
     for name in PHOTOS {
         for key in ["noprompt", "prompt"] {
@@ -474,7 +560,7 @@ async fn captioners_encode_on_the_gpu_as_transformers() {
         let mut preprocessor: serde_json::Value = serde_json::from_slice(fx.preprocessor).unwrap();
         preprocessor["do_image_splitting"] = (mode == "split").into();
         let bytes = serde_json::to_vec(&preprocessor).unwrap();
-        let c = on_gpu(&gpu, fx.files(Some(&bytes)));
+        let c = on_gpu(&gpu, fx.files(Some(&bytes)), true);
         for name in ["astronaut.png", "chelsea.jpg", "chelsea_portrait.png"] {
             let want = &reference["images"][name][mode];
             let grids = c.pixel_values_from_bytes(image(name)).unwrap().grids().to_vec();
@@ -494,12 +580,12 @@ async fn captioners_encode_on_the_gpu_as_transformers() {
 
 #[cfg(not(target_arch = "wasm32"))]
 #[test]
-fn captioners_encode_on_the_gpu_as_transformers_natively() {
-    pollster::block_on(captioners_encode_on_the_gpu_as_transformers());
+fn captioners_on_the_gpu_match_transformers_natively() {
+    pollster::block_on(captioners_on_the_gpu_match_transformers());
 }
 
 #[cfg(target_arch = "wasm32")]
 #[wasm_bindgen_test::wasm_bindgen_test]
-async fn captioners_encode_on_the_gpu_as_transformers_in_the_browser() {
-    captioners_encode_on_the_gpu_as_transformers().await;
+async fn captioners_on_the_gpu_match_transformers_in_the_browser() {
+    captioners_on_the_gpu_match_transformers().await;
 }

@@ -1,11 +1,13 @@
-// y = a + b, b repeated over a's leading dimensions (b's length divides a's): residuals, and
-// position embeddings added to every image.
+// y = a + b or a · b, b repeated over a's leading dimensions (b's length divides a's):
+// residuals, position embeddings added to every image, SwiGLU's gate times its up projection.
 
 struct Params {
   len: u32,
   b_len: u32,
   // Invocations a row of the grid holds (workgroups past the first dimension go in the second).
   row: u32,
+  // 0: a + b, 1: a · b.
+  op: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -17,6 +19,7 @@ struct Params {
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
   let i = id.y * params.row + id.x;
   if (i < params.len) {
-    y[i] = a[i] + b[i % params.b_len];
+    let other = b[i % params.b_len];
+    y[i] = select(a[i] + other, a[i] * other, params.op == 1u);
   }
 }

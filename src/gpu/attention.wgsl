@@ -1,6 +1,6 @@
 // softmax(q·kᵀ·scale (+ causal mask))·v for every query row: q and y [B, Tq, H·d], k and v
-// [B, Tk, KV·d] (a projection's output, heads side by side), query head h reading key/value
-// head h / (H / KV) (grouped-query attention). With `causal` set, query i sees keys
+// [B, Tk, KV·d] (a projection's output, heads side by side; a cache's first Tk of `kv_rows`
+// rows per batch), query head h reading key/value head h / (H / KV) (grouped-query attention). With `causal` set, query i sees keys
 // 0..=past + i.
 //
 // A workgroup per (batch, query, head): an invocation per query starved the GPU (SigLIP-B's
@@ -21,6 +21,7 @@ struct Params {
   causal: u32,
   past: u32,
   groups_x: u32,
+  kv_rows: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
@@ -83,7 +84,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let n = min(CHUNK, keys - start);
     var local_max = -3.0e38;
     for (var j = t; j < n; j += WG) {
-      let ko = (b * p.tk + start + j) * kv_row + g * p.d;
+      let ko = (b * p.kv_rows + start + j) * kv_row + g * p.d;
       var s = 0.0;
       for (var c = 0u; c < p.d; c++) {
         s += qs[c] * k[ko + c];
@@ -103,7 +104,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     // reduce's barriers also publish the exponentials written above.
     l = l * correction + reduce(t, local_sum, false);
     m = m_new;
-    let vo = (b * p.tk + start) * kv_row + g * p.d;
+    let vo = (b * p.kv_rows + start) * kv_row + g * p.d;
     for (var r = 0u; r < COLS; r++) {
       let c = t + r * WG;
       if (c < p.d) {

@@ -16,7 +16,7 @@ use candle_nn::Activation;
 use crate::error::{Error, Result};
 
 mod backend;
-pub use backend::{GpuLayerNorm, GpuLinear};
+pub use backend::{GpuKvCache, GpuLayerNorm, GpuLinear, GpuRmsNorm, GpuRope};
 
 fn gpu_error(message: impl Into<String>) -> Error {
     Error::Gpu(message.into())
@@ -30,10 +30,14 @@ pub struct Gpu {
     linear: wgpu::ComputePipeline,
     /// `linear` for k a multiple of 4 (vec4 loads).
     linear_vec4: wgpu::ComputePipeline,
+    /// `linear` for a few rows (decoding steps), k a multiple of 4.
+    linear_rows: wgpu::ComputePipeline,
     norm: wgpu::ComputePipeline,
     add: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
     gather: wgpu::ComputePipeline,
+    columns: wgpu::ComputePipeline,
+    rope: wgpu::ComputePipeline,
     /// Bound where a kernel's optional input is absent (WebGPU binds every slot).
     empty: wgpu::Buffer,
     /// The first uncaptured error or device loss, reported by the next read.
@@ -54,6 +58,9 @@ struct Pending {
     encoder: wgpu::CommandEncoder,
     dispatches: usize,
 }
+
+/// Rows up to which a product streams the weight (linear_rows.wgsl's ROWS).
+const LINEAR_ROWS: usize = 4;
 
 /// Submitted every this many kernels, so that the GPU starts on a long forward while the rest
 /// is recorded.
@@ -198,10 +205,13 @@ impl Gpu {
         let linear_with = |loads: &str| format!("{activation}\n{}\n{loads}", include_str!("linear.wgsl"));
         let linear = kernel("linear", &linear_with(include_str!("linear_loads.wgsl")));
         let linear_vec4 = kernel("linear_vec4", &linear_with(include_str!("linear_loads_vec4.wgsl")));
+        let linear_rows = kernel("linear_rows", &format!("{activation}\n{}", include_str!("linear_rows.wgsl")));
         let norm = kernel("norm", include_str!("norm.wgsl"));
         let add = kernel("add", include_str!("add.wgsl"));
         let attention = kernel("attention", include_str!("attention.wgsl"));
         let gather = kernel("gather", include_str!("gather.wgsl"));
+        let columns = kernel("columns", include_str!("columns.wgsl"));
+        let rope = kernel("rope", include_str!("rope.wgsl"));
         let empty = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("empty"),
             size: 4,
@@ -214,10 +224,13 @@ impl Gpu {
             info,
             linear,
             linear_vec4,
+            linear_rows,
             norm,
             add,
             attention,
             gather,
+            columns,
+            rope,
             empty,
             failure,
             pending: Mutex::new(None),
@@ -281,6 +294,14 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(y);
         }
+        let bindings = [x.buffer(), w.buffer(), b.map_or(&self.empty, |b| b.buffer()), y.buffer()];
+        if m <= LINEAR_ROWS && k.is_multiple_of(4) {
+            // linear_rows.wgsl: 8 columns a workgroup.
+            let [gx, gy] = self.grid(n.div_ceil(8), "linear")?;
+            let params = [m, n, k, b.is_some() as usize, act as usize, gx as usize].map(|v| v as u32);
+            self.dispatch(&self.linear_rows, &bindings, &params, [gx, gy])?;
+            return Ok(y);
+        }
         // linear.wgsl's tile: 32 × 32 outputs a workgroup.
         let groups = (n.div_ceil(32), m.div_ceil(32));
         let max = self.device.limits().max_compute_workgroups_per_dimension as usize;
@@ -288,12 +309,7 @@ impl Gpu {
             return Err(gpu_error(format!("linear: {m} × {n} outputs need {groups:?} workgroups, the device allows {max} a dimension")));
         }
         let params = [m, n, k, b.is_some() as usize, act as usize].map(|v| v as u32);
-        self.dispatch(
-            if k.is_multiple_of(4) { &self.linear_vec4 } else { &self.linear },
-            &[x.buffer(), w.buffer(), b.map_or(&self.empty, |b| b.buffer()), y.buffer()],
-            &params,
-            [groups.0 as u32, groups.1 as u32],
-        )?;
+        self.dispatch(if k.is_multiple_of(4) { &self.linear_vec4 } else { &self.linear }, &bindings, &params, [groups.0 as u32, groups.1 as u32])?;
         Ok(y)
     }
 
@@ -323,18 +339,93 @@ impl Gpu {
     /// a + b, b repeated over a's leading dimensions: b's shape is a trailing part of a's
     /// (a residual: the same shape; position embeddings [T, D] for images [B, T, D]).
     pub fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        self.elementwise(a, b, 0, "add")
+    }
+
+    /// a · b, b repeated as in [`Gpu::add`].
+    pub fn mul(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        self.elementwise(a, b, 1, "mul")
+    }
+
+    fn elementwise(&self, a: &GpuTensor, b: &GpuTensor, op: u32, what: &str) -> Result<GpuTensor> {
         // Leading 1s broadcast too: [1, T, D] over [B, T, D].
         let b_shape = &b.shape[b.shape.iter().take_while(|&&d| d == 1).count()..];
         if b_shape.len() > a.shape.len() || !a.shape.ends_with(b_shape) {
-            return Err(gpu_error(format!("add: {:?} + {:?} (the second must be a trailing part of the first)", a.shape, b.shape)));
+            return Err(gpu_error(format!("{what}: {:?} and {:?} (the second must be a trailing part of the first)", a.shape, b.shape)));
         }
-        let y = self.output(a.shape.clone(), "add")?;
+        let y = self.output(a.shape.clone(), what)?;
         if a.len() == 0 {
             return Ok(y);
         }
-        let [gx, gy] = self.grid(a.len().div_ceil(256), "add")?;
-        self.dispatch(&self.add, &[a.buffer(), b.buffer(), y.buffer()], &[a.len() as u32, b.len().max(1) as u32, gx * 256], [gx, gy])?;
+        let [gx, gy] = self.grid(a.len().div_ceil(256), what)?;
+        self.dispatch(&self.add, &[a.buffer(), b.buffer(), y.buffer()], &[a.len() as u32, b.len().max(1) as u32, gx * 256, op], [gx, gy])?;
         Ok(y)
+    }
+
+    /// Columns `start..start + width` of x [.., x_width] → [.., width].
+    pub fn columns(&self, x: &GpuTensor, start: usize, width: usize) -> Result<GpuTensor> {
+        let x_width = x.shape.last().copied().unwrap_or(0);
+        if start + width > x_width {
+            return Err(gpu_error(format!("columns: {start}..{} of {:?}", start + width, x.shape)));
+        }
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = width;
+        }
+        let y = self.output(shape, "columns")?;
+        let len = y.len();
+        if len == 0 {
+            return Ok(y);
+        }
+        let [gx, gy] = self.grid(len.div_ceil(256), "columns")?;
+        let params = [len, width, x_width, start, gx as usize * 256].map(|v| v as u32);
+        self.dispatch(&self.columns, &[x.buffer(), y.buffer()], &params, [gx, gy])?;
+        Ok(y)
+    }
+
+    /// x [B, T, H·d] rotated (rotate-half) by rows `first..first + T` of the tables cos and
+    /// sin [positions, d / 2].
+    pub fn rope(&self, x: &GpuTensor, heads: usize, cos: &GpuTensor, sin: &GpuTensor, first: usize) -> Result<GpuTensor> {
+        let bad = || gpu_error(format!("rope: x {:?} with {heads} heads, tables {:?} from row {first}", x.shape, cos.shape));
+        let (&[_, t, hd], &[positions, half]) = (x.shape.as_slice(), cos.shape.as_slice()) else { return Err(bad()) };
+        if heads == 0 || hd != heads * 2 * half || sin.shape != cos.shape || first + t > positions {
+            return Err(bad());
+        }
+        let y = self.output(x.shape.clone(), "rope")?;
+        let pairs = x.len() / 2;
+        if pairs == 0 {
+            return Ok(y);
+        }
+        let [gx, gy] = self.grid(pairs.div_ceil(256), "rope")?;
+        let params = [pairs, t, heads, half, first, gx as usize * 256].map(|v| v as u32);
+        self.dispatch(&self.rope, &[x.buffer(), cos.buffer(), sin.buffer(), y.buffer()], &params, [gx, gy])?;
+        Ok(y)
+    }
+
+    /// `x`'s rows [B, T, W] written into `into` [B, rows, W] from row `at` of each batch.
+    pub fn write_rows(&self, x: &GpuTensor, into: &GpuTensor, at: usize) -> Result<()> {
+        let (&[b, t, w], &[ib, rows, iw]) = (x.shape.as_slice(), into.shape.as_slice()) else {
+            return Err(gpu_error(format!("write_rows: {:?} into {:?}", x.shape, into.shape)));
+        };
+        if b != ib || w != iw || at + t > rows {
+            return Err(gpu_error(format!("write_rows: {:?} into {:?} from row {at}", x.shape, into.shape)));
+        }
+        if t * w == 0 {
+            return Ok(());
+        }
+        self.record(|p| {
+            // Copies are recorded outside compute passes.
+            p.pass = None;
+            for bi in 0..b {
+                let (from, to) = (bi * t * w, (bi * rows + at) * w);
+                p.encoder.copy_buffer_to_buffer(x.buffer(), 4 * from as u64, into.buffer(), 4 * to as u64, 4 * (t * w) as u64);
+            }
+        })
+    }
+
+    /// A tensor of `shape` whose values are yet to be written (a cache's rows).
+    pub fn uninit(&self, shape: &[usize]) -> Result<GpuTensor> {
+        self.output(shape.to_vec(), "uninit")
     }
 
     /// Parts [1 or B, Tᵢ, D] joined along dimension 1 → [B, ΣTᵢ, D], a part of one row
@@ -384,10 +475,30 @@ impl Gpu {
         scale: f32,
         causal_past: Option<usize>,
     ) -> Result<GpuTensor> {
+        self.attention_first(q, k, v, k.shape.get(1).copied().unwrap_or(0), heads, scale, causal_past)
+    }
+
+    /// [`Gpu::attention`] over the first `tk` positions of k and v (a cache's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_first(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        tk: usize,
+        heads: (usize, usize),
+        scale: f32,
+        causal_past: Option<usize>,
+    ) -> Result<GpuTensor> {
         let (h, kv) = heads;
-        let bad = || gpu_error(format!("attention: q {:?}, k {:?}, v {:?} with {h} query and {kv} key/value heads", q.shape, k.shape, v.shape));
-        let (&[b, tq, hd], &[kb, tk, kvd]) = (q.shape.as_slice(), k.shape.as_slice()) else { return Err(bad()) };
-        if h == 0 || kv == 0 || h % kv != 0 || hd % h != 0 || kb != b || v.shape != k.shape || kvd != hd / h * kv || tk == 0 {
+        let bad = || {
+            gpu_error(format!(
+                "attention: q {:?}, k {:?}, v {:?} ({tk} positions) with {h} query and {kv} key/value heads",
+                q.shape, k.shape, v.shape
+            ))
+        };
+        let (&[b, tq, hd], &[kb, kv_rows, kvd]) = (q.shape.as_slice(), k.shape.as_slice()) else { return Err(bad()) };
+        if h == 0 || kv == 0 || h % kv != 0 || hd % h != 0 || kb != b || v.shape != k.shape || kvd != hd / h * kv || tk == 0 || tk > kv_rows {
             return Err(bad());
         }
         let d = hd / h;
@@ -401,7 +512,7 @@ impl Gpu {
         // attention.wgsl: a workgroup per (batch, query, head).
         let [gx, gy] = self.grid(b * tq * h, "attention")?;
         let params = [b, tq, tk, h, kv, d].map(|v| v as u32);
-        let params = [&params[..], &[scale.to_bits(), causal_past.is_some() as u32, causal_past.unwrap_or(0) as u32, gx]].concat();
+        let params = [&params[..], &[scale.to_bits(), causal_past.is_some() as u32, causal_past.unwrap_or(0) as u32, gx, kv_rows as u32]].concat();
         self.dispatch(&self.attention, &[q.buffer(), k.buffer(), v.buffer(), y.buffer()], &params, [gx, gy])?;
         Ok(y)
     }

@@ -6,14 +6,13 @@
 //! `nn.Linear`) and `c_attn` packs query, key and value side by side as `[q | k | v]` along `out`;
 //! the cross-attention `c_attn` packs only `[k | v]` and has a separate `q_attn`.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use super::attention;
-use super::embedding::{embedding, Embedding};
+use super::backend::{Backend, Cpu};
+use super::embedding::embedding;
 use super::linear::{conv1d, linear_b, Linear};
-use super::norm::{layer_norm, LayerNorm};
+use super::norm::layer_norm;
 
 /// `GPT2Config` as in the `decoder` section of `config.json`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -84,14 +83,11 @@ impl Gpt2Config {
     }
 }
 
-/// Cross-attention keys and values of one layer, [B, H, N, d]: computed once per image.
-pub type CrossAttentionKv = (Tensor, Tensor);
-
 // transformers modeling_gpt2.py: GPT2Attention (is_cross_attention = False)
 #[derive(Debug, Clone)]
-struct Gpt2SelfAttention {
-    c_attn: Linear,
-    c_proj: Linear,
+struct Gpt2SelfAttention<B: Backend = Cpu> {
+    c_attn: B::Linear,
+    c_proj: B::Linear,
     num_heads: usize,
     scale: f64,
 }
@@ -106,24 +102,30 @@ impl Gpt2SelfAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cache: Option<&mut KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
-        let qkv = self.c_attn.forward(xs)?;
-        let n_embd = qkv.dim(D::Minus1)? / 3;
-        let q = attention::split_heads(&qkv.narrow(D::Minus1, 0, n_embd)?, self.num_heads)?;
-        let k = attention::split_heads(&qkv.narrow(D::Minus1, n_embd, n_embd)?, self.num_heads)?;
-        let v = attention::split_heads(&qkv.narrow(D::Minus1, 2 * n_embd, n_embd)?, self.num_heads)?;
-        let (k, v) = attention::append_kv(cache, &k, &v)?;
-        let out = attention::scaled_dot_product(&q, &k, &v, self.scale, mask)?;
-        self.c_proj.forward(&attention::merge_heads(&out)?)
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<Gpt2SelfAttention<B>, B::Error> {
+        Ok(Gpt2SelfAttention {
+            c_attn: be.linear_from(&self.c_attn)?,
+            c_proj: be.linear_from(&self.c_proj)?,
+            num_heads: self.num_heads,
+            scale: self.scale,
+        })
+    }
+}
+
+impl<B: Backend> Gpt2SelfAttention<B> {
+    fn forward(&self, be: &B, xs: &B::Tensor, cache: Option<&mut B::KvCache>) -> std::result::Result<B::Tensor, B::Error> {
+        let [q, k, v] = be.split_last(&be.linear(xs, &self.c_attn, None)?)?;
+        let heads = (self.num_heads, self.num_heads);
+        be.linear(&be.causal_attention(&q, &k, &v, cache, heads, self.scale)?, &self.c_proj, None)
     }
 }
 
 // transformers modeling_gpt2.py: GPT2Attention (is_cross_attention = True)
 #[derive(Debug, Clone)]
-struct Gpt2CrossAttention {
-    q_attn: Linear,
-    c_attn: Linear,
-    c_proj: Linear,
+struct Gpt2CrossAttention<B: Backend = Cpu> {
+    q_attn: B::Linear,
+    c_attn: B::Linear,
+    c_proj: B::Linear,
     num_heads: usize,
     scale: f64,
 }
@@ -139,18 +141,26 @@ impl Gpt2CrossAttention {
         })
     }
 
-    fn key_values(&self, encoder_hidden_states: &Tensor) -> Result<CrossAttentionKv> {
-        let kv = self.c_attn.forward(encoder_hidden_states)?;
-        let n_embd = kv.dim(D::Minus1)? / 2;
-        let k = attention::split_heads(&kv.narrow(D::Minus1, 0, n_embd)?, self.num_heads)?;
-        let v = attention::split_heads(&kv.narrow(D::Minus1, n_embd, n_embd)?, self.num_heads)?;
-        Ok((k, v))
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<Gpt2CrossAttention<B>, B::Error> {
+        Ok(Gpt2CrossAttention {
+            q_attn: be.linear_from(&self.q_attn)?,
+            c_attn: be.linear_from(&self.c_attn)?,
+            c_proj: be.linear_from(&self.c_proj)?,
+            num_heads: self.num_heads,
+            scale: self.scale,
+        })
+    }
+}
+
+impl<B: Backend> Gpt2CrossAttention<B> {
+    fn key_values(&self, be: &B, encoder_hidden_states: &B::Tensor) -> std::result::Result<B::Kv, B::Error> {
+        let [k, v] = be.split_last(&be.linear(encoder_hidden_states, &self.c_attn, None)?)?;
+        be.kv(&k, &v, self.num_heads)
     }
 
-    fn forward(&self, xs: &Tensor, (k, v): &CrossAttentionKv) -> Result<Tensor> {
-        let q = attention::split_heads(&self.q_attn.forward(xs)?, self.num_heads)?;
-        let out = attention::scaled_dot_product(&q, k, v, self.scale, None)?;
-        self.c_proj.forward(&attention::merge_heads(&out)?)
+    fn forward(&self, be: &B, xs: &B::Tensor, kv: &B::Kv) -> std::result::Result<B::Tensor, B::Error> {
+        let q = be.linear(xs, &self.q_attn, None)?;
+        be.linear(&be.attention(&q, kv, (self.num_heads, self.num_heads), self.scale)?, &self.c_proj, None)
     }
 }
 
@@ -167,9 +177,9 @@ fn attention_scale(cfg: &Gpt2Config, layer_idx: usize) -> f64 {
 
 // transformers modeling_gpt2.py: GPT2MLP
 #[derive(Debug, Clone)]
-struct Gpt2Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+struct Gpt2Mlp<B: Backend = Cpu> {
+    c_fc: B::Linear,
+    c_proj: B::Linear,
     act: Activation,
 }
 
@@ -182,20 +192,22 @@ impl Gpt2Mlp {
             act: cfg.activation_function,
         })
     }
+}
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&super::activation::forward_in_place(&self.act, self.c_fc.forward(xs)?)?)
+impl<B: Backend> Gpt2Mlp<B> {
+    fn forward(&self, be: &B, xs: &B::Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        be.linear(&be.linear(xs, &self.c_fc, Some(&self.act))?, &self.c_proj, None)
     }
 }
 
 // transformers modeling_gpt2.py: GPT2Block
 #[derive(Debug, Clone)]
-struct Gpt2Block {
-    ln_1: LayerNorm,
-    attn: Gpt2SelfAttention,
-    cross: Option<(LayerNorm, Gpt2CrossAttention)>,
-    ln_2: LayerNorm,
-    mlp: Gpt2Mlp,
+struct Gpt2Block<B: Backend = Cpu> {
+    ln_1: B::LayerNorm,
+    attn: Gpt2SelfAttention<B>,
+    cross: Option<(B::LayerNorm, Gpt2CrossAttention<B>)>,
+    ln_2: B::LayerNorm,
+    mlp: Gpt2Mlp<B>,
 }
 
 impl Gpt2Block {
@@ -215,67 +227,84 @@ impl Gpt2Block {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cache: Option<&mut KvCache>, cross_kv: Option<&CrossAttentionKv>, mask: Option<&Tensor>) -> Result<Tensor> {
-        let mut xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?, cache, mask)?)?;
-        if let (Some((ln_cross_attn, crossattention)), Some(kv)) = (&self.cross, cross_kv) {
-            xs = (&xs + crossattention.forward(&ln_cross_attn.forward(&xs)?, kv)?)?;
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<Gpt2Block<B>, B::Error> {
+        let cross = match &self.cross {
+            Some((ln, cross)) => Some((be.layer_norm_from(ln)?, cross.to_backend(be)?)),
+            None => None,
+        };
+        Ok(Gpt2Block {
+            ln_1: be.layer_norm_from(&self.ln_1)?,
+            attn: self.attn.to_backend(be)?,
+            cross,
+            ln_2: be.layer_norm_from(&self.ln_2)?,
+            mlp: Gpt2Mlp { c_fc: be.linear_from(&self.mlp.c_fc)?, c_proj: be.linear_from(&self.mlp.c_proj)?, act: self.mlp.act },
+        })
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![&mut self.attn.c_attn, &mut self.attn.c_proj, &mut self.mlp.c_fc, &mut self.mlp.c_proj];
+        if let Some((_, cross)) = &mut self.cross {
+            out.extend([&mut cross.q_attn, &mut cross.c_attn, &mut cross.c_proj]);
         }
-        &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
+        out
+    }
+}
+
+impl<B: Backend> Gpt2Block<B> {
+    fn forward(&self, be: &B, xs: &B::Tensor, cache: Option<&mut B::KvCache>, cross_kv: Option<&B::Kv>) -> std::result::Result<B::Tensor, B::Error> {
+        let mut xs = be.add(xs, &self.attn.forward(be, &be.layer_norm(xs, &self.ln_1)?, cache)?)?;
+        if let (Some((ln_cross_attn, crossattention)), Some(kv)) = (&self.cross, cross_kv) {
+            xs = be.add(&xs, &crossattention.forward(be, &be.layer_norm(&xs, ln_cross_attn)?, kv)?)?;
+        }
+        be.add(&xs, &self.mlp.forward(be, &be.layer_norm(&xs, &self.ln_2)?)?)
     }
 }
 
 /// Everything a decoding run keeps between steps: the self-attention KV cache of each layer
-/// (preallocated to `n_positions`, so no quadratic copying) and the per-image cross-attention
-/// K/V.
-#[derive(Debug, Clone)]
-pub struct Gpt2Cache {
-    self_attn: Vec<KvCache>,
-    cross_attn: Option<Vec<CrossAttentionKv>>,
+/// (preallocated, so no quadratic copying) and the per-image cross-attention K/V.
+#[derive(Debug)]
+pub struct Gpt2Cache<B: Backend = Cpu> {
+    self_attn: Vec<B::KvCache>,
+    cross_attn: Option<Vec<B::Kv>>,
     /// Which image each row's cross-attention K/V came from: a reorder that keeps every row on
     /// its image (beam search) leaves them as they are instead of copying them.
     row_images: Vec<usize>,
 }
 
-impl Gpt2Cache {
+impl<B: Backend> Gpt2Cache<B> {
     /// Bytes of the self-attention keys and values cached so far and of the image's
     /// cross-attention ones.
-    pub fn bytes(&self) -> usize {
-        attention::cached_bytes(&self.self_attn, self.cross_attn.as_deref().unwrap_or_default())
+    pub fn bytes(&self, be: &B) -> usize {
+        be.cached_bytes(&self.self_attn, self.cross_attn.as_deref().unwrap_or_default())
     }
 
     /// The cache of batch rows `rows` (in that order, repeats allowed); the self-attention
     /// caches share no storage with `self`.
-    pub fn select(&self, rows: &[usize]) -> Result<Self> {
-        let index = attention::row_index(rows, &candle_core::Device::Cpu)?;
-        let self_attn = self.self_attn.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<Vec<_>>>()?;
+    pub fn select(&self, be: &B, rows: &[usize]) -> std::result::Result<Self, B::Error> {
+        let self_attn = self.self_attn.iter().map(|c| be.select_kv_cache(c, rows)).collect::<std::result::Result<Vec<_>, _>>()?;
         let row_images: Vec<usize> = rows.iter().map(|&r| self.row_images.get(r).copied().unwrap_or(r)).collect();
         let cross_attn = match &self.cross_attn {
             // Every row still reads its own image: the (immutable) K/V are shared, not copied.
             Some(layers) if row_images == self.row_images => Some(layers.clone()),
-            Some(layers) => Some(
-                layers
-                    .iter()
-                    .map(|(k, v)| Ok((k.contiguous()?.index_select(&index, 0)?, v.contiguous()?.index_select(&index, 0)?)))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
+            Some(layers) => Some(layers.iter().map(|kv| be.select_kv(kv, rows)).collect::<std::result::Result<Vec<_>, _>>()?),
             None => None,
         };
         Ok(Self { self_attn, cross_attn, row_images })
     }
 
-    pub fn seq_len(&self) -> usize {
-        self.self_attn.first().map(|c| c.current_seq_len()).unwrap_or(0)
+    pub fn seq_len(&self, be: &B) -> usize {
+        self.self_attn.first().map(|c| be.kv_cache_len(c)).unwrap_or(0)
     }
 }
 
 // transformers modeling_gpt2.py: GPT2LMHeadModel (GPT2Model + lm_head)
 #[derive(Debug, Clone)]
-pub struct Gpt2LMHeadModel {
-    wte: Embedding,
-    wpe: Embedding,
-    h: Vec<Gpt2Block>,
-    ln_f: LayerNorm,
-    lm_head: Linear,
+pub struct Gpt2LMHeadModel<B: Backend = Cpu> {
+    wte: B::Embedding,
+    wpe: B::Embedding,
+    h: Vec<Gpt2Block<B>>,
+    ln_f: B::LayerNorm,
+    lm_head: B::Linear,
     config: Gpt2Config,
 }
 
@@ -291,8 +320,18 @@ impl Gpt2LMHeadModel {
         Ok(Self { wte, wpe, h, ln_f, lm_head, config: cfg.clone() })
     }
 
-    pub fn config(&self) -> &Gpt2Config {
-        &self.config
+    /// The decoder with its weights where `be` computes (a tied head shares the token table).
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<Gpt2LMHeadModel<B>, B::Error> {
+        let wte = be.embedding_from(&self.wte)?;
+        let lm_head = if self.config.tie_word_embeddings { be.tied_linear(&wte)? } else { be.linear_from(&self.lm_head)? };
+        Ok(Gpt2LMHeadModel {
+            wpe: be.embedding_from(&self.wpe)?,
+            h: self.h.iter().map(|b| b.to_backend(be)).collect::<std::result::Result<Vec<_>, _>>()?,
+            ln_f: be.layer_norm_from(&self.ln_f)?,
+            wte,
+            lm_head,
+            config: self.config.clone(),
+        })
     }
 
     /// Quantizes every projection and the LM head to `dtype` where rows allow; returns
@@ -301,13 +340,8 @@ impl Gpt2LMHeadModel {
         let mut done = (0, 0);
         let mut count = |q: bool| if q { done.0 += 1 } else { done.1 += 1 };
         for block in &mut self.h {
-            for conv in [&mut block.attn.c_attn, &mut block.attn.c_proj, &mut block.mlp.c_fc, &mut block.mlp.c_proj] {
-                count(conv.quantize(dtype)?);
-            }
-            if let Some((_, cross)) = &mut block.cross {
-                for conv in [&mut cross.q_attn, &mut cross.c_attn, &mut cross.c_proj] {
-                    count(conv.quantize(dtype)?);
-                }
+            for linear in block.linears_mut() {
+                count(linear.quantize(dtype)?);
             }
         }
         count(self.lm_head.quantize(dtype)?);
@@ -316,72 +350,27 @@ impl Gpt2LMHeadModel {
 
     /// The cross-attention key/value projections: they only ever see the encoder's many rows.
     pub fn cross_attention_kv_linears(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.h.iter_mut().filter_map(|block| block.cross.as_mut().map(|(_, cross)| &mut cross.c_attn))
-    }
-
-    pub fn new_cache(&self, cross_attn: Option<Vec<CrossAttentionKv>>) -> Gpt2Cache {
-        let images = cross_attn.as_ref().and_then(|layers| layers.first()).and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1);
-        Gpt2Cache {
-            self_attn: (0..self.h.len()).map(|_| KvCache::new(2, self.config.n_positions.min(super::attention::CACHE_CHUNK))).collect(),
-            cross_attn,
-            row_images: (0..images).collect(),
-        }
-    }
-
-    /// Cross-attention K/V of every layer for these encoder states ([B, N, n_embd]).
-    pub fn cross_attention_cache(&self, encoder_hidden_states: &Tensor) -> Result<Vec<CrossAttentionKv>> {
-        self.h
-            .iter()
-            .map(|block| match &block.cross {
-                Some((_, crossattention)) => crossattention.key_values(encoder_hidden_states),
-                None => candle_core::bail!("this GPT-2 has no cross-attention (add_cross_attention is false)"),
-            })
-            .collect()
-    }
-
-    /// Runs `input_ids` ([B, T]) after the positions already in `cache` and returns the final
-    /// hidden states [B, T, n_embd] (after `ln_f`).
-    pub fn forward_hidden(&self, input_ids: &Tensor, cache: &mut Gpt2Cache) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
-        if t == 0 {
-            candle_core::bail!("no input tokens");
-        }
-        let past = cache.seq_len();
-        if past + t > self.config.n_positions {
-            candle_core::bail!("sequence of {} tokens exceeds n_positions {}", past + t, self.config.n_positions);
-        }
-        if self.config.add_cross_attention && cache.cross_attn.is_none() {
-            candle_core::bail!("GPT-2 with cross-attention needs encoder states before decoding");
-        }
-        let positions = Tensor::arange(past as u32, (past + t) as u32, input_ids.device())?;
-        let mut xs = self.wte.forward(input_ids)?.broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = if t > 1 { Some(attention::causal_mask(t, past, input_ids.device())?) } else { None };
-        for (i, block) in self.h.iter().enumerate() {
-            let cross_kv = cache.cross_attn.as_ref().and_then(|kv| kv.get(i));
-            xs = block.forward(&xs, Some(&mut cache.self_attn[i]), cross_kv, mask.as_ref())?;
-        }
-        self.ln_f.forward(&xs)
+        self.h.iter_mut().filter_map(|block| block.cross.as_mut()).map(|(_, cross)| &mut cross.c_attn)
     }
 
     /// Training forward over whole sequences, no cache: `input_ids` [B, T] (right-padded; the
     /// causal mask already keeps real tokens from seeing the padding after them) attending to
     /// `encoder_hidden_states` [B, N, n_embd]. Returns logits [B, T, vocab].
     pub fn forward_train(&self, input_ids: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
+        let (b, t) = input_ids.dims2()?;
         if t == 0 || t > self.config.n_positions {
             candle_core::bail!("sequence of {t} tokens does not fit n_positions {}", self.config.n_positions);
         }
-        let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
-        let mut xs = self.wte.forward(input_ids)?.broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = if t > 1 { Some(attention::causal_mask(t, 0, input_ids.device())?) } else { None };
+        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut xs = self.embed_on(&Cpu, &ids, b, 0)?;
         for block in &self.h {
             let cross_kv = match &block.cross {
-                Some((_, crossattention)) => Some(crossattention.key_values(encoder_hidden_states)?),
+                Some((_, crossattention)) => Some(crossattention.key_values(&Cpu, encoder_hidden_states)?),
                 None => None,
             };
-            xs = block.forward(&xs, None, cross_kv.as_ref(), mask.as_ref())?;
+            xs = block.forward(&Cpu, &xs, None, cross_kv.as_ref())?;
         }
-        self.logits(&self.ln_f.forward(&xs)?)
+        self.logits(&Cpu.layer_norm(&xs, &self.ln_f)?)
     }
 
     /// Logits for hidden states of any rank ending in n_embd.
@@ -395,5 +384,60 @@ impl Gpt2LMHeadModel {
             return self.lm_head.forward(&hidden.reshape((b * t, d))?)?.reshape((b, t, ()))?.to_dtype(DType::F32);
         }
         self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+}
+
+impl<B: Backend> Gpt2LMHeadModel<B> {
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    pub fn new_cache(&self, be: &B, cross_attn: Option<Vec<B::Kv>>, images: usize) -> Gpt2Cache<B> {
+        Gpt2Cache {
+            self_attn: (0..self.h.len()).map(|_| be.new_kv_cache(self.config.n_positions)).collect(),
+            cross_attn,
+            row_images: (0..images).collect(),
+        }
+    }
+
+    /// Cross-attention K/V of every layer for these encoder states ([B, N, n_embd]).
+    pub fn cross_attention_cache(&self, be: &B, encoder_hidden_states: &B::Tensor) -> std::result::Result<Vec<B::Kv>, B::Error> {
+        self.h
+            .iter()
+            .map(|block| match &block.cross {
+                Some((_, crossattention)) => crossattention.key_values(be, encoder_hidden_states),
+                None => Err(candle_core::Error::Msg("this GPT-2 has no cross-attention (add_cross_attention is false)".into()).into()),
+            })
+            .collect()
+    }
+
+    /// Token embeddings of `ids` (`rows` sequences) plus positions from `past`: [rows, T, n_embd].
+    fn embed_on(&self, be: &B, ids: &[u32], rows: usize, past: usize) -> std::result::Result<B::Tensor, B::Error> {
+        let t = ids.len().checked_div(rows).unwrap_or(0);
+        let positions: Vec<u32> = (past..past + t).map(|p| p as u32).collect();
+        be.add(&be.embed(&self.wte, ids, rows)?, &be.embed(&self.wpe, &positions, 1)?)
+    }
+
+    /// Runs `ids` (`rows` sequences of T) after the positions already in `cache`; logits
+    /// [rows, vocab] of the last position.
+    pub fn next_logits(&self, be: &B, ids: &[u32], rows: usize, cache: &mut Gpt2Cache<B>) -> std::result::Result<B::Tensor, B::Error> {
+        let t = ids.len().checked_div(rows).unwrap_or(0);
+        let fail = |m: String| Err(candle_core::Error::Msg(m).into());
+        if t == 0 || t * rows != ids.len() {
+            return fail(format!("{} input tokens for {rows} rows", ids.len()));
+        }
+        let past = cache.seq_len(be);
+        if past + t > self.config.n_positions {
+            return fail(format!("sequence of {} tokens exceeds n_positions {}", past + t, self.config.n_positions));
+        }
+        if self.config.add_cross_attention && cache.cross_attn.is_none() {
+            return fail("GPT-2 with cross-attention needs encoder states before decoding".into());
+        }
+        let mut xs = self.embed_on(be, ids, rows, past)?;
+        for (i, block) in self.h.iter().enumerate() {
+            let cross_kv = cache.cross_attn.as_ref().and_then(|kv| kv.get(i));
+            xs = block.forward(be, &xs, cache.self_attn.get_mut(i), cross_kv)?;
+        }
+        be.linear(&be.last_position(&be.layer_norm(&xs, &self.ln_f)?)?, &self.lm_head, None)
     }
 }

@@ -8,6 +8,7 @@
 //! are the same in transformers 4.x and 5.x files.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor};
@@ -17,6 +18,7 @@ use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family, 
 use crate::loading::GenerationDefaults;
 use crate::preprocess::Grid;
 
+use super::backend::Cpu;
 use super::linear::{linear_b, Linear};
 use super::llama::{Llama, LlamaConfig};
 use super::llava::{decode_step_reads, image_token_text, synthetic_prefix_ids, PrefixState};
@@ -234,17 +236,24 @@ impl Architecture for Idefics3 {
     /// `conditioning` holds the tiles of every image, each image's in order: regrouped into one
     /// row of features per image, as many as the prompt has `<image>` positions.
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
-        let positions = input_ids.iter().filter(|&&id| id == self.config.image_token_id).count();
-        let (tiles, per_tile, hidden) = conditioning.dims3()?;
-        if positions == 0 || (tiles * per_tile) % positions != 0 {
-            candle_core::bail!("{tiles} tiles of {per_tile} features do not fill prompts of {positions} image positions");
-        }
-        let features = conditioning.reshape((tiles * per_tile / positions, positions, hidden))?;
-        Ok(Box::new(PrefixState::new(&self.text_model, input_ids, features)?))
+        let features = features_per_image(conditioning, input_ids, self.config.image_token_id)?;
+        let lm = &self.text_model;
+        Ok(Box::new(PrefixState::new(&Arc::new(Cpu), lm, lm.embed_tokens(), self.config.image_token_id, input_ids, &features)?))
     }
 
     fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
-        state_of::<PrefixState>(state)?.next_logits(&self.text_model, self.config.image_token_id)
+        state_of::<PrefixState>(state)?.next_logits(&self.text_model)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn gpu_decoder(&self, gpu: &Arc<crate::gpu::Gpu>) -> crate::Result<Option<Box<dyn crate::architecture::GpuDecoder>>> {
+        Ok(Some(Box::new(super::llava::GpuPrefixDecoding {
+            gpu: gpu.clone(),
+            lm: self.text_model.to_backend(&**gpu)?,
+            table: self.text_model.embed_tokens().clone(),
+            image_token: self.config.image_token_id,
+            features: features_per_image,
+        })))
     }
 
     fn max_positions(&self) -> usize {
@@ -287,6 +296,17 @@ impl Architecture for Idefics3 {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// `conditioning` holds the tiles of every image, each image's in order: regrouped into one
+/// row of features per image, as many as the prompt has `<image>` positions.
+fn features_per_image(conditioning: Tensor, input_ids: &[u32], image_token: u32) -> Result<Tensor> {
+    let positions = input_ids.iter().filter(|&&id| id == image_token).count();
+    let (tiles, per_tile, hidden) = conditioning.dims3()?;
+    if positions == 0 || (tiles * per_tile) % positions != 0 {
+        candle_core::bail!("{tiles} tiles of {per_tile} features do not fill prompts of {positions} image positions");
+    }
+    conditioning.reshape((tiles * per_tile / positions, positions, hidden))
 }
 
 #[cfg(test)]

@@ -3,14 +3,14 @@
 //! decoder's `embed_tokens`, `layers.*` and `norm` live; `lm_head` is passed separately because
 //! wrappers store it elsewhere (or tie it to `embed_tokens`).
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
-use super::attention;
+use super::backend::{Backend, Cpu};
 use super::embedding::{embedding, Embedding};
 use super::linear::{linear_b, Linear};
-use super::norm::{rms_norm, RmsNorm};
+use super::norm::rms_norm;
+use super::rope::RotaryEmbedding;
 
 /// `LlamaConfig` (the `text_config` section of a Llava `config.json`).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -118,61 +118,13 @@ impl LlamaConfig {
     }
 }
 
-/// cos/sin tables for the first [`ROPE_TABLE`] positions, computed once; positions past them
-/// (a config may allow 10⁵–10⁹) are computed per call by the same ops, so they are the same values.
-#[derive(Debug, Clone)]
-struct RotaryEmbedding {
-    inv_freq: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-/// Positions whose cos/sin are kept: a config's `max_position_embeddings` is untrusted, and a
-/// table of all of them could need gigabytes.
-const ROPE_TABLE: usize = 4096;
-
-impl RotaryEmbedding {
-    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
-        let dim = cfg.head_dim();
-        // transformers computes inv_freq in f32 from an int64 arange; do the same.
-        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / (cfg.rope_theta() as f32).powf(i as f32 / dim as f32)).collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
-        let (cos, sin) = Self::tables(&inv_freq, 0, cfg.max_position_embeddings.min(ROPE_TABLE))?;
-        Ok(Self { inv_freq, cos, sin })
-    }
-
-    fn tables(inv_freq: &Tensor, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let end = u32::try_from(start + len).map_err(|_| candle_core::Error::Msg(format!("position {} is past 2³²", start + len)))?;
-        let positions = Tensor::arange(start as u32, end, inv_freq.device())?.to_dtype(DType::F32)?.unsqueeze(1)?;
-        let freqs = positions.matmul(inv_freq)?;
-        Ok((freqs.cos()?, freqs.sin()?))
-    }
-
-    /// Rotates [B, H, T, d] starting at position `offset` (the rotate-half layout of HF Llama).
-    fn apply(&self, xs: &Tensor, offset: usize) -> Result<Tensor> {
-        let t = xs.dim(2)?;
-        // The tables stay f32; a bf16 model (training) rotates with them rounded.
-        let (cos, sin) = if offset + t <= self.cos.dim(0)? {
-            (self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?)
-        } else {
-            Self::tables(&self.inv_freq, offset, t)?
-        };
-        let (cos, sin) = (cos.to_dtype(xs.dtype())?, sin.to_dtype(xs.dtype())?);
-        if super::tracks_grad(&[xs]) {
-            candle_nn::rotary_emb::rope_slow(xs, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
-        }
-    }
-}
-
 // transformers modeling_llama.py: LlamaAttention
 #[derive(Debug, Clone)]
-struct LlamaAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+struct LlamaAttention<B: Backend = Cpu> {
+    q_proj: B::Linear,
+    k_proj: B::Linear,
+    v_proj: B::Linear,
+    o_proj: B::Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -192,24 +144,26 @@ impl LlamaAttention {
             head_dim: d,
         })
     }
+}
 
-    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: Option<&mut KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
-        let offset = cache.as_ref().map(|c| c.current_seq_len()).unwrap_or(0);
-        let q = rope.apply(&attention::split_heads(&self.q_proj.forward(xs)?, self.num_heads)?, offset)?;
-        let k = rope.apply(&attention::split_heads(&self.k_proj.forward(xs)?, self.num_kv_heads)?, offset)?;
-        let v = attention::split_heads(&self.v_proj.forward(xs)?, self.num_kv_heads)?;
-        let (k, v) = attention::append_kv(cache, &k, &v)?;
-        let out = attention::scaled_dot_product(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), mask)?;
-        self.o_proj.forward(&attention::merge_heads(&out)?)
+impl<B: Backend> LlamaAttention<B> {
+    fn forward(&self, be: &B, xs: &B::Tensor, rope: &B::Rope, cache: Option<&mut B::KvCache>) -> std::result::Result<B::Tensor, B::Error> {
+        let offset = cache.as_deref().map_or(0, |c| be.kv_cache_len(c));
+        let q = be.rope(&be.linear(xs, &self.q_proj, None)?, self.num_heads, rope, offset)?;
+        let k = be.rope(&be.linear(xs, &self.k_proj, None)?, self.num_kv_heads, rope, offset)?;
+        let v = be.linear(xs, &self.v_proj, None)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mixed = be.causal_attention(&q, &k, &v, cache, (self.num_heads, self.num_kv_heads), scale)?;
+        be.linear(&mixed, &self.o_proj, None)
     }
 }
 
 // transformers modeling_llama.py: LlamaMLP
 #[derive(Debug, Clone)]
-struct LlamaMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+struct LlamaMlp<B: Backend = Cpu> {
+    gate_proj: B::Linear,
+    up_proj: B::Linear,
+    down_proj: B::Linear,
     act: Activation,
 }
 
@@ -223,20 +177,22 @@ impl LlamaMlp {
             act: cfg.hidden_act,
         })
     }
+}
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward_activated(xs, &self.act)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+impl<B: Backend> LlamaMlp<B> {
+    fn forward(&self, be: &B, xs: &B::Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        let gate = be.linear(xs, &self.gate_proj, Some(&self.act))?;
+        be.linear(&be.mul(&gate, &be.linear(xs, &self.up_proj, None)?)?, &self.down_proj, None)
     }
 }
 
 // transformers modeling_llama.py: LlamaDecoderLayer
 #[derive(Debug, Clone)]
-struct LlamaDecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: LlamaAttention,
-    post_attention_layernorm: RmsNorm,
-    mlp: LlamaMlp,
+struct LlamaDecoderLayer<B: Backend = Cpu> {
+    input_layernorm: B::RmsNorm,
+    self_attn: LlamaAttention<B>,
+    post_attention_layernorm: B::RmsNorm,
+    mlp: LlamaMlp<B>,
 }
 
 impl LlamaDecoderLayer {
@@ -249,43 +205,67 @@ impl LlamaDecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: Option<&mut KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, cache, mask)?)?;
-        &xs + self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<LlamaDecoderLayer<B>, B::Error> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        Ok(LlamaDecoderLayer {
+            input_layernorm: be.rms_norm_from(&self.input_layernorm)?,
+            self_attn: LlamaAttention {
+                q_proj: be.linear_from(&a.q_proj)?,
+                k_proj: be.linear_from(&a.k_proj)?,
+                v_proj: be.linear_from(&a.v_proj)?,
+                o_proj: be.linear_from(&a.o_proj)?,
+                num_heads: a.num_heads,
+                num_kv_heads: a.num_kv_heads,
+                head_dim: a.head_dim,
+            },
+            post_attention_layernorm: be.rms_norm_from(&self.post_attention_layernorm)?,
+            mlp: LlamaMlp {
+                gate_proj: be.linear_from(&m.gate_proj)?,
+                up_proj: be.linear_from(&m.up_proj)?,
+                down_proj: be.linear_from(&m.down_proj)?,
+                act: m.act,
+            },
+        })
+    }
+}
+
+impl<B: Backend> LlamaDecoderLayer<B> {
+    fn forward(&self, be: &B, xs: &B::Tensor, rope: &B::Rope, cache: Option<&mut B::KvCache>) -> std::result::Result<B::Tensor, B::Error> {
+        let xs = be.add(xs, &self.self_attn.forward(be, &be.rms_norm(xs, &self.input_layernorm)?, rope, cache)?)?;
+        be.add(&xs, &self.mlp.forward(be, &be.rms_norm(&xs, &self.post_attention_layernorm)?)?)
     }
 }
 
 /// Self-attention KV cache of every layer, preallocated in chunks (no quadratic copying).
-#[derive(Debug, Clone)]
-pub struct LlamaCache {
-    layers: Vec<KvCache>,
+#[derive(Debug)]
+pub struct LlamaCache<B: Backend = Cpu> {
+    layers: Vec<B::KvCache>,
 }
 
-impl LlamaCache {
-    /// The cache of batch rows `rows` (in that order, repeats allowed), sharing no storage with `self`.
-    pub fn select(&self, rows: &[usize]) -> Result<Self> {
-        let index = attention::row_index(rows, &candle_core::Device::Cpu)?;
-        Ok(Self { layers: self.layers.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<Vec<_>>>()? })
-    }
-
+impl<B: Backend> LlamaCache<B> {
     /// Bytes of the keys and values cached so far.
-    pub fn bytes(&self) -> usize {
-        attention::cached_bytes(&self.layers, &[])
+    pub fn bytes(&self, be: &B) -> usize {
+        be.cached_bytes(&self.layers, &[])
     }
 
-    pub fn seq_len(&self) -> usize {
-        self.layers.first().map(|c| c.current_seq_len()).unwrap_or(0)
+    /// The cache of batch rows `rows` (in that order, repeats allowed), sharing no storage with `self`.
+    pub fn select(&self, be: &B, rows: &[usize]) -> std::result::Result<Self, B::Error> {
+        Ok(Self { layers: self.layers.iter().map(|c| be.select_kv_cache(c, rows)).collect::<std::result::Result<Vec<_>, _>>()? })
+    }
+
+    pub fn seq_len(&self, be: &B) -> usize {
+        self.layers.first().map(|c| be.kv_cache_len(c)).unwrap_or(0)
     }
 }
 
 // transformers modeling_llama.py: LlamaModel + lm_head (LlamaForCausalLM)
 #[derive(Debug, Clone)]
-pub struct Llama {
-    embed_tokens: Embedding,
-    layers: Vec<LlamaDecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: RotaryEmbedding,
+pub struct Llama<B: Backend = Cpu> {
+    embed_tokens: B::Embedding,
+    layers: Vec<LlamaDecoderLayer<B>>,
+    norm: B::RmsNorm,
+    lm_head: B::Linear,
+    rope: B::Rope,
     config: LlamaConfig,
 }
 
@@ -301,8 +281,18 @@ impl Llama {
         Ok(Self { embed_tokens, layers, norm, lm_head, rope, config: cfg.clone() })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
-        &self.config
+    /// The decoder with its weights where `be` computes (a tied head shares the token table).
+    pub fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<Llama<B>, B::Error> {
+        let embed_tokens = be.embedding_from(&self.embed_tokens)?;
+        let lm_head = if self.config.tie_word_embeddings { be.tied_linear(&embed_tokens)? } else { be.linear_from(&self.lm_head)? };
+        Ok(Llama {
+            layers: self.layers.iter().map(|l| l.to_backend(be)).collect::<std::result::Result<Vec<_>, _>>()?,
+            norm: be.rms_norm_from(&self.norm)?,
+            rope: be.rope_from(&self.rope)?,
+            embed_tokens,
+            lm_head,
+            config: self.config.clone(),
+        })
     }
 
     /// Every projection LoRA can adapt, named as PEFT names them under the language model
@@ -346,33 +336,12 @@ impl Llama {
         Ok(done)
     }
 
-    pub fn new_cache(&self) -> LlamaCache {
-        // Grows by CACHE_CHUNK positions at a time rather than reserving max_position_embeddings.
-        let chunk = self.config.max_position_embeddings.min(super::attention::CACHE_CHUNK);
-        LlamaCache { layers: (0..self.layers.len()).map(|_| KvCache::new(2, chunk)).collect() }
-    }
-
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.embed_tokens.forward(input_ids)
     }
 
-    /// Runs input embeddings [B, T, hidden] after the positions in `cache`; returns the final
-    /// hidden states (after `norm`).
-    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
-        let t = embeds.dim(1)?;
-        let past = cache.seq_len();
-        if t == 0 {
-            candle_core::bail!("no input positions");
-        }
-        if past + t > self.config.max_position_embeddings {
-            candle_core::bail!("sequence of {} positions exceeds max_position_embeddings {}", past + t, self.config.max_position_embeddings);
-        }
-        let mask = if t > 1 { Some(attention::causal_mask(t, past, embeds.device())?) } else { None };
-        let mut xs = embeds.clone();
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, &self.rope, Some(kv), mask.as_ref())?;
-        }
-        self.norm.forward(&xs)
+    pub fn embed_tokens(&self) -> &Embedding {
+        &self.embed_tokens
     }
 
     /// Training forward over whole sequences from position 0, no cache: `embeds` [B, T, hidden]
@@ -383,10 +352,9 @@ impl Llama {
         if t == 0 || t > self.config.max_position_embeddings {
             candle_core::bail!("sequence of {t} positions does not fit max_position_embeddings {}", self.config.max_position_embeddings);
         }
-        let mask = if t > 1 { Some(attention::causal_mask(t, 0, embeds.device())?) } else { None };
         let mut xs = embeds.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &self.rope, None, mask.as_ref())?;
+            xs = layer.forward(&Cpu, &xs, &self.rope, None)?;
         }
         self.logits(&self.norm.forward(&xs)?)
     }
@@ -394,33 +362,37 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)?.to_dtype(DType::F32)
     }
-
-    /// Logits [B, vocab] of the last of `embeds`' positions.
-    pub fn last_logits(&self, embeds: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
-        let hidden = self.forward_embeds(embeds, cache)?;
-        let t = hidden.dim(D::Minus2)?;
-        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
-    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl<B: Backend> Llama<B> {
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
 
-    /// Positions past the kept table rotate exactly as a table of every position would, across
-    /// the seam too.
-    #[test]
-    fn rotations_past_the_table_equal_a_full_table() {
-        let cfg: LlamaConfig = serde_json::from_str(r#"{"hidden_size": 64, "num_attention_heads": 2, "max_position_embeddings": 100000}"#).unwrap();
-        let rope = RotaryEmbedding::new(&cfg, &Device::Cpu).unwrap();
-        assert_eq!(rope.cos.dim(0).unwrap(), ROPE_TABLE);
-        let (cos, sin) = RotaryEmbedding::tables(&rope.inv_freq, 0, ROPE_TABLE + 64).unwrap();
-        let full = RotaryEmbedding { inv_freq: rope.inv_freq.clone(), cos, sin };
-        let xs = Tensor::rand(-1f32, 1., (1, 2, 8, 32), &Device::Cpu).unwrap();
-        for offset in [0, ROPE_TABLE - 8, ROPE_TABLE - 3, ROPE_TABLE + 17] {
-            let (a, b) = (rope.apply(&xs, offset).unwrap(), full.apply(&xs, offset).unwrap());
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert_eq!(diff, 0.0, "offset {offset}");
+    pub fn new_cache(&self, be: &B) -> LlamaCache<B> {
+        LlamaCache { layers: (0..self.layers.len()).map(|_| be.new_kv_cache(self.config.max_position_embeddings)).collect() }
+    }
+
+    /// Token embeddings of `ids` (`rows` sequences): [rows, T, hidden].
+    pub fn embed_on(&self, be: &B, ids: &[u32], rows: usize) -> std::result::Result<B::Tensor, B::Error> {
+        be.embed(&self.embed_tokens, ids, rows)
+    }
+
+    /// Runs input embeddings [B, T, hidden] after the positions in `cache`; logits [B, vocab]
+    /// of the last position.
+    pub fn last_logits(&self, be: &B, embeds: &B::Tensor, t: usize, cache: &mut LlamaCache<B>) -> std::result::Result<B::Tensor, B::Error> {
+        let past = cache.seq_len(be);
+        let fail = |m: String| Err(candle_core::Error::Msg(m).into());
+        if t == 0 {
+            return fail("no input positions".into());
         }
+        if past + t > self.config.max_position_embeddings {
+            return fail(format!("sequence of {} positions exceeds max_position_embeddings {}", past + t, self.config.max_position_embeddings));
+        }
+        let mut xs = embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(be, &xs, &self.rope, Some(kv))?;
+        }
+        be.linear(&be.last_position(&be.rms_norm(&xs, &self.norm)?)?, &self.lm_head, None)
     }
 }

@@ -5,9 +5,10 @@
 //! `model.language_model.*`, `lm_head.*`); `crate::loading` folds older layouts into these.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::architecture::{
@@ -17,7 +18,8 @@ use crate::architecture::{
 use crate::loading::GenerationDefaults;
 use crate::tokenizer::CaptionTokenizer;
 
-use super::backend::{Backend, Cpu};
+use super::backend::{Backend, Cpu, IntoCandle};
+use super::embedding::Embedding;
 use super::linear::{linear_b, Linear};
 use super::llama::{Llama, LlamaCache, LlamaConfig};
 use super::siglip::{SiglipVisionConfig, SiglipVisionTransformer};
@@ -180,45 +182,23 @@ impl Llava {
     pub fn project(&self, vision_features: &Tensor) -> Result<Tensor> {
         self.multi_modal_projector.forward(vision_features)
     }
-
-    /// Prefills `input_ids` ([T], the same prompt for every image) with each image's embeddings
-    /// (`image_features` [B, num_patches, hidden]) in the `<image>` positions; returns the last
-    /// position's logits [B, vocab].
-    pub fn prefill(&self, input_ids: &[u32], image_features: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
-        prefill(&self.language_model, self.config.image_token_index, input_ids, image_features, cache)
-    }
-
-    /// One generated token per row → logits [B, vocab] of the next.
-    pub fn decode_step(&self, tokens: &[u32], cache: &mut LlamaCache) -> Result<Tensor> {
-        decode_step(&self.language_model, tokens, cache)
-    }
-
-    fn merge_image_features(&self, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
-        merge_image_features(&self.language_model, self.config.image_token_index, input_ids, image_features)
-    }
 }
 
 // What every prefix family (this one, Idefics3) does with its image features and Llama.
 
-/// Prefills `input_ids` (the same prompt for every row) with each row's image features
-/// ([B, image positions, hidden]) in the `image_token` positions; logits [B, vocab] of the last.
-pub(crate) fn prefill(lm: &Llama, image_token: u32, input_ids: &[u32], image_features: &Tensor, cache: &mut LlamaCache) -> Result<Tensor> {
+/// The prompt's embeddings for each row of image features ([B, image positions, hidden]):
+/// [B, T, hidden], the features in the `image_token` positions.
+pub(crate) fn prompt_embeddings(table: &Embedding, image_token: u32, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
     let rows = (0..image_features.dim(0)?)
-        .map(|b| merge_image_features(lm, image_token, input_ids, &image_features.narrow(0, b, 1)?))
+        .map(|b| merge_image_features(table, image_token, input_ids, &image_features.narrow(0, b, 1)?))
         .collect::<Result<Vec<_>>>()?;
-    lm.last_logits(&Tensor::cat(&rows, 0)?, cache)
-}
-
-/// One generated token per row → logits [B, vocab] of the next.
-pub(crate) fn decode_step(lm: &Llama, tokens: &[u32], cache: &mut LlamaCache) -> Result<Tensor> {
-    let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), image_device())?;
-    lm.last_logits(&lm.embed(&ids)?, cache)
+    Tensor::cat(&rows, 0)
 }
 
 /// Text embeddings with the image features ([1, n, hidden]) written, in order, where
 /// `image_token` stands (transformers' `masked_scatter`). Runs of text and of image positions
 /// are concatenated.
-pub(crate) fn merge_image_features(lm: &Llama, image_token: u32, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
+pub(crate) fn merge_image_features(table: &Embedding, image_token: u32, input_ids: &[u32], image_features: &Tensor) -> Result<Tensor> {
     let features = image_features.squeeze(0)?;
     let n_features = features.dim(0)?;
     let n_image = input_ids.iter().filter(|&&id| id == image_token).count();
@@ -226,7 +206,7 @@ pub(crate) fn merge_image_features(lm: &Llama, image_token: u32, input_ids: &[u3
         candle_core::bail!("the prompt has {n_image} <image> tokens but the image gives {n_features} features");
     }
     let ids = Tensor::new(input_ids, image_features.device())?;
-    let text = lm.embed(&ids)?;
+    let text = table.forward(&ids)?;
     let mut parts = Vec::new();
     let (mut start, mut used) = (0, 0);
     while start < input_ids.len() {
@@ -261,10 +241,6 @@ pub(crate) fn image_token_text(tokenizer: &CaptionTokenizer, id: u32) -> crate::
     tokenizer.id_to_token(id).ok_or_else(|| crate::Error::Tokenizer(format!("the image token id {id} from config.json is not in the vocabulary")))
 }
 
-fn image_device() -> &'static candle_core::Device {
-    &candle_core::Device::Cpu
-}
-
 // The captioner's seam (crate::architecture): the prompt (the image tokens, then any text) is
 // prefilled by the first step with each row's image embeddings; each row's last token after that.
 
@@ -283,48 +259,85 @@ pub fn prefix_prompt_text(image_token: &str, num_image_tokens: usize, prompt: Op
     format!("{}{}", image_token.repeat(num_image_tokens), prompt.unwrap_or_default())
 }
 
-/// A prefix family's decoding: the prompt and each row's image features until the first step
-/// prefills them, then each row's last token.
-pub(crate) struct PrefixState {
-    cache: LlamaCache,
-    prompt: Option<(Vec<u32>, Tensor)>,
+/// A prefix family's decoding where `B` computes: the prompt's embeddings (image features in
+/// place, made on the CPU) until the first step prefills them, then each row's last token.
+pub(crate) struct PrefixState<B: Backend = Cpu> {
+    be: Arc<B>,
+    cache: LlamaCache<B>,
+    prompt: Option<Tensor>,
     last: Vec<u32>,
 }
 
 impl PrefixState {
-    /// `features` [rows, image positions, hidden].
-    pub(crate) fn new(lm: &Llama, input_ids: &[u32], features: Tensor) -> Result<Self> {
+    /// `features` [rows, image positions, hidden] on the CPU, for decoding on `be`.
+    pub(crate) fn new<B: Backend>(
+        be: &Arc<B>,
+        lm: &Llama<B>,
+        table: &Embedding,
+        image_token: u32,
+        input_ids: &[u32],
+        features: &Tensor,
+    ) -> Result<PrefixState<B>> {
         let rows = features.dim(0)?;
-        Ok(Self { cache: lm.new_cache(), prompt: Some((input_ids.to_vec(), features)), last: vec![0; rows] })
+        let prompt = prompt_embeddings(table, image_token, input_ids, features)?;
+        Ok(PrefixState { be: be.clone(), cache: lm.new_cache(be), prompt: Some(prompt), last: vec![0; rows] })
     }
+}
 
+impl<B: Backend + Send + 'static> PrefixState<B> {
     /// Logits [rows, vocab] of every row's next position.
-    pub(crate) fn next_logits(&mut self, lm: &Llama, image_token: u32) -> Result<Tensor> {
+    pub(crate) fn next_logits(&mut self, lm: &Llama<B>) -> std::result::Result<B::Tensor, B::Error> {
+        let be = &*self.be;
         match self.prompt.take() {
-            Some((ids, features)) => prefill(lm, image_token, &ids, &features, &mut self.cache),
-            None => decode_step(lm, &self.last, &mut self.cache),
+            Some(embeds) => lm.last_logits(be, &be.tensor_from(&embeds)?, embeds.dim(1)?, &mut self.cache),
+            None => lm.last_logits(be, &lm.embed_on(be, &self.last, self.last.len())?, 1, &mut self.cache),
         }
     }
 }
 
-impl DecodeState for PrefixState {
+impl<B: Backend + Send + 'static> DecodeState for PrefixState<B> {
     fn select(&self, rows: &[usize]) -> Result<Box<dyn DecodeState>> {
         let prompt = match &self.prompt {
-            Some((ids, features)) => {
-                Some((ids.clone(), features.contiguous()?.index_select(&super::attention::row_index(rows, image_device())?, 0)?))
-            }
+            Some(embeds) => Some(embeds.contiguous()?.index_select(&super::attention::row_index(rows, embeds.device())?, 0)?),
             None => None,
         };
-        Ok(Box::new(Self { cache: self.cache.select(rows)?, prompt, last: pick_rows(&self.last, rows) }))
+        let cache = self.cache.select(&*self.be, rows).map_err(IntoCandle::into_candle)?;
+        Ok(Box::new(Self { be: self.be.clone(), cache, prompt, last: pick_rows(&self.last, rows) }))
     }
     fn feed(&mut self, tokens: Vec<u32>) {
         self.last = tokens;
     }
     fn cache_bytes(&self) -> usize {
-        self.cache.bytes()
+        self.cache.bytes(&*self.be)
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+/// A prefix family's Llama on a GPU (`Architecture::gpu_decoder`): the prompt's embeddings are
+/// made by the CPU's model (its token table shared, not copied) and prefilled there.
+#[cfg(feature = "webgpu")]
+pub(crate) struct GpuPrefixDecoding {
+    pub(crate) gpu: Arc<crate::gpu::Gpu>,
+    pub(crate) lm: Llama<crate::gpu::Gpu>,
+    /// The CPU model's token table.
+    pub(crate) table: Embedding,
+    pub(crate) image_token: u32,
+    /// The conditioning's rows → features [rows, image positions, hidden] (SmolVLM regroups
+    /// each image's tiles).
+    pub(crate) features: fn(Tensor, &[u32], u32) -> Result<Tensor>,
+}
+
+#[cfg(feature = "webgpu")]
+impl crate::architecture::GpuDecoder for GpuPrefixDecoding {
+    fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> crate::Result<Box<dyn DecodeState>> {
+        let features = (self.features)(conditioning, input_ids, self.image_token)?;
+        Ok(Box::new(PrefixState::new(&self.gpu, &self.lm, &self.table, self.image_token, input_ids, &features)?))
+    }
+
+    fn next_logits(&self, state: &mut dyn DecodeState) -> crate::Result<crate::gpu::GpuTensor> {
+        state_of::<PrefixState<crate::gpu::Gpu>>(state)?.next_logits(&self.lm)
     }
 }
 
@@ -353,11 +366,23 @@ impl Architecture for Llava {
     }
 
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
-        Ok(Box::new(PrefixState::new(&self.language_model, input_ids, conditioning)?))
+        let lm = &self.language_model;
+        Ok(Box::new(PrefixState::new(&Arc::new(Cpu), lm, lm.embed_tokens(), self.config.image_token_index, input_ids, &conditioning)?))
     }
 
     fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
-        state_of::<PrefixState>(state)?.next_logits(&self.language_model, self.config.image_token_index)
+        state_of::<PrefixState>(state)?.next_logits(&self.language_model)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn gpu_decoder(&self, gpu: &Arc<crate::gpu::Gpu>) -> crate::Result<Option<Box<dyn crate::architecture::GpuDecoder>>> {
+        Ok(Some(Box::new(GpuPrefixDecoding {
+            gpu: gpu.clone(),
+            lm: self.language_model.to_backend(&**gpu)?,
+            table: self.language_model.embed_tokens().clone(),
+            image_token: self.config.image_token_index,
+            features: |conditioning, _, _| Ok(conditioning),
+        })))
     }
 
     fn max_positions(&self) -> usize {
@@ -398,8 +423,11 @@ impl Architecture for Llava {
     /// Each row's `<image>` positions take its image's projected features.
     fn train_logits(&self, vision_features: &Tensor, input_ids: &[Vec<u32>]) -> Result<Tensor> {
         let features = self.project(vision_features)?;
-        let rows =
-            input_ids.iter().enumerate().map(|(b, ids)| self.merge_image_features(ids, &features.narrow(0, b, 1)?)).collect::<Result<Vec<_>>>()?;
+        let rows = input_ids
+            .iter()
+            .enumerate()
+            .map(|(b, ids)| merge_image_features(self.language_model.embed_tokens(), self.config.image_token_index, ids, &features.narrow(0, b, 1)?))
+            .collect::<Result<Vec<_>>>()?;
         self.language_model.forward_train(&Tensor::cat(&rows, 0)?)
     }
 

@@ -17,6 +17,7 @@ pub mod llava;
 pub mod norm;
 pub mod packed;
 pub mod q8;
+pub mod rope;
 mod relaxed;
 pub mod siglip;
 pub mod vision_encoder_decoder;

@@ -45,6 +45,13 @@ pub struct RmsNorm {
     eps: f32,
 }
 
+impl RmsNorm {
+    /// (weight, eps), for a backend that holds them its own way.
+    pub fn parts(&self) -> (&Tensor, f32) {
+        (&self.weight, self.eps)
+    }
+}
+
 pub fn rms_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<RmsNorm> {
     Ok(RmsNorm { weight: vb.get_with_hints(size, "weight", Init::Const(1.))?, eps: eps as f32 })
 }

@@ -3,6 +3,7 @@
 //! `enc_to_dec_proj` (when the hidden sizes differ) and a GPT-2 `decoder.*`.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Module, Result, Tensor};
@@ -15,6 +16,7 @@ use crate::architecture::{
 };
 use crate::loading::GenerationDefaults;
 
+use super::backend::{Backend, Cpu, IntoCandle};
 use super::gpt2::{Gpt2Cache, Gpt2Config, Gpt2LMHeadModel};
 use super::linear::{linear, Linear};
 use super::siglip::SiglipVisionTransformer;
@@ -209,24 +211,60 @@ impl VisionEncoderDecoder {
         self.encoder.forward(pixel_values)
     }
 
-    /// A decoding cache for these encoder states: projected once, cross-attention K/V once.
-    pub fn start_decoding(&self, encoder_hidden_states: &Tensor) -> Result<Gpt2Cache> {
-        let states = self.project(encoder_hidden_states)?;
-        Ok(self.decoder.new_cache(Some(self.decoder.cross_attention_cache(&states)?)))
-    }
-
     fn project(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         match &self.enc_to_dec_proj {
             Some(proj) => proj.forward(encoder_hidden_states),
             None => Ok(encoder_hidden_states.clone()),
         }
     }
+}
 
-    /// Logits [B, vocab] of the last position after feeding `input_ids` [B, T].
-    pub fn decode_step(&self, input_ids: &Tensor, cache: &mut Gpt2Cache) -> Result<Tensor> {
-        let hidden = self.decoder.forward_hidden(input_ids, cache)?;
-        let t = hidden.dim(1)?;
-        self.decoder.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+/// Decoding of every row of `states` [B, N, hidden] (`rows` of them) from `input_ids`' last
+/// (the start token), where `be` computes: projected once, cross-attention K/V once.
+fn start_on<B: Backend>(
+    be: &Arc<B>,
+    enc_to_dec_proj: Option<&B::Linear>,
+    decoder: &Gpt2LMHeadModel<B>,
+    states: &B::Tensor,
+    rows: usize,
+    input_ids: &[u32],
+) -> std::result::Result<CrossAttentionState<B>, B::Error> {
+    let states = match enc_to_dec_proj {
+        Some(proj) => be.linear(states, proj, None)?,
+        None => states.clone(),
+    };
+    let cache = decoder.new_cache(be, Some(decoder.cross_attention_cache(be, &states)?), rows);
+    let start = input_ids.last().copied().unwrap_or_default();
+    Ok(CrossAttentionState { be: be.clone(), cache, next_input: vec![start; rows] })
+}
+
+/// Logits [rows, vocab] of every row's next position.
+fn next_logits_on<B: Backend + Send + 'static>(
+    decoder: &Gpt2LMHeadModel<B>,
+    state: &mut dyn DecodeState,
+) -> std::result::Result<B::Tensor, B::Error> {
+    let state = state_of::<CrossAttentionState<B>>(state)?;
+    decoder.next_logits(&*state.be, &state.next_input, state.next_input.len(), &mut state.cache)
+}
+
+/// The decoder side on a GPU: the projection into the decoder's width and GPT-2.
+#[cfg(feature = "webgpu")]
+struct GpuDecoding {
+    gpu: Arc<crate::gpu::Gpu>,
+    enc_to_dec_proj: Option<crate::gpu::GpuLinear>,
+    decoder: Gpt2LMHeadModel<crate::gpu::Gpu>,
+}
+
+#[cfg(feature = "webgpu")]
+impl crate::architecture::GpuDecoder for GpuDecoding {
+    fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> crate::Result<Box<dyn DecodeState>> {
+        let rows = conditioning.dim(0)?;
+        let states = self.gpu.tensor_from(&conditioning)?;
+        Ok(Box::new(start_on(&self.gpu, self.enc_to_dec_proj.as_ref(), &self.decoder, &states, rows, input_ids)?))
+    }
+
+    fn next_logits(&self, state: &mut dyn DecodeState) -> crate::Result<crate::gpu::GpuTensor> {
+        next_logits_on(&self.decoder, state)
     }
 }
 
@@ -247,20 +285,22 @@ fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
 }
 
 /// The cache and each row's next decoder input (the start token first).
-struct CrossAttentionState {
-    cache: Gpt2Cache,
+struct CrossAttentionState<B: Backend = Cpu> {
+    be: Arc<B>,
+    cache: Gpt2Cache<B>,
     next_input: Vec<u32>,
 }
 
-impl DecodeState for CrossAttentionState {
+impl<B: Backend + Send + 'static> DecodeState for CrossAttentionState<B> {
     fn select(&self, rows: &[usize]) -> Result<Box<dyn DecodeState>> {
-        Ok(Box::new(Self { cache: self.cache.select(rows)?, next_input: pick_rows(&self.next_input, rows) }))
+        let cache = self.cache.select(&*self.be, rows).map_err(IntoCandle::into_candle)?;
+        Ok(Box::new(Self { be: self.be.clone(), cache, next_input: pick_rows(&self.next_input, rows) }))
     }
     fn feed(&mut self, tokens: Vec<u32>) {
         self.next_input = tokens;
     }
     fn cache_bytes(&self) -> usize {
-        self.cache.bytes()
+        self.cache.bytes(&*self.be)
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
@@ -297,14 +337,17 @@ impl Architecture for VisionEncoderDecoder {
 
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
         let rows = conditioning.dim(0)?;
-        let start = input_ids.last().copied().unwrap_or_default();
-        Ok(Box::new(CrossAttentionState { cache: self.start_decoding(&conditioning)?, next_input: vec![start; rows] }))
+        Ok(Box::new(start_on(&Arc::new(Cpu), self.enc_to_dec_proj.as_ref(), &self.decoder, &conditioning, rows, input_ids)?))
     }
 
     fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
-        let state = state_of::<CrossAttentionState>(state)?;
-        let ids = Tensor::from_vec(state.next_input.clone(), (state.next_input.len(), 1), &candle_core::Device::Cpu)?;
-        self.decode_step(&ids, &mut state.cache)
+        next_logits_on(&self.decoder, state)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn gpu_decoder(&self, gpu: &Arc<crate::gpu::Gpu>) -> crate::Result<Option<Box<dyn crate::architecture::GpuDecoder>>> {
+        let enc_to_dec_proj = self.enc_to_dec_proj.as_ref().map(|p| gpu.linear_from(p)).transpose()?;
+        Ok(Some(Box::new(GpuDecoding { gpu: gpu.clone(), enc_to_dec_proj, decoder: self.decoder.to_backend(&**gpu)? })))
     }
 
     fn max_positions(&self) -> usize {
