@@ -7,21 +7,20 @@
 //! `[SEP]` dropped, as `generate()` does, and stops at `sep_token_id`.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{Result, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::architecture::{state_of, Architecture, Builder, DecodeState, Family, PromptInputs};
 use crate::loading::GenerationDefaults;
 
-use super::attention;
-use super::backend::{Backend, Cpu};
-use super::embedding::{embedding, Embedding};
+use super::backend::{Backend, Cpu, IntoCandle};
+use super::embedding::embedding;
 use super::encoder_layer::{ClassTokenEmbeddings, EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
 use super::linear::{linear_b, Linear};
-use super::norm::{layer_norm, LayerNorm};
+use super::norm::layer_norm;
 
 /// `BlipVisionConfig`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -213,12 +212,12 @@ impl<B: Backend> BlipVisionModel<B> {
 
 /// Query, key, value and the output (`dense` + LayerNorm over the residual) of one attention.
 #[derive(Debug, Clone)]
-struct BertAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    dense: Linear,
-    norm: LayerNorm,
+struct BertAttention<B: Backend = Cpu> {
+    query: B::Linear,
+    key: B::Linear,
+    value: B::Linear,
+    dense: B::Linear,
+    norm: B::LayerNorm,
     heads: usize,
 }
 
@@ -235,63 +234,90 @@ impl BertAttention {
         })
     }
 
-    /// Keys and values of `xs`, [B, heads, T, d].
-    fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        let split = |t: Tensor| attention::split_heads(&t, self.heads);
-        Ok((split(self.key.forward(xs)?)?, split(self.value.forward(xs)?)?))
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<BertAttention<B>, B::Error> {
+        Ok(BertAttention {
+            query: be.linear_from(&self.query)?,
+            key: be.linear_from(&self.key)?,
+            value: be.linear_from(&self.value)?,
+            dense: be.linear_from(&self.dense)?,
+            norm: be.layer_norm_from(&self.norm)?,
+            heads: self.heads,
+        })
     }
 
-    /// LayerNorm(dense(attention of `xs` to `k`, `v`) + `xs`).
-    fn forward(&self, xs: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let q = attention::split_heads(&self.query.forward(xs)?, self.heads)?;
-        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-        let ctx = attention::merge_heads(&attention::scaled_dot_product(&q, k, v, scale, mask)?)?;
-        self.norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.query, &mut self.key, &mut self.value, &mut self.dense]
+    }
+}
+
+impl<B: Backend> BertAttention<B> {
+    /// Keys and values of `xs` (the image's, for cross-attention).
+    fn keys_values(&self, be: &B, xs: &B::Tensor) -> std::result::Result<B::Kv, B::Error> {
+        be.kv(&be.linear(xs, &self.key, None)?, &be.linear(xs, &self.value, None)?, self.heads)
+    }
+
+    /// LayerNorm(dense(`mixed`) + `xs`).
+    fn output(&self, be: &B, xs: &B::Tensor, mixed: &B::Tensor) -> std::result::Result<B::Tensor, B::Error> {
+        be.layer_norm(&be.add(&be.linear(mixed, &self.dense, None)?, xs)?, &self.norm)
+    }
+
+    /// Causal self-attention of `xs`, its keys and values appended to `cache`.
+    fn forward_self(&self, be: &B, xs: &B::Tensor, cache: &mut B::KvCache, head_dim: usize) -> std::result::Result<B::Tensor, B::Error> {
+        let (q, k, v) = (be.linear(xs, &self.query, None)?, be.linear(xs, &self.key, None)?, be.linear(xs, &self.value, None)?);
+        let mixed = be.causal_attention(&q, &k, &v, Some(cache), (self.heads, self.heads), 1.0 / (head_dim as f64).sqrt())?;
+        self.output(be, xs, &mixed)
+    }
+
+    /// Attention of `xs` to the image's keys and values.
+    fn forward_cross(&self, be: &B, xs: &B::Tensor, kv: &B::Kv, head_dim: usize) -> std::result::Result<B::Tensor, B::Error> {
+        let q = be.linear(xs, &self.query, None)?;
+        let mixed = be.attention(&q, kv, (self.heads, self.heads), 1.0 / (head_dim as f64).sqrt())?;
+        self.output(be, xs, &mixed)
     }
 }
 
 #[derive(Debug, Clone)]
-struct TextLayer {
-    attention: BertAttention,
-    crossattention: BertAttention,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
+struct TextLayer<B: Backend = Cpu> {
+    attention: BertAttention<B>,
+    crossattention: BertAttention<B>,
+    intermediate: B::Linear,
+    output: B::Linear,
+    output_norm: B::LayerNorm,
     act: Activation,
 }
 
 /// The decoder's caches: each layer's self-attention K/V, and the image's cross-attention K/V
 /// (computed once per image).
-struct BlipCache {
-    self_attn: Vec<KvCache>,
-    cross: Vec<(Tensor, Tensor)>,
+struct BlipCache<B: Backend = Cpu> {
+    self_attn: Vec<B::KvCache>,
+    cross: Vec<B::Kv>,
 }
 
-impl BlipCache {
-    fn select(&self, rows: &[usize]) -> Result<Self> {
-        let index = attention::row_index(rows, &candle_core::Device::Cpu)?;
-        let self_attn = self.self_attn.iter().map(|c| attention::select_kv(c, &index)).collect::<Result<_>>()?;
-        let cross = self.cross.iter().map(|(k, v)| Ok((k.index_select(&index, 0)?, v.index_select(&index, 0)?))).collect::<Result<_>>()?;
+impl<B: Backend> BlipCache<B> {
+    fn select(&self, be: &B, rows: &[usize]) -> std::result::Result<Self, B::Error> {
+        let self_attn = self.self_attn.iter().map(|c| be.select_kv_cache(c, rows)).collect::<std::result::Result<_, _>>()?;
+        let cross = self.cross.iter().map(|kv| be.select_kv(kv, rows)).collect::<std::result::Result<_, _>>()?;
         Ok(Self { self_attn, cross })
     }
 }
 
+/// transformers modeling_blip_text.py: BlipTextLMHeadModel (embeddings, layers, prediction head).
 #[derive(Debug, Clone)]
-pub struct Blip {
-    vision: BlipVisionModel,
-    word_embeddings: Embedding,
-    position_embeddings: Embedding,
-    embeddings_norm: LayerNorm,
-    layers: Vec<TextLayer>,
-    transform: Linear,
-    transform_norm: LayerNorm,
-    decoder: Linear,
-    config: BlipConfig,
+struct BlipTextDecoder<B: Backend = Cpu> {
+    word_embeddings: B::Embedding,
+    position_embeddings: B::Embedding,
+    embeddings_norm: B::LayerNorm,
+    layers: Vec<TextLayer<B>>,
+    transform: B::Linear,
+    transform_norm: B::LayerNorm,
+    decoder: B::Linear,
+    act: Activation,
+    head_dim: usize,
+    max_positions: usize,
 }
 
-impl Blip {
-    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
-        let t = &cfg.text_config;
+impl BlipTextDecoder {
+    fn new(t: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, v) = (t.hidden_size, t.vocab_size);
         let bert = vb.pp("text_decoder.bert");
         let e = bert.pp("embeddings");
@@ -314,16 +340,102 @@ impl Blip {
         // (tied to it), and a tied head has no `decoder.weight`.
         let bias = p.get(v, "decoder.bias").or_else(|_| p.get(v, "bias"))?;
         let decoder = if p.contains_tensor("decoder.weight") { linear_b(h, v, false, p.pp("decoder"))? } else { Linear::tied(&word_embeddings) };
-        let decoder = decoder.with_bias(Some(bias));
         Ok(Self {
-            vision: BlipVisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
             word_embeddings,
             position_embeddings: embedding(t.max_position_embeddings, h, e.pp("position_embeddings"))?,
             embeddings_norm: layer_norm(h, t.layer_norm_eps, e.pp("LayerNorm"))?,
             layers,
             transform: linear_b(h, h, true, p.pp("transform.dense"))?,
             transform_norm: layer_norm(h, t.layer_norm_eps, p.pp("transform.LayerNorm"))?,
-            decoder,
+            decoder: decoder.with_bias(Some(bias)),
+            act: t.hidden_act,
+            head_dim: h / t.num_attention_heads.max(1),
+            max_positions: t.max_position_embeddings,
+        })
+    }
+
+    fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<BlipTextDecoder<B>, B::Error> {
+        let layers = self.layers.iter().map(|l| {
+            Ok(TextLayer {
+                attention: l.attention.to_backend(be)?,
+                crossattention: l.crossattention.to_backend(be)?,
+                intermediate: be.linear_from(&l.intermediate)?,
+                output: be.linear_from(&l.output)?,
+                output_norm: be.layer_norm_from(&l.output_norm)?,
+                act: l.act,
+            })
+        });
+        Ok(BlipTextDecoder {
+            word_embeddings: be.embedding_from(&self.word_embeddings)?,
+            position_embeddings: be.embedding_from(&self.position_embeddings)?,
+            embeddings_norm: be.layer_norm_from(&self.embeddings_norm)?,
+            layers: layers.collect::<std::result::Result<_, B::Error>>()?,
+            transform: be.linear_from(&self.transform)?,
+            transform_norm: be.layer_norm_from(&self.transform_norm)?,
+            // The head has a bias of its own: a copy of a tied table.
+            decoder: be.linear_from(&self.decoder)?,
+            act: self.act,
+            head_dim: self.head_dim,
+            max_positions: self.max_positions,
+        })
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<&mut Linear> = Vec::new();
+        for layer in &mut self.layers {
+            linears.extend(layer.attention.linears_mut());
+            linears.extend(layer.crossattention.linears_mut());
+            linears.extend([&mut layer.intermediate, &mut layer.output]);
+        }
+        linears.extend([&mut self.transform, &mut self.decoder]);
+        linears
+    }
+}
+
+impl<B: Backend> BlipTextDecoder<B> {
+    fn new_cache(&self, be: &B, image_embeds: &B::Tensor) -> std::result::Result<BlipCache<B>, B::Error> {
+        let cross = self.layers.iter().map(|l| l.crossattention.keys_values(be, image_embeds)).collect::<std::result::Result<_, _>>()?;
+        Ok(BlipCache { self_attn: (0..self.layers.len()).map(|_| be.new_kv_cache(self.max_positions)).collect(), cross })
+    }
+
+    /// Logits [rows, vocab] of the last of `ids` (`rows` sequences of T, after the positions in
+    /// `cache`).
+    fn forward(&self, be: &B, ids: &[u32], rows: usize, cache: &mut BlipCache<B>) -> std::result::Result<B::Tensor, B::Error> {
+        let t = ids.len().checked_div(rows).unwrap_or(0);
+        let past = cache.self_attn.first().map_or(0, |c| be.kv_cache_len(c));
+        let fail = |m: String| Err(candle_core::Error::Msg(m).into());
+        if t == 0 || t * rows != ids.len() {
+            return fail(format!("{} ids for {rows} rows", ids.len()));
+        }
+        if past + t > self.max_positions {
+            return fail(format!("{} positions exceed max_position_embeddings {}", past + t, self.max_positions));
+        }
+        let positions: Vec<u32> = (past..past + t).map(|p| p as u32).collect();
+        let embeds = be.add(&be.embed(&self.word_embeddings, ids, rows)?, &be.embed(&self.position_embeddings, &positions, 1)?)?;
+        let mut xs = be.layer_norm(&embeds, &self.embeddings_norm)?;
+        for ((layer, kv), cross) in self.layers.iter().zip(cache.self_attn.iter_mut()).zip(&cache.cross) {
+            xs = layer.attention.forward_self(be, &xs, kv, self.head_dim)?;
+            xs = layer.crossattention.forward_cross(be, &xs, cross, self.head_dim)?;
+            let inner = be.linear(&xs, &layer.intermediate, Some(&layer.act))?;
+            xs = be.layer_norm(&be.add(&be.linear(&inner, &layer.output, None)?, &xs)?, &layer.output_norm)?;
+        }
+        let hidden = be.layer_norm(&be.linear(&be.last_position(&xs)?, &self.transform, Some(&self.act))?, &self.transform_norm)?;
+        be.linear(&hidden, &self.decoder, None)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Blip {
+    vision: BlipVisionModel,
+    text: BlipTextDecoder,
+    config: BlipConfig,
+}
+
+impl Blip {
+    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            vision: BlipVisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
+            text: BlipTextDecoder::new(&cfg.text_config, vb.clone())?,
             config: cfg.clone(),
         })
     }
@@ -336,37 +448,6 @@ impl Blip {
     /// The image states [B, 1 + patches, vision hidden] (`vision_model(...)[0]`).
     pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.vision.forward(pixel_values)
-    }
-
-    fn new_cache(&self, image_embeds: &Tensor) -> Result<BlipCache> {
-        let cross = self.layers.iter().map(|l| l.crossattention.keys_values(image_embeds)).collect::<Result<_>>()?;
-        let chunk = self.config.text_config.max_position_embeddings.min(attention::CACHE_CHUNK);
-        Ok(BlipCache { self_attn: (0..self.layers.len()).map(|_| KvCache::new(2, chunk)).collect(), cross })
-    }
-
-    /// Logits [B, vocab] of the last of `ids` ([B, T], after the positions in `cache`).
-    fn forward(&self, ids: &Tensor, cache: &mut BlipCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let past = cache.self_attn.first().map(|c| c.current_seq_len()).unwrap_or(0);
-        if past + t > self.config.text_config.max_position_embeddings {
-            candle_core::bail!("{} positions exceed max_position_embeddings {}", past + t, self.config.text_config.max_position_embeddings);
-        }
-        let positions = Tensor::arange(past as u32, (past + t) as u32, ids.device())?;
-        let embeds = self.word_embeddings.forward(ids)?.broadcast_add(&self.position_embeddings.forward(&positions)?)?;
-        let mut xs = self.embeddings_norm.forward(&embeds)?;
-        let mask = if t > 1 { Some(attention::causal_mask(t, past, ids.device())?) } else { None };
-        for ((layer, kv), (ck, cv)) in self.layers.iter().zip(cache.self_attn.iter_mut()).zip(&cache.cross) {
-            let (k, v) = layer.attention.keys_values(&xs)?;
-            let (k, v) = attention::append_kv(Some(kv), &k, &v)?;
-            xs = layer.attention.forward(&xs, &k, &v, mask.as_ref())?;
-            xs = layer.crossattention.forward(&xs, ck, cv, None)?;
-            let inner = layer.intermediate.forward_activated(&xs, &layer.act)?;
-            xs = layer.output_norm.forward(&(layer.output.forward(&inner)? + &xs)?)?;
-        }
-        let last = xs.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let act = self.config.text_config.hidden_act;
-        let hidden = self.transform_norm.forward(&self.transform.forward_activated(&last, &act)?)?;
-        self.decoder.forward(&hidden)
     }
 }
 
@@ -381,25 +462,63 @@ fn builder(config: &serde_json::Value) -> std::result::Result<Builder, String> {
     Ok(Box::new(move |vb| Ok(Box::new(Blip::new(&cfg, vb)?) as Box<dyn Architecture>)))
 }
 
-/// Each row's caches and the ids it feeds next (the prompt, then one token).
-struct BlipState {
-    cache: BlipCache,
+/// Each row's caches and the ids it feeds next (the prompt, then one token), where `B` computes.
+struct BlipState<B: Backend = Cpu> {
+    be: Arc<B>,
+    cache: BlipCache<B>,
     next: Vec<Vec<u32>>,
 }
 
-impl DecodeState for BlipState {
+impl<B: Backend + Send + 'static> BlipState<B> {
+    fn start(
+        be: &Arc<B>,
+        text: &BlipTextDecoder<B>,
+        image_embeds: &B::Tensor,
+        rows: usize,
+        input_ids: &[u32],
+    ) -> std::result::Result<Self, B::Error> {
+        Ok(BlipState { be: be.clone(), cache: text.new_cache(be, image_embeds)?, next: vec![input_ids.to_vec(); rows] })
+    }
+
+    fn next_logits(&mut self, text: &BlipTextDecoder<B>) -> std::result::Result<B::Tensor, B::Error> {
+        let flat: Vec<u32> = self.next.iter().flatten().copied().collect();
+        text.forward(&*self.be, &flat, self.next.len(), &mut self.cache)
+    }
+}
+
+impl<B: Backend + Send + 'static> DecodeState for BlipState<B> {
     fn select(&self, rows: &[usize]) -> Result<Box<dyn DecodeState>> {
         let next = rows.iter().map(|&r| self.next.get(r).cloned().unwrap_or_default()).collect();
-        Ok(Box::new(Self { cache: self.cache.select(rows)?, next }))
+        let cache = self.cache.select(&*self.be, rows).map_err(IntoCandle::into_candle)?;
+        Ok(Box::new(Self { be: self.be.clone(), cache, next }))
     }
     fn feed(&mut self, tokens: Vec<u32>) {
         self.next = tokens.into_iter().map(|t| vec![t]).collect();
     }
     fn cache_bytes(&self) -> usize {
-        super::attention::cached_bytes(&self.cache.self_attn, &self.cache.cross)
+        self.be.cached_bytes(&self.cache.self_attn, &self.cache.cross)
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+/// BLIP's text decoder on a GPU.
+#[cfg(feature = "webgpu")]
+struct GpuBlipDecoding {
+    gpu: Arc<crate::gpu::Gpu>,
+    text: BlipTextDecoder<crate::gpu::Gpu>,
+}
+
+#[cfg(feature = "webgpu")]
+impl crate::architecture::GpuDecoder for GpuBlipDecoding {
+    fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> crate::Result<Box<dyn DecodeState>> {
+        let rows = conditioning.dim(0)?;
+        Ok(Box::new(BlipState::start(&self.gpu, &self.text, &self.gpu.tensor_from(&conditioning)?, rows, input_ids)?))
+    }
+
+    fn next_logits(&self, state: &mut dyn DecodeState) -> crate::Result<crate::gpu::GpuTensor> {
+        state_of::<BlipState<crate::gpu::Gpu>>(state)?.next_logits(&self.text)
     }
 }
 
@@ -439,18 +558,16 @@ impl Architecture for Blip {
 
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
         let rows = conditioning.dim(0)?;
-        Ok(Box::new(BlipState { cache: self.new_cache(&conditioning)?, next: vec![input_ids.to_vec(); rows] }))
+        Ok(Box::new(BlipState::start(&Arc::new(Cpu), &self.text, &conditioning, rows, input_ids)?))
     }
 
     fn next_logits(&self, state: &mut dyn DecodeState) -> Result<Tensor> {
-        let state = state_of::<BlipState>(state)?;
-        let flat: Vec<u32> = state.next.iter().flatten().copied().collect();
-        let (rows, t) = (state.next.len(), state.next.first().map_or(0, Vec::len));
-        if flat.len() != rows * t {
-            candle_core::bail!("rows feed different numbers of ids");
-        }
-        let ids = Tensor::from_vec(flat, (rows, t), &candle_core::Device::Cpu)?;
-        self.forward(&ids, &mut state.cache)
+        state_of::<BlipState>(state)?.next_logits(&self.text)
+    }
+
+    #[cfg(feature = "webgpu")]
+    fn gpu_decoder(&self, gpu: &Arc<crate::gpu::Gpu>) -> crate::Result<Option<Box<dyn crate::architecture::GpuDecoder>>> {
+        Ok(Some(Box::new(GpuBlipDecoding { gpu: gpu.clone(), text: self.text.to_backend(&**gpu)? })))
     }
 
     fn max_positions(&self) -> usize {
@@ -472,16 +589,8 @@ impl Architecture for Blip {
     }
 
     fn quantize_decoder(&mut self, dtype: GgmlDType) -> Result<(usize, usize)> {
-        let mut linears: Vec<&mut Linear> = Vec::new();
-        for layer in &mut self.layers {
-            for a in [&mut layer.attention, &mut layer.crossattention] {
-                linears.extend([&mut a.query, &mut a.key, &mut a.value, &mut a.dense]);
-            }
-            linears.extend([&mut layer.intermediate, &mut layer.output]);
-        }
-        linears.extend([&mut self.transform, &mut self.decoder]);
         let mut done = (0, 0);
-        for linear in linears {
+        for linear in self.text.linears_mut() {
             if linear.quantize(dtype)? {
                 done.0 += 1;
             } else {
