@@ -19,7 +19,7 @@ use crate::loading::GenerationDefaults;
 use super::backend::{Backend, Cpu, IntoCandle};
 use super::embedding::embedding;
 use super::encoder_layer::{ClassTokenEmbeddings, EncoderLayer, LayerNames, LayerShape, PatchEmbedding};
-use super::linear::{linear_b, Linear};
+use super::linear::{linear_b, quantize_each, Linear};
 use super::norm::layer_norm;
 
 /// `BlipVisionConfig`.
@@ -589,15 +589,7 @@ impl Architecture for Blip {
     }
 
     fn quantize_decoder(&mut self, dtype: GgmlDType) -> Result<(usize, usize)> {
-        let mut done = (0, 0);
-        for linear in self.text.linears_mut() {
-            if linear.quantize(dtype)? {
-                done.0 += 1;
-            } else {
-                done.1 += 1;
-            }
-        }
-        Ok(done)
+        quantize_each(self.text.linears_mut(), dtype)
     }
 
     fn encoder_side_linears(&mut self) -> Vec<&mut Linear> {

@@ -11,7 +11,7 @@ use candle_nn::{Activation, VarBuilder};
 
 use super::backend::{Backend, Cpu};
 use super::embedding::embedding;
-use super::linear::{conv1d, linear_b, Linear};
+use super::linear::{conv1d, linear_b, quantize_each, Linear};
 use super::norm::layer_norm;
 
 /// `GPT2Config` as in the `decoder` section of `config.json`.
@@ -337,15 +337,8 @@ impl Gpt2LMHeadModel {
     /// Quantizes every projection and the LM head to `dtype` where rows allow; returns
     /// (quantized, kept in f32).
     pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
-        let mut done = (0, 0);
-        let mut count = |q: bool| if q { done.0 += 1 } else { done.1 += 1 };
-        for block in &mut self.h {
-            for linear in block.linears_mut() {
-                count(linear.quantize(dtype)?);
-            }
-        }
-        count(self.lm_head.quantize(dtype)?);
-        Ok(done)
+        let blocks = self.h.iter_mut().flat_map(Gpt2Block::linears_mut);
+        quantize_each(blocks.chain([&mut self.lm_head]), dtype)
     }
 
     /// The cross-attention key/value projections: they only ever see the encoder's many rows.

@@ -853,6 +853,19 @@ pub fn linear(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
 
 /// HF GPT-2's `Conv1D`: y = x·W + b with W stored `[in, out]` (q8_0 files store it `[out,
 /// in]`, as every quantized weight).
+/// Quantizes each of `linears` to `dtype` where its rows allow; returns (quantized, kept).
+pub fn quantize_each<'a>(linears: impl IntoIterator<Item = &'a mut Linear>, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+    let mut done = (0, 0);
+    for linear in linears {
+        if linear.quantize(dtype)? {
+            done.0 += 1;
+        } else {
+            done.1 += 1;
+        }
+    }
+    Ok(done)
+}
+
 pub fn conv1d(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Linear> {
     let bias = Some(vb.get(d_out, "bias")?);
     let weight = match load_q8_0(&vb, "weight", d_out, d_in)? {

@@ -8,7 +8,7 @@ use candle_nn::{Activation, VarBuilder};
 
 use super::backend::{Backend, Cpu};
 use super::embedding::{embedding, Embedding};
-use super::linear::{linear_b, Linear};
+use super::linear::{linear_b, quantize_each, Linear};
 use super::norm::rms_norm;
 use super::rope::RotaryEmbedding;
 
@@ -205,6 +205,11 @@ impl LlamaDecoderLayer {
         })
     }
 
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+
     fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<LlamaDecoderLayer<B>, B::Error> {
         let (a, m) = (&self.self_attn, &self.mlp);
         Ok(LlamaDecoderLayer {
@@ -228,6 +233,10 @@ impl LlamaDecoderLayer {
         })
     }
 }
+
+/// A layer's projections as PEFT names them, in `LlamaDecoderLayer::linears_mut`'s order.
+const PROJECTIONS: [&str; 7] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
 impl<B: Backend> LlamaDecoderLayer<B> {
     fn forward(&self, be: &B, xs: &B::Tensor, rope: &B::Rope, cache: Option<&mut B::KvCache>) -> std::result::Result<B::Tensor, B::Error> {
@@ -300,17 +309,7 @@ impl Llama {
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for (name, linear) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (name, linear) in PROJECTIONS.iter().zip(layer.linears_mut()) {
                 out.push((format!("layers.{i}.{name}"), linear));
             }
         }
@@ -320,20 +319,7 @@ impl Llama {
     /// Quantizes every projection and the LM head to `dtype` where rows allow; returns
     /// (quantized, kept in f32).
     pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
-        let mut done = (0, 0);
-        for (_, linear) in self.projections_mut() {
-            if linear.quantize(dtype)? {
-                done.0 += 1;
-            } else {
-                done.1 += 1;
-            }
-        }
-        if self.lm_head.quantize(dtype)? {
-            done.0 += 1;
-        } else {
-            done.1 += 1;
-        }
-        Ok(done)
+        quantize_each(self.layers.iter_mut().flat_map(LlamaDecoderLayer::linears_mut).chain([&mut self.lm_head]), dtype)
     }
 
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
