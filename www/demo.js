@@ -68,7 +68,7 @@ async function load() {
     const cached = progress.filter((e) => e.file && e.fileDone).every((e) => e.cached);
     const name = typeof source === 'string' ? source : `${source.length} local files`;
     const where = captioner.device === 'webgpu' ? `WebGPU (${captioner.adapter})` : `WASM${captioner.deviceFallback ? ` — ${captioner.deviceFallback}` : ''}`;
-    $('status').textContent = `ready — ${name}${cached ? ' (from the cache)' : ''} · encoder on ${where}`;
+    $('status').textContent = `ready — ${name}${cached ? ' (from the cache)' : ''} · runs on ${where}`;
     $('progress-text').textContent = `${mb(progress.at(-1)?.total ?? 0)} MB${cached ? ' from the Cache API' : ''}`;
     setState('ready');
   } catch (e) {

@@ -92,18 +92,18 @@ test('demo: captioning the sample streams the native CLI ids', async () => {
   await page.screenshot({ path: join(artifacts, 'demo.png'), fullPage: true });
 });
 
-test('demo: the device switch loads the model again with its encoder on WebGPU (SwiftShader here): the same ids, timings per device side by side', async () => {
+test('demo: the device switch loads the model again on WebGPU, encoder and decoder (SwiftShader here): the same ids, timings per device side by side', async () => {
   await page.selectOption('#device', 'webgpu');
   await waitState(['ready', 'error']);
   assert.equal(await state(), 'ready', await text('#error'));
-  assert.match(await text('#status'), /encoder on WebGPU \(.+\)/);
+  assert.match(await text('#status'), /runs on WebGPU \(.+\)/);
   const { streamed } = await captionSampleInDemo();
   assert.deepEqual(streamed, ref.native);
   assert.match(await text('#device-timings'), /wasm: encoder \d+ ms .* \| webgpu: encoder \d+ ms/);
   await page.selectOption('#device', 'wasm');
   await waitState(['ready', 'error']);
   assert.equal(await state(), 'ready', await text('#error'));
-  assert.match(await text('#status'), /encoder on WASM/);
+  assert.match(await text('#status'), /runs on WASM/);
 });
 
 test('API: abort mid-caption, then the same captioner captions again', async () => {

@@ -110,8 +110,8 @@ test('device webgpu: the encoder side on the GPU (SwiftShader here) captions as 
   assert.equal(r.device, 'webgpu');
   assert.ok(r.adapter, `an adapter is named: ${r.adapter}`);
   console.log(`# WebGPU adapter: ${r.adapter}`);
-  assert.deepEqual(r.greedy, want.greedy_ids, 'greedy ids with the encoder on WebGPU');
-  assert.deepEqual(r.byDefault, want.default_ids, 'beam search with the encoder on WebGPU');
+  assert.deepEqual(r.greedy, want.greedy_ids, 'greedy ids on WebGPU (encoder and decoder)');
+  assert.deepEqual(r.byDefault, want.default_ids, 'beam search on WebGPU (encoder and decoder)');
   assert.deepEqual(r.auto, ['webgpu', null], 'auto chooses the adapter there is');
   assert.match(r.bad, /device must be 'wasm', 'webgpu' or 'auto', not "gpu"/);
 });
