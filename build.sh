@@ -61,8 +61,9 @@ setup() {
     cargo_install_quick wasm-pack --version "$WASM_PACK_VERSION" --locked --force
   fi
   export CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
-  # candle in a browser is slower than natively; the tiny fixtures still finish in seconds.
-  export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-300}"
+  # A suite's whole run. candle in a browser is slower than natively, but the tiny fixtures finish
+  # in seconds; the GPU suite captions every fixture on SwiftShader's software WebGPU, 5-7 minutes.
+  export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-900}"
 }
 
 # The threaded build needs a nightly (std rebuilt with atomics: -Z build-std). This date is the one
