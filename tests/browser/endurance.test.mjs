@@ -78,7 +78,11 @@ test('200 load / caption / abort / dispose cycles: JS heap and WASM memory flat 
   const heap200 = await heap();
   const [wasm10, wasmLast] = [median(first), median(rest.slice(-50))];
   console.log(`200 cycles in ${((Date.now() - t0) / 1000).toFixed(1)} s: JS heap ${MiB(heap10)} after 10, ${MiB(heap200)} after 200 (${((heap200 / heap10 - 1) * 100).toFixed(1)} %); WASM memory per instance, median ${MiB(wasm10)} of the first 10 → ${MiB(wasmLast)} of the last 50 (all 200: ${MiB(Math.min(...first, ...rest))} to ${MiB(Math.max(...first, ...rest))})`);
-  assert.ok(heap200 <= heap10 * 1.05, `JS heap grew from ${heap10} to ${heap200}`);
+  // A page-side leak of an instance (its Captioner, worker handle, listeners, pending maps) is
+  // kilobytes a cycle. Chromium 148 grows the page's heap ~250 bytes a cycle over 190 fresh
+  // workers (5.1-5.3 % of this 0.9 MiB heap, measured twice, with js/index.js as it was when
+  // the 5 % bound passed): the bound is 5 % or 512 bytes a cycle, whichever is larger.
+  assert.ok(heap200 <= Math.max(heap10 * 1.05, heap10 + 190 * 512), `JS heap grew from ${heap10} to ${heap200}`);
   assert.ok(wasmLast <= wasm10 * 1.05, `WASM memory per instance grew from ${wasm10} (median of the first 10) to ${wasmLast} (median of the last 50)`);
 });
 
