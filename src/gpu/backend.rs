@@ -166,10 +166,8 @@ impl Backend for Gpu {
             let grown = needed.max(FIRST_CAPACITY).max(2 * capacity).next_power_of_two().min(cache.max_positions);
             let (gk, gv) = (self.uninit(&[b, grown, w])?, self.uninit(&[b, grown, w])?);
             if let Some((ok, ov)) = &cache.kv {
-                if past > 0 {
-                    self.write_rows(&self.rows_of(ok, past)?, &gk, 0)?;
-                    self.write_rows(&self.rows_of(ov, past)?, &gv, 0)?;
-                }
+                self.write_rows(ok, past, &gk, 0)?;
+                self.write_rows(ov, past, &gv, 0)?;
             }
             cache.kv = Some((gk, gv));
         }
@@ -177,8 +175,8 @@ impl Backend for Gpu {
         if ck.shape()[0] != b {
             return Err(gpu_error(format!("causal_attention: {b} rows for a cache of {}", ck.shape()[0])));
         }
-        self.write_rows(k, ck, past)?;
-        self.write_rows(v, cv, past)?;
+        self.write_rows(k, t, ck, past)?;
+        self.write_rows(v, t, cv, past)?;
         cache.len = needed;
         self.attention_first(q, ck, cv, needed, heads, scale as f32, Some(past))
     }
@@ -242,17 +240,6 @@ impl Backend for Gpu {
 }
 
 impl Gpu {
-    /// The first `n` rows of each batch of x [B, rows, W] → [B, n, W].
-    fn rows_of(&self, x: &GpuTensor, n: usize) -> Result<GpuTensor> {
-        let &[b, rows, w] = x.shape() else { return Err(gpu_error(format!("rows_of: {:?}", x.shape()))) };
-        if n == rows {
-            return Ok(x.clone());
-        }
-        let ids: Vec<u32> = (0..b).flat_map(|i| (0..n).map(move |r| (i * rows + r) as u32)).collect();
-        let gathered = self.gather_rows(&x.reshape(&[b * rows, w])?, &ids)?;
-        gathered.reshape(&[b, n, w])
-    }
-
     /// Batch entries `rows` (in that order, repeats allowed) of x [B, ..] → [rows.len(), ..].
     fn batch_rows(&self, x: &GpuTensor, rows: &[usize]) -> Result<GpuTensor> {
         let Some((&b, rest)) = x.shape().split_first() else { return Err(gpu_error("batch_rows: a scalar")) };

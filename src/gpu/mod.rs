@@ -402,13 +402,14 @@ impl Gpu {
         Ok(y)
     }
 
-    /// `x`'s rows [B, T, W] written into `into` [B, rows, W] from row `at` of each batch.
-    pub fn write_rows(&self, x: &GpuTensor, into: &GpuTensor, at: usize) -> Result<()> {
-        let (&[b, t, w], &[ib, rows, iw]) = (x.shape.as_slice(), into.shape.as_slice()) else {
+    /// The first `t` rows of each batch of x [B, ≥ t, W] written into `into` [B, rows, W] from
+    /// row `at` of each batch (new positions into a cache; a cache's positions into a larger one).
+    pub fn write_rows(&self, x: &GpuTensor, t: usize, into: &GpuTensor, at: usize) -> Result<()> {
+        let (&[b, x_rows, w], &[ib, rows, iw]) = (x.shape.as_slice(), into.shape.as_slice()) else {
             return Err(gpu_error(format!("write_rows: {:?} into {:?}", x.shape, into.shape)));
         };
-        if b != ib || w != iw || at + t > rows {
-            return Err(gpu_error(format!("write_rows: {:?} into {:?} from row {at}", x.shape, into.shape)));
+        if b != ib || w != iw || t > x_rows || at + t > rows {
+            return Err(gpu_error(format!("write_rows: {t} rows of {:?} into {:?} from row {at}", x.shape, into.shape)));
         }
         if t * w == 0 {
             return Ok(());
@@ -417,7 +418,7 @@ impl Gpu {
             // Copies are recorded outside compute passes.
             p.pass = None;
             for bi in 0..b {
-                let (from, to) = (bi * t * w, (bi * rows + at) * w);
+                let (from, to) = (bi * x_rows * w, (bi * rows + at) * w);
                 p.encoder.copy_buffer_to_buffer(x.buffer(), 4 * from as u64, into.buffer(), 4 * to as u64, 4 * (t * w) as u64);
             }
         })
