@@ -234,6 +234,7 @@ impl BertAttention {
         })
     }
 
+    #[cfg(feature = "webgpu")]
     fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<BertAttention<B>, B::Error> {
         Ok(BertAttention {
             query: be.linear_from(&self.query)?,
@@ -354,6 +355,7 @@ impl BlipTextDecoder {
         })
     }
 
+    #[cfg(feature = "webgpu")]
     fn to_backend<B: Backend>(&self, be: &B) -> std::result::Result<BlipTextDecoder<B>, B::Error> {
         let layers = self.layers.iter().map(|l| {
             Ok(TextLayer {

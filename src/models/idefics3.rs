@@ -233,8 +233,7 @@ impl Architecture for Idefics3 {
         inputs.tokenizer.encode(&expanded, true)
     }
 
-    /// `conditioning` holds the tiles of every image, each image's in order: regrouped into one
-    /// row of features per image, as many as the prompt has `<image>` positions.
+    /// Each image's tiles regrouped into one row of features (`features_per_image`).
     fn start(&self, conditioning: Tensor, input_ids: &[u32]) -> Result<Box<dyn DecodeState>> {
         let features = features_per_image(conditioning, input_ids, self.config.image_token_id)?;
         let lm = &self.text_model;
