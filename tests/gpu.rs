@@ -37,10 +37,17 @@ async fn linear_matches_its_definition() {
     let gpu = Gpu::new().await.expect("a GPU adapter (natively: Mesa's lavapipe, which ./build.sh test installs)");
     println!("GPU adapter: {}", gpu.adapter());
     // Tiles whole and cut at every edge, k past and short of a 16-wide slice, batch dimensions,
-    // with and without a bias.
-    for (batch, k, n, bias) in
-        [(vec![1], 64, 64, true), (vec![5], 13, 7, false), (vec![70], 100, 130, true), (vec![2, 3], 33, 65, true), (vec![197], 768, 96, false)]
-    {
+    // with and without a bias; a decoding step's few rows with k short of (narrow) and past
+    // (rows) 32 vec4s a column, their workgroups' columns cut.
+    for (batch, k, n, bias) in [
+        (vec![1], 64, 64, true),
+        (vec![5], 13, 7, false),
+        (vec![70], 100, 130, true),
+        (vec![2, 3], 33, 65, true),
+        (vec![197], 768, 96, false),
+        (vec![4], 8, 130, false),
+        (vec![3, 1], 256, 70, true),
+    ] {
         let m: usize = batch.iter().product();
         let (x, w, b) = (values(m * k, 1), values(n * k, 2), values(n, 3));
         let shape: Vec<usize> = batch.iter().copied().chain([k]).collect();

@@ -32,6 +32,7 @@ pub struct Gpu {
     linear_vec4: wgpu::ComputePipeline,
     /// `linear` for a few rows (decoding steps), k a multiple of 4.
     linear_rows: wgpu::ComputePipeline,
+    linear_narrow: wgpu::ComputePipeline,
     norm: wgpu::ComputePipeline,
     add: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
@@ -61,6 +62,9 @@ struct Pending {
 
 /// Rows up to which a product streams the weight (linear_rows.wgsl's ROWS).
 const LINEAR_ROWS: usize = 4;
+
+/// Invocations that share a column in linear_rows.wgsl (its LANES).
+const LINEAR_LANES: usize = 32;
 
 /// Submitted every this many kernels, so that the GPU starts on a long forward while the rest
 /// is recorded.
@@ -206,6 +210,7 @@ impl Gpu {
         let linear = kernel("linear", &linear_with(include_str!("linear_loads.wgsl")));
         let linear_vec4 = kernel("linear_vec4", &linear_with(include_str!("linear_loads_vec4.wgsl")));
         let linear_rows = kernel("linear_rows", &format!("{activation}\n{}", include_str!("linear_rows.wgsl")));
+        let linear_narrow = kernel("linear_narrow", &format!("{activation}\n{}", include_str!("linear_narrow.wgsl")));
         let norm = kernel("norm", include_str!("norm.wgsl"));
         let add = kernel("add", include_str!("add.wgsl"));
         let attention = kernel("attention", include_str!("attention.wgsl"));
@@ -225,6 +230,7 @@ impl Gpu {
             linear,
             linear_vec4,
             linear_rows,
+            linear_narrow,
             norm,
             add,
             attention,
@@ -296,10 +302,12 @@ impl Gpu {
         }
         let bindings = [x.buffer(), w.buffer(), b.map_or(&self.empty, |b| b.buffer()), y.buffer()];
         if m <= LINEAR_ROWS && k.is_multiple_of(4) {
-            // linear_rows.wgsl: 8 columns a workgroup.
-            let [gx, gy] = self.grid(n.div_ceil(8), "linear")?;
+            // linear_rows.wgsl: 8 columns a workgroup, 32 lanes each; linear_narrow.wgsl: 64
+            // columns a workgroup, one invocation each, where k has fewer vec4s than lanes.
+            let (pipeline, columns) = if k < 4 * LINEAR_LANES { (&self.linear_narrow, 64) } else { (&self.linear_rows, 8) };
+            let [gx, gy] = self.grid(n.div_ceil(columns), "linear")?;
             let params = [m, n, k, b.is_some() as usize, act as usize, gx as usize].map(|v| v as u32);
-            self.dispatch(&self.linear_rows, &bindings, &params, [gx, gy])?;
+            self.dispatch(pipeline, &bindings, &params, [gx, gy])?;
             return Ok(y);
         }
         // linear.wgsl's tile: 32 × 32 outputs a workgroup.
