@@ -208,7 +208,8 @@ async function chooseDevice(device) {
   if (typeof captioner.useGpu !== 'function') why = 'this build of wasmcap has no WebGPU backend';
   else {
     try {
-      return { device: 'webgpu', adapter: await captioner.useGpu() };
+      // 'auto' leaves a CPU fallback adapter (SwiftShader) for WASM SIMD, several times faster.
+      return { device: 'webgpu', adapter: await captioner.useGpu(device === 'webgpu') };
     } catch (e) {
       why = message(e);
     }
