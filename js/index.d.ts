@@ -87,9 +87,8 @@ export interface LoadOptions {
   /**
    * Where the model runs. 'wasm' (default): WASM SIMD on the CPU. 'webgpu': on the GPU that
    * WebGPU gives, its weights uploaded once at load: the encoder side (vision tower, projector,
-   * connector) and the decoder with its KV caches. No adapter, or one short of a limit the kernels need, rejects. 'auto': WebGPU when a GPU
-   * adapter is available, else WASM (`deviceFallback` says why); a CPU fallback adapter
-   * (SwiftShader) is slower than WASM, so 'auto' leaves it. `captionMany` runs on WASM whichever device
+   * connector) and the decoder with its KV caches. No adapter, or one short of a limit the kernels need, rejects. 'auto': WebGPU when an adapter is
+   * available, else WASM (`deviceFallback` says why). `captionMany` runs on WASM whichever device
    * is chosen.
    */
   device?: 'wasm' | 'webgpu' | 'auto';
@@ -243,7 +242,7 @@ export declare class Captioner {
   readonly device: 'wasm' | 'webgpu';
   /** The GPU adapter's name and backend when `device` is 'webgpu', else null. */
   readonly adapter: string | null;
-  /** Why `device: 'auto'` chose 'wasm' (no WebGPU, no adapter, only the CPU's fallback adapter), else null. */
+  /** Why `device: 'auto'` chose 'wasm' (no WebGPU, no adapter), else null. */
   readonly deviceFallback: string | null;
   /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
   readonly memoryBytes: number;

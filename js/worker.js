@@ -208,8 +208,7 @@ async function chooseDevice(device) {
   if (typeof captioner.useGpu !== 'function') why = 'this build of wasmcap has no WebGPU backend';
   else {
     try {
-      // 'auto' leaves a CPU fallback adapter (SwiftShader) for WASM SIMD, several times faster.
-      return { device: 'webgpu', adapter: await captioner.useGpu(device === 'webgpu') };
+      return { device: 'webgpu', adapter: await captioner.useGpu() };
     } catch (e) {
       why = message(e);
     }

@@ -322,17 +322,12 @@ impl WasmCaptioner {
 
     /// Moves the encoder side and the decoder (where the family has one for the GPU) to the GPU
     /// that WebGPU gives, their weights uploaded now, once; `encodeStepAsync` then encodes there
-    /// and `nextTokenAsync` / `beamSearchEncodedAsync` decode there. Returns the adapter's name
-    /// and backend. No adapter, one short of a limit the kernels need, or (`software` false) a
-    /// CPU fallback adapter is an error, before any weight is uploaded (the caller falls back to
-    /// WASM).
+    /// and `nextTokenAsync` / `beamSearchEncodedAsync` decode there. Returns the adapter's name and backend. No adapter,
+    /// or one short of a limit the kernels need, is an error (the caller falls back to WASM).
     #[cfg(feature = "webgpu")]
     #[wasm_bindgen(js_name = useGpu)]
-    pub async fn use_gpu(&mut self, software: Option<bool>) -> Result<String, JsError> {
+    pub async fn use_gpu(&mut self) -> Result<String, JsError> {
         let gpu = std::sync::Arc::new(crate::gpu::Gpu::new().await.map_err(js_error)?);
-        if !software.unwrap_or(true) && gpu.is_software() {
-            return Err(JsError::new(&format!("the only adapter, {}, is the CPU's fallback: slower than WASM", gpu.adapter())));
-        }
         self.inner.use_gpu(gpu.clone()).map_err(js_error)?;
         Ok(gpu.adapter())
     }

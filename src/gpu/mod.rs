@@ -256,12 +256,6 @@ impl Gpu {
         self.dispatched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether the adapter is the CPU (WebGPU's fallback adapter, e.g. SwiftShader; lavapipe
-    /// natively): the same model runs several times faster on WASM SIMD there.
-    pub fn is_software(&self) -> bool {
-        self.info.device_type == wgpu::DeviceType::Cpu
-    }
-
     /// The adapter's name, kind and backend, e.g. "NVIDIA H100 (DiscreteGpu, Vulkan)" (browsers
     /// may keep the name to themselves).
     pub fn adapter(&self) -> String {
