@@ -90,7 +90,7 @@ test('by default (generation_config.json: 4 beams, max_length 16) the caption is
   }
 });
 
-test('device webgpu: the encoder side on the GPU (SwiftShader here) captions as generate(), greedy and with the folder\'s 4 beams; auto picks it; a bad device is refused', async () => {
+test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption as generate(), greedy and with the folder\'s 4 beams; auto picks it; a bad device is refused', async () => {
   const r = await page.evaluate(async ({ model, image }) => {
     const { Captioner } = await import('/pkg/index.js');
     const out = {};
