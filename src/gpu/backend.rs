@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::Activation;
 
-use super::{gpu_error, Gpu, GpuTensor};
+use super::{gpu_error, Gpu, GpuDtype, GpuTensor};
 use crate::error::{Error, Result};
 use crate::models::backend::{Backend, IntoCandle};
 use crate::models::embedding::Embedding;
@@ -12,8 +12,8 @@ use crate::models::linear::Linear;
 use crate::models::norm::{LayerNorm, RmsNorm};
 use crate::models::rope::RotaryEmbedding;
 
-/// A `Linear`'s weight [out, in] and bias in GPU memory (f32: quantized and 16-bit weights are
-/// widened at upload for now).
+/// A `Linear`'s weight [out, in] and bias in GPU memory: the weight stored as the `Gpu`'s
+/// `weights_dtype` (quantized weights widened at upload), the bias as f32.
 #[derive(Debug, Clone)]
 pub struct GpuLinear {
     weight: GpuTensor,
@@ -207,12 +207,14 @@ impl Backend for Gpu {
     }
 
     fn tensor_from(&self, t: &Tensor) -> Result<GpuTensor> {
-        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        self.upload(&values, t.dims())
+        self.upload_tensor(t, GpuDtype::F32)
     }
 
     fn linear_from(&self, layer: &Linear) -> Result<GpuLinear> {
-        Ok(GpuLinear { weight: self.tensor_from(&layer.weight_f32()?)?, bias: layer.bias().map(|b| self.tensor_from(b)).transpose()? })
+        Ok(GpuLinear {
+            weight: self.upload_tensor(&layer.weight_f32()?, self.weights_dtype())?,
+            bias: layer.bias().map(|b| self.tensor_from(b)).transpose()?,
+        })
     }
 
     fn layer_norm_from(&self, norm: &LayerNorm) -> Result<GpuLayerNorm> {
@@ -226,7 +228,7 @@ impl Backend for Gpu {
     }
 
     fn embedding_from(&self, table: &Embedding) -> Result<GpuTensor> {
-        self.tensor_from(table.embeddings())
+        self.upload_tensor(table.embeddings(), self.weights_dtype())
     }
 
     fn tied_linear(&self, table: &GpuTensor) -> Result<GpuLinear> {
@@ -240,6 +242,11 @@ impl Backend for Gpu {
 }
 
 impl Gpu {
+    fn upload_tensor(&self, t: &Tensor, dtype: GpuDtype) -> Result<GpuTensor> {
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.upload_as(&values, t.dims(), dtype)
+    }
+
     /// Batch entries `rows` (in that order, repeats allowed) of x [B, ..] → [rows.len(), ..].
     fn batch_rows(&self, x: &GpuTensor, rows: &[usize]) -> Result<GpuTensor> {
         let Some((&b, rest)) = x.shape().split_first() else { return Err(gpu_error("batch_rows: a scalar")) };

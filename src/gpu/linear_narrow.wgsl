@@ -14,7 +14,7 @@ struct Dims {
 }
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<W>>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> dims: Dims;
@@ -32,7 +32,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
   for (var r = 0u; r < dims.m; r++) {
     var acc = 0.0;
     for (var i = 0u; i < k4; i++) {
-      acc += dot(x[r * k4 + i], w[wo + i]);
+      acc += dot(x[r * k4 + i], vec4<f32>(w[wo + i]));
     }
     if (dims.has_bias != 0u) {
       acc += b[column];

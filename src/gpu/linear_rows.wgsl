@@ -14,7 +14,7 @@ struct Dims {
 }
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<W>>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> dims: Dims;
@@ -34,7 +34,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
   if (column < dims.n) {
     let wo = column * k4;
     for (var i = lane; i < k4; i += LANES) {
-      let wv = w[wo + i];
+      let wv = vec4<f32>(w[wo + i]);
       for (var r = 0u; r < ROWS; r++) {
         if (r < dims.m) {
           acc[r] += dot(x[r * k4 + i], wv);

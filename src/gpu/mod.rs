@@ -22,21 +22,49 @@ fn gpu_error(message: impl Into<String>) -> Error {
     Error::Gpu(message.into())
 }
 
-/// A device, its queue and the compiled kernels.
-pub struct Gpu {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
-    info: wgpu::AdapterInfo,
+/// How a tensor's values are stored in GPU memory. Kernels compute in f32 and write f32; a
+/// model's matrices (its `Linear`s and embedding tables, what decoding streams every step) may
+/// be stored as f16 where the device has `shader-f16`: half the memory and the bytes read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuDtype {
+    F32,
+    F16,
+}
+
+impl GpuDtype {
+    fn bytes(self) -> usize {
+        match self {
+            GpuDtype::F32 => 4,
+            GpuDtype::F16 => 2,
+        }
+    }
+}
+
+/// The kernels that read a weight matrix, compiled for one storage type of it (WGSL's `W`).
+struct WeightKernels {
     linear: wgpu::ComputePipeline,
     /// `linear` for k a multiple of 4 (vec4 loads).
     linear_vec4: wgpu::ComputePipeline,
     /// `linear` for a few rows (decoding steps), k a multiple of 4.
     linear_rows: wgpu::ComputePipeline,
     linear_narrow: wgpu::ComputePipeline,
+    /// Rows of a table by index (embeddings), or of an activation (f32).
+    gather: wgpu::ComputePipeline,
+}
+
+/// A device, its queue and the compiled kernels.
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    f32: WeightKernels,
+    /// Where the device has `shader-f16`.
+    f16: Option<WeightKernels>,
+    /// How `Backend::linear_from` and `embedding_from` store a model's matrices.
+    weights: GpuDtype,
     norm: wgpu::ComputePipeline,
     add: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
-    gather: wgpu::ComputePipeline,
     columns: wgpu::ComputePipeline,
     rope: wgpu::ComputePipeline,
     /// Bound where a kernel's optional input is absent (WebGPU binds every slot).
@@ -121,16 +149,22 @@ impl Drop for Storage {
     }
 }
 
-/// f32 values in GPU memory, row-major with this shape (a handle: clones share the buffer).
+/// Values in GPU memory, row-major with this shape (a handle: clones share the buffer); f32
+/// unless a weight stored as f16.
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
     storage: Arc<Storage>,
     shape: Vec<usize>,
+    dtype: GpuDtype,
 }
 
 impl GpuTensor {
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    pub fn dtype(&self) -> GpuDtype {
+        self.dtype
     }
 
     fn len(&self) -> usize {
@@ -146,7 +180,7 @@ impl GpuTensor {
         if elements(shape, "reshape")? != self.len() {
             return Err(gpu_error(format!("reshape: {:?} into {shape:?}", self.shape)));
         }
-        Ok(GpuTensor { storage: self.storage.clone(), shape: shape.to_vec() })
+        Ok(GpuTensor { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
 }
 
@@ -172,9 +206,11 @@ impl Gpu {
         let adapter = instance.request_adapter(&options).await.map_err(|e| gpu_error(format!("no GPU adapter ({e})")))?;
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let required_features = adapter.features() & wgpu::Features::SHADER_F16;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("wasmcap"),
+                required_features,
                 required_limits: limits,
                 memory_hints: wgpu::MemoryHints::Performance,
                 ..Default::default()
@@ -206,15 +242,26 @@ impl Gpu {
             })
         };
         let activation = include_str!("activation.wgsl");
-        let linear_with = |loads: &str| format!("{activation}\n{}\n{loads}", include_str!("linear.wgsl"));
-        let linear = kernel("linear", &linear_with(include_str!("linear_loads.wgsl")));
-        let linear_vec4 = kernel("linear_vec4", &linear_with(include_str!("linear_loads_vec4.wgsl")));
-        let linear_rows = kernel("linear_rows", &format!("{activation}\n{}", include_str!("linear_rows.wgsl")));
-        let linear_narrow = kernel("linear_narrow", &format!("{activation}\n{}", include_str!("linear_narrow.wgsl")));
+        // `W`, the weight's storage type, declared first: WGSL's `enable` precedes everything.
+        let weight_kernels = |dtype: GpuDtype| {
+            let w = match dtype {
+                GpuDtype::F32 => "alias W = f32;",
+                GpuDtype::F16 => "enable f16;\nalias W = f16;",
+            };
+            let linear_with = |loads: &str| format!("{w}\n{activation}\n{}\n{loads}", include_str!("linear.wgsl"));
+            WeightKernels {
+                linear: kernel("linear", &linear_with(include_str!("linear_loads.wgsl"))),
+                linear_vec4: kernel("linear_vec4", &linear_with(include_str!("linear_loads_vec4.wgsl"))),
+                linear_rows: kernel("linear_rows", &format!("{w}\n{activation}\n{}", include_str!("linear_rows.wgsl"))),
+                linear_narrow: kernel("linear_narrow", &format!("{w}\n{activation}\n{}", include_str!("linear_narrow.wgsl"))),
+                gather: kernel("gather", &format!("{w}\n{}", include_str!("gather.wgsl"))),
+            }
+        };
+        let f32 = weight_kernels(GpuDtype::F32);
+        let f16 = device.features().contains(wgpu::Features::SHADER_F16).then(|| weight_kernels(GpuDtype::F16));
         let norm = kernel("norm", include_str!("norm.wgsl"));
         let add = kernel("add", include_str!("add.wgsl"));
         let attention = kernel("attention", include_str!("attention.wgsl"));
-        let gather = kernel("gather", include_str!("gather.wgsl"));
         let columns = kernel("columns", include_str!("columns.wgsl"));
         let rope = kernel("rope", include_str!("rope.wgsl"));
         let empty = device.create_buffer(&wgpu::BufferDescriptor {
@@ -227,14 +274,12 @@ impl Gpu {
             device,
             queue,
             info,
-            linear,
-            linear_vec4,
-            linear_rows,
-            linear_narrow,
+            f32,
+            f16,
+            weights: GpuDtype::F32,
             norm,
             add,
             attention,
-            gather,
             columns,
             rope,
             empty,
@@ -265,18 +310,55 @@ impl Gpu {
 
     /// `data` (row-major, `shape`) copied into GPU memory.
     pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        self.upload_as(data, shape, GpuDtype::F32)
+    }
+
+    /// `data` copied into GPU memory, stored as `dtype` (f16: rounded to nearest, where the
+    /// device has `shader-f16`; only the kernels that read a weight take it).
+    pub fn upload_as(&self, data: &[f32], shape: &[usize], dtype: GpuDtype) -> Result<GpuTensor> {
         let len = elements(shape, "upload")?;
         if len != data.len() {
             return Err(gpu_error(format!("upload: {} values for shape {shape:?} ({len})", data.len())));
         }
-        self.check_size(len, "upload")?;
+        self.weight_kernels(dtype, "upload")?;
+        // check_size counts 4-byte words.
+        self.check_size(len.div_ceil(4 / dtype.bytes()), "upload")?;
+        let halves: Vec<half::f16>;
+        let bytes: &[u8] = match dtype {
+            GpuDtype::F32 => bytemuck::cast_slice(data),
+            GpuDtype::F16 => {
+                halves = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+                bytemuck::cast_slice(&halves)
+            }
+        };
         // buffer_with pads: WebGPU has no empty buffers, a tensor of no values keeps 4 bytes.
-        let buffer = self.buffer_with(
-            "upload",
-            bytemuck::cast_slice(data),
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        )?;
-        Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: None }), shape: shape.to_vec() })
+        let buffer = self.buffer_with("upload", bytes, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST)?;
+        Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: None }), shape: shape.to_vec(), dtype })
+    }
+
+    /// Whether the device can store weights as f16 (`shader-f16`).
+    pub fn has_f16(&self) -> bool {
+        self.f16.is_some()
+    }
+
+    /// How a model's matrices are stored from now on when uploaded (`Backend::linear_from`,
+    /// `embedding_from`); f16 where the device has no `shader-f16` is an error.
+    pub fn store_weights_as(&mut self, dtype: GpuDtype) -> Result<()> {
+        self.weight_kernels(dtype, "weights")?;
+        self.weights = dtype;
+        Ok(())
+    }
+
+    /// How a model's matrices are stored when uploaded.
+    pub fn weights_dtype(&self) -> GpuDtype {
+        self.weights
+    }
+
+    fn weight_kernels(&self, dtype: GpuDtype, what: &str) -> Result<&WeightKernels> {
+        match dtype {
+            GpuDtype::F32 => Ok(&self.f32),
+            GpuDtype::F16 => self.f16.as_ref().ok_or_else(|| gpu_error(format!("{what}: f16 storage, but {} has no shader-f16", self.adapter()))),
+        }
     }
 
     /// y = x·wᵀ + b over x's last dimension: x [.., k], w [n, k], b [n] → y [.., n].
@@ -294,6 +376,8 @@ impl Gpu {
             return Err(gpu_error(format!("linear: x {:?}, weight {:?}, bias {:?}", x.shape, w.shape, b.map(|b| b.shape.clone()))));
         }
         let act = activation_code(act)?;
+        only_f32(&[Some(x), b], "linear")?;
+        let kernels = self.weight_kernels(w.dtype, "linear")?;
         let m: usize = batch.iter().product();
         let shape: Vec<usize> = batch.iter().copied().chain([n]).collect();
         let y = self.output(shape, "linear")?;
@@ -304,7 +388,7 @@ impl Gpu {
         if m <= LINEAR_ROWS && k.is_multiple_of(4) {
             // linear_rows.wgsl: 8 columns a workgroup, 32 lanes each; linear_narrow.wgsl: 64
             // columns a workgroup, one invocation each, where k has fewer vec4s than lanes.
-            let (pipeline, columns) = if k < 4 * LINEAR_LANES { (&self.linear_narrow, 64) } else { (&self.linear_rows, 8) };
+            let (pipeline, columns) = if k < 4 * LINEAR_LANES { (&kernels.linear_narrow, 64) } else { (&kernels.linear_rows, 8) };
             let [gx, gy] = self.grid(n.div_ceil(columns), "linear")?;
             let params = [m, n, k, b.is_some() as usize, act as usize, gx as usize].map(|v| v as u32);
             self.dispatch(pipeline, &bindings, &params, [gx, gy])?;
@@ -317,7 +401,12 @@ impl Gpu {
             return Err(gpu_error(format!("linear: {m} × {n} outputs need {groups:?} workgroups, the device allows {max} a dimension")));
         }
         let params = [m, n, k, b.is_some() as usize, act as usize].map(|v| v as u32);
-        self.dispatch(if k.is_multiple_of(4) { &self.linear_vec4 } else { &self.linear }, &bindings, &params, [groups.0 as u32, groups.1 as u32])?;
+        self.dispatch(
+            if k.is_multiple_of(4) { &kernels.linear_vec4 } else { &kernels.linear },
+            &bindings,
+            &params,
+            [groups.0 as u32, groups.1 as u32],
+        )?;
         Ok(y)
     }
 
@@ -332,6 +421,7 @@ impl Gpu {
     }
 
     fn norm(&self, x: &GpuTensor, weight: &GpuTensor, bias: Option<&GpuTensor>, eps: f32) -> Result<GpuTensor> {
+        only_f32(&[Some(x), Some(weight), bias], "norm")?;
         let n = x.shape.last().copied().unwrap_or(0);
         if n == 0 || weight.shape != [n] || bias.is_some_and(|b| b.shape != [n]) {
             return Err(gpu_error(format!("norm: x {:?}, weight {:?}, bias {:?}", x.shape, weight.shape, bias.map(|b| b.shape.clone()))));
@@ -356,6 +446,7 @@ impl Gpu {
     }
 
     fn elementwise(&self, a: &GpuTensor, b: &GpuTensor, op: u32, what: &str) -> Result<GpuTensor> {
+        only_f32(&[Some(a), Some(b)], what)?;
         // Leading 1s broadcast too: [1, T, D] over [B, T, D].
         let b_shape = &b.shape[b.shape.iter().take_while(|&&d| d == 1).count()..];
         if b_shape.len() > a.shape.len() || !a.shape.ends_with(b_shape) {
@@ -372,6 +463,7 @@ impl Gpu {
 
     /// Columns `start..start + width` of x [.., x_width] → [.., width].
     pub fn columns(&self, x: &GpuTensor, start: usize, width: usize) -> Result<GpuTensor> {
+        only_f32(&[Some(x)], "columns")?;
         let x_width = x.shape.last().copied().unwrap_or(0);
         if start + width > x_width {
             return Err(gpu_error(format!("columns: {start}..{} of {:?}", start + width, x.shape)));
@@ -394,6 +486,7 @@ impl Gpu {
     /// x [B, T, H·d] rotated (rotate-half) by rows `first..first + T` of the tables cos and
     /// sin [positions, d / 2].
     pub fn rope(&self, x: &GpuTensor, heads: usize, cos: &GpuTensor, sin: &GpuTensor, first: usize) -> Result<GpuTensor> {
+        only_f32(&[Some(x), Some(cos), Some(sin)], "rope")?;
         let bad = || gpu_error(format!("rope: x {:?} with {heads} heads, tables {:?} from row {first}", x.shape, cos.shape));
         let (&[_, t, hd], &[positions, half]) = (x.shape.as_slice(), cos.shape.as_slice()) else { return Err(bad()) };
         if heads == 0 || hd != heads * 2 * half || sin.shape != cos.shape || first + t > positions {
@@ -413,6 +506,7 @@ impl Gpu {
     /// The first `t` rows of each batch of x [B, ≥ t, W] written into `into` [B, rows, W] from
     /// row `at` of each batch (new positions into a cache; a cache's positions into a larger one).
     pub fn write_rows(&self, x: &GpuTensor, t: usize, into: &GpuTensor, at: usize) -> Result<()> {
+        only_f32(&[Some(x), Some(into)], "write_rows")?;
         let (&[b, x_rows, w], &[ib, rows, iw]) = (x.shape.as_slice(), into.shape.as_slice()) else {
             return Err(gpu_error(format!("write_rows: {:?} into {:?}", x.shape, into.shape)));
         };
@@ -440,6 +534,7 @@ impl Gpu {
     /// Parts [1 or B, Tᵢ, D] joined along dimension 1 → [B, ΣTᵢ, D], a part of one row
     /// repeated for every row of the batch (a class token before each image's patches).
     pub fn cat_tokens(&self, parts: &[&GpuTensor]) -> Result<GpuTensor> {
+        only_f32(&parts.iter().map(|&p| Some(p)).collect::<Vec<_>>(), "cat_tokens")?;
         let bad =
             || gpu_error(format!("cat_tokens: {:?} (expected [1 or B, T, D] of one D)", parts.iter().map(|p| p.shape.clone()).collect::<Vec<_>>()));
         let dims = parts.iter().map(|p| match p.shape.as_slice() {
@@ -499,6 +594,7 @@ impl Gpu {
         scale: f32,
         causal_past: Option<usize>,
     ) -> Result<GpuTensor> {
+        only_f32(&[Some(q), Some(k), Some(v)], "attention")?;
         let (h, kv) = heads;
         let bad = || {
             gpu_error(format!(
@@ -540,7 +636,12 @@ impl Gpu {
         }
         let index = self.buffer_with("gather_rows", bytemuck::cast_slice(rows), wgpu::BufferUsages::STORAGE)?;
         let [gx, gy] = self.grid(rows.len(), "gather_rows")?;
-        self.dispatch(&self.gather, &[x.buffer(), &index, y.buffer()], &[rows.len() as u32, width as u32, gx], [gx, gy])?;
+        self.dispatch(
+            &self.weight_kernels(x.dtype, "gather_rows")?.gather,
+            &[x.buffer(), &index, y.buffer()],
+            &[rows.len() as u32, width as u32, gx],
+            [gx, gy],
+        )?;
         Ok(y)
     }
 
@@ -573,7 +674,7 @@ impl Gpu {
         let bytes = if self.fits(class) { class } else { bytes };
         let reused = self.pool.lock().ok().and_then(|mut pool| pool.take(bytes));
         let buffer = reused.unwrap_or_else(|| self.storage(bytes));
-        Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: Some(self.pool.clone()) }), shape })
+        Ok(GpuTensor { storage: Arc::new(Storage { buffer, pool: Some(self.pool.clone()) }), shape, dtype: GpuDtype::F32 })
     }
 
     /// `f` of the command encoder the kernels are queued in.
@@ -644,8 +745,8 @@ impl Gpu {
 
     /// A tensor's values, read back: waits for the work queued before it.
     pub async fn read(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        // A pooled buffer may be longer than its tensor.
-        let bytes = (4 * t.len()).max(4) as u64;
+        // A pooled buffer may be longer than its tensor; copies are of whole 4-byte words.
+        let bytes = (t.dtype.bytes() * t.len()).div_ceil(4).max(1) as u64 * 4;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read"),
             size: bytes,
@@ -666,7 +767,10 @@ impl Gpu {
         }
         mapped?.map_err(|e| gpu_error(format!("read: {e}")))?;
         let view = staging.slice(..).get_mapped_range().map_err(|e| gpu_error(format!("read: {e}")))?;
-        let values = view.chunks_exact(4).take(t.len()).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values = match t.dtype {
+            GpuDtype::F32 => view.chunks_exact(4).take(t.len()).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            GpuDtype::F16 => view.chunks_exact(2).take(t.len()).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        };
         Ok(values)
     }
 
@@ -728,6 +832,15 @@ mod thread_bound {
     unsafe impl Sync for super::Storage {}
     unsafe impl Send for super::Pool {}
     unsafe impl Send for super::Pending {}
+}
+
+/// An error unless every tensor given is f32: f16 is a weight's storage, which only the
+/// products and the row gather read.
+fn only_f32(tensors: &[Option<&GpuTensor>], what: &str) -> Result<()> {
+    match tensors.iter().flatten().find(|t| t.dtype != GpuDtype::F32) {
+        Some(t) => Err(gpu_error(format!("{what}: a {:?} tensor {:?} where f32 values are read", t.dtype, t.shape))),
+        None => Ok(()),
+    }
 }
 
 /// Values a tensor of `shape` holds, unless the product overflows.
