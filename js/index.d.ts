@@ -92,6 +92,15 @@ export interface LoadOptions {
    * is chosen.
    */
   device?: 'wasm' | 'webgpu' | 'auto';
+  /**
+   * How the GPU stores the model's matrices (its linear layers and embedding tables) when it
+   * runs on 'webgpu': 'fp32' (default), or 'fp16' where the adapter has `shader-f16` — half the
+   * GPU memory and half the bytes each decoding step reads, products still computed in f32;
+   * captions close to fp32's, not token-identical to transformers' f32 ones unless the
+   * checkpoint itself is f16. Without `shader-f16`, fp32 (`captioner.dtype` says which). No
+   * effect on WASM (there, see `quantize`).
+   */
+  dtype?: 'fp32' | 'fp16';
 }
 
 /** Pixels as RGBA, row by row (4 bytes per pixel). */
@@ -244,6 +253,8 @@ export declare class Captioner {
   readonly adapter: string | null;
   /** Why `device: 'auto'` chose 'wasm' (no WebGPU, no adapter), else null. */
   readonly deviceFallback: string | null;
+  /** How the GPU stores the matrices ('fp32' or 'fp16', see `LoadOptions.dtype`) when `device` is 'webgpu', else null. */
+  readonly dtype: 'fp32' | 'fp16' | null;
   /** WASM memory in bytes: its peak so far (WASM memory never shrinks) — after loading, then after each caption. */
   readonly memoryBytes: number;
   /**

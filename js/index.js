@@ -707,7 +707,7 @@ async function startWorker(source, options) {
     forget = got.forget;
     check();
     const done = new Promise((ok) => { settle = ok; });
-    worker.postMessage({ type: 'load', files: got.files, quantize: options.quantize, device: options.device ?? 'wasm' }, Object.values(got.files).filter((b) => b instanceof ArrayBuffer));
+    worker.postMessage({ type: 'load', files: got.files, quantize: options.quantize, device: options.device ?? 'wasm', dtype: options.dtype ?? 'fp32' }, Object.values(got.files).filter((b) => b instanceof ArrayBuffer));
     if (!loaded && !failure) await done;
     check();
   } catch (e) {
@@ -721,8 +721,8 @@ async function startWorker(source, options) {
   worker.onerror = null;
   if (loaded.threadsFallback) console.warn(`wasmcap: ${loaded.threadsFallback}`);
   if (loaded.deviceFallback) console.warn(`wasmcap: ${loaded.deviceFallback}`);
-  const { defaults, memoryBytes, threadsFallback, device, adapter, deviceFallback } = loaded;
-  return { worker, defaults, threads: loaded.threads, memoryBytes, threadsFallback, device, adapter, deviceFallback };
+  const { defaults, memoryBytes, threadsFallback, device, adapter, deviceFallback, dtype } = loaded;
+  return { worker, defaults, threads: loaded.threads, memoryBytes, threadsFallback, device, adapter, deviceFallback, dtype };
 }
 
 /** The error of a call during which the WASM instance trapped (`name`: 'WasmcapCrashError'). */
@@ -734,13 +734,15 @@ function crashError(message) {
 
 export class Captioner {
   /** Use `Captioner.fromPretrained`. */
-  constructor({ worker, defaults = {}, threads = 1, memoryBytes = 0, threadsFallback = null, device = 'wasm', adapter = null, deviceFallback = null }, restart = null) {
+  constructor({ worker, defaults = {}, threads = 1, memoryBytes = 0, threadsFallback = null, device = 'wasm', adapter = null, deviceFallback = null, dtype = null }, restart = null) {
     /** Where the encoder side runs: 'webgpu' or 'wasm'. */
     this.device = device;
     /** The GPU adapter when `device` is 'webgpu', else null. */
     this.adapter = adapter ?? null;
     /** Why `device: 'auto'` chose 'wasm', else null. */
     this.deviceFallback = deviceFallback ?? null;
+    /** How the GPU stores the model's matrices ('fp32' or 'fp16') when `device` is 'webgpu', else null. */
+    this.dtype = dtype ?? null;
     /** The threads the model runs on (1: the single-threaded build). */
     this.threads = threads;
     /** Why fewer threads than asked run the model (the pool did not start), or null. */
@@ -830,7 +832,8 @@ export class Captioner {
    * (a PEFT LoRA folder's URL or file map), `workerUrl` (override where the worker script lives),
    * `quantize` (`'q8_0'` or `'q4_0'`: the decoder's matrices quantized after loading — a quarter
    * or an eighth of the bytes read per token, captions close to f32's — and the encoder side
-   * multiplied in 8 bits), `threads` (default: up to
+   * multiplied in 8 bits), `device` ('wasm', 'webgpu', 'auto') and `dtype` ('fp32', 'fp16': how
+   * the GPU stores the matrices), `threads` (default: up to
    * 8 — the cores — on a crossOriginIsolated page, where the threaded build loads; 1 elsewhere,
    * the single-threaded build; more than 1 on a page that is not isolated rejects).
    */
@@ -839,6 +842,8 @@ export class Captioner {
     if (!Number.isInteger(threads) || threads < 1) throw new Error(`threads must be a positive integer, not ${threads}`);
     const device = options.device ?? 'wasm';
     if (!['wasm', 'webgpu', 'auto'].includes(device)) throw new Error(`device must be 'wasm', 'webgpu' or 'auto', not ${JSON.stringify(device)}`);
+    const dtype = options.dtype ?? 'fp32';
+    if (!['fp32', 'fp16'].includes(dtype)) throw new Error(`dtype must be 'fp32' or 'fp16', not ${JSON.stringify(dtype)}`);
     const started = await startWorker(source, { ...options, threads });
     // After a trap the model loads again from the same source (the Cache API, a File map), quietly.
     const { onProgress, signal, ...again } = options;

@@ -202,13 +202,14 @@ let loading = Promise.resolve();
 
 // The device the encoder side runs on: 'webgpu' (an adapter found, the weights uploaded) or
 // 'wasm'; 'auto' falls back to WASM with the reason, 'webgpu' rejects.
-async function chooseDevice(device) {
+async function chooseDevice(device, dtype) {
   if (device === 'wasm') return { device: 'wasm' };
   let why;
   if (typeof captioner.useGpu !== 'function') why = 'this build of wasmcap has no WebGPU backend';
   else {
     try {
-      return { device: 'webgpu', adapter: await captioner.useGpu() };
+      const used = await captioner.useGpu(dtype);
+      return { device: 'webgpu', adapter: used.adapter, dtype: used.dtype };
     } catch (e) {
       why = message(e);
     }
@@ -219,7 +220,7 @@ async function chooseDevice(device) {
 
 let device = 'wasm';
 
-async function load({ files: f, quantize, device: wanted }) {
+async function load({ files: f, quantize, device: wanted, dtype }) {
   const mod = wasm.mod;
   const u8 = (b) => (b === undefined ? undefined : new Uint8Array(b));
   captioner?.free();
@@ -237,7 +238,7 @@ async function load({ files: f, quantize, device: wanted }) {
   captioner = new mod.WasmCaptioner(u8(f.config), streamed, tokenizer, u8(f.preprocessor),
     u8(f.generation), u8(f.adapterConfig), u8(f.adapterWeights), templateName, u8(template));
   if (quantize) captioner.quantize(quantize);
-  const chosen = await chooseDevice(wanted ?? 'wasm');
+  const chosen = await chooseDevice(wanted ?? 'wasm', dtype ?? 'fp32');
   device = chosen.device;
   postMessage({ type: 'loaded', defaults: captioner.generationDefaults(), threads: wasm.threads, memoryBytes: mod.memoryBytes(), threadsFallback: wasm.fallback, ...chosen });
 }

@@ -92,6 +92,14 @@ impl WasmWeights {
     }
 }
 
+/// What `useGpu` chose: the adapter, and how it stores the matrices (a struct, as below).
+#[cfg(feature = "webgpu")]
+#[derive(serde::Serialize)]
+struct GpuChoice {
+    adapter: String,
+    dtype: &'static str,
+}
+
 /// `encodeStep`'s answer (a struct: `serde_json::json!` objects would reach JS as `Map`s).
 #[derive(serde::Serialize)]
 struct EncodeProgress {
@@ -322,14 +330,28 @@ impl WasmCaptioner {
 
     /// Moves the encoder side and the decoder (where the family has one for the GPU) to the GPU
     /// that WebGPU gives, their weights uploaded now, once; `encodeStepAsync` then encodes there
-    /// and `nextTokenAsync` / `beamSearchEncodedAsync` decode there. Returns the adapter's name and backend. No adapter,
-    /// or one short of a limit the kernels need, is an error (the caller falls back to WASM).
+    /// and `nextTokenAsync` / `beamSearchEncodedAsync` decode there. `dtype`: how the matrices
+    /// are stored, `'fp32'` (default) or `'fp16'` (where the adapter has `shader-f16`, else
+    /// fp32). Returns `{ adapter, dtype }`: the adapter's name and backend, and the storage
+    /// used. No adapter, or one short of a limit the kernels need, is an error (the caller
+    /// falls back to WASM).
     #[cfg(feature = "webgpu")]
     #[wasm_bindgen(js_name = useGpu)]
-    pub async fn use_gpu(&mut self) -> Result<String, JsError> {
-        let gpu = std::sync::Arc::new(crate::gpu::Gpu::new().await.map_err(js_error)?);
+    pub async fn use_gpu(&mut self, dtype: Option<String>) -> Result<JsValue, JsError> {
+        use crate::gpu::GpuDtype;
+        let wanted = match dtype.as_deref() {
+            None | Some("fp32") => GpuDtype::F32,
+            Some("fp16") => GpuDtype::F16,
+            Some(other) => return Err(JsError::new(&format!("dtype must be 'fp32' or 'fp16', not {other:?}"))),
+        };
+        let mut gpu = crate::gpu::Gpu::new().await.map_err(js_error)?;
+        if wanted == GpuDtype::F16 && gpu.has_f16() {
+            gpu.store_weights_as(GpuDtype::F16).map_err(js_error)?;
+        }
+        let gpu = std::sync::Arc::new(gpu);
         self.inner.use_gpu(gpu.clone()).map_err(js_error)?;
-        Ok(gpu.adapter())
+        let dtype = if gpu.weights_dtype() == GpuDtype::F16 { "fp16" } else { "fp32" };
+        to_js(&GpuChoice { adapter: gpu.adapter(), dtype })
     }
 
     /// Beam search over the image `startEncoding` … `encodeStep` encoded (options as

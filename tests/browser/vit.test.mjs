@@ -90,19 +90,26 @@ test('by default (generation_config.json: 4 beams, max_length 16) the caption is
   }
 });
 
-test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption as generate(), greedy and with the folder\'s 4 beams; auto picks it; a bad device is refused', async () => {
+test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption as generate(), greedy and with the folder\'s 4 beams; auto picks it; dtype fp16 only where the adapter has shader-f16; a bad device or dtype is refused', async () => {
   const r = await page.evaluate(async ({ model, image }) => {
     const { Captioner } = await import('/pkg/index.js');
     const out = {};
     const c = await Captioner.fromPretrained(model, { cache: false, device: 'webgpu', threads: 1 });
     out.device = c.device;
     out.adapter = c.adapter;
+    out.dtype = c.dtype;
     out.greedy = (await c.caption(image, { numBeams: 1, maxNewTokens: 20 }).result).tokenIds;
     out.byDefault = (await c.caption(image).result).tokenIds;
     c.dispose();
     const auto = await Captioner.fromPretrained(model, { cache: false, device: 'auto', threads: 1 });
     out.auto = [auto.device, auto.deviceFallback];
     auto.dispose();
+    // fp16 where the adapter has shader-f16; SwiftShader has not, so fp32 and the same ids.
+    const half = await Captioner.fromPretrained(model, { cache: false, device: 'webgpu', dtype: 'fp16', threads: 1 });
+    out.half = [half.dtype, (await half.caption(image, { numBeams: 1, maxNewTokens: 20 }).result).tokenIds];
+    out.f16Feature = (await navigator.gpu.requestAdapter()).features.has('shader-f16');
+    half.dispose();
+    out.badDtype = await Captioner.fromPretrained(model, { cache: false, dtype: 'half' }).then(() => 'loaded', (e) => e.message);
     out.bad = await Captioner.fromPretrained(model, { cache: false, device: 'gpu' }).then(() => 'loaded', (e) => e.message);
     return out;
   }, { model: `${base}/${MODEL}/`, image: `${base}/tests/fixtures/images/astronaut.png` });
@@ -114,6 +121,10 @@ test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption a
   assert.deepEqual(r.byDefault, want.default_ids, 'beam search on WebGPU (encoder and decoder)');
   assert.deepEqual(r.auto, ['webgpu', null], 'auto chooses the adapter there is');
   assert.match(r.bad, /device must be 'wasm', 'webgpu' or 'auto', not "gpu"/);
+  assert.equal(r.dtype, 'fp32', 'the default storage');
+  assert.equal(r.half[0], r.f16Feature ? 'fp16' : 'fp32', 'fp16 exactly where the adapter has shader-f16');
+  if (!r.f16Feature) assert.deepEqual(r.half[1], want.greedy_ids, 'fp32 storage: greedy ids as generate()');
+  assert.match(r.badDtype, /dtype must be 'fp32' or 'fp16', not "half"/);
 });
 
 test('numReturnSequences 2 with the folder\'s 4 beams: generate(num_return_sequences=2)', async () => {

@@ -145,10 +145,11 @@ test('bad input is an error that says what: a missing image, a missing folder, t
   await assert.rejects(Captioner.fromPretrained(MODEL, { threads: 2 }), /single-threaded/);
 });
 
-test('device: Node has no WebGPU, so auto runs on WASM and says why, webgpu rejects saying why; neither traps', async () => {
-  const auto = await Captioner.fromPretrained(MODEL, { device: 'auto' });
+test('device: Node has no WebGPU, so auto runs on WASM and says why (dtype null), webgpu rejects saying why; neither traps; a bad dtype is refused', async () => {
+  const auto = await Captioner.fromPretrained(MODEL, { device: 'auto', dtype: 'fp16' });
   assert.equal(auto.device, 'wasm');
   assert.equal(auto.adapter, null);
+  assert.equal(auto.dtype, null, 'dtype is the GPU\'s storage: none on WASM');
   assert.match(auto.deviceFallback, /WebGPU unavailable \(.*no WebGPU here.*\): the model runs on WASM/);
   const ids = (await auto.caption(image('astronaut.png'), greedy).result).tokenIds;
   assert.deepEqual(ids, reference.images['astronaut.png'].greedy_ids);
@@ -156,6 +157,7 @@ test('device: Node has no WebGPU, so auto runs on WASM and says why, webgpu reje
   auto.dispose();
   await assert.rejects(Captioner.fromPretrained(MODEL, { device: 'webgpu' }), /device 'webgpu': .*no WebGPU here/);
   assert.equal(captioner.device, 'wasm', 'the default device');
+  await assert.rejects(Captioner.fromPretrained(MODEL, { dtype: 'bf16' }), /dtype must be 'fp32' or 'fp16', not "bf16"/);
 });
 
 test('a hub id downloads into the hub cache under HF_HOME, which a later load reads without the network', async () => {
