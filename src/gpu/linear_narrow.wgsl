@@ -2,22 +2,7 @@
 // with m ≤ 4, w [n, k], y [m, n]. linear_rows.wgsl's 32 lanes a column would leave most lanes
 // idle, and its workgroup barriers are what software adapters (SwiftShader, lavapipe) pay most
 // for: a tiny decoder's 50257-column LM head took seconds a step there. Here one invocation
-// owns a column, with no workgroup memory.
-
-struct Dims {
-  m: u32,
-  n: u32,
-  k: u32,
-  has_bias: u32,
-  act: u32,
-  groups_x: u32,
-}
-
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<W>>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<uniform> dims: Dims;
+// owns a column, with no workgroup memory. Dims and bindings: linear_few_rows.wgsl.
 
 const WORKGROUP: u32 = 64u;
 

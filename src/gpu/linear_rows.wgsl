@@ -3,21 +3,7 @@
 // idle and give GPT-2's 768 columns 24 workgroups; here the weight is read once, as a stream:
 // each 32 invocations of a workgroup own one column and walk its k in vec4 strides (k a multiple
 // of 4), every row's partial sum in registers, then sum their 32 partials in workgroup memory.
-
-struct Dims {
-  m: u32,
-  n: u32,
-  k: u32,
-  has_bias: u32,
-  act: u32,
-  groups_x: u32,
-}
-
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> w: array<vec4<W>>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<uniform> dims: Dims;
+// Dims and bindings: linear_few_rows.wgsl.
 
 const ROWS: u32 = 4u;
 const LANES: u32 = 32u;

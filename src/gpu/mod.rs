@@ -69,6 +69,9 @@ pub struct Gpu {
     rope: wgpu::ComputePipeline,
     /// Bound where a kernel's optional input is absent (WebGPU binds every slot).
     empty: wgpu::Buffer,
+    /// The queued kernels' parameters, a slot each (`PARAMS_SLOT`): one buffer written once a
+    /// batch, where a buffer made per kernel cost more than small kernels themselves.
+    params: wgpu::Buffer,
     /// The first uncaptured error or device loss, reported by the next read.
     failure: Arc<Mutex<Option<String>>>,
     /// Kernels queued since the last submit.
@@ -86,7 +89,13 @@ struct Pending {
     pass: Option<wgpu::ComputePass<'static>>,
     encoder: wgpu::CommandEncoder,
     dispatches: usize,
+    /// The kernels' parameters, a `PARAMS_SLOT` each, in dispatch order.
+    params: Vec<u8>,
 }
+
+/// Bytes of the parameters buffer each kernel of a batch binds (WebGPU's largest uniform
+/// offset alignment, so a multiple of every device's).
+const PARAMS_SLOT: usize = 256;
 
 /// Rows up to which a product streams the weight (linear_rows.wgsl's ROWS).
 const LINEAR_ROWS: usize = 4;
@@ -95,7 +104,7 @@ const LINEAR_ROWS: usize = 4;
 const LINEAR_LANES: usize = 32;
 
 /// Submitted every this many kernels, so that the GPU starts on a long forward while the rest
-/// is recorded.
+/// is recorded; also the slots of the parameters buffer.
 const DISPATCHES_PER_SUBMIT: usize = 48;
 
 /// Output buffers by size class, reused instead of allocated (and zero-filled by wgpu) per
@@ -249,11 +258,12 @@ impl Gpu {
                 GpuDtype::F16 => "enable f16;\nalias W = f16;",
             };
             let linear_with = |loads: &str| format!("{w}\n{activation}\n{}\n{loads}", include_str!("linear.wgsl"));
+            let few_rows_with = |kernel: &str| format!("{w}\n{activation}\n{}\n{kernel}", include_str!("linear_few_rows.wgsl"));
             WeightKernels {
                 linear: kernel("linear", &linear_with(include_str!("linear_loads.wgsl"))),
                 linear_vec4: kernel("linear_vec4", &linear_with(include_str!("linear_loads_vec4.wgsl"))),
-                linear_rows: kernel("linear_rows", &format!("{w}\n{activation}\n{}", include_str!("linear_rows.wgsl"))),
-                linear_narrow: kernel("linear_narrow", &format!("{w}\n{activation}\n{}", include_str!("linear_narrow.wgsl"))),
+                linear_rows: kernel("linear_rows", &few_rows_with(include_str!("linear_rows.wgsl"))),
+                linear_narrow: kernel("linear_narrow", &few_rows_with(include_str!("linear_narrow.wgsl"))),
                 gather: kernel("gather", &format!("{w}\n{}", include_str!("gather.wgsl"))),
             }
         };
@@ -264,6 +274,12 @@ impl Gpu {
         let attention = kernel("attention", include_str!("attention.wgsl"));
         let columns = kernel("columns", include_str!("columns.wgsl"));
         let rope = kernel("rope", include_str!("rope.wgsl"));
+        let params = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: (DISPATCHES_PER_SUBMIT * PARAMS_SLOT) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         let empty = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("empty"),
             size: 4,
@@ -283,6 +299,7 @@ impl Gpu {
             columns,
             rope,
             empty,
+            params,
             failure,
             pending: Mutex::new(None),
             pool: Arc::new(Mutex::new(Pool::default())),
@@ -687,15 +704,20 @@ impl Gpu {
     }
 
     fn new_pending(&self) -> Pending {
-        Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0 }
+        Pending { pass: None, encoder: self.device.create_command_encoder(&Default::default()), dispatches: 0, params: Vec::new() }
     }
 
-    /// Hands the queued kernels to the GPU, with `last` recorded after them.
+    /// Hands the queued kernels to the GPU, with `last` recorded after them. Their parameters
+    /// go first, in one write: the queue runs it after the batches before (which read the
+    /// buffer's old contents) and before this one.
     fn submit(&self, last: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
         let taken = self.pending()?.take();
         let mut p = taken.unwrap_or_else(|| self.new_pending());
         p.pass = None;
         last(&mut p.encoder);
+        if !p.params.is_empty() {
+            self.queue.write_buffer(&self.params, 0, &p.params);
+        }
         self.queue.submit([p.encoder.finish()]);
         Ok(())
     }
@@ -718,17 +740,24 @@ impl Gpu {
         // Uniform buffers are read in 16-byte rows.
         let mut padded = params.to_vec();
         padded.resize(params.len().div_ceil(4).max(1) * 4, 0);
-        let uniform = self.buffer_with("params", bytemuck::cast_slice(&padded), wgpu::BufferUsages::UNIFORM)?;
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .copied()
-            .chain([&uniform])
-            .enumerate()
-            .map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() })
-            .collect();
-        let bind_group =
-            self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries });
+        let bytes: &[u8] = bytemuck::cast_slice(&padded);
+        if bytes.len() > PARAMS_SLOT {
+            return Err(gpu_error(format!("a kernel's {} bytes of parameters, past a slot's {PARAMS_SLOT}", bytes.len())));
+        }
         let queued = self.record(|p| {
+            // This kernel's slot of the batch's parameters, written before the batch is submitted.
+            let offset = p.params.len();
+            p.params.extend_from_slice(bytes);
+            p.params.resize(offset + PARAMS_SLOT, 0);
+            let uniform = wgpu::BufferBinding { buffer: &self.params, offset: offset as u64, size: std::num::NonZeroU64::new(bytes.len() as u64) };
+            let entries: Vec<wgpu::BindGroupEntry> = buffers
+                .iter()
+                .enumerate()
+                .map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() })
+                .chain([wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: wgpu::BindingResource::Buffer(uniform) }])
+                .collect();
+            let layout = pipeline.get_bind_group_layout(0);
+            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
             let pass = p.pass.get_or_insert_with(|| p.encoder.begin_compute_pass(&Default::default()).forget_lifetime());
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
