@@ -88,8 +88,7 @@ export interface LoadOptions {
    * Where the model runs. 'wasm' (default): WASM SIMD on the CPU. 'webgpu': on the GPU that
    * WebGPU gives, its weights uploaded once at load: the encoder side (vision tower, projector,
    * connector) and the decoder with its KV caches. No adapter, or one short of a limit the kernels need, rejects. 'auto': WebGPU when an adapter is
-   * available, else WASM (`deviceFallback` says why). `captionMany` runs on WASM whichever device
-   * is chosen.
+   * available, else WASM (`deviceFallback` says why). `captionMany` runs on the device chosen too.
    */
   device?: 'wasm' | 'webgpu' | 'auto';
   /**

@@ -183,7 +183,9 @@ async function captionMany({ run, images, options }) {
     for (const image of images) inputs.push(wasmImage(await pixelsOf(image)));
     if (aborted.has(run)) return postMessage({ type: 'aborted', run });
     const t0 = performance.now();
-    const results = captioner.captionMany(inputs, options, (index, token) => postMessage({ type: 'token', run, token: { index, ...token } }));
+    const onToken = (index, token) => postMessage({ type: 'token', run, token: { index, ...token } });
+    // On WebGPU the batch awaits the GPU's reads: encoded and decoded there too.
+    const results = device === 'webgpu' ? await captioner.captionManyAsync(inputs, options, onToken) : captioner.captionMany(inputs, options, onToken);
     const totalMs = performance.now() - t0;
     for (const r of results) r.timings ??= { totalMs };
     postMessage({ type: 'done', run, result: results, memoryBytes: wasm.mod.memoryBytes() });

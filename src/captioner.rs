@@ -463,6 +463,19 @@ impl Captioner {
         self.finish_encoding(self.start_encoding(pixel_values, options)?)
     }
 
+    /// [`Captioner::start_many`], or (`awaited`) its run for the async steps, encoded with the
+    /// GPU's reads awaited.
+    async fn start_many_where(&self, pixel_values: &(impl ImageBatch + ?Sized), options: &CaptionOptions, awaited: bool) -> Result<CaptionRun> {
+        if !awaited {
+            return self.start_many(pixel_values, options);
+        }
+        let mut run = self.start_encoding(pixel_values, options)?;
+        while !run.is_encoded() {
+            self.encode_step_async(&mut run, usize::MAX).await?;
+        }
+        self.finish_encoding_awaited(run)
+    }
+
     /// [`Captioner::start_many`] in steps: checks the options, the prompt and the pixels, and
     /// returns the run whose tiles [`Captioner::encode_step`] encodes a few at a time — so a
     /// caller (the JS worker) can report progress and stop between tiles of a long encode —
@@ -638,28 +651,42 @@ impl Captioner {
         pixel_values: &(impl ImageBatch + ?Sized),
         options: &CaptionOptions,
         beams: &BeamOptions,
+        on_provisional: impl FnMut(usize, &[u32]),
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        ready(self.beam_search_many_where(pixel_values, options, beams, on_provisional, false))
+    }
+
+    /// [`Captioner::beam_search_many`] awaiting the GPU: in a browser too, the images are
+    /// encoded and their beams decoded there where the model is.
+    pub async fn beam_search_many_async(
+        &self,
+        pixel_values: &(impl ImageBatch + ?Sized),
+        options: &CaptionOptions,
+        beams: &BeamOptions,
+        on_provisional: impl FnMut(usize, &[u32]),
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        self.beam_search_many_where(pixel_values, options, beams, on_provisional, true).await
+    }
+
+    pub(crate) async fn beam_search_many_where(
+        &self,
+        pixel_values: &(impl ImageBatch + ?Sized),
+        options: &CaptionOptions,
+        beams: &BeamOptions,
         mut on_provisional: impl FnMut(usize, &[u32]),
+        awaited: bool,
     ) -> Result<Vec<Vec<Hypothesis>>> {
         beams.validate()?;
         let pixels = pixel_values.to_pixels();
         let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); pixels.len()];
         for (members, group) in Self::by_grid(&pixels)? {
-            let found = self.beam_search_batch(&group, options, beams, |i, best| on_provisional(members[i], best))?;
+            let run = self.start_many_where(&group, options, awaited).await?;
+            let found = self.beam_search_run_async(run, beams, |i, best| on_provisional(members[i], best)).await?;
             for (i, hypotheses) in members.into_iter().zip(found) {
                 out[i] = hypotheses;
             }
         }
         Ok(out)
-    }
-
-    fn beam_search_batch(
-        &self,
-        pixels: &Pixels,
-        options: &CaptionOptions,
-        beams: &BeamOptions,
-        on_provisional: impl FnMut(usize, &[u32]),
-    ) -> Result<Vec<Vec<Hypothesis>>> {
-        self.beam_search_run(self.start_many(pixels, options)?, beams, on_provisional)
     }
 
     /// Beam search from a started run (its images encoded, e.g. step by step with
@@ -839,14 +866,35 @@ impl Captioner {
         &self,
         pixel_values: &(impl ImageBatch + ?Sized),
         options: &CaptionOptions,
+        on_token: impl FnMut(usize, &TokenEvent),
+    ) -> Result<Vec<Caption>> {
+        ready(self.caption_many_where(pixel_values, options, on_token, false))
+    }
+
+    /// [`Captioner::caption_many`] awaiting the GPU: in a browser too, the images are encoded
+    /// and decoded there where the model is ([`Captioner::use_gpu`]).
+    pub async fn caption_many_async(
+        &self,
+        pixel_values: &(impl ImageBatch + ?Sized),
+        options: &CaptionOptions,
+        on_token: impl FnMut(usize, &TokenEvent),
+    ) -> Result<Vec<Caption>> {
+        self.caption_many_where(pixel_values, options, on_token, true).await
+    }
+
+    pub(crate) async fn caption_many_where(
+        &self,
+        pixel_values: &(impl ImageBatch + ?Sized),
+        options: &CaptionOptions,
         mut on_token: impl FnMut(usize, &TokenEvent),
+        awaited: bool,
     ) -> Result<Vec<Caption>> {
         let pixels = pixel_values.to_pixels();
         let mut out: Vec<Option<Caption>> = vec![None; pixels.len()];
         for (members, group) in Self::by_grid(&pixels)? {
-            let mut run = self.start_many(&group, options)?;
+            let mut run = self.start_many_where(&group, options, awaited).await?;
             loop {
-                let events = self.step(&mut run)?;
+                let events = self.step_async(&mut run).await?;
                 if events.is_empty() {
                     break;
                 }

@@ -496,6 +496,40 @@ impl WasmCaptioner {
     /// search `{ text, tokenIds, score, sequences }`.
     #[wasm_bindgen(js_name = captionMany)]
     pub fn caption_many(&mut self, images: js_sys::Array, options_js: JsValue, on_event: Option<js_sys::Function>) -> Result<JsValue, JsError> {
+        crate::captioner::ready(self.caption_many_where(images, options_js, on_event, false))
+    }
+
+    /// `captionMany` awaiting the GPU: the images are encoded and decoded there where the model
+    /// is (`useGpu`); without a GPU, the same as `captionMany`.
+    #[wasm_bindgen(js_name = captionManyAsync)]
+    pub async fn caption_many_async(
+        &mut self,
+        images: js_sys::Array,
+        options_js: JsValue,
+        on_event: Option<js_sys::Function>,
+    ) -> Result<JsValue, JsError> {
+        self.caption_many_where(images, options_js, on_event, true).await
+    }
+
+    /// Captions encoded image bytes in one call.
+    pub fn caption(&mut self, image: &[u8], options_js: JsValue) -> Result<JsValue, JsError> {
+        self.start(image, options_js)?;
+        while !self.next_token()?.is_undefined() {}
+        let result = self.finish();
+        self.run = None;
+        result
+    }
+}
+
+impl WasmCaptioner {
+    /// `captionMany`, its GPU reads awaited where `awaited` (else on the CPU in a browser).
+    async fn caption_many_where(
+        &mut self,
+        images: js_sys::Array,
+        options_js: JsValue,
+        on_event: Option<js_sys::Function>,
+        awaited: bool,
+    ) -> Result<JsValue, JsError> {
         self.run = None;
         let Plan { options, beams } = plan(options_js, &self.inner)?;
         if images.length() == 0 {
@@ -507,7 +541,8 @@ impl WasmCaptioner {
         if let Some(beams) = beams {
             let all = self
                 .inner
-                .beam_search_many(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(&options, best), Some(i)))
+                .beam_search_many_where(&batch, &options, &beams, |i, best| callback.call(|| self.provisional(&options, best), Some(i)), awaited)
+                .await
                 .map_err(js_error)?;
             callback.result()?;
             let results = js_sys::Array::new();
@@ -524,7 +559,8 @@ impl WasmCaptioner {
             return Ok(results.into());
         }
         // One beam: greedy or sampling.
-        let captions = self.inner.caption_many(&batch, &options, |i, event| callback.call(|| to_js(event), Some(i))).map_err(js_error)?;
+        let captions =
+            self.inner.caption_many_where(&batch, &options, |i, event| callback.call(|| to_js(event), Some(i)), awaited).await.map_err(js_error)?;
         callback.result()?;
         let results = js_sys::Array::new();
         for c in captions {
@@ -537,17 +573,6 @@ impl WasmCaptioner {
         Ok(results.into())
     }
 
-    /// Captions encoded image bytes in one call.
-    pub fn caption(&mut self, image: &[u8], options_js: JsValue) -> Result<JsValue, JsError> {
-        self.start(image, options_js)?;
-        while !self.next_token()?.is_undefined() {}
-        let result = self.finish();
-        self.run = None;
-        result
-    }
-}
-
-impl WasmCaptioner {
     fn provisional(&self, options: &crate::CaptionOptions, tokens: &[u32]) -> Result<JsValue, JsError> {
         let text = self.inner.caption_text(options, tokens).map_err(js_error)?;
         to_js(&JsProvisional { provisional: true, text, token_ids: tokens.to_vec() })

@@ -617,6 +617,22 @@ async fn captioners_on_the_gpu_match_transformers_with(gpu: Arc<Gpu>) {
                 check_on_gpu(&gpu, &c, Check { label, pixels: ours, options: c.default_options(), logits: None, greedy: None, beam }).await;
             }
         }
+        // Both photos as one batch through the async batch calls (the worker's on WebGPU):
+        // each image's ids as one by one.
+        if compared(&gpu, &fx.files(), &tensors[&format!("logits.{}", PHOTOS[0])], 1.0).1 {
+            let batch = Pixels::cat(&PHOTOS.map(|name| c.pixel_values_from_bytes(image(name)).unwrap())).unwrap();
+            let before = gpu.kernels_queued();
+            let greedy = CaptionOptions { max_new_tokens: Some(fx.max_new_tokens()), ..Default::default() };
+            let got = c.caption_many_async(&batch, &greedy, |_, _| {}).await.expect("caption_many_async");
+            let want: Vec<Vec<u32>> = PHOTOS.iter().map(|name| fx.greedy_ids(name)).collect();
+            assert_eq!(got.iter().map(|c| c.token_ids.clone()).collect::<Vec<_>>(), want, "{}: caption_many_async on the GPU", fx.name);
+            if fx.name == "tiny-vit-gpt2" {
+                let found = c.beam_search_many_async(&batch, &c.default_options(), &c.default_beam_options(), |_, _| {}).await.expect("beam search");
+                let want: Vec<Vec<u32>> = PHOTOS.iter().map(|name| ids(&fx.reference()["images"][name]["default_ids"])).collect();
+                assert_eq!(found.iter().map(|h| h[0].token_ids.clone()).collect::<Vec<_>>(), want, "beam_search_many_async on the GPU");
+            }
+            assert!(gpu.kernels_queued() > before, "{}: the batch ran on the GPU", fx.name);
+        }
     }
 
     // SigLIP + projector + Llama (Llava), LoRA merged ahead and at load.

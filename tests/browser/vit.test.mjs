@@ -90,7 +90,7 @@ test('by default (generation_config.json: 4 beams, max_length 16) the caption is
   }
 });
 
-test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption as generate(), greedy and with the folder\'s 4 beams; auto picks it; dtype fp16 only where the adapter has shader-f16; a bad device or dtype is refused', async () => {
+test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption as generate(), greedy and with the folder\'s 4 beams; captionMany too; auto picks it; dtype fp16 only where the adapter has shader-f16; a bad device or dtype is refused', async () => {
   const r = await page.evaluate(async ({ model, image }) => {
     const { Captioner } = await import('/pkg/index.js');
     const out = {};
@@ -100,6 +100,10 @@ test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption a
     out.dtype = c.dtype;
     out.greedy = (await c.caption(image, { numBeams: 1, maxNewTokens: 20 }).result).tokenIds;
     out.byDefault = (await c.caption(image).result).tokenIds;
+    // A batch, awaited on the GPU as one caption is: greedy, then the folder's beams.
+    const both = [image, image.replace('astronaut.png', 'chelsea.jpg')];
+    out.many = (await c.captionMany(both, { numBeams: 1, maxNewTokens: 20 }).result).map((r) => r.tokenIds);
+    out.manyBeams = (await c.captionMany(both).result).map((r) => r.tokenIds);
     c.dispose();
     const auto = await Captioner.fromPretrained(model, { cache: false, device: 'auto', threads: 1 });
     out.auto = [auto.device, auto.deviceFallback];
@@ -119,6 +123,9 @@ test('device webgpu: encoder and decoder on the GPU (SwiftShader here) caption a
   console.log(`# WebGPU adapter: ${r.adapter}`);
   assert.deepEqual(r.greedy, want.greedy_ids, 'greedy ids on WebGPU (encoder and decoder)');
   assert.deepEqual(r.byDefault, want.default_ids, 'beam search on WebGPU (encoder and decoder)');
+  const photos = ['astronaut.png', 'chelsea.jpg'].map((name) => reference.images[name]);
+  assert.deepEqual(r.many, photos.map((p) => p.greedy_ids), 'captionMany on WebGPU: greedy');
+  assert.deepEqual(r.manyBeams, photos.map((p) => p.default_ids), 'captionMany on WebGPU: the folder\'s beams');
   assert.deepEqual(r.auto, ['webgpu', null], 'auto chooses the adapter there is');
   assert.match(r.bad, /device must be 'wasm', 'webgpu' or 'auto', not "gpu"/);
   assert.equal(r.dtype, 'fp32', 'the default storage');
