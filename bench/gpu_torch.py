@@ -5,6 +5,7 @@ up against), the same inputs and repeats as examples/gpu_bench.rs; JSON lines of
 tokens/s."""
 import json
 import sys
+import time
 
 import torch
 
@@ -14,6 +15,25 @@ torch.backends.cudnn.allow_tf32 = False
 dev = torch.device("cuda")
 adapter = torch.cuda.get_device_name() + " (PyTorch " + torch.__version__ + ", TF32 off)"
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+STEPS = 64
+
+
+def decode(model, first_ids, **extra):
+    """Tokens/s of STEPS steps after `first_ids`: each one token through the KV cache, its
+    logits' argmax read back."""
+    with torch.no_grad():
+        out = model(input_ids=first_ids, use_cache=True, **extra)
+        past = out.past_key_values
+        ids = first_ids[:, -1:]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
+            past = out.past_key_values
+            token = (int(out.logits[0, -1].argmax().item()) + 1) % 1000
+            ids = torch.tensor([[token]], device=dev)
+        return STEPS / (time.perf_counter() - start)
 
 
 def run(dtype, name):
@@ -52,28 +72,7 @@ def run(dtype, name):
     print(json.dumps({"adapter": adapter, "weights": name, "encoder": "siglip-base-patch16-224", "ms": start.elapsed_time(end) / repeats}))
 
     # Decoding, as ours: GPT-2 cross-attending to 196 image states, then SmolLM-135M after a
-    # 64-position prefix; each step one token through the KV cache, its logits' argmax read back.
-
-    STEPS = 64
-
-
-    def decode(model, first_ids, **extra):
-        with torch.no_grad():
-            out = model(input_ids=first_ids, use_cache=True, **extra)
-            past = out.past_key_values
-            ids = first_ids[:, -1:]
-            torch.cuda.synchronize()
-            import time
-
-            start = time.perf_counter()
-            for _ in range(STEPS):
-                out = model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
-                past = out.past_key_values
-                token = (int(out.logits[0, -1].argmax().item()) + 1) % 1000
-                ids = torch.tensor([[token]], device=dev)
-            return STEPS / (time.perf_counter() - start)
-
-
+    # 64-position prefix.
     gpt2 = GPT2LMHeadModel(GPT2Config(add_cross_attention=True)).to(dev, dtype).eval()
     states = torch.randn(1, 196, 768, device=dev, dtype=dtype)
     for _ in range(2):

@@ -26,10 +26,11 @@ fn main() -> std::process::ExitCode {
 #[cfg(not(target_arch = "wasm32"))]
 async fn run(repeats: usize) -> wasmcap::Result<()> {
     use wasmcap::gpu::{Gpu, GpuDtype};
-    let has_f16 = Gpu::new().await?.has_f16();
-    for dtype in [GpuDtype::F32].into_iter().chain(has_f16.then_some(GpuDtype::F16)) {
-        let mut gpu = Gpu::new().await?;
-        gpu.store_weights_as(dtype)?;
+    // One device for both: each run's weights are its own, uploaded as the storage then set.
+    let mut gpu = Gpu::new().await?;
+    run_with(&gpu, repeats).await?;
+    if gpu.has_f16() {
+        gpu.store_weights_as(GpuDtype::F16)?;
         run_with(&gpu, repeats).await?;
     }
     Ok(())
